@@ -1,0 +1,1 @@
+//! Syscalls an in-sandbox verifier tries, expecting the sandbox to refuse them.
