@@ -1,1 +1,296 @@
+//! Types of agentbox's HTTP API (`/v1`), shared by the daemon, the Rust SDK and the CLI.
+//! Every type derives `utoipa::ToSchema`; the daemon's OpenAPI document is generated from
+//! them and committed as `docs/openapi.json`.
+#![forbid(unsafe_code)]
 
+pub mod paths;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use abx_proto::{ExitStatus, FileInfo, FileKind, ProcessInfo, TtySize};
+
+/// The one error shape of the API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable machine-readable code and a message for humans that names
+/// the object involved and, where possible, what to do.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `not_found`, `invalid_argument`, `conflict`, `command_not_found`.
+    pub code: String,
+    pub message: String,
+}
+
+/// Resource limits of a sandbox. Absent fields take the daemon's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    /// Memory limit in bytes (at least 8 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Maximum open files per process (RLIMIT_NOFILE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Template name (default `base`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Unique name (letters, digits, `-`, `_`, `.`; at most 64).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Seconds until the sandbox is destroyed; 0 = never. Default: the daemon's default.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Environment for every process in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Default working directory of processes.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Default user of processes and file operations (name, uid or uid:gid).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Lifecycle states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    /// PID 1 of the sandbox ended on its own; its files are kept until it is removed.
+    Exited,
+    Destroying,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub template: String,
+    pub state: SandboxState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds when the timeout destroys it, if it has one.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+    pub limits: Limits,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Host pid of the sandbox's PID 1 (the guest agent).
+    pub pid: i32,
+    /// First host uid of the sandbox's private uid range (root inside maps to it).
+    pub uid_base: u32,
+    pub hostname: String,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` and the first message of the exec WebSocket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (the program is looked up in PATH).
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Allocate a terminal of this size.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+    /// Standard input, base64, given up front (non-interactive exec).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Keep stdin open for streaming (WebSocket exec only).
+    #[serde(default)]
+    pub interactive: bool,
+    /// Kill the process after this many seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+    /// Start in the background and return its pid at once.
+    #[serde(default)]
+    pub background: bool,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// One line of an exec output stream (NDJSON), or one text message on the WebSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started { pid: u32 },
+    /// Base64 data.
+    Stdout { data: String },
+    /// Base64 data.
+    Stderr { data: String },
+    Exit {
+        #[serde(default)]
+        code: Option<i32>,
+        #[serde(default)]
+        signal: Option<i32>,
+        #[serde(default)]
+        timed_out: bool,
+    },
+    Error { code: String, message: String },
+}
+
+/// `POST /v1/sandboxes/{id}/exec` with `background: true`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Started {
+    pub pid: u32,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/signal`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SignalRequest {
+    /// Signal number or name (`TERM`, `SIGKILL`, `9`).
+    pub signal: serde_json::Value,
+    /// Signal the whole process group (default true).
+    #[serde(default)]
+    pub group: Option<bool>,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/stdin`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StdinRequest {
+    /// Base64 data.
+    #[serde(default)]
+    pub data: String,
+    #[serde(default)]
+    pub close: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/files/mkdir`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MkdirRequest {
+    pub path: String,
+    #[serde(default)]
+    pub parents: bool,
+    #[serde(default)]
+    pub mode: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/files/rename`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RenameRequest {
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TimeoutRequest {
+    /// Seconds from now; 0 removes the timeout.
+    pub timeout_secs: u64,
+}
+
+/// Resource usage of a sandbox (from its cgroups).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxStats {
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub memory_peak_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
+    pub oom_kills: u64,
+    pub pids: u64,
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
+    pub cpu_usage_usec: u64,
+}
+
+/// A template.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    pub name: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+    pub size_bytes: u64,
+    pub created_at: u64,
+    /// How it was made (`base`, `mini`, `dir:/path`).
+    pub recipe: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /v1/templates`: build a template.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildTemplate {
+    pub name: String,
+    /// `base` (Debian 12 via debootstrap), `mini` (busybox), or absent to use the
+    /// embedded recipe of the same name.
+    #[serde(default)]
+    pub recipe: Option<String>,
+    /// Import this host directory as the template's only layer.
+    #[serde(default)]
+    pub from_dir: Option<String>,
+}
+
+/// One line of a template build stream (NDJSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    Progress {
+        stage: String,
+        done: u64,
+        #[serde(default)]
+        total: Option<u64>,
+        message: String,
+    },
+    Done { template: Template },
+    Error { code: String, message: String },
+}
+
+/// `GET /v1/system`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SystemInfo {
+    pub version: String,
+    pub root: String,
+    pub prefix: String,
+    /// `v1`, `hybrid` or `v2`.
+    pub cgroup: String,
+    pub sandboxes: usize,
+    pub spawner_pid: u32,
+    pub daemon_pid: u32,
+}

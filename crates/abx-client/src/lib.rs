@@ -1,1 +1,237 @@
+//! The agentbox Rust SDK: a typed client for the daemon's HTTP API, used by the
+//! `agentbox` CLI itself.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), abx_client::Error> {
+//! use abx_client::{Client, CreateSandbox};
+//!
+//! let client = Client::from_env()?; // AGENTBOX_HOST, or the local daemon's socket
+//! let sb = client.create_sandbox(&CreateSandbox { template: Some("base".into()), ..Default::default() }).await?;
+//! let out = client.run(&sb.id, &["echo", "hello"]).await?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! client.write_file(&sb.id, "/tmp/notes.txt", b"hi".to_vec(), None).await?;
+//! client.delete_sandbox(&sb.id, true).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
 
+mod exec;
+mod files;
+mod interactive;
+
+use std::path::PathBuf;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+pub use abx_api::*;
+pub use exec::{ExecStream, Output, OutputEvent};
+pub use interactive::{Interactive, InteractiveEvent};
+
+/// The default daemon socket.
+pub const DEFAULT_SOCKET: &str = "/run/agentbox/agentbox.sock";
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon answered with an error.
+    #[error("{message}")]
+    Api { status: u16, code: String, message: String },
+    #[error("cannot reach the agentbox daemon at {host}")]
+    Connect { host: String, #[source] source: reqwest::Error },
+    #[error("request to the agentbox daemon failed")]
+    Transport(#[from] reqwest::Error),
+    #[error("websocket exchange with the daemon failed")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("i/o error")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected answer from the daemon: {0}")]
+    Protocol(String),
+    #[error("invalid host '{0}': use unix:/path/to/socket or http://host:port")]
+    BadHost(String),
+}
+
+impl Error {
+    /// The API error code, if the daemon sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where the daemon is.
+#[derive(Debug, Clone)]
+pub enum Host {
+    Unix(PathBuf),
+    Http(String),
+}
+
+impl std::str::FromStr for Host {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Host> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Host::Unix(PathBuf::from(p)));
+        }
+        if s.starts_with('/') {
+            return Ok(Host::Unix(PathBuf::from(s)));
+        }
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(Host::Http(s.trim_end_matches('/').to_string()));
+        }
+        Err(Error::BadHost(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Unix(p) => write!(f, "unix:{}", p.display()),
+            Host::Http(u) => f.write_str(u),
+        }
+    }
+}
+
+/// A client of one daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    host: Host,
+    base: String,
+    api_key: Option<String>,
+}
+
+impl Client {
+    /// A client for `host` (`unix:/path`, `/path`, or `http://host:port`).
+    pub fn new(host: &str) -> Result<Client> {
+        let host: Host = host.parse()?;
+        let mut builder = reqwest::Client::builder().pool_max_idle_per_host(64);
+        let base = match &host {
+            Host::Unix(p) => {
+                builder = builder.unix_socket(p.clone());
+                "http://agentbox".to_string()
+            }
+            Host::Http(u) => u.clone(),
+        };
+        Ok(Client { http: builder.build()?, host, base, api_key: None })
+    }
+
+    /// `AGENTBOX_HOST` (default: the local socket) and `AGENTBOX_API_KEY`.
+    pub fn from_env() -> Result<Client> {
+        let host = std::env::var("AGENTBOX_HOST").unwrap_or_else(|_| format!("unix:{DEFAULT_SOCKET}"));
+        let mut c = Client::new(&host)?;
+        c.api_key = std::env::var("AGENTBOX_API_KEY").ok();
+        Ok(c)
+    }
+
+    /// Sends this API key with every request.
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Client {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    pub(crate) fn api_key_header(&self) -> Option<String> {
+        self.api_key.as_ref().map(|k| format!("Bearer {k}"))
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut rb = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        rb
+    }
+
+    /// Sends a request; non-2xx answers become [`Error::Api`].
+    pub(crate) async fn send(&self, rb: RequestBuilder) -> Result<Response> {
+        let resp = rb.send().await.map_err(|e| {
+            if e.is_connect() { Error::Connect { host: self.host.to_string(), source: e } } else { Error::Transport(e) }
+        })?;
+        if resp.status().is_success() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp);
+        }
+        Err(api_error(resp).await)
+    }
+
+    pub(crate) async fn json<T: DeserializeOwned>(&self, rb: RequestBuilder) -> Result<T> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+    }
+
+    pub(crate) fn path(template: &str, params: &[(&str, &str)]) -> String {
+        paths::fill(template, params)
+    }
+
+    // --- sandboxes ---
+
+    pub async fn create_sandbox(&self, req: &CreateSandbox) -> Result<Sandbox> {
+        self.json(self.request(Method::POST, paths::SANDBOXES).json(req)).await
+    }
+
+    pub async fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
+        self.json(self.request(Method::GET, paths::SANDBOXES)).await
+    }
+
+    /// By id or name.
+    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox> {
+        self.json(self.request(Method::GET, &Self::path(paths::SANDBOX, &[("id", id)]))).await
+    }
+
+    /// Destroys a sandbox; a running one needs `force`.
+    pub async fn delete_sandbox(&self, id: &str, force: bool) -> Result<()> {
+        let rb = self.request(Method::DELETE, &Self::path(paths::SANDBOX, &[("id", id)])).query(&[("force", force)]);
+        self.send(rb).await.map(drop)
+    }
+
+    pub async fn set_timeout(&self, id: &str, timeout_secs: u64) -> Result<Sandbox> {
+        let rb = self
+            .request(Method::POST, &Self::path(paths::SANDBOX_TIMEOUT, &[("id", id)]))
+            .json(&TimeoutRequest { timeout_secs });
+        self.json(rb).await
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<SandboxStats> {
+        self.json(self.request(Method::GET, &Self::path(paths::SANDBOX_STATS, &[("id", id)]))).await
+    }
+
+    // --- templates and system ---
+
+    pub async fn templates(&self) -> Result<Vec<Template>> {
+        self.json(self.request(Method::GET, paths::TEMPLATES)).await
+    }
+
+    pub async fn template(&self, name: &str) -> Result<Template> {
+        self.json(self.request(Method::GET, &Self::path(paths::TEMPLATE, &[("name", name)]))).await
+    }
+
+    /// Starts a build; read progress from the returned stream until `Done` or `Error`.
+    pub async fn build_template(&self, req: &BuildTemplate) -> Result<exec::NdjsonStream<BuildEvent>> {
+        let resp = self.send(self.request(Method::POST, paths::TEMPLATES).json(req)).await?;
+        Ok(exec::NdjsonStream::new(resp))
+    }
+
+    pub async fn delete_template(&self, name: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &Self::path(paths::TEMPLATE, &[("name", name)]))).await.map(drop)
+    }
+
+    pub async fn system(&self) -> Result<SystemInfo> {
+        self.json(self.request(Method::GET, paths::SYSTEM)).await
+    }
+}
+
+async fn api_error(resp: Response) -> Error {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(b) => Error::Api { status, code: b.error.code, message: b.error.message },
+        Err(_) => Error::Api { status, code: "http_error".into(), message: format!("HTTP {status}: {text}") },
+    }
+}

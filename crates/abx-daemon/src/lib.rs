@@ -1,1 +1,18 @@
+//! The agentbox daemon: the sandbox manager, its state store and the HTTP API.
+#![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod manager;
+pub mod sandbox;
+pub mod server;
+pub mod store;
+pub mod templates;
+pub mod validate;
+
+pub use config::{Config, Listen};
+pub use core::Core;
+pub use manager::Manager;

@@ -112,6 +112,7 @@ pub struct ExecSpec {
 
 /// A terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct TtySize {
     pub rows: u16,
     pub cols: u16,
@@ -135,6 +136,7 @@ pub enum Event {
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ExitStatus {
     /// Exit code when it exited normally.
     pub code: Option<i32>,
@@ -208,6 +210,7 @@ pub struct AgentInfo {
 
 /// A process known to the agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ProcessInfo {
     pub pid: u32,
     pub argv: Vec<String>,
@@ -228,6 +231,7 @@ pub struct ProcessInfo {
 
 /// File types.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {
     File,
@@ -238,6 +242,7 @@ pub enum FileKind {
 
 /// Metadata of one file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct FileInfo {
     /// Last path component.
     pub name: String,

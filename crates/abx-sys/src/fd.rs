@@ -101,3 +101,14 @@ pub fn inherited(fd: RawFd) -> Option<OwnedFd> {
 pub fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Borrows a raw descriptor number that the caller knows stays open for the rest of the
+/// process's life (e.g. one inherited across fork and kept until exec).
+///
+/// Panics never; an invalid number makes later calls fail with EBADF.
+pub fn borrow_raw(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: `BorrowedFd` only requires the number not to be -1 for its niche and the
+    // descriptor to stay open while borrowed; callers pass a descriptor kept open until
+    // exec. A stale number yields EBADF from the kernel, not memory unsafety.
+    unsafe { BorrowedFd::borrow_raw(fd.max(0)) }
+}

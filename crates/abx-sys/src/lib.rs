@@ -6,6 +6,9 @@
 //! `fork` and `exec` in a single-threaded parent.
 #![allow(unsafe_code)]
 
+pub mod agent;
+#[cfg(feature = "tokio")]
+pub mod asyncio;
 pub mod fd;
 pub mod mount;
 pub mod process;

@@ -273,3 +273,18 @@ pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     // SAFETY: as above; si_status holds the exit code or signal.
     Ok(Some(unsafe { info.si_status() }))
 }
+
+/// [`clone3`] for a process that is single-threaded, checked at run time (the thread
+/// count in /proc/self/stat), which makes the call safe: the child gets a consistent copy
+/// of the only thread's memory, locks included.
+pub fn fork_single_threaded(namespaces: u64) -> io::Result<Forked> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Field 20 (num_threads) counted after the ")" that ends the command name.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let threads: u64 = after.split_whitespace().nth(17).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if threads != 1 {
+        return Err(io::Error::other(format!("refusing to fork a process with {threads} threads")));
+    }
+    // SAFETY: the process has exactly one thread (checked above), the contract of clone3.
+    unsafe { clone3(namespaces) }
+}

@@ -1,0 +1,41 @@
+//! Every route of the API, used by the server to register them and by clients to call
+//! them; a test checks each is in the committed OpenAPI document.
+
+pub const OPENAPI: &str = "/v1/openapi.json";
+pub const SYSTEM: &str = "/v1/system";
+pub const SANDBOXES: &str = "/v1/sandboxes";
+pub const SANDBOX: &str = "/v1/sandboxes/{id}";
+pub const SANDBOX_TIMEOUT: &str = "/v1/sandboxes/{id}/timeout";
+pub const SANDBOX_STATS: &str = "/v1/sandboxes/{id}/stats";
+pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
+pub const EXEC_WS: &str = "/v1/sandboxes/{id}/exec/ws";
+pub const PROCESSES: &str = "/v1/sandboxes/{id}/processes";
+pub const PROCESS_SIGNAL: &str = "/v1/sandboxes/{id}/processes/{pid}/signal";
+pub const PROCESS_STDIN: &str = "/v1/sandboxes/{id}/processes/{pid}/stdin";
+pub const PROCESS_RESIZE: &str = "/v1/sandboxes/{id}/processes/{pid}/resize";
+pub const PROCESS_OUTPUT: &str = "/v1/sandboxes/{id}/processes/{pid}/output";
+pub const PROCESS_WS: &str = "/v1/sandboxes/{id}/processes/{pid}/ws";
+pub const FILES: &str = "/v1/sandboxes/{id}/files";
+pub const FILES_LIST: &str = "/v1/sandboxes/{id}/files/list";
+pub const FILES_STAT: &str = "/v1/sandboxes/{id}/files/stat";
+pub const FILES_MKDIR: &str = "/v1/sandboxes/{id}/files/mkdir";
+pub const FILES_RENAME: &str = "/v1/sandboxes/{id}/files/rename";
+pub const ARCHIVE: &str = "/v1/sandboxes/{id}/archive";
+pub const TEMPLATES: &str = "/v1/templates";
+pub const TEMPLATE: &str = "/v1/templates/{name}";
+
+/// All routes.
+pub const ALL: &[&str] = &[
+    OPENAPI, SYSTEM, SANDBOXES, SANDBOX, SANDBOX_TIMEOUT, SANDBOX_STATS, EXEC, EXEC_WS, PROCESSES, PROCESS_SIGNAL,
+    PROCESS_STDIN, PROCESS_RESIZE, PROCESS_OUTPUT, PROCESS_WS, FILES, FILES_LIST, FILES_STAT, FILES_MKDIR,
+    FILES_RENAME, ARCHIVE, TEMPLATES, TEMPLATE,
+];
+
+/// Fills `{id}`, `{pid}` and `{name}` placeholders.
+pub fn fill(template: &str, params: &[(&str, &str)]) -> String {
+    let mut s = template.to_string();
+    for (k, v) in params {
+        s = s.replace(&format!("{{{k}}}"), v);
+    }
+    s
+}

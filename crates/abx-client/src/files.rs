@@ -1,0 +1,72 @@
+//! Files inside sandboxes.
+
+use abx_api::{FileInfo, MkdirRequest, RenameRequest, paths};
+use futures_util::{Stream, StreamExt};
+use reqwest::Method;
+
+use crate::{Client, Result};
+
+impl Client {
+    /// Reads a whole file.
+    pub async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
+        let rb = self.request(Method::GET, &Self::path(paths::FILES, &[("id", id)])).query(&[("path", path)]);
+        Ok(self.send(rb).await?.bytes().await?.to_vec())
+    }
+
+    /// Streams a file's content.
+    pub async fn read_file_stream(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
+        let rb = self.request(Method::GET, &Self::path(paths::FILES, &[("id", id)])).query(&[("path", path)]);
+        Ok(self.send(rb).await?.bytes_stream().map(|r| r.map_err(crate::Error::from)))
+    }
+
+    /// Writes a file (creating parent directories); `mode` as permission bits.
+    pub async fn write_file(&self, id: &str, path: &str, data: impl Into<reqwest::Body>, mode: Option<u32>) -> Result<FileInfo> {
+        let mut q = vec![("path", path.to_string())];
+        if let Some(m) = mode {
+            q.push(("mode", format!("{m:o}")));
+        }
+        let rb = self.request(Method::PUT, &Self::path(paths::FILES, &[("id", id)])).query(&q).body(data);
+        self.json(rb).await
+    }
+
+    pub async fn list_dir(&self, id: &str, path: &str, depth: u32) -> Result<Vec<FileInfo>> {
+        let rb = self
+            .request(Method::GET, &Self::path(paths::FILES_LIST, &[("id", id)]))
+            .query(&[("path", path.to_string()), ("depth", depth.to_string())]);
+        self.json(rb).await
+    }
+
+    pub async fn stat(&self, id: &str, path: &str) -> Result<FileInfo> {
+        let rb = self.request(Method::GET, &Self::path(paths::FILES_STAT, &[("id", id)])).query(&[("path", path)]);
+        self.json(rb).await
+    }
+
+    pub async fn mkdir(&self, id: &str, path: &str, parents: bool) -> Result<FileInfo> {
+        let req = MkdirRequest { path: path.into(), parents, mode: None, user: None };
+        self.json(self.request(Method::POST, &Self::path(paths::FILES_MKDIR, &[("id", id)])).json(&req)).await
+    }
+
+    pub async fn remove(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+        let rb = self
+            .request(Method::DELETE, &Self::path(paths::FILES, &[("id", id)]))
+            .query(&[("path", path.to_string()), ("recursive", recursive.to_string())]);
+        self.send(rb).await.map(drop)
+    }
+
+    pub async fn rename(&self, id: &str, from: &str, to: &str) -> Result<FileInfo> {
+        let req = RenameRequest { from: from.into(), to: to.into(), user: None };
+        self.json(self.request(Method::POST, &Self::path(paths::FILES_RENAME, &[("id", id)])).json(&req)).await
+    }
+
+    /// A tar archive of `path` (top entry named after its last component).
+    pub async fn download_archive(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
+        let rb = self.request(Method::GET, &Self::path(paths::ARCHIVE, &[("id", id)])).query(&[("path", path)]);
+        Ok(self.send(rb).await?.bytes_stream().map(|r| r.map_err(crate::Error::from)))
+    }
+
+    /// Extracts a tar archive into directory `path`.
+    pub async fn upload_archive(&self, id: &str, path: &str, tar: impl Into<reqwest::Body>) -> Result<()> {
+        let rb = self.request(Method::PUT, &Self::path(paths::ARCHIVE, &[("id", id)])).query(&[("path", path)]).body(tar);
+        self.send(rb).await.map(drop)
+    }
+}

@@ -1,0 +1,190 @@
+//! Files inside a sandbox. Paths are absolute paths inside the sandbox; the agent resolves
+//! them within the sandbox's own root, so `..` and symlinks can never leave it.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use abx_api::{ErrorBody, FileInfo, MkdirRequest, RenameRequest};
+use abx_proto::Kind;
+
+use super::{ApiError, Json, Path, Query};
+use crate::agent::AgentConn;
+use crate::core::{ByteStream, Command, Core};
+
+pub fn routes() -> OpenApiRouter<Core> {
+    OpenApiRouter::new()
+        .routes(routes!(read, write, remove))
+        .routes(routes!(list))
+        .routes(routes!(stat))
+        .routes(routes!(mkdir))
+        .routes(routes!(rename))
+        .routes(routes!(archive_read, archive_write))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct PathQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+    /// Act as this user (default: the sandbox's default user).
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct WriteQuery {
+    /// Absolute path inside the sandbox.
+    path: String,
+    #[serde(default)]
+    user: Option<String>,
+    /// Permission bits in octal, e.g. `755` (default 644).
+    #[serde(default)]
+    mode: Option<String>,
+    /// Create missing parent directories (default true).
+    #[serde(default)]
+    parents: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct ListQuery {
+    path: String,
+    #[serde(default)]
+    user: Option<String>,
+    /// How deep to descend (1 = the directory's entries).
+    #[serde(default)]
+    depth: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct RemoveQuery {
+    path: String,
+    #[serde(default)]
+    user: Option<String>,
+    /// Remove directories with their contents.
+    #[serde(default)]
+    recursive: bool,
+}
+
+fn body_stream(req: Request) -> ByteStream {
+    Box::pin(req.into_body().into_data_stream().map_err(std::io::Error::other))
+}
+
+/// Streams the `Data` frames of an agent connection as a response body.
+fn content_body(conn: AgentConn) -> Body {
+    let stream = futures_util::stream::unfold(Some(conn), |conn| async move {
+        let mut conn = conn?;
+        match conn.next().await {
+            Ok(Some(f)) if f.kind == Kind::Data => Some((Ok(bytes::Bytes::from(f.payload)), Some(conn))),
+            Ok(Some(f)) if f.kind == Kind::Eof => None,
+            Ok(_) => Some((Err(std::io::Error::other("the sandbox's agent ended the transfer early")), None)),
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    Body::from_stream(stream)
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<Option<u32>, ApiError> {
+    match mode {
+        None => Ok(None),
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|v| *v <= 0o7777)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid mode '{m}': use octal permission bits like 644"))),
+    }
+}
+
+/// Read a file's content.
+#[utoipa::path(get, path = abx_api::paths::FILES, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
+    responses((status = 200, description = "the content", content_type = "application/octet-stream"),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn read(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Response, ApiError> {
+    let (info, conn) = core.execute(Command::ReadFile { id, path: q.path, user: q.user }).await?.content()?;
+    let mut resp = content_body(conn).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    h.insert("x-file-mode", HeaderValue::from_str(&format!("{:o}", info.mode)).unwrap_or(HeaderValue::from_static("0")));
+    Ok(resp)
+}
+
+/// Write a file (created or truncated) from the request body.
+#[utoipa::path(put, path = abx_api::paths::FILES, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), WriteQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = FileInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn write(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<WriteQuery>, req: Request) -> Result<Json<FileInfo>, ApiError> {
+    let mode = parse_mode(q.mode.as_deref())?;
+    let cmd = Command::WriteFile { id, path: q.path, user: q.user, mode, parents: q.parents.unwrap_or(true), body: body_stream(req) };
+    Ok(Json(core.execute(cmd).await?.file_info()?))
+}
+
+/// Remove a file or directory.
+#[utoipa::path(delete, path = abx_api::paths::FILES, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), RemoveQuery),
+    responses((status = 204, description = "removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> Result<StatusCode, ApiError> {
+    core.execute(Command::Remove { id, path: q.path, user: q.user, recursive: q.recursive }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// List a directory.
+#[utoipa::path(get, path = abx_api::paths::FILES_LIST, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), ListQuery),
+    responses((status = 200, body = Vec<FileInfo>), (status = 404, body = ErrorBody)))]
+async fn list(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<ListQuery>) -> Result<Json<Vec<FileInfo>>, ApiError> {
+    let cmd = Command::ListDir { id, path: q.path, user: q.user, depth: q.depth.unwrap_or(1) };
+    Ok(Json(core.execute(cmd).await?.files()?))
+}
+
+/// Metadata of a path (a final symlink is not followed).
+#[utoipa::path(get, path = abx_api::paths::FILES_STAT, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
+    responses((status = 200, body = FileInfo), (status = 404, body = ErrorBody)))]
+async fn stat(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Json<FileInfo>, ApiError> {
+    Ok(Json(core.execute(Command::Stat { id, path: q.path, user: q.user }).await?.file_info()?))
+}
+
+/// Create a directory.
+#[utoipa::path(post, path = abx_api::paths::FILES_MKDIR, tag = "files", request_body = MkdirRequest,
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = FileInfo), (status = 409, body = ErrorBody)))]
+async fn mkdir(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<MkdirRequest>) -> Result<Json<FileInfo>, ApiError> {
+    Ok(Json(core.execute(Command::Mkdir { id, req }).await?.file_info()?))
+}
+
+/// Rename or move a path.
+#[utoipa::path(post, path = abx_api::paths::FILES_RENAME, tag = "files", request_body = RenameRequest,
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = FileInfo), (status = 404, body = ErrorBody)))]
+async fn rename(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<RenameRequest>) -> Result<Json<FileInfo>, ApiError> {
+    Ok(Json(core.execute(Command::Rename { id, req }).await?.file_info()?))
+}
+
+/// A tar archive of a file or directory (its top entry is the path's last component).
+#[utoipa::path(get, path = abx_api::paths::ARCHIVE, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
+    responses((status = 200, description = "tar archive", content_type = "application/x-tar"), (status = 404, body = ErrorBody)))]
+async fn archive_read(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Response, ApiError> {
+    let (_, conn) = core.execute(Command::ArchiveRead { id, path: q.path, user: q.user }).await?.content()?;
+    let mut resp = content_body(conn).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
+    Ok(resp)
+}
+
+/// Extract a tar archive (the request body) into a directory.
+#[utoipa::path(put, path = abx_api::paths::ARCHIVE, tag = "files",
+    params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    responses((status = 204, description = "extracted"), (status = 400, body = ErrorBody)))]
+async fn archive_write(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>, req: Request) -> Result<StatusCode, ApiError> {
+    core.execute(Command::ArchiveWrite { id, path: q.path, user: q.user, body: body_stream(req) }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

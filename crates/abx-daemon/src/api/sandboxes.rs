@@ -1,0 +1,75 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use abx_api::{CreateSandbox, ErrorBody, Sandbox, SandboxStats, TimeoutRequest};
+
+use super::{ApiError, Json, Path, Query};
+use crate::core::{Command, Core};
+
+pub fn routes() -> OpenApiRouter<Core> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get, delete))
+        .routes(routes!(set_timeout))
+        .routes(routes!(stats))
+}
+
+/// Create and start a sandbox.
+#[utoipa::path(post, path = abx_api::paths::SANDBOXES, tag = "sandboxes", request_body = CreateSandbox,
+    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, description = "unknown template", body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn create(State(core): State<Core>, Json(req): Json<CreateSandbox>) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    let sb = core.execute(Command::CreateSandbox(req)).await?.sandbox()?;
+    Ok((StatusCode::CREATED, Json(sb)))
+}
+
+/// List sandboxes, oldest first.
+#[utoipa::path(get, path = abx_api::paths::SANDBOXES, tag = "sandboxes", responses((status = 200, body = Vec<Sandbox>)))]
+async fn list(State(core): State<Core>) -> Result<Json<Vec<Sandbox>>, ApiError> {
+    Ok(Json(core.execute(Command::ListSandboxes).await?.sandboxes()?))
+}
+
+/// Get a sandbox by id or name.
+#[utoipa::path(get, path = abx_api::paths::SANDBOX, tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+async fn get(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(core.execute(Command::GetSandbox { id }).await?.sandbox()?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+struct DeleteQuery {
+    /// Also destroy a running sandbox.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Destroy a sandbox: every process is killed and everything it had on the host removed.
+#[utoipa::path(delete, path = abx_api::paths::SANDBOX, tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id or name"), DeleteQuery),
+    responses((status = 204, description = "destroyed"), (status = 404, body = ErrorBody),
+        (status = 409, description = "running and force not given", body = ErrorBody)))]
+async fn delete(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> Result<StatusCode, ApiError> {
+    core.execute(Command::DeleteSandbox { id, force: q.force }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Set the sandbox's timeout (seconds from now; 0 removes it).
+#[utoipa::path(post, path = abx_api::paths::SANDBOX_TIMEOUT, tag = "sandboxes", request_body = TimeoutRequest,
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
+async fn set_timeout(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<TimeoutRequest>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(core.execute(Command::SetTimeout { id, timeout_secs: req.timeout_secs }).await?.sandbox()?))
+}
+
+/// Resource usage from the sandbox's cgroups.
+#[utoipa::path(get, path = abx_api::paths::SANDBOX_STATS, tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
+async fn stats(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<SandboxStats>, ApiError> {
+    Ok(Json(core.execute(Command::SandboxStats { id }).await?.stats()?))
+}

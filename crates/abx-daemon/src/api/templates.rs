@@ -1,0 +1,51 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use abx_api::{BuildEvent, BuildTemplate, ErrorBody, Template};
+
+use super::{ApiError, Json, Path, ndjson};
+use crate::core::{Command, Core};
+
+pub fn routes() -> OpenApiRouter<Core> {
+    OpenApiRouter::new().routes(routes!(list, build)).routes(routes!(get, remove))
+}
+
+/// List templates.
+#[utoipa::path(get, path = abx_api::paths::TEMPLATES, tag = "templates", responses((status = 200, body = Vec<Template>)))]
+async fn list(State(core): State<Core>) -> Result<Json<Vec<Template>>, ApiError> {
+    Ok(Json(core.execute(Command::ListTemplates).await?.templates()?))
+}
+
+/// Build a template; the response streams progress as NDJSON [`BuildEvent`]s and ends with
+/// `done` or `error`.
+#[utoipa::path(post, path = abx_api::paths::TEMPLATES, tag = "templates", request_body = BuildTemplate,
+    responses((status = 200, description = "NDJSON stream of BuildEvent", body = BuildEvent, content_type = "application/x-ndjson"),
+        (status = 400, body = ErrorBody), (status = 404, description = "no such recipe", body = ErrorBody)))]
+async fn build(State(core): State<Core>, Json(req): Json<BuildTemplate>) -> Result<Response, ApiError> {
+    let rx = core.execute(Command::BuildTemplate(req)).await?.build()?;
+    Ok(ndjson(tokio_stream(rx)))
+}
+
+fn tokio_stream<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// Get a template.
+#[utoipa::path(get, path = abx_api::paths::TEMPLATE, tag = "templates",
+    params(("name" = String, Path, description = "template name")),
+    responses((status = 200, body = Template), (status = 404, body = ErrorBody)))]
+async fn get(State(core): State<Core>, Path(name): Path<String>) -> Result<Json<Template>, ApiError> {
+    Ok(Json(core.execute(Command::GetTemplate { name }).await?.template()?))
+}
+
+/// Remove a template; layers no other template or live sandbox uses are deleted.
+#[utoipa::path(delete, path = abx_api::paths::TEMPLATE, tag = "templates",
+    params(("name" = String, Path, description = "template name")),
+    responses((status = 204, description = "removed"), (status = 404, body = ErrorBody)))]
+async fn remove(State(core): State<Core>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    core.execute(Command::DeleteTemplate { name }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

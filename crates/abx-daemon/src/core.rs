@@ -1,0 +1,428 @@
+//! The one internal command type. Every frontend (HTTP API, CLI through it, later the E2B
+//! facade and MCP) turns a request into a [`Command`] and gets an [`Outcome`] back from
+//! [`Core::execute`], so rules that apply to every request live in one place.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use abx_api::{BuildEvent, BuildTemplate, CreateSandbox, ExecRequest, MkdirRequest, RenameRequest, SandboxStats, SystemInfo};
+use abx_proto::{ExecSpec, FileInfo, Kind, ProcessInfo, Request, TtySize};
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::agent::{self, AgentConn, CallError};
+use crate::error::{CoreError, CoreResult};
+use crate::manager::Manager;
+use crate::sandbox::Sandbox;
+use crate::validate;
+
+/// A stream of bytes (request or response bodies).
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// Everything agentbox can be asked to do.
+pub enum Command {
+    CreateSandbox(CreateSandbox),
+    ListSandboxes,
+    GetSandbox { id: String },
+    DeleteSandbox { id: String, force: bool },
+    SetTimeout { id: String, timeout_secs: u64 },
+    SandboxStats { id: String },
+    Exec { id: String, req: ExecRequest },
+    ListProcesses { id: String },
+    Signal { id: String, pid: u32, signal: i32, group: bool },
+    Stdin { id: String, pid: u32, data: Vec<u8>, close: bool },
+    Resize { id: String, pid: u32, size: TtySize },
+    Attach { id: String, pid: u32 },
+    ReadFile { id: String, path: String, user: Option<String> },
+    WriteFile { id: String, path: String, user: Option<String>, mode: Option<u32>, parents: bool, body: ByteStream },
+    ListDir { id: String, path: String, user: Option<String>, depth: u32 },
+    Stat { id: String, path: String, user: Option<String> },
+    Mkdir { id: String, req: MkdirRequest },
+    Remove { id: String, path: String, user: Option<String>, recursive: bool },
+    Rename { id: String, req: RenameRequest },
+    ArchiveRead { id: String, path: String, user: Option<String> },
+    ArchiveWrite { id: String, path: String, user: Option<String>, body: ByteStream },
+    ListTemplates,
+    GetTemplate { name: String },
+    BuildTemplate(BuildTemplate),
+    DeleteTemplate { name: String },
+    SystemInfo,
+}
+
+/// What a command produced.
+pub enum Outcome {
+    Done,
+    Sandbox(abx_api::Sandbox),
+    Sandboxes(Vec<abx_api::Sandbox>),
+    Stats(SandboxStats),
+    /// A process attached to the caller.
+    Exec(ExecSession),
+    /// A background process started.
+    Started(u32),
+    Processes(Vec<ProcessInfo>),
+    /// A file's metadata and the connection its content streams on (`Data`… `Eof`).
+    Content(FileInfo, AgentConn),
+    FileInfo(FileInfo),
+    Files(Vec<FileInfo>),
+    Templates(Vec<abx_api::Template>),
+    Template(abx_api::Template),
+    Build(mpsc::Receiver<BuildEvent>),
+    System(SystemInfo),
+}
+
+macro_rules! accessor {
+    ($name:ident, $variant:ident, $t:ty) => {
+        pub fn $name(self) -> CoreResult<$t> {
+            match self {
+                Outcome::$variant(v) => Ok(v),
+                _ => Err(CoreError::internal("unexpected outcome", stringify!($variant))),
+            }
+        }
+    };
+}
+
+impl Outcome {
+    accessor!(sandbox, Sandbox, abx_api::Sandbox);
+    accessor!(sandboxes, Sandboxes, Vec<abx_api::Sandbox>);
+    accessor!(stats, Stats, SandboxStats);
+    accessor!(exec, Exec, ExecSession);
+    accessor!(started, Started, u32);
+    accessor!(processes, Processes, Vec<ProcessInfo>);
+    accessor!(file_info, FileInfo, FileInfo);
+    accessor!(files, Files, Vec<FileInfo>);
+    accessor!(templates, Templates, Vec<abx_api::Template>);
+    accessor!(template, Template, abx_api::Template);
+    accessor!(build, Build, mpsc::Receiver<BuildEvent>);
+    accessor!(system, System, SystemInfo);
+
+    pub fn content(self) -> CoreResult<(FileInfo, AgentConn)> {
+        match self {
+            Outcome::Content(i, c) => Ok((i, c)),
+            _ => Err(CoreError::internal("unexpected outcome", "Content")),
+        }
+    }
+}
+
+/// A process attached over an agent connection.
+#[derive(Debug)]
+pub struct ExecSession {
+    pub pid: u32,
+    pub conn: AgentConn,
+}
+
+/// Output and lifecycle of an attached process.
+#[derive(Debug)]
+pub enum ExecOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(abx_proto::ExitStatus),
+}
+
+impl ExecSession {
+    /// The next piece of output, or the exit (then `None` forever).
+    pub async fn next(&mut self) -> CoreResult<Option<ExecOutput>> {
+        loop {
+            let Some(frame) = self.conn.next().await? else { return Ok(None) };
+            match frame.kind {
+                Kind::Stdout => return Ok(Some(ExecOutput::Stdout(frame.payload))),
+                Kind::Stderr => return Ok(Some(ExecOutput::Stderr(frame.payload))),
+                Kind::Json => match frame.json::<abx_proto::Event>() {
+                    Ok(abx_proto::Event::Exit(st)) => return Ok(Some(ExecOutput::Exit(st))),
+                    Ok(abx_proto::Event::Started { .. }) => continue,
+                    Err(e) => return Err(CallError::Protocol(e).into()),
+                },
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// The daemon core.
+#[derive(Debug, Clone)]
+pub struct Core {
+    pub manager: Arc<Manager>,
+}
+
+impl Core {
+    pub fn new(manager: Arc<Manager>) -> Self {
+        Core { manager }
+    }
+
+    /// Runs one command.
+    pub async fn execute(&self, cmd: Command) -> CoreResult<Outcome> {
+        let m = &self.manager;
+        match cmd {
+            Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.create(req).await?.record().to_api())),
+            Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| r.to_api()).collect())),
+            Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.get(&id)?.record().to_api())),
+            Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),
+            Command::SetTimeout { id, timeout_secs } => Ok(Outcome::Sandbox(m.set_timeout(&id, timeout_secs)?.to_api())),
+            Command::SandboxStats { id } => self.stats(&id).await.map(Outcome::Stats),
+            Command::Exec { id, req } => self.exec(&id, req).await,
+            Command::ListProcesses { id } => self.call(&id, &Request::ListProcesses).await.map(Outcome::Processes),
+            Command::Signal { id, pid, signal, group } => {
+                self.call::<()>(&id, &Request::Signal { pid, signal, group }).await.map(|_| Outcome::Done)
+            }
+            Command::Stdin { id, pid, data, close } => {
+                self.call::<()>(&id, &Request::Input { pid, data, close }).await.map(|_| Outcome::Done)
+            }
+            Command::Resize { id, pid, size } => {
+                self.call::<()>(&id, &Request::Resize { pid, size }).await.map(|_| Outcome::Done)
+            }
+            Command::Attach { id, pid } => {
+                let sb = self.running(&id)?;
+                let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
+                let pid = started(&mut conn).await?;
+                Ok(Outcome::Exec(ExecSession { pid, conn }))
+            }
+            Command::ReadFile { id, path, user } => {
+                let user = self.user(&id, user)?;
+                let (info, conn) = self.open_read(&id, Request::ReadFile { path, user }).await?;
+                Ok(Outcome::Content(info, conn))
+            }
+            Command::WriteFile { id, path, user, mode, parents, body } => {
+                let user = self.user(&id, user)?;
+                let req = Request::WriteFile { path, user, mode, parents, append: false };
+                self.upload(&id, req, body).await.map(Outcome::FileInfo)
+            }
+            Command::ListDir { id, path, user, depth } => {
+                let user = self.user(&id, user)?;
+                self.call(&id, &Request::ListDir { path, user, depth }).await.map(Outcome::Files)
+            }
+            Command::Stat { id, path, user } => {
+                let user = self.user(&id, user)?;
+                self.call(&id, &Request::Stat { path, user }).await.map(Outcome::FileInfo)
+            }
+            Command::Mkdir { id, req } => {
+                let user = self.user(&id, req.user)?;
+                let r = Request::Mkdir { path: req.path, user, parents: req.parents, mode: req.mode };
+                self.call(&id, &r).await.map(Outcome::FileInfo)
+            }
+            Command::Remove { id, path, user, recursive } => {
+                let user = self.user(&id, user)?;
+                self.call::<()>(&id, &Request::Remove { path, user, recursive }).await.map(|_| Outcome::Done)
+            }
+            Command::Rename { id, req } => {
+                let user = self.user(&id, req.user)?;
+                self.call(&id, &Request::Rename { from: req.from, to: req.to, user }).await.map(Outcome::FileInfo)
+            }
+            Command::ArchiveRead { id, path, user } => {
+                let user = self.user(&id, user)?;
+                let (info, conn) = self.open_read(&id, Request::ArchiveRead { path, user }).await?;
+                Ok(Outcome::Content(info, conn))
+            }
+            Command::ArchiveWrite { id, path, user, body } => {
+                let user = self.user(&id, user)?;
+                let req = Request::ArchiveWrite { path, user };
+                self.upload::<()>(&id, req, body).await.map(|_| Outcome::Done)
+            }
+            Command::ListTemplates => crate::templates::list(m).map(Outcome::Templates),
+            Command::GetTemplate { name } => crate::templates::get(m, &name).map(Outcome::Template),
+            Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
+            Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
+            Command::SystemInfo => Ok(Outcome::System(self.system_info())),
+        }
+    }
+
+    fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
+        let sb = self.manager.get(key)?;
+        match sb.state() {
+            abx_api::SandboxState::Running => Ok(sb),
+            s => Err(CoreError::Conflict(format!("sandbox {} is {}, not running", sb.id, state_name(s)))),
+        }
+    }
+
+    /// The effective user of a file operation: the caller's, else the sandbox default.
+    fn user(&self, key: &str, user: Option<String>) -> CoreResult<Option<String>> {
+        if let Some(u) = &user {
+            validate::user(u)?;
+        }
+        Ok(user.or_else(|| self.manager.get(key).ok().and_then(|sb| sb.record().user)))
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, key: &str, req: &Request) -> CoreResult<T> {
+        let sb = self.running(key)?;
+        Ok(agent::call(&sb.dirs.agent_socket(), req).await?)
+    }
+
+    async fn open_read(&self, key: &str, req: Request) -> CoreResult<(FileInfo, AgentConn)> {
+        let sb = self.running(key)?;
+        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
+        let info = conn.reply().await?;
+        Ok((info, conn))
+    }
+
+    async fn upload<T: serde::de::DeserializeOwned>(&self, key: &str, req: Request, mut body: ByteStream) -> CoreResult<T> {
+        let sb = self.running(key)?;
+        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| CoreError::Invalid(format!("reading request body: {e}")))?;
+            if conn.writer.send_chunked(Kind::Data, &chunk).await.is_err() {
+                // The agent stopped reading: it has replied with an error.
+                break;
+            }
+        }
+        let _ = conn.send(Kind::Eof, b"").await;
+        Ok(conn.reply().await?)
+    }
+
+    async fn exec(&self, key: &str, req: ExecRequest) -> CoreResult<Outcome> {
+        let sb = self.running(key)?;
+        let spec = self.exec_spec(&sb, &req)?;
+        let stdin = match &req.stdin {
+            Some(s) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|e| CoreError::Invalid(format!("stdin is not valid base64: {e}")))?,
+            ),
+            None => None,
+        };
+        let background = spec.background;
+        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Exec(spec)).await?;
+        let pid = started(&mut conn).await?;
+        if background {
+            if let Some(data) = stdin {
+                let _ = self.call::<()>(key, &Request::Input { pid, data, close: !req.interactive }).await;
+            }
+            return Ok(Outcome::Started(pid));
+        }
+        if let Some(data) = stdin {
+            conn.writer.send_chunked(Kind::Stdin, &data).await.map_err(CallError::from)?;
+            if !req.interactive {
+                conn.send(Kind::Eof, b"").await?;
+            }
+        }
+        Ok(Outcome::Exec(ExecSession { pid, conn }))
+    }
+
+    fn exec_spec(&self, sb: &Sandbox, req: &ExecRequest) -> CoreResult<ExecSpec> {
+        if req.cmd.is_empty() || req.cmd[0].is_empty() {
+            return Err(CoreError::Invalid("cmd must name a program to run".into()));
+        }
+        if req.cmd.iter().any(|a| a.contains('\0')) {
+            return Err(CoreError::Invalid("cmd arguments must not contain NUL bytes".into()));
+        }
+        validate::env(&req.env)?;
+        if let Some(c) = &req.cwd {
+            validate::abs_path("cwd", c)?;
+        }
+        if let Some(u) = &req.user {
+            validate::user(u)?;
+        }
+        let timeout_ms = match req.timeout_secs {
+            Some(t) if !(t.is_finite() && t > 0.0) => {
+                return Err(CoreError::Invalid(format!("timeout_secs must be positive, got {t}")));
+            }
+            Some(t) => Some((t * 1000.0) as u64),
+            None => None,
+        };
+        let rec = sb.record();
+        let mut env: BTreeMap<String, String> = rec.env.clone();
+        env.extend(req.env.clone());
+        Ok(ExecSpec {
+            argv: req.cmd.clone(),
+            env,
+            cwd: req.cwd.clone().or(rec.workdir.clone()),
+            user: req.user.clone().or(rec.user.clone()),
+            tty: req.tty,
+            stdin: req.stdin.is_some() || req.interactive,
+            timeout_ms,
+            background: req.background,
+            tag: req.tag.clone(),
+        })
+    }
+
+    async fn stats(&self, key: &str) -> CoreResult<SandboxStats> {
+        let sb = self.manager.get(key)?;
+        let m = self.manager.clone();
+        let cg = sb.cgroup.clone();
+        let s = tokio::task::spawn_blocking(move || m.cgroups.stats(&cg))
+            .await
+            .map_err(|e| CoreError::internal("stats task", e.to_string()))?
+            .map_err(|e| CoreError::internal(format!("read cgroup stats of {}", sb.id), e))?;
+        Ok(SandboxStats {
+            memory_bytes: s.memory_current,
+            memory_peak_bytes: s.memory_peak,
+            memory_limit_bytes: s.memory_limit,
+            oom_kills: s.oom_kills,
+            pids: s.pids_current,
+            pids_limit: s.pids_limit,
+            cpu_usage_usec: s.cpu_usage_usec,
+        })
+    }
+
+    fn system_info(&self) -> SystemInfo {
+        let m = &self.manager;
+        SystemInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            root: m.cfg.root.display().to_string(),
+            prefix: m.cfg.prefix.clone(),
+            cgroup: format!("{:?}", m.cgroups.kind()).to_lowercase(),
+            sandboxes: m.count(),
+            spawner_pid: m.spawner.pid().unwrap_or(0),
+            daemon_pid: std::process::id(),
+        }
+    }
+}
+
+/// Reads the agent's answer to Exec/Attach: the Started event or an error reply.
+async fn started(conn: &mut AgentConn) -> CoreResult<u32> {
+    let frame = conn.reader.expect().await.map_err(CallError::from)?;
+    let value: serde_json::Value = frame.json().map_err(CallError::from)?;
+    if let Ok(abx_proto::Event::Started { pid }) = serde_json::from_value(value.clone()) {
+        return Ok(pid);
+    }
+    match serde_json::from_value::<abx_proto::Reply<serde_json::Value>>(value) {
+        Ok(abx_proto::Reply::Err(e)) => Err(CallError::Remote(e).into()),
+        _ => Err(CallError::Protocol(abx_proto::ProtoError::Unexpected("expected a started event".into())).into()),
+    }
+}
+
+pub fn state_name(s: abx_api::SandboxState) -> &'static str {
+    match s {
+        abx_api::SandboxState::Creating => "creating",
+        abx_api::SandboxState::Running => "running",
+        abx_api::SandboxState::Exited => "exited",
+        abx_api::SandboxState::Destroying => "being destroyed",
+    }
+}
+
+/// Parses a signal given as a number or a name (`TERM`, `SIGTERM`).
+pub fn parse_signal(v: &serde_json::Value) -> CoreResult<i32> {
+    const NAMES: [(&str, i32); 15] = [
+        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("ILL", 4), ("ABRT", 6), ("KILL", 9), ("USR1", 10), ("SEGV", 11),
+        ("USR2", 12), ("PIPE", 13), ("ALRM", 14), ("TERM", 15), ("CONT", 18), ("STOP", 19), ("WINCH", 28),
+    ];
+    let bad = || CoreError::Invalid(format!("invalid signal {v}: use a number 1-64 or a name like TERM"));
+    match v {
+        serde_json::Value::Number(n) => n.as_i64().filter(|n| (1..=64).contains(n)).map(|n| n as i32).ok_or_else(bad),
+        serde_json::Value::String(s) => {
+            if let Ok(n) = s.parse::<i32>() {
+                return if (1..=64).contains(&n) { Ok(n) } else { Err(bad()) };
+            }
+            let up = s.to_ascii_uppercase();
+            let name = up.strip_prefix("SIG").unwrap_or(&up);
+            NAMES.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(bad)
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_signal;
+    use serde_json::json;
+
+    #[test]
+    fn signals_by_number_and_name() {
+        assert_eq!(parse_signal(&json!(9)).unwrap(), 9);
+        assert_eq!(parse_signal(&json!("TERM")).unwrap(), 15);
+        assert_eq!(parse_signal(&json!("sigint")).unwrap(), 2);
+        assert_eq!(parse_signal(&json!("15")).unwrap(), 15);
+        assert!(parse_signal(&json!("NOPE")).is_err());
+        assert!(parse_signal(&json!(0)).is_err());
+    }
+}

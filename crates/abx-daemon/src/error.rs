@@ -1,0 +1,76 @@
+//! Errors of the daemon core, each mapped to one stable API error code.
+
+use abx_proto::ErrorCode;
+
+use crate::agent::CallError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{kind} '{id}' not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("sandbox {id} could not be set up: {message}")]
+    Setup { id: String, message: String },
+    #[error("{0}")]
+    Agent(#[from] CallError),
+    #[error("{context}")]
+    Internal { context: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+impl CoreError {
+    pub fn internal(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        CoreError::Internal { context: context.into(), source: source.into() }
+    }
+
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
+        CoreError::NotFound { kind, id: id.into() }
+    }
+
+    /// The stable code and HTTP status of this error.
+    pub fn code(&self) -> (&'static str, u16) {
+        match self {
+            CoreError::NotFound { .. } => ("not_found", 404),
+            CoreError::Invalid(_) => ("invalid_argument", 400),
+            CoreError::Conflict(_) => ("conflict", 409),
+            CoreError::Exhausted(_) => ("resource_exhausted", 503),
+            CoreError::Setup { .. } => ("sandbox_setup_failed", 500),
+            CoreError::Internal { .. } => ("internal", 500),
+            CoreError::Agent(CallError::Remote(e)) => match e.code {
+                ErrorCode::NotFound => ("not_found", 404),
+                ErrorCode::CommandNotFound => ("command_not_found", 400),
+                ErrorCode::PermissionDenied => ("permission_denied", 403),
+                ErrorCode::AlreadyExists => ("already_exists", 409),
+                ErrorCode::NotADirectory => ("not_a_directory", 400),
+                ErrorCode::IsADirectory => ("is_a_directory", 400),
+                ErrorCode::DirectoryNotEmpty => ("directory_not_empty", 409),
+                ErrorCode::ResourceExhausted => ("resource_exhausted", 429),
+                ErrorCode::InvalidArgument => ("invalid_argument", 400),
+                ErrorCode::Io => ("io_error", 500),
+            },
+            CoreError::Agent(CallError::Timeout(_)) => ("agent_timeout", 504),
+            CoreError::Agent(_) => ("agent_unavailable", 502),
+        }
+    }
+
+    /// The message with its chain of causes, for the API and logs.
+    pub fn full_message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            src = s.source();
+        }
+        msg
+    }
+}
+
+pub type CoreResult<T> = Result<T, CoreError>;

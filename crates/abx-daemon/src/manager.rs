@@ -1,0 +1,622 @@
+//! The sandbox manager: creates, tracks, times out, destroys and, after a restart,
+//! re-adopts sandboxes. Blocking work (directories, cgroups, the spawner) runs on tokio's
+//! blocking pool; every step of a create is undone if a later one fails.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use abx_api::{CreateSandbox, Limits, SandboxState};
+use abx_cgroup::CgroupDriver;
+use abx_sandbox::spec::{SandboxDirs, SpawnSpec};
+use abx_sandbox::SpawnerClient;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{Config, UID_RANGE};
+use crate::error::{CoreError, CoreResult};
+use crate::sandbox::{Record, Sandbox, now, process_start_time};
+use crate::store::Store;
+use crate::validate;
+
+/// Capabilities a sandbox keeps (Docker's default set), by number.
+pub const CAPABILITIES: [u32; 14] = [
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    27, // CAP_MKNOD
+    29, // CAP_AUDIT_WRITE
+    31, // CAP_SETFCAP
+];
+
+/// How long a sandbox may take from spawn to exec of its agent.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct Manager {
+    pub cfg: Config,
+    store: Store,
+    pub templates: abx_template::Store,
+    pub cgroups: Box<dyn CgroupDriver>,
+    pub spawner: SpawnerClient,
+    seccomp: Vec<Vec<u8>>,
+    sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    uid_slots: Mutex<Vec<bool>>,
+}
+
+impl Manager {
+    /// Opens the state under `cfg.root` and reconnects to (or starts) the spawner.
+    pub fn open(cfg: Config) -> Result<Arc<Manager>, String> {
+        for d in ["sandboxes", "tmp"] {
+            std::fs::create_dir_all(cfg.root.join(d)).map_err(|e| format!("create {}: {e}", cfg.root.join(d).display()))?;
+        }
+        // Sandbox setup runs as each sandbox's own root and must traverse these (only).
+        for d in [cfg.root.clone(), cfg.root.join("sandboxes")] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| format!("chmod {}: {e}", d.display()))?;
+        }
+        let store = Store::open(&cfg.root.join("state.db")).map_err(|e| format!("{e}"))?;
+        let templates =
+            abx_template::Store::open(&cfg.root, &cfg.cache_dir).map_err(|e| format!("template store: {e}"))?;
+        let cgroups = abx_cgroup::open(&cfg.prefix).map_err(|e| format!("cgroups: {e}"))?;
+        let policy = match &cfg.seccomp_policy {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| format!("read seccomp policy {}: {e}", p.display()))?,
+            None => abx_sandbox::seccomp::DEFAULT_POLICY.to_string(),
+        };
+        let seccomp = abx_sandbox::seccomp::compile(&policy).map_err(|e| format!("{e}: {}", source_text(&e)))?;
+        let spawner = SpawnerClient::new(&cfg.root, &cfg.exe, &cfg.agent);
+        spawner.connect().map_err(|e| format!("spawner: {e}"))?;
+        let slots = cfg.uid_slots as usize;
+        Ok(Arc::new(Manager {
+            cfg,
+            store,
+            templates,
+            cgroups,
+            spawner,
+            seccomp,
+            sandboxes: RwLock::new(HashMap::new()),
+            uid_slots: Mutex::new(vec![false; slots]),
+        }))
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("sandboxes").join(self.host_name(id))
+    }
+
+    /// The name of a sandbox's host objects (cgroup, directory): `<prefix>-<id>`.
+    pub fn host_name(&self, id: &str) -> String {
+        format!("{}-{id}", self.cfg.prefix)
+    }
+
+    /// Looks a sandbox up by id or name.
+    pub fn get(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
+        let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(sb) = map.get(key) {
+            return Ok(sb.clone());
+        }
+        map.values()
+            .find(|sb| sb.record.lock().unwrap_or_else(|e| e.into_inner()).name.as_deref() == Some(key))
+            .cloned()
+            .ok_or_else(|| CoreError::not_found("sandbox", key))
+    }
+
+    pub fn list(&self) -> Vec<Record> {
+        let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Record> = map.values().map(|s| s.record()).collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    pub fn count(&self) -> usize {
+        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn alloc_uid_slot(&self) -> CoreResult<u32> {
+        let mut slots = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let free = slots.iter().position(|used| !used).ok_or_else(|| {
+            CoreError::Exhausted(format!("all {} sandbox uid ranges are in use; destroy sandboxes or raise --uid-slots", slots.len()))
+        })?;
+        slots[free] = true;
+        Ok(free as u32)
+    }
+
+    fn free_uid_slot(&self, slot: u32) {
+        if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
+            *s = false;
+        }
+    }
+
+    fn claim_uid_slot(&self, slot: u32) {
+        if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
+            *s = true;
+        }
+    }
+
+    /// Creates and starts a sandbox.
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
+        let template_name = req.template.clone().unwrap_or_else(|| self.cfg.default_template.clone());
+        let template = self.template(&template_name)?;
+        validate::create(&req)?;
+        if let Some(name) = &req.name {
+            if self.get(name).is_ok() {
+                return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists")));
+            }
+        }
+        let limits = merge_limits(&req.limits, &self.cfg.default_limits);
+        validate::limits(&limits)?;
+        let timeout = match req.timeout_secs {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => self.cfg.default_timeout,
+        };
+        let id = new_id();
+        let slot = self.alloc_uid_slot()?;
+        let mut env = template.config.env.clone();
+        env.extend(req.env.clone());
+        let created_at = now();
+        let rec = Record {
+            id: id.clone(),
+            name: req.name.clone(),
+            template: template.name.clone(),
+            layers: template.layers.clone(),
+            limits,
+            env,
+            workdir: req.workdir.clone().or(template.config.workdir.clone()),
+            user: req.user.clone().or(template.config.user.clone()),
+            metadata: req.metadata.clone(),
+            created_at,
+            expires_at: timeout.map(|t| created_at + t.as_secs().max(1)),
+            pid: 0,
+            pid_start: 0,
+            uid_slot: slot,
+            uid_base: self.cfg.uid_start + slot * UID_RANGE,
+            hostname: id.clone(),
+            state: SandboxState::Creating,
+        };
+        let this = self.clone();
+        let started = tokio::task::spawn_blocking(move || this.start_blocking(rec))
+            .await
+            .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
+        let (rec, pidfd) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                self.free_uid_slot(slot);
+                return Err(e);
+            }
+        };
+        Ok(self.register(rec, Some(pidfd)))
+    }
+
+    fn template(&self, name: &str) -> CoreResult<abx_template::Template> {
+        self.templates.get(name).map_err(|e| match e {
+            abx_template::Error::NotFound { .. } => CoreError::NotFound { kind: "template", id: name.to_string() },
+            other => CoreError::internal(format!("read template '{name}'"), other),
+        })
+    }
+
+    /// Prepares directories and cgroups, asks the spawner, waits for the agent's exec.
+    /// Undoes everything on failure.
+    fn start_blocking(&self, mut rec: Record) -> CoreResult<(Record, OwnedFd)> {
+        let dirs = SandboxDirs::new(self.sandbox_dir(&rec.id));
+        let cg = self.host_name(&rec.id);
+        let mut undo = Undo::default();
+        let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
+        dirs.create(rec.layers.len(), rec.uid_base).map_err(|e| setup_err(format!("create {}: {e}", dirs.root.display())))?;
+        let root = dirs.root.clone();
+        undo.push(move || {
+            let _ = std::fs::remove_dir_all(&root);
+        });
+        self.cgroups.create(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
+        {
+            let cg = cg.clone();
+            let driver = &self.cgroups;
+            undo.push_ref(move || {
+                let _ = driver.kill(&cg);
+                let _ = driver.remove(&cg);
+            });
+        }
+        let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
+            .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
+        let (status_r, status_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| setup_err(format!("pipe: {e}")))?;
+        let spec = SpawnSpec {
+            id: rec.id.clone(),
+            dir: dirs.root.clone(),
+            layers: rec.layers.iter().map(|d| self.templates.layer_path(d)).collect(),
+            uid_base: rec.uid_base,
+            uid_count: UID_RANGE,
+            hostname: rec.hostname.clone(),
+            cgroup_procs: self.cgroups.procs_files(&cg).map_err(|e| setup_err(cgroup_text(&e)))?,
+            seccomp: self.seccomp.clone(),
+            capabilities: CAPABILITIES.to_vec(),
+            nofile: rec.limits.open_files.unwrap_or(4096),
+            volatile: true,
+        };
+        let (pid, pidfd) = self
+            .spawner
+            .spawn(&spec, listener.as_fd(), status_w.as_fd())
+            .map_err(|e| setup_err(e.to_string()))?;
+        drop(status_w);
+        drop(listener);
+        if let Err(message) = wait_exec(&status_r, SETUP_TIMEOUT) {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            wait_exit_blocking(&pidfd, Duration::from_secs(5));
+            return Err(setup_err(message));
+        }
+        rec.pid = pid;
+        rec.pid_start = process_start_time(pid).unwrap_or(0);
+        rec.state = SandboxState::Running;
+        if let Err(e) = self.store.put(&rec) {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            wait_exit_blocking(&pidfd, Duration::from_secs(5));
+            return Err(CoreError::internal("record sandbox", e));
+        }
+        undo.disarm();
+        Ok((rec, pidfd))
+    }
+
+    /// Makes a started (or re-adopted) sandbox live: watcher and timeout tasks.
+    fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
+        let (tx, rx) = watch::channel(pidfd.is_none());
+        let pidfd = pidfd.map(Arc::new);
+        let sb = Arc::new(Sandbox {
+            id: rec.id.clone(),
+            dirs: SandboxDirs::new(self.sandbox_dir(&rec.id)),
+            cgroup: self.host_name(&rec.id),
+            record: Mutex::new(rec),
+            pidfd: pidfd.clone(),
+            exited: rx,
+            ttl: Mutex::new(None),
+        });
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sb.id.clone(), sb.clone());
+        if let Some(fd) = pidfd {
+            let this = self.clone();
+            let weak = Arc::downgrade(&sb);
+            tokio::spawn(async move {
+                wait_exit(&fd).await;
+                let _ = tx.send(true);
+                if let Some(sb) = weak.upgrade() {
+                    this.on_exit(&sb).await;
+                }
+            });
+        }
+        self.arm_timeout(&sb);
+        sb
+    }
+
+    /// PID 1 ended without a destroy: keep the files for inspection, free the cgroup.
+    async fn on_exit(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+        let was_running = sb.update(|r| {
+            let running = r.state == SandboxState::Running;
+            if running {
+                r.state = SandboxState::Exited;
+            }
+            running
+        });
+        if !was_running {
+            return;
+        }
+        warn!(sandbox = %sb.id, "sandbox PID 1 exited on its own");
+        let this = self.clone();
+        let sb2 = sb.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = this.cgroups.kill(&sb2.cgroup);
+            let _ = this.cgroups.remove(&sb2.cgroup);
+            let _ = this.store.put(&sb2.record());
+        })
+        .await;
+    }
+
+    /// (Re)starts the timeout task from the record's `expires_at`.
+    pub fn arm_timeout(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+        let mut slot = sb.ttl.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = slot.take() {
+            h.abort();
+        }
+        let Some(at) = sb.record().expires_at else { return };
+        let wait = Duration::from_secs(at.saturating_sub(now()));
+        let this = self.clone();
+        let id = sb.id.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            info!(sandbox = %id, "timeout expired, destroying");
+            if let Err(e) = this.destroy_inner(&id, true, false).await {
+                warn!(sandbox = %id, error = %e.full_message(), "destroy on timeout failed");
+            }
+        });
+        *slot = Some(task.abort_handle());
+    }
+
+    /// Changes a sandbox's timeout (seconds from now; 0 removes it).
+    pub fn set_timeout(self: &Arc<Self>, key: &str, secs: u64) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        sb.update(|r| r.expires_at = if secs == 0 { None } else { Some(now() + secs) });
+        self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        self.arm_timeout(&sb);
+        Ok(sb.record())
+    }
+
+    /// Destroys a sandbox: kills every process, removes cgroups and files, forgets it.
+    /// A running sandbox needs `force`.
+    pub async fn destroy(self: &Arc<Self>, key: &str, force: bool) -> CoreResult<()> {
+        let id = self.get(key)?.id.clone();
+        self.destroy_inner(&id, force, true).await
+    }
+
+    async fn destroy_inner(self: &Arc<Self>, id: &str, force: bool, abort_ttl: bool) -> CoreResult<()> {
+        let sb = self.get(id)?;
+        let proceed = sb.update(|r| match r.state {
+            SandboxState::Running | SandboxState::Creating if !force => Err(CoreError::Conflict(format!(
+                "sandbox {} is running; use force (agentbox rm -f) to destroy it",
+                r.id
+            ))),
+            SandboxState::Destroying => Ok(false),
+            _ => {
+                r.state = SandboxState::Destroying;
+                Ok(true)
+            }
+        })?;
+        if !proceed {
+            return Ok(());
+        }
+        if abort_ttl {
+            if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                h.abort();
+            }
+        }
+        if let Some(fd) = &sb.pidfd {
+            let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+            let mut exited = sb.exited.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        }
+        let this = self.clone();
+        let sb2 = sb.clone();
+        let res = tokio::task::spawn_blocking(move || this.remove_host_objects(&sb2))
+            .await
+            .map_err(|e| CoreError::internal("sandbox cleanup task", e.to_string()))?;
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.free_uid_slot(sb.record().uid_slot);
+        res
+    }
+
+    fn remove_host_objects(&self, sb: &Sandbox) -> CoreResult<()> {
+        let _ = self.cgroups.kill(&sb.cgroup);
+        self.cgroups
+            .remove(&sb.cgroup)
+            .map_err(|e| CoreError::internal(format!("remove cgroup of {}", sb.id), e))?;
+        remove_tree(&sb.dirs.root).map_err(|e| CoreError::internal(format!("remove {}", sb.dirs.root.display()), e))?;
+        self.store.delete(&sb.id).map_err(|e| CoreError::internal("forget sandbox", e))
+    }
+
+    /// After a start: adopt live sandboxes from the store, clean up everything else that
+    /// carries this instance's prefix (dead sandboxes, half-made ones, orphan cgroups).
+    pub fn reconcile(self: &Arc<Self>) -> Result<(), String> {
+        let records = self.store.all().map_err(|e| e.to_string())?;
+        let mut known = std::collections::HashSet::new();
+        for rec in records {
+            let rec = match rec {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "skipping unreadable sandbox record");
+                    continue;
+                }
+            };
+            if self.adopt(rec.clone()) {
+                known.insert(self.host_name(&rec.id));
+            } else {
+                info!(sandbox = %rec.id, "cleaning up dead sandbox");
+                self.cleanup_dead(&rec);
+            }
+        }
+        self.cleanup_orphans(&known);
+        Ok(())
+    }
+
+    /// Re-adopts one stored sandbox if it is still alive (or kept as exited).
+    fn adopt(self: &Arc<Self>, rec: Record) -> bool {
+        match rec.state {
+            SandboxState::Exited => {
+                self.claim_uid_slot(rec.uid_slot);
+                self.register(rec, None);
+                true
+            }
+            SandboxState::Running if process_start_time(rec.pid) == Some(rec.pid_start) => {
+                let Some(pid) = rustix::process::Pid::from_raw(rec.pid) else { return false };
+                let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+                    return false;
+                };
+                // The pid could have been reused between the check and the open.
+                if process_start_time(rec.pid) != Some(rec.pid_start) {
+                    return false;
+                }
+                info!(sandbox = %rec.id, pid = rec.pid, "re-adopted running sandbox");
+                self.claim_uid_slot(rec.uid_slot);
+                self.register(rec, Some(fd));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn cleanup_dead(&self, rec: &Record) {
+        let cg = self.host_name(&rec.id);
+        let _ = self.cgroups.kill(&cg);
+        let _ = self.cgroups.remove(&cg);
+        let _ = remove_tree(&self.sandbox_dir(&rec.id));
+        let _ = self.store.delete(&rec.id);
+    }
+
+    fn cleanup_orphans(&self, known: &std::collections::HashSet<String>) {
+        let mut names: std::collections::BTreeSet<String> = self.cgroups.list().unwrap_or_default().into_iter().collect();
+        if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("sandboxes")) {
+            names.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+        }
+        for name in names {
+            if known.contains(&name) || !name.starts_with(&format!("{}-", self.cfg.prefix)) {
+                continue;
+            }
+            info!(object = %name, "removing orphan");
+            let _ = self.cgroups.kill(&name);
+            let _ = self.cgroups.remove(&name);
+            let _ = remove_tree(&self.cfg.root.join("sandboxes").join(&name));
+        }
+    }
+
+    /// Digests of layers used by live sandboxes (kept by template garbage collection).
+    pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
+        self.list().into_iter().flat_map(|r| r.layers).collect()
+    }
+
+    /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and
+    /// the instance's cgroup parents are removed.
+    pub fn shutdown(&self) {
+        if self.count() == 0 {
+            self.spawner.retire(Duration::from_secs(5));
+            let _ = self.cgroups.remove_parent();
+        }
+    }
+}
+
+fn source_text(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| s.to_string()).unwrap_or_default()
+}
+
+fn cgroup_text(e: &abx_cgroup::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(src) = std::error::Error::source(e) {
+        s.push_str(&format!(": {src}"));
+    }
+    s
+}
+
+fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
+    Limits {
+        memory_bytes: req.memory_bytes.or(defaults.memory_bytes),
+        cpus: req.cpus.or(defaults.cpus),
+        pids: req.pids.or(defaults.pids),
+        open_files: req.open_files.or(defaults.open_files),
+    }
+}
+
+fn cgroup_limits(l: &Limits) -> abx_cgroup::Limits {
+    abx_cgroup::Limits { memory_bytes: l.memory_bytes, cpus: l.cpus, pids: l.pids }
+}
+
+/// A new sandbox id: 12 lowercase hex digits (48 random bits).
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b.copy_from_slice(&t.to_le_bytes()[..6]);
+    });
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads the status pipe until EOF (the exec closed it: success) or an error message.
+fn wait_exec(status: &OwnedFd, timeout: Duration) -> Result<(), String> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut msg = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("sandbox setup did not finish within {timeout:?}"));
+        }
+        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
+        let mut fds = [PollFd::new(status, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("wait for setup: {e}")),
+        }
+        let mut buf = [0u8; 4096];
+        match rustix::io::read(status, &mut buf) {
+            Ok(0) if msg.is_empty() => return Ok(()),
+            Ok(0) => return Err(String::from_utf8_lossy(&msg).into_owned()),
+            Ok(n) => msg.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(format!("read setup status: {e}")),
+        }
+    }
+}
+
+fn wait_exit_blocking(pidfd: &OwnedFd, timeout: Duration) {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let ts = Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: 0 };
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    let _ = rustix::event::poll(&mut fds, Some(&ts));
+}
+
+/// Resolves when the process behind `pidfd` has exited.
+async fn wait_exit(pidfd: &OwnedFd) {
+    let Ok(dup) = rustix::io::fcntl_dupfd_cloexec(pidfd, 0) else { return };
+    match abx_sys::asyncio::async_fd(dup, tokio::io::Interest::READABLE) {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => loop {
+            // Fall back to polling if the fd cannot be registered.
+            if rustix::event::poll(&mut [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)], Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap_or(0) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+    }
+}
+
+/// Removes a directory tree; a missing tree is not an error.
+pub fn remove_tree(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Undo actions run in reverse order on drop unless disarmed.
+#[derive(Default)]
+struct Undo<'a> {
+    actions: Vec<Box<dyn FnOnce() + 'a>>,
+}
+
+impl<'a> Undo<'a> {
+    fn push(&mut self, f: impl FnOnce() + 'static) {
+        self.actions.push(Box::new(f));
+    }
+    fn push_ref(&mut self, f: impl FnOnce() + 'a) {
+        self.actions.push(Box::new(f));
+    }
+    fn disarm(&mut self) {
+        self.actions.clear();
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        while let Some(f) = self.actions.pop() {
+            f();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_twelve_hex_digits_and_differ() {
+        let a = super::new_id();
+        assert_eq!(a.len(), 12);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, super::new_id());
+    }
+}

@@ -1,0 +1,132 @@
+//! A sandbox as the daemon knows it: the persisted [`Record`] and the live [`Sandbox`].
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use abx_api::{Limits, SandboxState};
+use abx_sandbox::spec::SandboxDirs;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// What survives a daemon restart (stored as JSON in the state database).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub name: Option<String>,
+    pub template: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    /// Host pid of PID 1 and its start time (clock ticks since boot), which together
+    /// identify the process even if the pid is reused.
+    pub pid: i32,
+    pub pid_start: u64,
+    pub uid_slot: u32,
+    pub uid_base: u32,
+    pub hostname: String,
+    pub state: SandboxState,
+}
+
+impl Record {
+    pub fn to_api(&self) -> abx_api::Sandbox {
+        abx_api::Sandbox {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            template: self.template.clone(),
+            state: self.state,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            limits: self.limits.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            metadata: self.metadata.clone(),
+            pid: self.pid,
+            uid_base: self.uid_base,
+            hostname: self.hostname.clone(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn example(id: &str) -> Record {
+        Record {
+            id: id.into(),
+            name: None,
+            template: "mini".into(),
+            layers: vec![],
+            limits: Limits::default(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            metadata: BTreeMap::new(),
+            created_at: 0,
+            expires_at: None,
+            pid: 1,
+            pid_start: 1,
+            uid_slot: 0,
+            uid_base: 1 << 27,
+            hostname: "h".into(),
+            state: SandboxState::Running,
+        }
+    }
+}
+
+/// A live sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub dirs: SandboxDirs,
+    /// Name of its cgroup under the instance parent.
+    pub cgroup: String,
+    pub record: Mutex<Record>,
+    /// pidfd of PID 1 (absent once it has been found gone).
+    pub pidfd: Option<Arc<OwnedFd>>,
+    /// Becomes true when PID 1 has exited.
+    pub exited: watch::Receiver<bool>,
+    /// The task that destroys the sandbox when its timeout expires.
+    pub ttl: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Sandbox {
+    pub fn record(&self) -> Record {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update<R>(&self, f: impl FnOnce(&mut Record) -> R) -> R {
+        f(&mut self.record.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn state(&self) -> SandboxState {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).state
+    }
+}
+
+/// The start time of a process (field 22 of /proc/PID/stat), if it exists.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Current unix time in seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn start_time_of_self_is_stable() {
+        let me = std::process::id() as i32;
+        let a = super::process_start_time(me).unwrap();
+        assert_eq!(Some(a), super::process_start_time(me));
+        assert!(super::process_start_time(i32::MAX).is_none());
+    }
+}

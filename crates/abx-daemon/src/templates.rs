@@ -1,0 +1,89 @@
+//! Template commands: list, get, build (with streamed progress), remove.
+
+use std::sync::Arc;
+
+use abx_api::{BuildEvent, BuildTemplate};
+use tokio::sync::mpsc;
+
+use crate::error::{CoreError, CoreResult};
+use crate::manager::Manager;
+
+pub fn to_api(t: abx_template::Template) -> abx_api::Template {
+    abx_api::Template {
+        name: t.name,
+        layers: t.layers,
+        size_bytes: t.size_bytes,
+        created_at: t.created_at,
+        recipe: t.recipe,
+        env: t.config.env,
+        workdir: t.config.workdir,
+        user: t.config.user,
+        description: t.config.description,
+    }
+}
+
+fn map_err(name: &str, e: abx_template::Error) -> CoreError {
+    use abx_template::Error as E;
+    match e {
+        E::NotFound { .. } => CoreError::not_found("template", name),
+        e @ (E::InvalidName { .. } | E::InvalidRecipe { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
+            CoreError::Invalid(e.to_string())
+        }
+        e => CoreError::internal(format!("template '{name}'"), e),
+    }
+}
+
+pub fn list(m: &Manager) -> CoreResult<Vec<abx_api::Template>> {
+    let v = m.templates.list().map_err(|e| map_err("*", e))?;
+    Ok(v.into_iter().map(to_api).collect())
+}
+
+pub fn get(m: &Manager, name: &str) -> CoreResult<abx_api::Template> {
+    m.templates.get(name).map(to_api).map_err(|e| map_err(name, e))
+}
+
+/// Starts a build; progress and the result arrive on the returned channel.
+pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    let recipe = match (&req.from_dir, &req.recipe) {
+        (Some(_), Some(_)) => return Err(CoreError::Invalid("give either recipe or from_dir, not both".into())),
+        (Some(dir), None) => {
+            if !dir.starts_with('/') {
+                return Err(CoreError::Invalid(format!("from_dir must be an absolute host path, got '{dir}'")));
+            }
+            abx_template::Recipe::Dir(dir.into())
+        }
+        (None, r) => {
+            let name = r.as_deref().unwrap_or(&req.name);
+            abx_template::Store::recipe_for(name).ok_or_else(|| {
+                CoreError::NotFound { kind: "recipe", id: format!("{name}' (embedded recipes: base, mini; or give from_dir") }
+            })?
+        }
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || {
+        let progress = |p: abx_template::Progress| {
+            let _ = tx.blocking_send(BuildEvent::Progress { stage: p.stage, done: p.done, total: p.total, message: p.message });
+        };
+        let ev = match m.templates.build(&recipe, &req.name, &progress) {
+            Ok(t) => BuildEvent::Done { template: to_api(t) },
+            Err(e) => {
+                let e = map_err(&req.name, e);
+                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
+            }
+        };
+        let _ = tx.blocking_send(ev);
+    });
+    Ok(rx)
+}
+
+pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
+    let m = m.clone();
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        let in_use = m.layers_in_use();
+        m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))
+    })
+    .await
+    .map_err(|e| CoreError::internal("template removal task", e.to_string()))?
+}

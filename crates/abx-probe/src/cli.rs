@@ -1,0 +1,120 @@
+//! Command-line parsing: one [`Command`] per subcommand.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const USAGE: &str = "usage: abx-probe report
+       abx-probe write PATH
+       abx-probe read PATH
+       abx-probe connect HOST:PORT
+       abx-probe hog MEGABYTES [SECONDS]
+       abx-probe sleep SECONDS";
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Report identity, namespaces, mounts and the outcome of each syscall attempt.
+    Report,
+    /// Create (or append to) a file.
+    Write(PathBuf),
+    /// Read a file.
+    Read(PathBuf),
+    /// Open a TCP connection to `host:port`.
+    Connect(String),
+    /// Allocate and touch this much memory in 1 MiB steps, then hold it for `hold`
+    /// (forever when `None`).
+    Hog { megabytes: u64, hold: Option<Duration> },
+    /// Sleep.
+    Sleep(Duration),
+}
+
+/// Bad command-line arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
+    let mut args = args.into_iter();
+    let name = args.next().ok_or_else(|| usage("missing command"))?;
+    let rest: Vec<OsString> = args.collect();
+    let cmd = name.to_str().ok_or_else(|| usage("command is not UTF-8"))?;
+    match (cmd, rest.as_slice()) {
+        ("report", []) => Ok(Command::Report),
+        ("write", [path]) => Ok(Command::Write(path.into())),
+        ("read", [path]) => Ok(Command::Read(path.into())),
+        ("connect", [target]) => Ok(Command::Connect(utf8(target, "HOST:PORT")?.to_owned())),
+        ("hog", [mb]) => Ok(Command::Hog { megabytes: megabytes(mb)?, hold: None }),
+        ("hog", [mb, secs]) => Ok(Command::Hog { megabytes: megabytes(mb)?, hold: Some(seconds(secs)?) }),
+        ("sleep", [secs]) => Ok(Command::Sleep(seconds(secs)?)),
+        ("report" | "write" | "read" | "connect" | "hog" | "sleep", _) => {
+            Err(usage(format!("wrong number of arguments for {cmd}")))
+        }
+        _ => Err(usage(format!("unknown command {cmd:?}"))),
+    }
+}
+
+fn utf8<'a>(arg: &'a OsString, what: &str) -> Result<&'a str, UsageError> {
+    arg.to_str().ok_or_else(|| usage(format!("{what} is not UTF-8")))
+}
+
+fn megabytes(arg: &OsString) -> Result<u64, UsageError> {
+    let text = utf8(arg, "MEGABYTES")?;
+    text.parse().map_err(|_| usage(format!("MEGABYTES must be a whole number, not {text:?}")))
+}
+
+fn seconds(arg: &OsString) -> Result<Duration, UsageError> {
+    let text = utf8(arg, "SECONDS")?;
+    text.parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| usage(format!("SECONDS must be a non-negative number, not {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<Command, UsageError> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(parse_str(&["report"]), Ok(Command::Report));
+        assert_eq!(parse_str(&["write", "/etc/x"]), Ok(Command::Write("/etc/x".into())));
+        assert_eq!(parse_str(&["read", "/etc/x"]), Ok(Command::Read("/etc/x".into())));
+        assert_eq!(parse_str(&["connect", "1.1.1.1:53"]), Ok(Command::Connect("1.1.1.1:53".into())));
+        assert_eq!(parse_str(&["hog", "64"]), Ok(Command::Hog { megabytes: 64, hold: None }));
+        assert_eq!(
+            parse_str(&["hog", "64", "0.5"]),
+            Ok(Command::Hog { megabytes: 64, hold: Some(Duration::from_millis(500)) })
+        );
+        assert_eq!(parse_str(&["sleep", "2"]), Ok(Command::Sleep(Duration::from_secs(2))));
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        assert!(parse_str(&[]).is_err());
+        assert!(parse_str(&["frobnicate"]).is_err());
+        assert!(parse_str(&["report", "extra"]).is_err());
+        assert!(parse_str(&["write"]).is_err());
+        assert!(parse_str(&["hog", "-1"]).is_err());
+        assert!(parse_str(&["hog", "lots"]).is_err());
+        assert!(parse_str(&["sleep", "-1"]).is_err());
+        assert!(parse_str(&["sleep", "NaN"]).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `abx-probe`, the verifier that integration tests copy into a sandbox and run there (like
+//! youki's in-container verifier), so that they assert on what a process can and cannot do
+//! *from the inside*.
+//!
+//! Every command prints exactly one JSON object on one line of stdout (progress, if any,
+//! goes to stderr):
+//!
+//! | command                       | prints                                                    |
+//! |-------------------------------|-----------------------------------------------------------|
+//! | `report`                      | identity, namespaces, mounts, ... and [`syscalls`] tried  |
+//! | `write PATH`                  | `{"ok":true,"bytes":N}` or `{"ok":false,"errno":"EROFS"}` |
+//! | `read PATH`                   | `{"ok":true,"size":N,"truncated":false}` or an errno       |
+//! | `connect HOST:PORT`           | `{"ok":true,"addr":"…"}` or an errno (1 s timeout)         |
+//! | `hog MEGABYTES [SECONDS]`     | `{"ok":true,"megabytes":N}` once all is touched, then holds it |
+//! | `sleep SECONDS`               | `{"ok":true}` after sleeping                               |
+//!
+//! Exit status: 0 when `ok` is true (always for `report`), [`EXIT_REFUSED`] when the JSON
+//! says `"ok":false`, [`EXIT_USAGE`] for bad arguments, [`EXIT_OUTPUT`] when stdout failed.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod commands;
+pub mod procfs;
+pub mod report;
+pub mod syscalls;
+
+use std::io::{self, Write};
+
+use cli::Command;
+
+/// Exit status when the command ran and reports `"ok":false`.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit status for bad arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status when the JSON could not be written to stdout.
+pub const EXIT_OUTPUT: u8 = 3;
+
+/// Runs `cmd`, writes its JSON line to `out`, and returns its `ok`.
+///
+/// `hog` keeps its memory and sleeps after printing, so a caller sees the line before the
+/// process is (possibly) killed.
+pub fn run(cmd: &Command, out: &mut impl Write) -> io::Result<bool> {
+    let mut held = Vec::new();
+    let result = match cmd {
+        Command::Report => commands::Outcome { json: report::report(), ok: true },
+        Command::Write(path) => commands::write(path),
+        Command::Read(path) => commands::read(path),
+        Command::Connect(target) => commands::connect(target),
+        Command::Sleep(duration) => commands::sleep(*duration),
+        Command::Hog { megabytes, .. } => {
+            let (outcome, memory) = commands::hog(*megabytes);
+            held = memory;
+            outcome
+        }
+    };
+    writeln!(out, "{}", result.json)?;
+    out.flush()?;
+    if let Command::Hog { hold, .. } = cmd {
+        commands::hold(std::hint::black_box(held), *hold);
+    }
+    Ok(result.ok)
+}

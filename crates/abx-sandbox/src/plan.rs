@@ -1,0 +1,194 @@
+//! The ordered setup a new sandbox performs inside its namespaces, as data.
+//!
+//! [`build`] turns a [`SpawnSpec`] into a list of [`Step`]s; [`crate::child`] executes
+//! them one by one and reports the first failure with the step's description. Keeping
+//! the plan as data makes the order reviewable (docs/sandbox-setup.md) and testable
+//! without privileges.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::spec::{SandboxDirs, SpawnSpec};
+
+/// Mount flags used by the plan (a subset of MS_*).
+pub mod flags {
+    pub const RDONLY: u64 = libc::MS_RDONLY;
+    pub const NOSUID: u64 = libc::MS_NOSUID;
+    pub const NODEV: u64 = libc::MS_NODEV;
+    pub const NOEXEC: u64 = libc::MS_NOEXEC;
+}
+
+/// One setup operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Attach the idmapped tree received as descriptor number `index` at `target`.
+    AttachTree { index: usize, target: PathBuf },
+    /// Mount the overlay root filesystem. Paths are relative to `cwd`, keeping the
+    /// option string short.
+    Overlay { cwd: PathBuf, lower: Vec<String>, upper: String, work: String, target: PathBuf, volatile: bool },
+    /// Create a directory (and parents) if missing.
+    Mkdir { path: PathBuf },
+    /// Create an empty file if missing (a bind-mount target).
+    Touch { path: PathBuf },
+    /// Mount a fresh filesystem instance.
+    Mount { fstype: &'static str, target: PathBuf, flags: u64, data: String },
+    /// Bind `source` onto `target`.
+    Bind { source: PathBuf, target: PathBuf },
+    /// Make an existing mount read-only, keeping the flags in `keep` (a user namespace may
+    /// not clear the locked flags of a mount it did not create).
+    RemountReadOnly { target: PathBuf, keep: u64 },
+    /// Hide a file by binding /dev/null over it, when it exists.
+    MaskFile { path: PathBuf, null: PathBuf },
+    /// Hide a directory under an empty read-only tmpfs, when it exists.
+    MaskDir { path: PathBuf },
+    /// Bind a path onto itself read-only, when it exists.
+    ReadOnly { path: PathBuf },
+    Symlink { target: &'static str, link: PathBuf },
+    /// pivot_root into `root` and detach the old root.
+    PivotRoot { root: PathBuf },
+    SetHostname { name: String },
+    LoopbackUp,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::AttachTree { index, target } => write!(f, "attach idmapped tree {index} at {}", target.display()),
+            Step::Overlay { target, .. } => write!(f, "mount overlay root at {}", target.display()),
+            Step::Mkdir { path } => write!(f, "create directory {}", path.display()),
+            Step::Touch { path } => write!(f, "create file {}", path.display()),
+            Step::Mount { fstype, target, .. } => write!(f, "mount {fstype} at {}", target.display()),
+            Step::Bind { source, target } => write!(f, "bind {} to {}", source.display(), target.display()),
+            Step::RemountReadOnly { target, .. } => write!(f, "remount {} read-only", target.display()),
+            Step::MaskFile { path, .. } => write!(f, "mask file {}", path.display()),
+            Step::MaskDir { path } => write!(f, "mask directory {}", path.display()),
+            Step::ReadOnly { path } => write!(f, "make {} read-only", path.display()),
+            Step::Symlink { target, link } => write!(f, "symlink {} -> {target}", link.display()),
+            Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
+            Step::SetHostname { name } => write!(f, "set hostname {name}"),
+            Step::LoopbackUp => write!(f, "bring up loopback"),
+        }
+    }
+}
+
+/// Host device nodes bound into the sandbox's /dev.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// /proc files hidden behind /dev/null.
+pub const MASKED_FILES: [&str; 5] = ["proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats"];
+/// Directories hidden under an empty read-only tmpfs.
+pub const MASKED_DIRS: [&str; 4] = ["proc/acpi", "proc/scsi", "sys/firmware", "sys/devices/virtual/powercap"];
+/// /proc paths made read-only.
+pub const READ_ONLY: [&str; 5] = ["proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"];
+
+/// Builds the setup plan for `spec`. Descriptor `i < layers` is layer `i`'s idmapped tree;
+/// descriptor `layers` is the data tree.
+pub fn build(spec: &SpawnSpec) -> Vec<Step> {
+    use flags::*;
+    let dirs = SandboxDirs::new(spec.dir.clone());
+    let root = dirs.rootfs();
+    let r = |p: &str| root.join(p);
+    let mut steps = Vec::new();
+    for i in 0..spec.layers.len() {
+        steps.push(Step::AttachTree { index: i, target: dirs.lower_mount(i) });
+    }
+    steps.push(Step::AttachTree { index: spec.layers.len(), target: dirs.data_mount() });
+    steps.push(Step::Overlay {
+        cwd: dirs.root.clone(),
+        lower: (0..spec.layers.len()).rev().map(|i| format!("lower/{i}")).collect(),
+        upper: "dm/upper".into(),
+        work: "dm/work".into(),
+        target: root.clone(),
+        volatile: spec.volatile,
+    });
+    for d in ["proc", "sys", "dev", "tmp"] {
+        steps.push(Step::Mkdir { path: r(d) });
+    }
+    steps.push(Step::Mount { fstype: "proc", target: r("proc"), flags: NOSUID | NODEV | NOEXEC, data: String::new() });
+    steps.push(Step::Mount { fstype: "sysfs", target: r("sys"), flags: RDONLY | NOSUID | NODEV | NOEXEC, data: String::new() });
+    steps.push(Step::Mount { fstype: "tmpfs", target: r("dev"), flags: NOSUID | NOEXEC, data: "mode=755,size=65536k".into() });
+    for dev in DEVICES {
+        steps.push(Step::Touch { path: r("dev").join(dev) });
+        steps.push(Step::Bind { source: PathBuf::from("/dev").join(dev), target: r("dev").join(dev) });
+    }
+    steps.push(Step::Mkdir { path: r("dev/pts") });
+    steps.push(Step::Mount {
+        fstype: "devpts",
+        target: r("dev/pts"),
+        flags: NOSUID | NOEXEC,
+        data: "newinstance,ptmxmode=0666,mode=0620,gid=5".into(),
+    });
+    steps.push(Step::Symlink { target: "pts/ptmx", link: r("dev/ptmx") });
+    steps.push(Step::Mkdir { path: r("dev/shm") });
+    steps.push(Step::Mount { fstype: "tmpfs", target: r("dev/shm"), flags: NOSUID | NODEV, data: "mode=1777,size=65536k".into() });
+    for (link, target) in
+        [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
+    {
+        steps.push(Step::Symlink { target, link: r("dev").join(link) });
+    }
+    for f in MASKED_FILES {
+        steps.push(Step::MaskFile { path: r(f), null: r("dev/null") });
+    }
+    for d in MASKED_DIRS {
+        steps.push(Step::MaskDir { path: r(d) });
+    }
+    for p in READ_ONLY {
+        steps.push(Step::ReadOnly { path: r(p) });
+    }
+    steps.push(Step::PivotRoot { root });
+    steps.push(Step::SetHostname { name: spec.hostname.clone() });
+    steps.push(Step::LoopbackUp);
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SpawnSpec {
+        SpawnSpec {
+            id: "abx-test".into(),
+            dir: "/s/abx-test".into(),
+            layers: vec!["/l/a".into(), "/l/b".into()],
+            uid_base: 100000,
+            uid_count: 65536,
+            hostname: "h".into(),
+            cgroup_procs: vec![],
+            seccomp: vec![],
+            capabilities: vec![],
+            nofile: 1024,
+            volatile: true,
+        }
+    }
+
+    #[test]
+    fn overlay_lists_top_layer_first_and_data_tree_last() {
+        let steps = build(&spec());
+        assert_eq!(steps[2], Step::AttachTree { index: 2, target: "/s/abx-test/dm".into() });
+        let Step::Overlay { lower, .. } = &steps[3] else { panic!("overlay must follow the attachments") };
+        assert_eq!(lower, &["lower/1", "lower/0"]);
+    }
+
+    #[test]
+    fn proc_is_masked_before_pivot_and_pivot_precedes_hostname() {
+        let steps = build(&spec());
+        let pos = |want: &dyn Fn(&Step) -> bool| steps.iter().position(|s| want(s)).unwrap();
+        let pivot = pos(&|s| matches!(s, Step::PivotRoot { .. }));
+        let proc = pos(&|s| matches!(s, Step::Mount { fstype: "proc", .. }));
+        let kcore = pos(&|s| matches!(s, Step::MaskFile { path, .. } if path.ends_with("proc/kcore")));
+        let sys_ro = pos(&|s| matches!(s, Step::ReadOnly { path } if path.ends_with("proc/sys")));
+        let host = pos(&|s| matches!(s, Step::SetHostname { .. }));
+        assert!(proc < kcore && kcore < pivot && sys_ro < pivot && pivot < host);
+        assert!(matches!(steps.last(), Some(Step::LoopbackUp)));
+    }
+
+    #[test]
+    fn every_device_is_bound_from_the_host() {
+        let steps = build(&spec());
+        for dev in DEVICES {
+            assert!(steps.contains(&Step::Bind {
+                source: PathBuf::from("/dev").join(dev),
+                target: PathBuf::from("/s/abx-test/rootfs/dev").join(dev)
+            }));
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The daemon's request to the spawner and its reply.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the spawner needs to create one sandbox. The daemon prepares the sandbox
+/// directory `dir` beforehand (see [`SandboxDirs`]) and the cgroups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnSpec {
+    pub id: String,
+    /// The sandbox's state directory on the host.
+    pub dir: PathBuf,
+    /// Template layer directories, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// First host uid/gid of the sandbox's range; root inside maps to it.
+    pub uid_base: u32,
+    /// Size of the range (65536 gives the usual 0..65535 inside).
+    pub uid_count: u32,
+    pub hostname: String,
+    /// Files the child's pid is written to before it continues (cgroup placement).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Compiled seccomp programs in load order (raw `sock_filter` bytes).
+    #[serde(with = "b64_vecs")]
+    pub seccomp: Vec<Vec<u8>>,
+    /// Capabilities kept (numbers), everything else is dropped.
+    pub capabilities: Vec<u32>,
+    /// RLIMIT_NOFILE for the sandbox (clamped to the host's hard limit).
+    pub nofile: u64,
+    /// Mount the overlay with `volatile` (no sync to disk; for disposable sandboxes).
+    pub volatile: bool,
+}
+
+/// The layout of a sandbox directory, shared by the daemon (which creates it) and the
+/// setup plan (which mounts inside it).
+#[derive(Debug, Clone)]
+pub struct SandboxDirs {
+    pub root: PathBuf,
+}
+
+impl SandboxDirs {
+    pub fn new(root: PathBuf) -> Self {
+        SandboxDirs { root }
+    }
+    /// Persistent sandbox data: `upper/` and `work/` of the overlay, on-disk uids unshifted.
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.data().join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.data().join("work")
+    }
+    /// Where the idmapped data tree is attached inside the sandbox's mount namespace.
+    pub fn data_mount(&self) -> PathBuf {
+        self.root.join("dm")
+    }
+    /// Where idmapped layer `i` is attached inside the sandbox's mount namespace.
+    pub fn lower_mount(&self, i: usize) -> PathBuf {
+        self.root.join("lower").join(i.to_string())
+    }
+    /// The overlay mount point (the sandbox's future `/`).
+    pub fn rootfs(&self) -> PathBuf {
+        self.root.join("rootfs")
+    }
+    /// The agent's listening socket.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
+    /// Creates every directory the setup needs for `layers` lower layers. The sandbox
+    /// directory belongs to the sandbox's root (`owner`, mode 0700) so that its setup,
+    /// which runs as that user, can reach the mount points and no other host user can;
+    /// `data/` stays root's (mode 0700) and is reached only through its idmapped mount.
+    pub fn create(&self, layers: usize, owner: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true).mode(0o700);
+        b.create(&self.root)?;
+        std::os::unix::fs::chown(&self.root, Some(owner), Some(owner))?;
+        b.create(self.data())?;
+        b.mode(0o755);
+        for p in [self.upper(), self.work(), self.data_mount(), self.rootfs()] {
+            b.create(p)?;
+        }
+        for i in 0..layers {
+            b.create(self.lower_mount(i))?;
+        }
+        Ok(())
+    }
+}
+
+/// The spawner's answer (sent with the child's pidfd on success).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpawnReply {
+    Spawned { pid: i32 },
+    Failed { message: String },
+    Hello { version: String, pid: u32, children: usize },
+}
+
+/// Messages from the daemon to the spawner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum SpawnerRequest {
+    /// Sent with two descriptors: the agent's listening socket and the write end of the
+    /// status pipe (closed on successful exec, carries an error message otherwise).
+    Spawn { spec: Box<SpawnSpec> },
+    Hello,
+    /// Stop accepting work; exit once no sandbox is left.
+    Retire,
+}
+
+mod b64_vecs {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for p in v {
+            seq.serialize_element(&base64::engine::general_purpose::STANDARD.encode(p))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}

@@ -1,0 +1,103 @@
+//! The crate's error type. Every variant names the template, path or program involved.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong in the layer store or a template build.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A template name outside `[a-z0-9][a-z0-9._-]{0,62}`.
+    #[error("invalid template name '{name}': {reason}")]
+    InvalidName { name: String, reason: &'static str },
+
+    /// No template of that name in this store.
+    #[error("template '{name}' not found")]
+    NotFound { name: String },
+
+    /// A layer digest that is not `sha256-` followed by 64 lowercase hex digits.
+    #[error("invalid layer digest '{digest}'")]
+    InvalidDigest { digest: String },
+
+    /// A filesystem operation failed; `op` says which, e.g. "create directory".
+    #[error("could not {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A template metadata file that does not parse.
+    #[error("template metadata {} is invalid", path.display())]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The metadata file of template `name` names itself differently or holds a bad digest.
+    #[error("template metadata {} is inconsistent: {reason}", path.display())]
+    Inconsistent { path: PathBuf, reason: String },
+
+    /// A `base` recipe value that is not a valid mirror URL, suite or package name.
+    #[error("invalid {field} '{value}' in recipe")]
+    InvalidRecipe { field: &'static str, value: String },
+
+    /// `Recipe::Dir` source that does not exist.
+    #[error("cannot import {}: no such directory", path.display())]
+    SourceMissing { path: PathBuf },
+
+    /// `Recipe::Dir` source that exists but is not a directory.
+    #[error("cannot import {}: not a directory", path.display())]
+    SourceNotDir { path: PathBuf },
+
+    /// `/proc`, `/sys`, `/dev` or `/tmp` exists in a layer but is not a directory.
+    #[error("{} must be a directory (it is a mount point)", path.display())]
+    MountPointNotDir { path: PathBuf },
+
+    /// The `base` recipe needs debootstrap on the host.
+    #[error("debootstrap is not installed (apt-get install debootstrap)")]
+    DebootstrapMissing,
+
+    /// The `mini` recipe needs Debian's static busybox on the host.
+    #[error("{} not found (apt-get install busybox-static)", path.display())]
+    BusyboxMissing { path: PathBuf },
+
+    /// `/bin/busybox` is the dynamically linked one, which cannot run inside the mini rootfs.
+    #[error("{} is not statically linked (apt-get install busybox-static)", path.display())]
+    BusyboxNotStatic { path: PathBuf },
+
+    /// A helper program could not be started.
+    #[error("could not run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A helper program exited unsuccessfully; `output` is the end of what it printed.
+    #[error("{program} failed ({status}): {output}")]
+    Command { program: String, status: ExitStatus, output: String },
+}
+
+/// Attaches the operation and path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    /// Maps the error into [`Error::Io`] naming `op` and `path`.
+    fn at(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io { op, path: path.to_path_buf(), source })
+    }
+}
+
+impl<T> IoContext<T> for rustix::io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::Io { op, path: path.to_path_buf(), source: e.into() })
+    }
+}

@@ -1,0 +1,378 @@
+//! Operations on rootfs trees: importing (hardlink or copy), clamping mtimes, creating the
+//! mount-point directories every layer needs, and removing a tree safely.
+//!
+//! Every walk visits the children of a directory sorted by their name bytes, so the order (and
+//! thus anything derived from it) does not depend on the filesystem.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, Metadata};
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The directories every layer must contain (mount points of the sandbox runtime), with the
+/// mode they get when this crate creates them.
+pub const MOUNT_POINTS: [(&str, u32); 4] = [("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777)];
+
+/// The names in `dir`, sorted by their bytes.
+pub fn sorted_children(dir: &Path) -> Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).at("read directory", dir)? {
+        names.push(entry.at("read directory", dir)?.file_name());
+    }
+    names.sort_unstable_by(|a, b| a.as_encoded_bytes().cmp(b.as_encoded_bytes()));
+    Ok(names)
+}
+
+/// Sets access and modification time of `path` without following a symlink.
+pub fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> Result<()> {
+    let spec = |(tv_sec, tv_nsec): (i64, i64)| Timespec { tv_sec, tv_nsec: tv_nsec as _ };
+    let times = Timestamps { last_access: spec(atime), last_modification: spec(mtime) };
+    rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).at("set times of", path)
+}
+
+/// Gives `path` the owner, mode and times of `meta` (chown before chmod: chown clears setuid).
+fn apply_metadata(path: &Path, meta: &Metadata) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid())).at("change owner of", path)?;
+    if !meta.file_type().is_symlink() {
+        let mode = fs::Permissions::from_mode(meta.mode() & 0o7777);
+        fs::set_permissions(path, mode).at("change mode of", path)?;
+    }
+    set_times(path, (meta.atime(), meta.atime_nsec()), (meta.mtime(), meta.mtime_nsec()))
+}
+
+/// Sets every mtime (and atime) in the tree that is later than `epoch` to `epoch`, and every
+/// atime to the entry's (clamped) mtime. Children first, so directory times stick.
+pub fn clamp_mtimes(path: &Path, epoch: i64) -> Result<()> {
+    let meta = fs::symlink_metadata(path).at("inspect", path)?;
+    if meta.is_dir() {
+        for name in sorted_children(path)? {
+            clamp_mtimes(&path.join(name), epoch)?;
+        }
+    }
+    let mtime = if meta.mtime() >= epoch { (epoch, 0) } else { (meta.mtime(), meta.mtime_nsec()) };
+    set_times(path, mtime, mtime)
+}
+
+/// Creates the [`MOUNT_POINTS`] under `root` (owned by root) where missing.
+pub fn ensure_mount_points(root: &Path) -> Result<()> {
+    for (name, mode) in MOUNT_POINTS {
+        let path = root.join(name);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(Error::MountPointNotDir { path }),
+            Err(e) if e.kind() == ErrorKind::NotFound => make_dir(&path, mode, 0, 0)?,
+            Err(e) => return Err(e).at("inspect", &path),
+        }
+    }
+    Ok(())
+}
+
+/// Creates one directory with an exact mode and owner.
+pub fn make_dir(path: &Path, mode: u32, uid: u32, gid: u32) -> Result<()> {
+    fs::create_dir(path).at("create directory", path)?;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).at("change owner of", path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).at("change mode of", path)
+}
+
+/// Copies a tree, hardlinking regular files when `link` is set (falling back to copying for
+/// the rest of the tree when source and destination are on different filesystems, and for
+/// single files the kernel refuses to link). Ownership, modes, times, symlinks and fifos are
+/// preserved; device nodes and sockets are skipped. Hardlinks inside a copied tree stay links.
+pub struct Importer {
+    link: bool,
+    copied: HashMap<(u64, u64), PathBuf>,
+    skipped: u64,
+}
+
+impl Importer {
+    /// An importer that hardlinks (`link`) or copies.
+    pub fn new(link: bool) -> Importer {
+        Importer { link, copied: HashMap::new(), skipped: 0 }
+    }
+
+    /// Number of device nodes and sockets left out so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Whether files are still being hardlinked (false after a cross-filesystem fallback).
+    pub fn linking(&self) -> bool {
+        self.link
+    }
+
+    /// Recreates the tree at `src` (a directory) as `dst`, which must not exist.
+    pub fn import(&mut self, src: &Path, dst: &Path) -> Result<()> {
+        let meta = fs::symlink_metadata(src).at("inspect", src)?;
+        self.dir(src, dst, &meta)
+    }
+
+    fn entry(&mut self, src: &Path, dst: &Path) -> Result<()> {
+        let meta = fs::symlink_metadata(src).at("inspect", src)?;
+        let kind = FileType::from_raw_mode(meta.mode());
+        match kind {
+            FileType::Directory => self.dir(src, dst, &meta),
+            FileType::RegularFile => self.file(src, dst, &meta),
+            FileType::Symlink => symlink(src, dst, &meta),
+            FileType::Fifo => fifo(dst, &meta),
+            _ => {
+                self.skipped += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn dir(&mut self, src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
+        fs::create_dir(dst).at("create directory", dst)?;
+        for name in sorted_children(src)? {
+            self.entry(&src.join(&name), &dst.join(&name))?;
+        }
+        apply_metadata(dst, meta)
+    }
+
+    fn file(&mut self, src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
+        if self.link {
+            match fs::hard_link(src, dst) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::CrossesDevices => self.link = false,
+                Err(_) => {} // EMLINK, EPERM...: copy this one file
+            }
+        }
+        if meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.copied.get(&key) {
+                return fs::hard_link(first, dst).at("link", dst);
+            }
+            self.copied.insert(key, dst.to_path_buf());
+        }
+        fs::copy(src, dst).at("copy", src)?;
+        apply_metadata(dst, meta)
+    }
+}
+
+fn symlink(src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
+    let target = fs::read_link(src).at("read symlink", src)?;
+    std::os::unix::fs::symlink(&target, dst).at("create symlink", dst)?;
+    apply_metadata(dst, meta)
+}
+
+fn fifo(dst: &Path, meta: &Metadata) -> Result<()> {
+    let mode = Mode::from_raw_mode(meta.mode() & 0o7777);
+    rustix::fs::mknodat(CWD, dst, FileType::Fifo, mode, 0).at("create fifo", dst)?;
+    apply_metadata(dst, meta)
+}
+
+/// Removes a tree. Anything mounted inside it (debootstrap mounts /proc and /sys in its
+/// target, and may bind-mount /dev) is detached first, so the removal never reaches into a
+/// mounted filesystem. A missing tree is not an error.
+/// Anything but a directory (a symlink included, which is never followed) is just unlinked.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return fs::remove_file(path).at("remove", path),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).at("inspect", path),
+    }
+    // A directory, not a symlink: resolving the path only resolves its ancestors, and the
+    // result matches how mountinfo spells mount points.
+    let path = fs::canonicalize(path).at("resolve", path)?;
+    for mount in mounts_under(&path)? {
+        rustix::mount::unmount(&mount, rustix::mount::UnmountFlags::DETACH).at("unmount", &mount)?;
+    }
+    match fs::remove_dir_all(&path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e).at("remove", &path),
+        _ => Ok(()),
+    }
+}
+
+/// Mount points at or below `path`, deepest first.
+fn mounts_under(path: &Path) -> Result<Vec<PathBuf>> {
+    let table = Path::new("/proc/self/mountinfo");
+    let text = fs::read(table).at("read", table)?;
+    let mut found: Vec<PathBuf> = text
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| PathBuf::from(OsString::from_vec(unescape_mountinfo(field))))
+        .filter(|mount| mount.starts_with(path))
+        .collect();
+    found.sort_by_key(|mount| std::cmp::Reverse(mount.as_os_str().len()));
+    Ok(found)
+}
+
+/// Decodes the `\ooo` octal escapes the kernel uses for spaces and the like in mountinfo.
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal =
+            field.get(i + 1..i + 4).filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A directory being built: removed (with [`remove_tree`]) when dropped, unless it was moved
+/// into place with [`Scratch::publish`]. A failed build therefore leaves nothing behind.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// Guards `path` (which need not exist yet).
+    pub fn new(path: PathBuf) -> Scratch {
+        Scratch { path }
+    }
+
+    /// The guarded path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the tree to `target`. If `target` already exists (another build published the
+    /// same content first), the scratch tree is removed instead. Returns whether it was moved.
+    pub fn publish(self, target: &Path) -> Result<bool> {
+        match fs::rename(&self.path, target) {
+            Ok(()) => {
+                std::mem::forget(self);
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty) => Ok(false),
+            Err(e) => Err(e).at("move into place", target),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(br"/a\040b\134c"), b"/a b\\c");
+        assert_eq!(unescape_mountinfo(br"/x\04"), br"/x\04");
+    }
+
+    #[test]
+    fn scratch_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let scratch = Scratch::new(path.clone());
+            fs::create_dir_all(scratch.path().join("a/b")).unwrap();
+            fs::write(scratch.path().join("a/b/f"), "x").unwrap();
+        }
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn remove_tree_does_not_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), "").unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        remove_tree(&tree.join("link")).unwrap();
+        remove_tree(&tree).unwrap();
+        assert!(outside.join("keep").exists());
+        assert!(!tree.exists());
+        remove_tree(&tree).unwrap();
+    }
+
+    #[test]
+    fn scratch_publish_onto_existing_keeps_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("t");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("old"), "1").unwrap();
+        let scratch = Scratch::new(dir.path().join("s"));
+        fs::create_dir(scratch.path()).unwrap();
+        fs::write(scratch.path().join("new"), "2").unwrap();
+        assert!(!scratch.publish(&target).unwrap());
+        assert!(target.join("old").exists());
+        assert!(!dir.path().join("s").exists());
+    }
+
+    #[test]
+    fn mount_points_created_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("proc")).unwrap();
+        ensure_mount_points(dir.path()).unwrap();
+        for (name, _) in MOUNT_POINTS {
+            assert!(dir.path().join(name).is_dir());
+        }
+        let tmp_mode = fs::metadata(dir.path().join("tmp")).unwrap().mode() & 0o7777;
+        assert_eq!(tmp_mode, 0o1777);
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("dev"), "").unwrap();
+        assert!(matches!(ensure_mount_points(other.path()), Err(Error::MountPointNotDir { .. })));
+    }
+
+    #[test]
+    fn copy_import_preserves_metadata_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), "hello").unwrap();
+        fs::set_permissions(src.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::hard_link(src.join("f"), src.join("g")).unwrap();
+        std::os::unix::fs::symlink("f", src.join("l")).unwrap();
+        set_times(&src.join("f"), (1000, 0), (1000, 5)).unwrap();
+        let dst = dir.path().join("dst");
+        Importer::new(false).import(&src, &dst).unwrap();
+        let f = fs::symlink_metadata(dst.join("f")).unwrap();
+        let g = fs::symlink_metadata(dst.join("g")).unwrap();
+        assert_eq!((f.mode() & 0o7777, f.mtime(), f.mtime_nsec()), (0o640, 1000, 5));
+        assert_eq!(f.ino(), g.ino());
+        assert_ne!(f.ino(), fs::metadata(src.join("f")).unwrap().ino());
+        assert_eq!(fs::read_link(dst.join("l")).unwrap(), Path::new("f"));
+    }
+
+    #[test]
+    fn link_import_shares_inodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("d/f"), "x").unwrap();
+        let dst = dir.path().join("dst");
+        let mut importer = Importer::new(true);
+        importer.import(&src, &dst).unwrap();
+        assert!(importer.linking());
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&src.join("d/f")), ino(&dst.join("d/f")));
+    }
+
+    #[test]
+    fn clamp_only_lowers() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("old"), "").unwrap();
+        fs::write(dir.path().join("new"), "").unwrap();
+        set_times(&dir.path().join("old"), (5, 0), (5, 0)).unwrap();
+        clamp_mtimes(dir.path(), 100).unwrap();
+        let mtime = |n: &str| fs::symlink_metadata(dir.path().join(n)).unwrap().mtime();
+        assert_eq!((mtime("old"), mtime("new")), (5, 100));
+        assert_eq!(fs::metadata(dir.path()).unwrap().mtime(), 100);
+    }
+}

@@ -1,0 +1,131 @@
+//! `agentbox daemon`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tracing::info;
+
+use abx_daemon::{Config, Core, Listen, Manager};
+
+use super::parse;
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// State root (sandboxes, layers, templates, database).
+    #[arg(long, default_value = "/var/lib/agentbox")]
+    root: PathBuf,
+    /// API address, unix:PATH or tcp:ADDR:PORT (repeatable).
+    #[arg(long)]
+    listen: Vec<Listen>,
+    /// Prefix of every host object this daemon creates (must start with "abx").
+    #[arg(long, default_value = "abx")]
+    prefix: String,
+    /// First host uid given to sandboxes.
+    #[arg(long, default_value_t = 1 << 27)]
+    uid_start: u32,
+    /// Number of 65536-uid ranges after --uid-start (the maximum number of sandboxes).
+    #[arg(long, default_value_t = 4096)]
+    uid_slots: u32,
+    /// Guest agent binary (default: agentbox-agent next to this binary, or
+    /// /usr/local/lib/agentbox/agentbox-agent).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Machine-wide template build cache.
+    #[arg(long, default_value = "/var/cache/agentbox")]
+    cache: PathBuf,
+    /// Seccomp policy file (default: the embedded policy).
+    #[arg(long)]
+    seccomp_policy: Option<PathBuf>,
+    /// Timeout of sandboxes that do not ask for one (0: none).
+    #[arg(long, default_value = "1h", value_parser = parse::duration)]
+    default_timeout: u64,
+    /// Log filter (error, warn, info, debug, or tracing directives).
+    #[arg(long, default_value = "info", env = "AGENTBOX_LOG")]
+    log: String,
+}
+
+fn find_agent(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    [dir.join("agentbox-agent"), PathBuf::from("/usr/local/lib/agentbox/agentbox-agent")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+fn config(a: DaemonArgs) -> anyhow::Result<Config> {
+    let exe = std::env::current_exe().context("find the agentbox binary")?;
+    let agent = match a.agent {
+        Some(p) => p,
+        None => find_agent(&exe).context(
+            "guest agent binary not found next to agentbox or in /usr/local/lib/agentbox; build it \
+             (cargo build --release --target x86_64-unknown-linux-musl -p abx-agent) or pass --agent",
+        )?,
+    };
+    if !agent.is_file() {
+        bail!("guest agent {} does not exist", agent.display());
+    }
+    let mut cfg = Config::new(a.root, exe, agent);
+    if !a.listen.is_empty() {
+        cfg.listen = a.listen;
+    }
+    cfg.prefix = a.prefix;
+    cfg.uid_start = a.uid_start;
+    cfg.uid_slots = a.uid_slots;
+    cfg.cache_dir = a.cache;
+    cfg.seccomp_policy = a.seccomp_policy;
+    cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).with_context(|| format!("invalid --log '{}'", a.log))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if !rustix::process::geteuid().is_root() {
+        bail!("the daemon must run as root (it creates namespaces, cgroups and mounts)");
+    }
+    let cfg = config(a)?;
+    std::fs::create_dir_all(&cfg.root).with_context(|| format!("create state root {}", cfg.root.display()))?;
+    let lock = lock_root(&cfg.root)?;
+    let listen = cfg.listen.clone();
+    let manager = tokio::task::spawn_blocking(move || {
+        let m = Manager::open(cfg)?;
+        m.reconcile()?;
+        Ok::<_, String>(m)
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    // reconcile() re-adopts sandboxes; their watcher tasks need the runtime, which is here.
+    info!(sandboxes = manager.count(), "daemon ready");
+    let core = Core::new(manager.clone());
+    abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;
+    info!("shutting down; sandboxes keep running");
+    tokio::task::spawn_blocking(move || manager.shutdown()).await?;
+    drop(lock);
+    Ok(0)
+}
+
+/// One daemon per state root.
+fn lock_root(root: &Path) -> anyhow::Result<std::fs::File> {
+    let path = root.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .with_context(|| format!("another daemon already uses the state root {}", root.display()))?;
+    Ok(f)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

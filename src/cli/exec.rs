@@ -1,0 +1,270 @@
+//! `run`, `create`, `exec`, `shell`.
+
+use std::io::Write;
+
+use abx_client::{Client, CreateSandbox, ExecRequest, InteractiveEvent, Limits, OutputEvent, TtySize};
+use anyhow::Context;
+use clap::Args;
+
+use super::{CreateArgs, parse, template};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Name the sandbox.
+    #[arg(long)]
+    name: Option<String>,
+    /// Keep stdin open.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep the sandbox after the command ends (prints its id on stderr).
+    #[arg(long)]
+    keep: bool,
+    /// Command and arguments.
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateOnlyArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Name the sandbox.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Sandbox id or name.
+    id: String,
+    /// Keep stdin open.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Environment variable (repeatable).
+    #[arg(long, short = 'e', value_parser = parse::key_value)]
+    env: Vec<(String, String)>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// User (name, uid or uid:gid).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Kill the command after this long (e.g. 30s).
+    #[arg(long, value_parser = parse::duration)]
+    timeout: Option<u64>,
+    /// Start in the background and print the pid.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Command and arguments.
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Sandbox id or name.
+    id: String,
+    /// User (name, uid or uid:gid).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+}
+
+fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
+    CreateSandbox {
+        template: Some(a.template.clone()),
+        name,
+        limits: Limits { memory_bytes: a.memory, cpus: a.cpus, pids: a.pids, open_files: a.nofile },
+        timeout_secs: a.timeout,
+        env: a.env.iter().cloned().collect(),
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        metadata: a.label.iter().cloned().collect(),
+    }
+}
+
+/// Creates a sandbox; an embedded template that is not built yet is built first, with
+/// progress shown.
+async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<abx_client::Sandbox> {
+    match client.create_sandbox(req).await {
+        Err(e) if e.code() == Some("not_found") && e.to_string().starts_with("template") => {
+            let name = req.template.clone().unwrap_or_else(|| "base".into());
+            if !matches!(name.as_str(), "base" | "mini") {
+                return Err(anyhow::Error::new(e).context(format!("build it first: agentbox template build {name}")));
+            }
+            eprintln!("template '{name}' is not built yet; building it now (once)");
+            template::build(client, &name, None).await?;
+            Ok(client.create_sandbox(req).await?)
+        }
+        r => Ok(r?),
+    }
+}
+
+pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
+    let sb = create_sandbox(client, &create_request(&a.create, a.name)).await?;
+    println!("{}", sb.id);
+    Ok(0)
+}
+
+pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
+    let sb = create_sandbox(client, &create_request(&a.create, a.name.clone())).await?;
+    if a.keep {
+        eprintln!("{}", sb.id);
+    }
+    let req = ExecRequest { cmd: a.cmd.clone(), ..Default::default() };
+    let result = tokio::select! {
+        r = exec_request(client, &sb.id, req, a.interactive, a.tty) => r,
+        _ = tokio::signal::ctrl_c() => Ok(130),
+    };
+    if !a.keep {
+        client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
+    }
+    result
+}
+
+pub async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<i32> {
+    let req = ExecRequest {
+        cmd: a.cmd,
+        env: a.env.into_iter().collect(),
+        cwd: a.workdir,
+        user: a.user,
+        timeout_secs: a.timeout.map(|t| t as f64),
+        ..Default::default()
+    };
+    if a.detach {
+        let pid = client.exec_background(&a.id, &req).await?;
+        println!("{pid}");
+        return Ok(0);
+    }
+    exec_request(client, &a.id, req, a.interactive, a.tty).await
+}
+
+pub async fn shell(client: &Client, a: ShellArgs) -> anyhow::Result<i32> {
+    let script = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi";
+    let req = ExecRequest { cmd: vec!["/bin/sh".into(), "-c".into(), script.into()], user: a.user, ..Default::default() };
+    exec_request(client, &a.id, req, true, true).await
+}
+
+/// Runs `req` in sandbox `id`, streaming output; returns the command's exit code
+/// (127 when it does not exist, 126 when it cannot be executed).
+async fn exec_request(client: &Client, id: &str, mut req: ExecRequest, interactive: bool, tty: bool) -> anyhow::Result<i32> {
+    let result = if interactive || tty {
+        if tty {
+            req.tty = Some(terminal_size());
+        }
+        interactive_exec(client, id, req, tty).await
+    } else {
+        streamed_exec(client, id, req).await
+    };
+    match result {
+        Err(e) => match e.downcast_ref::<abx_client::Error>().and_then(|c| c.code()) {
+            Some("command_not_found") => {
+                eprintln!("agentbox: {e}");
+                Ok(127)
+            }
+            Some("permission_denied") => {
+                eprintln!("agentbox: {e}");
+                Ok(126)
+            }
+            _ => Err(e),
+        },
+        ok => ok,
+    }
+}
+
+async fn streamed_exec(client: &Client, id: &str, req: ExecRequest) -> anyhow::Result<i32> {
+    let mut stream = client.exec(id, &req).await?;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    while let Some(ev) = stream.next().await? {
+        match ev {
+            OutputEvent::Started(_) => {}
+            OutputEvent::Stdout(d) => {
+                stdout.write_all(&d)?;
+                stdout.flush()?;
+            }
+            OutputEvent::Stderr(d) => {
+                stderr.write_all(&d)?;
+                stderr.flush()?;
+            }
+            OutputEvent::Exit(st) => return Ok(exit_code(&st)),
+        }
+    }
+    anyhow::bail!("the output stream ended before the command exited")
+}
+
+fn exit_code(st: &abx_client::ExitStatus) -> i32 {
+    if st.timed_out {
+        eprintln!("agentbox: command killed after its timeout");
+    }
+    st.shell_code()
+}
+
+fn terminal_size() -> TtySize {
+    match rustix::termios::tcgetwinsize(std::io::stdout()) {
+        Ok(ws) if ws.ws_row > 0 => TtySize { rows: ws.ws_row, cols: ws.ws_col },
+        _ => TtySize { rows: 24, cols: 80 },
+    }
+}
+
+/// Puts the local terminal in raw mode until dropped.
+struct RawMode(Option<rustix::termios::Termios>);
+
+impl RawMode {
+    fn enter(enable: bool) -> RawMode {
+        if !enable || !rustix::termios::isatty(std::io::stdin()) {
+            return RawMode(None);
+        }
+        let Ok(orig) = rustix::termios::tcgetattr(std::io::stdin()) else { return RawMode(None) };
+        let mut raw = orig.clone();
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Now, &raw);
+        RawMode(Some(orig))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = rustix::termios::tcsetattr(std::io::stdin(), rustix::termios::OptionalActions::Now, orig);
+        }
+    }
+}
+
+async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool) -> anyhow::Result<i32> {
+    use tokio::io::AsyncReadExt;
+    use tokio::signal::unix::{SignalKind, signal};
+    let session = client.exec_interactive(id, &req).await?;
+    let (mut writer, mut reader) = session.split();
+    let _raw = RawMode::enter(tty);
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut stdin_open = true;
+    let mut winch = signal(SignalKind::window_change()).ok();
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        tokio::select! {
+            ev = reader.next() => match ev? {
+                Some(InteractiveEvent::Stdout(d)) => { stdout.write_all(&d)?; stdout.flush()?; }
+                Some(InteractiveEvent::Stderr(d)) => { stderr.write_all(&d)?; stderr.flush()?; }
+                Some(InteractiveEvent::Exit(st)) => return Ok(exit_code(&st)),
+                None => anyhow::bail!("the connection ended before the command exited"),
+            },
+            n = stdin.read(&mut buf), if stdin_open => match n {
+                Ok(0) | Err(_) => { stdin_open = false; writer.close_stdin().await?; }
+                Ok(n) => writer.stdin(&buf[..n]).await?,
+            },
+            _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
+                if tty { writer.resize(terminal_size()).await?; }
+            }
+        }
+    }
+}

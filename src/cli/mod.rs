@@ -1,0 +1,160 @@
+//! Command-line definitions and dispatch. Each subcommand lives in its own module and
+//! returns the process exit code.
+
+mod cp;
+mod daemon;
+mod exec;
+mod manage;
+mod parse;
+pub mod spawner;
+mod template;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for failures of agentbox itself (as docker uses).
+pub const EXIT_ERROR: i32 = 125;
+
+#[derive(Debug, Parser)]
+#[command(name = "agentbox", version, about = "Isolated, disposable, instant Linux sandboxes for AI agents")]
+pub struct Cli {
+    /// Daemon address: unix:/path/to/socket or http://host:port.
+    #[arg(long, global = true, env = "AGENTBOX_HOST")]
+    pub host: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Daemon(daemon::DaemonArgs),
+    /// Create a sandbox, run a command in it, stream its output, destroy it.
+    Run(exec::RunArgs),
+    /// Create a sandbox and print its id.
+    Create(exec::CreateOnlyArgs),
+    /// Run a command in a sandbox.
+    Exec(exec::ExecArgs),
+    /// Open an interactive shell in a sandbox.
+    Shell(exec::ShellArgs),
+    /// List sandboxes.
+    #[command(alias = "ps-sandboxes")]
+    Ls(manage::LsArgs),
+    /// Show sandboxes as JSON.
+    Inspect(manage::InspectArgs),
+    /// Destroy sandboxes.
+    Rm(manage::RmArgs),
+    /// Copy files between the host and sandboxes (ID:/path on either side).
+    Cp(cp::CpArgs),
+    /// Show resource usage of a sandbox.
+    Stats(manage::IdArg),
+    /// Change a sandbox's timeout (e.g. 30m; 0 removes it).
+    Timeout(manage::TimeoutArgs),
+    /// List processes started in a sandbox.
+    Ps(manage::IdArg),
+    /// Send a signal to a process in a sandbox.
+    Kill(manage::KillArgs),
+    /// Manage templates.
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
+    /// Show facts about the daemon.
+    System,
+}
+
+/// Options shared by `run` and `create`.
+#[derive(Debug, Args, Clone)]
+pub struct CreateArgs {
+    /// Template to start from.
+    #[arg(long, short = 'T', default_value = "base")]
+    pub template: String,
+    /// Memory limit, e.g. 256M or 1G.
+    #[arg(long, short = 'm', value_parser = parse::size)]
+    pub memory: Option<u64>,
+    /// CPU limit in cores, e.g. 0.5.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Maximum open files per process.
+    #[arg(long)]
+    pub nofile: Option<u64>,
+    /// Destroy the sandbox after this long, e.g. 10m (0: never).
+    #[arg(long, value_parser = parse::duration)]
+    pub timeout: Option<u64>,
+    /// Environment variable for every process (repeatable).
+    #[arg(long, short = 'e', value_parser = parse::key_value)]
+    pub env: Vec<(String, String)>,
+    /// Default working directory.
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    /// Default user (name, uid or uid:gid).
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
+    /// Metadata label (repeatable).
+    #[arg(long, value_parser = parse::key_value)]
+    pub label: Vec<(String, String)>,
+}
+
+pub fn run(cli: Cli) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentbox: cannot start the async runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    let host = cli.host.clone();
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Daemon(a) => daemon::main(a).await,
+            Command::Run(a) => exec::run(&client(host)?, a).await,
+            Command::Create(a) => exec::create(&client(host)?, a).await,
+            Command::Exec(a) => exec::exec(&client(host)?, a).await,
+            Command::Shell(a) => exec::shell(&client(host)?, a).await,
+            Command::Ls(a) => manage::ls(&client(host)?, a).await,
+            Command::Inspect(a) => manage::inspect(&client(host)?, a).await,
+            Command::Rm(a) => manage::rm(&client(host)?, a).await,
+            Command::Cp(a) => cp::cp(&client(host)?, a).await,
+            Command::Stats(a) => manage::stats(&client(host)?, a).await,
+            Command::Timeout(a) => manage::timeout(&client(host)?, a).await,
+            Command::Ps(a) => manage::ps(&client(host)?, a).await,
+            Command::Kill(a) => manage::kill(&client(host)?, a).await,
+            Command::Template(c) => template::main(&client(host)?, c).await,
+            Command::System => manage::system(&client(host)?).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agentbox: {}", error_chain(&e));
+            EXIT_ERROR
+        }
+    }
+}
+
+fn client(host: Option<String>) -> anyhow::Result<abx_client::Client> {
+    let c = match host {
+        Some(h) => abx_client::Client::new(&h)?,
+        None => abx_client::Client::from_env()?,
+    };
+    Ok(match std::env::var("AGENTBOX_API_KEY") {
+        Ok(k) => c.with_api_key(k),
+        Err(_) => c,
+    })
+}
+
+/// "what failed: why: root cause", without repeating a cause already in the message.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
