@@ -16,6 +16,9 @@ pub struct CpArgs {
     src: String,
     /// Destination: a host path or ID:/path.
     dst: String,
+    /// Act as this user inside the sandbox (default: the sandbox's default user).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
 }
 
 enum Loc {
@@ -44,6 +47,14 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 pub async fn cp(client: &Client, a: CpArgs) -> anyhow::Result<i32> {
+    let scoped;
+    let client = match &a.user {
+        Some(u) => {
+            scoped = client.with_file_user(u.clone());
+            &scoped
+        }
+        None => client,
+    };
     match (parse_loc(&a.src), parse_loc(&a.dst)) {
         (Loc::Host(src), Loc::Sandbox { id, path }) => upload(client, &src, &id, &path).await?,
         (Loc::Sandbox { id, path }, Loc::Host(dst)) => download(client, &id, &path, &dst).await?,

@@ -100,6 +100,7 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
     let core = Core::new(manager.clone());
     abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;
     info!("shutting down; sandboxes keep running");
+    manager.wait_cleanups().await;
     tokio::task::spawn_blocking(move || manager.shutdown()).await?;
     drop(lock);
     Ok(0)

@@ -94,13 +94,8 @@ fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
 /// progress shown.
 async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<abx_client::Sandbox> {
     match client.create_sandbox(req).await {
-        Err(e) if e.code() == Some("not_found") && e.to_string().starts_with("template") => {
-            let name = req.template.clone().unwrap_or_else(|| "base".into());
-            if !matches!(name.as_str(), "base" | "mini") {
-                return Err(anyhow::Error::new(e).context(format!("build it first: agentbox template build {name}")));
-            }
-            eprintln!("template '{name}' is not built yet; building it now (once)");
-            template::build(client, &name, None).await?;
+        Err(e) if is_missing_template(&e) => {
+            build_missing_template(client, req).await?;
             Ok(client.create_sandbox(req).await?)
         }
         r => Ok(r?),
@@ -114,6 +109,9 @@ pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
 }
 
 pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
+    if !(a.interactive || a.tty || a.keep) {
+        return run_once(client, a).await;
+    }
     let sb = create_sandbox(client, &create_request(&a.create, a.name.clone())).await?;
     if a.keep {
         eprintln!("{}", sb.id);
@@ -127,6 +125,43 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
         client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
     }
     result
+}
+
+/// `run` without a terminal: one request that creates, runs and destroys.
+async fn run_once(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
+    let req = abx_client::RunRequest {
+        sandbox: create_request(&a.create, a.name.clone()),
+        exec: ExecRequest { cmd: a.cmd.clone(), ..Default::default() },
+    };
+    let result = match client.run_once(&req).await {
+        Err(e) if is_missing_template(&e) => {
+            build_missing_template(client, &req.sandbox).await?;
+            client.run_once(&req).await
+        }
+        r => r,
+    };
+    let stream = result.map_err(anyhow::Error::from);
+    match stream {
+        Ok(stream) => tokio::select! {
+            r = print_stream(stream) => r,
+            _ = tokio::signal::ctrl_c() => Ok(130),
+        },
+        Err(e) => exit_code_for(e),
+    }
+}
+
+fn is_missing_template(e: &abx_client::Error) -> bool {
+    e.code() == Some("not_found") && e.to_string().starts_with("template")
+}
+
+async fn build_missing_template(client: &Client, req: &CreateSandbox) -> anyhow::Result<()> {
+    let name = req.template.clone().unwrap_or_else(|| "base".into());
+    if !matches!(name.as_str(), "base" | "mini") {
+        anyhow::bail!("template '{name}' not found; build it first: agentbox template build {name}");
+    }
+    eprintln!("template '{name}' is not built yet; building it now (once)");
+    template::build(client, &name, None).await?;
+    Ok(())
 }
 
 pub async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<i32> {
@@ -163,29 +198,37 @@ async fn exec_request(client: &Client, id: &str, mut req: ExecRequest, interacti
     } else {
         streamed_exec(client, id, req).await
     };
-    match result {
-        Err(e) => match e.downcast_ref::<abx_client::Error>().and_then(|c| c.code()) {
-            Some("command_not_found") => {
-                eprintln!("agentbox: {e}");
-                Ok(127)
-            }
-            Some("permission_denied") => {
-                eprintln!("agentbox: {e}");
-                Ok(126)
-            }
-            _ => Err(e),
-        },
-        ok => ok,
+    result.or_else(exit_code_for)
+}
+
+/// Exit codes a shell would give for a command that could not start (127 not found, 126
+/// not executable); other errors stay errors.
+fn exit_code_for(e: anyhow::Error) -> anyhow::Result<i32> {
+    match e.downcast_ref::<abx_client::Error>().and_then(|c| c.code()) {
+        Some("command_not_found") => {
+            eprintln!("agentbox: {e}");
+            Ok(127)
+        }
+        Some("permission_denied") => {
+            eprintln!("agentbox: {e}");
+            Ok(126)
+        }
+        _ => Err(e),
     }
 }
 
 async fn streamed_exec(client: &Client, id: &str, req: ExecRequest) -> anyhow::Result<i32> {
-    let mut stream = client.exec(id, &req).await?;
+    print_stream(client.exec(id, &req).await?).await
+}
+
+/// Copies a process's output to ours; returns its exit code once the stream ends.
+async fn print_stream(mut stream: abx_client::ExecStream) -> anyhow::Result<i32> {
+    let mut code = None;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     while let Some(ev) = stream.next().await? {
         match ev {
-            OutputEvent::Started(_) => {}
+            OutputEvent::Created(_) | OutputEvent::Started(_) => {}
             OutputEvent::Stdout(d) => {
                 stdout.write_all(&d)?;
                 stdout.flush()?;
@@ -194,10 +237,10 @@ async fn streamed_exec(client: &Client, id: &str, req: ExecRequest) -> anyhow::R
                 stderr.write_all(&d)?;
                 stderr.flush()?;
             }
-            OutputEvent::Exit(st) => return Ok(exit_code(&st)),
+            OutputEvent::Exit(st) => code = Some(exit_code(&st)),
         }
     }
-    anyhow::bail!("the output stream ended before the command exited")
+    code.ok_or_else(|| anyhow::anyhow!("the output stream ended before the command exited"))
 }
 
 fn exit_code(st: &abx_client::ExitStatus) -> i32 {

@@ -96,7 +96,12 @@ pub struct CreateArgs {
 }
 
 pub fn run(cli: Cli) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // The daemon gets a multi-threaded runtime; a client command needs one thread.
+    let rt = match &cli.command {
+        Command::Daemon(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agentbox: cannot start the async runtime: {e}");
@@ -123,13 +128,16 @@ pub fn run(cli: Cli) -> i32 {
             Command::System => manage::system(&client(host)?).await,
         }
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agentbox: {}", error_chain(&e));
             EXIT_ERROR
         }
-    }
+    };
+    // Nothing is left to wait for: skip tearing the runtime down.
+    std::mem::forget(rt);
+    code
 }
 
 fn client(host: Option<String>) -> anyhow::Result<abx_client::Client> {

@@ -74,7 +74,7 @@ pub fn human_size(n: u64) -> String {
 /// "5s ago", "in 10m" relative to now.
 pub fn relative(t: u64) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (d, future) = if t >= now { (t - now, true) } else { (now - t, false) };
+    let (d, future) = if t > now { (t - now, true) } else { (now - t, false) };
     let s = match d {
         0..60 => format!("{d}s"),
         60..3600 => format!("{}m", d / 60),

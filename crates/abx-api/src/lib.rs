@@ -148,6 +148,8 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
+    /// `POST /v1/run` only: the sandbox was created.
+    Created { id: String },
     Started { pid: u32 },
     /// Base64 data.
     Stdout { data: String },
@@ -162,6 +164,16 @@ pub enum ExecEvent {
         timed_out: bool,
     },
     Error { code: String, message: String },
+}
+
+/// `POST /v1/run`: create a sandbox, run one command in it, destroy it. The response
+/// streams `created`, then the command's events, and ends after the sandbox is destroyed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    #[serde(default)]
+    pub sandbox: CreateSandbox,
+    pub exec: ExecRequest,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` with `background: true`.

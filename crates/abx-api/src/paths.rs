@@ -3,6 +3,7 @@
 
 pub const OPENAPI: &str = "/v1/openapi.json";
 pub const SYSTEM: &str = "/v1/system";
+pub const RUN: &str = "/v1/run";
 pub const SANDBOXES: &str = "/v1/sandboxes";
 pub const SANDBOX: &str = "/v1/sandboxes/{id}";
 pub const SANDBOX_TIMEOUT: &str = "/v1/sandboxes/{id}/timeout";
@@ -26,7 +27,7 @@ pub const TEMPLATE: &str = "/v1/templates/{name}";
 
 /// All routes.
 pub const ALL: &[&str] = &[
-    OPENAPI, SYSTEM, SANDBOXES, SANDBOX, SANDBOX_TIMEOUT, SANDBOX_STATS, EXEC, EXEC_WS, PROCESSES, PROCESS_SIGNAL,
+    OPENAPI, SYSTEM, RUN, SANDBOXES, SANDBOX, SANDBOX_TIMEOUT, SANDBOX_STATS, EXEC, EXEC_WS, PROCESSES, PROCESS_SIGNAL,
     PROCESS_STDIN, PROCESS_RESIZE, PROCESS_OUTPUT, PROCESS_WS, FILES, FILES_LIST, FILES_STAT, FILES_MKDIR,
     FILES_RENAME, ARCHIVE, TEMPLATES, TEMPLATE,
 ];

@@ -3,7 +3,7 @@
 //! holds the directory bookkeeping and the operations that work alike everywhere.
 //!
 //! Directories: every hierarchy in use gets `<mount>/<prefix>/<name>`. On V1 those are the
-//! hierarchies carrying memory, cpu, cpuacct, pids and freezer; on Hybrid the first four plus
+//! hierarchies carrying memory, cpu, cpuacct, pids and freezer; on Hybrid memory, cpu and pids plus
 //! the cgroup2 (unified) hierarchy; on V2 the cgroup2 hierarchy alone.
 
 use std::collections::BTreeSet;
@@ -65,6 +65,19 @@ impl Driver {
     /// The sandbox's cgroup2 directory.
     pub(crate) fn v2_dir(&self, name: &str) -> Option<PathBuf> {
         Some(self.v2.as_ref()?.join(&self.prefix).join(name))
+    }
+
+    /// v1: reclaims the pages still charged to an empty memory cgroup before it is removed.
+    /// Otherwise page cache it first touched (shared files, filesystem metadata) keeps the
+    /// removed cgroup alive as a "dying" memcg, and thousands of those slow down the memory
+    /// controller for everyone. Best effort: a failure only leaves such a cgroup behind.
+    fn release_memory(&self, name: &str) {
+        if let Some(dir) = self.v1_dir("memory", name) {
+            let file = dir.join("memory.force_empty");
+            if self.files.exists(&file) {
+                let _ = self.files.write(&file, "0");
+            }
+        }
     }
 
     /// Validates `name` and checks that its cgroup exists.
@@ -240,7 +253,10 @@ impl Driver {
 /// Whether a v1 hierarchy takes part: it carries a limit controller, or it is the freezer
 /// on a V1 host (Hybrid freezes through cgroup2).
 fn in_use(kind: Kind, mount: &V1Mount) -> bool {
-    V1_LIMIT_CONTROLLERS.iter().any(|c| mount.has(c)) || (kind == Kind::V1 && mount.has("freezer"))
+    // On Hybrid, cgroup2's core cpu.stat gives CPU usage, so a hierarchy carrying only
+    // cpuacct is not worth a directory per sandbox.
+    let limits = |c: &&str| mount.has(c) && !(kind == Kind::Hybrid && *c == "cpuacct");
+    V1_LIMIT_CONTROLLERS.iter().any(|c| limits(&c)) || (kind == Kind::V1 && mount.has("freezer"))
 }
 
 impl CgroupDriver for Driver {
@@ -269,6 +285,12 @@ impl CgroupDriver for Driver {
     fn procs_files(&self, name: &str) -> Result<Vec<PathBuf>> {
         validate_name(name)?;
         Ok(self.dirs(name).into_iter().map(|d| d.join("cgroup.procs")).collect())
+    }
+
+    fn placement(&self, name: &str) -> Result<crate::Placement> {
+        validate_name(name)?;
+        let self_join = self.v1.iter().map(|m| m.path.join(&self.prefix).join(name).join("tasks")).collect();
+        Ok(crate::Placement { clone_into: self.v2_dir(name), self_join })
     }
 
     fn add_process(&self, name: &str, pid: u32) -> Result<()> {
@@ -301,6 +323,7 @@ impl CgroupDriver for Driver {
 
     fn remove(&self, name: &str) -> Result<()> {
         validate_name(name)?;
+        self.release_memory(name);
         let deadline = Instant::now() + RMDIR_TIMEOUT;
         let mut first = None;
         for dir in self.dirs(name) {

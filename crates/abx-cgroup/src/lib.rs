@@ -69,6 +69,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::{Error, Result};
+
+/// See [`CgroupDriver::placement`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// cgroup2 directory for `CLONE_INTO_CGROUP`, if the host has cgroup2 in use.
+    pub clone_into: Option<PathBuf>,
+    /// v1 `tasks` files the new process joins by writing `0`.
+    pub self_join: Vec<PathBuf>,
+}
 pub use fs::{CgroupFs, HostFs};
 pub use layout::{Kind, Layout, MOUNTINFO, V1Mount};
 pub use limits::{CPU_PERIOD_US, Limits, MAX_CPUS, MAX_MEMORY, MAX_PIDS, MIB, MIN_CPU_QUOTA_US, cpu_quota_us};
@@ -94,6 +103,13 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// cgroups: the cgroup2 one first (its directory is the target for `CLONE_INTO_CGROUP`),
     /// then one per v1 hierarchy.
     fn procs_files(&self, name: &str) -> Result<Vec<PathBuf>>;
+
+    /// How a new process is placed without migrating it: the cgroup2 directory to pass to
+    /// `clone3(CLONE_INTO_CGROUP)`, and the v1 `tasks` files the new (single-threaded)
+    /// process writes `0` to itself, before it leaves the host's credentials. Writing a pid
+    /// to `cgroup.procs` instead takes the kernel's global threadgroup lock and waits for an
+    /// RCU grace period (several milliseconds per sandbox on this kind of host).
+    fn placement(&self, name: &str) -> Result<Placement>;
 
     /// Moves process `pid` (with its threads) into the sandbox's cgroups.
     fn add_process(&self, name: &str, pid: u32) -> Result<()>;

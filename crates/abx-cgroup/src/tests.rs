@@ -53,10 +53,10 @@ fn open_rejects_bad_prefix_and_empty_layout() {
 fn hybrid_create_writes_v1_limits() {
     let (fs, d) = setup(HYBRID, true);
     d.create(N, &limits()).unwrap();
-    for h in ["cpu", "cpuacct", "memory", "pids", "unified"] {
+    for h in ["cpu", "memory", "pids", "unified"] {
         assert!(fs.has(&path(h, "")), "{h}");
     }
-    for h in ["freezer", "cpuset", "systemd"] {
+    for h in ["freezer", "cpuset", "systemd", "cpuacct"] {
         assert!(!fs.has(&format!("{h}/{P}")), "{h} is not used on hybrid");
     }
     assert_eq!(value(&fs, "memory", "memory.limit_in_bytes"), "67108864");
@@ -239,13 +239,13 @@ fn procs_files_and_add_process() {
     let (fs, d) = setup(HYBRID, true);
     d.create(N, &Limits::default()).unwrap();
     let files = d.procs_files(N).unwrap();
-    let order: Vec<_> = ["unified", "cpu", "cpuacct", "memory", "pids"]
+    let order: Vec<_> = ["unified", "cpu", "memory", "pids"]
         .iter()
         .map(|h| fs.root().join(path(h, "cgroup.procs")))
         .collect();
     assert_eq!(files, order, "cgroup2 first, then v1 in mountinfo order");
     d.add_process(N, 4_194_400).unwrap();
-    for h in ["unified", "cpu", "cpuacct", "memory", "pids"] {
+    for h in ["unified", "cpu", "memory", "pids"] {
         assert_eq!(value(&fs, h, "cgroup.procs"), "4194400");
     }
 }
@@ -258,7 +258,7 @@ fn stats_v1() {
     fs.set(&path("memory", "memory.max_usage_in_bytes"), "5678\n");
     fs.set(&path("memory", "memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
     fs.set(&path("pids", "pids.current"), "3\n");
-    fs.set(&path("cpuacct", "cpuacct.usage"), "5000999\n");
+    fs.set(&path("unified", "cpu.stat"), "usage_usec 5000\nuser_usec 4000\nsystem_usec 1000\n");
     let expected = Stats {
         memory_current: 1234,
         memory_peak: Some(5678),
@@ -395,4 +395,15 @@ fn remove_parent_only_when_empty() {
     for h in ["cpu", "cpuacct", "memory", "pids", "unified"] {
         assert!(!fs.has(&format!("{h}/{P}")), "{h}");
     }
+}
+
+#[test]
+fn placement_uses_clone_into_on_cgroup2_and_self_join_on_v1() {
+    let (fs, d) = setup(HYBRID, true);
+    d.create(N, &Limits::default()).unwrap();
+    let p = d.placement(N).unwrap();
+    assert_eq!(p.clone_into, Some(fs.root().join(path("unified", ""))));
+    let want: Vec<_> = ["cpu", "memory", "pids"].iter().map(|h| fs.root().join(path(h, "tasks"))).collect();
+    assert_eq!(p.self_join, want);
+    assert!(matches!(d.placement("../x"), Err(Error::InvalidName { .. })));
 }

@@ -52,6 +52,8 @@ impl<T> std::fmt::Debug for NdjsonStream<T> {
 /// Output of a process, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputEvent {
+    /// A one-shot run created this sandbox.
+    Created(String),
     Started(u32),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -71,21 +73,27 @@ impl ExecStream {
         decode(ev).map(Some)
     }
 
-    /// Collects everything until the process exits.
+    /// Collects everything until the stream ends (for a one-shot run, that is after the
+    /// sandbox is destroyed).
     pub async fn collect(mut self) -> Result<Output> {
         let mut out = Output::default();
+        let mut exited = false;
         while let Some(ev) = self.next().await? {
             match ev {
+                OutputEvent::Created(_) => {}
                 OutputEvent::Started(pid) => out.pid = pid,
                 OutputEvent::Stdout(d) => out.stdout.extend(d),
                 OutputEvent::Stderr(d) => out.stderr.extend(d),
                 OutputEvent::Exit(st) => {
                     out.status = st;
-                    return Ok(out);
+                    exited = true;
                 }
             }
         }
-        Err(Error::Protocol("the output stream ended before the process exited".into()))
+        if !exited {
+            return Err(Error::Protocol("the output stream ended before the process exited".into()));
+        }
+        Ok(out)
     }
 }
 
@@ -94,6 +102,7 @@ pub(crate) fn decode(ev: ExecEvent) -> Result<OutputEvent> {
         base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| Error::Protocol(format!("bad base64: {e}")))
     };
     Ok(match ev {
+        ExecEvent::Created { id } => OutputEvent::Created(id),
         ExecEvent::Started { pid } => OutputEvent::Started(pid),
         ExecEvent::Stdout { data } => OutputEvent::Stdout(b64(&data)?),
         ExecEvent::Stderr { data } => OutputEvent::Stderr(b64(&data)?),
@@ -116,6 +125,13 @@ impl Client {
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecStream> {
         let rb = self.request(Method::POST, &Self::path(paths::EXEC, &[("id", id)])).json(req);
         let resp = self.send(rb).await?;
+        Ok(ExecStream { inner: NdjsonStream::new(resp) })
+    }
+
+    /// Creates a sandbox, runs one command in it and destroys it, in one request. The
+    /// stream starts with [`OutputEvent::Created`] and ends after the sandbox is gone.
+    pub async fn run_once(&self, req: &abx_api::RunRequest) -> Result<ExecStream> {
+        let resp = self.send(self.request(Method::POST, paths::RUN).json(req)).await?;
         Ok(ExecStream { inner: NdjsonStream::new(resp) })
     }
 

@@ -102,6 +102,8 @@ pub struct Client {
     host: Host,
     base: String,
     api_key: Option<String>,
+    /// User for file operations (None: the sandbox's default user).
+    file_user: Option<String>,
 }
 
 impl Client {
@@ -116,7 +118,7 @@ impl Client {
             }
             Host::Http(u) => u.clone(),
         };
-        Ok(Client { http: builder.build()?, host, base, api_key: None })
+        Ok(Client { http: builder.build()?, host, base, api_key: None, file_user: None })
     }
 
     /// `AGENTBOX_HOST` (default: the local socket) and `AGENTBOX_API_KEY`.
@@ -135,6 +137,16 @@ impl Client {
 
     pub(crate) fn api_key_header(&self) -> Option<String> {
         self.api_key.as_ref().map(|k| format!("Bearer {k}"))
+    }
+
+    /// A client whose file operations act as `user` inside sandboxes (permission checks
+    /// and ownership of created files), instead of the sandbox's default user.
+    pub fn with_file_user(&self, user: impl Into<String>) -> Client {
+        Client { file_user: Some(user.into()), ..self.clone() }
+    }
+
+    pub(crate) fn file_user(&self) -> Option<&str> {
+        self.file_user.as_deref()
     }
 
     pub fn host(&self) -> &Host {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use abx_api::{BuildEvent, BuildTemplate, CreateSandbox, ExecRequest, MkdirRequest, RenameRequest, SandboxStats, SystemInfo};
+use abx_api::{
+    BuildEvent, BuildTemplate, CreateSandbox, ExecRequest, MkdirRequest, RenameRequest, RunRequest, SandboxStats, SystemInfo,
+};
 use abx_proto::{ExecSpec, FileInfo, Kind, ProcessInfo, Request, TtySize};
 use base64::Engine;
 use bytes::Bytes;
@@ -25,6 +27,8 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> +
 /// Everything agentbox can be asked to do.
 pub enum Command {
     CreateSandbox(CreateSandbox),
+    /// Create, run one command, destroy (the destroy is the caller's: see [`RunSession`]).
+    Run(RunRequest),
     ListSandboxes,
     GetSandbox { id: String },
     DeleteSandbox { id: String, force: bool },
@@ -60,6 +64,7 @@ pub enum Outcome {
     Stats(SandboxStats),
     /// A process attached to the caller.
     Exec(ExecSession),
+    Run(RunSession),
     /// A background process started.
     Started(u32),
     Processes(Vec<ProcessInfo>),
@@ -89,6 +94,7 @@ impl Outcome {
     accessor!(sandboxes, Sandboxes, Vec<abx_api::Sandbox>);
     accessor!(stats, Stats, SandboxStats);
     accessor!(exec, Exec, ExecSession);
+    accessor!(run, Run, RunSession);
     accessor!(started, Started, u32);
     accessor!(processes, Processes, Vec<ProcessInfo>);
     accessor!(file_info, FileInfo, FileInfo);
@@ -111,6 +117,47 @@ impl Outcome {
 pub struct ExecSession {
     pub pid: u32,
     pub conn: AgentConn,
+}
+
+/// A one-shot run: the new sandbox, its process, and the guard that destroys it.
+#[derive(Debug)]
+pub struct RunSession {
+    pub sandbox: abx_api::Sandbox,
+    pub session: ExecSession,
+    pub guard: DestroyGuard,
+}
+
+/// Destroys a sandbox when told to, or when dropped (a client that went away).
+#[derive(Debug)]
+pub struct DestroyGuard {
+    manager: Arc<Manager>,
+    id: Option<String>,
+}
+
+impl DestroyGuard {
+    pub fn new(manager: Arc<Manager>, id: String) -> Self {
+        DestroyGuard { manager, id: Some(id) }
+    }
+
+    pub async fn destroy(mut self) -> CoreResult<()> {
+        match self.id.take() {
+            Some(id) => self.manager.destroy(&id, true).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DestroyGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let m = self.manager.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = m.destroy(&id, true).await;
+                });
+            }
+        }
+    }
 }
 
 /// Output and lifecycle of an attached process.
@@ -156,6 +203,12 @@ impl Core {
         let m = &self.manager;
         match cmd {
             Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.create(req).await?.record().to_api())),
+            Command::Run(req) => {
+                let sb = m.create(req.sandbox).await?;
+                let guard = DestroyGuard::new(m.clone(), sb.id.clone());
+                let session = self.exec(&sb.id, req.exec).await?.exec()?;
+                Ok(Outcome::Run(RunSession { sandbox: sb.record().to_api(), session, guard }))
+            }
             Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| r.to_api()).collect())),
             Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.get(&id)?.record().to_api())),
             Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),

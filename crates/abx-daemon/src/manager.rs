@@ -52,6 +52,8 @@ pub struct Manager {
     seccomp: Vec<Vec<u8>>,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     uid_slots: Mutex<Vec<bool>>,
+    /// Removal of destroyed sandboxes' host objects, finished in the background.
+    pub cleanups: tokio_util::task::TaskTracker,
 }
 
 impl Manager {
@@ -87,6 +89,7 @@ impl Manager {
             seccomp,
             sandboxes: RwLock::new(HashMap::new()),
             uid_slots: Mutex::new(vec![false; slots]),
+            cleanups: tokio_util::task::TaskTracker::new(),
         }))
     }
 
@@ -208,6 +211,7 @@ impl Manager {
     /// Prepares directories and cgroups, asks the spawner, waits for the agent's exec.
     /// Undoes everything on failure.
     fn start_blocking(&self, mut rec: Record) -> CoreResult<(Record, OwnedFd)> {
+        let t0 = std::time::Instant::now();
         let dirs = SandboxDirs::new(self.sandbox_dir(&rec.id));
         let cg = self.host_name(&rec.id);
         let mut undo = Undo::default();
@@ -226,10 +230,12 @@ impl Manager {
                 let _ = driver.remove(&cg);
             });
         }
+        let t_cg = t0.elapsed();
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
         let (status_r, status_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| setup_err(format!("pipe: {e}")))?;
+        let placement = self.cgroups.placement(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
         let spec = SpawnSpec {
             id: rec.id.clone(),
             dir: dirs.root.clone(),
@@ -237,7 +243,8 @@ impl Manager {
             uid_base: rec.uid_base,
             uid_count: UID_RANGE,
             hostname: rec.hostname.clone(),
-            cgroup_procs: self.cgroups.procs_files(&cg).map_err(|e| setup_err(cgroup_text(&e)))?,
+            cgroup_dir: placement.clone_into,
+            cgroup_tasks: placement.self_join,
             seccomp: self.seccomp.clone(),
             capabilities: CAPABILITIES.to_vec(),
             nofile: rec.limits.open_files.unwrap_or(4096),
@@ -249,7 +256,10 @@ impl Manager {
             .map_err(|e| setup_err(e.to_string()))?;
         drop(status_w);
         drop(listener);
-        if let Err(message) = wait_exec(&status_r, SETUP_TIMEOUT) {
+        let t_spawn = t0.elapsed();
+        let exec_result = wait_exec(&status_r, SETUP_TIMEOUT);
+        tracing::debug!(sandbox = %rec.id, dirs_cgroups = ?t_cg, spawned = ?t_spawn, exec = ?t0.elapsed(), "sandbox started");
+        if let Err(message) = exec_result {
             let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             wait_exit_blocking(&pidfd, Duration::from_secs(5));
             return Err(setup_err(message));
@@ -375,19 +385,34 @@ impl Manager {
                 h.abort();
             }
         }
+        let t0 = std::time::Instant::now();
+        let this = self.clone();
+        let sb2 = sb.clone();
         if let Some(fd) = &sb.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
             let mut exited = sb.exited.clone();
             let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
         }
-        let this = self.clone();
-        let sb2 = sb.clone();
-        let res = tokio::task::spawn_blocking(move || this.remove_host_objects(&sb2))
-            .await
-            .map_err(|e| CoreError::internal("sandbox cleanup task", e.to_string()))?;
+        // Every process is gone: the sandbox no longer exists for callers. Its cgroups,
+        // files and record are removed in the background (a restart finishes the job if the
+        // daemon dies first: the record is then dead and reconcile cleans it up).
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         self.free_uid_slot(sb.record().uid_slot);
-        res
+        tracing::debug!(sandbox = %id, took = ?t0.elapsed(), "sandbox killed");
+        let cleanup = self.cleanups.spawn_blocking(move || {
+            if let Err(e) = this.remove_host_objects(&sb2) {
+                warn!(sandbox = %sb2.id, error = %e.full_message(), "cleanup after destroy failed");
+            }
+        });
+        drop(cleanup);
+        Ok(())
+    }
+
+    /// Waits until every background cleanup has finished.
+    pub async fn wait_cleanups(&self) {
+        self.cleanups.close();
+        self.cleanups.wait().await;
+        self.cleanups.reopen();
     }
 
     fn remove_host_objects(&self, sb: &Sandbox) -> CoreResult<()> {

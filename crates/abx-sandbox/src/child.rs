@@ -2,8 +2,8 @@
 //! the guest agent. It runs in a child of the single-threaded spawner, so ordinary Rust
 //! (allocation included) is safe here.
 //!
-//! Order (see docs/sandbox-setup.md): wait for the spawner's go (uid/gid maps written,
-//! cgroups joined, idmapped trees received) → become root of the user namespace →
+//! Order (see docs/sandbox-setup.md): join the v1 cgroups (the cgroup2 one was joined at
+//! clone) → wait for the spawner's go (uid/gid maps written, idmapped trees received) → become root of the user namespace →
 //! unshare mount, network, uts, ipc, cgroup namespaces → make every mount private → run
 //! the plan (overlay root, /proc, /sys, /dev, masks, pivot_root, hostname, loopback) →
 //! rlimits → stdio to /dev/null, listening socket to fd 3, everything else close-on-exec
@@ -63,6 +63,7 @@ fn ctx<T, E: std::fmt::Display>(what: impl std::fmt::Display, r: Result<T, E>) -
 
 fn setup(spec: &SpawnSpec, io: &ChildIo) -> Result<Infallible, String> {
     ctx("set parent death signal", rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)))?;
+    join_cgroups(&spec.cgroup_tasks)?;
     let trees = receive_go(io, spec.layers.len() + 1)?;
     become_root()?;
     ctx(
@@ -88,6 +89,16 @@ fn setup(spec: &SpawnSpec, io: &ChildIo) -> Result<Infallible, String> {
     let argv = [c"agentbox-agent".to_owned()];
     let env = [CString::new(format!("AGENTBOX_SANDBOX_ID={}", spec.id)).map_err(|e| e.to_string())?];
     Err(format!("exec guest agent: {}", abx_sys::process::exec_fd(io.agent, &argv, &env)))
+}
+
+/// Joins the v1 cgroups by writing `0` (this thread) to their `tasks` files. Still holding
+/// the host's root uid (the maps are not written yet), the child may; moving the caller's
+/// own single thread avoids the kernel's global threadgroup lock.
+fn join_cgroups(tasks: &[std::path::PathBuf]) -> StepResult {
+    for t in tasks {
+        ctx(format_args!("join cgroup {}", t.display()), std::fs::write(t, "0"))?;
+    }
+    Ok(())
 }
 
 /// Waits for the spawner's go message, which carries the idmapped trees.

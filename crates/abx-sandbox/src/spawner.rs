@@ -53,8 +53,8 @@ pub fn run(opts: &Options) -> Result<(), String> {
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Ok(());
     }
-    let bytes = std::fs::read(&opts.agent).map_err(|e| format!("read agent {}: {e}", opts.agent.display()))?;
-    let memfd = abx_sys::fd::sealed_exec_memfd("agentbox-agent", &bytes).map_err(|e| format!("agent memfd: {e}"))?;
+    let memfd = abx_sys::fd::sealed_exec_memfd("agentbox-agent", &opts.agent)
+        .map_err(|e| format!("load agent {}: {e}", opts.agent.display()))?;
     let agent = rustix::io::fcntl_dupfd_cloexec(&memfd, 200).map_err(|e| format!("dup agent memfd: {e}"))?;
     drop(memfd);
     let listener = bind(&socket_path(&opts.root))?;
@@ -174,7 +174,14 @@ impl Spawner {
         let listener = fds.pop().unwrap_or_else(|| unreachable!());
         let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
             .map_err(|e| format!("socketpair: {e}"))?;
-        let (pid, pidfd) = match self.clone_child()? {
+        let cgroup = match &spec.cgroup_dir {
+            Some(dir) => Some(
+                rustix::fs::open(dir, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+                    .map_err(|e| format!("open cgroup {}: {e}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let (pid, pidfd) = match self.clone_child(cgroup.as_ref().map(|c| c.as_fd()))? {
             Forked::Child => {
                 drop(ours);
                 let io = ChildIo { control: theirs, status, listener, agent: self.agent.as_raw_fd() };
@@ -192,27 +199,24 @@ impl Spawner {
     }
 
     /// clone3 into new user, pid and (when the kernel has them) time namespaces.
-    fn clone_child(&mut self) -> Result<Forked, String> {
+    fn clone_child(&mut self, cgroup: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Forked, String> {
         use abx_sys::process::fork_single_threaded as fork;
         let base = ns::USER | ns::PID;
         if self.time_ns {
-            match fork(base | ns::TIME) {
+            match fork(base | ns::TIME, cgroup) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.time_ns = false,
                 r => return r.map_err(|e| format!("clone3: {e}")),
             }
         }
-        fork(base).map_err(|e| format!("clone3: {e}"))
+        fork(base, cgroup).map_err(|e| format!("clone3: {e}"))
     }
 }
 
-/// Parent side of setup: id maps, cgroups, idmapped trees, then the go message.
+/// Parent side of setup: id maps, idmapped trees, then the go message.
 fn prepare(pid: i32, spec: &SpawnSpec, control: &OwnedFd) -> Result<(), String> {
     let map = format!("0 {} {}\n", spec.uid_base, spec.uid_count);
     for file in ["uid_map", "gid_map"] {
         std::fs::write(format!("/proc/{pid}/{file}"), &map).map_err(|e| format!("write {file}: {e}"))?;
-    }
-    for procs in &spec.cgroup_procs {
-        std::fs::write(procs, pid.to_string()).map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
     }
     let userns = std::fs::File::open(format!("/proc/{pid}/ns/user")).map_err(|e| format!("open user namespace: {e}"))?;
     let mut trees = Vec::with_capacity(spec.layers.len() + 1);

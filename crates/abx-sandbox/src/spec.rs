@@ -18,8 +18,10 @@ pub struct SpawnSpec {
     /// Size of the range (65536 gives the usual 0..65535 inside).
     pub uid_count: u32,
     pub hostname: String,
-    /// Files the child's pid is written to before it continues (cgroup placement).
-    pub cgroup_procs: Vec<PathBuf>,
+    /// cgroup2 directory the child is created in (`CLONE_INTO_CGROUP`).
+    pub cgroup_dir: Option<PathBuf>,
+    /// cgroup v1 `tasks` files the child joins itself (writes `0`) before anything else.
+    pub cgroup_tasks: Vec<PathBuf>,
     /// Compiled seccomp programs in load order (raw `sock_filter` bytes).
     #[serde(with = "b64_vecs")]
     pub seccomp: Vec<Vec<u8>>,

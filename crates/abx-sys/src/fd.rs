@@ -69,16 +69,18 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io
 /// Copies `bytes` into a sealed, executable, close-on-exec memfd. A sandbox executes the
 /// guest agent from such a memfd, so nothing inside a sandbox can ever write to the file
 /// the host runs (compare runc's CVE-2019-5736 fix).
-pub fn sealed_exec_memfd(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
+/// The content is copied in the kernel (`copy_file_range`/`sendfile`), so the caller never
+/// holds the image in its own memory (a forking process should stay small).
+pub fn sealed_exec_memfd(name: &str, source: &std::path::Path) -> io::Result<OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags};
     const MFD_EXEC: u32 = 0x10;
     let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     let fd = rustix::fs::memfd_create(name, base | MemfdFlags::from_bits_retain(MFD_EXEC))
         .or_else(|_| rustix::fs::memfd_create(name, base))?;
-    let mut off = 0;
-    while off < bytes.len() {
-        off += rustix::io::write(&fd, &bytes[off..])?;
-    }
+    let mut src = std::fs::File::open(source)?;
+    let mut dst = std::fs::File::from(fd);
+    io::copy(&mut src, &mut dst)?;
+    let fd = OwnedFd::from(dst);
     rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o555))?;
     rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
     Ok(fd)

@@ -51,9 +51,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// The cache at `dir` (created on first use).
+    /// The cache at `dir` (created on first use; a relative path is taken from the current
+    /// directory now).
     pub fn new(dir: &Path) -> Cache {
-        Cache { dir: dir.to_path_buf() }
+        Cache { dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()) }
     }
 
     /// The cached tree for `kind`/`key`, built first with `build` (which must create the

@@ -39,7 +39,8 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    /// The metadata file of template `name` names itself differently or holds a bad digest.
+    /// A metadata file that names a template other than its file name says, or holds an
+    /// invalid name or layer digest.
     #[error("template metadata {} is inconsistent: {reason}", path.display())]
     Inconsistent { path: PathBuf, reason: String },
 

@@ -42,7 +42,16 @@
 //! /etc/hosts, /etc/resolv.conf and an empty /etc/machine-id; /etc/shadow dates set to
 //! [`SOURCE_DATE_EPOCH`]; /dev and /tmp emptied; every mtime clamped to
 //! [`SOURCE_DATE_EPOCH`]). The digest ignores mtimes, so identical package versions give an
-//! identical digest. Measured on a 2-core VM: REPRO_PLACEHOLDER
+//! identical digest.
+//!
+//! Measured on a 2-core VM (debug build, other jobs running; Debian 12.x packages of
+//! 2026-11, 152 packages, 362 MB apparent size): three builds from scratch through this
+//! crate, in separate caches and at different times, all gave `sha256-f53ca62b…9a73dc`
+//! (two earlier raw debootstrap runs differed only in logs and ldconfig's aux-cache, which
+//! is what the normalization removes). A build from scratch took 53–64 s (debootstrap
+//! 46–56 s depending on the mirror and load, hashing 6–7 s, hardlinking into the store
+//! 0.4–1 s); with the cache filled, `build` takes under a second (hardlinking ~13,400
+//! entries). `mini` builds in ~0.1 s.
 #![forbid(unsafe_code)]
 
 mod base;

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use abx_api::{ErrorBody, ExecEvent, ExecRequest, ProcessInfo, SignalRequest, Started, StdinRequest, TtySize};
+use abx_api::{ErrorBody, ExecEvent, ExecRequest, ProcessInfo, RunRequest, SignalRequest, Started, StdinRequest, TtySize};
 use abx_proto::{Control, Frame, Kind};
 
 use super::{ApiError, Json, Path, ndjson};
@@ -27,6 +27,7 @@ use crate::error::CoreError;
 
 pub fn routes() -> OpenApiRouter<Core> {
     OpenApiRouter::new()
+        .routes(routes!(run))
         .routes(routes!(exec))
         .routes(routes!(exec_ws))
         .routes(routes!(list))
@@ -60,6 +61,33 @@ async fn exec(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<
     }
     let session = core.execute(Command::Exec { id, req }).await?.exec()?;
     Ok(ndjson(event_stream(session)))
+}
+
+/// Create a sandbox, run one command, destroy the sandbox: one request for the common
+/// one-shot case. Streams NDJSON [`ExecEvent`]s: `created`, `started`, output, `exit`; the
+/// stream ends once the sandbox is destroyed (also when the client goes away early).
+#[utoipa::path(post, path = abx_api::paths::RUN, tag = "exec", request_body = RunRequest,
+    responses((status = 200, description = "NDJSON stream of ExecEvent", body = ExecEvent, content_type = "application/x-ndjson"),
+        (status = 400, description = "bad request or command not found", body = ErrorBody),
+        (status = 404, description = "unknown template", body = ErrorBody)))]
+async fn run(State(core): State<Core>, Json(req): Json<RunRequest>) -> Result<Response, ApiError> {
+    if req.exec.interactive || req.exec.background {
+        return Err(ApiError::bad_request("/v1/run runs one non-interactive foreground command"));
+    }
+    let run = core.execute(Command::Run(req)).await?.run()?;
+    let created = ExecEvent::Created { id: run.sandbox.id.clone() };
+    let guard = run.guard;
+    let events = event_stream(run.session);
+    let tail = futures_util::stream::once(async move {
+        let result = guard.destroy().await;
+        result.err().map(|e| {
+            let (code, _) = e.code();
+            ExecEvent::Error { code: code.into(), message: e.full_message() }
+        })
+    })
+    .filter_map(|e| async move { e });
+    use futures_util::StreamExt;
+    Ok(ndjson(futures_util::stream::once(async move { created }).chain(events).chain(tail)))
 }
 
 /// Turns an attached process into a stream of API events, starting with `started`.

@@ -1,0 +1,206 @@
+//! `agentbox-bench`: measures create → exec `echo` → destroy, one at a time (latency) and
+//! with N at once (throughput), through the API, through the CLI, and for peers (bwrap,
+//! crun) on the same root filesystem, in the same run. Prints a markdown table and writes
+//! JSON. See docs/performance.md for the method.
+#![forbid(unsafe_code)]
+
+mod peers;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abx_client::{Client, CreateSandbox, ExecRequest};
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use stats::{Report, Summary};
+
+#[derive(Debug, Parser)]
+#[command(name = "agentbox-bench")]
+struct Args {
+    /// Daemon address.
+    #[arg(long, env = "AGENTBOX_HOST", default_value = "unix:/run/agentbox/agentbox.sock")]
+    host: String,
+    /// Template for agentbox sandboxes; its root filesystem is also given to the peers.
+    #[arg(long, default_value = "mini")]
+    template: String,
+    /// Sequential iterations per subject.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Concurrent workers for the throughput runs.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Cycles per throughput run.
+    #[arg(long, default_value_t = 500)]
+    total: usize,
+    /// The agentbox CLI binary (for the CLI subject).
+    #[arg(long, default_value = "agentbox")]
+    cli: PathBuf,
+    /// Subjects to run: api (create, exec, destroy: three requests), run (the one-request
+    /// `POST /v1/run`), cli (`agentbox run`), bwrap, crun.
+    #[arg(long, value_delimiter = ',', default_value = "api,run,cli,bwrap,crun")]
+    subjects: Vec<String>,
+    /// Host directory with the template's root filesystem (for peers); default: asked from
+    /// the daemon (its state root + the template's single layer).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One create → exec echo → destroy cycle through the API.
+async fn api_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let sb = client
+        .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
+        .await
+        .context("create")?;
+    let req = ExecRequest { cmd: vec!["echo".into(), "hi".into()], ..Default::default() };
+    let created = t.elapsed();
+    let out = client.exec(&sb.id, &req).await.context("exec")?.collect().await?;
+    if out.stdout != b"hi\n" || out.status.code != Some(0) {
+        bail!("unexpected output {:?} status {:?}", String::from_utf8_lossy(&out.stdout), out.status);
+    }
+    let executed = t.elapsed();
+    client.delete_sandbox(&sb.id, true).await.context("destroy")?;
+    if std::env::var_os("ABX_BENCH_PHASES").is_some() {
+        eprintln!("phases: create {created:?} exec {:?} destroy {:?}", executed - created, t.elapsed() - executed);
+    }
+    Ok(t.elapsed())
+}
+
+/// One cycle through the one-shot endpoint (`POST /v1/run`: create, exec, destroy).
+async fn run_once_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let req = abx_client::RunRequest {
+        sandbox: CreateSandbox { template: Some(template.into()), ..Default::default() },
+        exec: ExecRequest { cmd: vec!["echo".into(), "hi".into()], ..Default::default() },
+    };
+    let out = client.run_once(&req).await.context("run")?.collect().await?;
+    if out.stdout != b"hi\n" || out.status.code != Some(0) {
+        bail!("unexpected output {:?} status {:?}", String::from_utf8_lossy(&out.stdout), out.status);
+    }
+    Ok(t.elapsed())
+}
+
+/// One cycle through the CLI (`agentbox run`).
+async fn cli_cycle(cli: &PathBuf, host: &str, template: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let out = tokio::process::Command::new(cli)
+        .args(["--host", host, "run", "-T", template, "--", "echo", "hi"])
+        .output()
+        .await
+        .with_context(|| format!("run {}", cli.display()))?;
+    if !out.status.success() || out.stdout != b"hi\n" {
+        bail!("agentbox run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(t.elapsed())
+}
+
+type CycleFn = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, anyhow::Result<Duration>> + Send + Sync>;
+
+async fn sequential(name: &str, n: usize, f: &CycleFn) -> anyhow::Result<Summary> {
+    for _ in 0..n.min(10) {
+        f().await?; // warm-up
+    }
+    let mut lat = Vec::with_capacity(n);
+    let t = Instant::now();
+    for _ in 0..n {
+        lat.push(f().await?);
+    }
+    Ok(Summary::new(name, "sequential", 1, lat, t.elapsed()))
+}
+
+async fn concurrent(name: &str, total: usize, workers: usize, f: &CycleFn) -> anyhow::Result<Summary> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let next = next.clone();
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                lat.push(f().await?);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::with_capacity(total);
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    Ok(Summary::new(name, "concurrent", workers, lat, t.elapsed()))
+}
+
+async fn rootfs_of(client: &Client, template: &str) -> anyhow::Result<PathBuf> {
+    let sys = client.system().await?;
+    let t = client.template(template).await?;
+    let [layer] = t.layers.as_slice() else { bail!("template {template} has {} layers; pass --rootfs", t.layers.len()) };
+    Ok(PathBuf::from(sys.root).join("layers").join(layer))
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if a.subjects.iter().any(|s| s == "crun") {
+        // Before any thread exists: crun refuses hybrid cgroup hosts, so it runs in a private
+        // mount namespace of this process where the controller-less cgroup2 mount is gone.
+        peers::hide_cgroup2()?;
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(a))
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    let client = Client::new(&a.host)?;
+    let mut report = Report::default();
+    let has = |s: &str| a.subjects.iter().any(|x| x == s);
+    let mut subjects: Vec<(String, CycleFn)> = Vec::new();
+    if has("api") {
+        let (c, t) = (client.clone(), a.template.clone());
+        subjects.push(("agentbox (API)".into(), Arc::new(move || {
+            let (c, t) = (c.clone(), t.clone());
+            Box::pin(async move { api_cycle(&c, &t).await })
+        })));
+    }
+    if has("run") {
+        let (c, t) = (client.clone(), a.template.clone());
+        subjects.push(("agentbox (API, one request)".into(), Arc::new(move || {
+            let (c, t) = (c.clone(), t.clone());
+            Box::pin(async move { run_once_cycle(&c, &t).await })
+        })));
+    }
+    if has("cli") {
+        let (cli, host, t) = (a.cli.clone(), a.host.clone(), a.template.clone());
+        subjects.push(("agentbox (CLI)".into(), Arc::new(move || {
+            let (cli, host, t) = (cli.clone(), host.clone(), t.clone());
+            Box::pin(async move { cli_cycle(&cli, &host, &t).await })
+        })));
+    }
+    if has("bwrap") || has("crun") {
+        let rootfs = match &a.rootfs {
+            Some(r) => r.clone(),
+            None => rootfs_of(&client, &a.template).await?,
+        };
+        if has("bwrap") {
+            subjects.push(("bwrap --unshare-all".into(), peers::bwrap(rootfs.clone())?));
+        }
+        if has("crun") {
+            subjects.push(("crun run".into(), peers::crun(rootfs.clone())?));
+        }
+    }
+    for (name, f) in &subjects {
+        eprintln!("{name}: {} sequential cycles", a.iterations);
+        report.push(sequential(name, a.iterations, f).await?);
+        eprintln!("{name}: {} cycles, {} at once", a.total, a.concurrency);
+        report.push(concurrent(name, a.total, a.concurrency, f).await?);
+    }
+    println!("{}", report.markdown());
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("write {}", p.display()))?;
+    }
+    peers::cleanup();
+    Ok(())
+}
