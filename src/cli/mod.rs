@@ -58,6 +58,9 @@ pub enum Command {
     Template(template::TemplateCmd),
     /// Show facts about the daemon.
     System,
+    /// Print the API's OpenAPI document (what docs/openapi.json holds).
+    #[command(hide = true)]
+    Openapi,
 }
 
 /// Options shared by `run` and `create`.
@@ -126,6 +129,10 @@ pub fn run(cli: Cli) -> i32 {
             Command::Kill(a) => manage::kill(&client(host)?, a).await,
             Command::Template(c) => template::main(&client(host)?, c).await,
             Command::System => manage::system(&client(host)?).await,
+            Command::Openapi => {
+                println!("{}", serde_json::to_string_pretty(&abx_daemon::api::openapi())?);
+                Ok(0)
+            }
         }
     });
     let code = match result {

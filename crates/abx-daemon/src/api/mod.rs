@@ -36,8 +36,8 @@ struct ApiDoc;
 
 /// The router and the OpenAPI document it implies.
 pub fn router(core: Core) -> axum::Router {
-    let (router, spec) = api_routes().split_for_parts();
-    let spec_json = serde_json::to_string_pretty(&spec).unwrap_or_default();
+    let (router, _) = api_routes().split_for_parts();
+    let spec_json = serde_json::to_string_pretty(&openapi()).unwrap_or_default();
     router
         .route(abx_api::paths::OPENAPI, axum::routing::get(move || async move {
             ([(axum::http::header::CONTENT_TYPE, "application/json")], spec_json)

@@ -1,0 +1,74 @@
+//! The HTTP API contract: the committed OpenAPI document matches the routes, and errors
+//! have one shape.
+
+use std::collections::BTreeSet;
+
+use crate::harness::Daemon;
+
+async fn raw(d: &Daemon, method: &str, path: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let body = if method == "GET" || method == "DELETE" { "" } else { "{}" };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp);
+    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = text.split("\r\n\r\n").nth(1).and_then(|b| {
+        let b = b.trim();
+        let start = b.find('{')?;
+        serde_json::from_str(&b[start..b.rfind('}')? + 1]).ok()
+    });
+    (status, json.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn served_openapi_matches_the_committed_document_and_every_route() {
+    let d = Daemon::start().await;
+    let (status, served) = raw(&d, "GET", abx_api::paths::OPENAPI).await;
+    assert_eq!(status, 200);
+    let committed: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/openapi.json")).expect("docs/openapi.json is valid JSON");
+    assert_eq!(served, committed, "docs/openapi.json is stale: regenerate it with `agentbox openapi > docs/openapi.json`");
+    let spec_paths: BTreeSet<&str> = served["paths"].as_object().unwrap().keys().map(String::as_str).collect();
+    let client_paths: BTreeSet<&str> = abx_api::paths::ALL.iter().copied().collect();
+    assert_eq!(spec_paths, client_paths, "every route the clients use is documented, and nothing else");
+    // Every documented operation is routed (an unrouted one answers route_not_found or
+    // method_not_allowed; anything else, even an error, proves a handler exists).
+    for (path, item) in served["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{id}", "nosuchsandbox").replace("{pid}", "1").replace("{name}", "nosuchtemplate");
+            let (status, body) = raw(&d, &method.to_uppercase(), &concrete).await;
+            let code = body["error"]["code"].as_str().unwrap_or("");
+            assert!(code != "route_not_found" && code != "method_not_allowed" && status != 405, "{method} {path}: {status} {body}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn errors_have_one_shape() {
+    let d = Daemon::start().await;
+    let (status, body) = raw(&d, "GET", "/v1/nothing/here").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "route_not_found");
+    let (status, body) = raw(&d, "GET", "/v1/sandboxes/missing").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("missing"));
+    let (status, body) = raw(&d, "PATCH", "/v1/sandboxes").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    let (status, body) = raw(&d, "POST", "/v1/sandboxes/missing/exec").await;
+    assert_eq!(status, 400, "a body without cmd is rejected first: {body}");
+    assert_eq!(body["error"]["code"], "invalid_argument");
+}
+
+#[tokio::test]
+async fn the_api_socket_is_for_root_only() {
+    let d = Daemon::start().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

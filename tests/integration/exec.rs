@@ -1,0 +1,163 @@
+//! Running processes: output, exit codes, environment, users, stdin, timeouts, background
+//! processes, signals, terminals.
+
+use std::time::Duration;
+
+use abx_client::{CreateSandbox, ExecRequest, InteractiveEvent, Limits, TtySize};
+
+use crate::harness::Daemon;
+
+fn cmd(args: &[&str]) -> ExecRequest {
+    ExecRequest { cmd: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn output_exit_codes_env_cwd_and_users() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let (out, err, code) = d.sh(&id, "echo out; echo err >&2; exit 7").await;
+    assert_eq!((out.as_str(), err.as_str(), code), ("out\n", "err\n", 7));
+    let mut req = cmd(&["sh", "-c", "echo $FOO:$(pwd):$(id -u):$HOME"]);
+    req.env.insert("FOO".into(), "bar".into());
+    req.cwd = Some("/tmp".into());
+    assert_eq!(d.exec(&id, req).await.0, "bar:/tmp:1000:/home/user\n");
+    let mut req = cmd(&["id", "-u"]);
+    req.user = Some("root".into());
+    assert_eq!(d.exec(&id, req).await.0, "0\n");
+    // Given up front, stdin reaches the process.
+    let mut req = cmd(&["cat"]);
+    req.stdin = Some("aGVsbG8=".into());
+    assert_eq!(d.exec(&id, req).await.0, "hello");
+}
+
+#[tokio::test]
+async fn sandbox_defaults_apply_to_every_process() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let mut req = CreateSandbox { template: Some("mini".into()), workdir: Some("/tmp".into()), user: Some("root".into()), ..Default::default() };
+    req.env.insert("TEAM".into(), "agents".into());
+    let id = d.client.create_sandbox(&req).await.unwrap().id;
+    assert_eq!(d.sh(&id, "echo $TEAM $(pwd) $(id -u)").await.0, "agents /tmp 0\n");
+}
+
+#[tokio::test]
+async fn bad_commands_are_clear_errors() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let e = d.client.exec(&id, &cmd(&["no-such-program"])).await.unwrap_err();
+    assert_eq!(e.code(), Some("command_not_found"), "{e}");
+    assert!(e.to_string().contains("no-such-program"), "{e}");
+    let e = d.client.exec(&id, &cmd(&[])).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_argument"), "{e}");
+    let mut req = cmd(&["true"]);
+    req.cwd = Some("/does/not/exist".into());
+    let e = d.client.exec(&id, &req).await.unwrap_err();
+    assert!(e.to_string().contains("/does/not/exist"), "{e}");
+    let mut req = cmd(&["true"]);
+    req.user = Some("nobody-here".into());
+    let e = d.client.exec(&id, &req).await.unwrap_err();
+    assert!(e.to_string().contains("nobody-here"), "{e}");
+}
+
+#[tokio::test]
+async fn timeout_kills_the_process_group() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["sh", "-c", "sleep 100 & sleep 100"]);
+    req.timeout_secs = Some(0.5);
+    let t = std::time::Instant::now();
+    let out = d.client.exec(&id, &req).await.unwrap().collect().await.unwrap();
+    assert!(out.status.timed_out && t.elapsed() < Duration::from_secs(10), "{:?}", out.status);
+    let (ps, _, _) = d.sh(&id, "pgrep -x sleep | wc -l").await;
+    assert_eq!(ps.trim(), "0", "the background sleep died with its group");
+}
+
+#[tokio::test]
+async fn background_processes_can_be_listed_attached_fed_and_signalled() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["sh", "-c", "echo started; while read line; do echo got:$line; done"]);
+    req.tag = Some("worker".into());
+    req.interactive = true;
+    let pid = d.client.exec_background(&id, &req).await.unwrap();
+    let procs = d.client.processes(&id).await.unwrap();
+    let p = procs.iter().find(|p| p.pid == pid).expect("listed");
+    assert_eq!(p.tag.as_deref(), Some("worker"));
+    d.client.write_stdin(&id, pid, b"one\n", false).await.unwrap();
+    let mut s = d.client.attach(&id, pid).await.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("got:one") {
+        match s.next().await.unwrap() {
+            Some(abx_client::OutputEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(_) => {}
+            None => panic!("stream ended: {seen}"),
+        }
+    }
+    assert!(seen.contains("started"), "buffered output is replayed: {seen}");
+    d.client.signal(&id, pid, "TERM").await.unwrap();
+    loop {
+        match s.next().await.unwrap() {
+            Some(abx_client::OutputEvent::Exit(st)) => {
+                assert_eq!(st.signal, Some(15));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no exit event"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn terminal_sessions_have_a_size_and_can_be_resized() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["sh"]);
+    req.tty = Some(TtySize { rows: 30, cols: 100 });
+    let (mut w, mut r) = d.client.exec_interactive(&id, &req).await.unwrap().split();
+    w.stdin(b"stty size\n").await.unwrap();
+    let mut seen = String::new();
+    while !seen.contains("30 100") {
+        match r.next().await.unwrap() {
+            Some(InteractiveEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(_) => {}
+            None => panic!("ended: {seen}"),
+        }
+    }
+    w.resize(TtySize { rows: 40, cols: 120 }).await.unwrap();
+    w.stdin(b"stty size; exit 3\n").await.unwrap();
+    loop {
+        match r.next().await.unwrap() {
+            Some(InteractiveEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(InteractiveEvent::Exit(st)) => {
+                assert_eq!(st.code, Some(3));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("ended: {seen}"),
+        }
+    }
+    assert!(seen.contains("40 120"), "{seen}");
+}
+
+#[tokio::test]
+async fn interactive_stdin_streams_and_closes() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let (mut w, mut r) = d.client.exec_interactive(&id, &cmd(&["wc", "-c"])).await.unwrap().split();
+    w.stdin(b"12345").await.unwrap();
+    w.stdin(b"678").await.unwrap();
+    w.close_stdin().await.unwrap();
+    let mut seen = String::new();
+    loop {
+        match r.next().await.unwrap() {
+            Some(InteractiveEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(InteractiveEvent::Exit(st)) => {
+                assert_eq!(st.code, Some(0));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("ended"),
+        }
+    }
+    assert_eq!(seen.trim(), "8");
+}

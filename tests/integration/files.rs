@@ -1,0 +1,93 @@
+//! Files inside sandboxes: every operation, users and permissions, and paths that try to
+//! leave the sandbox.
+
+use abx_client::{FileKind, Limits};
+
+use crate::harness::Daemon;
+
+#[tokio::test]
+async fn file_operations_round_trip() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let c = &d.client;
+    let info = c.write_file(&id, "/home/user/dir/a.txt", b"hello".to_vec(), Some(0o640)).await.unwrap();
+    assert_eq!((info.size, info.mode, info.uid), (5, 0o640, 1000), "owned by the default user");
+    assert_eq!(c.read_file(&id, "/home/user/dir/a.txt").await.unwrap(), b"hello");
+    assert_eq!(d.sh(&id, "cat /home/user/dir/a.txt").await.0, "hello", "visible to processes");
+    c.mkdir(&id, "/home/user/dir/sub/deeper", true).await.unwrap();
+    let list = c.list_dir(&id, "/home/user/dir", 1).await.unwrap();
+    let names: Vec<_> = list.iter().map(|f| (f.name.as_str(), f.kind)).collect();
+    assert_eq!(names, [("a.txt", FileKind::File), ("sub", FileKind::Dir)]);
+    let st = c.rename(&id, "/home/user/dir/a.txt", "/home/user/dir/sub/b.txt").await.unwrap();
+    assert_eq!(st.path, "/home/user/dir/sub/b.txt");
+    assert_eq!(c.stat(&id, "/home/user/dir/a.txt").await.unwrap_err().code(), Some("not_found"));
+    let e = c.remove(&id, "/home/user/dir", false).await.unwrap_err();
+    assert_eq!(e.code(), Some("directory_not_empty"), "{e}");
+    c.remove(&id, "/home/user/dir", true).await.unwrap();
+    assert_eq!(c.stat(&id, "/home/user/dir").await.unwrap_err().code(), Some("not_found"));
+    // Large content streams in both directions.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    c.write_file(&id, "/tmp/big", big.clone(), None).await.unwrap();
+    assert_eq!(c.read_file(&id, "/tmp/big").await.unwrap(), big);
+}
+
+#[tokio::test]
+async fn permissions_follow_the_acting_user() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let root = d.client.with_file_user("root");
+    root.write_file(&id, "/root/secret", b"x".to_vec(), Some(0o600)).await.unwrap();
+    let e = d.client.read_file(&id, "/root/secret").await.unwrap_err();
+    assert_eq!(e.code(), Some("permission_denied"), "{e}");
+    let e = d.client.write_file(&id, "/etc/new", b"x".to_vec(), None).await.unwrap_err();
+    assert_eq!(e.code(), Some("permission_denied"), "{e}");
+    assert_eq!(root.read_file(&id, "/root/secret").await.unwrap(), b"x");
+    assert_eq!(root.stat(&id, "/root/secret").await.unwrap().uid, 0);
+}
+
+#[tokio::test]
+async fn paths_cannot_leave_the_sandbox() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let root = d.client.with_file_user("root");
+    let host_marker = d.root.join("escape-marker");
+    // `..` beyond the root stays at the sandbox's root.
+    root.write_file(&id, "/../../../../tmp/dots", b"in".to_vec(), None).await.unwrap();
+    assert_eq!(d.sh(&id, "cat /tmp/dots").await.0, "in");
+    // Symlinks pointing out of the sandbox resolve inside it.
+    d.sh(&id, &format!("ln -s / /tmp/up; ln -s {} /tmp/marker", host_marker.display())).await;
+    let hostname = root.read_file(&id, "/tmp/up/etc/hostname").await.unwrap();
+    assert_eq!(hostname, d.sh(&id, "cat /etc/hostname").await.0.as_bytes(), "the sandbox's own /etc/hostname");
+    // The host path does not exist in the sandbox, and no file is created through a
+    // dangling symlink...
+    assert_eq!(root.write_file(&id, "/tmp/marker", b"x".to_vec(), None).await.unwrap_err().code(), Some("not_found"));
+    // ...and once the sandbox has such a file, writing through the link changes the
+    // sandbox's file.
+    root.write_file(&id, &host_marker.display().to_string(), b"".to_vec(), None).await.unwrap();
+    root.write_file(&id, "/tmp/marker", b"x".to_vec(), None).await.unwrap();
+    assert!(!host_marker.exists(), "a write through a symlink must not reach the host");
+    assert_eq!(root.read_file(&id, &host_marker.display().to_string()).await.unwrap(), b"x");
+    let e = d.client.read_file(&id, "relative/path").await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_argument"), "{e}");
+}
+
+#[tokio::test]
+async fn archives_copy_directory_trees() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    d.sh(&id, "mkdir -p /tmp/t/a && echo one > /tmp/t/a/1 && echo two > /tmp/t/2 && chmod 751 /tmp/t/a").await;
+    let mut s = d.client.download_archive(&id, "/tmp/t").await.unwrap();
+    let mut tar = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut s).await {
+        tar.extend_from_slice(&chunk.unwrap());
+    }
+    let mut names: Vec<String> = tar::Archive::new(tar.as_slice())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string().trim_end_matches('/').to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["t", "t/2", "t/a", "t/a/1"]);
+    d.client.upload_archive(&id, "/home/user/copy", tar).await.unwrap();
+    assert_eq!(d.sh(&id, "cat /home/user/copy/t/a/1 /home/user/copy/t/2; stat -c %a /home/user/copy/t/a").await.0, "one\ntwo\n751\n");
+}

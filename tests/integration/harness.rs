@@ -1,0 +1,352 @@
+//! A real daemon per test: its own state root, name prefix, uid range and socket, so tests
+//! run in parallel. Dropping a [`Daemon`] destroys its sandboxes, stops it, and asserts
+//! that nothing with its prefix is left on the host (cgroups, sandbox directories,
+//! processes).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use abx_client::{Client, CreateSandbox, ExecRequest, Limits};
+
+/// The agentbox binary under test.
+pub fn agentbox_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_agentbox"))
+}
+
+fn target_dir() -> PathBuf {
+    agentbox_bin().parent().and_then(Path::parent).map(Path::to_path_buf).expect("target dir")
+}
+
+/// A static binary built for the sandbox (musl), from the environment or target/.
+fn static_binary(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    for profile in ["release", "debug"] {
+        let p = target_dir().join("x86_64-unknown-linux-musl").join(profile).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} (static) not found: run `cargo build --target x86_64-unknown-linux-musl -p abx-agent -p abx-probe` \
+         or set {env} (scripts/test does this)"
+    );
+}
+
+pub fn agent_bin() -> PathBuf {
+    static_binary("ABX_TEST_AGENT", "agentbox-agent")
+}
+
+pub fn probe_bin() -> PathBuf {
+    static_binary("ABX_TEST_PROBE", "abx-probe")
+}
+
+/// A uid range no other running test holds: a lock file per slot, held while the test runs.
+struct UidSlot {
+    start: u32,
+    _lock: std::fs::File,
+}
+
+fn uid_slot() -> UidSlot {
+    let dir = Path::new("/tmp/abxt-uid-slots");
+    std::fs::create_dir_all(dir).unwrap();
+    let first = std::process::id() as usize;
+    for i in 0..400 {
+        let slot = (first + i) % 400;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).unwrap();
+        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
+            // 64 sandboxes of 65536 uids per test daemon, from 1<<28 upwards (below 2^31).
+            return UidSlot { start: (1 << 28) + slot as u32 * 64 * 65536, _lock: f };
+        }
+    }
+    panic!("no free test uid slot");
+}
+
+pub struct Daemon {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub prefix: String,
+    pub uid_start: u32,
+    child: Option<Child>,
+    /// Set by [`Daemon::adopt_spawner`]: reap this pid after the daemon stops.
+    spawner: Option<u32>,
+    pub client: Client,
+    _slot: UidSlot,
+    _dir: tempfile::TempDir,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
+    b.iter().map(|x| format!("{:x}", x & 15)).collect()
+}
+
+impl Daemon {
+    /// Starts a daemon with the default options.
+    pub async fn start() -> Daemon {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a daemon with extra command-line options (`--flag value` pairs, overriding
+    /// the harness's defaults).
+    pub async fn start_with(extra: &[&str]) -> Daemon {
+        assert!(rustix::process::geteuid().is_root(), "integration tests need root");
+        let dir = tempfile::Builder::new().prefix("abxt-").tempdir().unwrap();
+        let root = dir.path().join("root");
+        let socket = dir.path().join("api.sock");
+        let prefix = format!("abxt{}", random_hex(8));
+        let slot = uid_slot();
+        let mut d = Daemon {
+            client: Client::new(&format!("unix:{}", socket.display())).unwrap(),
+            root,
+            socket,
+            prefix,
+            uid_start: slot.start,
+            child: None,
+            spawner: None,
+            _slot: slot,
+            _dir: dir,
+        };
+        d.spawn(extra).await;
+        d
+    }
+
+    /// (Re)starts the daemon process on this state.
+    pub async fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let mut args: Vec<(String, String)> = vec![
+            ("--root".into(), self.root.display().to_string()),
+            ("--listen".into(), format!("unix:{}", self.socket.display())),
+            ("--prefix".into(), self.prefix.clone()),
+            ("--uid-start".into(), self.uid_start.to_string()),
+            ("--uid-slots".into(), "64".into()),
+            ("--agent".into(), agent_bin().display().to_string()),
+            ("--log".into(), "info".into()),
+        ];
+        for pair in extra.chunks(2) {
+            match args.iter_mut().find(|(k, _)| k == pair[0]) {
+                Some(slot) => slot.1 = pair[1].to_string(),
+                None => args.push((pair[0].to_string(), pair[1].to_string())),
+            }
+        }
+        let child = Command::new(agentbox_bin())
+            .arg("daemon")
+            .args(args.iter().flat_map(|(k, v)| [k, v]))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.client.system().await.is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self._dir.path().join("daemon.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Makes this test process a subreaper, so that the spawner, which outlives a killed
+    /// daemon, is re-parented to it and can be reaped when the test ends (this host's init
+    /// does not reap orphans).
+    pub async fn adopt_spawner(&mut self) -> u32 {
+        let me = rustix::process::Pid::from_raw(std::process::id() as i32);
+        rustix::process::set_child_subreaper(me).unwrap();
+        let pid = self.client.system().await.unwrap().spawner_pid;
+        self.spawner = Some(pid);
+        pid
+    }
+
+    fn reap_spawner(&mut self) {
+        let Some(pid) = self.spawner.take().and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => panic!("the spawner {pid:?} did not exit after the daemon stopped"),
+            }
+        }
+    }
+
+    /// SIGKILLs the daemon (sandboxes must survive this).
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("daemon running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("daemon did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Builds a template once (mini: busybox, instant; base: Debian, cached machine-wide).
+    pub async fn template(&self, name: &str) {
+        if self.client.template(name).await.is_ok() {
+            return;
+        }
+        let mut s = self.client.build_template(&abx_client::BuildTemplate { name: name.into(), recipe: None, from_dir: None }).await.unwrap();
+        while let Some(ev) = s.next().await.unwrap() {
+            match ev {
+                abx_client::BuildEvent::Done { .. } => return,
+                abx_client::BuildEvent::Error { message, .. } => panic!("building {name}: {message}"),
+                _ => {}
+            }
+        }
+        panic!("build of {name} ended without a result");
+    }
+
+    /// A running sandbox from `mini` with the given limits.
+    pub async fn mini(&self, limits: Limits) -> String {
+        self.template("mini").await;
+        let req = CreateSandbox { template: Some("mini".into()), limits, ..Default::default() };
+        self.client.create_sandbox(&req).await.unwrap().id
+    }
+
+    /// Runs a command and returns (stdout, stderr, exit code).
+    pub async fn sh(&self, id: &str, script: &str) -> (String, String, i32) {
+        self.exec(id, ExecRequest { cmd: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() }).await
+    }
+
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> (String, String, i32) {
+        let out = self.client.exec(id, &req).await.unwrap().collect().await.unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned(), out.status.shell_code())
+    }
+
+    /// Copies the verifier into a sandbox as /usr/bin/abx-probe.
+    pub async fn install_probe(&self, id: &str) {
+        let bytes = std::fs::read(probe_bin()).unwrap();
+        self.client.with_file_user("root").write_file(id, "/usr/bin/abx-probe", bytes, Some(0o755)).await.unwrap();
+    }
+
+    /// `abx-probe report` from inside the sandbox.
+    pub async fn probe(&self, id: &str, user: Option<&str>) -> serde_json::Value {
+        let req = ExecRequest { cmd: vec!["abx-probe".into(), "report".into()], user: user.map(String::from), ..Default::default() };
+        let (out, err, code) = self.exec(id, req).await;
+        assert_eq!(code, 0, "probe failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output is not JSON ({e}): {out}"))
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(agentbox_bin())
+            .arg("--host")
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Host objects carrying this daemon's prefix: cgroup dirs, sandbox dirs.
+    pub fn host_objects(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let p = h.path().join(&self.prefix);
+                if let Ok(children) = std::fs::read_dir(&p) {
+                    for c in children.flatten().filter(|c| c.path().is_dir()) {
+                        found.push(c.path().display().to_string());
+                    }
+                }
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.root.join("sandboxes")) {
+            found.extend(rd.flatten().map(|e| e.path().display().to_string()));
+        }
+        found
+    }
+
+    /// Waits until `cond` holds (polling), or panics with `what`.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Processes on the host whose command line mentions `needle`.
+pub fn host_processes(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        let panicking = std::thread::panicking();
+        // A fresh client: the test's own pools connections on the test's runtime, which is
+        // blocked while this runs.
+        let client = Client::new(&format!("unix:{}", self.socket.display())).unwrap();
+        // Its own runtime on its own thread: Drop may run inside the test's runtime.
+        let leftover = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    if let Ok(list) = client.list_sandboxes().await {
+                        for sb in list {
+                            let _ = client.delete_sandbox(&sb.id, true).await;
+                        }
+                    }
+                })
+            })
+            .join()
+            .ok()
+        });
+        let _ = leftover;
+        self.stop();
+        self.reap_spawner();
+        if panicking {
+            eprintln!("--- daemon log ---\n{}", self.log());
+            return;
+        }
+        let objects = self.host_objects();
+        assert!(objects.is_empty(), "left on the host after the daemon stopped: {objects:#?}\n{}", self.log());
+        let procs = host_processes(&self.root.display().to_string());
+        assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+        for h in ["memory", "cpu", "pids", "unified", "cpuacct", "freezer"] {
+            let p = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix);
+            assert!(!p.exists(), "cgroup parent {} left behind", p.display());
+        }
+    }
+}

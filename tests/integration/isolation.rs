@@ -1,0 +1,143 @@
+//! Isolation, checked from inside the sandbox with the `abx-probe` verifier.
+
+use std::time::Duration;
+
+use abx_client::{ExecRequest, Limits};
+
+use crate::harness::Daemon;
+
+fn verdict(r: &serde_json::Value, call: &str) -> String {
+    r["verdicts"][call].as_str().unwrap_or("missing").to_string()
+}
+
+#[tokio::test]
+async fn root_inside_is_not_root_outside_and_cannot_escalate() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    d.install_probe(&id).await;
+    let r = d.probe(&id, Some("root")).await;
+    assert_eq!(r["uid"], 0, "root inside the sandbox");
+    let map: Vec<u64> = r["uid_map"].as_str().unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(map[0], 0);
+    assert!(map[1] >= u64::from(d.uid_start), "root maps to an unprivileged host uid: {map:?}");
+    assert_eq!(map[2], 65536);
+    // Seen from the host, the sandbox's processes run as that uid.
+    let sb = d.client.get_sandbox(&id).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sb.pid)).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.contains(&sb.uid_base.to_string()), "host sees uid {uid_line}");
+    assert!(!uid_line.split_whitespace().skip(1).any(|u| u == "0"));
+    assert_eq!(r["no_new_privs"], true);
+    assert_eq!(r["seccomp_mode"], 2);
+    // CAP_SYS_ADMIN (bit 21) is gone from every set.
+    let cap = u64::from_str_radix(r["cap_bnd"].as_str().unwrap(), 16).unwrap();
+    assert_eq!(cap & (1 << 21), 0, "CAP_SYS_ADMIN must not be in the bounding set");
+}
+
+#[tokio::test]
+async fn dangerous_syscalls_are_refused() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    d.install_probe(&id).await;
+    let r = d.probe(&id, Some("root")).await;
+    for call in [
+        "io_uring_setup", "bpf", "mount_tmpfs", "unshare_user", "unshare_mount", "setns", "open_tree", "fsopen",
+        "pivot_root", "perf_event_open", "userfaultfd", "keyctl", "add_key", "kexec_load", "init_module",
+        "finit_module", "reboot", "swapon", "ptrace_attach_pid1",
+    ] {
+        assert_eq!(verdict(&r, call), "refused", "{call}: {}", r["syscalls"][call]);
+    }
+    // And with the tools a user would reach for.
+    let (_, err, code) = d.sh(&id, "mount -t tmpfs none /mnt").await;
+    assert_ne!(code, 0, "mount must fail: {err}");
+}
+
+#[tokio::test]
+async fn sees_only_its_own_processes_files_and_loopback() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    d.install_probe(&id).await;
+    let marker = d.root.join("host-only-file");
+    std::fs::write(&marker, "secret").unwrap();
+    let r = d.probe(&id, Some("root")).await;
+    let pids: Vec<u64> = r["pids_visible"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
+    assert!(pids.contains(&1) && pids.len() <= 3, "only the agent and the probe: {pids:?}");
+    assert_eq!(r["interfaces"], serde_json::json!(["lo"]));
+    // Host files are not reachable: the root is the template's.
+    let (out, _, _) = d.sh(&id, &format!("cat {} 2>&1; ls /; cat /etc/hostname", marker.display())).await;
+    assert!(!out.contains("secret"), "{out}");
+    assert!(out.contains("linuxrc"), "busybox root expected: {out}");
+    // No route anywhere: connecting out fails at once without sending anything.
+    let (out, _, _) = d.exec(&id, ExecRequest { cmd: vec!["abx-probe".into(), "connect".into(), "203.0.113.1:80".into()], ..Default::default() }).await;
+    assert!(out.contains("ENETUNREACH") || out.contains("\"ok\":false"), "{out}");
+}
+
+#[tokio::test]
+async fn cannot_write_outside_its_root() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    d.install_probe(&id).await;
+    for path in ["/proc/sys/kernel/hostname", "/sys/kernel/profiling", "/proc/sysrq-trigger"] {
+        let (out, _, _) = d.exec(&id, ExecRequest { cmd: vec!["abx-probe".into(), "write".into(), path.into()], user: Some("root".into()), ..Default::default() }).await;
+        assert!(out.contains("\"ok\":false"), "{path} must not be writable: {out}");
+    }
+    // Writing everywhere it can still lands in the sandbox's own upper directory.
+    let (_, _, code) = d.sh(&id, "echo inside > /etc/agentbox-test").await;
+    assert_ne!(code, 0, "the default user is not root: /etc is not writable for it");
+    let (_, _, code) = d.exec(&id, ExecRequest { cmd: vec!["sh".into(), "-c".into(), "echo inside > /etc/agentbox-test".into()], user: Some("root".into()), ..Default::default() }).await;
+    assert_eq!(code, 0);
+    assert!(!std::path::Path::new("/etc/agentbox-test").exists(), "the host's /etc is untouched");
+}
+
+#[tokio::test]
+async fn memory_hog_is_oom_killed_and_the_sandbox_survives() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits { memory_bytes: Some(64 << 20), ..Default::default() }).await;
+    d.install_probe(&id).await;
+    let req = ExecRequest { cmd: vec!["abx-probe".into(), "hog".into(), "512".into(), "30".into()], ..Default::default() };
+    let out = d.client.exec(&id, &req).await.unwrap().collect().await.unwrap();
+    assert_eq!(out.status.signal, Some(9), "the hog is killed: {:?}", out.status);
+    let stats = d.client.stats(&id).await.unwrap();
+    assert!(stats.oom_kills >= 1, "{stats:?}");
+    let (out, _, code) = d.sh(&id, "echo alive").await;
+    assert_eq!((out.as_str(), code), ("alive\n", 0));
+}
+
+#[tokio::test]
+async fn fork_bomb_is_stopped_by_the_pids_limit() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits { pids: Some(64), ..Default::default() }).await;
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), "b(){ b|b& }; b; sleep 30".into()],
+        timeout_secs: Some(4.0),
+        ..Default::default()
+    };
+    let (client, id2) = (d.client.clone(), id.clone());
+    let bomb = tokio::spawn(async move { client.exec(&id2, &req).await.unwrap().collect().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats = d.client.stats(&id).await.unwrap();
+    assert!(stats.pids <= 64, "{stats:?}");
+    let out = bomb.await.unwrap();
+    assert!(out.status.timed_out, "{:?}", out.status);
+    d.wait_for("the bomb's processes to go", Duration::from_secs(10), || async { d.client.stats(&id).await.unwrap().pids <= 2 }).await;
+    let (out, _, code) = d.sh(&id, "echo alive").await;
+    assert_eq!((out.as_str(), code), ("alive\n", 0));
+}
+
+#[tokio::test]
+async fn two_sandboxes_cannot_see_each_other() {
+    let d = Daemon::start().await;
+    let a = d.mini(Limits::default()).await;
+    let b = d.mini(Limits::default()).await;
+    let (sa, sb) = (d.client.get_sandbox(&a).await.unwrap(), d.client.get_sandbox(&b).await.unwrap());
+    assert_ne!(sa.uid_base, sb.uid_base, "distinct uid ranges");
+    let pid = d.client.exec_background(&a, &ExecRequest { cmd: vec!["sleep".into(), "300".into()], ..Default::default() }).await.unwrap();
+    d.sh(&a, "echo from-a > /tmp/a-file").await;
+    let (out, _, _) = d.sh(&b, "ps -o pid,args; ls /tmp; cat /tmp/a-file 2>&1").await;
+    assert!(!out.contains("sleep 300"), "{out}");
+    assert!(!out.contains("from-a"), "{out}");
+    let (_, _, code) = d.sh(&b, &format!("kill -9 {pid}")).await;
+    assert_ne!(code, 0, "b cannot signal a's process");
+    let procs = d.client.processes(&a).await.unwrap();
+    assert!(procs.iter().any(|p| p.pid == pid && p.exit.is_none()), "a's process still runs");
+}

@@ -1,0 +1,96 @@
+//! Lifecycle: timeouts, removal of everything a sandbox had, clear errors for bad input,
+//! and nothing half-made when setup fails.
+
+use std::time::Duration;
+
+use abx_client::{CreateSandbox, Limits};
+
+use crate::harness::Daemon;
+
+fn mini() -> CreateSandbox {
+    CreateSandbox { template: Some("mini".into()), ..Default::default() }
+}
+
+#[tokio::test]
+async fn rm_removes_everything_the_sandbox_had() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let sb = d.client.get_sandbox(&id).await.unwrap();
+    d.sh(&id, "sleep 300 & echo data > /tmp/x").await;
+    assert!(!d.host_objects().is_empty());
+    let e = d.client.delete_sandbox(&id, false).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "a running sandbox needs force: {e}");
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"));
+    d.wait_for("host objects to be removed", Duration::from_secs(10), || async { d.host_objects().is_empty() }).await;
+    assert!(!std::path::Path::new(&format!("/proc/{}", sb.pid)).exists() || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true));
+}
+
+#[tokio::test]
+async fn timeout_destroys_the_sandbox_and_can_be_changed() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let a = d.client.create_sandbox(&CreateSandbox { timeout_secs: Some(1), ..mini() }).await.unwrap();
+    let b = d.client.create_sandbox(&CreateSandbox { timeout_secs: Some(1), ..mini() }).await.unwrap();
+    assert!(a.expires_at.is_some());
+    let b = d.client.set_timeout(&b.id, 3600).await.unwrap();
+    assert!(b.expires_at.unwrap() > a.expires_at.unwrap() + 3000);
+    d.wait_for("the timeout to destroy the sandbox", Duration::from_secs(15), || async {
+        d.client.get_sandbox(&a.id).await.is_err()
+    })
+    .await;
+    assert!(d.client.get_sandbox(&b.id).await.is_ok(), "the extended sandbox lives on");
+    let none = d.client.set_timeout(&b.id, 0).await.unwrap();
+    assert_eq!(none.expires_at, None);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_error_and_creates_nothing() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let cases: Vec<(CreateSandbox, &str, &str)> = vec![
+        (CreateSandbox { template: Some("no-such-template".into()), ..Default::default() }, "not_found", "no-such-template"),
+        (CreateSandbox { limits: Limits { memory_bytes: Some(1024), ..Default::default() }, ..mini() }, "invalid_argument", "memory"),
+        (CreateSandbox { limits: Limits { cpus: Some(-1.0), ..Default::default() }, ..mini() }, "invalid_argument", "cpu"),
+        (CreateSandbox { limits: Limits { pids: Some(1), ..Default::default() }, ..mini() }, "invalid_argument", "pids"),
+        (CreateSandbox { name: Some("bad/name".into()), ..mini() }, "invalid_argument", "bad/name"),
+        (CreateSandbox { workdir: Some("relative".into()), ..mini() }, "invalid_argument", "workdir"),
+    ];
+    for (req, code, needle) in cases {
+        let e = d.client.create_sandbox(&req).await.unwrap_err();
+        assert_eq!(e.code(), Some(code), "{e}");
+        assert!(e.to_string().contains(needle), "'{e}' should mention {needle}");
+    }
+    let named = CreateSandbox { name: Some("agent-42".into()), ..mini() };
+    d.client.create_sandbox(&named).await.unwrap();
+    let e = d.client.create_sandbox(&named).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    assert_eq!(d.client.get_sandbox("agent-42").await.unwrap().name.as_deref(), Some("agent-42"), "found by name");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 1);
+    assert_eq!(d.client.get_sandbox("nope").await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(d.client.delete_sandbox("nope", true).await.unwrap_err().code(), Some("not_found"));
+}
+
+#[tokio::test]
+async fn failed_setup_leaves_nothing_behind() {
+    // A dynamically linked "agent" cannot start inside a busybox root: the sandbox's setup
+    // fails at its last step, after namespaces, cgroups and mounts were all made.
+    let d = Daemon::start_with(&["--agent", "/usr/bin/true"]).await;
+    d.template("mini").await;
+    let e = d.client.create_sandbox(&mini()).await.unwrap_err();
+    assert_eq!(e.code(), Some("sandbox_setup_failed"), "{e}");
+    assert!(e.to_string().contains("exec guest agent"), "{e}");
+    assert!(d.host_objects().is_empty(), "{:?}", d.host_objects());
+    assert!(d.client.list_sandboxes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn uid_ranges_run_out_cleanly() {
+    let d = Daemon::start_with(&["--uid-slots", "1"]).await;
+    d.template("mini").await;
+    let first = d.client.create_sandbox(&mini()).await.unwrap();
+    let e = d.client.create_sandbox(&mini()).await.unwrap_err();
+    assert_eq!(e.code(), Some("resource_exhausted"), "{e}");
+    d.client.delete_sandbox(&first.id, true).await.unwrap();
+    d.client.create_sandbox(&mini()).await.unwrap();
+}

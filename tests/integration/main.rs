@@ -1,0 +1,12 @@
+//! agentbox integration tests: real daemons, real namespaces, cgroups, mounts and seccomp.
+//! Run as root (scripts/test builds the static agent and verifier first).
+
+mod api;
+mod cli;
+mod exec;
+mod files;
+mod harness;
+mod isolation;
+mod lifecycle;
+mod restart;
+mod templates;
