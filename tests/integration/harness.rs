@@ -53,12 +53,13 @@ fn uid_slot() -> UidSlot {
     let dir = Path::new("/tmp/abxt-uid-slots");
     std::fs::create_dir_all(dir).unwrap();
     let first = std::process::id() as usize;
-    for i in 0..400 {
-        let slot = (first + i) % 400;
+    for i in 0..200 {
+        let slot = (first + i) % 200;
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).unwrap();
         if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
-            // 64 sandboxes of 65536 uids per test daemon, from 1<<28 upwards (below 2^31).
-            return UidSlot { start: (1 << 28) + slot as u32 * 64 * 65536, _lock: f };
+            // 64 sandboxes of 65536 uids per test daemon, from 2^30 up to below 2^31 (apart
+            // from the default daemon range, 2^27 + 4096 x 65536).
+            return UidSlot { start: (1 << 30) + slot as u32 * 64 * 65536, _lock: f };
         }
     }
     panic!("no free test uid slot");

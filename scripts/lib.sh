@@ -1,0 +1,66 @@
+# Shared steps of scripts/setup, scripts/test and scripts/bench. Source it; run as root.
+
+AGENT_TARGET=x86_64-unknown-linux-musl
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "error: run this as root (agentbox creates namespaces, cgroups and mounts)" >&2
+    exit 1
+  fi
+}
+
+# Debian packages agentbox needs: a C compiler (bundled SQLite), debootstrap (the base
+# template), busybox-static (the mini template), and the usual download tools.
+install_packages() {
+  local want=(gcc libc6-dev pkg-config debootstrap busybox-static ca-certificates curl "$@")
+  local missing=()
+  for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# A Rust toolchain (rustup's; Debian 12's rustc is too old for this workspace).
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "==> installing Rust with rustup"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+}
+
+# The guest agent runs as PID 1 inside images that may have no libc: it must be static.
+# Prefer musl; fall back to a static glibc build when the musl target cannot be added.
+build_static() {
+  local profile_flag=$1; shift
+  local dir
+  if rustup target list --installed 2>/dev/null | grep -q "^$AGENT_TARGET$" \
+     || rustup target add "$AGENT_TARGET" >/dev/null 2>&1; then
+    cargo build $profile_flag --locked --target "$AGENT_TARGET" "$@"
+    dir=target/$AGENT_TARGET
+  else
+    echo "==> musl target unavailable; building the agent as static glibc"
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build $profile_flag --locked \
+      --target x86_64-unknown-linux-gnu "$@"
+    dir=target/x86_64-unknown-linux-gnu
+  fi
+  if [ "$profile_flag" = "--release" ]; then STATIC_DIR=$dir/release; else STATIC_DIR=$dir/debug; fi
+  export STATIC_DIR
+}
+
+wait_for_socket() {
+  local sock=$1
+  for _ in $(seq 1 200); do
+    [ -S "$sock" ] && return 0
+    sleep 0.05
+  done
+  echo "error: the daemon did not create $sock" >&2
+  return 1
+}
