@@ -27,10 +27,12 @@ enum Loc {
 }
 
 fn parse_loc(s: &str) -> Loc {
-    if let Some((id, path)) = s.split_once(':') {
-        if !id.is_empty() && !id.contains('/') && path.starts_with('/') {
-            return Loc::Sandbox { id: id.into(), path: path.into() };
-        }
+    if let Some((id, path)) = s.split_once(':')
+        && !id.is_empty()
+        && !id.contains('/')
+        && path.starts_with('/')
+    {
+        return Loc::Sandbox { id: id.into(), path: path.into() };
     }
     Loc::Host(PathBuf::from(s))
 }
@@ -59,7 +61,9 @@ pub async fn cp(client: &Client, a: CpArgs) -> anyhow::Result<i32> {
         (Loc::Host(src), Loc::Sandbox { id, path }) => upload(client, &src, &id, &path).await?,
         (Loc::Sandbox { id, path }, Loc::Host(dst)) => download(client, &id, &path, &dst).await?,
         (Loc::Host(_), Loc::Host(_)) => bail!("one side must be in a sandbox (ID:/path)"),
-        (Loc::Sandbox { .. }, Loc::Sandbox { .. }) => bail!("copying between sandboxes is not supported; copy through the host"),
+        (Loc::Sandbox { .. }, Loc::Sandbox { .. }) => {
+            bail!("copying between sandboxes is not supported; copy through the host")
+        }
     }
     Ok(0)
 }

@@ -79,7 +79,8 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
 }
 
 pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).with_context(|| format!("invalid --log '{}'", a.log))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&a.log).with_context(|| format!("invalid --log '{}'", a.log))?;
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if !rustix::process::geteuid().is_root() {
         bail!("the daemon must run as root (it creates namespaces, cgroups and mounts)");

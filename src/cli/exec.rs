@@ -183,13 +183,20 @@ pub async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<i32> {
 
 pub async fn shell(client: &Client, a: ShellArgs) -> anyhow::Result<i32> {
     let script = "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi";
-    let req = ExecRequest { cmd: vec!["/bin/sh".into(), "-c".into(), script.into()], user: a.user, ..Default::default() };
+    let req =
+        ExecRequest { cmd: vec!["/bin/sh".into(), "-c".into(), script.into()], user: a.user, ..Default::default() };
     exec_request(client, &a.id, req, true, true).await
 }
 
 /// Runs `req` in sandbox `id`, streaming output; returns the command's exit code
 /// (127 when it does not exist, 126 when it cannot be executed).
-async fn exec_request(client: &Client, id: &str, mut req: ExecRequest, interactive: bool, tty: bool) -> anyhow::Result<i32> {
+async fn exec_request(
+    client: &Client,
+    id: &str,
+    mut req: ExecRequest,
+    interactive: bool,
+    tty: bool,
+) -> anyhow::Result<i32> {
     let result = if interactive || tty {
         if tty {
             req.tty = Some(terminal_size());

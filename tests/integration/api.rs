@@ -33,7 +33,10 @@ async fn served_openapi_matches_the_committed_document_and_every_route() {
     assert_eq!(status, 200);
     let committed: serde_json::Value =
         serde_json::from_str(include_str!("../../docs/openapi.json")).expect("docs/openapi.json is valid JSON");
-    assert_eq!(served, committed, "docs/openapi.json is stale: regenerate it with `agentbox openapi > docs/openapi.json`");
+    assert_eq!(
+        served, committed,
+        "docs/openapi.json is stale: regenerate it with `agentbox openapi > docs/openapi.json`"
+    );
     let spec_paths: BTreeSet<&str> = served["paths"].as_object().unwrap().keys().map(String::as_str).collect();
     let client_paths: BTreeSet<&str> = abx_api::paths::ALL.iter().copied().collect();
     assert_eq!(spec_paths, client_paths, "every route the clients use is documented, and nothing else");
@@ -41,10 +44,14 @@ async fn served_openapi_matches_the_committed_document_and_every_route() {
     // method_not_allowed; anything else, even an error, proves a handler exists).
     for (path, item) in served["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
-            let concrete = path.replace("{id}", "nosuchsandbox").replace("{pid}", "1").replace("{name}", "nosuchtemplate");
+            let concrete =
+                path.replace("{id}", "nosuchsandbox").replace("{pid}", "1").replace("{name}", "nosuchtemplate");
             let (status, body) = raw(&d, &method.to_uppercase(), &concrete).await;
             let code = body["error"]["code"].as_str().unwrap_or("");
-            assert!(code != "route_not_found" && code != "method_not_allowed" && status != 405, "{method} {path}: {status} {body}");
+            assert!(
+                code != "route_not_found" && code != "method_not_allowed" && status != 405,
+                "{method} {path}: {status} {body}"
+            );
         }
     }
 }

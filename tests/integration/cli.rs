@@ -10,7 +10,19 @@ fn text(o: &std::process::Output) -> (String, String) {
 async fn run_streams_output_and_returns_the_exit_code() {
     let d = Daemon::start().await;
     d.template("mini").await;
-    let o = d.cli(&["run", "-T", "mini", "--memory", "128M", "--pids", "100", "--", "sh", "-c", "echo out; echo err >&2; exit 42"]);
+    let o = d.cli(&[
+        "run",
+        "-T",
+        "mini",
+        "--memory",
+        "128M",
+        "--pids",
+        "100",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 42",
+    ]);
     assert_eq!(o.status.code(), Some(42));
     assert_eq!(text(&o), ("out\n".into(), "err\n".into()));
     let o = d.cli(&["run", "-T", "mini", "--", "no-such-command"]);
@@ -58,14 +70,20 @@ async fn cp_copies_files_and_directories_both_ways() {
     std::fs::write(src.join("nested/file.txt"), "content").unwrap();
     std::fs::write(tmp.path().join("single"), "one file").unwrap();
     let sandbox = |p: &str| format!("{id}:{p}");
-    assert!(d.cli(&["cp", tmp.path().join("single").to_str().unwrap(), &sandbox("/home/user/single")]).status.success());
+    assert!(
+        d.cli(&["cp", tmp.path().join("single").to_str().unwrap(), &sandbox("/home/user/single")]).status.success()
+    );
     assert!(d.cli(&["cp", src.to_str().unwrap(), &sandbox("/home/user/tree")]).status.success());
     assert_eq!(d.sh(&id, "cat /home/user/single /home/user/tree/nested/file.txt").await.0, "one filecontent");
     let back = tmp.path().join("back");
     let o = d.cli(&["cp", &sandbox("/home/user/tree"), back.to_str().unwrap()]);
     assert!(o.status.success(), "{:?}", text(&o));
     assert_eq!(std::fs::read_to_string(back.join("nested/file.txt")).unwrap(), "content");
-    assert!(d.cli(&["cp", &sandbox("/home/user/single"), tmp.path().join("single-back").to_str().unwrap()]).status.success());
+    assert!(
+        d.cli(&["cp", &sandbox("/home/user/single"), tmp.path().join("single-back").to_str().unwrap()])
+            .status
+            .success()
+    );
     assert_eq!(std::fs::read_to_string(tmp.path().join("single-back")).unwrap(), "one file");
     let o = d.cli(&["cp", "-u", "root", tmp.path().join("single").to_str().unwrap(), &sandbox("/etc/")]);
     assert!(o.status.success(), "{:?}", text(&o));

@@ -34,7 +34,12 @@ async fn output_exit_codes_env_cwd_and_users() {
 async fn sandbox_defaults_apply_to_every_process() {
     let d = Daemon::start().await;
     d.template("mini").await;
-    let mut req = CreateSandbox { template: Some("mini".into()), workdir: Some("/tmp".into()), user: Some("root".into()), ..Default::default() };
+    let mut req = CreateSandbox {
+        template: Some("mini".into()),
+        workdir: Some("/tmp".into()),
+        user: Some("root".into()),
+        ..Default::default()
+    };
     req.env.insert("TEAM".into(), "agents".into());
     let id = d.client.create_sandbox(&req).await.unwrap().id;
     assert_eq!(d.sh(&id, "echo $TEAM $(pwd) $(id -u)").await.0, "agents /tmp 0\n");

@@ -89,5 +89,8 @@ async fn archives_copy_directory_trees() {
     names.sort();
     assert_eq!(names, ["t", "t/2", "t/a", "t/a/1"]);
     d.client.upload_archive(&id, "/home/user/copy", tar).await.unwrap();
-    assert_eq!(d.sh(&id, "cat /home/user/copy/t/a/1 /home/user/copy/t/2; stat -c %a /home/user/copy/t/a").await.0, "one\ntwo\n751\n");
+    assert_eq!(
+        d.sh(&id, "cat /home/user/copy/t/a/1 /home/user/copy/t/2; stat -c %a /home/user/copy/t/a").await.0,
+        "one\ntwo\n751\n"
+    );
 }

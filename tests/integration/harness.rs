@@ -55,7 +55,12 @@ fn uid_slot() -> UidSlot {
     let first = std::process::id() as usize;
     for i in 0..200 {
         let slot = (first + i) % 200;
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(slot.to_string()))
+            .unwrap();
         if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
             // 64 sandboxes of 65536 uids per test daemon, from 2^30 up to below 2^31 (apart
             // from the default daemon range, 2^27 + 4096 x 65536).
@@ -211,7 +216,11 @@ impl Daemon {
         if self.client.template(name).await.is_ok() {
             return;
         }
-        let mut s = self.client.build_template(&abx_client::BuildTemplate { name: name.into(), recipe: None, from_dir: None }).await.unwrap();
+        let mut s = self
+            .client
+            .build_template(&abx_client::BuildTemplate { name: name.into(), recipe: None, from_dir: None })
+            .await
+            .unwrap();
         while let Some(ev) = s.next().await.unwrap() {
             match ev {
                 abx_client::BuildEvent::Done { .. } => return,
@@ -236,7 +245,11 @@ impl Daemon {
 
     pub async fn exec(&self, id: &str, req: ExecRequest) -> (String, String, i32) {
         let out = self.client.exec(id, &req).await.unwrap().collect().await.unwrap();
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned(), out.status.shell_code())
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.shell_code(),
+        )
     }
 
     /// Copies the verifier into a sandbox as /usr/bin/abx-probe.
@@ -247,7 +260,11 @@ impl Daemon {
 
     /// `abx-probe report` from inside the sandbox.
     pub async fn probe(&self, id: &str, user: Option<&str>) -> serde_json::Value {
-        let req = ExecRequest { cmd: vec!["abx-probe".into(), "report".into()], user: user.map(String::from), ..Default::default() };
+        let req = ExecRequest {
+            cmd: vec!["abx-probe".into(), "report".into()],
+            user: user.map(String::from),
+            ..Default::default()
+        };
         let (out, err, code) = self.exec(id, req).await;
         assert_eq!(code, 0, "probe failed: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("probe output is not JSON ({e}): {out}"))

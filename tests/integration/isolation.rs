@@ -41,9 +41,25 @@ async fn dangerous_syscalls_are_refused() {
     d.install_probe(&id).await;
     let r = d.probe(&id, Some("root")).await;
     for call in [
-        "io_uring_setup", "bpf", "mount_tmpfs", "unshare_user", "unshare_mount", "setns", "open_tree", "fsopen",
-        "pivot_root", "perf_event_open", "userfaultfd", "keyctl", "add_key", "kexec_load", "init_module",
-        "finit_module", "reboot", "swapon", "ptrace_attach_pid1",
+        "io_uring_setup",
+        "bpf",
+        "mount_tmpfs",
+        "unshare_user",
+        "unshare_mount",
+        "setns",
+        "open_tree",
+        "fsopen",
+        "pivot_root",
+        "perf_event_open",
+        "userfaultfd",
+        "keyctl",
+        "add_key",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "reboot",
+        "swapon",
+        "ptrace_attach_pid1",
     ] {
         assert_eq!(verdict(&r, call), "refused", "{call}: {}", r["syscalls"][call]);
     }
@@ -68,7 +84,15 @@ async fn sees_only_its_own_processes_files_and_loopback() {
     assert!(!out.contains("secret"), "{out}");
     assert!(out.contains("linuxrc"), "busybox root expected: {out}");
     // No route anywhere: connecting out fails at once without sending anything.
-    let (out, _, _) = d.exec(&id, ExecRequest { cmd: vec!["abx-probe".into(), "connect".into(), "203.0.113.1:80".into()], ..Default::default() }).await;
+    let (out, _, _) = d
+        .exec(
+            &id,
+            ExecRequest {
+                cmd: vec!["abx-probe".into(), "connect".into(), "203.0.113.1:80".into()],
+                ..Default::default()
+            },
+        )
+        .await;
     assert!(out.contains("ENETUNREACH") || out.contains("\"ok\":false"), "{out}");
 }
 
@@ -78,13 +102,31 @@ async fn cannot_write_outside_its_root() {
     let id = d.mini(Limits::default()).await;
     d.install_probe(&id).await;
     for path in ["/proc/sys/kernel/hostname", "/sys/kernel/profiling", "/proc/sysrq-trigger"] {
-        let (out, _, _) = d.exec(&id, ExecRequest { cmd: vec!["abx-probe".into(), "write".into(), path.into()], user: Some("root".into()), ..Default::default() }).await;
+        let (out, _, _) = d
+            .exec(
+                &id,
+                ExecRequest {
+                    cmd: vec!["abx-probe".into(), "write".into(), path.into()],
+                    user: Some("root".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
         assert!(out.contains("\"ok\":false"), "{path} must not be writable: {out}");
     }
     // Writing everywhere it can still lands in the sandbox's own upper directory.
     let (_, _, code) = d.sh(&id, "echo inside > /etc/agentbox-test").await;
     assert_ne!(code, 0, "the default user is not root: /etc is not writable for it");
-    let (_, _, code) = d.exec(&id, ExecRequest { cmd: vec!["sh".into(), "-c".into(), "echo inside > /etc/agentbox-test".into()], user: Some("root".into()), ..Default::default() }).await;
+    let (_, _, code) = d
+        .exec(
+            &id,
+            ExecRequest {
+                cmd: vec!["sh".into(), "-c".into(), "echo inside > /etc/agentbox-test".into()],
+                user: Some("root".into()),
+                ..Default::default()
+            },
+        )
+        .await;
     assert_eq!(code, 0);
     assert!(!std::path::Path::new("/etc/agentbox-test").exists(), "the host's /etc is untouched");
 }
@@ -94,7 +136,8 @@ async fn memory_hog_is_oom_killed_and_the_sandbox_survives() {
     let d = Daemon::start().await;
     let id = d.mini(Limits { memory_bytes: Some(64 << 20), ..Default::default() }).await;
     d.install_probe(&id).await;
-    let req = ExecRequest { cmd: vec!["abx-probe".into(), "hog".into(), "512".into(), "30".into()], ..Default::default() };
+    let req =
+        ExecRequest { cmd: vec!["abx-probe".into(), "hog".into(), "512".into(), "30".into()], ..Default::default() };
     let out = d.client.exec(&id, &req).await.unwrap().collect().await.unwrap();
     assert_eq!(out.status.signal, Some(9), "the hog is killed: {:?}", out.status);
     let stats = d.client.stats(&id).await.unwrap();
@@ -119,7 +162,10 @@ async fn fork_bomb_is_stopped_by_the_pids_limit() {
     assert!(stats.pids <= 64, "{stats:?}");
     let out = bomb.await.unwrap();
     assert!(out.status.timed_out, "{:?}", out.status);
-    d.wait_for("the bomb's processes to go", Duration::from_secs(10), || async { d.client.stats(&id).await.unwrap().pids <= 2 }).await;
+    d.wait_for("the bomb's processes to go", Duration::from_secs(10), || async {
+        d.client.stats(&id).await.unwrap().pids <= 2
+    })
+    .await;
     let (out, _, code) = d.sh(&id, "echo alive").await;
     assert_eq!((out.as_str(), code), ("alive\n", 0));
 }
@@ -131,7 +177,11 @@ async fn two_sandboxes_cannot_see_each_other() {
     let b = d.mini(Limits::default()).await;
     let (sa, sb) = (d.client.get_sandbox(&a).await.unwrap(), d.client.get_sandbox(&b).await.unwrap());
     assert_ne!(sa.uid_base, sb.uid_base, "distinct uid ranges");
-    let pid = d.client.exec_background(&a, &ExecRequest { cmd: vec!["sleep".into(), "300".into()], ..Default::default() }).await.unwrap();
+    let pid = d
+        .client
+        .exec_background(&a, &ExecRequest { cmd: vec!["sleep".into(), "300".into()], ..Default::default() })
+        .await
+        .unwrap();
     d.sh(&a, "echo from-a > /tmp/a-file").await;
     let (out, _, _) = d.sh(&b, "ps -o pid,args; ls /tmp; cat /tmp/a-file 2>&1").await;
     assert!(!out.contains("sleep 300"), "{out}");

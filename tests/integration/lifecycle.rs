@@ -23,7 +23,10 @@ async fn rm_removes_everything_the_sandbox_had() {
     d.client.delete_sandbox(&id, true).await.unwrap();
     assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"));
     d.wait_for("host objects to be removed", Duration::from_secs(10), || async { d.host_objects().is_empty() }).await;
-    assert!(!std::path::Path::new(&format!("/proc/{}", sb.pid)).exists() || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", sb.pid)).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true)
+    );
 }
 
 #[tokio::test]
@@ -49,10 +52,26 @@ async fn bad_input_is_a_clear_error_and_creates_nothing() {
     let d = Daemon::start().await;
     d.template("mini").await;
     let cases: Vec<(CreateSandbox, &str, &str)> = vec![
-        (CreateSandbox { template: Some("no-such-template".into()), ..Default::default() }, "not_found", "no-such-template"),
-        (CreateSandbox { limits: Limits { memory_bytes: Some(1024), ..Default::default() }, ..mini() }, "invalid_argument", "memory"),
-        (CreateSandbox { limits: Limits { cpus: Some(-1.0), ..Default::default() }, ..mini() }, "invalid_argument", "cpu"),
-        (CreateSandbox { limits: Limits { pids: Some(1), ..Default::default() }, ..mini() }, "invalid_argument", "pids"),
+        (
+            CreateSandbox { template: Some("no-such-template".into()), ..Default::default() },
+            "not_found",
+            "no-such-template",
+        ),
+        (
+            CreateSandbox { limits: Limits { memory_bytes: Some(1024), ..Default::default() }, ..mini() },
+            "invalid_argument",
+            "memory",
+        ),
+        (
+            CreateSandbox { limits: Limits { cpus: Some(-1.0), ..Default::default() }, ..mini() },
+            "invalid_argument",
+            "cpu",
+        ),
+        (
+            CreateSandbox { limits: Limits { pids: Some(1), ..Default::default() }, ..mini() },
+            "invalid_argument",
+            "pids",
+        ),
         (CreateSandbox { name: Some("bad/name".into()), ..mini() }, "invalid_argument", "bad/name"),
         (CreateSandbox { workdir: Some("relative".into()), ..mini() }, "invalid_argument", "workdir"),
     ];

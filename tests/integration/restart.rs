@@ -12,7 +12,14 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     let mut d = Daemon::start().await;
     let id = d.mini(Limits::default()).await;
     let spawner = d.adopt_spawner().await;
-    let counter = ExecRequest { cmd: vec!["sh".into(), "-c".into(), "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done".into()], ..Default::default() };
+    let counter = ExecRequest {
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done".into(),
+        ],
+        ..Default::default()
+    };
     d.client.exec_background(&id, &counter).await.unwrap();
     // An orphan: a directory and cgroups of a sandbox the daemon never recorded.
     let orphan = format!("{}-0123456789ab", d.prefix);
@@ -20,7 +27,11 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     std::fs::create_dir_all(format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).unwrap();
 
     d.kill9();
-    let read = |d: &Daemon| std::fs::read_to_string(d.root.join("sandboxes").join(format!("{}-{id}", d.prefix)).join("data/upper/tmp/count"));
+    let read = |d: &Daemon| {
+        std::fs::read_to_string(
+            d.root.join("sandboxes").join(format!("{}-{id}", d.prefix)).join("data/upper/tmp/count"),
+        )
+    };
     let before: u64 = read(&d).unwrap().trim().parse().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after: u64 = read(&d).unwrap().trim().parse().unwrap();
@@ -32,8 +43,10 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     assert_eq!(d.sh(&id, "echo back").await.0, "back\n");
     assert_eq!(d.client.system().await.unwrap().spawner_pid, spawner, "same spawner, reconnected");
     assert!(!d.root.join("sandboxes").join(&orphan).exists(), "orphan directory removed");
-    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(), "orphan cgroup removed");
-
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
+        "orphan cgroup removed"
+    );
 }
 
 #[tokio::test]
@@ -44,7 +57,8 @@ async fn dead_sandboxes_are_cleaned_up_on_restart() {
     let sb = d.client.get_sandbox(&id).await.unwrap();
     d.stop();
     // The sandbox dies while no daemon watches it.
-    rustix::process::kill_process(rustix::process::Pid::from_raw(sb.pid).unwrap(), rustix::process::Signal::KILL).unwrap();
+    rustix::process::kill_process(rustix::process::Pid::from_raw(sb.pid).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.spawn(&[]).await;
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());

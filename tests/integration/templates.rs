@@ -21,7 +21,8 @@ async fn base_template_has_the_promised_tools_and_user() {
     d.template("base").await;
     let t = d.client.template("base").await.unwrap();
     assert_eq!(t.recipe, "base");
-    let sb = d.client.create_sandbox(&CreateSandbox { template: Some("base".into()), ..Default::default() }).await.unwrap();
+    let sb =
+        d.client.create_sandbox(&CreateSandbox { template: Some("base".into()), ..Default::default() }).await.unwrap();
     let script = "id; echo $HOME; pwd; python3 -c 'print(6*7)'; node -e 'console.log(40+2)'; git --version; curl --version | head -1; bash -c 'echo bash-ok'; test -f /etc/ssl/certs/ca-certificates.crt && echo certs-ok; cat /etc/debian_version";
     let req = ExecRequest { cmd: vec!["bash".into(), "-c".into(), script.into()], ..Default::default() };
     let (out, err, code) = d.exec(&sb.id, req).await;

@@ -166,12 +166,14 @@ fn prepare(
 }
 
 fn queue_children(dir: &Pending, todo: &mut Vec<Pending>) -> io::Result<()> {
-    let mut names: Vec<String> = fs::read_dir(&dir.fs_path)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        fs::read_dir(&dir.fs_path)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort_unstable_by(|a, b| b.cmp(a));
-    todo.extend(names.into_iter().map(|n| Pending { fs_path: paths::join(&dir.fs_path, &n), name: format!("{}/{n}", dir.name) }));
+    todo.extend(
+        names
+            .into_iter()
+            .map(|n| Pending { fs_path: paths::join(&dir.fs_path, &n), name: format!("{}/{n}", dir.name) }),
+    );
     Ok(())
 }
 

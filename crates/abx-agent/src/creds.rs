@@ -28,9 +28,8 @@ impl Base {
     /// Records the calling thread's filesystem ids and supplementary groups.
     pub fn capture() -> Base {
         let (uid, gid) = thread_fs_ids();
-        let groups = rustix::process::getgroups()
-            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
-            .unwrap_or_default();
+        let groups =
+            rustix::process::getgroups().map(|g| g.into_iter().map(|g| g.as_raw()).collect()).unwrap_or_default();
         Base { uid, gid, groups }
     }
 

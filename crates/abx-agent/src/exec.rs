@@ -94,7 +94,9 @@ fn launch(reaper: &Reaper, spec: &ExecSpec) -> Result<Launched, Error> {
     // reading the master would never see the end of output.
     drop(cmd);
     let (stdin, outputs) = match &master {
-        Some(m) => (Some(InputSink::Pty(m.clone())), Outputs { stdout: Some(OutputSource::Pty(m.clone())), stderr: None }),
+        Some(m) => {
+            (Some(InputSink::Pty(m.clone())), Outputs { stdout: Some(OutputSource::Pty(m.clone())), stderr: None })
+        }
         None => agent_ends(&mut child).inspect_err(|_| kill_group(child.id()))?,
     };
     Ok(Launched { pid: child.id(), reaped, stdin, outputs, pty: master, cwd, user })
@@ -254,7 +256,10 @@ mod tests {
         assert_eq!(working_dir(None, &alice()).unwrap(), "/");
         assert_eq!(working_dir(Some("/tmp/../tmp/"), &alice()).unwrap(), "/tmp");
         let missing = working_dir(Some("/no/such/dir"), &alice()).unwrap_err();
-        assert_eq!((missing.code(), missing.to_string()), (ErrorCode::NotFound, "working directory not found: /no/such/dir".into()));
+        assert_eq!(
+            (missing.code(), missing.to_string()),
+            (ErrorCode::NotFound, "working directory not found: /no/such/dir".into())
+        );
         assert_eq!(working_dir(Some("rel"), &alice()).unwrap_err().code(), ErrorCode::InvalidArgument);
     }
 

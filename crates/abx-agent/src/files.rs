@@ -227,7 +227,13 @@ fn set_mode(path: &str, mode: u32) -> Result<(), Error> {
 }
 
 /// Handles `Request::Mkdir`.
-pub fn mkdir(agent: &Agent, path: &str, user: Option<&str>, parents: bool, mode: Option<u32>) -> Result<FileInfo, Error> {
+pub fn mkdir(
+    agent: &Agent,
+    path: &str,
+    user: Option<&str>,
+    parents: bool,
+    mode: Option<u32>,
+) -> Result<FileInfo, Error> {
     let path = normalize(path)?;
     let mode = check_mode(mode)?.unwrap_or(DEFAULT_DIR_MODE);
     let user = resolve_user(user)?;

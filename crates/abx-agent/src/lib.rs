@@ -74,7 +74,11 @@ pub enum StartError {
     #[error("no usable listening socket at fd 3 (outside a sandbox, use --listen PATH)")]
     Inherited(#[source] io::Error),
     #[error("cannot listen on {path}")]
-    Bind { path: PathBuf, #[source] source: io::Error },
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot handle termination signals")]
     Signals(#[source] io::Error),
 }
@@ -84,11 +88,8 @@ pub fn run(listen: Listen) -> Result<(), StartError> {
     harden();
     let base = creds::Base::capture();
     let reaper = reaper::Reaper::start().map_err(StartError::Reaper)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(StartError::Runtime)?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(StartError::Runtime)?;
     let agent = Arc::new(server::Agent::new(reaper, base));
     runtime.block_on(serve(agent, listen))
 }

@@ -58,10 +58,7 @@ impl Reaper {
     pub fn start() -> io::Result<Reaper> {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .stack_size(128 << 10)
-            .spawn(move || thread_shared.run())?;
+        std::thread::Builder::new().name("reaper".into()).stack_size(128 << 10).spawn(move || thread_shared.run())?;
         Ok(Reaper { shared })
     }
 

@@ -247,7 +247,8 @@ async fn stdin_is_dev_null_by_default() {
 #[tokio::test]
 async fn unknown_command_user_and_cwd_are_errors() {
     let agent = Agent::start();
-    let err = agent.call::<()>(Request::Exec(ExecSpec { argv: vec!["no-such-cmd-xyz".into()], ..Default::default() })).await;
+    let err =
+        agent.call::<()>(Request::Exec(ExecSpec { argv: vec!["no-such-cmd-xyz".into()], ..Default::default() })).await;
     let err = err.unwrap_err();
     assert_eq!((err.code, err.message.as_str()), (ErrorCode::CommandNotFound, "command not found: no-such-cmd-xyz"));
 
@@ -299,7 +300,8 @@ async fn client_disconnect_kills_a_foreground_process() {
 #[tokio::test]
 async fn background_attach_list_and_signal() {
     let agent = Agent::start();
-    let spec = ExecSpec { background: true, tag: Some("bg".into()), ..sh("echo started; echo warn >&2; exec sleep 30") };
+    let spec =
+        ExecSpec { background: true, tag: Some("bg".into()), ..sh("echo started; echo warn >&2; exec sleep 30") };
     let mut conn = agent.connect().await;
     conn.w.json(&Request::Exec(spec)).await.unwrap();
     let pid = conn.started().await.unwrap();
@@ -382,7 +384,8 @@ async fn kill_all_signals_started_processes() {
 #[tokio::test]
 async fn pty_reports_size_and_follows_resize() {
     let agent = Agent::start();
-    let spec = ExecSpec { tty: Some(TtySize { rows: 33, cols: 77 }), ..sh("stty size; [ -t 0 ] && echo tty; echo $TERM") };
+    let spec =
+        ExecSpec { tty: Some(TtySize { rows: 33, cols: 77 }), ..sh("stty size; [ -t 0 ] && echo tty; echo $TERM") };
     let out = agent.run(spec).await;
     assert!(out.stdout.contains("33 77"), "{:?}", out.stdout);
     assert!(out.stdout.contains("tty\r\n"), "{:?}", out.stdout);
@@ -412,7 +415,13 @@ async fn runs_as_another_user() {
 // ---------------------------------------------------------------------------------------
 // Files
 
-async fn write(agent: &Agent, path: &str, bytes: &[u8], user: Option<&str>, mode: Option<u32>) -> Result<FileInfo, AgentError> {
+async fn write(
+    agent: &Agent,
+    path: &str,
+    bytes: &[u8],
+    user: Option<&str>,
+    mode: Option<u32>,
+) -> Result<FileInfo, AgentError> {
     let mut conn = agent.connect().await;
     let req = Request::WriteFile { path: path.into(), user: user.map(Into::into), mode, parents: true, append: false };
     conn.w.json(&req).await.unwrap();
@@ -444,11 +453,14 @@ async fn file_round_trip() {
     let info: FileInfo = conn.reply().await.unwrap();
     assert_eq!((info.size, info.mode), (big.len() as u64 + 4, 0o600));
 
-    let stat: FileInfo = agent.call(Request::Stat { path: format!("{}/./b/../b/c.txt", agent.path("a")), user: None }).await.unwrap();
+    let stat: FileInfo =
+        agent.call(Request::Stat { path: format!("{}/./b/../b/c.txt", agent.path("a")), user: None }).await.unwrap();
     assert_eq!(stat.path, file);
 
-    let made: FileInfo =
-        agent.call(Request::Mkdir { path: agent.path("a/d/e"), user: None, parents: true, mode: Some(0o700) }).await.unwrap();
+    let made: FileInfo = agent
+        .call(Request::Mkdir { path: agent.path("a/d/e"), user: None, parents: true, mode: Some(0o700) })
+        .await
+        .unwrap();
     assert_eq!((made.kind, made.mode), (FileKind::Dir, 0o700));
     let again = Request::Mkdir { path: agent.path("a/d/e"), user: None, parents: false, mode: None };
     assert_eq!(agent.call::<FileInfo>(again).await.unwrap_err().code, ErrorCode::AlreadyExists);
@@ -456,11 +468,13 @@ async fn file_round_trip() {
     agent.call::<FileInfo>(parents_ok).await.unwrap();
 
     std::os::unix::fs::symlink("b", agent.path("a/link")).unwrap();
-    let list: Vec<FileInfo> = agent.call(Request::ListDir { path: agent.path("a"), user: None, depth: 2 }).await.unwrap();
+    let list: Vec<FileInfo> =
+        agent.call(Request::ListDir { path: agent.path("a"), user: None, depth: 2 }).await.unwrap();
     let names: Vec<&str> = list.iter().map(|f| f.path.strip_prefix(&agent.path("a/")).unwrap()).collect();
     assert_eq!(names, ["b", "b/c.txt", "d", "d/e", "link"]);
     assert_eq!(list[4].symlink_target.as_deref(), Some("b"));
-    let shallow: Vec<FileInfo> = agent.call(Request::ListDir { path: agent.path("a"), user: None, depth: 1 }).await.unwrap();
+    let shallow: Vec<FileInfo> =
+        agent.call(Request::ListDir { path: agent.path("a"), user: None, depth: 1 }).await.unwrap();
     assert_eq!(shallow.len(), 3);
 
     let renamed: FileInfo =
@@ -585,7 +599,8 @@ async fn file_operations_run_with_the_users_permissions() {
     assert_eq!(read(&agent, &secret, None).await.unwrap().1, b"root only");
     let err = write(&agent, &agent.path("not-writable"), b"x", Some(NOBODY), None).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::PermissionDenied);
-    let err = agent.call::<()>(Request::Remove { path: secret.clone(), user: Some(NOBODY.into()), recursive: false }).await;
+    let err =
+        agent.call::<()>(Request::Remove { path: secret.clone(), user: Some(NOBODY.into()), recursive: false }).await;
     assert_eq!(err.unwrap_err().code, ErrorCode::PermissionDenied);
 
     // Extraction as the user: everything belongs to the user.
@@ -596,7 +611,10 @@ async fn file_operations_run_with_the_users_permissions() {
     builder.append_data(&mut header, "in/file", &b"abc"[..]).unwrap();
     let tarball = builder.into_inner().unwrap();
     let mut conn = agent.connect().await;
-    conn.w.json(&Request::ArchiveWrite { path: format!("{shared}/unpacked"), user: Some(NOBODY.into()) }).await.unwrap();
+    conn.w
+        .json(&Request::ArchiveWrite { path: format!("{shared}/unpacked"), user: Some(NOBODY.into()) })
+        .await
+        .unwrap();
     conn.send_data(&tarball).await;
     conn.reply::<()>().await.unwrap();
     let meta = std::fs::metadata(format!("{shared}/unpacked/in/file")).unwrap();

@@ -149,12 +149,20 @@ pub struct ExecRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
     /// `POST /v1/run` only: the sandbox was created.
-    Created { id: String },
-    Started { pid: u32 },
+    Created {
+        id: String,
+    },
+    Started {
+        pid: u32,
+    },
     /// Base64 data.
-    Stdout { data: String },
+    Stdout {
+        data: String,
+    },
     /// Base64 data.
-    Stderr { data: String },
+    Stderr {
+        data: String,
+    },
     Exit {
         #[serde(default)]
         code: Option<i32>,
@@ -163,7 +171,10 @@ pub enum ExecEvent {
         #[serde(default)]
         timed_out: bool,
     },
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 /// `POST /v1/run`: create a sandbox, run one command in it, destroy it. The response
@@ -290,8 +301,13 @@ pub enum BuildEvent {
         total: Option<u64>,
         message: String,
     },
-    Done { template: Template },
-    Error { code: String, message: String },
+    Done {
+        template: Template,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 /// `GET /v1/system`.

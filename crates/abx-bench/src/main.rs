@@ -139,7 +139,9 @@ async fn concurrent(name: &str, total: usize, workers: usize, f: &CycleFn) -> an
 async fn rootfs_of(client: &Client, template: &str) -> anyhow::Result<PathBuf> {
     let sys = client.system().await?;
     let t = client.template(template).await?;
-    let [layer] = t.layers.as_slice() else { bail!("template {template} has {} layers; pass --rootfs", t.layers.len()) };
+    let [layer] = t.layers.as_slice() else {
+        bail!("template {template} has {} layers; pass --rootfs", t.layers.len())
+    };
     Ok(PathBuf::from(sys.root).join("layers").join(layer))
 }
 
@@ -160,24 +162,33 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let mut subjects: Vec<(String, CycleFn)> = Vec::new();
     if has("api") {
         let (c, t) = (client.clone(), a.template.clone());
-        subjects.push(("agentbox (API)".into(), Arc::new(move || {
-            let (c, t) = (c.clone(), t.clone());
-            Box::pin(async move { api_cycle(&c, &t).await })
-        })));
+        subjects.push((
+            "agentbox (API)".into(),
+            Arc::new(move || {
+                let (c, t) = (c.clone(), t.clone());
+                Box::pin(async move { api_cycle(&c, &t).await })
+            }),
+        ));
     }
     if has("run") {
         let (c, t) = (client.clone(), a.template.clone());
-        subjects.push(("agentbox (API, one request)".into(), Arc::new(move || {
-            let (c, t) = (c.clone(), t.clone());
-            Box::pin(async move { run_once_cycle(&c, &t).await })
-        })));
+        subjects.push((
+            "agentbox (API, one request)".into(),
+            Arc::new(move || {
+                let (c, t) = (c.clone(), t.clone());
+                Box::pin(async move { run_once_cycle(&c, &t).await })
+            }),
+        ));
     }
     if has("cli") {
         let (cli, host, t) = (a.cli.clone(), a.host.clone(), a.template.clone());
-        subjects.push(("agentbox (CLI)".into(), Arc::new(move || {
-            let (cli, host, t) = (cli.clone(), host.clone(), t.clone());
-            Box::pin(async move { cli_cycle(&cli, &host, &t).await })
-        })));
+        subjects.push((
+            "agentbox (CLI)".into(),
+            Arc::new(move || {
+                let (cli, host, t) = (cli.clone(), host.clone(), t.clone());
+                Box::pin(async move { cli_cycle(&cli, &host, &t).await })
+            }),
+        ));
     }
     if has("bwrap") || has("crun") {
         let rootfs = match &a.rootfs {

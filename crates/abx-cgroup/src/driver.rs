@@ -256,7 +256,7 @@ fn in_use(kind: Kind, mount: &V1Mount) -> bool {
     // On Hybrid, cgroup2's core cpu.stat gives CPU usage, so a hierarchy carrying only
     // cpuacct is not worth a directory per sandbox.
     let limits = |c: &&str| mount.has(c) && !(kind == Kind::Hybrid && *c == "cpuacct");
-    V1_LIMIT_CONTROLLERS.iter().any(|c| limits(&c)) || (kind == Kind::V1 && mount.has("freezer"))
+    V1_LIMIT_CONTROLLERS.iter().any(limits) || (kind == Kind::V1 && mount.has("freezer"))
 }
 
 impl CgroupDriver for Driver {

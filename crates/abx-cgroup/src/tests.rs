@@ -239,10 +239,8 @@ fn procs_files_and_add_process() {
     let (fs, d) = setup(HYBRID, true);
     d.create(N, &Limits::default()).unwrap();
     let files = d.procs_files(N).unwrap();
-    let order: Vec<_> = ["unified", "cpu", "memory", "pids"]
-        .iter()
-        .map(|h| fs.root().join(path(h, "cgroup.procs")))
-        .collect();
+    let order: Vec<_> =
+        ["unified", "cpu", "memory", "pids"].iter().map(|h| fs.root().join(path(h, "cgroup.procs"))).collect();
     assert_eq!(files, order, "cgroup2 first, then v1 in mountinfo order");
     d.add_process(N, 4_194_400).unwrap();
     for h in ["unified", "cpu", "memory", "pids"] {

@@ -106,7 +106,9 @@ pub(crate) fn decode(ev: ExecEvent) -> Result<OutputEvent> {
         ExecEvent::Started { pid } => OutputEvent::Started(pid),
         ExecEvent::Stdout { data } => OutputEvent::Stdout(b64(&data)?),
         ExecEvent::Stderr { data } => OutputEvent::Stderr(b64(&data)?),
-        ExecEvent::Exit { code, signal, timed_out } => OutputEvent::Exit(abx_api::ExitStatus { code, signal, timed_out }),
+        ExecEvent::Exit { code, signal, timed_out } => {
+            OutputEvent::Exit(abx_api::ExitStatus { code, signal, timed_out })
+        }
         ExecEvent::Error { code, message } => return Err(Error::Api { status: 0, code, message }),
     })
 }
@@ -170,14 +172,17 @@ impl Client {
 
     pub async fn resize(&self, id: &str, pid: u32, size: TtySize) -> Result<()> {
         let pid = pid.to_string();
-        let rb = self.request(Method::POST, &Self::path(paths::PROCESS_RESIZE, &[("id", id), ("pid", &pid)])).json(&size);
+        let rb =
+            self.request(Method::POST, &Self::path(paths::PROCESS_RESIZE, &[("id", id), ("pid", &pid)])).json(&size);
         self.send(rb).await.map(drop)
     }
 
     /// Attaches to a process's output (buffered output first).
     pub async fn attach(&self, id: &str, pid: u32) -> Result<ExecStream> {
         let pid = pid.to_string();
-        let resp = self.send(self.request(Method::GET, &Self::path(paths::PROCESS_OUTPUT, &[("id", id), ("pid", &pid)]))).await?;
+        let resp = self
+            .send(self.request(Method::GET, &Self::path(paths::PROCESS_OUTPUT, &[("id", id), ("pid", &pid)])))
+            .await?;
         Ok(ExecStream { inner: NdjsonStream::new(resp) })
     }
 }

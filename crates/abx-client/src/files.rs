@@ -23,13 +23,23 @@ impl Client {
     }
 
     /// Streams a file's content.
-    pub async fn read_file_stream(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
+    pub async fn read_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
         let rb = self.file_request(Method::GET, paths::FILES, id).query(&[("path", path)]);
         Ok(self.send(rb).await?.bytes_stream().map(|r| r.map_err(crate::Error::from)))
     }
 
     /// Writes a file (creating parent directories); `mode` as permission bits.
-    pub async fn write_file(&self, id: &str, path: &str, data: impl Into<reqwest::Body>, mode: Option<u32>) -> Result<FileInfo> {
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: impl Into<reqwest::Body>,
+        mode: Option<u32>,
+    ) -> Result<FileInfo> {
         let mut q = vec![("path", path.to_string())];
         if let Some(m) = mode {
             q.push(("mode", format!("{m:o}")));
@@ -68,7 +78,11 @@ impl Client {
     }
 
     /// A tar archive of `path` (top entry named after its last component).
-    pub async fn download_archive(&self, id: &str, path: &str) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
+    pub async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes>> + use<>> {
         let rb = self.file_request(Method::GET, paths::ARCHIVE, id).query(&[("path", path)]);
         Ok(self.send(rb).await?.bytes_stream().map(|r| r.map_err(crate::Error::from)))
     }

@@ -84,8 +84,12 @@ impl InteractiveReader {
     pub async fn next(&mut self) -> Result<Option<InteractiveEvent>> {
         while let Some(msg) = self.stream.next().await {
             match msg? {
-                Message::Binary(b) if b.first() == Some(&1) => return Ok(Some(InteractiveEvent::Stdout(b[1..].to_vec()))),
-                Message::Binary(b) if b.first() == Some(&2) => return Ok(Some(InteractiveEvent::Stderr(b[1..].to_vec()))),
+                Message::Binary(b) if b.first() == Some(&1) => {
+                    return Ok(Some(InteractiveEvent::Stdout(b[1..].to_vec())));
+                }
+                Message::Binary(b) if b.first() == Some(&2) => {
+                    return Ok(Some(InteractiveEvent::Stderr(b[1..].to_vec())));
+                }
                 Message::Text(t) => match serde_json::from_str::<ExecEvent>(&t) {
                     Ok(ExecEvent::Exit { code, signal, timed_out }) => {
                         return Ok(Some(InteractiveEvent::Exit(abx_api::ExitStatus { code, signal, timed_out })));

@@ -38,7 +38,11 @@ pub enum Error {
     #[error("{message}")]
     Api { status: u16, code: String, message: String },
     #[error("cannot reach the agentbox daemon at {host}")]
-    Connect { host: String, #[source] source: reqwest::Error },
+    Connect {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("request to the agentbox daemon failed")]
     Transport(#[from] reqwest::Error),
     #[error("websocket exchange with the daemon failed")]

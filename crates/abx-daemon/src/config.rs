@@ -25,7 +25,10 @@ impl std::str::FromStr for Listen {
             return Ok(Listen::Unix(PathBuf::from(p)));
         }
         if let Some(a) = s.strip_prefix("tcp:") {
-            return a.parse().map(Listen::Tcp).map_err(|_| format!("invalid TCP address '{a}', e.g. tcp:127.0.0.1:8080"));
+            return a
+                .parse()
+                .map(Listen::Tcp)
+                .map_err(|_| format!("invalid TCP address '{a}', e.g. tcp:127.0.0.1:8080"));
         }
         Err(format!("invalid listen address '{s}': use unix:PATH or tcp:ADDR:PORT"))
     }

@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use abx_api::{
-    BuildEvent, BuildTemplate, CreateSandbox, ExecRequest, MkdirRequest, RenameRequest, RunRequest, SandboxStats, SystemInfo,
+    BuildEvent, BuildTemplate, CreateSandbox, ExecRequest, MkdirRequest, RenameRequest, RunRequest, SandboxStats,
+    SystemInfo,
 };
 use abx_proto::{ExecSpec, FileInfo, Kind, ProcessInfo, Request, TtySize};
 use base64::Engine;
@@ -30,29 +31,105 @@ pub enum Command {
     /// Create, run one command, destroy (the destroy is the caller's: see [`RunSession`]).
     Run(RunRequest),
     ListSandboxes,
-    GetSandbox { id: String },
-    DeleteSandbox { id: String, force: bool },
-    SetTimeout { id: String, timeout_secs: u64 },
-    SandboxStats { id: String },
-    Exec { id: String, req: ExecRequest },
-    ListProcesses { id: String },
-    Signal { id: String, pid: u32, signal: i32, group: bool },
-    Stdin { id: String, pid: u32, data: Vec<u8>, close: bool },
-    Resize { id: String, pid: u32, size: TtySize },
-    Attach { id: String, pid: u32 },
-    ReadFile { id: String, path: String, user: Option<String> },
-    WriteFile { id: String, path: String, user: Option<String>, mode: Option<u32>, parents: bool, body: ByteStream },
-    ListDir { id: String, path: String, user: Option<String>, depth: u32 },
-    Stat { id: String, path: String, user: Option<String> },
-    Mkdir { id: String, req: MkdirRequest },
-    Remove { id: String, path: String, user: Option<String>, recursive: bool },
-    Rename { id: String, req: RenameRequest },
-    ArchiveRead { id: String, path: String, user: Option<String> },
-    ArchiveWrite { id: String, path: String, user: Option<String>, body: ByteStream },
+    GetSandbox {
+        id: String,
+    },
+    DeleteSandbox {
+        id: String,
+        force: bool,
+    },
+    SetTimeout {
+        id: String,
+        timeout_secs: u64,
+    },
+    SandboxStats {
+        id: String,
+    },
+    Exec {
+        id: String,
+        req: ExecRequest,
+    },
+    ListProcesses {
+        id: String,
+    },
+    Signal {
+        id: String,
+        pid: u32,
+        signal: i32,
+        group: bool,
+    },
+    Stdin {
+        id: String,
+        pid: u32,
+        data: Vec<u8>,
+        close: bool,
+    },
+    Resize {
+        id: String,
+        pid: u32,
+        size: TtySize,
+    },
+    Attach {
+        id: String,
+        pid: u32,
+    },
+    ReadFile {
+        id: String,
+        path: String,
+        user: Option<String>,
+    },
+    WriteFile {
+        id: String,
+        path: String,
+        user: Option<String>,
+        mode: Option<u32>,
+        parents: bool,
+        body: ByteStream,
+    },
+    ListDir {
+        id: String,
+        path: String,
+        user: Option<String>,
+        depth: u32,
+    },
+    Stat {
+        id: String,
+        path: String,
+        user: Option<String>,
+    },
+    Mkdir {
+        id: String,
+        req: MkdirRequest,
+    },
+    Remove {
+        id: String,
+        path: String,
+        user: Option<String>,
+        recursive: bool,
+    },
+    Rename {
+        id: String,
+        req: RenameRequest,
+    },
+    ArchiveRead {
+        id: String,
+        path: String,
+        user: Option<String>,
+    },
+    ArchiveWrite {
+        id: String,
+        path: String,
+        user: Option<String>,
+        body: ByteStream,
+    },
     ListTemplates,
-    GetTemplate { name: String },
+    GetTemplate {
+        name: String,
+    },
     BuildTemplate(BuildTemplate),
-    DeleteTemplate { name: String },
+    DeleteTemplate {
+        name: String,
+    },
     SystemInfo,
 }
 
@@ -212,7 +289,9 @@ impl Core {
             Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| r.to_api()).collect())),
             Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.get(&id)?.record().to_api())),
             Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),
-            Command::SetTimeout { id, timeout_secs } => Ok(Outcome::Sandbox(m.set_timeout(&id, timeout_secs)?.to_api())),
+            Command::SetTimeout { id, timeout_secs } => {
+                Ok(Outcome::Sandbox(m.set_timeout(&id, timeout_secs)?.to_api()))
+            }
             Command::SandboxStats { id } => self.stats(&id).await.map(Outcome::Stats),
             Command::Exec { id, req } => self.exec(&id, req).await,
             Command::ListProcesses { id } => self.call(&id, &Request::ListProcesses).await.map(Outcome::Processes),
@@ -308,7 +387,12 @@ impl Core {
         Ok((info, conn))
     }
 
-    async fn upload<T: serde::de::DeserializeOwned>(&self, key: &str, req: Request, mut body: ByteStream) -> CoreResult<T> {
+    async fn upload<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        req: Request,
+        mut body: ByteStream,
+    ) -> CoreResult<T> {
         let sb = self.running(key)?;
         let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
         while let Some(chunk) = body.next().await {
@@ -446,8 +530,21 @@ pub fn state_name(s: abx_api::SandboxState) -> &'static str {
 /// Parses a signal given as a number or a name (`TERM`, `SIGTERM`).
 pub fn parse_signal(v: &serde_json::Value) -> CoreResult<i32> {
     const NAMES: [(&str, i32); 15] = [
-        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("ILL", 4), ("ABRT", 6), ("KILL", 9), ("USR1", 10), ("SEGV", 11),
-        ("USR2", 12), ("PIPE", 13), ("ALRM", 14), ("TERM", 15), ("CONT", 18), ("STOP", 19), ("WINCH", 28),
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("ILL", 4),
+        ("ABRT", 6),
+        ("KILL", 9),
+        ("USR1", 10),
+        ("SEGV", 11),
+        ("USR2", 12),
+        ("PIPE", 13),
+        ("ALRM", 14),
+        ("TERM", 15),
+        ("CONT", 18),
+        ("STOP", 19),
+        ("WINCH", 28),
     ];
     let bad = || CoreError::Invalid(format!("invalid signal {v}: use a number 1-64 or a name like TERM"));
     match v {

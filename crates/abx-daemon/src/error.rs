@@ -6,7 +6,7 @@ use crate::agent::CallError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
-    #[error("{kind} '{id}' not found")]
+    #[error("{kind} '{id}' not found{}", not_found_hint(kind, id))]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
     Invalid(String),
@@ -19,7 +19,19 @@ pub enum CoreError {
     #[error("{0}")]
     Agent(#[from] CallError),
     #[error("{context}")]
-    Internal { context: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Internal {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn not_found_hint(kind: &str, id: &str) -> String {
+    match kind {
+        "template" => format!("; build it with `agentbox template build {id}` (embedded recipes: base, mini)"),
+        "sandbox" => "; `agentbox ls` lists sandboxes".to_string(),
+        _ => String::new(),
+    }
 }
 
 impl CoreError {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use abx_api::{CreateSandbox, Limits, SandboxState};
 use abx_cgroup::CgroupDriver;
-use abx_sandbox::spec::{SandboxDirs, SpawnSpec};
 use abx_sandbox::SpawnerClient;
+use abx_sandbox::spec::{SandboxDirs, SpawnSpec};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -60,7 +60,8 @@ impl Manager {
     /// Opens the state under `cfg.root` and reconnects to (or starts) the spawner.
     pub fn open(cfg: Config) -> Result<Arc<Manager>, String> {
         for d in ["sandboxes", "tmp"] {
-            std::fs::create_dir_all(cfg.root.join(d)).map_err(|e| format!("create {}: {e}", cfg.root.join(d).display()))?;
+            std::fs::create_dir_all(cfg.root.join(d))
+                .map_err(|e| format!("create {}: {e}", cfg.root.join(d).display()))?;
         }
         // Sandbox setup runs as each sandbox's own root and must traverse these (only).
         for d in [cfg.root.clone(), cfg.root.join("sandboxes")] {
@@ -128,7 +129,10 @@ impl Manager {
     fn alloc_uid_slot(&self) -> CoreResult<u32> {
         let mut slots = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner());
         let free = slots.iter().position(|used| !used).ok_or_else(|| {
-            CoreError::Exhausted(format!("all {} sandbox uid ranges are in use; destroy sandboxes or raise --uid-slots", slots.len()))
+            CoreError::Exhausted(format!(
+                "all {} sandbox uid ranges are in use; destroy sandboxes or raise --uid-slots",
+                slots.len()
+            ))
         })?;
         slots[free] = true;
         Ok(free as u32)
@@ -151,10 +155,10 @@ impl Manager {
         let template_name = req.template.clone().unwrap_or_else(|| self.cfg.default_template.clone());
         let template = self.template(&template_name)?;
         validate::create(&req)?;
-        if let Some(name) = &req.name {
-            if self.get(name).is_ok() {
-                return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists")));
-            }
+        if let Some(name) = &req.name
+            && self.get(name).is_ok()
+        {
+            return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists")));
         }
         let limits = merge_limits(&req.limits, &self.cfg.default_limits);
         validate::limits(&limits)?;
@@ -216,7 +220,8 @@ impl Manager {
         let cg = self.host_name(&rec.id);
         let mut undo = Undo::default();
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
-        dirs.create(rec.layers.len(), rec.uid_base).map_err(|e| setup_err(format!("create {}: {e}", dirs.root.display())))?;
+        dirs.create(rec.layers.len(), rec.uid_base)
+            .map_err(|e| setup_err(format!("create {}: {e}", dirs.root.display())))?;
         let root = dirs.root.clone();
         undo.push(move || {
             let _ = std::fs::remove_dir_all(&root);
@@ -233,8 +238,8 @@ impl Manager {
         let t_cg = t0.elapsed();
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
-        let (status_r, status_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| setup_err(format!("pipe: {e}")))?;
+        let (status_r, status_w) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| setup_err(format!("pipe: {e}")))?;
         let placement = self.cgroups.placement(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
         let spec = SpawnSpec {
             id: rec.id.clone(),
@@ -250,10 +255,8 @@ impl Manager {
             nofile: rec.limits.open_files.unwrap_or(4096),
             volatile: true,
         };
-        let (pid, pidfd) = self
-            .spawner
-            .spawn(&spec, listener.as_fd(), status_w.as_fd())
-            .map_err(|e| setup_err(e.to_string()))?;
+        let (pid, pidfd) =
+            self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd()).map_err(|e| setup_err(e.to_string()))?;
         drop(status_w);
         drop(listener);
         let t_spawn = t0.elapsed();
@@ -380,10 +383,8 @@ impl Manager {
         if !proceed {
             return Ok(());
         }
-        if abort_ttl {
-            if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                h.abort();
-            }
+        if abort_ttl && let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
         }
         let t0 = std::time::Instant::now();
         let this = self.clone();
@@ -417,9 +418,7 @@ impl Manager {
 
     fn remove_host_objects(&self, sb: &Sandbox) -> CoreResult<()> {
         let _ = self.cgroups.kill(&sb.cgroup);
-        self.cgroups
-            .remove(&sb.cgroup)
-            .map_err(|e| CoreError::internal(format!("remove cgroup of {}", sb.id), e))?;
+        self.cgroups.remove(&sb.cgroup).map_err(|e| CoreError::internal(format!("remove cgroup of {}", sb.id), e))?;
         remove_tree(&sb.dirs.root).map_err(|e| CoreError::internal(format!("remove {}", sb.dirs.root.display()), e))?;
         self.store.delete(&sb.id).map_err(|e| CoreError::internal("forget sandbox", e))
     }
@@ -483,7 +482,8 @@ impl Manager {
     }
 
     fn cleanup_orphans(&self, known: &std::collections::HashSet<String>) {
-        let mut names: std::collections::BTreeSet<String> = self.cgroups.list().unwrap_or_default().into_iter().collect();
+        let mut names: std::collections::BTreeSet<String> =
+            self.cgroups.list().unwrap_or_default().into_iter().collect();
         if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("sandboxes")) {
             names.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
         }
@@ -593,7 +593,13 @@ async fn wait_exit(pidfd: &OwnedFd) {
         }
         Err(_) => loop {
             // Fall back to polling if the fd cannot be registered.
-            if rustix::event::poll(&mut [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)], Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap_or(0) > 0 {
+            if rustix::event::poll(
+                &mut [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)],
+                Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }),
+            )
+            .unwrap_or(0)
+                > 0
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -27,7 +27,11 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the API on every listener until `shutdown` resolves.
-pub async fn serve(core: Core, listen: &[Listen], shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    core: Core,
+    listen: &[Listen],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let app = crate::api::router(core.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -39,13 +43,19 @@ pub async fn serve(core: Core, listen: &[Listen], shutdown: impl std::future::Fu
                 let app = app.clone();
                 let mut rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
-                    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { let _ = rx.wait_for(|s| *s).await; }).await;
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        })
+                        .await;
                 }));
             }
             Listen::Tcp(addr) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::Unsupported,
-                    format!("tcp:{addr}: TCP listeners need API keys, which this version does not offer yet; use a unix socket"),
+                    format!(
+                        "tcp:{addr}: TCP listeners need API keys, which this version does not offer yet; use a unix socket"
+                    ),
                 ));
             }
         }

@@ -12,11 +12,19 @@ use crate::sandbox::Record;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open state database {path}")]
-    Open { path: String, #[source] source: rusqlite::Error },
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("state database query failed")]
     Query(#[from] rusqlite::Error),
     #[error("corrupt sandbox record {id}")]
-    Corrupt { id: String, #[source] source: serde_json::Error },
+    Corrupt {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 #[derive(Debug)]

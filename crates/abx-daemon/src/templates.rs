@@ -54,8 +54,9 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
         }
         (None, r) => {
             let name = r.as_deref().unwrap_or(&req.name);
-            abx_template::Store::recipe_for(name).ok_or_else(|| {
-                CoreError::NotFound { kind: "recipe", id: format!("{name}' (embedded recipes: base, mini; or give from_dir") }
+            abx_template::Store::recipe_for(name).ok_or_else(|| CoreError::NotFound {
+                kind: "recipe",
+                id: format!("{name}' (embedded recipes: base, mini; or give from_dir"),
             })?
         }
     };
@@ -63,7 +64,12 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
         let progress = |p: abx_template::Progress| {
-            let _ = tx.blocking_send(BuildEvent::Progress { stage: p.stage, done: p.done, total: p.total, message: p.message });
+            let _ = tx.blocking_send(BuildEvent::Progress {
+                stage: p.stage,
+                done: p.done,
+                total: p.total,
+                message: p.message,
+            });
         };
         let ev = match m.templates.build(&recipe, &req.name, &progress) {
             Ok(t) => BuildEvent::Done { template: to_api(t) },

@@ -14,7 +14,13 @@ pub fn name(n: &str) -> CoreResult<()> {
         && n.len() <= 64
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok { Ok(()) } else { Err(invalid(format!("invalid sandbox name '{n}': use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid sandbox name '{n}': use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
 }
 
 /// Environment variable names: non-empty, no '=' or NUL; values without NUL.
@@ -65,25 +71,25 @@ pub fn create(req: &CreateSandbox) -> CoreResult<()> {
 
 /// Limits after defaults are applied.
 pub fn limits(l: &Limits) -> CoreResult<()> {
-    if let Some(m) = l.memory_bytes {
-        if m < 8 << 20 {
-            return Err(invalid(format!("memory limit {m} bytes is below the minimum of 8 MiB")));
-        }
+    if let Some(m) = l.memory_bytes
+        && m < 8 << 20
+    {
+        return Err(invalid(format!("memory limit {m} bytes is below the minimum of 8 MiB")));
     }
-    if let Some(c) = l.cpus {
-        if !(c.is_finite() && c >= 0.01 && c <= 1024.0) {
-            return Err(invalid(format!("cpu limit {c} must be between 0.01 and 1024")));
-        }
+    if let Some(c) = l.cpus
+        && !(c.is_finite() && (0.01..=1024.0).contains(&c))
+    {
+        return Err(invalid(format!("cpu limit {c} must be between 0.01 and 1024")));
     }
-    if let Some(p) = l.pids {
-        if !(8..=4_194_304).contains(&p) {
-            return Err(invalid(format!("pids limit {p} must be between 8 and 4194304")));
-        }
+    if let Some(p) = l.pids
+        && !(8..=4_194_304).contains(&p)
+    {
+        return Err(invalid(format!("pids limit {p} must be between 8 and 4194304")));
     }
-    if let Some(n) = l.open_files {
-        if !(16..=1 << 20).contains(&n) {
-            return Err(invalid(format!("open files limit {n} must be between 16 and 1048576")));
-        }
+    if let Some(n) = l.open_files
+        && !(16..=1 << 20).contains(&n)
+    {
+        return Err(invalid(format!("open files limit {n} must be between 16 and 1048576")));
     }
     Ok(())
 }
@@ -109,7 +115,10 @@ mod tests {
         assert!(limits(&l).is_err());
         let l = Limits { pids: Some(2), ..Default::default() };
         assert!(limits(&l).unwrap_err().to_string().contains("pids"));
-        assert!(limits(&Limits { memory_bytes: Some(256 << 20), cpus: Some(0.5), pids: Some(128), open_files: Some(1024) }).is_ok());
+        assert!(
+            limits(&Limits { memory_bytes: Some(256 << 20), cpus: Some(0.5), pids: Some(128), open_files: Some(1024) })
+                .is_ok()
+        );
     }
 
     #[test]

@@ -17,17 +17,36 @@ pub enum Request {
     /// Attach to a running or finished process: replays its buffered output (background
     /// processes keep the last [`OUTPUT_BUFFER`] bytes), then streams like `Exec`.
     /// Detaching does not kill it. With `input` the client may also send stdin.
-    Attach { pid: u32, #[serde(default)] replay: bool },
+    Attach {
+        pid: u32,
+        #[serde(default)]
+        replay: bool,
+    },
     /// Send a signal to a process (to its process group when `group`). Reply: `Ok(null)`.
-    Signal { pid: u32, signal: i32, #[serde(default)] group: bool },
+    Signal {
+        pid: u32,
+        signal: i32,
+        #[serde(default)]
+        group: bool,
+    },
     /// Write to a process's stdin (and optionally close it). Reply: `Ok(null)`.
-    Input { pid: u32, #[serde(default, with = "b64")] data: Vec<u8>, #[serde(default)] close: bool },
+    Input {
+        pid: u32,
+        #[serde(default, with = "b64")]
+        data: Vec<u8>,
+        #[serde(default)]
+        close: bool,
+    },
     /// Change a process's terminal size. Reply: `Ok(null)`.
     Resize { pid: u32, size: TtySize },
     /// Reply: `Ok(Vec<ProcessInfo>)` (running processes and finished ones not yet collected).
     ListProcesses,
     /// Reply: `Ok(FileInfo)`, then `Data` frames and an `Eof` frame.
-    ReadFile { path: String, #[serde(default)] user: Option<String> },
+    ReadFile {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
     /// Followed by `Data` frames and an `Eof` frame from the client.
     /// Reply (after the `Eof`, or early on error): `Ok(FileInfo)`.
     WriteFile {
@@ -43,9 +62,19 @@ pub enum Request {
         append: bool,
     },
     /// Reply: `Ok(Vec<FileInfo>)`, entries sorted by path. `depth` 1 lists the directory.
-    ListDir { path: String, #[serde(default)] user: Option<String>, #[serde(default = "one")] depth: u32 },
+    ListDir {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default = "one")]
+        depth: u32,
+    },
     /// Reply: `Ok(FileInfo)` (does not follow a final symlink).
-    Stat { path: String, #[serde(default)] user: Option<String> },
+    Stat {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
     /// Reply: `Ok(FileInfo)`. With `parents`, an existing directory is not an error.
     Mkdir {
         path: String,
@@ -57,15 +86,34 @@ pub enum Request {
         mode: Option<u32>,
     },
     /// Reply: `Ok(null)`. A directory needs `recursive` unless empty.
-    Remove { path: String, #[serde(default)] user: Option<String>, #[serde(default)] recursive: bool },
+    Remove {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        recursive: bool,
+    },
     /// Reply: `Ok(FileInfo)` of the destination.
-    Rename { from: String, to: String, #[serde(default)] user: Option<String> },
+    Rename {
+        from: String,
+        to: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
     /// Reply: `Ok(FileInfo)` of `path`, then the tar archive of it as `Data` frames and `Eof`.
     /// The archive's top entry is the last component of `path`.
-    ArchiveRead { path: String, #[serde(default)] user: Option<String> },
+    ArchiveRead {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
     /// Followed by a tar archive as `Data` frames and `Eof`; extracted into directory
     /// `path` (created if missing). Reply: `Ok(null)`.
-    ArchiveWrite { path: String, #[serde(default)] user: Option<String> },
+    ArchiveWrite {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
     /// Send `signal` to every process in the sandbox except the agent. Reply: `Ok(u32)`
     /// (number of processes signalled).
     KillAll { signal: i32 },

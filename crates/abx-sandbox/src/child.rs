@@ -49,11 +49,15 @@ pub fn run(spec: &SpawnSpec, io: ChildIo) -> ! {
 fn lift(io: ChildIo) -> std::io::Result<ChildIo> {
     let up = |fd: &OwnedFd| rustix::io::fcntl_dupfd_cloexec(fd, 100);
     let agent = rustix::io::fcntl_dupfd_cloexec(abx_sys::fd::borrow_raw(io.agent), 100)?;
-    let lifted = ChildIo { control: up(&io.control)?, status: up(&io.status)?, listener: up(&io.listener)?, agent: agent.as_raw_fd() };
+    let lifted = ChildIo {
+        control: up(&io.control)?,
+        status: up(&io.status)?,
+        listener: up(&io.listener)?,
+        agent: agent.as_raw_fd(),
+    };
     std::mem::forget(agent);
     Ok(lifted)
 }
-
 
 type StepResult = Result<(), String>;
 
@@ -62,14 +66,14 @@ fn ctx<T, E: std::fmt::Display>(what: impl std::fmt::Display, r: Result<T, E>) -
 }
 
 fn setup(spec: &SpawnSpec, io: &ChildIo) -> Result<Infallible, String> {
-    ctx("set parent death signal", rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)))?;
+    ctx(
+        "set parent death signal",
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)),
+    )?;
     join_cgroups(&spec.cgroup_tasks)?;
     let trees = receive_go(io, spec.layers.len() + 1)?;
     become_root()?;
-    ctx(
-        "unshare namespaces",
-        abx_sys::process::unshare(ns::MOUNT | ns::NET | ns::UTS | ns::IPC | ns::CGROUP),
-    )?;
+    ctx("unshare namespaces", abx_sys::process::unshare(ns::MOUNT | ns::NET | ns::UTS | ns::IPC | ns::CGROUP))?;
     ctx(
         "make mounts private",
         rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC),
@@ -142,9 +146,7 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         }
         Step::Mkdir { path } => std::fs::create_dir_all(path),
         Step::Touch { path } => touch(path),
-        Step::Mount { fstype, target, flags, data } => {
-            mount(fstype, target, fstype, mount_flags(*flags), data)
-        }
+        Step::Mount { fstype, target, flags, data } => mount(fstype, target, fstype, mount_flags(*flags), data),
         Step::Bind { source, target } => Ok(rustix::mount::mount_bind(source, target)?),
         Step::RemountReadOnly { target, keep } => remount_ro(target, *keep),
         Step::MaskFile { path, null } => {
@@ -219,7 +221,11 @@ fn set_limits(nofile: u64) -> StepResult {
 fn arrange_fds(io: &ChildIo) -> StepResult {
     let null = ctx(
         "open /dev/null",
-        rustix::fs::open("/dev/null", rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()),
+        rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ),
     )?;
     for target in 0..3 {
         ctx("redirect stdio", abx_sys::fd::dup_to(null.as_raw_fd(), target))?;

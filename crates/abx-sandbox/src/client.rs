@@ -162,7 +162,8 @@ fn request(
     req: &SpawnerRequest,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(SpawnReply, Option<OwnedFd>)> {
-    let conn = conn.ok_or_else(|| Error::SpawnerUnavailable { path: PathBuf::new(), reason: "not connected".into() })?;
+    let conn =
+        conn.ok_or_else(|| Error::SpawnerUnavailable { path: PathBuf::new(), reason: "not connected".into() })?;
     let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
     abx_sys::fd::send_with_fds(conn, &body, fds).map_err(Error::SpawnerIo)?;
     let mut buf = vec![0u8; MAX_MESSAGE];

@@ -29,7 +29,11 @@ pub enum Error {
     #[error("seccomp policy is invalid")]
     Seccomp(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot start the spawner at {path}")]
-    SpawnerStart { path: std::path::PathBuf, #[source] source: std::io::Error },
+    SpawnerStart {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("spawner at {path} did not come up: {reason}")]
     SpawnerUnavailable { path: std::path::PathBuf, reason: String },
     #[error("lost the connection to the spawner")]

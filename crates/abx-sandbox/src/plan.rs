@@ -22,31 +22,70 @@ pub mod flags {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Attach the idmapped tree received as descriptor number `index` at `target`.
-    AttachTree { index: usize, target: PathBuf },
+    AttachTree {
+        index: usize,
+        target: PathBuf,
+    },
     /// Mount the overlay root filesystem. Paths are relative to `cwd`, keeping the
     /// option string short.
-    Overlay { cwd: PathBuf, lower: Vec<String>, upper: String, work: String, target: PathBuf, volatile: bool },
+    Overlay {
+        cwd: PathBuf,
+        lower: Vec<String>,
+        upper: String,
+        work: String,
+        target: PathBuf,
+        volatile: bool,
+    },
     /// Create a directory (and parents) if missing.
-    Mkdir { path: PathBuf },
+    Mkdir {
+        path: PathBuf,
+    },
     /// Create an empty file if missing (a bind-mount target).
-    Touch { path: PathBuf },
+    Touch {
+        path: PathBuf,
+    },
     /// Mount a fresh filesystem instance.
-    Mount { fstype: &'static str, target: PathBuf, flags: u64, data: String },
+    Mount {
+        fstype: &'static str,
+        target: PathBuf,
+        flags: u64,
+        data: String,
+    },
     /// Bind `source` onto `target`.
-    Bind { source: PathBuf, target: PathBuf },
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+    },
     /// Make an existing mount read-only, keeping the flags in `keep` (a user namespace may
     /// not clear the locked flags of a mount it did not create).
-    RemountReadOnly { target: PathBuf, keep: u64 },
+    RemountReadOnly {
+        target: PathBuf,
+        keep: u64,
+    },
     /// Hide a file by binding /dev/null over it, when it exists.
-    MaskFile { path: PathBuf, null: PathBuf },
+    MaskFile {
+        path: PathBuf,
+        null: PathBuf,
+    },
     /// Hide a directory under an empty read-only tmpfs, when it exists.
-    MaskDir { path: PathBuf },
+    MaskDir {
+        path: PathBuf,
+    },
     /// Bind a path onto itself read-only, when it exists.
-    ReadOnly { path: PathBuf },
-    Symlink { target: &'static str, link: PathBuf },
+    ReadOnly {
+        path: PathBuf,
+    },
+    Symlink {
+        target: &'static str,
+        link: PathBuf,
+    },
     /// pivot_root into `root` and detach the old root.
-    PivotRoot { root: PathBuf },
-    SetHostname { name: String },
+    PivotRoot {
+        root: PathBuf,
+    },
+    SetHostname {
+        name: String,
+    },
     LoopbackUp,
 }
 
@@ -74,7 +113,8 @@ impl fmt::Display for Step {
 /// Host device nodes bound into the sandbox's /dev.
 pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 /// /proc files hidden behind /dev/null.
-pub const MASKED_FILES: [&str; 5] = ["proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats"];
+pub const MASKED_FILES: [&str; 5] =
+    ["proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats"];
 /// Directories hidden under an empty read-only tmpfs.
 pub const MASKED_DIRS: [&str; 4] = ["proc/acpi", "proc/scsi", "sys/firmware", "sys/devices/virtual/powercap"];
 /// /proc paths made read-only.
@@ -104,8 +144,18 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
         steps.push(Step::Mkdir { path: r(d) });
     }
     steps.push(Step::Mount { fstype: "proc", target: r("proc"), flags: NOSUID | NODEV | NOEXEC, data: String::new() });
-    steps.push(Step::Mount { fstype: "sysfs", target: r("sys"), flags: RDONLY | NOSUID | NODEV | NOEXEC, data: String::new() });
-    steps.push(Step::Mount { fstype: "tmpfs", target: r("dev"), flags: NOSUID | NOEXEC, data: "mode=755,size=65536k".into() });
+    steps.push(Step::Mount {
+        fstype: "sysfs",
+        target: r("sys"),
+        flags: RDONLY | NOSUID | NODEV | NOEXEC,
+        data: String::new(),
+    });
+    steps.push(Step::Mount {
+        fstype: "tmpfs",
+        target: r("dev"),
+        flags: NOSUID | NOEXEC,
+        data: "mode=755,size=65536k".into(),
+    });
     for dev in DEVICES {
         steps.push(Step::Touch { path: r("dev").join(dev) });
         steps.push(Step::Bind { source: PathBuf::from("/dev").join(dev), target: r("dev").join(dev) });
@@ -119,10 +169,18 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     });
     steps.push(Step::Symlink { target: "pts/ptmx", link: r("dev/ptmx") });
     steps.push(Step::Mkdir { path: r("dev/shm") });
-    steps.push(Step::Mount { fstype: "tmpfs", target: r("dev/shm"), flags: NOSUID | NODEV, data: "mode=1777,size=65536k".into() });
-    for (link, target) in
-        [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
-    {
+    steps.push(Step::Mount {
+        fstype: "tmpfs",
+        target: r("dev/shm"),
+        flags: NOSUID | NODEV,
+        data: "mode=1777,size=65536k".into(),
+    });
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         steps.push(Step::Symlink { target, link: r("dev").join(link) });
     }
     for f in MASKED_FILES {
@@ -172,7 +230,7 @@ mod tests {
     #[test]
     fn proc_is_masked_before_pivot_and_pivot_precedes_hostname() {
         let steps = build(&spec());
-        let pos = |want: &dyn Fn(&Step) -> bool| steps.iter().position(|s| want(s)).unwrap();
+        let pos = |want: &dyn Fn(&Step) -> bool| steps.iter().position(want).unwrap();
         let pivot = pos(&|s| matches!(s, Step::PivotRoot { .. }));
         let proc = pos(&|s| matches!(s, Step::Mount { fstype: "proc", .. }));
         let kcore = pos(&|s| matches!(s, Step::MaskFile { path, .. } if path.ends_with("proc/kcore")));

@@ -58,7 +58,15 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let agent = rustix::io::fcntl_dupfd_cloexec(&memfd, 200).map_err(|e| format!("dup agent memfd: {e}"))?;
     drop(memfd);
     let listener = bind(&socket_path(&opts.root))?;
-    let mut s = Spawner { agent, listener, conn: None, children: HashSet::new(), retired: false, time_ns: true, root: opts.root.clone() };
+    let mut s = Spawner {
+        agent,
+        listener,
+        conn: None,
+        children: HashSet::new(),
+        retired: false,
+        time_ns: true,
+        root: opts.root.clone(),
+    };
     s.serve();
     drop(lock);
     Ok(())
@@ -114,12 +122,13 @@ impl Spawner {
             }
             (!fds[0].revents().is_empty(), fds.get(1).is_some_and(|f| !f.revents().is_empty()))
         };
-        if accept_ready && !self.retired {
-            if let Ok(c) = rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC) {
-                // A new daemon replaces the old connection (the old daemon is gone).
-                self.conn = Some(c);
-                return;
-            }
+        if accept_ready
+            && !self.retired
+            && let Ok(c) = rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC)
+        {
+            // A new daemon replaces the old connection (the old daemon is gone).
+            self.conn = Some(c);
+            return;
         }
         if conn_ready {
             self.handle_message();
@@ -151,7 +160,14 @@ impl Spawner {
             Ok(SpawnerRequest::Retire) => {
                 self.retired = true;
                 let _ = std::fs::remove_file(socket_path(&self.root));
-                (SpawnReply::Hello { version: env!("CARGO_PKG_VERSION").into(), pid: std::process::id(), children: self.children.len() }, None)
+                (
+                    SpawnReply::Hello {
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        pid: std::process::id(),
+                        children: self.children.len(),
+                    },
+                    None,
+                )
             }
             Ok(SpawnerRequest::Spawn { spec }) => match self.spawn(&spec, fds) {
                 Ok((pid, pidfd)) => (SpawnReply::Spawned { pid }, Some(pidfd)),
@@ -172,12 +188,17 @@ impl Spawner {
         }
         let status = fds.pop().unwrap_or_else(|| unreachable!());
         let listener = fds.pop().unwrap_or_else(|| unreachable!());
-        let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-            .map_err(|e| format!("socketpair: {e}"))?;
+        let (ours, theirs) =
+            rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+                .map_err(|e| format!("socketpair: {e}"))?;
         let cgroup = match &spec.cgroup_dir {
             Some(dir) => Some(
-                rustix::fs::open(dir, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
-                    .map_err(|e| format!("open cgroup {}: {e}", dir.display()))?,
+                rustix::fs::open(
+                    dir,
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .map_err(|e| format!("open cgroup {}: {e}", dir.display()))?,
             ),
             None => None,
         };
@@ -218,7 +239,8 @@ fn prepare(pid: i32, spec: &SpawnSpec, control: &OwnedFd) -> Result<(), String> 
     for file in ["uid_map", "gid_map"] {
         std::fs::write(format!("/proc/{pid}/{file}"), &map).map_err(|e| format!("write {file}: {e}"))?;
     }
-    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user")).map_err(|e| format!("open user namespace: {e}"))?;
+    let userns =
+        std::fs::File::open(format!("/proc/{pid}/ns/user")).map_err(|e| format!("open user namespace: {e}"))?;
     let mut trees = Vec::with_capacity(spec.layers.len() + 1);
     let ro = abx_sys::mount::TreeOptions { read_only: true, recursive: false };
     for layer in &spec.layers {

@@ -107,7 +107,9 @@ pub enum SpawnReply {
 pub enum SpawnerRequest {
     /// Sent with two descriptors: the agent's listening socket and the write end of the
     /// status pipe (closed on successful exec, carries an error message otherwise).
-    Spawn { spec: Box<SpawnSpec> },
+    Spawn {
+        spec: Box<SpawnSpec>,
+    },
     Hello,
     /// Stop accepting work; exit once no sandbox is left.
     Retire,

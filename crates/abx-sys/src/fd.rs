@@ -9,18 +9,15 @@ use crate::cvt;
 pub fn close_from(first: RawFd) -> io::Result<()> {
     // SAFETY: close_range takes plain integers; closing descriptors we do not own is the
     // purpose of this call and happens right before exec in a process that owns them all.
-    cvt(unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) })
-        .map(drop)
+    cvt(unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) }).map(drop)
 }
 
 /// Marks every descriptor numbered `first` and above close-on-exec.
 pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on descriptors.
-    cvt(unsafe {
-        libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC)
-    })
-    .map(drop)
+    cvt(unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) })
+        .map(drop)
 }
 
 /// Duplicates `fd` onto `target` without close-on-exec (`dup2`, or clears the flag when

@@ -11,9 +11,9 @@ pub mod agent;
 pub mod asyncio;
 pub mod fd;
 pub mod mount;
-pub mod process;
 pub mod net;
 pub mod probe;
+pub mod process;
 
 use std::io;
 

@@ -67,9 +67,8 @@ pub unsafe fn clone3(namespaces: u64, cgroup: Option<BorrowedFd<'_>>) -> io::Res
     }
     // SAFETY: `args` is a valid clone_args of the size we pass, `pidfd` outlives the call;
     // the fork-safety contract is the caller's (see above).
-    let ret = cvt(unsafe {
-        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
-    })?;
+    let ret =
+        cvt(unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) })?;
     if ret == 0 {
         return Ok(Forked::Child);
     }
@@ -156,10 +155,7 @@ pub fn restrict_capabilities(keep: &[u32]) -> io::Result<()> {
 
 /// The highest capability number the running kernel knows.
 pub fn last_capability() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
 }
 
 /// Sets `no_new_privs`, then loads a classic BPF seccomp filter (raw `sock_filter`

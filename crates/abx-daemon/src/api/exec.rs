@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use abx_api::{ErrorBody, ExecEvent, ExecRequest, ProcessInfo, RunRequest, SignalRequest, Started, StdinRequest, TtySize};
+use abx_api::{
+    ErrorBody, ExecEvent, ExecRequest, ProcessInfo, RunRequest, SignalRequest, Started, StdinRequest, TtySize,
+};
 use abx_proto::{Control, Frame, Kind};
 
 use super::{ApiError, Json, Path, ndjson};
@@ -51,7 +53,11 @@ fn b64(data: &[u8]) -> String {
         (status = 201, description = "background process started", body = Started),
         (status = 400, description = "bad request or command not found", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "sandbox not running", body = ErrorBody)))]
-async fn exec(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<ExecRequest>) -> Result<Response, ApiError> {
+async fn exec(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> Result<Response, ApiError> {
     if req.interactive && !req.background {
         return Err(ApiError::bad_request("interactive exec needs the WebSocket endpoint /exec/ws"));
     }
@@ -114,7 +120,10 @@ fn event_stream(session: ExecSession) -> impl futures_util::Stream<Item = ExecEv
 }
 
 fn lost_event() -> ExecEvent {
-    ExecEvent::Error { code: "agent_unavailable".into(), message: "the sandbox went away before the process exited".into() }
+    ExecEvent::Error {
+        code: "agent_unavailable".into(),
+        message: "the sandbox went away before the process exited".into(),
+    }
 }
 
 fn output_event(out: crate::core::ExecOutput) -> ExecEvent {
@@ -220,7 +229,9 @@ async fn forward_frame(socket: &mut WebSocket, f: Frame) -> bool {
         }
         Kind::Json => match f.json::<abx_proto::Event>() {
             Ok(abx_proto::Event::Exit(st)) => {
-                let _ = send_event(socket, &ExecEvent::Exit { code: st.code, signal: st.signal, timed_out: st.timed_out }).await;
+                let _ =
+                    send_event(socket, &ExecEvent::Exit { code: st.code, signal: st.signal, timed_out: st.timed_out })
+                        .await;
                 false
             }
             _ => true,
@@ -258,7 +269,11 @@ async fn list(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<V
 #[utoipa::path(post, path = abx_api::paths::PROCESS_SIGNAL, tag = "exec", request_body = SignalRequest,
     params(("id" = String, Path, description = "sandbox id or name"), ("pid" = u32, Path, description = "process id inside the sandbox")),
     responses((status = 204, description = "sent"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn signal(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, Json(req): Json<SignalRequest>) -> Result<StatusCode, ApiError> {
+async fn signal(
+    State(core): State<Core>,
+    Path((id, pid)): Path<(String, u32)>,
+    Json(req): Json<SignalRequest>,
+) -> Result<StatusCode, ApiError> {
     let signal = parse_signal(&req.signal)?;
     core.execute(Command::Signal { id, pid, signal, group: req.group.unwrap_or(true) }).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -268,7 +283,11 @@ async fn signal(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, 
 #[utoipa::path(post, path = abx_api::paths::PROCESS_STDIN, tag = "exec", request_body = StdinRequest,
     params(("id" = String, Path, description = "sandbox id or name"), ("pid" = u32, Path, description = "process id inside the sandbox")),
     responses((status = 204, description = "written"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn stdin(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, Json(req): Json<StdinRequest>) -> Result<StatusCode, ApiError> {
+async fn stdin(
+    State(core): State<Core>,
+    Path((id, pid)): Path<(String, u32)>,
+    Json(req): Json<StdinRequest>,
+) -> Result<StatusCode, ApiError> {
     let data = base64::engine::general_purpose::STANDARD
         .decode(&req.data)
         .map_err(|e| CoreError::Invalid(format!("data is not valid base64: {e}")))?;
@@ -280,7 +299,11 @@ async fn stdin(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, J
 #[utoipa::path(post, path = abx_api::paths::PROCESS_RESIZE, tag = "exec", request_body = TtySize,
     params(("id" = String, Path, description = "sandbox id or name"), ("pid" = u32, Path, description = "process id inside the sandbox")),
     responses((status = 204, description = "resized"), (status = 404, body = ErrorBody)))]
-async fn resize(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, Json(size): Json<TtySize>) -> Result<StatusCode, ApiError> {
+async fn resize(
+    State(core): State<Core>,
+    Path((id, pid)): Path<(String, u32)>,
+    Json(size): Json<TtySize>,
+) -> Result<StatusCode, ApiError> {
     core.execute(Command::Resize { id, pid, size }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -105,13 +105,20 @@ fn parse_mode(mode: Option<&str>) -> Result<Option<u32>, ApiError> {
     params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
     responses((status = 200, description = "the content", content_type = "application/octet-stream"),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn read(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Response, ApiError> {
+async fn read(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
     let (info, conn) = core.execute(Command::ReadFile { id, path: q.path, user: q.user }).await?.content()?;
     let mut resp = content_body(conn).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
-    h.insert("x-file-mode", HeaderValue::from_str(&format!("{:o}", info.mode)).unwrap_or(HeaderValue::from_static("0")));
+    h.insert(
+        "x-file-mode",
+        HeaderValue::from_str(&format!("{:o}", info.mode)).unwrap_or(HeaderValue::from_static("0")),
+    );
     Ok(resp)
 }
 
@@ -120,9 +127,21 @@ async fn read(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<
     params(("id" = String, Path, description = "sandbox id or name"), WriteQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = FileInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn write(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<WriteQuery>, req: Request) -> Result<Json<FileInfo>, ApiError> {
+async fn write(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<WriteQuery>,
+    req: Request,
+) -> Result<Json<FileInfo>, ApiError> {
     let mode = parse_mode(q.mode.as_deref())?;
-    let cmd = Command::WriteFile { id, path: q.path, user: q.user, mode, parents: q.parents.unwrap_or(true), body: body_stream(req) };
+    let cmd = Command::WriteFile {
+        id,
+        path: q.path,
+        user: q.user,
+        mode,
+        parents: q.parents.unwrap_or(true),
+        body: body_stream(req),
+    };
     Ok(Json(core.execute(cmd).await?.file_info()?))
 }
 
@@ -130,7 +149,11 @@ async fn write(State(core): State<Core>, Path(id): Path<String>, Query(q): Query
 #[utoipa::path(delete, path = abx_api::paths::FILES, tag = "files",
     params(("id" = String, Path, description = "sandbox id or name"), RemoveQuery),
     responses((status = 204, description = "removed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn remove(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<RemoveQuery>) -> Result<StatusCode, ApiError> {
+async fn remove(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Result<StatusCode, ApiError> {
     core.execute(Command::Remove { id, path: q.path, user: q.user, recursive: q.recursive }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -139,7 +162,11 @@ async fn remove(State(core): State<Core>, Path(id): Path<String>, Query(q): Quer
 #[utoipa::path(get, path = abx_api::paths::FILES_LIST, tag = "files",
     params(("id" = String, Path, description = "sandbox id or name"), ListQuery),
     responses((status = 200, body = Vec<FileInfo>), (status = 404, body = ErrorBody)))]
-async fn list(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<ListQuery>) -> Result<Json<Vec<FileInfo>>, ApiError> {
+async fn list(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<FileInfo>>, ApiError> {
     let cmd = Command::ListDir { id, path: q.path, user: q.user, depth: q.depth.unwrap_or(1) };
     Ok(Json(core.execute(cmd).await?.files()?))
 }
@@ -148,7 +175,11 @@ async fn list(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<
 #[utoipa::path(get, path = abx_api::paths::FILES_STAT, tag = "files",
     params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
     responses((status = 200, body = FileInfo), (status = 404, body = ErrorBody)))]
-async fn stat(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Json<FileInfo>, ApiError> {
+async fn stat(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<FileInfo>, ApiError> {
     Ok(Json(core.execute(Command::Stat { id, path: q.path, user: q.user }).await?.file_info()?))
 }
 
@@ -156,7 +187,11 @@ async fn stat(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<
 #[utoipa::path(post, path = abx_api::paths::FILES_MKDIR, tag = "files", request_body = MkdirRequest,
     params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = FileInfo), (status = 409, body = ErrorBody)))]
-async fn mkdir(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<MkdirRequest>) -> Result<Json<FileInfo>, ApiError> {
+async fn mkdir(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Json(req): Json<MkdirRequest>,
+) -> Result<Json<FileInfo>, ApiError> {
     Ok(Json(core.execute(Command::Mkdir { id, req }).await?.file_info()?))
 }
 
@@ -164,7 +199,11 @@ async fn mkdir(State(core): State<Core>, Path(id): Path<String>, Json(req): Json
 #[utoipa::path(post, path = abx_api::paths::FILES_RENAME, tag = "files", request_body = RenameRequest,
     params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = FileInfo), (status = 404, body = ErrorBody)))]
-async fn rename(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<RenameRequest>) -> Result<Json<FileInfo>, ApiError> {
+async fn rename(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Json(req): Json<RenameRequest>,
+) -> Result<Json<FileInfo>, ApiError> {
     Ok(Json(core.execute(Command::Rename { id, req }).await?.file_info()?))
 }
 
@@ -172,7 +211,11 @@ async fn rename(State(core): State<Core>, Path(id): Path<String>, Json(req): Jso
 #[utoipa::path(get, path = abx_api::paths::ARCHIVE, tag = "files",
     params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
     responses((status = 200, description = "tar archive", content_type = "application/x-tar"), (status = 404, body = ErrorBody)))]
-async fn archive_read(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>) -> Result<Response, ApiError> {
+async fn archive_read(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
     let (_, conn) = core.execute(Command::ArchiveRead { id, path: q.path, user: q.user }).await?.content()?;
     let mut resp = content_body(conn).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
@@ -184,7 +227,12 @@ async fn archive_read(State(core): State<Core>, Path(id): Path<String>, Query(q)
     params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
     request_body(content = Vec<u8>, content_type = "application/x-tar"),
     responses((status = 204, description = "extracted"), (status = 400, body = ErrorBody)))]
-async fn archive_write(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<PathQuery>, req: Request) -> Result<StatusCode, ApiError> {
+async fn archive_write(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    req: Request,
+) -> Result<StatusCode, ApiError> {
     core.execute(Command::ArchiveWrite { id, path: q.path, user: q.user, body: body_stream(req) }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -39,9 +39,12 @@ pub fn router(core: Core) -> axum::Router {
     let (router, _) = api_routes().split_for_parts();
     let spec_json = serde_json::to_string_pretty(&openapi()).unwrap_or_default();
     router
-        .route(abx_api::paths::OPENAPI, axum::routing::get(move || async move {
-            ([(axum::http::header::CONTENT_TYPE, "application/json")], spec_json)
-        }))
+        .route(
+            abx_api::paths::OPENAPI,
+            axum::routing::get(
+                move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], spec_json) },
+            ),
+        )
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(core)
@@ -76,11 +79,19 @@ fn openapi_path_item() -> utoipa::openapi::PathItem {
 }
 
 async fn route_not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", format!("no API route {}; see /v1/openapi.json", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no API route {}; see /v1/openapi.json", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not supported on {}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not supported on {}", uri.path()),
+    )
 }
 
 /// An error response: `{"error": {"code", "message"}}`.
@@ -173,9 +184,5 @@ where
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
     });
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
-        axum::body::Body::from_stream(body),
-    )
-        .into_response()
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response()
 }

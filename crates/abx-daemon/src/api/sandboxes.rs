@@ -22,7 +22,10 @@ pub fn routes() -> OpenApiRouter<Core> {
 #[utoipa::path(post, path = abx_api::paths::SANDBOXES, tag = "sandboxes", request_body = CreateSandbox,
     responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, description = "unknown template", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn create(State(core): State<Core>, Json(req): Json<CreateSandbox>) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+async fn create(
+    State(core): State<Core>,
+    Json(req): Json<CreateSandbox>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
     let sb = core.execute(Command::CreateSandbox(req)).await?.sandbox()?;
     Ok((StatusCode::CREATED, Json(sb)))
 }
@@ -53,7 +56,11 @@ struct DeleteQuery {
     params(("id" = String, Path, description = "sandbox id or name"), DeleteQuery),
     responses((status = 204, description = "destroyed"), (status = 404, body = ErrorBody),
         (status = 409, description = "running and force not given", body = ErrorBody)))]
-async fn delete(State(core): State<Core>, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> Result<StatusCode, ApiError> {
+async fn delete(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
     core.execute(Command::DeleteSandbox { id, force: q.force }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -62,7 +69,11 @@ async fn delete(State(core): State<Core>, Path(id): Path<String>, Query(q): Quer
 #[utoipa::path(post, path = abx_api::paths::SANDBOX_TIMEOUT, tag = "sandboxes", request_body = TimeoutRequest,
     params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
-async fn set_timeout(State(core): State<Core>, Path(id): Path<String>, Json(req): Json<TimeoutRequest>) -> Result<Json<Sandbox>, ApiError> {
+async fn set_timeout(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Json(req): Json<TimeoutRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(core.execute(Command::SetTimeout { id, timeout_secs: req.timeout_secs }).await?.sandbox()?))
 }
 

@@ -115,7 +115,10 @@ impl Policy {
                     return Err(invalid(format!("rule for '{}': op ne is only supported with type dword", r.syscall)));
                 }
                 if (c.op == Op::MaskedEq) != c.mask.is_some() {
-                    return Err(invalid(format!("rule for '{}': a mask goes with op masked_eq, and only with it", r.syscall)));
+                    return Err(invalid(format!(
+                        "rule for '{}': a mask goes with op masked_eq, and only with it",
+                        r.syscall
+                    )));
                 }
             }
         }

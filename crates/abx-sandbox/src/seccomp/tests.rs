@@ -56,11 +56,13 @@ fn every_syscall_number_gets_the_policy_answer() {
             None => bpf::ret(policy.default).k,
             Some(rs) => rs
                 .iter()
-                .find(|r| r.args.iter().all(|c| match c.op {
-                    Op::Eq => c.value == 0,
-                    Op::Ne => c.value != 0,
-                    Op::MaskedEq => c.value & c.mask.unwrap() == 0,
-                }))
+                .find(|r| {
+                    r.args.iter().all(|c| match c.op {
+                        Op::Eq => c.value == 0,
+                        Op::Ne => c.value != 0,
+                        Op::MaskedEq => c.value & c.mask.unwrap() == 0,
+                    })
+                })
                 .map(|r| bpf::ret(r.action).k)
                 .unwrap_or(bpf::ret(policy.default).k),
         };
@@ -71,8 +73,23 @@ fn every_syscall_number_gets_the_policy_answer() {
 #[test]
 fn dangerous_syscalls_are_refused_and_common_ones_allowed() {
     let (_, prog) = default_program();
-    for name in ["io_uring_setup", "bpf", "userfaultfd", "perf_event_open", "keyctl", "mount", "unshare", "setns",
-        "kexec_load", "init_module", "open_tree", "fsopen", "pivot_root", "reboot", "open_by_handle_at"] {
+    for name in [
+        "io_uring_setup",
+        "bpf",
+        "userfaultfd",
+        "perf_event_open",
+        "keyctl",
+        "mount",
+        "unshare",
+        "setns",
+        "kexec_load",
+        "init_module",
+        "open_tree",
+        "fsopen",
+        "pivot_root",
+        "reboot",
+        "open_by_handle_at",
+    ] {
         assert_eq!(run(&prog, nr(name), AUDIT_ARCH_X86_64, [0; 6]), EPERM, "{name}");
     }
     for name in ["read", "write", "openat", "execve", "mmap", "futex", "exit_group", "socket", "wait4"] {
@@ -110,10 +127,19 @@ fn foreign_architecture_is_killed_and_x32_refused() {
 #[test]
 fn policy_errors_name_the_problem() {
     let bad = |json: &str| compile(json).unwrap_err().to_string() + &format!("{:?}", compile(json).unwrap_err());
-    assert!(bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "nosuch", "action": "allow", "comment": "x"}]}"#).contains("nosuch"));
-    assert!(bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "read", "action": "allow", "comment": " "}]}"#).contains("comment"));
-    assert!(bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "read", "action": "allow", "comment": "x",
-        "args": [{"index": 7, "type": "dword", "op": "eq", "value": 0}]}]}"#).contains("index"));
+    assert!(
+        bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "nosuch", "action": "allow", "comment": "x"}]}"#)
+            .contains("nosuch")
+    );
+    assert!(
+        bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "read", "action": "allow", "comment": " "}]}"#)
+            .contains("comment")
+    );
+    assert!(
+        bad(r#"{"default": {"errno": 1}, "rules": [{"syscall": "read", "action": "allow", "comment": "x",
+        "args": [{"index": 7, "type": "dword", "op": "eq", "value": 0}]}]}"#)
+        .contains("index")
+    );
 }
 
 #[test]
