@@ -99,7 +99,14 @@ impl Daemon {
     /// the harness's defaults).
     pub async fn start_with(extra: &[&str]) -> Daemon {
         assert!(rustix::process::geteuid().is_root(), "integration tests need root");
-        let dir = tempfile::Builder::new().prefix("abxt-").tempdir().unwrap();
+        // 0700, like `mktemp -d` or /root: the directories above a state root need not be
+        // searchable by the sandboxes' users.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("abxt-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap();
         let root = dir.path().join("root");
         let socket = dir.path().join("api.sock");
         let prefix = format!("abxt{}", random_hex(8));

@@ -31,6 +31,8 @@ pub struct ChildIo {
     pub listener: OwnedFd,
     /// The sealed memfd holding the agent binary.
     pub agent: RawFd,
+    /// The sandbox directory (`O_PATH`), the working directory of the whole setup.
+    pub dir: OwnedFd,
 }
 
 /// Runs the child side; never returns.
@@ -54,6 +56,7 @@ fn lift(io: ChildIo) -> std::io::Result<ChildIo> {
         status: up(&io.status)?,
         listener: up(&io.listener)?,
         agent: agent.as_raw_fd(),
+        dir: up(&io.dir)?,
     };
     std::mem::forget(agent);
     Ok(lifted)
@@ -73,6 +76,8 @@ fn setup(spec: &SpawnSpec, io: &ChildIo) -> Result<Infallible, String> {
     join_cgroups(&spec.cgroup_tasks)?;
     let trees = receive_go(io, spec.layers.len() + 1)?;
     become_root()?;
+    // Before unsharing: the new mount namespace then carries the working directory over.
+    ctx("enter the sandbox directory", rustix::process::fchdir(&io.dir))?;
     ctx("unshare namespaces", abx_sys::process::unshare(ns::MOUNT | ns::NET | ns::UTS | ns::IPC | ns::CGROUP))?;
     ctx(
         "make mounts private",
@@ -136,8 +141,7 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
             let tree = trees.get(*index).ok_or_else(|| std::io::Error::other("missing mount tree"))?;
             abx_sys::mount::attach(tree, target)
         }
-        Step::Overlay { cwd, lower, upper, work, target, volatile } => {
-            rustix::process::chdir(cwd)?;
+        Step::Overlay { lower, upper, work, target, volatile } => {
             let mut data = format!("lowerdir={},upperdir={upper},workdir={work},userxattr", lower.join(":"));
             if *volatile {
                 data.push_str(",volatile");

@@ -1,7 +1,10 @@
 //! The ordered setup a new sandbox performs inside its namespaces, as data.
 //!
 //! [`build`] turns a [`SpawnSpec`] into a list of [`Step`]s; [`crate::child`] executes
-//! them one by one and reports the first failure with the step's description. Keeping
+//! them one by one and reports the first failure with the step's description. Every path
+//! is relative to the sandbox directory, which is the child's working directory (entered
+//! through a descriptor, so the directories above it need not be searchable by the
+//! sandbox's user). Keeping
 //! the plan as data makes the order reviewable (docs/sandbox-setup.md) and testable
 //! without privileges.
 
@@ -26,10 +29,8 @@ pub enum Step {
         index: usize,
         target: PathBuf,
     },
-    /// Mount the overlay root filesystem. Paths are relative to `cwd`, keeping the
-    /// option string short.
+    /// Mount the overlay root filesystem (relative paths keep the option string short).
     Overlay {
-        cwd: PathBuf,
         lower: Vec<String>,
         upper: String,
         work: String,
@@ -124,7 +125,7 @@ pub const READ_ONLY: [&str; 5] = ["proc/bus", "proc/fs", "proc/irq", "proc/sys",
 /// descriptor `layers` is the data tree.
 pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     use flags::*;
-    let dirs = SandboxDirs::new(spec.dir.clone());
+    let dirs = SandboxDirs::new(PathBuf::from("."));
     let root = dirs.rootfs();
     let r = |p: &str| root.join(p);
     let mut steps = Vec::new();
@@ -133,7 +134,6 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     }
     steps.push(Step::AttachTree { index: spec.layers.len(), target: dirs.data_mount() });
     steps.push(Step::Overlay {
-        cwd: dirs.root.clone(),
         lower: (0..spec.layers.len()).rev().map(|i| format!("lower/{i}")).collect(),
         upper: "dm/upper".into(),
         work: "dm/work".into(),
@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn overlay_lists_top_layer_first_and_data_tree_last() {
         let steps = build(&spec());
-        assert_eq!(steps[2], Step::AttachTree { index: 2, target: "/s/abx-test/dm".into() });
+        assert_eq!(steps[2], Step::AttachTree { index: 2, target: "./dm".into() });
         let Step::Overlay { lower, .. } = &steps[3] else { panic!("overlay must follow the attachments") };
         assert_eq!(lower, &["lower/1", "lower/0"]);
     }
@@ -246,7 +246,7 @@ mod tests {
         for dev in DEVICES {
             assert!(steps.contains(&Step::Bind {
                 source: PathBuf::from("/dev").join(dev),
-                target: PathBuf::from("/s/abx-test/rootfs/dev").join(dev)
+                target: PathBuf::from("./rootfs/dev").join(dev)
             }));
         }
     }

@@ -202,10 +202,16 @@ impl Spawner {
             ),
             None => None,
         };
+        let dir = rustix::fs::open(
+            &spec.dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| format!("open sandbox directory {}: {e}", spec.dir.display()))?;
         let (pid, pidfd) = match self.clone_child(cgroup.as_ref().map(|c| c.as_fd()))? {
             Forked::Child => {
                 drop(ours);
-                let io = ChildIo { control: theirs, status, listener, agent: self.agent.as_raw_fd() };
+                let io = ChildIo { control: theirs, status, listener, agent: self.agent.as_raw_fd(), dir };
                 child::run(spec, io)
             }
             Forked::Parent { pid, pidfd } => (pid, pidfd),
