@@ -307,6 +307,11 @@ impl Daemon {
         found
     }
 
+    /// Host objects of one sandbox (the daemon also keeps a few prepared, unused ones).
+    pub fn host_objects_of(&self, id: &str) -> Vec<String> {
+        self.host_objects().into_iter().filter(|o| o.contains(id)).collect()
+    }
+
     /// Waits until `cond` holds (polling), or panics with `what`.
     pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut cond: F)
     where

@@ -17,16 +17,17 @@ async fn rm_removes_everything_the_sandbox_had() {
     let id = d.mini(Limits::default()).await;
     let sb = d.client.get_sandbox(&id).await.unwrap();
     d.sh(&id, "sleep 300 & echo data > /tmp/x").await;
-    assert!(!d.host_objects().is_empty());
+    assert!(d.host_objects_of(&id).len() >= 4, "a directory and cgroups: {:?}", d.host_objects_of(&id));
     let e = d.client.delete_sandbox(&id, false).await.unwrap_err();
     assert_eq!(e.code(), Some("conflict"), "a running sandbox needs force: {e}");
     d.client.delete_sandbox(&id, true).await.unwrap();
     assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"));
-    d.wait_for("host objects to be removed", Duration::from_secs(10), || async { d.host_objects().is_empty() }).await;
-    assert!(
-        !std::path::Path::new(&format!("/proc/{}", sb.pid)).exists()
-            || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true)
-    );
+    d.wait_for("the sandbox's host objects to be removed", Duration::from_secs(10), || async {
+        d.host_objects_of(&id).is_empty()
+    })
+    .await;
+    let gone = || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true);
+    d.wait_for("PID 1 to be gone", Duration::from_secs(10), || async { gone() }).await;
 }
 
 #[tokio::test]
@@ -99,7 +100,9 @@ async fn failed_setup_leaves_nothing_behind() {
     let e = d.client.create_sandbox(&mini()).await.unwrap_err();
     assert_eq!(e.code(), Some("sandbox_setup_failed"), "{e}");
     assert!(e.to_string().contains("exec guest agent"), "{e}");
-    assert!(d.host_objects().is_empty(), "{:?}", d.host_objects());
+    let id = e.to_string().split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(id.len(), 12, "the message names the sandbox: {e}");
+    assert!(d.host_objects_of(&id).is_empty(), "{:?}", d.host_objects_of(&id));
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
 }
 

@@ -62,5 +62,5 @@ async fn dead_sandboxes_are_cleaned_up_on_restart() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.spawn(&[]).await;
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
-    assert!(d.host_objects().is_empty(), "{:?}", d.host_objects());
+    assert!(d.host_objects_of(&id).is_empty(), "{:?}", d.host_objects_of(&id));
 }

@@ -56,9 +56,15 @@ pub fn crun(rootfs: PathBuf) -> anyhow::Result<CycleFn> {
     if !status.success() {
         bail!("crun spec failed");
     }
+    // A copy inside the (world-searchable) bundle: crun sets up the root from inside its
+    // user namespace, which may not search the daemon's private state root.
+    let copy = std::process::Command::new("cp").arg("-a").arg(&rootfs).arg(bundle.join("rootfs")).status()?;
+    if !copy.success() {
+        bail!("copying {} into the crun bundle failed", rootfs.display());
+    }
     let cfg_path = bundle.join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path)?)?;
-    cfg["root"] = serde_json::json!({"path": rootfs, "readonly": true});
+    cfg["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
     cfg["process"]["terminal"] = false.into();
     cfg["process"]["args"] = serde_json::json!(["echo", "hi"]);
     let ns = cfg["linux"]["namespaces"].as_array_mut().context("crun spec without namespaces")?;

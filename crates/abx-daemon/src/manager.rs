@@ -1,10 +1,13 @@
 //! The sandbox manager: creates, tracks, times out, destroys and, after a restart,
 //! re-adopts sandboxes. Blocking work (directories, cgroups, the spawner) runs on tokio's
-//! blocking pool; every step of a create is undone if a later one fails.
+//! blocking pool; a create that fails removes everything it made. Directories and cgroups
+//! of the next sandboxes are made ahead of time (`--prepare`), so a create only applies
+//! limits and spawns.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -54,6 +57,20 @@ pub struct Manager {
     uid_slots: Mutex<Vec<bool>>,
     /// Removal of destroyed sandboxes' host objects, finished in the background.
     pub cleanups: tokio_util::task::TaskTracker,
+    /// Sandbox ids whose directory and cgroups are made ahead of time (`--prepare`).
+    prepared: Mutex<Vec<Slot>>,
+    refilling: AtomicBool,
+    closing: AtomicBool,
+    /// Destroyed sandboxes whose uid range is not free yet, and the wake-up when one is.
+    pending_frees: AtomicUsize,
+    uid_freed: tokio::sync::Notify,
+}
+
+/// A sandbox id with its uid range, its directory and its cgroups (without limits) made.
+#[derive(Debug)]
+struct Slot {
+    id: String,
+    uid_slot: u32,
 }
 
 impl Manager {
@@ -91,6 +108,11 @@ impl Manager {
             sandboxes: RwLock::new(HashMap::new()),
             uid_slots: Mutex::new(vec![false; slots]),
             cleanups: tokio_util::task::TaskTracker::new(),
+            prepared: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            pending_frees: AtomicUsize::new(0),
+            uid_freed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -142,6 +164,96 @@ impl Manager {
         if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
             *s = false;
         }
+        self.uid_freed.notify_waiters();
+    }
+
+    /// A free uid range; when all are taken but destroyed sandboxes are still releasing
+    /// theirs, waits (up to 5 s) for one.
+    async fn alloc_uid_slot_waiting(&self) -> CoreResult<u32> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let freed = self.uid_freed.notified();
+            match self.alloc_uid_slot() {
+                Ok(s) => return Ok(s),
+                Err(e) if self.pending_frees.load(Ordering::SeqCst) == 0 => return Err(e),
+                Err(e) => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes a slot: id, directory (owned by the sandbox's root), cgroups without limits.
+    fn make_slot_blocking(&self, uid_slot: u32) -> CoreResult<Slot> {
+        let id = new_id();
+        let dirs = SandboxDirs::new(self.sandbox_dir(&id));
+        let uid_base = self.cfg.uid_start + uid_slot * UID_RANGE;
+        let setup_err = |message: String| CoreError::Setup { id: id.clone(), message };
+        if let Err(e) = dirs.create(1, uid_base) {
+            let _ = remove_tree(&dirs.root);
+            return Err(setup_err(format!("create {}: {e}", dirs.root.display())));
+        }
+        if let Err(e) = self.cgroups.create(&self.host_name(&id), &abx_cgroup::Limits::default()) {
+            let _ = remove_tree(&dirs.root);
+            return Err(setup_err(cgroup_text(&e)));
+        }
+        Ok(Slot { id, uid_slot })
+    }
+
+    /// Removes an unused slot's host objects and frees its uid range.
+    fn discard_slot(&self, slot: &Slot) {
+        let cg = self.host_name(&slot.id);
+        let _ = self.cgroups.kill(&cg);
+        let _ = self.cgroups.remove(&cg);
+        let _ = remove_tree(&self.sandbox_dir(&slot.id));
+        self.free_uid_slot(slot.uid_slot);
+    }
+
+    /// A prepared slot, or a new one made now.
+    async fn take_slot(self: &Arc<Self>) -> CoreResult<Slot> {
+        let ready = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let slot = match ready {
+            Some(s) => Ok(s),
+            None => {
+                let uid = self.alloc_uid_slot_waiting().await?;
+                let this = self.clone();
+                let made = tokio::task::spawn_blocking(move || this.make_slot_blocking(uid))
+                    .await
+                    .map_err(|e| CoreError::internal("slot task", e.to_string()))?;
+                if made.is_err() {
+                    self.free_uid_slot(uid);
+                }
+                made
+            }
+        };
+        self.refill();
+        slot
+    }
+
+    /// Tops the prepared slots up to `--prepare` in the background.
+    pub fn refill(self: &Arc<Self>) {
+        if self.cfg.prepare == 0 || self.closing.load(Ordering::SeqCst) || self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        self.cleanups.spawn_blocking(move || {
+            while !this.closing.load(Ordering::SeqCst)
+                && this.prepared.lock().unwrap_or_else(|e| e.into_inner()).len() < this.cfg.prepare
+            {
+                let Ok(uid) = this.alloc_uid_slot() else { break };
+                match this.make_slot_blocking(uid) {
+                    Ok(slot) => this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot),
+                    Err(e) => {
+                        this.free_uid_slot(uid);
+                        warn!(error = %e.full_message(), "preparing a sandbox slot failed");
+                        break;
+                    }
+                }
+            }
+            this.refilling.store(false, Ordering::SeqCst);
+        });
     }
 
     fn claim_uid_slot(&self, slot: u32) {
@@ -167,8 +279,7 @@ impl Manager {
             Some(s) => Some(Duration::from_secs(s)),
             None => self.cfg.default_timeout,
         };
-        let id = new_id();
-        let slot = self.alloc_uid_slot()?;
+        let Slot { id, uid_slot: slot } = self.take_slot().await?;
         let mut env = template.config.env.clone();
         env.extend(req.env.clone());
         let created_at = now();
@@ -198,7 +309,9 @@ impl Manager {
         let (rec, pidfd) = match started {
             Ok(v) => v,
             Err(e) => {
-                self.free_uid_slot(slot);
+                let this = self.clone();
+                let slot = Slot { id, uid_slot: slot };
+                let _ = tokio::task::spawn_blocking(move || this.discard_slot(&slot)).await;
                 return Err(e);
             }
         };
@@ -218,23 +331,12 @@ impl Manager {
         let t0 = std::time::Instant::now();
         let dirs = SandboxDirs::new(self.sandbox_dir(&rec.id));
         let cg = self.host_name(&rec.id);
-        let mut undo = Undo::default();
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
-        dirs.create(rec.layers.len(), rec.uid_base)
-            .map_err(|e| setup_err(format!("create {}: {e}", dirs.root.display())))?;
-        let root = dirs.root.clone();
-        undo.push(move || {
-            let _ = std::fs::remove_dir_all(&root);
-        });
-        self.cgroups.create(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
-        {
-            let cg = cg.clone();
-            let driver = &self.cgroups;
-            undo.push_ref(move || {
-                let _ = driver.kill(&cg);
-                let _ = driver.remove(&cg);
-            });
-        }
+        // The slot's directory and cgroups exist (the caller discards them on failure):
+        // add mount points for more layers, apply the limits.
+        dirs.add_lower_mounts(rec.layers.len())
+            .map_err(|e| setup_err(format!("prepare {}: {e}", dirs.root.display())))?;
+        self.cgroups.update(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
         let t_cg = t0.elapsed();
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
@@ -275,7 +377,6 @@ impl Manager {
             wait_exit_blocking(&pidfd, Duration::from_secs(5));
             return Err(CoreError::internal("record sandbox", e));
         }
-        undo.disarm();
         Ok((rec, pidfd))
     }
 
@@ -386,26 +487,32 @@ impl Manager {
         if abort_ttl && let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
         }
-        let t0 = std::time::Instant::now();
-        let this = self.clone();
-        let sb2 = sb.clone();
+        // SIGKILL to PID 1 kills every process of the pid namespace: from here on nothing in
+        // the sandbox runs user code again, and it no longer exists for callers. Waiting for
+        // the exit, freeing the uid range and removing cgroups, files and the record happen
+        // in the background (a daemon that dies first finishes the job on its next start:
+        // the record is then dead and reconcile cleans it up).
         if let Some(fd) = &sb.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
-            let mut exited = sb.exited.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
         }
-        // Every process is gone: the sandbox no longer exists for callers. Its cgroups,
-        // files and record are removed in the background (a restart finishes the job if the
-        // daemon dies first: the record is then dead and reconcile cleans it up).
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
-        self.free_uid_slot(sb.record().uid_slot);
-        tracing::debug!(sandbox = %id, took = ?t0.elapsed(), "sandbox killed");
-        let cleanup = self.cleanups.spawn_blocking(move || {
-            if let Err(e) = this.remove_host_objects(&sb2) {
-                warn!(sandbox = %sb2.id, error = %e.full_message(), "cleanup after destroy failed");
+        self.pending_frees.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        self.cleanups.spawn(async move {
+            let mut exited = sb.exited.clone();
+            if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await.is_err() {
+                warn!(sandbox = %sb.id, "PID 1 did not exit within 10 s of SIGKILL; cleaning up anyway");
+            }
+            // The uid range is reused only once no process of this sandbox is left.
+            this.free_uid_slot(sb.record().uid_slot);
+            this.pending_frees.fetch_sub(1, Ordering::SeqCst);
+            let this2 = this.clone();
+            let sb2 = sb.clone();
+            let res = tokio::task::spawn_blocking(move || this2.remove_host_objects(&sb2)).await;
+            if let Ok(Err(e)) = res {
+                warn!(sandbox = %sb.id, error = %e.full_message(), "cleanup after destroy failed");
             }
         });
-        drop(cleanup);
         Ok(())
     }
 
@@ -506,6 +613,11 @@ impl Manager {
     /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and
     /// the instance's cgroup parents are removed.
     pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let prepared = std::mem::take(&mut *self.prepared.lock().unwrap_or_else(|e| e.into_inner()));
+        for slot in &prepared {
+            self.discard_slot(slot);
+        }
         if self.count() == 0 {
             self.spawner.retire(Duration::from_secs(5));
             let _ = self.cgroups.remove_parent();
@@ -612,32 +724,6 @@ pub fn remove_tree(path: &std::path::Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         r => r,
-    }
-}
-
-/// Undo actions run in reverse order on drop unless disarmed.
-#[derive(Default)]
-struct Undo<'a> {
-    actions: Vec<Box<dyn FnOnce() + 'a>>,
-}
-
-impl<'a> Undo<'a> {
-    fn push(&mut self, f: impl FnOnce() + 'static) {
-        self.actions.push(Box::new(f));
-    }
-    fn push_ref(&mut self, f: impl FnOnce() + 'a) {
-        self.actions.push(Box::new(f));
-    }
-    fn disarm(&mut self) {
-        self.actions.clear();
-    }
-}
-
-impl Drop for Undo<'_> {
-    fn drop(&mut self) {
-        while let Some(f) = self.actions.pop() {
-            f();
-        }
     }
 }
 

@@ -70,6 +70,17 @@ impl SandboxDirs {
     pub fn agent_socket(&self) -> PathBuf {
         self.root.join("agent.sock")
     }
+    /// Adds mount points for up to `layers` lower layers to an existing directory.
+    pub fn add_lower_mounts(&self, layers: usize) -> std::io::Result<()> {
+        for i in 0..layers {
+            match std::fs::create_dir(self.lower_mount(i)) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Creates every directory the setup needs for `layers` lower layers. The sandbox
     /// directory belongs to the sandbox's root (`owner`, mode 0700) so that its setup,
     /// which runs as that user, can reach the mount points and no other host user can;
