@@ -151,7 +151,9 @@ async fn fork_bomb_is_stopped_by_the_pids_limit() {
     let d = Daemon::start().await;
     let id = d.mini(Limits { pids: Some(64), ..Default::default() }).await;
     let req = ExecRequest {
-        cmd: vec!["sh".into(), "-c".into(), "b(){ b|b& }; b; sleep 30".into()],
+        // The top shell loops without forking (a fork could fail once the limit is hit),
+        // so the timeout, not a fork failure, ends it and kills its whole process group.
+        cmd: vec!["sh".into(), "-c".into(), "b(){ b|b& }; b; while :; do :; done".into()],
         timeout_secs: Some(4.0),
         ..Default::default()
     };

@@ -17,7 +17,11 @@ async fn rm_removes_everything_the_sandbox_had() {
     let id = d.mini(Limits::default()).await;
     let sb = d.client.get_sandbox(&id).await.unwrap();
     d.sh(&id, "sleep 300 & echo data > /tmp/x").await;
-    assert!(d.host_objects_of(&id).len() >= 4, "a directory and cgroups: {:?}", d.host_objects_of(&id));
+    assert_eq!(d.host_objects_of(&id).len(), 1, "its directory: {:?}", d.host_objects_of(&id));
+    // Its uid slot's cgroup (kept for the slot's next sandbox) holds its processes.
+    let slot = (sb.uid_base - d.uid_start) / 65536;
+    let procs = format!("/sys/fs/cgroup/pids/{}/{}-u{slot}/cgroup.procs", d.prefix, d.prefix);
+    assert!(!std::fs::read_to_string(&procs).unwrap().trim().is_empty());
     let e = d.client.delete_sandbox(&id, false).await.unwrap_err();
     assert_eq!(e.code(), Some("conflict"), "a running sandbox needs force: {e}");
     d.client.delete_sandbox(&id, true).await.unwrap();
@@ -28,6 +32,10 @@ async fn rm_removes_everything_the_sandbox_had() {
     .await;
     let gone = || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true);
     d.wait_for("PID 1 to be gone", Duration::from_secs(10), || async { gone() }).await;
+    d.wait_for("its cgroup to be empty", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&procs).unwrap_or_default().trim().is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -67,19 +67,6 @@ impl Driver {
         Some(self.v2.as_ref()?.join(&self.prefix).join(name))
     }
 
-    /// v1: reclaims the pages still charged to an empty memory cgroup before it is removed.
-    /// Otherwise page cache it first touched (shared files, filesystem metadata) keeps the
-    /// removed cgroup alive as a "dying" memcg, and thousands of those slow down the memory
-    /// controller for everyone. Best effort: a failure only leaves such a cgroup behind.
-    fn release_memory(&self, name: &str) {
-        if let Some(dir) = self.v1_dir("memory", name) {
-            let file = dir.join("memory.force_empty");
-            if self.files.exists(&file) {
-                let _ = self.files.write(&file, "0");
-            }
-        }
-    }
-
     /// Validates `name` and checks that its cgroup exists.
     fn require(&self, name: &str) -> Result<()> {
         validate_name(name)?;
@@ -287,6 +274,17 @@ impl CgroupDriver for Driver {
         Ok(self.dirs(name).into_iter().map(|d| d.join("cgroup.procs")).collect())
     }
 
+    fn reset_stats(&self, name: &str) -> Result<()> {
+        self.require(name)?;
+        if let Some(dir) = self.v1_dir("memory", name) {
+            let file = dir.join("memory.max_usage_in_bytes");
+            if self.files.exists(&file) {
+                self.files.write(&file, "0")?;
+            }
+        }
+        Ok(())
+    }
+
     fn placement(&self, name: &str) -> Result<crate::Placement> {
         validate_name(name)?;
         let self_join = self.v1.iter().map(|m| m.path.join(&self.prefix).join(name).join("tasks")).collect();
@@ -323,7 +321,6 @@ impl CgroupDriver for Driver {
 
     fn remove(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        self.release_memory(name);
         let deadline = Instant::now() + RMDIR_TIMEOUT;
         let mut first = None;
         for dir in self.dirs(name) {

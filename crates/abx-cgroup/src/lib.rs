@@ -99,6 +99,11 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// Applies `limits` to an existing cgroup; `None` fields are set to unlimited.
     fn update(&self, name: &str, limits: &Limits) -> Result<()>;
 
+    /// Resets what can be reset of the statistics for a new occupant: the memory peak on
+    /// v1 (`memory.max_usage_in_bytes`). Counters that cannot be reset (OOM kills) are
+    /// the caller's to baseline.
+    fn reset_stats(&self, name: &str) -> Result<()>;
+
     /// The `cgroup.procs` files a process must be written to, to be placed in the sandbox's
     /// cgroups: the cgroup2 one first (its directory is the target for `CLONE_INTO_CGROUP`),
     /// then one per v1 hierarchy.

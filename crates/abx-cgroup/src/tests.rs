@@ -405,3 +405,13 @@ fn placement_uses_clone_into_on_cgroup2_and_self_join_on_v1() {
     assert_eq!(p.self_join, want);
     assert!(matches!(d.placement("../x"), Err(Error::InvalidName { .. })));
 }
+
+#[test]
+fn reset_stats_clears_the_v1_memory_peak() {
+    let (fs, d) = setup(HYBRID, true);
+    d.create(N, &Limits::default()).unwrap();
+    fs.set(&path("memory", "memory.max_usage_in_bytes"), "5678\n");
+    d.reset_stats(N).unwrap();
+    assert_eq!(value(&fs, "memory", "memory.max_usage_in_bytes"), "0");
+    assert!(matches!(d.reset_stats("missing"), Err(Error::NotFound { .. })));
+}

@@ -484,7 +484,7 @@ impl Core {
             memory_bytes: s.memory_current,
             memory_peak_bytes: s.memory_peak,
             memory_limit_bytes: s.memory_limit,
-            oom_kills: s.oom_kills,
+            oom_kills: s.oom_kills.saturating_sub(sb.record().oom_kills_base),
             pids: s.pids_current,
             pids_limit: s.pids_limit,
             cpu_usage_usec: s.cpu_usage_usec,

@@ -120,9 +120,26 @@ impl Manager {
         self.cfg.root.join("sandboxes").join(self.host_name(id))
     }
 
-    /// The name of a sandbox's host objects (cgroup, directory): `<prefix>-<id>`.
+    /// The name of a sandbox's directory: `<prefix>-<id>`.
     pub fn host_name(&self, id: &str) -> String {
         format!("{}-{id}", self.cfg.prefix)
+    }
+
+    /// The cgroup of a uid slot, `<prefix>-u<slot>`: made once, reused by each sandbox that
+    /// gets the slot (two live sandboxes never share a slot). Creating and removing a memory
+    /// cgroup per sandbox costs CPU and leaves "dying" memory cgroups behind (pinned by page
+    /// cache the sandbox touched first); evicting that cache instead (`force_empty`) makes
+    /// every next sandbox re-read template files and filesystem metadata from disk.
+    pub fn slot_cgroup(&self, uid_slot: u32) -> String {
+        format!("{}-u{uid_slot}", self.cfg.prefix)
+    }
+
+    fn ensure_cgroup(&self, uid_slot: u32) -> Result<String, abx_cgroup::Error> {
+        let cg = self.slot_cgroup(uid_slot);
+        match self.cgroups.create(&cg, &abx_cgroup::Limits::default()) {
+            Ok(()) | Err(abx_cgroup::Error::Exists { .. }) => Ok(cg),
+            Err(e) => Err(e),
+        }
     }
 
     /// Looks a sandbox up by id or name.
@@ -185,7 +202,7 @@ impl Manager {
         }
     }
 
-    /// Makes a slot: id, directory (owned by the sandbox's root), cgroups without limits.
+    /// Makes a slot: id, directory (owned by the sandbox's root), the slot's cgroups.
     fn make_slot_blocking(&self, uid_slot: u32) -> CoreResult<Slot> {
         let id = new_id();
         let dirs = SandboxDirs::new(self.sandbox_dir(&id));
@@ -195,18 +212,17 @@ impl Manager {
             let _ = remove_tree(&dirs.root);
             return Err(setup_err(format!("create {}: {e}", dirs.root.display())));
         }
-        if let Err(e) = self.cgroups.create(&self.host_name(&id), &abx_cgroup::Limits::default()) {
+        if let Err(e) = self.ensure_cgroup(uid_slot) {
             let _ = remove_tree(&dirs.root);
             return Err(setup_err(cgroup_text(&e)));
         }
         Ok(Slot { id, uid_slot })
     }
 
-    /// Removes an unused slot's host objects and frees its uid range.
+    /// Removes an unused slot's directory and frees its uid range (its cgroup stays for
+    /// the next sandbox of that slot).
     fn discard_slot(&self, slot: &Slot) {
-        let cg = self.host_name(&slot.id);
-        let _ = self.cgroups.kill(&cg);
-        let _ = self.cgroups.remove(&cg);
+        let _ = self.cgroups.kill(&self.slot_cgroup(slot.uid_slot));
         let _ = remove_tree(&self.sandbox_dir(&slot.id));
         self.free_uid_slot(slot.uid_slot);
     }
@@ -301,6 +317,7 @@ impl Manager {
             uid_base: self.cfg.uid_start + slot * UID_RANGE,
             hostname: id.clone(),
             state: SandboxState::Creating,
+            oom_kills_base: 0,
         };
         let this = self.clone();
         let started = tokio::task::spawn_blocking(move || this.start_blocking(rec))
@@ -330,13 +347,15 @@ impl Manager {
     fn start_blocking(&self, mut rec: Record) -> CoreResult<(Record, OwnedFd)> {
         let t0 = std::time::Instant::now();
         let dirs = SandboxDirs::new(self.sandbox_dir(&rec.id));
-        let cg = self.host_name(&rec.id);
+        let cg = self.slot_cgroup(rec.uid_slot);
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         // The slot's directory and cgroups exist (the caller discards them on failure):
         // add mount points for more layers, apply the limits.
         dirs.add_lower_mounts(rec.layers.len())
             .map_err(|e| setup_err(format!("prepare {}: {e}", dirs.root.display())))?;
         self.cgroups.update(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
+        self.cgroups.reset_stats(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
+        rec.oom_kills_base = self.cgroups.stats(&cg).map(|s| s.oom_kills).unwrap_or(0);
         let t_cg = t0.elapsed();
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
@@ -387,7 +406,7 @@ impl Manager {
         let sb = Arc::new(Sandbox {
             id: rec.id.clone(),
             dirs: SandboxDirs::new(self.sandbox_dir(&rec.id)),
-            cgroup: self.host_name(&rec.id),
+            cgroup: self.slot_cgroup(rec.uid_slot),
             record: Mutex::new(rec),
             pidfd: pidfd.clone(),
             exited: rx,
@@ -426,7 +445,6 @@ impl Manager {
         let sb2 = sb.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let _ = this.cgroups.kill(&sb2.cgroup);
-            let _ = this.cgroups.remove(&sb2.cgroup);
             let _ = this.store.put(&sb2.record());
         })
         .await;
@@ -494,6 +512,10 @@ impl Manager {
         // the record is then dead and reconcile cleans it up).
         if let Some(fd) = &sb.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+            if std::env::var_os("ABX_WAIT_EXIT").is_some() {
+                let mut exited = sb.exited.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+            }
         }
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         self.pending_frees.fetch_add(1, Ordering::SeqCst);
@@ -503,7 +525,11 @@ impl Manager {
             if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await.is_err() {
                 warn!(sandbox = %sb.id, "PID 1 did not exit within 10 s of SIGKILL; cleaning up anyway");
             }
-            // The uid range is reused only once no process of this sandbox is left.
+            // The uid range (and with it the slot's cgroup) is reused only once no process of
+            // this sandbox is left: empty the cgroup first, then free the slot.
+            let this2 = this.clone();
+            let cg = sb.cgroup.clone();
+            let _ = tokio::task::spawn_blocking(move || this2.cgroups.kill(&cg)).await;
             this.free_uid_slot(sb.record().uid_slot);
             this.pending_frees.fetch_sub(1, Ordering::SeqCst);
             let this2 = this.clone();
@@ -524,8 +550,6 @@ impl Manager {
     }
 
     fn remove_host_objects(&self, sb: &Sandbox) -> CoreResult<()> {
-        let _ = self.cgroups.kill(&sb.cgroup);
-        self.cgroups.remove(&sb.cgroup).map_err(|e| CoreError::internal(format!("remove cgroup of {}", sb.id), e))?;
         remove_tree(&sb.dirs.root).map_err(|e| CoreError::internal(format!("remove {}", sb.dirs.root.display()), e))?;
         self.store.delete(&sb.id).map_err(|e| CoreError::internal("forget sandbox", e))
     }
@@ -545,6 +569,7 @@ impl Manager {
             };
             if self.adopt(rec.clone()) {
                 known.insert(self.host_name(&rec.id));
+                known.insert(self.slot_cgroup(rec.uid_slot));
             } else {
                 info!(sandbox = %rec.id, "cleaning up dead sandbox");
                 self.cleanup_dead(&rec);
@@ -581,7 +606,7 @@ impl Manager {
     }
 
     fn cleanup_dead(&self, rec: &Record) {
-        let cg = self.host_name(&rec.id);
+        let cg = self.slot_cgroup(rec.uid_slot);
         let _ = self.cgroups.kill(&cg);
         let _ = self.cgroups.remove(&cg);
         let _ = remove_tree(&self.sandbox_dir(&rec.id));
@@ -611,7 +636,7 @@ impl Manager {
     }
 
     /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and
-    /// the instance's cgroup parents are removed.
+    /// the instance's cgroups are removed.
     pub fn shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let prepared = std::mem::take(&mut *self.prepared.lock().unwrap_or_else(|e| e.into_inner()));
@@ -620,6 +645,10 @@ impl Manager {
         }
         if self.count() == 0 {
             self.spawner.retire(Duration::from_secs(5));
+            for cg in self.cgroups.list().unwrap_or_default() {
+                let _ = self.cgroups.kill(&cg);
+                let _ = self.cgroups.remove(&cg);
+            }
             let _ = self.cgroups.remove_parent();
         }
     }

@@ -32,6 +32,9 @@ pub struct Record {
     pub uid_base: u32,
     pub hostname: String,
     pub state: SandboxState,
+    /// OOM kills counted by the slot's cgroup before this sandbox started.
+    #[serde(default)]
+    pub oom_kills_base: u64,
 }
 
 impl Record {
@@ -74,6 +77,7 @@ impl Record {
             uid_base: 1 << 27,
             hostname: "h".into(),
             state: SandboxState::Running,
+            oom_kills_base: 0,
         }
     }
 }
@@ -83,7 +87,7 @@ impl Record {
 pub struct Sandbox {
     pub id: String,
     pub dirs: SandboxDirs,
-    /// Name of its cgroup under the instance parent.
+    /// Name of its (uid slot's) cgroup under the instance parent.
     pub cgroup: String,
     pub record: Mutex<Record>,
     /// pidfd of PID 1 (absent once it has been found gone).
