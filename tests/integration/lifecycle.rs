@@ -124,3 +124,17 @@ async fn uid_ranges_run_out_cleanly() {
     d.client.delete_sandbox(&first.id, true).await.unwrap();
     d.client.create_sandbox(&mini()).await.unwrap();
 }
+
+#[tokio::test]
+async fn one_uid_slot_serves_many_sandboxes_in_a_row() {
+    // Every sandbox of a slot reuses the slot's cgroups; each must start cleanly after the
+    // previous one was destroyed (regression: a reused cgroup that had been emptied with
+    // cgroup.kill SIGKILLed every later child placed with CLONE_INTO_CGROUP).
+    let d = Daemon::start_with(&["--uid-slots", "1"]).await;
+    d.template("mini").await;
+    for i in 0..15 {
+        let sb = d.client.create_sandbox(&mini()).await.unwrap_or_else(|e| panic!("create #{i}: {e}"));
+        assert_eq!(d.sh(&sb.id, "echo ok").await.0, "ok\n", "sandbox #{i}");
+        d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    }
+}

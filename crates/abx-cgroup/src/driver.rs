@@ -312,10 +312,10 @@ impl CgroupDriver for Driver {
 
     fn kill(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        let kill_file = self.v2_dir(name).map(|d| d.join("cgroup.kill"));
-        if let Some(file) = kill_file.filter(|f| self.files.exists(f)) {
-            self.files.write(&file, "1")?;
-        }
+        // Not `cgroup.kill`: once it has been written, every later
+        // `clone3(CLONE_INTO_CGROUP)` into that cgroup gets its child SIGKILLed (seen on
+        // Linux 6.18; agentbox reuses cgroups and places processes that way). Members are
+        // killed one by one, pinned by pidfd.
         self.kill_members(name)
     }
 

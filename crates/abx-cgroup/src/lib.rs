@@ -28,9 +28,10 @@
 //!   `memory.peak`, `memory.events` (`oom_kill`), `pids.current`, `cpu.stat` (`usage_usec`).
 //! - **freeze/thaw**: `cgroup.freeze` on cgroup2 (V2 and Hybrid), waiting for
 //!   `cgroup.events` to show `frozen 1`/`frozen 0`; `freezer.state` on V1.
-//! - **kill**: `cgroup.kill` where it exists (Linux 5.14+), then SIGKILL to any member left
-//!   (pinned by pidfd against pid reuse, a v1 freezer thawed so frozen members can die)
-//!   until every hierarchy is empty.
+//! - **kill**: SIGKILL to every member (pinned by pidfd against pid reuse, a v1 freezer
+//!   thawed so frozen members can die) until every hierarchy is empty. `cgroup.kill` is not
+//!   used: once written, every later `clone3(CLONE_INTO_CGROUP)` into that cgroup gets its
+//!   child SIGKILLed (seen on Linux 6.18), and agentbox reuses cgroups that way.
 //!
 //! All calls are synchronous file operations; `freeze`, `thaw` and `kill` wait up to 5 s and
 //! `remove` up to 2 s for the kernel, so async callers run them on a blocking thread.

@@ -1,4 +1,4 @@
-//! SIGKILL for member processes when the kernel has no `cgroup.kill`.
+//! SIGKILL for member processes (agentbox does not use `cgroup.kill`, see the crate docs).
 //!
 //! A pid read from `cgroup.procs` may be reused by an unrelated process before it is
 //! signalled. To rule that out each pid is first pinned with a pidfd, `cgroup.procs` is read
