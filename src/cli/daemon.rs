@@ -40,10 +40,6 @@ pub struct DaemonArgs {
     /// Timeout of sandboxes that do not ask for one (0: none).
     #[arg(long, default_value = "1h", value_parser = parse::duration)]
     default_timeout: u64,
-    /// Sandbox slots (directory, cgroups, uid range) kept made ahead, so a create only
-    /// applies limits and spawns (0: make everything on demand).
-    #[arg(long, default_value_t = 2)]
-    prepare: usize,
     /// Log filter (error, warn, info, debug, or tracing directives).
     #[arg(long, default_value = "info", env = "AGENTBOX_LOG")]
     log: String,
@@ -77,7 +73,6 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     cfg.uid_slots = a.uid_slots;
     cfg.cache_dir = a.cache;
     cfg.seccomp_policy = a.seccomp_policy;
-    cfg.prepare = a.prepare;
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
@@ -102,7 +97,6 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
     .await?
     .map_err(anyhow::Error::msg)?;
     // reconcile() re-adopts sandboxes; their watcher tasks need the runtime, which is here.
-    manager.refill();
     info!(sandboxes = manager.count(), "daemon ready");
     let core = Core::new(manager.clone());
     abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;

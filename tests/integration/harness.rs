@@ -301,15 +301,38 @@ impl Daemon {
                 }
             }
         }
-        if let Ok(rd) = std::fs::read_dir(self.root.join("sandboxes")) {
+        if let Ok(rd) = std::fs::read_dir(self.root.join("slots")) {
             found.extend(rd.flatten().map(|e| e.path().display().to_string()));
         }
         found
     }
 
-    /// Host objects of one sandbox (the daemon also keeps a few prepared, unused ones).
-    pub fn host_objects_of(&self, id: &str) -> Vec<String> {
-        self.host_objects().into_iter().filter(|o| o.contains(id)).collect()
+    /// The slot (uid range, cgroups, directory) a sandbox holds.
+    pub fn slot_of(&self, sb: &abx_client::Sandbox) -> u32 {
+        (sb.uid_base - self.uid_start) / 65536
+    }
+
+    /// What is left in a slot: processes in its cgroups, files in its upper and work
+    /// directories, an agent socket. Empty once a sandbox is gone.
+    pub fn slot_leftovers(&self, slot: u32) -> Vec<String> {
+        let name = format!("{}-u{slot}", self.prefix);
+        let mut left = Vec::new();
+        for h in ["pids", "memory", "unified"] {
+            let procs = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix).join(&name).join("cgroup.procs");
+            if let Ok(p) = std::fs::read_to_string(&procs) {
+                left.extend(p.lines().map(|pid| format!("process {pid} in {}", procs.display())));
+            }
+        }
+        let dir = self.root.join("slots").join(&name);
+        for sub in ["data/upper", "data/work"] {
+            if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+                left.extend(rd.flatten().map(|e| e.path().display().to_string()));
+            }
+        }
+        if dir.join("agent.sock").exists() {
+            left.push("agent.sock".into());
+        }
+        left
     }
 
     /// Waits until `cond` holds (polling), or panics with `what`.

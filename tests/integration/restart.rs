@@ -21,16 +21,15 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
         ..Default::default()
     };
     d.client.exec_background(&id, &counter).await.unwrap();
-    // An orphan: a directory and cgroups of a sandbox the daemon never recorded.
-    let orphan = format!("{}-0123456789ab", d.prefix);
-    std::fs::create_dir_all(d.root.join("sandboxes").join(&orphan).join("data")).unwrap();
+    // An orphan: a slot directory and cgroup no recorded sandbox holds.
+    let orphan = format!("{}-u63", d.prefix);
+    std::fs::create_dir_all(d.root.join("slots").join(&orphan).join("data/upper/junk")).unwrap();
     std::fs::create_dir_all(format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).unwrap();
+    let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
 
     d.kill9();
     let read = |d: &Daemon| {
-        std::fs::read_to_string(
-            d.root.join("sandboxes").join(format!("{}-{id}", d.prefix)).join("data/upper/tmp/count"),
-        )
+        std::fs::read_to_string(d.root.join("slots").join(format!("{}-u{slot}", d.prefix)).join("data/upper/tmp/count"))
     };
     let before: u64 = read(&d).unwrap().trim().parse().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -42,7 +41,7 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     assert_eq!(list.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [id.as_str()], "found again");
     assert_eq!(d.sh(&id, "echo back").await.0, "back\n");
     assert_eq!(d.client.system().await.unwrap().spawner_pid, spawner, "same spawner, reconnected");
-    assert!(!d.root.join("sandboxes").join(&orphan).exists(), "orphan directory removed");
+    assert!(!d.root.join("slots").join(&orphan).exists(), "orphan directory removed");
     assert!(
         !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
         "orphan cgroup removed"
@@ -62,5 +61,5 @@ async fn dead_sandboxes_are_cleaned_up_on_restart() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.spawn(&[]).await;
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
-    assert!(d.host_objects_of(&id).is_empty(), "{:?}", d.host_objects_of(&id));
+    assert!(d.slot_leftovers(d.slot_of(&sb)).is_empty(), "{:?}", d.slot_leftovers(d.slot_of(&sb)));
 }

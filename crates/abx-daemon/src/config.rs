@@ -57,8 +57,6 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     pub default_limits: Limits,
     pub default_template: String,
-    /// How many sandbox slots (directory, cgroups, uid range) to keep made ahead.
-    pub prepare: usize,
 }
 
 /// Size of each sandbox's uid range.
@@ -85,7 +83,6 @@ impl Config {
                 open_files: Some(4096),
             },
             default_template: "base".into(),
-            prepare: 2,
         }
     }
 

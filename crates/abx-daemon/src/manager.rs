@@ -1,13 +1,11 @@
 //! The sandbox manager: creates, tracks, times out, destroys and, after a restart,
 //! re-adopts sandboxes. Blocking work (directories, cgroups, the spawner) runs on tokio's
-//! blocking pool; a create that fails removes everything it made. Directories and cgroups
-//! of the next sandboxes are made ahead of time (`--prepare`), so a create only applies
-//! limits and spawns.
+//! blocking pool. Host resources belong to reusable slots (see [`Manager::slot_name`]); a
+//! create that fails, like a destroy, leaves its slot empty.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -55,36 +53,19 @@ pub struct Manager {
     seccomp: Vec<Vec<u8>>,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     uid_slots: Mutex<Vec<bool>>,
-    /// Removal of destroyed sandboxes' host objects, finished in the background.
+    /// Cleanup of destroyed sandboxes, finished in the background.
     pub cleanups: tokio_util::task::TaskTracker,
-    /// Sandbox ids whose directory and cgroups are made ahead of time (`--prepare`).
-    prepared: Mutex<Vec<Slot>>,
-    refilling: AtomicBool,
-    closing: AtomicBool,
-    /// Destroyed sandboxes whose uid range is not free yet, and the wake-up when one is.
+    /// Destroyed sandboxes whose slot is not free yet, and the wake-up when one is.
     pending_frees: AtomicUsize,
     uid_freed: tokio::sync::Notify,
-}
-
-/// A sandbox id with its uid range, its directory and its cgroups (without limits) made.
-#[derive(Debug)]
-struct Slot {
-    id: String,
-    uid_slot: u32,
 }
 
 impl Manager {
     /// Opens the state under `cfg.root` and reconnects to (or starts) the spawner.
     pub fn open(cfg: Config) -> Result<Arc<Manager>, String> {
-        for d in ["sandboxes", "tmp"] {
+        for d in ["slots", "tmp"] {
             std::fs::create_dir_all(cfg.root.join(d))
                 .map_err(|e| format!("create {}: {e}", cfg.root.join(d).display()))?;
-        }
-        // Sandbox setup runs as each sandbox's own root and must traverse these (only).
-        for d in [cfg.root.clone(), cfg.root.join("sandboxes")] {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| format!("chmod {}: {e}", d.display()))?;
         }
         let store = Store::open(&cfg.root.join("state.db")).map_err(|e| format!("{e}"))?;
         let templates =
@@ -108,38 +89,26 @@ impl Manager {
             sandboxes: RwLock::new(HashMap::new()),
             uid_slots: Mutex::new(vec![false; slots]),
             cleanups: tokio_util::task::TaskTracker::new(),
-            prepared: Mutex::new(Vec::new()),
-            refilling: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
             pending_frees: AtomicUsize::new(0),
             uid_freed: tokio::sync::Notify::new(),
         }))
     }
 
-    fn sandbox_dir(&self, id: &str) -> PathBuf {
-        self.cfg.root.join("sandboxes").join(self.host_name(id))
-    }
-
-    /// The name of a sandbox's directory: `<prefix>-<id>`.
-    pub fn host_name(&self, id: &str) -> String {
-        format!("{}-{id}", self.cfg.prefix)
-    }
-
-    /// The cgroup of a uid slot, `<prefix>-u<slot>`: made once, reused by each sandbox that
-    /// gets the slot (two live sandboxes never share a slot). Creating and removing a memory
-    /// cgroup per sandbox costs CPU and leaves "dying" memory cgroups behind (pinned by page
-    /// cache the sandbox touched first); evicting that cache instead (`force_empty`) makes
-    /// every next sandbox re-read template files and filesystem metadata from disk.
-    pub fn slot_cgroup(&self, uid_slot: u32) -> String {
+    /// The name of a slot's host objects (its cgroup and its directory), `<prefix>-u<slot>`.
+    ///
+    /// A slot is the unit of reusable host resources: a uid range, cgroups and a directory
+    /// with the overlay's `data/upper` and `data/work` and the mount points. Two live
+    /// sandboxes never share a slot; each sandbox that gets one reuses them (emptied on
+    /// destroy). Creating and deleting them per sandbox instead cost CPU, left thousands of
+    /// "dying" memory cgroups behind (pinned by page cache the sandbox touched first), and
+    /// churned filesystem inodes, which made ext4's inode allocator slower with every
+    /// sandbox on a journal-less filesystem.
+    pub fn slot_name(&self, uid_slot: u32) -> String {
         format!("{}-u{uid_slot}", self.cfg.prefix)
     }
 
-    fn ensure_cgroup(&self, uid_slot: u32) -> Result<String, abx_cgroup::Error> {
-        let cg = self.slot_cgroup(uid_slot);
-        match self.cgroups.create(&cg, &abx_cgroup::Limits::default()) {
-            Ok(()) | Err(abx_cgroup::Error::Exists { .. }) => Ok(cg),
-            Err(e) => Err(e),
-        }
+    fn slot_dirs(&self, uid_slot: u32) -> SandboxDirs {
+        SandboxDirs::new(self.cfg.root.join("slots").join(self.slot_name(uid_slot)))
     }
 
     /// Looks a sandbox up by id or name.
@@ -184,8 +153,14 @@ impl Manager {
         self.uid_freed.notify_waiters();
     }
 
-    /// A free uid range; when all are taken but destroyed sandboxes are still releasing
-    /// theirs, waits (up to 5 s) for one.
+    fn claim_uid_slot(&self, slot: u32) {
+        if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
+            *s = true;
+        }
+    }
+
+    /// A free slot; when all are taken but destroyed sandboxes are still releasing theirs,
+    /// waits (up to 5 s) for one.
     async fn alloc_uid_slot_waiting(&self) -> CoreResult<u32> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -202,80 +177,30 @@ impl Manager {
         }
     }
 
-    /// Makes a slot: id, directory (owned by the sandbox's root), the slot's cgroups.
-    fn make_slot_blocking(&self, uid_slot: u32) -> CoreResult<Slot> {
-        let id = new_id();
-        let dirs = SandboxDirs::new(self.sandbox_dir(&id));
+    /// Makes sure a slot's directory and cgroups exist (they do after its first use).
+    fn ensure_slot(&self, uid_slot: u32, layers: usize) -> Result<(), String> {
+        let dirs = self.slot_dirs(uid_slot);
         let uid_base = self.cfg.uid_start + uid_slot * UID_RANGE;
-        let setup_err = |message: String| CoreError::Setup { id: id.clone(), message };
-        if let Err(e) = dirs.create(1, uid_base) {
-            let _ = remove_tree(&dirs.root);
-            return Err(setup_err(format!("create {}: {e}", dirs.root.display())));
+        dirs.ensure(layers, uid_base).map_err(|e| format!("prepare {}: {e}", dirs.root.display()))?;
+        match self.cgroups.create(&self.slot_name(uid_slot), &abx_cgroup::Limits::default()) {
+            Ok(()) | Err(abx_cgroup::Error::Exists { .. }) => Ok(()),
+            Err(e) => Err(cgroup_text(&e)),
         }
-        if let Err(e) = self.ensure_cgroup(uid_slot) {
-            let _ = remove_tree(&dirs.root);
-            return Err(setup_err(cgroup_text(&e)));
-        }
-        Ok(Slot { id, uid_slot })
     }
 
-    /// Removes an unused slot's directory and frees its uid range (its cgroup stays for
-    /// the next sandbox of that slot).
-    fn discard_slot(&self, slot: &Slot) {
-        let _ = self.cgroups.kill(&self.slot_cgroup(slot.uid_slot));
-        let _ = remove_tree(&self.sandbox_dir(&slot.id));
-        self.free_uid_slot(slot.uid_slot);
-    }
-
-    /// A prepared slot, or a new one made now.
-    async fn take_slot(self: &Arc<Self>) -> CoreResult<Slot> {
-        let ready = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let slot = match ready {
-            Some(s) => Ok(s),
-            None => {
-                let uid = self.alloc_uid_slot_waiting().await?;
-                let this = self.clone();
-                let made = tokio::task::spawn_blocking(move || this.make_slot_blocking(uid))
-                    .await
-                    .map_err(|e| CoreError::internal("slot task", e.to_string()))?;
-                if made.is_err() {
-                    self.free_uid_slot(uid);
-                }
-                made
+    /// Empties a slot for its next sandbox: no process left in its cgroups, an empty upper
+    /// and work directory, no agent socket. Returns the first failure, after trying all.
+    fn release_slot(&self, uid_slot: u32) -> Result<(), String> {
+        let mut first: Option<String> = None;
+        if let Err(e) = self.cgroups.kill(&self.slot_name(uid_slot)) {
+            if !matches!(e, abx_cgroup::Error::NotFound { .. }) {
+                first.get_or_insert(cgroup_text(&e));
             }
-        };
-        self.refill();
-        slot
-    }
-
-    /// Tops the prepared slots up to `--prepare` in the background.
-    pub fn refill(self: &Arc<Self>) {
-        if self.cfg.prepare == 0 || self.closing.load(Ordering::SeqCst) || self.refilling.swap(true, Ordering::SeqCst) {
-            return;
         }
-        let this = self.clone();
-        self.cleanups.spawn_blocking(move || {
-            while !this.closing.load(Ordering::SeqCst)
-                && this.prepared.lock().unwrap_or_else(|e| e.into_inner()).len() < this.cfg.prepare
-            {
-                let Ok(uid) = this.alloc_uid_slot() else { break };
-                match this.make_slot_blocking(uid) {
-                    Ok(slot) => this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot),
-                    Err(e) => {
-                        this.free_uid_slot(uid);
-                        warn!(error = %e.full_message(), "preparing a sandbox slot failed");
-                        break;
-                    }
-                }
-            }
-            this.refilling.store(false, Ordering::SeqCst);
-        });
-    }
-
-    fn claim_uid_slot(&self, slot: u32) {
-        if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
-            *s = true;
+        if let Err(e) = self.slot_dirs(uid_slot).empty() {
+            first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
         }
+        first.map_or(Ok(()), Err)
     }
 
     /// Creates and starts a sandbox.
@@ -295,7 +220,8 @@ impl Manager {
             Some(s) => Some(Duration::from_secs(s)),
             None => self.cfg.default_timeout,
         };
-        let Slot { id, uid_slot: slot } = self.take_slot().await?;
+        let slot = self.alloc_uid_slot_waiting().await?;
+        let id = new_id();
         let mut env = template.config.env.clone();
         env.extend(req.env.clone());
         let created_at = now();
@@ -323,16 +249,21 @@ impl Manager {
         let started = tokio::task::spawn_blocking(move || this.start_blocking(rec))
             .await
             .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
-        let (rec, pidfd) = match started {
-            Ok(v) => v,
+        match started {
+            Ok((rec, pidfd)) => Ok(self.register(rec, Some(pidfd))),
             Err(e) => {
+                // Nothing half-made: the slot is emptied before anyone can get it again.
                 let this = self.clone();
-                let slot = Slot { id, uid_slot: slot };
-                let _ = tokio::task::spawn_blocking(move || this.discard_slot(&slot)).await;
-                return Err(e);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(msg) = this.release_slot(slot) {
+                        warn!(slot, error = %msg, "cleanup after a failed create");
+                    }
+                    this.free_uid_slot(slot);
+                })
+                .await;
+                Err(e)
             }
-        };
-        Ok(self.register(rec, Some(pidfd)))
+        }
     }
 
     fn template(&self, name: &str) -> CoreResult<abx_template::Template> {
@@ -342,21 +273,19 @@ impl Manager {
         })
     }
 
-    /// Prepares directories and cgroups, asks the spawner, waits for the agent's exec.
-    /// Undoes everything on failure.
+    /// Prepares the slot, asks the spawner, waits for the agent's exec. The caller empties
+    /// the slot if this fails.
     fn start_blocking(&self, mut rec: Record) -> CoreResult<(Record, OwnedFd)> {
         let t0 = std::time::Instant::now();
-        let dirs = SandboxDirs::new(self.sandbox_dir(&rec.id));
-        let cg = self.slot_cgroup(rec.uid_slot);
+        let dirs = self.slot_dirs(rec.uid_slot);
+        let cg = self.slot_name(rec.uid_slot);
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
-        // The slot's directory and cgroups exist (the caller discards them on failure):
-        // add mount points for more layers, apply the limits.
-        dirs.add_lower_mounts(rec.layers.len())
-            .map_err(|e| setup_err(format!("prepare {}: {e}", dirs.root.display())))?;
+        self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
         self.cgroups.update(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
         self.cgroups.reset_stats(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
         rec.oom_kills_base = self.cgroups.stats(&cg).map(|s| s.oom_kills).unwrap_or(0);
         let t_cg = t0.elapsed();
+        let _ = std::fs::remove_file(dirs.agent_socket());
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
         let (status_r, status_w) =
@@ -376,13 +305,22 @@ impl Manager {
             nofile: rec.limits.open_files.unwrap_or(4096),
             volatile: true,
         };
-        let (pid, pidfd) =
-            self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd()).map_err(|e| setup_err(e.to_string()))?;
+        let spawned = self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd());
         drop(status_w);
         drop(listener);
+        let (pid, pidfd) = match spawned {
+            Ok(v) => v,
+            // A child that failed early explains itself on the status pipe.
+            Err(e) => {
+                return Err(setup_err(match wait_exec(&status_r, Duration::from_millis(200)) {
+                    Err(msg) if !msg.starts_with("sandbox setup did not finish") => msg,
+                    _ => e.to_string(),
+                }));
+            }
+        };
         let t_spawn = t0.elapsed();
         let exec_result = wait_exec(&status_r, SETUP_TIMEOUT);
-        tracing::debug!(sandbox = %rec.id, dirs_cgroups = ?t_cg, spawned = ?t_spawn, exec = ?t0.elapsed(), "sandbox started");
+        tracing::debug!(sandbox = %rec.id, slot_cgroups = ?t_cg, spawned = ?t_spawn, exec = ?t0.elapsed(), "sandbox started");
         if let Err(message) = exec_result {
             let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             wait_exit_blocking(&pidfd, Duration::from_secs(5));
@@ -405,8 +343,8 @@ impl Manager {
         let pidfd = pidfd.map(Arc::new);
         let sb = Arc::new(Sandbox {
             id: rec.id.clone(),
-            dirs: SandboxDirs::new(self.sandbox_dir(&rec.id)),
-            cgroup: self.slot_cgroup(rec.uid_slot),
+            dirs: self.slot_dirs(rec.uid_slot),
+            cgroup: self.slot_name(rec.uid_slot),
             record: Mutex::new(rec),
             pidfd: pidfd.clone(),
             exited: rx,
@@ -525,19 +463,21 @@ impl Manager {
             if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await.is_err() {
                 warn!(sandbox = %sb.id, "PID 1 did not exit within 10 s of SIGKILL; cleaning up anyway");
             }
-            // The uid range (and with it the slot's cgroup) is reused only once no process of
-            // this sandbox is left: empty the cgroup first, then free the slot.
+            // The slot is reused only once it is empty: no process, no files, no record.
+            let slot = sb.record().uid_slot;
             let this2 = this.clone();
-            let cg = sb.cgroup.clone();
-            let _ = tokio::task::spawn_blocking(move || this2.cgroups.kill(&cg)).await;
-            this.free_uid_slot(sb.record().uid_slot);
-            this.pending_frees.fetch_sub(1, Ordering::SeqCst);
-            let this2 = this.clone();
-            let sb2 = sb.clone();
-            let res = tokio::task::spawn_blocking(move || this2.remove_host_objects(&sb2)).await;
+            let id = sb.id.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let res = this2.release_slot(slot);
+                let _ = this2.store.delete(&id);
+                res
+            })
+            .await;
             if let Ok(Err(e)) = res {
-                warn!(sandbox = %sb.id, error = %e.full_message(), "cleanup after destroy failed");
+                warn!(sandbox = %sb.id, error = %e, "cleanup after destroy failed");
             }
+            this.free_uid_slot(slot);
+            this.pending_frees.fetch_sub(1, Ordering::SeqCst);
         });
         Ok(())
     }
@@ -547,11 +487,6 @@ impl Manager {
         self.cleanups.close();
         self.cleanups.wait().await;
         self.cleanups.reopen();
-    }
-
-    fn remove_host_objects(&self, sb: &Sandbox) -> CoreResult<()> {
-        remove_tree(&sb.dirs.root).map_err(|e| CoreError::internal(format!("remove {}", sb.dirs.root.display()), e))?;
-        self.store.delete(&sb.id).map_err(|e| CoreError::internal("forget sandbox", e))
     }
 
     /// After a start: adopt live sandboxes from the store, clean up everything else that
@@ -568,8 +503,7 @@ impl Manager {
                 }
             };
             if self.adopt(rec.clone()) {
-                known.insert(self.host_name(&rec.id));
-                known.insert(self.slot_cgroup(rec.uid_slot));
+                known.insert(self.slot_name(rec.uid_slot));
             } else {
                 info!(sandbox = %rec.id, "cleaning up dead sandbox");
                 self.cleanup_dead(&rec);
@@ -606,17 +540,16 @@ impl Manager {
     }
 
     fn cleanup_dead(&self, rec: &Record) {
-        let cg = self.slot_cgroup(rec.uid_slot);
-        let _ = self.cgroups.kill(&cg);
-        let _ = self.cgroups.remove(&cg);
-        let _ = remove_tree(&self.sandbox_dir(&rec.id));
+        let _ = self.release_slot(rec.uid_slot);
         let _ = self.store.delete(&rec.id);
     }
 
+    /// Removes every slot directory and cgroup that no live sandbox holds (a crash can leave
+    /// processes in them), and the sandbox directories of older versions.
     fn cleanup_orphans(&self, known: &std::collections::HashSet<String>) {
         let mut names: std::collections::BTreeSet<String> =
             self.cgroups.list().unwrap_or_default().into_iter().collect();
-        if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("sandboxes")) {
+        if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("slots")) {
             names.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
         }
         for name in names {
@@ -626,8 +559,9 @@ impl Manager {
             info!(object = %name, "removing orphan");
             let _ = self.cgroups.kill(&name);
             let _ = self.cgroups.remove(&name);
-            let _ = remove_tree(&self.cfg.root.join("sandboxes").join(&name));
+            let _ = remove_tree(&self.cfg.root.join("slots").join(&name));
         }
+        let _ = remove_tree(&self.cfg.root.join("sandboxes"));
     }
 
     /// Digests of layers used by live sandboxes (kept by template garbage collection).
@@ -636,21 +570,18 @@ impl Manager {
     }
 
     /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and
-    /// the instance's cgroups are removed.
+    /// every slot (cgroups and directories) is removed.
     pub fn shutdown(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        let prepared = std::mem::take(&mut *self.prepared.lock().unwrap_or_else(|e| e.into_inner()));
-        for slot in &prepared {
-            self.discard_slot(slot);
+        if self.count() != 0 {
+            return;
         }
-        if self.count() == 0 {
-            self.spawner.retire(Duration::from_secs(5));
-            for cg in self.cgroups.list().unwrap_or_default() {
-                let _ = self.cgroups.kill(&cg);
-                let _ = self.cgroups.remove(&cg);
-            }
-            let _ = self.cgroups.remove_parent();
+        self.spawner.retire(Duration::from_secs(5));
+        for cg in self.cgroups.list().unwrap_or_default() {
+            let _ = self.cgroups.kill(&cg);
+            let _ = self.cgroups.remove(&cg);
         }
+        let _ = self.cgroups.remove_parent();
+        let _ = remove_tree(&self.cfg.root.join("slots"));
     }
 }
 

@@ -70,6 +70,36 @@ impl SandboxDirs {
     pub fn agent_socket(&self) -> PathBuf {
         self.root.join("agent.sock")
     }
+    /// Makes sure the directory exists with everything for `layers` lower layers, owned as
+    /// [`SandboxDirs::create`] does. Cheap when it already does (a reused slot).
+    pub fn ensure(&self, layers: usize, owner: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.root) {
+            Ok(m) if m.uid() == owner && self.upper().is_dir() && self.work().is_dir() => self.add_lower_mounts(layers),
+            _ => self.create(layers, owner),
+        }
+    }
+
+    /// Empties the directory for its next sandbox: removes the agent socket and recreates
+    /// `data/upper` and `data/work` empty. A missing directory is already empty.
+    pub fn empty(&self) -> std::io::Result<()> {
+        if !self.root.exists() {
+            return Ok(());
+        }
+        match std::fs::remove_file(self.agent_socket()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        for d in [self.upper(), self.work()] {
+            match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::create_dir(&d)?;
+        }
+        Ok(())
+    }
+
     /// Adds mount points for up to `layers` lower layers to an existing directory.
     pub fn add_lower_mounts(&self, layers: usize) -> std::io::Result<()> {
         for i in 0..layers {
