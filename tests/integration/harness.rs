@@ -123,6 +123,8 @@ impl Daemon {
             _dir: dir,
         };
         d.spawn(extra).await;
+        // Always: a spawner orphaned by a killed daemon (or a failing test) comes to us.
+        d.adopt_spawner().await;
         d
     }
 
@@ -362,9 +364,47 @@ pub fn host_processes(needle: &str) -> Vec<String> {
     out
 }
 
+impl Daemon {
+    /// Without a daemon (a test failed after killing it): SIGKILL every process in this
+    /// instance's cgroups (its sandboxes), retire the spawner, remove the cgroups.
+    fn emergency_cleanup(&mut self) {
+        for _ in 0..50 {
+            let mut any = false;
+            for h in ["pids", "memory", "unified"] {
+                let parent = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix);
+                for cg in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                    let procs = std::fs::read_to_string(cg.path().join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                        any = true;
+                        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                        }
+                    }
+                }
+            }
+            if !any {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(pid) = self.spawner.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            self.reap_spawner();
+        }
+        for h in ["cpu", "memory", "pids", "unified", "cpuacct", "freezer"] {
+            let parent = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix);
+            for cg in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(cg.path());
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_none() {
+            self.emergency_cleanup();
             return;
         }
         let panicking = std::thread::panicking();

@@ -11,7 +11,7 @@ use crate::harness::Daemon;
 async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     let mut d = Daemon::start().await;
     let id = d.mini(Limits::default()).await;
-    let spawner = d.adopt_spawner().await;
+    let spawner = d.client.system().await.unwrap().spawner_pid;
     let counter = ExecRequest {
         cmd: vec![
             "sh".into(),
@@ -52,7 +52,6 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
 async fn dead_sandboxes_are_cleaned_up_on_restart() {
     let mut d = Daemon::start().await;
     let id = d.mini(Limits::default()).await;
-    d.adopt_spawner().await;
     let sb = d.client.get_sandbox(&id).await.unwrap();
     d.stop();
     // The sandbox dies while no daemon watches it.
