@@ -193,3 +193,23 @@ async fn two_sandboxes_cannot_see_each_other() {
     let procs = d.client.processes(&a).await.unwrap();
     assert!(procs.iter().any(|p| p.pid == pid && p.exit.is_none()), "a's process still runs");
 }
+
+#[tokio::test]
+async fn inherited_descriptors_do_not_reach_sandboxes() {
+    // A descriptor without close-on-exec, as a careless parent might leave to the daemon:
+    // the daemon, then the spawner, then each sandbox's first process inherit it.
+    let marker = tempfile::Builder::new().prefix("abxt-stray-").tempfile().unwrap();
+    let stray = std::fs::File::open(marker.path()).unwrap();
+    rustix::io::fcntl_setfd(&stray, rustix::io::FdFlags::empty()).unwrap();
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let sb = d.client.get_sandbox(&id).await.unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", sb.pid)).unwrap();
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        assert_ne!(target, marker.path(), "PID 1 of the sandbox holds the stray descriptor {:?}", fd.file_name());
+    }
+    let (out, _, _) = d.sh(&id, "ls /proc/self/fd | tr '\\n' ' '").await;
+    assert_eq!(out.trim(), "0 1 2 3", "a process sees its stdio and its own listing only");
+    drop(stray);
+}

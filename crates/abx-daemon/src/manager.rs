@@ -193,9 +193,10 @@ impl Manager {
     fn release_slot(&self, uid_slot: u32) -> Result<(), String> {
         let mut first: Option<String> = None;
         if let Err(e) = self.cgroups.kill(&self.slot_name(uid_slot))
-            && !matches!(e, abx_cgroup::Error::NotFound { .. }) {
-                first.get_or_insert(cgroup_text(&e));
-            }
+            && !matches!(e, abx_cgroup::Error::NotFound { .. })
+        {
+            first.get_or_insert(cgroup_text(&e));
+        }
         if let Err(e) = self.slot_dirs(uid_slot).empty() {
             first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
         }
