@@ -152,7 +152,6 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         Step::Touch { path } => touch(path),
         Step::Mount { fstype, target, flags, data } => mount(fstype, target, fstype, mount_flags(*flags), data),
         Step::Bind { source, target } => Ok(rustix::mount::mount_bind(source, target)?),
-        Step::RemountReadOnly { target, keep } => remount_ro(target, *keep),
         Step::MaskFile { path, null } => {
             if path.exists() {
                 rustix::mount::mount_bind(null, path)?;

@@ -57,12 +57,6 @@ pub enum Step {
         source: PathBuf,
         target: PathBuf,
     },
-    /// Make an existing mount read-only, keeping the flags in `keep` (a user namespace may
-    /// not clear the locked flags of a mount it did not create).
-    RemountReadOnly {
-        target: PathBuf,
-        keep: u64,
-    },
     /// Hide a file by binding /dev/null over it, when it exists.
     MaskFile {
         path: PathBuf,
@@ -99,7 +93,6 @@ impl fmt::Display for Step {
             Step::Touch { path } => write!(f, "create file {}", path.display()),
             Step::Mount { fstype, target, .. } => write!(f, "mount {fstype} at {}", target.display()),
             Step::Bind { source, target } => write!(f, "bind {} to {}", source.display(), target.display()),
-            Step::RemountReadOnly { target, .. } => write!(f, "remount {} read-only", target.display()),
             Step::MaskFile { path, .. } => write!(f, "mask file {}", path.display()),
             Step::MaskDir { path } => write!(f, "mask directory {}", path.display()),
             Step::ReadOnly { path } => write!(f, "make {} read-only", path.display()),

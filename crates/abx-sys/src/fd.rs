@@ -1,7 +1,7 @@
 //! File descriptors: close_range, SCM_RIGHTS passing, sealed executable memfds.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::cvt;
 
@@ -94,11 +94,6 @@ pub fn inherited(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: the descriptor is open and, by the calling convention of the process that
     // started us, handed over to us; nothing else in this process owns it.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Returns the raw number of a borrowed descriptor (a convenience for logging).
-pub fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
 }
 
 /// Borrows a raw descriptor number that the caller knows stays open for the rest of the

@@ -260,23 +260,6 @@ pub fn set_pre_exec(cmd: &mut Command, setup: PreExec) {
     unsafe { cmd.pre_exec(run) };
 }
 
-/// `waitid(P_PIDFD, fd, WEXITED | WNOHANG)`: the exit status of a child we hold a pidfd
-/// for, or `None` while it runs. Reaps the child.
-pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
-    // SAFETY: siginfo_t is plain old data; zero is a valid initial value.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    const P_PIDFD: libc::idtype_t = 3;
-    // SAFETY: waitid writes into `info`, which lives for the call.
-    cvt(unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG) }
-        as libc::c_long)?;
-    // SAFETY: after a successful waitid, si_pid is valid to read (0 when nothing exited).
-    if unsafe { info.si_pid() } == 0 {
-        return Ok(None);
-    }
-    // SAFETY: as above; si_status holds the exit code or signal.
-    Ok(Some(unsafe { info.si_status() }))
-}
-
 /// [`clone3`] for a process that is single-threaded, checked at run time (the thread
 /// count in /proc/self/stat), which makes the call safe: the child gets a consistent copy
 /// of the only thread's memory, locks included.
