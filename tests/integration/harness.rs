@@ -74,6 +74,8 @@ pub struct Daemon {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub prefix: String,
+    /// Where the daemon keeps slot directories (from `GET /v1/system`).
+    pub slots: PathBuf,
     pub uid_start: u32,
     child: Option<Child>,
     /// Set by [`Daemon::adopt_spawner`]: reap this pid after the daemon stops.
@@ -115,6 +117,7 @@ impl Daemon {
             client: Client::new(&format!("unix:{}", socket.display())).unwrap(),
             root,
             socket,
+            slots: PathBuf::new(),
             prefix,
             uid_start: slot.start,
             child: None,
@@ -123,6 +126,7 @@ impl Daemon {
             _dir: dir,
         };
         d.spawn(extra).await;
+        d.slots = PathBuf::from(d.client.system().await.unwrap().data.slots);
         // Always: a spawner orphaned by a killed daemon (or a failing test) comes to us.
         d.adopt_spawner().await;
         d
@@ -139,6 +143,7 @@ impl Daemon {
             ("--uid-slots".into(), "64".into()),
             ("--agent".into(), agent_bin().display().to_string()),
             ("--log".into(), "info".into()),
+            ("--data-size".into(), "4G".into()),
         ];
         for pair in extra.chunks(2) {
             match args.iter_mut().find(|(k, _)| k == pair[0]) {
@@ -303,10 +308,22 @@ impl Daemon {
                 }
             }
         }
-        if let Ok(rd) = std::fs::read_dir(self.root.join("slots")) {
+        if let Ok(rd) = std::fs::read_dir(&self.slots) {
             found.extend(rd.flatten().map(|e| e.path().display().to_string()));
         }
+        found.extend(self.mounts());
         found
+    }
+
+    /// Mounts under this daemon's state root (its data image, when it has one).
+    pub fn mounts(&self) -> Vec<String> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let root = self.root.display().to_string();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&root))
+            .map(|m| format!("mount {m}"))
+            .collect()
     }
 
     /// The slot (uid range, cgroups, directory) a sandbox holds.
@@ -322,13 +339,22 @@ impl Daemon {
         for h in ["pids", "memory", "unified"] {
             let procs = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix).join(&name).join("cgroup.procs");
             if let Ok(p) = std::fs::read_to_string(&procs) {
-                left.extend(p.lines().map(|pid| format!("process {pid} in {}", procs.display())));
+                // A prepared shell (a fork of the spawner waiting for the next sandbox) is
+                // not a leftover.
+                left.extend(
+                    p.lines().filter(|pid| !is_shell(pid)).map(|pid| format!("process {pid} in {}", procs.display())),
+                );
             }
         }
-        let dir = self.root.join("slots").join(&name);
-        for sub in ["data/upper", "data/work"] {
+        let dir = self.slots.join(&name);
+        // overlayfs keeps its own (empty) data/work/work between mounts.
+        for sub in ["data/upper", "data/work", "data/work/work"] {
             if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
-                left.extend(rd.flatten().map(|e| e.path().display().to_string()));
+                left.extend(
+                    rd.flatten()
+                        .filter(|e| !(sub == "data/work" && e.file_name() == "work"))
+                        .map(|e| e.path().display().to_string()),
+                );
             }
         }
         if dir.join("agent.sock").exists() {
@@ -349,6 +375,11 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// Whether a process is one of the spawner's prepared shells.
+pub fn is_shell(pid: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("__spawner"))
 }
 
 /// Processes on the host whose command line mentions `needle`.
@@ -397,6 +428,10 @@ impl Daemon {
                 let _ = std::fs::remove_dir(cg.path());
             }
             let _ = std::fs::remove_dir(&parent);
+        }
+        for m in self.mounts() {
+            let path = m.trim_start_matches("mount ");
+            let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
         }
     }
 }

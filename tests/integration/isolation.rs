@@ -213,3 +213,60 @@ async fn inherited_descriptors_do_not_reach_sandboxes() {
     assert_eq!(out.trim(), "0 1 2 3", "a process sees its stdio and its own listing only");
     drop(stray);
 }
+
+/// Runs a shell script as root inside the sandbox.
+async fn root_sh(d: &Daemon, id: &str, script: &str) -> (String, String, i32) {
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: Some("root".into()),
+        ..Default::default()
+    };
+    d.exec(id, req).await
+}
+
+#[tokio::test]
+async fn the_network_namespace_cannot_be_reconfigured_but_serves_ordinary_use() {
+    // One slot: the second sandbox reuses the first one's network namespace.
+    let d = Daemon::start_with(&["--uid-slots", "1"]).await;
+    let a = d.mini(Limits::default()).await;
+    for cmd in ["ip link set lo down", "ip addr add 10.9.9.9/32 dev lo", "ip route add 10.9.0.0/16 dev lo"] {
+        let (_, err, code) = root_sh(&d, &a, cmd).await;
+        assert_ne!(code, 0, "root inside must not be able to run `{cmd}`: {err}");
+    }
+    let (out, _, _) = root_sh(&d, &a, "ip -o link show lo").await;
+    assert!(out.contains("UP"), "loopback stays up: {out}");
+    // Ports below 1024 are open to the unprivileged default user.
+    let (out, err, code) =
+        d.sh(&a, "nc -l -p 80 > /tmp/got & sleep 0.3; echo ping | nc 127.0.0.1 80; sleep 0.2; cat /tmp/got").await;
+    assert_eq!((out.as_str(), code), ("ping\n", 0), "{err}");
+    // A listener left behind dies with its sandbox: the next one on this slot finds the
+    // port free and nothing answering.
+    let (_, _, code) = d.sh(&a, "nc -l -p 8080 >/dev/null 2>&1 &").await;
+    assert_eq!(code, 0);
+    d.client.delete_sandbox(&a, true).await.unwrap();
+    let b = d.mini(Limits::default()).await;
+    assert_eq!(d.slot_of(&d.client.get_sandbox(&b).await.unwrap()), 0);
+    let (_, _, code) = d.sh(&b, "echo x | nc -w 1 127.0.0.1 8080").await;
+    assert_ne!(code, 0, "nothing listens on 8080 any more");
+    let (out, err, code) =
+        d.sh(&b, "nc -l -p 8080 > /tmp/got & sleep 0.3; echo again | nc 127.0.0.1 8080; sleep 0.2; cat /tmp/got").await;
+    assert_eq!((out.as_str(), code), ("again\n", 0), "{err}");
+}
+
+#[tokio::test]
+async fn dev_shm_is_shared_memory_and_host_details_are_masked() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let (out, err, code) = d.sh(&id, "echo data > /dev/shm/seg && cat /dev/shm/seg && stat -c %a /dev/shm").await;
+    assert_eq!((out.as_str(), code), ("data\n1777\n", 0), "{err}");
+    for dir in ["/proc/acpi", "/sys/firmware"] {
+        let (out, _, _) =
+            root_sh(&d, &id, &format!("test -d {dir} && ls -A {dir} | wc -l; touch {dir}/x && echo wrote")).await;
+        assert!(!out.contains("wrote"), "{dir} must not be writable: {out}");
+        assert!(out.trim().is_empty() || out.trim() == "0", "{dir} must look empty: {out}");
+    }
+    let (_, _, code) = root_sh(&d, &id, "touch /sys/kernel/x").await;
+    assert_ne!(code, 0, "/sys is read-only");
+    let (out, _, _) = d.sh(&id, "ls /sys/class/net").await;
+    assert_eq!(out.trim(), "lo", "sysfs shows the sandbox's own network namespace");
+}

@@ -23,13 +23,13 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     d.client.exec_background(&id, &counter).await.unwrap();
     // An orphan: a slot directory and cgroup no recorded sandbox holds.
     let orphan = format!("{}-u63", d.prefix);
-    std::fs::create_dir_all(d.root.join("slots").join(&orphan).join("data/upper/junk")).unwrap();
+    std::fs::create_dir_all(d.slots.join(&orphan).join("data/upper/junk")).unwrap();
     std::fs::create_dir_all(format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).unwrap();
     let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
 
     d.kill9();
     let read = |d: &Daemon| {
-        std::fs::read_to_string(d.root.join("slots").join(format!("{}-u{slot}", d.prefix)).join("data/upper/tmp/count"))
+        std::fs::read_to_string(d.slots.join(format!("{}-u{slot}", d.prefix)).join("data/upper/tmp/count"))
     };
     let before: u64 = read(&d).unwrap().trim().parse().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -41,7 +41,7 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     assert_eq!(list.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [id.as_str()], "found again");
     assert_eq!(d.sh(&id, "echo back").await.0, "back\n");
     assert_eq!(d.client.system().await.unwrap().spawner_pid, spawner, "same spawner, reconnected");
-    assert!(!d.root.join("slots").join(&orphan).exists(), "orphan directory removed");
+    assert!(!d.slots.join(&orphan).exists(), "orphan directory removed");
     assert!(
         !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
         "orphan cgroup removed"

@@ -321,4 +321,22 @@ pub struct SystemInfo {
     pub sandboxes: usize,
     pub spawner_pid: u32,
     pub daemon_pid: u32,
+    /// Slots with their namespaces made ahead of demand (`--prewarm`).
+    pub prepared: usize,
+    pub data: DataInfo,
+}
+
+/// Where sandbox data (each sandbox's writable layer) is kept.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DataInfo {
+    /// `dir` (under the state root) or `image` (a loop-mounted ext4 image).
+    pub mode: String,
+    /// The directory holding the sandbox slots.
+    pub slots: String,
+    /// The image file, in `image` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Bytes used and still available on the data filesystem.
+    pub used_bytes: u64,
+    pub available_bytes: u64,
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use abx_api::Limits;
 
+use crate::storage::DataMode;
+
 /// Where the API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -57,6 +59,12 @@ pub struct Config {
     pub default_timeout: Option<Duration>,
     pub default_limits: Limits,
     pub default_template: String,
+    /// Where sandbox data (overlay upper and work directories) lives.
+    pub data: DataMode,
+    /// Size of the data image (None: half the free space, see `storage`).
+    pub data_size: Option<u64>,
+    /// How many slots keep a prepared shell (namespaces made, waiting for a sandbox).
+    pub prewarm: usize,
 }
 
 /// Size of each sandbox's uid range.
@@ -83,6 +91,9 @@ impl Config {
                 open_files: Some(4096),
             },
             default_template: "base".into(),
+            data: DataMode::Auto,
+            data_size: None,
+            prewarm: 2,
         }
     }
 
@@ -104,6 +115,11 @@ impl Config {
         }
         if !self.root.is_absolute() {
             return Err(format!("state root {} must be an absolute path", self.root.display()));
+        }
+        if let Some(s) = self.data_size
+            && s < 64 << 20
+        {
+            return Err(format!("--data-size {s} is too small: the data image needs at least 64M"));
         }
         if self.listen.is_empty() {
             return Err("at least one --listen address is needed".into());

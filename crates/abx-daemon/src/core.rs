@@ -501,6 +501,17 @@ impl Core {
             sandboxes: m.count(),
             spawner_pid: m.spawner.pid().unwrap_or(0),
             daemon_pid: std::process::id(),
+            prepared: m.prepared(),
+            data: {
+                let (used, available) = m.storage.usage().unwrap_or((0, 0));
+                abx_api::DataInfo {
+                    mode: m.storage.mode().into(),
+                    slots: m.storage.slots.display().to_string(),
+                    image: m.storage.image.as_ref().map(|i| i.file.display().to_string()),
+                    used_bytes: used,
+                    available_bytes: available,
+                }
+            },
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use abx_api::{CreateSandbox, Limits, SandboxState};
 use abx_cgroup::CgroupDriver;
 use abx_sandbox::SpawnerClient;
-use abx_sandbox::spec::{SandboxDirs, SpawnSpec};
+use abx_sandbox::spec::{SandboxDirs, SlotSpec, SpawnSpec};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -43,6 +43,18 @@ pub const CAPABILITIES: [u32; 14] = [
 /// How long a sandbox may take from spawn to exec of its agent.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Per-slot facts that hold until the slot is released with an error or removed.
+#[derive(Debug, Clone, Default)]
+struct SlotCache {
+    /// Lower-layer mount points the directory has (the directory and cgroups exist).
+    lowers: usize,
+    /// Limits last written to the slot's cgroups.
+    limits: Option<abx_cgroup::Limits>,
+    /// The memory cgroup's OOM kill count when the slot was last emptied (statistics
+    /// already reset then).
+    oom_base: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct Manager {
     pub cfg: Config,
@@ -50,6 +62,7 @@ pub struct Manager {
     pub templates: abx_template::Store,
     pub cgroups: Box<dyn CgroupDriver>,
     pub spawner: SpawnerClient,
+    pub storage: crate::storage::Storage,
     seccomp: Vec<Vec<u8>>,
     sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     uid_slots: Mutex<Vec<bool>>,
@@ -58,14 +71,23 @@ pub struct Manager {
     /// Destroyed sandboxes whose slot is not free yet, and the wake-up when one is.
     pending_frees: AtomicUsize,
     uid_freed: tokio::sync::Notify,
+    /// Slots whose namespaces the spawner holds ready (see [`Manager::refill`]).
+    prepared: Mutex<Vec<u32>>,
+    refilling: std::sync::atomic::AtomicBool,
+    /// Slots taken by a refill and not yet prepared (or given back).
+    preparing: AtomicUsize,
+    /// What is known about each slot's host objects, to skip redundant work on create.
+    slot_cache: Mutex<HashMap<u32, SlotCache>>,
+    /// Set by shutdown: no more refills.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Manager {
     /// Opens the state under `cfg.root` and reconnects to (or starts) the spawner.
     pub fn open(cfg: Config) -> Result<Arc<Manager>, String> {
-        for d in ["slots", "tmp"] {
-            std::fs::create_dir_all(cfg.root.join(d))
-                .map_err(|e| format!("create {}: {e}", cfg.root.join(d).display()))?;
+        let storage = crate::storage::Storage::open(&cfg.root, &cfg.prefix, cfg.data, cfg.data_size)?;
+        for d in [storage.slots.clone(), cfg.root.join("tmp")] {
+            std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
         let store = Store::open(&cfg.root.join("state.db")).map_err(|e| format!("{e}"))?;
         let templates =
@@ -85,12 +107,18 @@ impl Manager {
             templates,
             cgroups,
             spawner,
+            storage,
             seccomp,
             sandboxes: RwLock::new(HashMap::new()),
             uid_slots: Mutex::new(vec![false; slots]),
             cleanups: tokio_util::task::TaskTracker::new(),
             pending_frees: AtomicUsize::new(0),
             uid_freed: tokio::sync::Notify::new(),
+            prepared: Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            preparing: AtomicUsize::new(0),
+            slot_cache: Mutex::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -108,7 +136,7 @@ impl Manager {
     }
 
     fn slot_dirs(&self, uid_slot: u32) -> SandboxDirs {
-        SandboxDirs::new(self.cfg.root.join("slots").join(self.slot_name(uid_slot)))
+        SandboxDirs::new(self.storage.slots.join(self.slot_name(uid_slot)))
     }
 
     /// Looks a sandbox up by id or name.
@@ -159,15 +187,22 @@ impl Manager {
         }
     }
 
-    /// A free slot; when all are taken but destroyed sandboxes are still releasing theirs,
-    /// waits (up to 5 s) for one.
-    async fn alloc_uid_slot_waiting(&self) -> CoreResult<u32> {
+    /// A prepared slot, else a free one; when all are taken but destroyed sandboxes are
+    /// still releasing theirs (or a slot is being prepared), waits (up to 5 s) for one.
+    async fn acquire_slot(&self) -> CoreResult<u32> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let freed = self.uid_freed.notified();
+            if let Some(s) = self.take_prepared() {
+                return Ok(s);
+            }
             match self.alloc_uid_slot() {
                 Ok(s) => return Ok(s),
-                Err(e) if self.pending_frees.load(Ordering::SeqCst) == 0 => return Err(e),
+                Err(e)
+                    if self.pending_frees.load(Ordering::SeqCst) == 0 && self.preparing.load(Ordering::SeqCst) == 0 =>
+                {
+                    return Err(e);
+                }
                 Err(e) => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
                         return Err(e);
@@ -177,8 +212,90 @@ impl Manager {
         }
     }
 
+    /// Keeps up to `--prewarm` slots prepared: directory and cgroups in place, and a
+    /// process of the spawner waiting in the slot's new namespaces (see the spawner's
+    /// prepared shells), so that a create only does the sandbox-specific part. Runs in the
+    /// background; called at start, after each create and after each slot is freed.
+    pub fn refill(self: &Arc<Self>) {
+        if self.cfg.prewarm == 0 || self.closing.load(Ordering::SeqCst) || self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            loop {
+                while !this.closing.load(Ordering::SeqCst)
+                    && this.prepared.lock().unwrap_or_else(|e| e.into_inner()).len() < this.cfg.prewarm
+                {
+                    let Ok(slot) = this.alloc_uid_slot() else { break };
+                    this.preparing.fetch_add(1, Ordering::SeqCst);
+                    let res = this.prepare_slot(slot);
+                    if res.is_ok() {
+                        this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+                    }
+                    this.preparing.fetch_sub(1, Ordering::SeqCst);
+                    if let Err(e) = res {
+                        warn!(slot, error = %e, "preparing a slot failed");
+                        let _ = this.release_slot(slot);
+                        this.free_uid_slot(slot);
+                        this.refilling.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    // Wake creates waiting for a slot.
+                    this.uid_freed.notify_waiters();
+                }
+                this.refilling.store(false, Ordering::SeqCst);
+                // A create may have taken one after the check: go again unless another
+                // refill started meanwhile.
+                let short = this.prepared.lock().unwrap_or_else(|e| e.into_inner()).len() < this.cfg.prewarm;
+                let free = this.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|used| !used);
+                if !(short && free) || this.refilling.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn prepare_slot(&self, uid_slot: u32) -> Result<(), String> {
+        self.ensure_slot(uid_slot, 0)?;
+        let cg = self.slot_name(uid_slot);
+        let placement = self.cgroups.placement(&cg).map_err(|e| cgroup_text(&e))?;
+        let slot = SlotSpec {
+            dir: self.slot_dirs(uid_slot).root,
+            uid_base: self.cfg.uid_start + uid_slot * UID_RANGE,
+            uid_count: UID_RANGE,
+            cgroup_dir: placement.clone_into,
+            cgroup_tasks: placement.self_join,
+        };
+        self.spawner.prepare(&slot).map(drop).map_err(|e| e.to_string())
+    }
+
+    /// How many slots are prepared.
+    pub fn prepared(&self) -> usize {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A prepared slot, if one is ready.
+    fn take_prepared(&self) -> Option<u32> {
+        self.prepared.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u32, SlotCache>> {
+        self.slot_cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Makes sure a slot's directory and cgroups exist (they do after its first use).
     fn ensure_slot(&self, uid_slot: u32, layers: usize) -> Result<(), String> {
+        if self.cache().get(&uid_slot).is_some_and(|c| c.lowers >= layers) {
+            return Ok(());
+        }
+        self.ensure_slot_uncached(uid_slot, layers)?;
+        let mut cache = self.cache();
+        let c = cache.entry(uid_slot).or_default();
+        c.lowers = c.lowers.max(layers);
+        Ok(())
+    }
+
+    fn ensure_slot_uncached(&self, uid_slot: u32, layers: usize) -> Result<(), String> {
         let dirs = self.slot_dirs(uid_slot);
         let uid_base = self.cfg.uid_start + uid_slot * UID_RANGE;
         dirs.ensure(layers, uid_base).map_err(|e| format!("prepare {}: {e}", dirs.root.display()))?;
@@ -200,6 +317,17 @@ impl Manager {
         if let Err(e) = self.slot_dirs(uid_slot).empty() {
             first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
         }
+        // Statistics start from zero for the next sandbox; done here, off its create.
+        let cg = self.slot_name(uid_slot);
+        let oom_base = match self.cgroups.reset_stats(&cg) {
+            Ok(()) => self.cgroups.stats(&cg).ok().map(|s| s.oom_kills),
+            Err(_) => None,
+        };
+        if first.is_some() {
+            self.cache().remove(&uid_slot);
+        } else if let Some(c) = self.cache().get_mut(&uid_slot) {
+            c.oom_base = oom_base;
+        }
         first.map_or(Ok(()), Err)
     }
 
@@ -220,7 +348,7 @@ impl Manager {
             Some(s) => Some(Duration::from_secs(s)),
             None => self.cfg.default_timeout,
         };
-        let slot = self.alloc_uid_slot_waiting().await?;
+        let slot = self.acquire_slot().await?;
         let id = new_id();
         let mut env = template.config.env.clone();
         env.extend(req.env.clone());
@@ -249,6 +377,7 @@ impl Manager {
         let started = tokio::task::spawn_blocking(move || this.start_blocking(rec))
             .await
             .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
+        self.refill();
         match started {
             Ok((rec, pidfd)) => Ok(self.register(rec, Some(pidfd))),
             Err(e) => {
@@ -281,9 +410,23 @@ impl Manager {
         let cg = self.slot_name(rec.uid_slot);
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
-        self.cgroups.update(&cg, &cgroup_limits(&rec.limits)).map_err(|e| setup_err(cgroup_text(&e)))?;
-        self.cgroups.reset_stats(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
-        rec.oom_kills_base = self.cgroups.stats(&cg).map(|s| s.oom_kills).unwrap_or(0);
+        let limits = cgroup_limits(&rec.limits);
+        let cached = self.cache().get(&rec.uid_slot).cloned().unwrap_or_default();
+        if cached.limits != Some(limits) {
+            self.cgroups.update(&cg, &limits).map_err(|e| setup_err(cgroup_text(&e)))?;
+            self.cache().entry(rec.uid_slot).or_default().limits = Some(limits);
+        }
+        rec.oom_kills_base = match cached.oom_base {
+            Some(base) => base,
+            None => {
+                self.cgroups.reset_stats(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
+                self.cgroups.stats(&cg).map(|s| s.oom_kills).unwrap_or(0)
+            }
+        };
+        if let Some(c) = self.cache().get_mut(&rec.uid_slot) {
+            // Used up: the next sandbox of this slot gets a new base when it is emptied.
+            c.oom_base = None;
+        }
         let t_cg = t0.elapsed();
         let _ = std::fs::remove_file(dirs.agent_socket());
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
@@ -305,6 +448,7 @@ impl Manager {
             nofile: rec.limits.open_files.unwrap_or(4096),
             volatile: true,
         };
+        let t_pre = t0.elapsed();
         let spawned = self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd());
         drop(status_w);
         drop(listener);
@@ -320,7 +464,7 @@ impl Manager {
         };
         let t_spawn = t0.elapsed();
         let exec_result = wait_exec(&status_r, SETUP_TIMEOUT);
-        tracing::debug!(sandbox = %rec.id, slot_cgroups = ?t_cg, spawned = ?t_spawn, exec = ?t0.elapsed(), "sandbox started");
+        tracing::debug!(sandbox = %rec.id, slot_cgroups = ?t_cg, pre = ?t_pre, spawned = ?t_spawn, exec = ?t0.elapsed(), "sandbox started");
         if let Err(message) = exec_result {
             let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             wait_exit_blocking(&pidfd, Duration::from_secs(5));
@@ -478,6 +622,7 @@ impl Manager {
             }
             this.free_uid_slot(slot);
             this.pending_frees.fetch_sub(1, Ordering::SeqCst);
+            this.refill();
         });
         Ok(())
     }
@@ -549,7 +694,7 @@ impl Manager {
     fn cleanup_orphans(&self, known: &std::collections::HashSet<String>) {
         let mut names: std::collections::BTreeSet<String> =
             self.cgroups.list().unwrap_or_default().into_iter().collect();
-        if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("slots")) {
+        if let Ok(rd) = std::fs::read_dir(&self.storage.slots) {
             names.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
         }
         for name in names {
@@ -557,9 +702,13 @@ impl Manager {
                 continue;
             }
             info!(object = %name, "removing orphan");
+            if let Some(n) = name.strip_prefix(&format!("{}-u", self.cfg.prefix)).and_then(|n| n.parse::<u32>().ok()) {
+                self.cache().remove(&n);
+            }
             let _ = self.cgroups.kill(&name);
             let _ = self.cgroups.remove(&name);
-            let _ = remove_tree(&self.cfg.root.join("slots").join(&name));
+            let _ = self.spawner.forget(&self.storage.slots.join(&name));
+            let _ = remove_tree(&self.storage.slots.join(&name));
         }
         let _ = remove_tree(&self.cfg.root.join("sandboxes"));
     }
@@ -572,6 +721,11 @@ impl Manager {
     /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and
     /// every slot (cgroups and directories) is removed.
     pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.refilling.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if self.count() != 0 {
             return;
         }
@@ -581,7 +735,9 @@ impl Manager {
             let _ = self.cgroups.remove(&cg);
         }
         let _ = self.cgroups.remove_parent();
-        let _ = remove_tree(&self.cfg.root.join("slots"));
+        let _ = remove_tree(&self.storage.slots);
+        self.cache().clear();
+        self.storage.close();
     }
 }
 

@@ -1,13 +1,19 @@
-//! The new sandbox's first process: runs the setup plan inside its namespaces and execs
-//! the guest agent. It runs in a child of the single-threaded spawner, so ordinary Rust
-//! (allocation included) is safe here.
+//! The new sandbox's first process: creates its namespaces, runs the setup plan inside
+//! them and execs the guest agent. It runs in a child of the single-threaded spawner, so
+//! ordinary Rust (allocation included) is safe here.
 //!
-//! Order (see docs/sandbox-setup.md): join the v1 cgroups (the cgroup2 one was joined at
-//! clone) → wait for the spawner's go (uid/gid maps written, idmapped trees received) → become root of the user namespace →
-//! unshare mount, network, uts, ipc, cgroup namespaces → make every mount private → run
-//! the plan (overlay root, /proc, /sys, /dev, masks, pivot_root, hostname, loopback) →
-//! rlimits → stdio to /dev/null, listening socket to fd 3, everything else close-on-exec
-//! → new session → drop capabilities → no_new_privs + seccomp → exec the agent.
+//! Two phases, separated by the spawner's go message (see docs/sandbox-setup.md):
+//!
+//! 1. **Shell** (slot-level, can happen ahead of time; born in new user, pid and time
+//!    namespaces, the slot's cgroup2 group and the slot's network namespace): keep only
+//!    its own descriptors → join the v1 cgroups → wait until the spawner has written the
+//!    uid/gid maps → become root of the user namespace → unshare mount, uts, ipc, cgroup
+//!    namespaces → make every mount private → report "ready".
+//! 2. **Sandbox** (after go, which carries the sandbox's spec, its status pipe, its
+//!    listening socket and the mount trees): run the plan (overlay root, /proc, /sys,
+//!    /dev, masks, pivot_root, hostname) → rlimits → stdio to /dev/null, listening
+//!    socket to fd 3, everything else close-on-exec → new session → drop capabilities →
+//!    no_new_privs + seccomp → exec the agent.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -18,48 +24,59 @@ use abx_sys::process::ns;
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use crate::plan::{self, Step};
-use crate::spec::SpawnSpec;
+use crate::spawner::MAX_GO;
+use crate::spec::{SlotSpec, SpawnSpec};
+
+/// The spawner's first message on the control socket: the id maps are written.
+pub const IDS_WRITTEN: &[u8] = b"ids";
+/// The shell's answer once its namespaces exist (anything else is an error text).
+pub const READY: &[u8] = b"ready";
 
 /// Descriptors the child starts with.
 #[derive(Debug)]
-pub struct ChildIo {
-    /// The child's end of the socketpair the spawner sends the go message on.
+pub struct ShellIo {
+    /// The child's end of the socketpair to the spawner.
     pub control: OwnedFd,
-    /// Write end of the status pipe: closed by a successful exec, an error text otherwise.
-    pub status: OwnedFd,
-    /// The agent's listening socket (becomes fd 3).
-    pub listener: OwnedFd,
     /// The sealed memfd holding the agent binary.
     pub agent: RawFd,
-    /// The sandbox directory (`O_PATH`), the working directory of the whole setup.
+    /// The slot directory (`O_PATH`), the working directory of the whole setup.
     pub dir: OwnedFd,
 }
 
-/// Runs the child side; never returns.
-pub fn run(spec: &SpawnSpec, io: ChildIo) -> ! {
-    let io = match lift(io) {
-        Ok(io) => io,
-        Err(_) => std::process::exit(1),
-    };
-    let Err(message) = setup(spec, &io);
-    let _ = rustix::io::write(&io.status, message.as_bytes());
-    std::process::exit(1)
+/// What the go message brings.
+struct Go {
+    spec: SpawnSpec,
+    /// Write end of the status pipe: closed by a successful exec, an error text otherwise.
+    status: OwnedFd,
+    /// The agent's listening socket (becomes fd 3).
+    listener: OwnedFd,
+    /// Idmapped trees: the layers, then the data tree.
+    trees: Vec<OwnedFd>,
 }
 
-/// Moves every descriptor the child needs to numbers of 100 and above, so placing the
-/// listening socket at fd 3 later cannot clobber one of them.
-fn lift(io: ChildIo) -> std::io::Result<ChildIo> {
-    let up = |fd: &OwnedFd| rustix::io::fcntl_dupfd_cloexec(fd, 100);
-    let agent = rustix::io::fcntl_dupfd_cloexec(abx_sys::fd::borrow_raw(io.agent), 100)?;
-    let lifted = ChildIo {
-        control: up(&io.control)?,
-        status: up(&io.status)?,
-        listener: up(&io.listener)?,
-        agent: agent.as_raw_fd(),
-        dir: up(&io.dir)?,
+/// Runs the child side; never returns.
+pub fn run(slot: &SlotSpec, io: ShellIo) -> ! {
+    let keep = [io.control.as_raw_fd(), io.agent, io.dir.as_raw_fd()];
+    if abx_sys::fd::close_except(&keep).is_err() {
+        std::process::exit(1);
+    }
+    if let Err(message) = shell(slot, &io) {
+        let _ = abx_sys::fd::send_with_fds(io.control.as_fd(), message.as_bytes(), &[]);
+        std::process::exit(1);
+    }
+    if abx_sys::fd::send_with_fds(io.control.as_fd(), READY, &[]).is_err() {
+        std::process::exit(1);
+    }
+    let go = match receive_go(&io) {
+        Ok(go) => go,
+        Err(message) => {
+            let _ = abx_sys::fd::send_with_fds(io.control.as_fd(), message.as_bytes(), &[]);
+            std::process::exit(1)
+        }
     };
-    std::mem::forget(agent);
-    Ok(lifted)
+    let Err(message) = setup(&go, &io);
+    let _ = rustix::io::write(&go.status, message.as_bytes());
+    std::process::exit(1)
 }
 
 type StepResult = Result<(), String>;
@@ -68,27 +85,60 @@ fn ctx<T, E: std::fmt::Display>(what: impl std::fmt::Display, r: Result<T, E>) -
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-fn setup(spec: &SpawnSpec, io: &ChildIo) -> Result<Infallible, String> {
+/// Phase 1: the namespaces, everything that does not depend on the sandbox.
+fn shell(slot: &SlotSpec, io: &ShellIo) -> StepResult {
     ctx(
         "set parent death signal",
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)),
     )?;
-    join_cgroups(&spec.cgroup_tasks)?;
-    let trees = receive_go(io, spec.layers.len() + 1)?;
+    join_cgroups(&slot.cgroup_tasks)?;
+    let mut buf = [0u8; 16];
+    let (n, _) = ctx("wait for the id maps", abx_sys::fd::recv_with_fds(io.control.as_fd(), &mut buf, 0))?;
+    if &buf[..n] != IDS_WRITTEN {
+        return Err("spawner went away before the id maps were written".into());
+    }
     become_root()?;
     // Before unsharing: the new mount namespace then carries the working directory over.
     ctx("enter the sandbox directory", rustix::process::fchdir(&io.dir))?;
-    ctx("unshare namespaces", abx_sys::process::unshare(ns::MOUNT | ns::NET | ns::UTS | ns::IPC | ns::CGROUP))?;
+    // The network namespace is the slot's, entered at clone (see the spawner).
+    ctx("unshare namespaces", abx_sys::process::unshare(ns::MOUNT | ns::UTS | ns::IPC | ns::CGROUP))?;
     ctx(
         "make mounts private",
         rustix::mount::mount_change("/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC),
-    )?;
-    for step in plan::build(spec) {
-        run_step(&step, &trees).map_err(|e| format!("{step}: {e}"))?;
+    )
+}
+
+/// Waits for the go message: the sandbox's spec and its descriptors.
+fn receive_go(io: &ShellIo) -> Result<Go, String> {
+    let mut buf = vec![0u8; MAX_GO];
+    let (n, fds) = ctx("receive go message", abx_sys::fd::recv_with_fds(io.control.as_fd(), &mut buf, 64))?;
+    if n == 0 {
+        return Err("spawner went away before setup".into());
     }
-    drop(trees);
+    let spec: SpawnSpec = ctx("read the sandbox spec", serde_json::from_slice(&buf[..n]))?;
+    let expected = 2 + plan::trees(&spec);
+    if fds.len() != expected {
+        return Err(format!("expected {expected} descriptors with go, received {}", fds.len()));
+    }
+    let mut fds = fds.into_iter();
+    // Away from the low numbers: fd 3 becomes the listening socket later.
+    let lift = |fd: Option<OwnedFd>| -> Result<OwnedFd, String> {
+        let fd = fd.ok_or("missing descriptor")?;
+        ctx("move descriptor", rustix::io::fcntl_dupfd_cloexec(&fd, 100))
+    };
+    let status = lift(fds.next())?;
+    let listener = lift(fds.next())?;
+    Ok(Go { spec, status, listener, trees: fds.collect() })
+}
+
+/// Phase 2: the sandbox's root filesystem and confinement, then the agent.
+fn setup(go: &Go, io: &ShellIo) -> Result<Infallible, String> {
+    let spec = &go.spec;
+    for step in plan::build(spec) {
+        run_step(&step, &go.trees).map_err(|e| format!("{step}: {e}"))?;
+    }
     set_limits(spec.nofile)?;
-    arrange_fds(io)?;
+    arrange_fds(go)?;
     ctx("setsid", rustix::process::setsid())?;
     ctx("drop capabilities", abx_sys::process::restrict_capabilities(&spec.capabilities))?;
     ctx("clear parent death signal", rustix::process::set_parent_process_death_signal(None))?;
@@ -108,19 +158,6 @@ fn join_cgroups(tasks: &[std::path::PathBuf]) -> StepResult {
         ctx(format_args!("join cgroup {}", t.display()), std::fs::write(t, "0"))?;
     }
     Ok(())
-}
-
-/// Waits for the spawner's go message, which carries the idmapped trees.
-fn receive_go(io: &ChildIo, expected: usize) -> Result<Vec<OwnedFd>, String> {
-    let mut buf = [0u8; 16];
-    let (n, fds) = ctx("receive go message", abx_sys::fd::recv_with_fds(io.control.as_fd(), &mut buf, expected))?;
-    if n == 0 {
-        return Err("spawner went away before setup".into());
-    }
-    if fds.len() != expected {
-        return Err(format!("expected {expected} mount trees, received {}", fds.len()));
-    }
-    Ok(fds)
 }
 
 /// The uid/gid maps are written: switch to root of the new user namespace.
@@ -158,12 +195,15 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
             }
             Ok(())
         }
-        Step::MaskDir { path } => {
+        Step::MaskDir { path, empty } => {
             if path.is_dir() {
-                let f = plan::flags::RDONLY | plan::flags::NOSUID | plan::flags::NODEV | plan::flags::NOEXEC;
-                mount("tmpfs", path, "tmpfs", mount_flags(f), "size=4k,mode=555")?;
+                rustix::mount::mount_bind(empty, path)?;
             }
             Ok(())
+        }
+        Step::Chmod { path, mode } => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
         }
         Step::ReadOnly { path } => {
             if path.exists() {
@@ -178,7 +218,6 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         },
         Step::PivotRoot { root } => pivot(root),
         Step::SetHostname { name } => Ok(rustix::system::sethostname(name.as_bytes())?),
-        Step::LoopbackUp => abx_sys::net::set_link_up("lo"),
     }
 }
 
@@ -221,7 +260,7 @@ fn set_limits(nofile: u64) -> StepResult {
 
 /// stdio → /dev/null, the listening socket → fd 3, everything else close-on-exec (the
 /// status pipe is closed by the exec itself, which tells the daemon the exec happened).
-fn arrange_fds(io: &ChildIo) -> StepResult {
+fn arrange_fds(io: &Go) -> StepResult {
     let null = ctx(
         "open /dev/null",
         rustix::fs::open(
@@ -233,6 +272,8 @@ fn arrange_fds(io: &ChildIo) -> StepResult {
     for target in 0..3 {
         ctx("redirect stdio", abx_sys::fd::dup_to(null.as_raw_fd(), target))?;
     }
+    // It may sit at fd 3 itself.
+    drop(null);
     ctx("place listening socket", abx_sys::fd::dup_to(io.listener.as_raw_fd(), 3))?;
     ctx("mark descriptors close-on-exec", abx_sys::fd::cloexec_from(4))
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::spawner::{MAX_MESSAGE, socket_path};
-use crate::spec::{SpawnReply, SpawnSpec, SpawnerRequest};
+use crate::spawner::{MAX_REPLY, socket_path};
+use crate::spec::{SlotSpec, SpawnReply, SpawnSpec, SpawnerRequest};
 use crate::{Error, Result};
 
 /// A connection to the spawner of one state root. Requests are serialized (the spawner
@@ -130,6 +130,28 @@ impl SpawnerClient {
         }
     }
 
+    /// Asks the spawner to create a slot's namespaces ahead of the next spawn for it.
+    /// Returns the waiting process's pid.
+    pub fn prepare(&self, slot: &SlotSpec) -> Result<i32> {
+        let req = SpawnerRequest::Prepare { slot: slot.clone() };
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match request(conn.as_ref().map(|c| c.as_fd()), &req, &[])? {
+            (SpawnReply::Prepared { pid }, _) => Ok(pid),
+            (SpawnReply::Failed { message }, _) => Err(Error::Spawn { id: slot.dir.display().to_string(), message }),
+            (other, _) => Err(Error::Protocol(format!("unexpected prepare reply {other:?}"))),
+        }
+    }
+
+    /// Tells the spawner a slot is gone (its network namespace can go).
+    pub fn forget(&self, dir: &Path) -> Result<()> {
+        let req = SpawnerRequest::Forget { dir: dir.to_owned() };
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match request(conn.as_ref().map(|c| c.as_fd()), &req, &[])? {
+            (SpawnReply::Forgotten, _) => Ok(()),
+            (other, _) => Err(Error::Protocol(format!("unexpected forget reply {other:?}"))),
+        }
+    }
+
     /// Tells the spawner to exit once it holds no sandbox, and reaps it if this daemon
     /// started it (waiting up to `wait`).
     pub fn retire(&self, wait: Duration) {
@@ -166,7 +188,7 @@ fn request(
         conn.ok_or_else(|| Error::SpawnerUnavailable { path: PathBuf::new(), reason: "not connected".into() })?;
     let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
     abx_sys::fd::send_with_fds(conn, &body, fds).map_err(Error::SpawnerIo)?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut buf = [0u8; MAX_REPLY];
     let (n, mut got) = abx_sys::fd::recv_with_fds(conn, &mut buf, 2).map_err(Error::SpawnerIo)?;
     if n == 0 {
         return Err(Error::SpawnerIo(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));

@@ -62,9 +62,16 @@ pub enum Step {
         path: PathBuf,
         null: PathBuf,
     },
-    /// Hide a directory under an empty read-only tmpfs, when it exists.
+    /// Hide a directory under an empty read-only directory, when it exists.
     MaskDir {
         path: PathBuf,
+        /// The empty read-only directory bound over it.
+        empty: PathBuf,
+    },
+    /// Set a path's permission bits (umask-proof).
+    Chmod {
+        path: PathBuf,
+        mode: u32,
     },
     /// Bind a path onto itself read-only, when it exists.
     ReadOnly {
@@ -81,7 +88,6 @@ pub enum Step {
     SetHostname {
         name: String,
     },
-    LoopbackUp,
 }
 
 impl fmt::Display for Step {
@@ -94,12 +100,12 @@ impl fmt::Display for Step {
             Step::Mount { fstype, target, .. } => write!(f, "mount {fstype} at {}", target.display()),
             Step::Bind { source, target } => write!(f, "bind {} to {}", source.display(), target.display()),
             Step::MaskFile { path, .. } => write!(f, "mask file {}", path.display()),
-            Step::MaskDir { path } => write!(f, "mask directory {}", path.display()),
+            Step::MaskDir { path, .. } => write!(f, "mask directory {}", path.display()),
+            Step::Chmod { path, mode } => write!(f, "chmod {mode:o} {}", path.display()),
             Step::ReadOnly { path } => write!(f, "make {} read-only", path.display()),
             Step::Symlink { target, link } => write!(f, "symlink {} -> {target}", link.display()),
             Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
             Step::SetHostname { name } => write!(f, "set hostname {name}"),
-            Step::LoopbackUp => write!(f, "bring up loopback"),
         }
     }
 }
@@ -114,8 +120,13 @@ pub const MASKED_DIRS: [&str; 4] = ["proc/acpi", "proc/scsi", "sys/firmware", "s
 /// /proc paths made read-only.
 pub const READ_ONLY: [&str; 5] = ["proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger"];
 
+/// How many mount trees the plan for `spec` expects.
+pub fn trees(spec: &SpawnSpec) -> usize {
+    spec.layers.len() + 2
+}
+
 /// Builds the setup plan for `spec`. Descriptor `i < layers` is layer `i`'s idmapped tree;
-/// descriptor `layers` is the data tree.
+/// descriptor `layers` is the data tree, `layers + 1` the slot's sysfs.
 pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     use flags::*;
     let dirs = SandboxDirs::new(PathBuf::from("."));
@@ -137,12 +148,8 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
         steps.push(Step::Mkdir { path: r(d) });
     }
     steps.push(Step::Mount { fstype: "proc", target: r("proc"), flags: NOSUID | NODEV | NOEXEC, data: String::new() });
-    steps.push(Step::Mount {
-        fstype: "sysfs",
-        target: r("sys"),
-        flags: RDONLY | NOSUID | NODEV | NOEXEC,
-        data: String::new(),
-    });
+    // Read-only, nosuid, nodev, noexec: set by the spawner, which mounted it.
+    steps.push(Step::AttachTree { index: spec.layers.len() + 1, target: r("sys") });
     steps.push(Step::Mount {
         fstype: "tmpfs",
         target: r("dev"),
@@ -161,13 +168,10 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
         data: "newinstance,ptmxmode=0666,mode=0620,gid=5".into(),
     });
     steps.push(Step::Symlink { target: "pts/ptmx", link: r("dev/ptmx") });
+    // POSIX shared memory lives in /dev's tmpfs (one filesystem instance fewer per
+    // sandbox); mode 1777 like /tmp.
     steps.push(Step::Mkdir { path: r("dev/shm") });
-    steps.push(Step::Mount {
-        fstype: "tmpfs",
-        target: r("dev/shm"),
-        flags: NOSUID | NODEV,
-        data: "mode=1777,size=65536k".into(),
-    });
+    steps.push(Step::Chmod { path: r("dev/shm"), mode: 0o1777 });
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -179,15 +183,21 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     for f in MASKED_FILES {
         steps.push(Step::MaskFile { path: r(f), null: r("dev/null") });
     }
+    // One empty read-only tmpfs, bound over every masked directory that exists.
+    steps.push(Step::Mount {
+        fstype: "tmpfs",
+        target: dirs.mask(),
+        flags: RDONLY | NOSUID | NODEV | NOEXEC,
+        data: "size=4k,mode=555".into(),
+    });
     for d in MASKED_DIRS {
-        steps.push(Step::MaskDir { path: r(d) });
+        steps.push(Step::MaskDir { path: r(d), empty: dirs.mask() });
     }
     for p in READ_ONLY {
         steps.push(Step::ReadOnly { path: r(p) });
     }
     steps.push(Step::PivotRoot { root });
     steps.push(Step::SetHostname { name: spec.hostname.clone() });
-    steps.push(Step::LoopbackUp);
     steps
 }
 
@@ -230,7 +240,7 @@ mod tests {
         let sys_ro = pos(&|s| matches!(s, Step::ReadOnly { path } if path.ends_with("proc/sys")));
         let host = pos(&|s| matches!(s, Step::SetHostname { .. }));
         assert!(proc < kcore && kcore < pivot && sys_ro < pivot && pivot < host);
-        assert!(matches!(steps.last(), Some(Step::LoopbackUp)));
+        assert!(matches!(steps.last(), Some(Step::SetHostname { .. })));
     }
 
     #[test]

@@ -6,8 +6,27 @@
 //!
 //! Being single-threaded makes `fork` (clone3) safe and cheap here, which a large
 //! multi-threaded daemon could not offer.
+//!
+//! **Prepared shells.** Creating the namespaces (user, pid, time, mount, network, uts,
+//! ipc, cgroup) and joining a slot's cgroups does not depend on the sandbox, only on its
+//! slot. The daemon asks for that ahead of demand (`Prepare`); the next `Spawn` for the
+//! slot only sends the sandbox's spec and descriptors to the waiting shell. A `Spawn`
+//! without a prepared shell makes one on the spot and uses it at once. Shells belong to
+//! the connected daemon: they are killed when it disconnects, when a new daemon connects
+//! and on retirement.
+//!
+//! **A network namespace per slot.** Creating a network namespace (loopback device,
+//! sysctl tables, IPv6 setup) and tearing it down again is the most expensive part of a
+//! sandbox's namespaces. Each slot gets one, made once by the spawner and owned by the
+//! host's user namespace, so a sandbox's root cannot reconfigure it (no address, route,
+//! firewall or sysctl changes, no raw sockets); ports below 1024 and ICMP echo sockets are
+//! opened to everyone in it by sysctl. The sandboxes of a slot use it one after another,
+//! never two at once, and nothing of a sandbox survives in it but closing TCP connections.
+//! The spawner enters it just for the `clone3` of each shell. Its sysfs, which only a
+//! process privileged over the namespace may mount, is mounted once by the spawner and
+//! handed to each sandbox as a detached read-only copy.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,14 +35,23 @@ use abx_sys::process::{Forked, ns};
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::child::{self, ChildIo};
-use crate::spec::{SpawnReply, SpawnSpec, SpawnerRequest};
+use crate::child::{self, ShellIo};
+use crate::spec::{SlotSpec, SpawnReply, SpawnSpec, SpawnerRequest};
 
 /// Largest request accepted.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
+/// Largest go message (a sandbox's spec) sent to a shell.
+pub const MAX_GO: usize = 64 * 1024;
+
+/// Largest reply of the spawner.
+pub const MAX_REPLY: usize = 4 * 1024;
+
 /// How long a spawner with no daemon and no sandbox lingers before exiting.
 const IDLE_EXIT: Duration = Duration::from_secs(5);
+
+/// How long a new shell may take to create its namespaces.
+const SHELL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Spawner options (from its command line).
 #[derive(Debug, Clone)]
@@ -58,11 +86,21 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let agent = rustix::io::fcntl_dupfd_cloexec(&memfd, 200).map_err(|e| format!("dup agent memfd: {e}"))?;
     drop(memfd);
     let listener = bind(&socket_path(&opts.root))?;
+    let host_net = rustix::fs::open(
+        "/proc/thread-self/ns/net",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("open the host network namespace: {e}"))?;
     let mut s = Spawner {
         agent,
         listener,
         conn: None,
         children: HashSet::new(),
+        shells: HashMap::new(),
+        nets: HashMap::new(),
+        host_net,
+        buf: vec![0u8; MAX_MESSAGE],
         retired: false,
         time_ns: true,
         root: opts.root.clone(),
@@ -83,11 +121,42 @@ fn bind(path: &Path) -> Result<OwnedFd, String> {
     Ok(sock)
 }
 
+/// A slot's network namespace and a read-only sysfs mounted for it (detached).
+struct SlotNet {
+    netns: OwnedFd,
+    sysfs: OwnedFd,
+}
+
+/// A child that has created its namespaces and waits for a sandbox.
+struct Shell {
+    pid: i32,
+    pidfd: OwnedFd,
+    /// The spawner's end of the control socketpair.
+    control: OwnedFd,
+    /// The shell's user namespace (for the idmapped trees).
+    userns: std::fs::File,
+    slot: SlotSpec,
+}
+
+impl Shell {
+    fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+    }
+}
+
 struct Spawner {
     agent: OwnedFd,
     listener: OwnedFd,
     conn: Option<OwnedFd>,
     children: HashSet<i32>,
+    /// Prepared shells by slot directory.
+    shells: HashMap<PathBuf, Shell>,
+    /// Each slot's network namespace, by slot directory.
+    nets: HashMap<PathBuf, SlotNet>,
+    /// The spawner's own network namespace, to return to after each shell's clone.
+    host_net: OwnedFd,
+    /// Receive buffer for requests (allocated once: shells are forked from this process).
+    buf: Vec<u8>,
     retired: bool,
     time_ns: bool,
     root: PathBuf,
@@ -126,7 +195,9 @@ impl Spawner {
             && !self.retired
             && let Ok(c) = rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC)
         {
-            // A new daemon replaces the old connection (the old daemon is gone).
+            // A new daemon replaces the old connection (the old daemon is gone), and the
+            // old one's shells with it.
+            self.kill_shells();
             self.conn = Some(c);
             return;
         }
@@ -137,34 +208,48 @@ impl Spawner {
 
     fn reap(&mut self) {
         while let Ok(Some((pid, _))) = rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
-            self.children.remove(&pid.as_raw_nonzero().get());
+            let pid = pid.as_raw_nonzero().get();
+            self.children.remove(&pid);
+            self.shells.retain(|_, s| s.pid != pid);
+        }
+    }
+
+    fn kill_shells(&mut self) {
+        for (_, shell) in self.shells.drain() {
+            shell.kill();
         }
     }
 
     fn handle_message(&mut self) {
         let Some(conn) = self.conn.take() else { return };
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, fds) = match abx_sys::fd::recv_with_fds(conn.as_fd(), &mut buf, 4) {
-            Ok((0, _)) | Err(_) => return,
+        let buf = &mut self.buf;
+        let (n, fds) = match abx_sys::fd::recv_with_fds(conn.as_fd(), buf, 4) {
+            Ok((0, _)) | Err(_) => {
+                // The daemon is gone; nobody will use its shells.
+                self.kill_shells();
+                return;
+            }
             Ok(r) => r,
         };
-        let (reply, pidfd) = match serde_json::from_slice::<SpawnerRequest>(&buf[..n]) {
+        let request = serde_json::from_slice::<SpawnerRequest>(&buf[..n]);
+        let (reply, pidfd) = match request {
             Ok(SpawnerRequest::Hello) => (
                 SpawnReply::Hello {
                     version: env!("CARGO_PKG_VERSION").into(),
                     pid: std::process::id(),
-                    children: self.children.len(),
+                    children: self.children.len() - self.shells.len(),
                 },
                 None,
             ),
             Ok(SpawnerRequest::Retire) => {
                 self.retired = true;
+                self.kill_shells();
                 let _ = std::fs::remove_file(socket_path(&self.root));
                 (
                     SpawnReply::Hello {
                         version: env!("CARGO_PKG_VERSION").into(),
                         pid: std::process::id(),
-                        children: self.children.len(),
+                        children: self.children.len() - self.shells.len(),
                     },
                     None,
                 )
@@ -173,6 +258,26 @@ impl Spawner {
                 Ok((pid, pidfd)) => (SpawnReply::Spawned { pid }, Some(pidfd)),
                 Err(message) => (SpawnReply::Failed { message }, None),
             },
+            Ok(SpawnerRequest::Forget { dir }) => {
+                if let Some(shell) = self.shells.remove(&dir) {
+                    shell.kill();
+                }
+                self.nets.remove(&dir);
+                (SpawnReply::Forgotten, None)
+            }
+            Ok(SpawnerRequest::Prepare { slot }) => {
+                if let Some(old) = self.shells.remove(&slot.dir) {
+                    old.kill();
+                }
+                match self.prepare(&slot) {
+                    Ok(shell) => {
+                        let pid = shell.pid;
+                        self.shells.insert(slot.dir.clone(), shell);
+                        (SpawnReply::Prepared { pid }, None)
+                    }
+                    Err(message) => (SpawnReply::Failed { message }, None),
+                }
+            }
             Err(e) => (SpawnReply::Failed { message: format!("malformed request: {e}") }, None),
         };
         let body = serde_json::to_vec(&reply).unwrap_or_default();
@@ -182,16 +287,65 @@ impl Spawner {
         }
     }
 
+    /// Creates a sandbox: takes the slot's prepared shell (or makes one now) and sends it
+    /// the go message.
     fn spawn(&mut self, spec: &SpawnSpec, mut fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd), String> {
         if fds.len() != 2 {
             return Err(format!("spawn request needs 2 descriptors, got {}", fds.len()));
         }
         let status = fds.pop().unwrap_or_else(|| unreachable!());
         let listener = fds.pop().unwrap_or_else(|| unreachable!());
+        let slot = spec.slot();
+        let prepared = match self.shells.remove(&spec.dir) {
+            Some(s) if s.slot == slot => match wait_ready(&s, SHELL_TIMEOUT) {
+                Ok(()) => Some(s),
+                Err(_) => {
+                    // It died (or was killed) meanwhile: make a fresh one.
+                    s.kill();
+                    None
+                }
+            },
+            Some(s) => {
+                s.kill();
+                None
+            }
+            None => None,
+        };
+        let (shell, trees) = match prepared {
+            Some(s) => {
+                let trees = self.sysfs(&spec.dir).and_then(|fs| trees(&s, spec, fs));
+                (s, trees)
+            }
+            None => {
+                let s = self.prepare(&slot)?;
+                // The idmapped trees while the shell creates its namespaces.
+                let trees = self.sysfs(&spec.dir).and_then(|fs| trees(&s, spec, fs));
+                if let Err(e) = wait_ready(&s, SHELL_TIMEOUT) {
+                    s.kill();
+                    return Err(e);
+                }
+                (s, trees)
+            }
+        };
+        match trees.and_then(|t| go(&shell, spec, t, listener, status)) {
+            Ok(()) => Ok((shell.pid, shell.pidfd)),
+            Err(e) => {
+                shell.kill();
+                Err(e)
+            }
+        }
+    }
+
+    fn sysfs(&self, dir: &Path) -> Result<std::os::fd::BorrowedFd<'_>, String> {
+        self.nets.get(dir).map(|n| n.sysfs.as_fd()).ok_or_else(|| "the slot has no network namespace".to_string())
+    }
+
+    /// Starts a shell for `slot`: clone3 into its cgroup and new namespaces, id maps.
+    fn prepare(&mut self, slot: &SlotSpec) -> Result<Shell, String> {
         let (ours, theirs) =
             rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
                 .map_err(|e| format!("socketpair: {e}"))?;
-        let cgroup = match &spec.cgroup_dir {
+        let cgroup = match &slot.cgroup_dir {
             Some(dir) => Some(
                 rustix::fs::open(
                     dir,
@@ -203,30 +357,87 @@ impl Spawner {
             None => None,
         };
         let dir = rustix::fs::open(
-            &spec.dir,
+            &slot.dir,
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(|e| format!("open sandbox directory {}: {e}", spec.dir.display()))?;
-        let (pid, pidfd) = match self.clone_child(cgroup.as_ref().map(|c| c.as_fd()))? {
+        .map_err(|e| format!("open sandbox directory {}: {e}", slot.dir.display()))?;
+        if !self.nets.contains_key(&slot.dir) {
+            let net = self.new_slot_net()?;
+            self.nets.insert(slot.dir.clone(), net);
+        }
+        let netns = self.nets.get(&slot.dir).map(|n| n.netns.as_raw_fd()).unwrap_or_else(|| unreachable!());
+        let (pid, pidfd) = match self.clone_child(cgroup.as_ref().map(|c| c.as_fd()), abx_sys::fd::borrow_raw(netns))? {
             Forked::Child => {
                 drop(ours);
-                let io = ChildIo { control: theirs, status, listener, agent: self.agent.as_raw_fd(), dir };
-                child::run(spec, io)
+                child::run(slot, ShellIo { control: theirs, agent: self.agent.as_raw_fd(), dir })
             }
             Forked::Parent { pid, pidfd } => (pid, pidfd),
         };
         drop(theirs);
         self.children.insert(pid);
-        if let Err(e) = prepare(pid, spec, &ours) {
-            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-            return Err(e);
+        match write_ids(pid, slot, &ours) {
+            Ok(userns) => Ok(Shell { pid, pidfd, control: ours, userns, slot: slot.clone() }),
+            Err(e) => {
+                let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+                Err(e)
+            }
         }
-        Ok((pid, pidfd))
     }
 
-    /// clone3 into new user, pid and (when the kernel has them) time namespaces.
-    fn clone_child(&mut self, cgroup: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Forked, String> {
+    /// Makes a slot's network namespace: loopback up, low ports and ICMP echo sockets open
+    /// to every user in it, and its sysfs. The spawner returns to its own namespace after.
+    fn new_slot_net(&self) -> Result<SlotNet, String> {
+        abx_sys::process::unshare(ns::NET).map_err(|e| format!("create a network namespace: {e}"))?;
+        let made = (|| {
+            let netns = rustix::fs::open(
+                "/proc/thread-self/ns/net",
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| format!("open the new network namespace: {e}"))?;
+            abx_sys::net::set_link_up("lo").map_err(|e| format!("bring up loopback: {e}"))?;
+            for (key, value) in
+                [("net/ipv4/ip_unprivileged_port_start", "0"), ("net/ipv4/ping_group_range", "0 2147483647")]
+            {
+                std::fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| format!("set {key}: {e}"))?;
+            }
+            let sysfs = abx_sys::mount::detached_fs("sysfs", true).map_err(|e| format!("mount sysfs: {e}"))?;
+            Ok(SlotNet { netns, sysfs })
+        })();
+        if let Err(e) = rustix::thread::move_into_link_name_space(
+            self.host_net.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        ) {
+            // Every later sandbox would land in the wrong namespace: stop.
+            eprintln!("agentbox __spawner: cannot return to the host network namespace: {e}");
+            std::process::exit(1);
+        }
+        made
+    }
+
+    /// clone3 into new user, pid and (when the kernel has them) time namespaces, inside
+    /// the network namespace `netns`.
+    fn clone_child(
+        &mut self,
+        cgroup: Option<std::os::fd::BorrowedFd<'_>>,
+        netns: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Forked, String> {
+        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+        move_into_link_name_space(netns, Some(LinkNameSpaceType::Network))
+            .map_err(|e| format!("enter the slot's network namespace: {e}"))?;
+        let forked = self.clone_child_here(cgroup);
+        if let Ok(Forked::Child) = forked {
+            return forked;
+        }
+        if let Err(e) = move_into_link_name_space(self.host_net.as_fd(), Some(LinkNameSpaceType::Network)) {
+            eprintln!("agentbox __spawner: cannot return to the host network namespace: {e}");
+            std::process::exit(1);
+        }
+        forked
+    }
+
+    fn clone_child_here(&mut self, cgroup: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Forked, String> {
         use abx_sys::process::fork_single_threaded as fork;
         let base = ns::USER | ns::PID;
         if self.time_ns {
@@ -239,29 +450,69 @@ impl Spawner {
     }
 }
 
-/// Parent side of setup: id maps, idmapped trees, then the go message.
-fn prepare(pid: i32, spec: &SpawnSpec, control: &OwnedFd) -> Result<(), String> {
-    let map = format!("0 {} {}\n", spec.uid_base, spec.uid_count);
+/// Writes the shell's id maps and tells it so; returns its user namespace.
+fn write_ids(pid: i32, slot: &SlotSpec, control: &OwnedFd) -> Result<std::fs::File, String> {
+    let map = format!("0 {} {}\n", slot.uid_base, slot.uid_count);
     for file in ["uid_map", "gid_map"] {
         std::fs::write(format!("/proc/{pid}/{file}"), &map).map_err(|e| format!("write {file}: {e}"))?;
     }
     let userns =
         std::fs::File::open(format!("/proc/{pid}/ns/user")).map_err(|e| format!("open user namespace: {e}"))?;
+    abx_sys::fd::send_with_fds(control.as_fd(), child::IDS_WRITTEN, &[]).map_err(|e| format!("send ids: {e}"))?;
+    Ok(userns)
+}
+
+/// Waits up to `timeout` for the shell's "ready"; its error text (or its death) otherwise.
+fn wait_ready(shell: &Shell, timeout: Duration) -> Result<(), String> {
+    let ts = rustix::event::Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: i64::from(timeout.subsec_nanos()) };
+    let mut fds = [PollFd::new(&shell.control, PollFlags::IN)];
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => return Err(format!("sandbox namespaces not ready within {timeout:?}")),
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("wait for the sandbox namespaces: {e}")),
+        }
+    }
+    let mut buf = [0u8; 4096];
+    match rustix::net::recv(&shell.control, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((n, _)) if &buf[..n] == child::READY => Ok(()),
+        Ok((0, _)) => Err("the sandbox's first process died while creating its namespaces".into()),
+        Ok((n, _)) => Err(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e) => Err(format!("read from the sandbox's first process: {e}")),
+    }
+}
+
+/// The sandbox's mount trees: its layers and data idmapped through the shell's user
+/// namespace, then a copy of the slot's sysfs.
+fn trees(shell: &Shell, spec: &SpawnSpec, sysfs: std::os::fd::BorrowedFd<'_>) -> Result<Vec<OwnedFd>, String> {
     let mut trees = Vec::with_capacity(spec.layers.len() + 1);
     let ro = abx_sys::mount::TreeOptions { read_only: true, recursive: false };
     for layer in &spec.layers {
         trees.push(
-            abx_sys::mount::idmapped_tree(layer, userns.as_fd(), ro)
+            abx_sys::mount::idmapped_tree(layer, shell.userns.as_fd(), ro)
                 .map_err(|e| format!("idmapped mount of layer {}: {e}", layer.display()))?,
         );
     }
     let data = crate::spec::SandboxDirs::new(spec.dir.clone()).data();
     let rw = abx_sys::mount::TreeOptions { read_only: false, recursive: false };
     trees.push(
-        abx_sys::mount::idmapped_tree(&data, userns.as_fd(), rw)
+        abx_sys::mount::idmapped_tree(&data, shell.userns.as_fd(), rw)
             .map_err(|e| format!("idmapped mount of {}: {e}", data.display()))?,
     );
-    let fds: Vec<_> = trees.iter().map(|t| t.as_fd()).collect();
-    abx_sys::fd::send_with_fds(control.as_fd(), b"go", &fds).map_err(|e| format!("send go: {e}"))?;
+    trees.push(abx_sys::mount::clone_detached(sysfs).map_err(|e| format!("copy of the slot's sysfs: {e}"))?);
+    Ok(trees)
+}
+
+/// Sends a ready shell its sandbox: the spec, the status pipe, the listening socket and
+/// the idmapped trees.
+fn go(shell: &Shell, spec: &SpawnSpec, trees: Vec<OwnedFd>, listener: OwnedFd, status: OwnedFd) -> Result<(), String> {
+    let body = serde_json::to_vec(spec).map_err(|e| format!("encode spec: {e}"))?;
+    if body.len() > MAX_GO {
+        return Err(format!("sandbox spec too large ({} bytes, at most {MAX_GO})", body.len()));
+    }
+    let mut fds = vec![status.as_fd(), listener.as_fd()];
+    fds.extend(trees.iter().map(|t| t.as_fd()));
+    abx_sys::fd::send_with_fds(shell.control.as_fd(), &body, &fds).map_err(|e| format!("send go: {e}"))?;
     Ok(())
 }

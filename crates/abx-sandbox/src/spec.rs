@@ -33,6 +33,30 @@ pub struct SpawnSpec {
     pub volatile: bool,
 }
 
+impl SpawnSpec {
+    /// The slot-level part: what a prepared sandbox shell was made for.
+    pub fn slot(&self) -> SlotSpec {
+        SlotSpec {
+            dir: self.dir.clone(),
+            uid_base: self.uid_base,
+            uid_count: self.uid_count,
+            cgroup_dir: self.cgroup_dir.clone(),
+            cgroup_tasks: self.cgroup_tasks.clone(),
+        }
+    }
+}
+
+/// What a slot gives every sandbox that uses it: directory, uid range, cgroups. Enough
+/// to create the namespaces ahead of time (see the spawner's prepared shells).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotSpec {
+    pub dir: PathBuf,
+    pub uid_base: u32,
+    pub uid_count: u32,
+    pub cgroup_dir: Option<PathBuf>,
+    pub cgroup_tasks: Vec<PathBuf>,
+}
+
 /// The layout of a sandbox directory, shared by the daemon (which creates it) and the
 /// setup plan (which mounts inside it).
 #[derive(Debug, Clone)]
@@ -62,6 +86,10 @@ impl SandboxDirs {
     pub fn lower_mount(&self, i: usize) -> PathBuf {
         self.root.join("lower").join(i.to_string())
     }
+    /// Where the setup mounts the empty read-only tmpfs that masks directories.
+    pub fn mask(&self) -> PathBuf {
+        self.root.join("mask")
+    }
     /// The overlay mount point (the sandbox's future `/`).
     pub fn rootfs(&self) -> PathBuf {
         self.root.join("rootfs")
@@ -75,29 +103,37 @@ impl SandboxDirs {
     pub fn ensure(&self, layers: usize, owner: u32) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         match std::fs::metadata(&self.root) {
-            Ok(m) if m.uid() == owner && self.upper().is_dir() && self.work().is_dir() => self.add_lower_mounts(layers),
+            Ok(m) if m.uid() == owner && self.upper().is_dir() && self.work().is_dir() && self.mask().is_dir() => {
+                self.add_lower_mounts(layers)
+            }
             _ => self.create(layers, owner),
         }
     }
 
-    /// Empties the directory for its next sandbox: removes the agent socket and recreates
-    /// `data/upper` and `data/work` empty. A missing directory is already empty.
+    /// Empties the directory for its next sandbox: removes the agent socket, makes
+    /// `data/upper` empty and clears what overlayfs leaves in `data/work` that would stop
+    /// the next mount (the `volatile` marker; overlayfs recreates `work/work` itself). A
+    /// missing directory is already empty.
     pub fn empty(&self) -> std::io::Result<()> {
         if !self.root.exists() {
             return Ok(());
         }
-        match std::fs::remove_file(self.agent_socket()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+        let ok_missing = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        ok_missing(std::fs::remove_file(self.agent_socket()))?;
+        // Most sandboxes that only ran commands wrote nothing: keep the empty directory.
+        let upper_empty = std::fs::read_dir(self.upper()).map(|mut rd| rd.next().is_none()).unwrap_or(false);
+        if !upper_empty {
+            ok_missing(std::fs::remove_dir_all(self.upper()))?;
+            std::fs::create_dir(self.upper())?;
         }
-        for d in [self.upper(), self.work()] {
-            match std::fs::remove_dir_all(&d) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            std::fs::create_dir(&d)?;
+        if self.work().is_dir() {
+            ok_missing(std::fs::remove_dir_all(self.work().join("work/incompat")))
+        } else {
+            std::fs::create_dir(self.work())
         }
-        Ok(())
     }
 
     /// Adds mount points for up to `layers` lower layers to an existing directory.
@@ -123,7 +159,7 @@ impl SandboxDirs {
         std::os::unix::fs::chown(&self.root, Some(owner), Some(owner))?;
         b.create(self.data())?;
         b.mode(0o755);
-        for p in [self.upper(), self.work(), self.data_mount(), self.rootfs()] {
+        for p in [self.upper(), self.work(), self.data_mount(), self.rootfs(), self.root.join("lower"), self.mask()] {
             b.create(p)?;
         }
         for i in 0..layers {
@@ -138,6 +174,8 @@ impl SandboxDirs {
 #[serde(rename_all = "snake_case")]
 pub enum SpawnReply {
     Spawned { pid: i32 },
+    Prepared { pid: i32 },
+    Forgotten,
     Failed { message: String },
     Hello { version: String, pid: u32, children: usize },
 }
@@ -150,6 +188,15 @@ pub enum SpawnerRequest {
     /// status pipe (closed on successful exec, carries an error message otherwise).
     Spawn {
         spec: Box<SpawnSpec>,
+    },
+    /// Create a slot's namespaces ahead of time (a "prepared shell"); the next `Spawn` for
+    /// the same slot directory uses it. No descriptors.
+    Prepare {
+        slot: SlotSpec,
+    },
+    /// The slot is gone: drop its shell and its network namespace.
+    Forget {
+        dir: PathBuf,
     },
     Hello,
     /// Stop accepting work; exit once no sandbox is left.

@@ -12,6 +12,23 @@ pub fn close_from(first: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) }).map(drop)
 }
 
+/// Closes every descriptor from 3 up except those in `keep` (stdio stays).
+pub fn close_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd >= 3).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut next: RawFd = 3;
+    for fd in keep {
+        if fd > next {
+            // SAFETY: close_range takes plain integers; the caller owns every descriptor
+            // in the range and wants it closed.
+            cvt(unsafe { libc::syscall(libc::SYS_close_range, next as libc::c_uint, (fd - 1) as libc::c_uint, 0) })?;
+        }
+        next = fd + 1;
+    }
+    close_from(next)
+}
+
 /// Marks every descriptor numbered `first` and above close-on-exec.
 pub fn cloexec_from(first: RawFd) -> io::Result<()> {
     const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;

@@ -10,6 +10,7 @@ pub mod agent;
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 pub mod fd;
+pub mod loopdev;
 pub mod mount;
 pub mod net;
 pub mod probe;

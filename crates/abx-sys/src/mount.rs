@@ -78,3 +78,29 @@ pub fn attach(tree: impl AsFd, target: &Path) -> io::Result<()> {
     )?;
     Ok(())
 }
+
+/// A new instance of the pseudo filesystem `fstype` (sysfs, proc, ...) as a detached
+/// mount, nosuid, nodev and noexec, read-only if asked. It belongs to the namespaces of
+/// the caller (for sysfs: its network namespace).
+pub fn detached_fs(fstype: &str, read_only: bool) -> io::Result<OwnedFd> {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
+    let fs = rustix::mount::fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    rustix::mount::fsconfig_create(&fs)?;
+    let mut attrs =
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    if read_only {
+        attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    Ok(rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?)
+}
+
+/// A new detached copy of the detached (or attached) mount `tree`, sharing its
+/// filesystem instance.
+pub fn clone_detached(tree: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    Ok(rustix::mount::open_tree(
+        tree,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+    )?)
+}
