@@ -134,6 +134,13 @@ impl Daemon {
 
     /// (Re)starts the daemon process on this state.
     pub async fn spawn(&mut self, extra: &[&str]) {
+        if let Err(log) = self.try_spawn(extra).await {
+            panic!("daemon did not start:\n{log}");
+        }
+    }
+
+    /// (Re)starts the daemon; `Err(log)` when it exits instead of serving.
+    pub async fn try_spawn(&mut self, extra: &[&str]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let mut args: Vec<(String, String)> = vec![
             ("--root".into(), self.root.display().to_string()),
@@ -163,11 +170,13 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.client.system().await.is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {st}:\n{}", self.log());
+                self.child = None;
+                return Err(format!("daemon exited with {st}:\n{}", self.log()));
             }
             assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -129,3 +129,51 @@ async fn one_uid_slot_serves_many_sandboxes_in_a_row() {
         d.client.delete_sandbox(&sb.id, true).await.unwrap();
     }
 }
+
+/// The spawner's prepared shells (forks of the spawner waiting in a slot's namespaces).
+fn shells(d: &Daemon, spawner: u32) -> Vec<i32> {
+    let root = d.root.display().to_string();
+    crate::harness::host_processes(&format!("__spawner --root {root}"))
+        .iter()
+        .filter_map(|p| p.split(':').next()?.parse::<i32>().ok())
+        .filter(|&pid| pid != spawner as i32)
+        .collect()
+}
+
+#[tokio::test]
+async fn prepared_shells_wait_ahead_of_creates_and_dead_ones_are_replaced() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    d.wait_for("two prepared slots", Duration::from_secs(10), || async {
+        d.client.system().await.unwrap().prepared == 2
+    })
+    .await;
+    let spawner = d.client.system().await.unwrap().spawner_pid;
+    let waiting = shells(&d, spawner);
+    assert_eq!(waiting.len(), 2, "{waiting:?}");
+    // A create takes one (its process becomes the sandbox's PID 1) and another is made.
+    let sb = d.client.create_sandbox(&mini()).await.unwrap();
+    assert!(waiting.contains(&sb.pid), "PID 1 {} is a prepared shell {waiting:?}", sb.pid);
+    d.wait_for("the pool to refill", Duration::from_secs(10), || async {
+        d.client.system().await.unwrap().prepared == 2
+    })
+    .await;
+    // Shells that die meanwhile are replaced on the spot.
+    for pid in shells(&d, spawner) {
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+    }
+    let other = d.client.create_sandbox(&mini()).await.unwrap();
+    assert_eq!(d.sh(&other.id, "echo fine").await.0, "fine\n");
+    assert_eq!(d.sh(&sb.id, "echo fine").await.0, "fine\n");
+}
+
+#[tokio::test]
+async fn without_prewarm_sandboxes_are_made_from_scratch() {
+    let d = Daemon::start_with(&["--prewarm", "0"]).await;
+    let id = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&id, "echo cold").await.0, "cold\n");
+    let sys = d.client.system().await.unwrap();
+    assert_eq!(sys.prepared, 0);
+    assert!(shells(&d, sys.spawner_pid).is_empty(), "no process waits in the spawner");
+}

@@ -9,4 +9,5 @@ mod harness;
 mod isolation;
 mod lifecycle;
 mod restart;
+mod storage;
 mod templates;

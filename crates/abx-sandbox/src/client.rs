@@ -78,7 +78,20 @@ impl SpawnerClient {
                 Err(e) if Instant::now() >= deadline => {
                     return Err(Error::SpawnerUnavailable { path, reason: e.to_string() });
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => {
+                    // A retiring spawner still holds the root's lock, so the one just
+                    // started gave way and exited: start another.
+                    let exited = self
+                        .child
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                        .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+                    if exited {
+                        self.start()?;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         }
     }

@@ -139,6 +139,13 @@ struct Shell {
 }
 
 impl Shell {
+    /// Whether the process still runs (its pidfd is not readable yet).
+    fn alive(&self) -> bool {
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(0))
+    }
+
     fn kill(&self) {
         let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
     }
@@ -185,7 +192,9 @@ impl Spawner {
             if let Some(c) = &self.conn {
                 fds.push(PollFd::new(c, PollFlags::IN));
             }
-            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: 250_000_000 };
+            // Retired, it only waits for its children to exit: look often.
+            let wait = if self.retired { 10_000_000 } else { 250_000_000 };
+            let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: wait };
             if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
                 return;
             }
@@ -296,41 +305,28 @@ impl Spawner {
         let status = fds.pop().unwrap_or_else(|| unreachable!());
         let listener = fds.pop().unwrap_or_else(|| unreachable!());
         let slot = spec.slot();
-        let prepared = match self.shells.remove(&spec.dir) {
-            Some(s) if s.slot == slot => match wait_ready(&s, SHELL_TIMEOUT) {
-                Ok(()) => Some(s),
-                Err(_) => {
-                    // It died (or was killed) meanwhile: make a fresh one.
-                    s.kill();
-                    None
+        if let Some(s) = self.shells.remove(&spec.dir) {
+            // Made for these slot settings, ready and still alive (its "ready" may have
+            // been sent before it was killed): use it. Otherwise, or if it dies before
+            // taking the go message, make a fresh one.
+            if s.slot == slot && wait_ready(&s, SHELL_TIMEOUT).is_ok() && s.alive() {
+                let sent = self
+                    .sysfs(&spec.dir)
+                    .and_then(|fs| trees(&s, spec, fs))
+                    .and_then(|t| go(&s, spec, t, listener.as_fd(), status.as_fd()));
+                if sent.is_ok() {
+                    return Ok((s.pid, s.pidfd));
                 }
-            },
-            Some(s) => {
-                s.kill();
-                None
             }
-            None => None,
-        };
-        let (shell, trees) = match prepared {
-            Some(s) => {
-                let trees = self.sysfs(&spec.dir).and_then(|fs| trees(&s, spec, fs));
-                (s, trees)
-            }
-            None => {
-                let s = self.prepare(&slot)?;
-                // The idmapped trees while the shell creates its namespaces.
-                let trees = self.sysfs(&spec.dir).and_then(|fs| trees(&s, spec, fs));
-                if let Err(e) = wait_ready(&s, SHELL_TIMEOUT) {
-                    s.kill();
-                    return Err(e);
-                }
-                (s, trees)
-            }
-        };
-        match trees.and_then(|t| go(&shell, spec, t, listener, status)) {
-            Ok(()) => Ok((shell.pid, shell.pidfd)),
+            s.kill();
+        }
+        let s = self.prepare(&slot)?;
+        // The idmapped trees while the shell creates its namespaces.
+        let trees = self.sysfs(&spec.dir).and_then(|fs| trees(&s, spec, fs));
+        match wait_ready(&s, SHELL_TIMEOUT).and(trees).and_then(|t| go(&s, spec, t, listener.as_fd(), status.as_fd())) {
+            Ok(()) => Ok((s.pid, s.pidfd)),
             Err(e) => {
-                shell.kill();
+                s.kill();
                 Err(e)
             }
         }
@@ -506,12 +502,18 @@ fn trees(shell: &Shell, spec: &SpawnSpec, sysfs: std::os::fd::BorrowedFd<'_>) ->
 
 /// Sends a ready shell its sandbox: the spec, the status pipe, the listening socket and
 /// the idmapped trees.
-fn go(shell: &Shell, spec: &SpawnSpec, trees: Vec<OwnedFd>, listener: OwnedFd, status: OwnedFd) -> Result<(), String> {
+fn go(
+    shell: &Shell,
+    spec: &SpawnSpec,
+    trees: Vec<OwnedFd>,
+    listener: std::os::fd::BorrowedFd<'_>,
+    status: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), String> {
     let body = serde_json::to_vec(spec).map_err(|e| format!("encode spec: {e}"))?;
     if body.len() > MAX_GO {
         return Err(format!("sandbox spec too large ({} bytes, at most {MAX_GO})", body.len()));
     }
-    let mut fds = vec![status.as_fd(), listener.as_fd()];
+    let mut fds = vec![status, listener];
     fds.extend(trees.iter().map(|t| t.as_fd()));
     abx_sys::fd::send_with_fds(shell.control.as_fd(), &body, &fds).map_err(|e| format!("send go: {e}"))?;
     Ok(())

@@ -1,0 +1,83 @@
+//! Where sandbox data lives: directly under the state root, or on a loop-mounted ext4
+//! image with a journal (the default on a journal-less ext4 state root, like this CI
+//! host's). The choice is remembered and cannot change under live sandboxes.
+
+use abx_client::Limits;
+
+use crate::harness::Daemon;
+
+fn mounted(path: &std::path::Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().find(|l| l.split(' ').nth(4) == path.to_str()).map(|l| {
+        // After the " - " separator: fstype source options.
+        l.split(" - ").nth(1).unwrap_or_default().to_string()
+    })
+}
+
+#[tokio::test]
+async fn image_mode_keeps_sandbox_data_on_a_journaled_ext4_image() {
+    let mut d = Daemon::start_with(&["--data", "image"]).await;
+    let info = d.client.system().await.unwrap().data;
+    assert_eq!(info.mode, "image");
+    let mountpoint = d.root.join(format!("{}-data", d.prefix));
+    let image = d.root.join(format!("{}-data.img", d.prefix));
+    assert_eq!(info.image.as_deref(), image.to_str());
+    assert!(info.slots.starts_with(mountpoint.to_str().unwrap()), "{info:?}");
+    let mount = mounted(&mountpoint).expect("the image is mounted");
+    assert!(mount.starts_with("ext4 /dev/loop"), "{mount}");
+    // With a journal: ext4 shows its data mode only then.
+    let dev = mount.split(' ').nth(1).unwrap().trim_start_matches("/dev/");
+    let opts = std::fs::read_to_string(format!("/proc/fs/ext4/{dev}/options")).unwrap();
+    assert!(opts.contains("data=ordered"), "journaled ext4 expected: {opts}");
+    assert!(info.available_bytes > 1 << 30, "{info:?}");
+
+    let id = d.mini(Limits::default()).await;
+    d.sh(&id, "echo kept > /tmp/file").await;
+    let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+    let upper = d.slots.join(format!("{}-u{slot}", d.prefix)).join("data/upper/tmp/file");
+    assert_eq!(std::fs::read_to_string(&upper).unwrap(), "kept\n", "the write landed on the image");
+    d.client.delete_sandbox(&id, true).await.unwrap();
+
+    // A graceful stop with no sandbox left unmounts it (and with it the loop device).
+    d.stop();
+    assert_eq!(mounted(&mountpoint), None);
+    assert!(image.exists(), "the image stays for the next start");
+    d.spawn(&["--data", "image"]).await;
+    assert!(mounted(&mountpoint).is_some(), "mounted again");
+}
+
+#[tokio::test]
+async fn dir_mode_keeps_sandbox_data_under_the_state_root() {
+    let d = Daemon::start_with(&["--data", "dir"]).await;
+    let info = d.client.system().await.unwrap().data;
+    assert_eq!((info.mode.as_str(), info.image.as_deref()), ("dir", None));
+    assert_eq!(info.slots, d.root.join("slots").display().to_string());
+    let id = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
+    assert!(d.mounts().is_empty(), "nothing mounted on the host: {:?}", d.mounts());
+}
+
+#[tokio::test]
+async fn the_data_mode_does_not_change_under_live_sandboxes() {
+    let mut d = Daemon::start_with(&["--data", "image"]).await;
+    let id = d.mini(Limits::default()).await;
+    d.kill9();
+    let err = d.try_spawn(&["--data", "dir"]).await.unwrap_err();
+    assert!(err.contains("start with --data image"), "{err}");
+    // `auto` keeps the recorded choice, and the sandbox is found again.
+    d.spawn(&["--data", "auto"]).await;
+    assert_eq!(d.client.system().await.unwrap().data.mode, "image");
+    assert_eq!(d.sh(&id, "echo still").await.0, "still\n");
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    d.wait_for("the slot to be released", std::time::Duration::from_secs(10), || async {
+        d.client.system().await.unwrap().sandboxes == 0
+    })
+    .await;
+    // With no sandbox left, switching is fine, and the image goes.
+    d.stop();
+    d.spawn(&["--data", "dir"]).await;
+    assert_eq!(d.client.system().await.unwrap().data.mode, "dir");
+    assert!(!d.root.join(format!("{}-data.img", d.prefix)).exists());
+    let id = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
+}
