@@ -54,8 +54,27 @@ pub struct DaemonArgs {
     /// about 1 ms off each create. 0 disables it.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
+    /// Sandbox address pool (IPv4 CIDR; each sandbox slot gets one address, the first
+    /// goes to the gateway), or `none` for loopback-only sandboxes without egress.
+    #[arg(long, default_value = "10.213.0.0/16")]
+    subnet: String,
+    /// Host interface sandbox egress is masqueraded to: a name, `auto` (the interface of
+    /// the default route) or `none`. Forwarding is switched on for it when the first
+    /// sandbox with egress starts.
+    #[arg(long, default_value = "auto")]
+    uplink: String,
+    /// Where the DNS proxy resolves allowed names (ADDR:PORT), or `auto` (the first
+    /// nameserver of /etc/resolv.conf).
+    #[arg(long, default_value = "auto")]
+    dns_upstream: String,
+    /// The ingress proxy for ports inside sandboxes: tcp:ADDR:PORT, or `none`.
+    #[arg(long, default_value = "tcp:127.0.0.1:7480")]
+    ingress: String,
+    /// Domain of ingress host names, `<port>-<id>.<domain>`.
+    #[arg(long, default_value = "agentbox.localhost")]
+    domain: String,
     /// Log filter (error, warn, info, debug, or tracing directives).
-    #[arg(long, default_value = "info", env = "AGENTBOX_LOG")]
+    #[arg(long, default_value = "info,hickory_server=warn", env = "AGENTBOX_LOG")]
     log: String,
 }
 
@@ -90,9 +109,53 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     cfg.data = a.data;
     cfg.data_size = a.data_size;
     cfg.prewarm = a.prewarm;
+    cfg.network = network(&a.subnet, &a.uplink, &a.dns_upstream, &a.ingress, &a.domain)?;
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)
+}
+
+fn network(
+    subnet: &str,
+    uplink: &str,
+    dns: &str,
+    ingress: &str,
+    domain: &str,
+) -> anyhow::Result<Option<abx_daemon::net::NetConfig>> {
+    if subnet == "none" {
+        return Ok(None);
+    }
+    let mut n = abx_daemon::net::NetConfig::defaults();
+    n.subnet = subnet.parse().map_err(|e| anyhow::anyhow!("invalid --subnet '{subnet}': {e}"))?;
+    n.uplink = match uplink {
+        "auto" => abx_daemon::net::default_uplink(),
+        "none" => None,
+        name => {
+            // /proc/net is this process's network namespace (/sys/class/net may not be).
+            let devs = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+            if !devs.lines().any(|l| l.split(':').next().map(str::trim) == Some(name)) {
+                bail!("--uplink {name}: no such network interface");
+            }
+            Some(name.to_string())
+        }
+    };
+    n.dns_upstream = match dns {
+        "auto" => abx_daemon::net::system_resolver(),
+        "none" => None,
+        a => Some(
+            a.parse().with_context(|| format!("invalid --dns-upstream '{a}': use ADDR:PORT, e.g. 192.0.2.53:53"))?,
+        ),
+    };
+    n.ingress = match ingress {
+        "none" => None,
+        t => Some(
+            t.strip_prefix("tcp:")
+                .and_then(|a| a.parse().ok())
+                .with_context(|| format!("invalid --ingress '{t}': use tcp:ADDR:PORT or none"))?,
+        ),
+    };
+    n.domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    Ok(Some(n))
 }
 
 pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
@@ -115,11 +178,22 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
     .map_err(anyhow::Error::msg)?;
     // reconcile() re-adopts sandboxes; their watcher tasks need the runtime, which is here.
     info!(sandboxes = manager.count(), "daemon ready");
+    if let Some(net) = &manager.net {
+        let router = std::sync::Arc::new(abx_daemon::manager::IngressRouter(std::sync::Arc::downgrade(&manager)));
+        if let Err(e) = net.start(router).await {
+            let left = manager.count() > 0;
+            net.stop(left).await;
+            bail!(e);
+        }
+    }
     manager.refill();
     let core = Core::new(manager.clone());
     abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;
     info!("shutting down; sandboxes keep running");
     manager.wait_cleanups().await;
+    if let Some(net) = &manager.net {
+        net.stop(manager.count() > 0).await;
+    }
     tokio::task::spawn_blocking(move || manager.shutdown()).await?;
     drop(lock);
     Ok(0)

@@ -87,6 +87,7 @@ fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
         workdir: a.workdir.clone(),
         user: a.user.clone(),
         metadata: a.label.iter().cloned().collect(),
+        network: a.net.policy(),
     }
 }
 
@@ -104,17 +105,26 @@ async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<
 
 pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
     let sb = create_sandbox(client, &create_request(&a.create, a.name)).await?;
+    if a.create.net_test && !super::net::test_after_create(client, &sb.id).await? {
+        return Ok(1);
+    }
     println!("{}", sb.id);
     Ok(0)
 }
 
 pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
-    if !(a.interactive || a.tty || a.keep) {
+    if !(a.interactive || a.tty || a.keep || a.create.net_test) {
         return run_once(client, a).await;
     }
     let sb = create_sandbox(client, &create_request(&a.create, a.name.clone())).await?;
     if a.keep {
         eprintln!("{}", sb.id);
+    }
+    if a.create.net_test && !super::net::test_after_create(client, &sb.id).await? {
+        if !a.keep {
+            client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
+        }
+        return Ok(super::EXIT_ERROR);
     }
     let req = ExecRequest { cmd: a.cmd.clone(), ..Default::default() };
     let result = tokio::select! {

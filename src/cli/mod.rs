@@ -5,6 +5,7 @@ mod cp;
 mod daemon;
 mod exec;
 mod manage;
+mod net;
 mod parse;
 pub mod spawner;
 mod template;
@@ -56,6 +57,11 @@ pub enum Command {
     /// Manage templates.
     #[command(subcommand)]
     Template(template::TemplateCmd),
+    /// A sandbox's network: change its egress policy, read its audit log, test it.
+    #[command(subcommand)]
+    Net(net::NetCmd),
+    /// Print the URL where the ingress proxy serves a port of a sandbox.
+    Port(net::PortArgs),
     /// Show facts about the daemon.
     System,
     /// Print the API's OpenAPI document (what docs/openapi.json holds).
@@ -96,6 +102,11 @@ pub struct CreateArgs {
     /// Metadata label (repeatable).
     #[arg(long, value_parser = parse::key_value)]
     pub label: Vec<(String, String)>,
+    #[command(flatten)]
+    pub net: net::PolicyArgs,
+    /// After creating, probe the network policy from inside and fail if it does not hold.
+    #[arg(long)]
+    pub net_test: bool,
 }
 
 pub fn run(cli: Cli) -> i32 {
@@ -128,6 +139,8 @@ pub fn run(cli: Cli) -> i32 {
             Command::Ps(a) => manage::ps(&client(host)?, a).await,
             Command::Kill(a) => manage::kill(&client(host)?, a).await,
             Command::Template(c) => template::main(&client(host)?, c).await,
+            Command::Net(c) => net::main(&client(host)?, c).await,
+            Command::Port(a) => net::port(&client(host)?, a).await,
             Command::System => manage::system(&client(host)?).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&abx_daemon::api::openapi())?);

@@ -46,6 +46,8 @@ pub fn probe_bin() -> PathBuf {
 /// A uid range no other running test holds: a lock file per slot, held while the test runs.
 struct UidSlot {
     start: u32,
+    /// The slot number, also used for the daemon's sandbox address pool.
+    index: u32,
     _lock: std::fs::File,
 }
 
@@ -64,7 +66,7 @@ fn uid_slot() -> UidSlot {
         if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok() {
             // 64 sandboxes of 65536 uids per test daemon, from 2^30 up to below 2^31 (apart
             // from the default daemon range, 2^27 + 4096 x 65536).
-            return UidSlot { start: (1 << 30) + slot as u32 * 64 * 65536, _lock: f };
+            return UidSlot { start: (1 << 30) + slot as u32 * 64 * 65536, index: slot as u32, _lock: f };
         }
     }
     panic!("no free test uid slot");
@@ -77,6 +79,10 @@ pub struct Daemon {
     /// Where the daemon keeps slot directories (from `GET /v1/system`).
     pub slots: PathBuf,
     pub uid_start: u32,
+    /// The sandbox address pool: a /25 of 10.240.0.0/16 per test slot.
+    pub subnet: String,
+    /// Named network namespace the daemon runs in (None: the host's).
+    pub netns: Option<String>,
     child: Option<Child>,
     /// Set by [`Daemon::adopt_spawner`]: reap this pid after the daemon stops.
     spawner: Option<u32>,
@@ -85,7 +91,7 @@ pub struct Daemon {
     _dir: tempfile::TempDir,
 }
 
-fn random_hex(n: usize) -> String {
+pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
     b.iter().map(|x| format!("{:x}", x & 15)).collect()
@@ -100,6 +106,11 @@ impl Daemon {
     /// Starts a daemon with extra command-line options (`--flag value` pairs, overriding
     /// the harness's defaults).
     pub async fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_in(None, extra).await
+    }
+
+    /// Starts a daemon inside the named network namespace `netns` (made by the test).
+    pub async fn start_in(netns: Option<&str>, extra: &[&str]) -> Daemon {
         assert!(rustix::process::geteuid().is_root(), "integration tests need root");
         // 0700, like `mktemp -d` or /root: the directories above a state root need not be
         // searchable by the sandboxes' users.
@@ -113,7 +124,10 @@ impl Daemon {
         let socket = dir.path().join("api.sock");
         let prefix = format!("abxt{}", random_hex(8));
         let slot = uid_slot();
+        let subnet = format!("10.240.{}.{}/25", slot.index / 2, (slot.index % 2) * 128);
         let mut d = Daemon {
+            subnet,
+            netns: netns.map(String::from),
             client: Client::new(&format!("unix:{}", socket.display())).unwrap(),
             root,
             socket,
@@ -149,8 +163,12 @@ impl Daemon {
             ("--uid-start".into(), self.uid_start.to_string()),
             ("--uid-slots".into(), "64".into()),
             ("--agent".into(), agent_bin().display().to_string()),
-            ("--log".into(), "info".into()),
+            ("--log".into(), "info,hickory_server=warn".into()),
             ("--data-size".into(), "4G".into()),
+            ("--subnet".into(), self.subnet.clone()),
+            ("--uplink".into(), "none".into()),
+            ("--dns-upstream".into(), "none".into()),
+            ("--ingress".into(), "none".into()),
         ];
         for pair in extra.chunks(2) {
             match args.iter_mut().find(|(k, _)| k == pair[0]) {
@@ -158,7 +176,15 @@ impl Daemon {
                 None => args.push((pair[0].to_string(), pair[1].to_string())),
             }
         }
-        let child = Command::new(agentbox_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(agentbox_bin());
+                c
+            }
+            None => Command::new(agentbox_bin()),
+        };
+        let child = cmd
             .arg("daemon")
             .args(args.iter().flat_map(|(k, v)| [k, v]))
             .stdin(Stdio::null())

@@ -4,10 +4,12 @@
 mod api;
 mod cli;
 mod exec;
+mod fakenet;
 mod files;
 mod harness;
 mod isolation;
 mod lifecycle;
+mod network;
 mod restart;
 mod storage;
 mod templates;

@@ -47,6 +47,7 @@ pub mod creds;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod netprobe;
 pub mod paths;
 pub mod process;
 pub mod pty;

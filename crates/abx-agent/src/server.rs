@@ -167,6 +167,12 @@ async fn dispatch(agent: &Agent, mut conn: Conn, request: Request) -> Result<(),
         Request::Resize { pid, size } => conn.reply(agent.procs.get(pid).and_then(|p| p.resize(size))).await,
         Request::ListProcesses => conn.ok(&agent.procs.list()).await,
         Request::KillAll { signal } => conn.reply(kill_all(agent, signal)).await,
+        Request::NetProbe { probes } => {
+            let results = tokio::task::spawn_blocking(move || crate::netprobe::run(&probes))
+                .await
+                .map_err(|e| Error::Invalid(format!("probe task: {e}")));
+            conn.reply(results).await
+        }
         other => dispatch_files(agent, conn, other).await,
     }
 }

@@ -71,6 +71,138 @@ pub struct CreateSandbox {
     /// Free-form labels.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Egress policy (default: no egress at all).
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
+}
+
+/// What a sandbox may reach on the network. Whatever the policy, a sandbox never reaches
+/// the host, the daemon, other sandboxes or link-local and metadata addresses, and UDP
+/// port 443 (QUIC) is refused so that clients fall back to TCP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub mode: NetMode,
+    /// Rules that allow more (with `allow`, the only things allowed): a domain
+    /// (`github.com`), a wildcard domain (`*.pypi.org`: its subdomains, not itself), an
+    /// address or CIDR with optional ports and protocol (`10.1.0.0/16:5432`,
+    /// `203.0.113.7:8000-8080/udp`). Private ranges are reachable only through a rule
+    /// naming them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// Egress modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NetMode {
+    /// No egress at all.
+    #[default]
+    None,
+    /// The internet minus private (RFC 1918, 100.64.0.0/10), loopback, link-local and
+    /// metadata ranges, plus the `allow` rules.
+    Public,
+    /// Only what the `allow` rules name.
+    Allow,
+}
+
+impl NetMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::Public => "public",
+            NetMode::Allow => "allow",
+        }
+    }
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetMode::None),
+            "public" => Ok(NetMode::Public),
+            "allow" => Ok(NetMode::Allow),
+            _ => Err(format!("invalid network mode '{s}': use none, public or allow")),
+        }
+    }
+}
+
+/// One entry of a sandbox's egress audit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetEvent {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// `dns` (a query to the sandbox's resolver) or `connection` (the first packet of a
+    /// connection or flow leaving the sandbox).
+    pub kind: String,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// DNS: the name asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// DNS: the record type asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    /// DNS: the IPv4 addresses answered (now allowed for their TTL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// Connection: `tcp`, `udp`, `icmp` or the protocol number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Connection: destination address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// Connection: destination port (TCP and UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// `GET /v1/sandboxes/{id}/network/log`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetLog {
+    /// Oldest first.
+    pub events: Vec<NetEvent>,
+    /// Events dropped because the log is bounded (oldest go first).
+    pub dropped: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/network/test`: probes made from inside the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetTestReport {
+    pub policy: NetworkPolicy,
+    /// True when every check came out as the policy says.
+    pub passed: bool,
+    pub checks: Vec<NetCheck>,
+}
+
+/// One probe of a network test.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetCheck {
+    /// What was probed, e.g. `tcp github.com:443`, `dns evil.example`, `udp 203.0.113.7:443`.
+    pub target: String,
+    /// Why it is expected so, e.g. `allowed by rule github.com`, `metadata address`.
+    pub reason: String,
+    /// `reachable` or `blocked`.
+    pub expected: String,
+    /// `reachable`, `blocked`, or `unknown` (the probe could not tell).
+    pub observed: String,
+    pub ok: bool,
+    /// What the probe saw (errno, DNS answer, ...).
+    pub detail: String,
+}
+
+/// `GET /v1/sandboxes/{id}/ports/{port}`: where the ingress proxy serves a port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PortUrl {
+    /// `http://<port>-<id>.<domain>:<ingress port>`.
+    pub url: String,
+    /// The ingress proxy's address, for clients that cannot resolve the host name: send
+    /// the request there with the `Host` header of the URL, or the headers
+    /// `E2b-Sandbox-Id` and `E2b-Sandbox-Port`.
+    pub ingress: String,
+    pub host: String,
 }
 
 /// Lifecycle states.
@@ -111,6 +243,12 @@ pub struct Sandbox {
     /// First host uid of the sandbox's private uid range (root inside maps to it).
     pub uid_base: u32,
     pub hostname: String,
+    /// Egress policy.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// The sandbox's IPv4 address (none when the daemon runs without networking).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` and the first message of the exec WebSocket.

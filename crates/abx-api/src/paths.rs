@@ -22,6 +22,11 @@ pub const FILES_STAT: &str = "/v1/sandboxes/{id}/files/stat";
 pub const FILES_MKDIR: &str = "/v1/sandboxes/{id}/files/mkdir";
 pub const FILES_RENAME: &str = "/v1/sandboxes/{id}/files/rename";
 pub const ARCHIVE: &str = "/v1/sandboxes/{id}/archive";
+pub const NETWORK: &str = "/v1/sandboxes/{id}/network";
+pub const NETWORK_LOG: &str = "/v1/sandboxes/{id}/network/log";
+pub const NETWORK_TEST: &str = "/v1/sandboxes/{id}/network/test";
+pub const PORT: &str = "/v1/sandboxes/{id}/ports/{port}";
+pub const METRICS: &str = "/metrics";
 pub const TEMPLATES: &str = "/v1/templates";
 pub const TEMPLATE: &str = "/v1/templates/{name}";
 
@@ -48,6 +53,10 @@ pub const ALL: &[&str] = &[
     FILES_MKDIR,
     FILES_RENAME,
     ARCHIVE,
+    NETWORK,
+    NETWORK_LOG,
+    NETWORK_TEST,
+    PORT,
     TEMPLATES,
     TEMPLATE,
 ];

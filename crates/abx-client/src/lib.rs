@@ -218,6 +218,29 @@ impl Client {
         self.json(self.request(Method::GET, &Self::path(paths::SANDBOX_STATS, &[("id", id)]))).await
     }
 
+    // --- network ---
+
+    /// Replaces a sandbox's egress policy.
+    pub async fn set_network(&self, id: &str, policy: &NetworkPolicy) -> Result<Sandbox> {
+        self.json(self.request(Method::PUT, &Self::path(paths::NETWORK, &[("id", id)])).json(policy)).await
+    }
+
+    /// A sandbox's egress audit.
+    pub async fn network_log(&self, id: &str) -> Result<NetLog> {
+        self.json(self.request(Method::GET, &Self::path(paths::NETWORK_LOG, &[("id", id)]))).await
+    }
+
+    /// Probes a sandbox's policy from inside it.
+    pub async fn network_test(&self, id: &str) -> Result<NetTestReport> {
+        self.json(self.request(Method::POST, &Self::path(paths::NETWORK_TEST, &[("id", id)]))).await
+    }
+
+    /// Where the ingress proxy serves `port` of a sandbox.
+    pub async fn port_url(&self, id: &str, port: u16) -> Result<PortUrl> {
+        let port = port.to_string();
+        self.json(self.request(Method::GET, &Self::path(paths::PORT, &[("id", id), ("port", &port)]))).await
+    }
+
     // --- templates and system ---
 
     pub async fn templates(&self) -> Result<Vec<Template>> {

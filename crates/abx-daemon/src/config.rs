@@ -65,6 +65,8 @@ pub struct Config {
     pub data_size: Option<u64>,
     /// How many slots keep a prepared shell (namespaces made, waiting for a sandbox).
     pub prewarm: usize,
+    /// Networking (None: sandboxes get loopback only).
+    pub network: Option<crate::net::NetConfig>,
 }
 
 /// Size of each sandbox's uid range.
@@ -94,6 +96,7 @@ impl Config {
             data: DataMode::Auto,
             data_size: None,
             prewarm: 2,
+            network: Some(crate::net::NetConfig::defaults()),
         }
     }
 
@@ -120,6 +123,9 @@ impl Config {
             && s < 64 << 20
         {
             return Err(format!("--data-size {s} is too small: the data image needs at least 64M"));
+        }
+        if let Some(n) = &self.network {
+            n.validate(&self.prefix, self.uid_slots)?;
         }
         if self.listen.is_empty() {
             return Err("at least one --listen address is needed".into());

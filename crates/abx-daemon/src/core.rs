@@ -131,6 +131,22 @@ pub enum Command {
         name: String,
     },
     SystemInfo,
+    SetNetwork {
+        id: String,
+        policy: abx_api::NetworkPolicy,
+    },
+    NetworkLog {
+        id: String,
+    },
+    NetworkTest {
+        id: String,
+    },
+    PortUrl {
+        id: String,
+        port: u16,
+    },
+    /// Prometheus text.
+    Metrics,
 }
 
 /// What a command produced.
@@ -153,6 +169,10 @@ pub enum Outcome {
     Template(abx_api::Template),
     Build(mpsc::Receiver<BuildEvent>),
     System(SystemInfo),
+    NetLog(abx_api::NetLog),
+    NetTest(abx_api::NetTestReport),
+    PortUrl(abx_api::PortUrl),
+    Text(String),
 }
 
 macro_rules! accessor {
@@ -180,6 +200,10 @@ impl Outcome {
     accessor!(template, Template, abx_api::Template);
     accessor!(build, Build, mpsc::Receiver<BuildEvent>);
     accessor!(system, System, SystemInfo);
+    accessor!(net_log, NetLog, abx_api::NetLog);
+    accessor!(net_test, NetTest, abx_api::NetTestReport);
+    accessor!(port_url, PortUrl, abx_api::PortUrl);
+    accessor!(text, Text, String);
 
     pub fn content(self) -> CoreResult<(FileInfo, AgentConn)> {
         match self {
@@ -279,19 +303,17 @@ impl Core {
     pub async fn execute(&self, cmd: Command) -> CoreResult<Outcome> {
         let m = &self.manager;
         match cmd {
-            Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.create(req).await?.record().to_api())),
+            Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.api(&m.create(req).await?.record()))),
             Command::Run(req) => {
                 let sb = m.create(req.sandbox).await?;
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
-                Ok(Outcome::Run(RunSession { sandbox: sb.record().to_api(), session, guard }))
+                Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))
             }
-            Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| r.to_api()).collect())),
-            Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.get(&id)?.record().to_api())),
+            Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| m.api(r)).collect())),
+            Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.api(&m.get(&id)?.record()))),
             Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),
-            Command::SetTimeout { id, timeout_secs } => {
-                Ok(Outcome::Sandbox(m.set_timeout(&id, timeout_secs)?.to_api()))
-            }
+            Command::SetTimeout { id, timeout_secs } => Ok(Outcome::Sandbox(m.api(&m.set_timeout(&id, timeout_secs)?))),
             Command::SandboxStats { id } => self.stats(&id).await.map(Outcome::Stats),
             Command::Exec { id, req } => self.exec(&id, req).await,
             Command::ListProcesses { id } => self.call(&id, &Request::ListProcesses).await.map(Outcome::Processes),
@@ -356,10 +378,54 @@ impl Core {
             Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
             Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
             Command::SystemInfo => Ok(Outcome::System(self.system_info())),
+            Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
+            Command::NetworkLog { id } => {
+                let sb = m.get(&id)?;
+                let (events, dropped) = m.net.as_ref().map(|n| n.log(&sb.id)).unwrap_or_default();
+                Ok(Outcome::NetLog(abx_api::NetLog { events, dropped }))
+            }
+            Command::NetworkTest { id } => {
+                let sb = self.running(&id)?;
+                crate::net::probe::run(m, &sb).await.map(Outcome::NetTest)
+            }
+            Command::PortUrl { id, port } => {
+                let sb = m.get(&id)?;
+                let net =
+                    m.net.as_ref().ok_or_else(|| CoreError::Invalid("this daemon runs without networking".into()))?;
+                let ingress = net.ingress_addr().ok_or_else(|| {
+                    CoreError::Invalid("the ingress proxy is off (start the daemon with --ingress tcp:ADDR)".into())
+                })?;
+                if port == 0 {
+                    return Err(CoreError::Invalid("port must be 1-65535".into()));
+                }
+                let host = format!("{port}-{}.{}", sb.id, net.cfg.domain);
+                Ok(Outcome::PortUrl(abx_api::PortUrl {
+                    url: format!("http://{host}:{}", ingress.port()),
+                    ingress: ingress.to_string(),
+                    host,
+                }))
+            }
+            Command::Metrics => Ok(Outcome::Text(self.metrics())),
         }
     }
 
-    fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
+    fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let m = &self.manager;
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP agentbox_sandboxes Sandboxes known to the daemon.");
+        let _ = writeln!(out, "# TYPE agentbox_sandboxes gauge");
+        let _ = writeln!(out, "agentbox_sandboxes {}", m.count());
+        let _ = writeln!(out, "# HELP agentbox_prepared_slots Slots with namespaces made ahead of demand.");
+        let _ = writeln!(out, "# TYPE agentbox_prepared_slots gauge");
+        let _ = writeln!(out, "agentbox_prepared_slots {}", m.prepared());
+        if let Some(net) = &m.net {
+            net.metrics(&mut out);
+        }
+        out
+    }
+
+    pub(crate) fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
         let sb = self.manager.get(key)?;
         match sb.state() {
             abx_api::SandboxState::Running => Ok(sb),

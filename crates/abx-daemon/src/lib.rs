@@ -7,6 +7,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod manager;
+pub mod net;
 pub mod sandbox;
 pub mod server;
 pub mod storage;

@@ -80,6 +80,8 @@ pub struct Manager {
     slot_cache: Mutex<HashMap<u32, SlotCache>>,
     /// Set by shutdown: no more refills.
     closing: std::sync::atomic::AtomicBool,
+    /// Networking (None with `--subnet none`: loopback only).
+    pub net: Option<Arc<crate::net::Network>>,
 }
 
 impl Manager {
@@ -98,6 +100,10 @@ impl Manager {
             None => abx_sandbox::seccomp::DEFAULT_POLICY.to_string(),
         };
         let seccomp = abx_sandbox::seccomp::compile(&policy).map_err(|e| format!("{e}: {}", source_text(&e)))?;
+        let net = match &cfg.network {
+            Some(n) => Some(Arc::new(crate::net::Network::open(n.clone(), &cfg.prefix)?)),
+            None => None,
+        };
         let spawner = SpawnerClient::new(&cfg.root, &cfg.exe, &cfg.agent);
         spawner.connect().map_err(|e| format!("spawner: {e}"))?;
         let slots = cfg.uid_slots as usize;
@@ -119,6 +125,7 @@ impl Manager {
             preparing: AtomicUsize::new(0),
             slot_cache: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            net,
         }))
     }
 
@@ -235,7 +242,7 @@ impl Manager {
                     this.preparing.fetch_sub(1, Ordering::SeqCst);
                     if let Err(e) = res {
                         warn!(slot, error = %e, "preparing a slot failed");
-                        let _ = this.release_slot(slot);
+                        let _ = this.release_slot(slot, None);
                         this.free_uid_slot(slot);
                         this.refilling.store(false, Ordering::SeqCst);
                         return;
@@ -265,6 +272,7 @@ impl Manager {
             uid_count: UID_RANGE,
             cgroup_dir: placement.clone_into,
             cgroup_tasks: placement.self_join,
+            net: self.net.as_ref().map(|n| n.slot_spec(uid_slot)),
         };
         self.spawner.prepare(&slot).map(drop).map_err(|e| e.to_string())
     }
@@ -307,8 +315,11 @@ impl Manager {
 
     /// Empties a slot for its next sandbox: no process left in its cgroups, an empty upper
     /// and work directory, no agent socket. Returns the first failure, after trying all.
-    fn release_slot(&self, uid_slot: u32) -> Result<(), String> {
+    fn release_slot(&self, uid_slot: u32, id: Option<&str>) -> Result<(), String> {
         let mut first: Option<String> = None;
+        if let Some(net) = &self.net {
+            net.detach(uid_slot, id.unwrap_or(""));
+        }
         if let Err(e) = self.cgroups.kill(&self.slot_name(uid_slot))
             && !matches!(e, abx_cgroup::Error::NotFound { .. })
         {
@@ -343,6 +354,8 @@ impl Manager {
         }
         let limits = merge_limits(&req.limits, &self.cfg.default_limits);
         validate::limits(&limits)?;
+        let network = req.network.clone().unwrap_or_default();
+        let policy = self.check_policy(&network)?;
         let timeout = match req.timeout_secs {
             Some(0) => None,
             Some(s) => Some(Duration::from_secs(s)),
@@ -372,9 +385,10 @@ impl Manager {
             hostname: id.clone(),
             state: SandboxState::Creating,
             oom_kills_base: 0,
+            network,
         };
         let this = self.clone();
-        let started = tokio::task::spawn_blocking(move || this.start_blocking(rec))
+        let started = tokio::task::spawn_blocking(move || this.start_blocking(rec, &policy))
             .await
             .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
         self.refill();
@@ -384,7 +398,7 @@ impl Manager {
                 // Nothing half-made: the slot is emptied before anyone can get it again.
                 let this = self.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    if let Err(msg) = this.release_slot(slot) {
+                    if let Err(msg) = this.release_slot(slot, None) {
                         warn!(slot, error = %msg, "cleanup after a failed create");
                     }
                     this.free_uid_slot(slot);
@@ -404,7 +418,7 @@ impl Manager {
 
     /// Prepares the slot, asks the spawner, waits for the agent's exec. The caller empties
     /// the slot if this fails.
-    fn start_blocking(&self, mut rec: Record) -> CoreResult<(Record, OwnedFd)> {
+    fn start_blocking(&self, mut rec: Record, policy: &crate::net::policy::Policy) -> CoreResult<(Record, OwnedFd)> {
         let t0 = std::time::Instant::now();
         let dirs = self.slot_dirs(rec.uid_slot);
         let cg = self.slot_name(rec.uid_slot);
@@ -427,6 +441,9 @@ impl Manager {
             // Used up: the next sandbox of this slot gets a new base when it is emptied.
             c.oom_base = None;
         }
+        if let Some(net) = &self.net {
+            net.attach(rec.uid_slot, &rec.id, policy).map_err(|e| setup_err(format!("network policy: {e}")))?;
+        }
         let t_cg = t0.elapsed();
         let _ = std::fs::remove_file(dirs.agent_socket());
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
@@ -447,6 +464,8 @@ impl Manager {
             capabilities: CAPABILITIES.to_vec(),
             nofile: rec.limits.open_files.unwrap_or(4096),
             volatile: true,
+            resolv_conf: self.net.as_ref().map(|n| n.resolv_conf()),
+            net: self.net.as_ref().map(|n| n.slot_spec(rec.uid_slot)),
         };
         let t_pre = t0.elapsed();
         let spawned = self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd());
@@ -561,6 +580,44 @@ impl Manager {
         Ok(sb.record())
     }
 
+    /// The API view of a sandbox record.
+    pub fn api(&self, r: &Record) -> abx_api::Sandbox {
+        let mut a = r.to_api();
+        a.address = self.net.as_ref().map(|n| n.slot_addr(r.uid_slot).to_string());
+        a
+    }
+
+    /// Checks a network policy from the API (an error names the bad rule).
+    fn check_policy(&self, p: &abx_api::NetworkPolicy) -> CoreResult<crate::net::policy::Policy> {
+        let policy = crate::net::policy::Policy::parse(p).map_err(CoreError::Invalid)?;
+        if policy.mode != abx_api::NetMode::None && self.net.is_none() {
+            return Err(CoreError::Invalid(
+                "this daemon runs without networking (--subnet none): only network mode 'none' is available".into(),
+            ));
+        }
+        Ok(policy)
+    }
+
+    /// Changes a running sandbox's egress policy; it applies to new connections at once.
+    pub async fn set_network(self: &Arc<Self>, key: &str, p: abx_api::NetworkPolicy) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        let policy = self.check_policy(&p)?;
+        let Some(net) = self.net.clone() else {
+            return Ok(sb.record());
+        };
+        let slot = sb.record().uid_slot;
+        if sb.record().state != SandboxState::Running {
+            return Err(CoreError::Conflict(format!("sandbox {} is not running", sb.id)));
+        }
+        tokio::task::spawn_blocking(move || net.set_policy(slot, &policy))
+            .await
+            .map_err(|e| CoreError::internal("network policy task", e.to_string()))?
+            .map_err(|e| CoreError::internal("apply the network policy", e))?;
+        sb.update(|r| r.network = p);
+        self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        Ok(sb.record())
+    }
+
     /// Destroys a sandbox: kills every process, removes cgroups and files, forgets it.
     /// A running sandbox needs `force`.
     pub async fn destroy(self: &Arc<Self>, key: &str, force: bool) -> CoreResult<()> {
@@ -612,7 +669,7 @@ impl Manager {
             let this2 = this.clone();
             let id = sb.id.clone();
             let res = tokio::task::spawn_blocking(move || {
-                let res = this2.release_slot(slot);
+                let res = this2.release_slot(slot, Some(&id));
                 let _ = this2.store.delete(&id);
                 res
             })
@@ -677,6 +734,13 @@ impl Manager {
                 }
                 info!(sandbox = %rec.id, pid = rec.pid, "re-adopted running sandbox");
                 self.claim_uid_slot(rec.uid_slot);
+                if let Some(net) = &self.net {
+                    let policy = crate::net::policy::Policy::parse(&rec.network)
+                        .unwrap_or_else(|_| crate::net::policy::Policy::none());
+                    if let Err(e) = net.readopt(rec.uid_slot, &rec.id, &policy) {
+                        warn!(sandbox = %rec.id, error = %e, "restoring the network policy");
+                    }
+                }
                 self.register(rec, Some(fd));
                 true
             }
@@ -685,7 +749,7 @@ impl Manager {
     }
 
     fn cleanup_dead(&self, rec: &Record) {
-        let _ = self.release_slot(rec.uid_slot);
+        let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
         let _ = self.store.delete(&rec.id);
     }
 
@@ -764,6 +828,21 @@ fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
 
 fn cgroup_limits(l: &Limits) -> abx_cgroup::Limits {
     abx_cgroup::Limits { memory_bytes: l.memory_bytes, cpus: l.cpus, pids: l.pids }
+}
+
+/// Finds the address of a running sandbox for the ingress proxy.
+#[derive(Debug)]
+pub struct IngressRouter(pub std::sync::Weak<Manager>);
+
+impl crate::net::ingress::Router for IngressRouter {
+    fn lookup(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        let m = self.0.upgrade()?;
+        let sb = m.get(id).ok()?;
+        if sb.state() != SandboxState::Running {
+            return None;
+        }
+        Some(m.net.as_ref()?.slot_addr(sb.record().uid_slot))
+    }
 }
 
 /// A new sandbox id: 12 lowercase hex digits (48 random bits).

@@ -35,6 +35,9 @@ pub struct Record {
     /// OOM kills counted by the slot's cgroup before this sandbox started.
     #[serde(default)]
     pub oom_kills_base: u64,
+    /// Egress policy.
+    #[serde(default)]
+    pub network: abx_api::NetworkPolicy,
 }
 
 impl Record {
@@ -54,6 +57,8 @@ impl Record {
             pid: self.pid,
             uid_base: self.uid_base,
             hostname: self.hostname.clone(),
+            network: self.network.clone(),
+            address: None,
         }
     }
 
@@ -78,6 +83,7 @@ impl Record {
             hostname: "h".into(),
             state: SandboxState::Running,
             oom_kills_base: 0,
+            network: Default::default(),
         }
     }
 }

@@ -9,6 +9,8 @@ pub const USAGE: &str = "usage: abx-probe report
        abx-probe write PATH
        abx-probe read PATH
        abx-probe connect HOST:PORT
+       abx-probe udp HOST:PORT [TEXT]
+       abx-probe net-admin
        abx-probe hog MEGABYTES [SECONDS]
        abx-probe sleep SECONDS";
 
@@ -28,6 +30,10 @@ pub enum Command {
     Hog { megabytes: u64, hold: Option<Duration> },
     /// Sleep.
     Sleep(Duration),
+    /// Send one UDP datagram to `host:port` and wait 1 s for an answer.
+    Udp(String, String),
+    /// Try to change the network namespace (address, route, nftables) as root would.
+    NetAdmin,
 }
 
 /// Bad command-line arguments.
@@ -60,7 +66,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
         ("hog", [mb]) => Ok(Command::Hog { megabytes: megabytes(mb)?, hold: None }),
         ("hog", [mb, secs]) => Ok(Command::Hog { megabytes: megabytes(mb)?, hold: Some(seconds(secs)?) }),
         ("sleep", [secs]) => Ok(Command::Sleep(seconds(secs)?)),
-        ("report" | "write" | "read" | "connect" | "hog" | "sleep", _) => {
+        ("udp", [target]) => Ok(Command::Udp(utf8(target, "HOST:PORT")?.to_owned(), "probe".into())),
+        ("udp", [target, text]) => {
+            Ok(Command::Udp(utf8(target, "HOST:PORT")?.to_owned(), utf8(text, "TEXT")?.to_owned()))
+        }
+        ("net-admin", []) => Ok(Command::NetAdmin),
+        ("report" | "write" | "read" | "connect" | "hog" | "sleep" | "udp" | "net-admin", _) => {
             Err(usage(format!("wrong number of arguments for {cmd}")))
         }
         _ => Err(usage(format!("unknown command {cmd:?}"))),

@@ -1,4 +1,4 @@
-//! The small commands: `write`, `read`, `connect`, `hog`, `sleep`.
+//! The small commands: `write`, `read`, `connect`, `udp`, `net-admin`, `hog`, `sleep`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -76,6 +76,58 @@ pub fn connect(target: &str) -> Outcome {
         }
     }
     Outcome::failed(&last)
+}
+
+/// Sends `payload` over UDP to `target` and waits 1 s for an answer:
+/// `{"ok":true,"reply":"…"}`, or the error (ECONNREFUSED for a port unreachable,
+/// EHOSTUNREACH for a firewall's refusal, ETIMEDOUT for silence).
+pub fn udp(target: &str, payload: &[u8]) -> Outcome {
+    let run = || -> io::Result<String> {
+        let addr = target
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{target} resolves to no address")))?;
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        sock.connect(addr)?;
+        sock.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        sock.send(payload)?;
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock { io::Error::from(io::ErrorKind::TimedOut) } else { e }
+        })?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    match run() {
+        Ok(reply) => Outcome::ok(json!({"ok": true, "reply": reply})),
+        Err(e) => Outcome::failed(&e),
+    }
+}
+
+/// What root in a sandbox would do to lift its network restrictions: add an address to
+/// eth0, replace the default route, flush an nftables set. Each result is "ok" or the
+/// errno; `ok` is true if any of them worked.
+pub fn net_admin() -> Outcome {
+    let errno = |r: io::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.raw_os_error().map_or_else(|| e.to_string(), syscalls::errno),
+    };
+    let (address, route) = match abx_sys::rtnl::Rtnl::open().and_then(|r| Ok((r.link_index("eth0")?, r))) {
+        Ok((index, r)) => (
+            errno(r.add_address_v4(index, std::net::Ipv4Addr::new(10, 99, 0, 1), 32)),
+            errno(r.add_route_v4(&abx_sys::rtnl::RouteV4 {
+                dst: std::net::Ipv4Addr::UNSPECIFIED,
+                prefix_len: 0,
+                gateway: None,
+                oif: index,
+                scope_link: true,
+                prefsrc: None,
+            })),
+        ),
+        Err(e) => (errno(Err(e)), String::new()),
+    };
+    let nft = errno(abx_sys::nft::Nft::open().and_then(|n| n.flush_set(abx_sys::nft::Family::Ip, "abx", "d0")));
+    let any = [&address, &route, &nft].iter().any(|r| *r == "ok");
+    Outcome { json: json!({"ok": any, "address": address, "route": route, "nft": nft}), ok: any }
 }
 
 /// Allocates `megabytes` MiB in 1 MiB blocks, writing to every page so it is really

@@ -11,6 +11,8 @@
 //! | `write PATH`                  | `{"ok":true,"bytes":N}` or `{"ok":false,"errno":"EROFS"}` |
 //! | `read PATH`                   | `{"ok":true,"size":N,"truncated":false}` or an errno       |
 //! | `connect HOST:PORT`           | `{"ok":true,"addr":"…"}` or an errno (1 s timeout)         |
+//! | `udp HOST:PORT [TEXT]`        | `{"ok":true,"reply":"…"}` or an errno (1 s timeout)        |
+//! | `net-admin`                   | `{"ok":false,"address":"EPERM","nft":"EPERM",…}` (ok if any change worked) |
 //! | `hog MEGABYTES [SECONDS]`     | `{"ok":true,"megabytes":N}` once all is touched, then holds it |
 //! | `sleep SECONDS`               | `{"ok":true}` after sleeping                               |
 //!
@@ -46,6 +48,8 @@ pub fn run(cmd: &Command, out: &mut impl Write) -> io::Result<bool> {
         Command::Write(path) => commands::write(path),
         Command::Read(path) => commands::read(path),
         Command::Connect(target) => commands::connect(target),
+        Command::Udp(target, text) => commands::udp(target, text.as_bytes()),
+        Command::NetAdmin => commands::net_admin(),
         Command::Sleep(duration) => commands::sleep(*duration),
         Command::Hog { megabytes, .. } => {
             let (outcome, memory) = commands::hog(*megabytes);

@@ -117,6 +117,40 @@ pub enum Request {
     /// Send `signal` to every process in the sandbox except the agent. Reply: `Ok(u32)`
     /// (number of processes signalled).
     KillAll { signal: i32 },
+    /// Network probes from inside the sandbox (`agentbox net test`), run concurrently.
+    /// Reply: `Ok(Vec<ProbeResult>)`, one per probe, in order.
+    NetProbe { probes: Vec<Probe> },
+}
+
+/// One network probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Probe {
+    /// Connect over TCP. Connected or refused by the peer: reachable; unreachable,
+    /// prohibited or timed out: blocked.
+    Tcp { addr: std::net::SocketAddr, timeout_ms: u64 },
+    /// Send one datagram and wait for anything back. An answer or a port-unreachable
+    /// from the peer: reachable; host or network unreachable, prohibited: blocked;
+    /// silence: unknown.
+    Udp {
+        addr: std::net::SocketAddr,
+        #[serde(default, with = "b64")]
+        payload: Vec<u8>,
+        timeout_ms: u64,
+    },
+    /// Resolve a name with the sandbox's resolver (A records). Resolved: reachable.
+    Dns { name: String },
+}
+
+/// What a probe saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// `reachable`, `blocked` or `unknown`.
+    pub outcome: String,
+    pub detail: String,
+    /// DNS: the addresses resolved.
+    #[serde(default)]
+    pub addresses: Vec<std::net::Ipv4Addr>,
 }
 
 fn one() -> u32 {

@@ -218,6 +218,7 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         },
         Step::PivotRoot { root } => pivot(root),
         Step::SetHostname { name } => Ok(rustix::system::sethostname(name.as_bytes())?),
+        Step::WriteFile { path, contents } => write_file(path, contents),
     }
 }
 
@@ -225,6 +226,22 @@ fn mount(source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &st
     let data = CString::new(data).map_err(std::io::Error::other)?;
     let data = if data.is_empty() { None } else { Some(data.as_c_str()) };
     Ok(rustix::mount::mount(source, target, fstype, flags, data)?)
+}
+
+fn write_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(path)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
 }
 
 fn touch(path: &Path) -> std::io::Result<()> {

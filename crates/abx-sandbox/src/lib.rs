@@ -15,6 +15,7 @@
 
 pub mod child;
 pub mod client;
+pub mod netwire;
 pub mod plan;
 pub mod seccomp;
 pub mod spawner;

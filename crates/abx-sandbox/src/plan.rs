@@ -24,6 +24,12 @@ pub mod flags {
 /// One setup operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
+    /// Replace the file at `path` (a symlink there is removed first) with `contents`,
+    /// mode 0644.
+    WriteFile {
+        path: PathBuf,
+        contents: String,
+    },
     /// Attach the idmapped tree received as descriptor number `index` at `target`.
     AttachTree {
         index: usize,
@@ -106,6 +112,7 @@ impl fmt::Display for Step {
             Step::Symlink { target, link } => write!(f, "symlink {} -> {target}", link.display()),
             Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
             Step::SetHostname { name } => write!(f, "set hostname {name}"),
+            Step::WriteFile { path, .. } => write!(f, "write {}", path.display()),
         }
     }
 }
@@ -198,6 +205,9 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     }
     steps.push(Step::PivotRoot { root });
     steps.push(Step::SetHostname { name: spec.hostname.clone() });
+    if let Some(contents) = &spec.resolv_conf {
+        steps.push(Step::WriteFile { path: "/etc/resolv.conf".into(), contents: contents.clone() });
+    }
     steps
 }
 
@@ -219,6 +229,8 @@ mod tests {
             capabilities: vec![],
             nofile: 1024,
             volatile: true,
+            resolv_conf: None,
+            net: None,
         }
     }
 
@@ -241,6 +253,11 @@ mod tests {
         let host = pos(&|s| matches!(s, Step::SetHostname { .. }));
         assert!(proc < kcore && kcore < pivot && sys_ro < pivot && pivot < host);
         assert!(matches!(steps.last(), Some(Step::SetHostname { .. })));
+        let mut with_dns = spec();
+        with_dns.resolv_conf = Some("nameserver 10.0.0.1\n".into());
+        assert!(
+            matches!(build(&with_dns).last(), Some(Step::WriteFile { path, .. }) if path.ends_with("etc/resolv.conf"))
+        );
     }
 
     #[test]

@@ -125,6 +125,8 @@ fn bind(path: &Path) -> Result<OwnedFd, String> {
 struct SlotNet {
     netns: OwnedFd,
     sysfs: OwnedFd,
+    /// The wiring it was made with.
+    wiring: Option<crate::spec::SlotNetSpec>,
 }
 
 /// A child that has created its namespaces and waits for a sandbox.
@@ -358,8 +360,8 @@ impl Spawner {
             rustix::fs::Mode::empty(),
         )
         .map_err(|e| format!("open sandbox directory {}: {e}", slot.dir.display()))?;
-        if !self.nets.contains_key(&slot.dir) {
-            let net = self.new_slot_net()?;
+        if !self.nets.get(&slot.dir).is_some_and(|n| n.wiring == slot.net) {
+            let net = self.new_slot_net(slot.net.as_ref())?;
             self.nets.insert(slot.dir.clone(), net);
         }
         let netns = self.nets.get(&slot.dir).map(|n| n.netns.as_raw_fd()).unwrap_or_else(|| unreachable!());
@@ -382,8 +384,9 @@ impl Spawner {
     }
 
     /// Makes a slot's network namespace: loopback up, low ports and ICMP echo sockets open
-    /// to every user in it, and its sysfs. The spawner returns to its own namespace after.
-    fn new_slot_net(&self) -> Result<SlotNet, String> {
+    /// to every user in it, IPv6 off, its veth pair when the slot has networking, and its
+    /// sysfs. The spawner returns to its own namespace after.
+    fn new_slot_net(&self, net: Option<&crate::spec::SlotNetSpec>) -> Result<SlotNet, String> {
         abx_sys::process::unshare(ns::NET).map_err(|e| format!("create a network namespace: {e}"))?;
         let made = (|| {
             let netns = rustix::fs::open(
@@ -398,18 +401,37 @@ impl Spawner {
             {
                 std::fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| format!("set {key}: {e}"))?;
             }
+            // Sandboxes speak IPv4 only: no IPv6 addresses, router solicitations or DAD.
+            for key in ["net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"] {
+                let _ = std::fs::write(Path::new("/proc/sys").join(key), "1");
+            }
+            if let Some(net) = net {
+                self.enter_host_net();
+                crate::netwire::host_side(net, netns.as_fd())?;
+                rustix::thread::move_into_link_name_space(
+                    netns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .map_err(|e| format!("enter the slot's network namespace: {e}"))?;
+                crate::netwire::inside(net)?;
+            }
             let sysfs = abx_sys::mount::detached_fs("sysfs", true).map_err(|e| format!("mount sysfs: {e}"))?;
-            Ok(SlotNet { netns, sysfs })
+            Ok(SlotNet { netns, sysfs, wiring: net.cloned() })
         })();
+        self.enter_host_net();
+        made
+    }
+
+    /// Back to the spawner's own network namespace, or exit: every later sandbox would
+    /// land in the wrong one.
+    fn enter_host_net(&self) {
         if let Err(e) = rustix::thread::move_into_link_name_space(
             self.host_net.as_fd(),
             Some(rustix::thread::LinkNameSpaceType::Network),
         ) {
-            // Every later sandbox would land in the wrong namespace: stop.
             eprintln!("agentbox __spawner: cannot return to the host network namespace: {e}");
             std::process::exit(1);
         }
-        made
     }
 
     /// clone3 into new user, pid and (when the kernel has them) time namespaces, inside

@@ -31,6 +31,12 @@ pub struct SpawnSpec {
     pub nofile: u64,
     /// Mount the overlay with `volatile` (no sync to disk; for disposable sandboxes).
     pub volatile: bool,
+    /// Contents of the sandbox's /etc/resolv.conf (its DNS proxy), written after
+    /// pivot_root; None leaves the template's file alone.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
+    #[serde(default)]
+    pub net: Option<SlotNetSpec>,
 }
 
 impl SpawnSpec {
@@ -42,6 +48,7 @@ impl SpawnSpec {
             uid_count: self.uid_count,
             cgroup_dir: self.cgroup_dir.clone(),
             cgroup_tasks: self.cgroup_tasks.clone(),
+            net: self.net.clone(),
         }
     }
 }
@@ -55,6 +62,18 @@ pub struct SlotSpec {
     pub uid_count: u32,
     pub cgroup_dir: Option<PathBuf>,
     pub cgroup_tasks: Vec<PathBuf>,
+    /// The slot's network wiring, made with its network namespace (None: loopback only).
+    #[serde(default)]
+    pub net: Option<SlotNetSpec>,
+}
+
+/// A slot's veth pair: `host_if` on the host side with the shared gateway address,
+/// `eth0` inside with `addr`, routed (no bridge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotNetSpec {
+    pub host_if: String,
+    pub addr: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
 }
 
 /// The layout of a sandbox directory, shared by the daemon (which creates it) and the

@@ -13,8 +13,12 @@ pub mod fd;
 pub mod loopdev;
 pub mod mount;
 pub mod net;
+pub mod netlink;
+pub mod nflog;
+pub mod nft;
 pub mod probe;
 pub mod process;
+pub mod rtnl;
 
 use std::io;
 

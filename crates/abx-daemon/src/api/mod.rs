@@ -4,6 +4,7 @@
 
 mod exec;
 mod files;
+mod network;
 mod sandboxes;
 mod system;
 mod templates;
@@ -28,6 +29,7 @@ use crate::error::CoreError;
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
         (name = "exec", description = "Run processes inside sandboxes"),
         (name = "files", description = "Files inside sandboxes"),
+        (name = "network", description = "Egress policy, audit and ingress of sandboxes"),
         (name = "templates", description = "Templates sandboxes are made from"),
         (name = "system", description = "The daemon itself"),
     )
@@ -45,6 +47,17 @@ pub fn router(core: Core) -> axum::Router {
                 move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], spec_json) },
             ),
         )
+        .route(
+            abx_api::paths::METRICS,
+            axum::routing::get(|axum::extract::State(core): axum::extract::State<Core>| async move {
+                match core.execute(crate::core::Command::Metrics).await.and_then(|o| o.text()) {
+                    Ok(text) => {
+                        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+                    }
+                    Err(e) => ApiError::from(e).into_response(),
+                }
+            }),
+        )
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(core)
@@ -55,6 +68,7 @@ fn api_routes() -> OpenApiRouter<Core> {
         .merge(sandboxes::routes())
         .merge(exec::routes())
         .merge(files::routes())
+        .merge(network::routes())
         .merge(templates::routes())
         .merge(system::routes())
 }

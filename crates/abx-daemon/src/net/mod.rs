@@ -1,0 +1,579 @@
+//! Networking: each sandbox's veth (wired by the spawner with the slot's network
+//! namespace), its egress policy in agentbox's nftables table, the DNS proxy that enforces
+//! domain rules, the egress audit and the ingress proxy for ports inside sandboxes.
+//!
+//! Addresses: the pool `--subnet` gives its first host address to the gateway (on the
+//! host side of every slot's veth, where the DNS proxy listens) and the following ones
+//! to slots in order: slot `n` has `subnet + 2 + n`. Sandboxes of the same slot reuse
+//! its address and interface one after another.
+
+pub mod dns;
+pub mod firewall;
+pub mod ingress;
+pub mod policy;
+pub mod probe;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use abx_api::{NetEvent, NetMode};
+use abx_sandbox::spec::SlotNetSpec;
+use tracing::{info, warn};
+
+use firewall::TableSpec;
+use policy::{Cidr, Policy};
+
+/// Network settings of the daemon (`--subnet`, `--uplink`, `--dns-upstream`, `--ingress`,
+/// `--domain`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConfig {
+    /// Sandbox address pool.
+    pub subnet: Cidr,
+    /// Host interface egress is masqueraded to (None: sandboxes reach nothing outside
+    /// the host even when their policy allows it).
+    pub uplink: Option<String>,
+    /// Where allowed names are resolved.
+    pub dns_upstream: Option<SocketAddr>,
+    /// The ingress proxy's listening address.
+    pub ingress: Option<SocketAddr>,
+    /// Host-name suffix of ingress URLs: `<port>-<id>.<domain>`.
+    pub domain: String,
+}
+
+impl NetConfig {
+    /// The defaults: 10.213.0.0/16, the interface of the default route, the first
+    /// name server of /etc/resolv.conf, ingress on 127.0.0.1:7480, `agentbox.localhost`
+    /// (which most clients resolve to loopback by themselves).
+    pub fn defaults() -> NetConfig {
+        NetConfig {
+            subnet: Cidr::new(Ipv4Addr::new(10, 213, 0, 0), 16),
+            uplink: default_uplink(),
+            dns_upstream: system_resolver(),
+            ingress: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
+            domain: "agentbox.localhost".into(),
+        }
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.subnet.nth(1)
+    }
+
+    /// How many slots the pool has addresses for.
+    pub fn capacity(&self) -> u64 {
+        self.subnet.size().saturating_sub(3)
+    }
+
+    pub fn validate(&self, prefix: &str, slots: u32) -> Result<(), String> {
+        if self.subnet.len > 30 {
+            return Err(format!("--subnet {} is too small: use at most a /30", self.subnet));
+        }
+        if self.capacity() < u64::from(slots) {
+            return Err(format!(
+                "--subnet {} has addresses for {} sandboxes but --uid-slots is {slots}; use a larger subnet or fewer slots",
+                self.subnet,
+                self.capacity()
+            ));
+        }
+        let host: Cidr = "192.0.2.0/24".parse().unwrap_or(Cidr::new(Ipv4Addr::new(192, 0, 2, 0), 24));
+        for (bad, why) in [
+            (host, "the host's own network on this kind of machine"),
+            (Cidr::new(Ipv4Addr::new(127, 0, 0, 0), 8), "loopback"),
+            (Cidr::new(Ipv4Addr::new(169, 254, 0, 0), 16), "link-local"),
+            (Cidr::new(Ipv4Addr::new(224, 0, 0, 0), 3), "multicast and reserved"),
+        ] {
+            if self.subnet.overlaps(&bad) {
+                return Err(format!("--subnet {} overlaps {bad} ({why})", self.subnet));
+            }
+        }
+        let longest = format!("{prefix}{}", slots.saturating_sub(1));
+        if longest.len() > 15 {
+            return Err(format!(
+                "interface names '{prefix}<slot>' would be up to {} characters (at most 15): use a shorter --prefix",
+                longest.len()
+            ));
+        }
+        if self.domain.is_empty() || self.domain.starts_with('.') || self.domain.contains(['/', ':', ' ']) {
+            return Err(format!("invalid --domain '{}': a DNS name such as agentbox.localhost", self.domain));
+        }
+        Ok(())
+    }
+}
+
+/// The interface of the IPv4 default route, from /proc/net/route.
+pub fn default_uplink() -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    })
+}
+
+/// The first IPv4 name server of /etc/resolv.conf, port 53.
+pub fn system_resolver() -> Option<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()?.parse::<Ipv4Addr>().ok()).flatten()
+        })
+        .map(|ip| SocketAddr::from((ip, 53)))
+}
+
+/// Most audit events kept per sandbox (older ones are dropped and counted).
+pub const AUDIT_CAPACITY: usize = 4096;
+
+/// Shortest time a DNS answer keeps its addresses allowed, whatever its TTL: a client
+/// that got a 0-second answer still connects right after.
+pub const MIN_ALLOW_SECS: u32 = 30;
+
+#[derive(Debug, Default)]
+struct SlotState {
+    /// The sandbox using the slot now.
+    sandbox: Option<String>,
+    policy: Option<Policy>,
+    /// The slot's chain and set exist in the table (since this daemon started).
+    in_table: bool,
+}
+
+#[derive(Debug, Default)]
+struct Audit {
+    events: VecDeque<NetEvent>,
+    dropped: u64,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub dns_allowed: AtomicU64,
+    pub dns_refused: AtomicU64,
+    pub connections_allowed: AtomicU64,
+    pub connections_denied: AtomicU64,
+    pub policy_changes: AtomicU64,
+}
+
+/// The running services (started once the runtime is up).
+#[derive(Default)]
+struct Services {
+    dns: Option<dns::DnsProxy>,
+    ingress: Option<ingress::Ingress>,
+    audit: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+pub struct Network {
+    pub cfg: NetConfig,
+    pub prefix: String,
+    table: TableSpec,
+    slots: Mutex<HashMap<u32, SlotState>>,
+    nft: Mutex<Option<abx_sys::nft::Nft>>,
+    audit: Mutex<HashMap<String, Audit>>,
+    pub counters: Counters,
+    /// Forwarding was switched on on the uplink (done at the first policy with egress).
+    uplink_forwarding: AtomicBool,
+    nflog: Mutex<Option<abx_sys::nflog::Nflog>>,
+    services: Mutex<Services>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("cfg", &self.cfg).field("table", &self.table.table).finish()
+    }
+}
+
+/// NFLOG groups are per network namespace; daemons sharing one (tests) each take a free
+/// one, starting from a number derived from the prefix.
+fn bind_log_group(prefix: &str) -> Result<(abx_sys::nflog::Nflog, u16), String> {
+    let start = prefix.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let mut last = String::new();
+    for i in 0..64u32 {
+        let group = (1000 + (start.wrapping_add(i) % 60000)) as u16;
+        match abx_sys::nflog::Nflog::bind(group) {
+            Ok(s) => return Ok((s, group)),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("no free NFLOG group for the egress audit: {last}"))
+}
+
+impl Network {
+    /// Builds the table (replacing any earlier one of this prefix) and binds the audit's
+    /// NFLOG group. Blocking.
+    pub fn open(cfg: NetConfig, prefix: &str) -> Result<Network, String> {
+        let (nflog, log_group) = bind_log_group(prefix)?;
+        let table = TableSpec {
+            table: prefix.to_string(),
+            subnet: cfg.subnet,
+            gateway: cfg.gateway(),
+            uplink: cfg.uplink.clone(),
+            log_group,
+            dns_port: 53,
+        };
+        firewall::apply(&firewall::table_script(&table)).map_err(|e| format!("nftables table {prefix}: {e}"))?;
+        let nft = abx_sys::nft::Nft::open().map_err(|e| format!("open nf_tables netlink: {e}"))?;
+        Ok(Network {
+            cfg,
+            prefix: prefix.to_string(),
+            table,
+            slots: Mutex::new(HashMap::new()),
+            nft: Mutex::new(Some(nft)),
+            audit: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            uplink_forwarding: AtomicBool::new(false),
+            nflog: Mutex::new(Some(nflog)),
+            services: Mutex::new(Services::default()),
+        })
+    }
+
+    /// Starts the DNS proxy, the audit reader and the ingress proxy.
+    pub async fn start(self: &Arc<Self>, router: Arc<dyn ingress::Router>) -> Result<(), String> {
+        let mut services = Services::default();
+        if let Some(upstream) = self.cfg.dns_upstream {
+            let bind = SocketAddr::from((self.cfg.gateway(), self.table.dns_port));
+            let proxy = dns::DnsProxy::start(bind, upstream, Arc::new(DnsGate(Arc::downgrade(self))))
+                .await
+                .map_err(|e| format!("DNS proxy on {bind}: {e}"))?;
+            services.dns = Some(proxy);
+        } else {
+            warn!("no DNS upstream (--dns-upstream, or a nameserver in /etc/resolv.conf): sandboxes resolve nothing");
+        }
+        if let Some(addr) = self.cfg.ingress {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("ingress proxy on {addr}: {e}"))?;
+            let ing = ingress::Ingress::start(listener, self.cfg.domain.clone(), router);
+            info!(address = %ing.local_addr(), domain = %self.cfg.domain, "ingress proxy listening");
+            services.ingress = Some(ing);
+        }
+        if let Some(sock) = self.nflog.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let this = Arc::downgrade(self);
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name("abx-audit".into())
+                .spawn(move || read_audit(sock, this, flag))
+                .map_err(|e| format!("start the egress audit thread: {e}"))?;
+            services.audit = Some((stop, thread));
+        }
+        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = services;
+        Ok(())
+    }
+
+    /// The ingress proxy's address, if it runs.
+    pub fn ingress_addr(&self) -> Option<SocketAddr> {
+        self.services.lock().unwrap_or_else(|e| e.into_inner()).ingress.as_ref().map(|i| i.local_addr())
+    }
+
+    /// Stops the services; removes the table when no sandbox is left (otherwise it keeps
+    /// enforcing their policies while the daemon is away).
+    pub async fn stop(&self, sandboxes_left: bool) {
+        let services = std::mem::take(&mut *self.services.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(d) = services.dns {
+            d.shutdown().await;
+        }
+        if let Some(i) = services.ingress {
+            i.shutdown().await;
+        }
+        if let Some((stop, thread)) = services.audit {
+            stop.store(true, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if !sandboxes_left && let Err(e) = firewall::apply(&firewall::delete_table_script(&self.table.table)) {
+            warn!(error = %e, "removing the nftables table");
+        }
+    }
+
+    pub fn slot_addr(&self, slot: u32) -> Ipv4Addr {
+        self.cfg.subnet.nth(2 + slot)
+    }
+
+    pub fn slot_iface(&self, slot: u32) -> String {
+        format!("{}{slot}", self.prefix)
+    }
+
+    fn slot_of(&self, ip: IpAddr) -> Option<u32> {
+        let IpAddr::V4(ip) = ip else { return None };
+        if !self.cfg.subnet.contains(ip) {
+            return None;
+        }
+        u32::from(ip).checked_sub(u32::from(self.cfg.subnet.addr) + 2)
+    }
+
+    /// What the spawner wires into slot `slot`'s network namespace.
+    pub fn slot_spec(&self, slot: u32) -> SlotNetSpec {
+        SlotNetSpec { host_if: self.slot_iface(slot), addr: self.slot_addr(slot), gateway: self.cfg.gateway() }
+    }
+
+    /// The resolv.conf every sandbox gets.
+    pub fn resolv_conf(&self) -> String {
+        format!("nameserver {}\noptions timeout:2 attempts:2\n", self.cfg.gateway())
+    }
+
+    /// Gives slot `slot` to sandbox `id` with `policy` (blocking: may run nft).
+    pub fn attach(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
+        self.audit.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), Audit::default());
+        self.apply_policy(slot, policy, true)?;
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(slot).or_default().sandbox = Some(id.to_string());
+        Ok(())
+    }
+
+    /// Changes the policy of the sandbox in `slot` (blocking). Addresses allowed by earlier
+    /// DNS answers are forgotten: names still allowed are allowed again at their next lookup.
+    pub fn set_policy(&self, slot: u32, policy: &Policy) -> Result<(), String> {
+        self.counters.policy_changes.fetch_add(1, Ordering::Relaxed);
+        self.apply_policy(slot, policy, true)
+    }
+
+    /// Takes slot `slot` back from its sandbox: no egress, no allowed addresses.
+    pub fn detach(&self, slot: u32, id: &str) {
+        self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = slots.get_mut(&slot) else { return };
+        state.sandbox = None;
+        let was_open = state.policy.as_ref().is_some_and(|p| p.mode != NetMode::None);
+        drop(slots);
+        let res = if was_open { self.apply_policy(slot, &Policy::none(), true) } else { self.flush_dns(slot) };
+        if let Err(e) = res {
+            warn!(slot, error = %e, "resetting the slot's network policy");
+            // Rebuilt from scratch at its next use.
+            if let Some(s) = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                s.in_table = false;
+            }
+        }
+    }
+
+    fn flush_dns(&self, slot: u32) -> Result<(), String> {
+        let in_table = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).is_some_and(|s| s.in_table);
+        if !in_table {
+            return Ok(());
+        }
+        let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(nft) = nft.as_ref() else { return Ok(()) };
+        nft.flush_set(abx_sys::nft::Family::Ip, &self.table.table, &firewall::slot_set(slot))
+            .map_err(|e| format!("flush the DNS set of slot {slot}: {e}"))
+    }
+
+    fn apply_policy(&self, slot: u32, policy: &Policy, flush_dns: bool) -> Result<(), String> {
+        if policy.mode != NetMode::None {
+            self.enable_uplink_forwarding();
+        }
+        let in_table = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).is_some_and(|s| s.in_table);
+        let current = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).and_then(|s| s.policy.clone());
+        if in_table && current.as_ref() == Some(policy) {
+            // Same rules: only the DNS answers of the previous sandbox go.
+            return if flush_dns { self.flush_dns(slot) } else { Ok(()) };
+        }
+        let script = if in_table {
+            firewall::policy_script(&self.table, slot, policy, flush_dns)
+        } else {
+            firewall::slot_script(&self.table, slot, &self.slot_iface(slot), policy)
+        };
+        firewall::apply(&script)?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let s = slots.entry(slot).or_default();
+        s.in_table = true;
+        s.policy = Some(policy.clone());
+        Ok(())
+    }
+
+    fn enable_uplink_forwarding(&self) {
+        let Some(up) = &self.cfg.uplink else { return };
+        if self.uplink_forwarding.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let path = format!("/proc/sys/net/ipv4/conf/{up}/forwarding");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            return;
+        }
+        match std::fs::write(&path, "1") {
+            Ok(()) => info!(uplink = %up, "enabled IPv4 forwarding on the uplink for sandbox egress"),
+            Err(e) => {
+                warn!(uplink = %up, error = %e, "cannot enable forwarding on the uplink; sandboxes get no egress")
+            }
+        }
+    }
+
+    fn sandbox_of(&self, ip: IpAddr) -> Option<(u32, String, Option<Policy>)> {
+        let slot = self.slot_of(ip)?;
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let s = slots.get(&slot)?;
+        Some((slot, s.sandbox.clone()?, s.policy.clone()))
+    }
+
+    fn record(&self, id: &str, event: NetEvent) {
+        let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(a) = audit.get_mut(id) else { return };
+        if a.events.len() >= AUDIT_CAPACITY {
+            a.events.pop_front();
+            a.dropped += 1;
+        }
+        a.events.push_back(event);
+    }
+
+    /// A sandbox's audit log (oldest first) and how many events were dropped.
+    pub fn log(&self, id: &str) -> (Vec<NetEvent>, u64) {
+        let audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        audit.get(id).map(|a| (a.events.iter().cloned().collect(), a.dropped)).unwrap_or_default()
+    }
+
+    /// Re-creates the audit log of a re-adopted sandbox and its slot's policy.
+    pub fn readopt(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
+        self.attach(slot, id, policy)
+    }
+
+    /// Prometheus text lines for `/metrics`.
+    pub fn metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let c = &self.counters;
+        let _ = writeln!(out, "# HELP agentbox_dns_queries_total DNS queries from sandboxes, by verdict.");
+        let _ = writeln!(out, "# TYPE agentbox_dns_queries_total counter");
+        let _ =
+            writeln!(out, "agentbox_dns_queries_total{{verdict=\"allow\"}} {}", c.dns_allowed.load(Ordering::Relaxed));
+        let _ =
+            writeln!(out, "agentbox_dns_queries_total{{verdict=\"deny\"}} {}", c.dns_refused.load(Ordering::Relaxed));
+        let _ =
+            writeln!(out, "# HELP agentbox_connections_total New connections and flows from sandboxes, by verdict.");
+        let _ = writeln!(out, "# TYPE agentbox_connections_total counter");
+        let _ = writeln!(
+            out,
+            "agentbox_connections_total{{verdict=\"allow\"}} {}",
+            c.connections_allowed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "agentbox_connections_total{{verdict=\"deny\"}} {}",
+            c.connections_denied.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP agentbox_network_policy_changes_total Runtime network policy changes.");
+        let _ = writeln!(out, "# TYPE agentbox_network_policy_changes_total counter");
+        let _ = writeln!(out, "agentbox_network_policy_changes_total {}", c.policy_changes.load(Ordering::Relaxed));
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn dns_event(verdict: &str, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]) -> NetEvent {
+    NetEvent {
+        time_ms: now_ms(),
+        kind: "dns".into(),
+        verdict: verdict.into(),
+        name: Some(name.to_string()),
+        qtype: Some(qtype.to_string()),
+        addresses: addrs.iter().map(|(a, _)| a.to_string()).collect(),
+        protocol: None,
+        destination: None,
+        port: None,
+    }
+}
+
+/// The DNS proxy's view of the policies.
+struct DnsGate(std::sync::Weak<Network>);
+
+impl dns::DnsPolicy for DnsGate {
+    fn decide(&self, client: IpAddr, name: &str) -> dns::Verdict {
+        let Some(net) = self.0.upgrade() else { return dns::Verdict::NotASandbox };
+        match net.sandbox_of(client) {
+            Some((_, _, Some(p))) if p.allows_name(name) => dns::Verdict::Allow,
+            Some(_) => dns::Verdict::Deny,
+            None => dns::Verdict::NotASandbox,
+        }
+    }
+
+    fn answered(&self, client: IpAddr, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]) {
+        let Some(net) = self.0.upgrade() else { return };
+        let Some((slot, id, _)) = net.sandbox_of(client) else { return };
+        net.counters.dns_allowed.fetch_add(1, Ordering::Relaxed);
+        if !addrs.is_empty() {
+            let elems: Vec<(Ipv4Addr, Option<Duration>)> = addrs
+                .iter()
+                .map(|(a, ttl)| (*a, Some(Duration::from_secs(u64::from((*ttl).max(MIN_ALLOW_SECS))))))
+                .collect();
+            let nft = net.nft.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(nft) = nft.as_ref()
+                && let Err(e) =
+                    nft.add_ipv4_elements(abx_sys::nft::Family::Ip, &net.table.table, &firewall::slot_set(slot), &elems)
+            {
+                warn!(sandbox = %id, error = %e, "allowing DNS answer addresses");
+            }
+        }
+        net.record(&id, dns_event("allow", name, qtype, addrs));
+    }
+
+    fn refused(&self, client: IpAddr, name: &str, qtype: &str) {
+        let Some(net) = self.0.upgrade() else { return };
+        let Some((_, id, _)) = net.sandbox_of(client) else { return };
+        net.counters.dns_refused.fetch_add(1, Ordering::Relaxed);
+        net.record(&id, dns_event("deny", name, qtype, &[]));
+    }
+}
+
+/// Reads the firewall's NFLOG messages into the audit logs and counters, on a thread of
+/// its own (the socket is not `Sync`) that looks for `stop` between polls.
+fn read_audit(sock: abx_sys::nflog::Nflog, net: std::sync::Weak<Network>, stop: Arc<AtomicBool>) {
+    use std::os::fd::AsFd;
+    let _ = sock.set_nonblocking(true);
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let fd = sock.as_fd();
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let wait = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
+        match rustix::event::poll(&mut fds, Some(&wait)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "egress audit stopped");
+                return;
+            }
+        }
+        let entries = match sock.recv(&mut buf) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                warn!(error = %e, "reading the egress audit");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let Some(net) = net.upgrade() else { return };
+        for e in entries {
+            net.audit_entry(&e);
+        }
+    }
+}
+
+impl Network {
+    fn audit_entry(&self, e: &abx_sys::nflog::LogEntry) {
+        let verdict = if e.prefix.starts_with(firewall::LOG_ALLOW.trim_end()) {
+            self.counters.connections_allowed.fetch_add(1, Ordering::Relaxed);
+            "allow"
+        } else if e.prefix.starts_with(firewall::LOG_DENY.trim_end()) {
+            self.counters.connections_denied.fetch_add(1, Ordering::Relaxed);
+            "deny"
+        } else {
+            return;
+        };
+        let Some((_, id, _)) = self.sandbox_of(IpAddr::V4(e.src)) else { return };
+        let protocol = match e.protocol {
+            1 => "icmp".to_string(),
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            n => n.to_string(),
+        };
+        self.record(
+            &id,
+            NetEvent {
+                time_ms: now_ms(),
+                kind: "connection".into(),
+                verdict: verdict.into(),
+                name: None,
+                qtype: None,
+                addresses: vec![],
+                protocol: Some(protocol),
+                destination: Some(e.dst.to_string()),
+                port: e.dst_port,
+            },
+        );
+    }
+}

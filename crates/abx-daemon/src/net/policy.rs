@@ -1,0 +1,317 @@
+//! Egress policies: parsing and checking the rules of a [`NetworkPolicy`], matching names
+//! against domain rules, and the address ranges that are never or only explicitly
+//! reachable.
+
+use std::net::Ipv4Addr;
+
+use abx_api::{NetMode, NetworkPolicy};
+
+/// Most rules a policy may have (each becomes a firewall rule or a name pattern).
+pub const MAX_RULES: usize = 256;
+
+/// Transport protocol of an address rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// An IPv4 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn new(addr: Ipv4Addr, len: u8) -> Cidr {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        Cidr { addr: Ipv4Addr::from(u32::from(addr) & mask), len }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        Cidr::new(ip, self.len).addr == self.addr
+    }
+
+    /// Whether the two networks share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+
+    /// Number of addresses.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.len))
+    }
+
+    /// The `n`th address of the network.
+    pub fn nth(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr).wrapping_add(n))
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("'{a}' is not an IPv4 address"))?;
+        let len: u8 =
+            l.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("'{l}' is not a prefix length (0-32)"))?;
+        let c = Cidr::new(addr, len);
+        if c.addr != addr {
+            return Err(format!("{s} has host bits set; did you mean {c}?"));
+        }
+        Ok(c)
+    }
+}
+
+/// One parsed `allow` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// A domain and all its records' addresses: `github.com`.
+    Domain(String),
+    /// Subdomains of a domain: `*.pypi.org` (`files.pypi.org`, `a.b.pypi.org`; not
+    /// `pypi.org` itself).
+    Wildcard(String),
+    /// Addresses with optional port range and protocol: `10.1.0.0/16:5432`.
+    Net { cidr: Cidr, ports: Option<(u16, u16)>, proto: Option<Proto> },
+}
+
+impl Rule {
+    /// Parses `HOST[:PORT[-PORT]][/tcp|/udp]` where HOST is a domain, `*.domain`, an IPv4
+    /// address or a CIDR. Ports and protocols apply to addresses only: a domain rule
+    /// allows what its names resolve to.
+    pub fn parse(text: &str) -> Result<Rule, String> {
+        let t = text.trim();
+        let bad = |why: String| format!("invalid allow rule '{text}': {why}");
+        if t.is_empty() {
+            return Err(bad("empty".into()));
+        }
+        // CIDR or address first: they contain '/' and ':' of their own.
+        let (body, proto) = match t.rsplit_once('/') {
+            Some((b, "tcp")) => (b, Some(Proto::Tcp)),
+            Some((b, "udp")) => (b, Some(Proto::Udp)),
+            _ => (t, None),
+        };
+        let (host, ports) = match body.split_once(':') {
+            Some((h, p)) => (h, Some(parse_ports(p).map_err(bad)?)),
+            None => (body, None),
+        };
+        if host.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && host.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '/')
+        {
+            let cidr: Cidr = host.parse().map_err(bad)?;
+            return Ok(Rule::Net { cidr, ports, proto });
+        }
+        if ports.is_some() || proto.is_some() {
+            return Err(bad("ports and protocols apply to addresses and CIDRs, not to domains".into()));
+        }
+        let lower = host.to_ascii_lowercase();
+        let lower = lower.strip_suffix('.').unwrap_or(&lower);
+        if let Some(rest) = lower.strip_prefix("*.") {
+            check_domain(rest).map_err(bad)?;
+            return Ok(Rule::Wildcard(rest.to_string()));
+        }
+        if lower == "*" {
+            return Err(bad("'*' alone would allow every name; use --net public".into()));
+        }
+        check_domain(lower).map_err(bad)?;
+        Ok(Rule::Domain(lower.to_string()))
+    }
+
+    /// Whether this domain rule covers `name` (lowercase, no trailing dot).
+    pub fn matches_name(&self, name: &str) -> bool {
+        match self {
+            Rule::Domain(d) => name == d,
+            Rule::Wildcard(d) => {
+                name.len() > d.len() + 1
+                    && name.ends_with(d.as_str())
+                    && name.as_bytes()[name.len() - d.len() - 1] == b'.'
+            }
+            Rule::Net { .. } => false,
+        }
+    }
+}
+
+fn parse_ports(p: &str) -> Result<(u16, u16), String> {
+    let port =
+        |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("'{s}' is not a port (1-65535)"));
+    match p.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a > b {
+                return Err(format!("port range {a}-{b} is backwards"));
+            }
+            Ok((a, b))
+        }
+        None => {
+            let a = port(p)?;
+            Ok((a, a))
+        }
+    }
+}
+
+fn check_domain(d: &str) -> Result<(), String> {
+    if d.len() > 253 || d.is_empty() {
+        return Err("a domain name has 1 to 253 characters".into());
+    }
+    for label in d.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("'{d}' has an empty or too long label"));
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("'{d}' is not a domain name (letters, digits, '-', '_' and dots)"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label '{label}' of '{d}' starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// A checked policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: NetMode,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    pub fn none() -> Policy {
+        Policy { mode: NetMode::None, rules: vec![] }
+    }
+
+    /// Checks a policy from the API; the error names the bad rule.
+    pub fn parse(p: &NetworkPolicy) -> Result<Policy, String> {
+        if p.allow.len() > MAX_RULES {
+            return Err(format!("{} allow rules is too many (at most {MAX_RULES})", p.allow.len()));
+        }
+        if p.mode == NetMode::None && !p.allow.is_empty() {
+            return Err("network mode 'none' takes no allow rules; use mode 'allow' (or leave the mode out)".into());
+        }
+        let rules = p.allow.iter().map(|r| Rule::parse(r)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Policy { mode: p.mode, rules })
+    }
+
+    /// Whether a sandbox with this policy may resolve `name`.
+    pub fn allows_name(&self, name: &str) -> bool {
+        match self.mode {
+            NetMode::None => false,
+            NetMode::Public => true,
+            NetMode::Allow => self.rules.iter().any(|r| r.matches_name(name)),
+        }
+    }
+
+    /// The rule allowing `name`, for reports.
+    pub fn name_rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches_name(name))
+    }
+
+    pub fn net_rules(&self) -> impl Iterator<Item = (&Cidr, Option<(u16, u16)>, Option<Proto>)> {
+        self.rules.iter().filter_map(|r| match r {
+            Rule::Net { cidr, ports, proto } => Some((cidr, *ports, *proto)),
+            _ => None,
+        })
+    }
+
+    pub fn domain_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().filter(|r| !matches!(r, Rule::Net { .. }))
+    }
+}
+
+/// Never reachable from a sandbox, whatever the policy: "this" network, loopback,
+/// link-local (with cloud metadata at 169.254.169.254), multicast, reserved and broadcast.
+pub const NEVER: &[&str] = &["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4"];
+
+/// Private ranges, reachable only through a rule naming them: RFC 1918, shared address
+/// space (carrier-grade NAT), IETF protocol assignments and benchmarking. The
+/// documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) count as public.
+pub const PRIVATE: &[&str] =
+    &["10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15"];
+
+/// Whether `ip` is in one of `ranges`.
+pub fn in_ranges(ip: Ipv4Addr, ranges: &[&str]) -> bool {
+    ranges.iter().filter_map(|r| r.parse::<Cidr>().ok()).any(|c| c.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rules() {
+        assert_eq!(Rule::parse("GitHub.com").unwrap(), Rule::Domain("github.com".into()));
+        assert_eq!(Rule::parse("*.pypi.org").unwrap(), Rule::Wildcard("pypi.org".into()));
+        assert_eq!(
+            Rule::parse("10.1.0.0/16:5432").unwrap(),
+            Rule::Net { cidr: "10.1.0.0/16".parse().unwrap(), ports: Some((5432, 5432)), proto: None }
+        );
+        assert_eq!(
+            Rule::parse("203.0.113.7:8000-8080/udp").unwrap(),
+            Rule::Net { cidr: "203.0.113.7/32".parse().unwrap(), ports: Some((8000, 8080)), proto: Some(Proto::Udp) }
+        );
+        assert_eq!(
+            Rule::parse("198.51.100.0/24/tcp").unwrap(),
+            Rule::Net { cidr: "198.51.100.0/24".parse().unwrap(), ports: None, proto: Some(Proto::Tcp) }
+        );
+        for bad in [
+            "",
+            "*",
+            "10.1.0.1/16",
+            "10.0.0.0/33",
+            "1.2.3.4:0",
+            "1.2.3.4:9-3",
+            "github.com:443",
+            "a..b",
+            "-a.com",
+            "a b",
+        ] {
+            assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
+        }
+        assert!(Rule::parse("10.1.0.1/16").unwrap_err().contains("10.1.0.0/16"));
+    }
+
+    #[test]
+    fn matches_names() {
+        let w = Rule::Wildcard("pypi.org".into());
+        assert!(w.matches_name("files.pypi.org") && w.matches_name("a.b.pypi.org"));
+        assert!(!w.matches_name("pypi.org") && !w.matches_name("evilpypi.org"));
+        let d = Rule::Domain("github.com".into());
+        assert!(d.matches_name("github.com") && !d.matches_name("api.github.com"));
+    }
+
+    #[test]
+    fn checks_policies() {
+        let p = NetworkPolicy { mode: NetMode::None, allow: vec!["github.com".into()] };
+        assert!(Policy::parse(&p).unwrap_err().contains("none"));
+        let p = NetworkPolicy { mode: NetMode::Allow, allow: vec!["github.com".into(), "x:1".into()] };
+        assert!(Policy::parse(&p).unwrap_err().contains("'x:1'"));
+        let p = Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.test".into()] }).unwrap();
+        assert!(p.allows_name("a.test") && !p.allows_name("test"));
+        assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Public, allow: vec![] }).unwrap().allows_name("x"));
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(in_ranges("169.254.169.254".parse().unwrap(), NEVER));
+        assert!(in_ranges("172.20.1.1".parse().unwrap(), PRIVATE));
+        assert!(!in_ranges("203.0.113.5".parse().unwrap(), PRIVATE));
+        let c: Cidr = "10.250.3.0/24".parse().unwrap();
+        assert_eq!(c.nth(2), "10.250.3.2".parse::<Ipv4Addr>().unwrap());
+        assert!(c.overlaps(&"10.0.0.0/8".parse().unwrap()));
+    }
+}

@@ -1,0 +1,233 @@
+//! `agentbox net test`: proves from inside a sandbox that its policy holds. The daemon
+//! derives the checks from the policy (what must be reachable, what must not), the guest
+//! agent runs them in the sandbox's own network namespace, and the report compares.
+//!
+//! Reachable means the network let the packets through: a connection, or a refusal by the
+//! peer itself (nothing listens on that port). Blocked means the host's firewall refused
+//! (a TCP reset with a deny in the sandbox's audit, or EHOSTUNREACH from ICMP
+//! "administratively prohibited"), or no answer came.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use abx_api::{NetCheck, NetMode, NetTestReport};
+use abx_proto::{Probe, ProbeResult, Request};
+
+use super::policy::{self, Policy, Rule};
+use crate::error::{CoreError, CoreResult};
+use crate::manager::Manager;
+use crate::sandbox::Sandbox;
+
+const TIMEOUT_MS: u64 = 1500;
+
+/// A check before it runs.
+struct Plan {
+    target: String,
+    reason: String,
+    reachable: bool,
+    probe: Probe,
+}
+
+fn tcp(addr: Ipv4Addr, port: u16) -> Probe {
+    Probe::Tcp { addr: SocketAddr::from((addr, port)), timeout_ms: TIMEOUT_MS }
+}
+
+/// A minimal DNS query for the root's NS records: what a resolver would answer.
+fn dns_query() -> Vec<u8> {
+    vec![0xab, 0x78, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1]
+}
+
+pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestReport> {
+    let net = m.net.as_ref().ok_or_else(|| CoreError::Invalid("this daemon runs without networking".into()))?;
+    let rec = sb.record();
+    let policy = Policy::parse(&rec.network).map_err(CoreError::Invalid)?;
+    let slot = rec.uid_slot;
+    // First the names the policy allows, resolved from inside (their answers are the
+    // addresses the other checks use).
+    let names: Vec<String> = policy
+        .domain_rules()
+        .filter_map(|r| match r {
+            Rule::Domain(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut plans: Vec<Plan> = names
+        .iter()
+        .map(|n| Plan {
+            target: format!("dns {n}"),
+            reason: format!("allowed by rule {n}"),
+            reachable: true,
+            probe: Probe::Dns { name: n.clone() },
+        })
+        .collect();
+    if policy.mode != NetMode::Public {
+        let name = format!("not-allowed-{}.example.com", rec.id);
+        plans.push(Plan {
+            target: format!("dns {name}"),
+            reason: "no rule allows this name: the resolver must refuse it without asking upstream".into(),
+            reachable: false,
+            probe: Probe::Dns { name },
+        });
+    }
+    let first = agent_probes(sb, &plans).await?;
+    let mut resolved: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (n, r) in names.iter().zip(&first) {
+        if let Some(a) = r.addresses.first() {
+            resolved.push((n.clone(), *a));
+        }
+    }
+    // Then connections.
+    let mut second: Vec<Plan> = Vec::new();
+    for (name, addr) in &resolved {
+        let private = policy::in_ranges(*addr, policy::PRIVATE) && !covered(&policy, *addr, 443);
+        second.push(Plan {
+            target: format!("tcp {name}:443 ({addr})"),
+            reason: if private {
+                format!("{name} resolves to a private address and no rule names it")
+            } else {
+                format!("allowed by rule {name}")
+            },
+            reachable: !private,
+            probe: tcp(*addr, 443),
+        });
+        second.push(Plan {
+            target: format!("udp {name}:443 ({addr})"),
+            reason: "UDP 443 (QUIC) is always refused so clients fall back to TCP".into(),
+            reachable: false,
+            probe: Probe::Udp {
+                addr: SocketAddr::from((*addr, 443)),
+                payload: b"quic?".to_vec(),
+                timeout_ms: TIMEOUT_MS,
+            },
+        });
+    }
+    for (cidr, ports, proto) in policy.net_rules() {
+        if proto == Some(policy::Proto::Udp) {
+            continue;
+        }
+        let addr = if cidr.len >= 31 { cidr.addr } else { cidr.nth(1) };
+        let port = ports.map(|p| p.0).unwrap_or(443);
+        let forbidden = policy::in_ranges(addr, policy::NEVER) || net.cfg.subnet.contains(addr);
+        second.push(Plan {
+            target: format!("tcp {addr}:{port}"),
+            reason: if forbidden {
+                format!("rule {cidr} names an address that is never reachable")
+            } else {
+                format!("allowed by rule {cidr}")
+            },
+            reachable: !forbidden,
+            probe: tcp(addr, port),
+        });
+    }
+    let gateway = net.cfg.gateway();
+    second.push(Plan {
+        target: format!("tcp {gateway}:22"),
+        reason: "the host itself".into(),
+        reachable: false,
+        probe: tcp(gateway, 22),
+    });
+    let metadata = Ipv4Addr::new(169, 254, 169, 254);
+    second.push(Plan {
+        target: format!("tcp {metadata}:80"),
+        reason: "cloud metadata".into(),
+        reachable: false,
+        probe: tcp(metadata, 80),
+    });
+    let neighbour = net.slot_addr(if slot == 0 { 1 } else { slot - 1 });
+    second.push(Plan {
+        target: format!("tcp {neighbour}:80"),
+        reason: "another sandbox".into(),
+        reachable: false,
+        probe: tcp(neighbour, 80),
+    });
+    let private = Ipv4Addr::new(10, 0, 0, 1);
+    if !covered(&policy, private, 80) && !net.cfg.subnet.contains(private) {
+        second.push(Plan {
+            target: format!("tcp {private}:80"),
+            reason: "private range, no rule names it".into(),
+            reachable: false,
+            probe: tcp(private, 80),
+        });
+    }
+    if let Some(up) = net.cfg.dns_upstream
+        && let SocketAddr::V4(v4) = up
+        && !covered(&policy, *v4.ip(), 53)
+    {
+        second.push(Plan {
+            target: format!("udp {}:53", v4.ip()),
+            reason: "a resolver other than the sandbox's own".into(),
+            reachable: false,
+            probe: Probe::Udp { addr: up, payload: dns_query(), timeout_ms: TIMEOUT_MS },
+        });
+    }
+    if policy.mode == NetMode::None {
+        let public = Ipv4Addr::new(203, 0, 113, 1);
+        second.push(Plan {
+            target: format!("tcp {public}:443"),
+            reason: "mode none: no egress at all".into(),
+            reachable: false,
+            probe: tcp(public, 443),
+        });
+    }
+    let since = super::now_ms();
+    let mut results = agent_probes(sb, &second).await?;
+    // The firewall refuses TCP with a reset, which looks like a closed port from inside:
+    // the audit tells the two apart (the deny is logged before the reset is sent).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let (events, _) = net.log(&rec.id);
+    for (plan, r) in second.iter().zip(results.iter_mut()) {
+        if let Probe::Tcp { addr, .. } = &plan.probe
+            && r.outcome == "reachable"
+            && !r.detail.starts_with("connected")
+            && events.iter().any(|e| {
+                e.time_ms >= since
+                    && e.kind == "connection"
+                    && e.protocol.as_deref() == Some("tcp")
+                    && e.verdict == "deny"
+                    && e.destination.as_deref() == Some(addr.ip().to_string().as_str())
+                    && e.port == Some(addr.port())
+            })
+        {
+            r.outcome = "blocked".into();
+            r.detail = "refused by the firewall (a deny in the audit)".into();
+        }
+    }
+    let checks: Vec<NetCheck> = plans
+        .iter()
+        .zip(first.iter())
+        .chain(second.iter().zip(results.iter()))
+        .map(|(p, r)| {
+            let expected = if p.reachable { "reachable" } else { "blocked" };
+            // Silence counts as blocked when blocked is expected.
+            let ok = r.outcome == expected || (!p.reachable && r.outcome == "unknown" && p.target.starts_with("udp"));
+            NetCheck {
+                target: p.target.clone(),
+                reason: p.reason.clone(),
+                expected: expected.into(),
+                observed: r.outcome.clone(),
+                ok,
+                detail: r.detail.clone(),
+            }
+        })
+        .collect();
+    Ok(NetTestReport { policy: rec.network.clone(), passed: checks.iter().all(|c| c.ok), checks })
+}
+
+/// Whether an address rule of the policy covers `addr` on TCP `port`.
+fn covered(policy: &Policy, addr: Ipv4Addr, port: u16) -> bool {
+    policy.net_rules().any(|(c, ports, proto)| {
+        c.contains(addr) && ports.is_none_or(|(a, b)| (a..=b).contains(&port)) && proto != Some(policy::Proto::Udp)
+    })
+}
+
+async fn agent_probes(sb: &Arc<Sandbox>, plans: &[Plan]) -> CoreResult<Vec<ProbeResult>> {
+    if plans.is_empty() {
+        return Ok(vec![]);
+    }
+    let probes = plans.iter().map(|p| p.probe.clone()).collect();
+    let results: Vec<ProbeResult> = crate::agent::call(&sb.dirs.agent_socket(), &Request::NetProbe { probes }).await?;
+    if results.len() != plans.len() {
+        return Err(CoreError::internal("network probes", "the agent answered a different number of probes"));
+    }
+    Ok(results)
+}

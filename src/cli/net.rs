@@ -1,0 +1,173 @@
+//! `net set|show|log|test`, `port`, and the `--net`/`--allow` options of `run` and `create`.
+
+use abx_client::{Client, NetMode, NetTestReport, NetworkPolicy};
+use clap::{Args, Subcommand};
+
+/// Egress policy options.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PolicyArgs {
+    /// Egress: none (default: nothing), public (the internet minus private, link-local and
+    /// metadata ranges) or allow (only what --allow names; implied by --allow).
+    #[arg(long)]
+    pub net: Option<NetMode>,
+    /// Allow a domain (github.com), its subdomains (*.pypi.org), or an address or CIDR
+    /// with optional ports and protocol (10.1.0.0/16:5432, 203.0.113.7:8000-8080/udp).
+    /// Repeatable.
+    #[arg(long)]
+    pub allow: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// The policy asked for, or None to take the daemon's default (no egress).
+    pub fn policy(&self) -> Option<NetworkPolicy> {
+        if self.net.is_none() && self.allow.is_empty() {
+            return None;
+        }
+        let mode = self.net.unwrap_or(if self.allow.is_empty() { NetMode::None } else { NetMode::Allow });
+        Some(NetworkPolicy { mode, allow: self.allow.clone() })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetCmd {
+    /// Replace a sandbox's egress policy (takes effect at once).
+    Set {
+        /// Sandbox id or name.
+        id: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Show a sandbox's egress policy and address.
+    Show {
+        /// Sandbox id or name.
+        id: String,
+    },
+    /// Show a sandbox's egress audit: DNS answers and allowed and denied connections.
+    Log {
+        /// Sandbox id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe from inside a sandbox that its policy holds; exits 1 if it does not.
+    Test {
+        /// Sandbox id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PortArgs {
+    /// Sandbox id or name.
+    id: String,
+    /// Port inside the sandbox.
+    port: u16,
+}
+
+pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
+    match cmd {
+        NetCmd::Set { id, policy } => {
+            let p = policy.policy().unwrap_or_default();
+            let sb = client.set_network(&id, &p).await?;
+            println!("{}", describe(&sb.network));
+            Ok(0)
+        }
+        NetCmd::Show { id } => {
+            let sb = client.get_sandbox(&id).await?;
+            println!("{}", describe(&sb.network));
+            if let Some(a) = sb.address {
+                println!("address {a}");
+            }
+            Ok(0)
+        }
+        NetCmd::Log { id, json } => {
+            let log = client.network_log(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+                return Ok(0);
+            }
+            if log.dropped > 0 {
+                println!("({} older events dropped)", log.dropped);
+            }
+            for e in log.events {
+                let what = match e.kind.as_str() {
+                    "dns" => format!(
+                        "dns {} {}{}",
+                        e.qtype.unwrap_or_default(),
+                        e.name.unwrap_or_default(),
+                        if e.addresses.is_empty() { String::new() } else { format!(" -> {}", e.addresses.join(", ")) }
+                    ),
+                    _ => format!(
+                        "{} {}{}",
+                        e.protocol.unwrap_or_default(),
+                        e.destination.unwrap_or_default(),
+                        e.port.map(|p| format!(":{p}")).unwrap_or_default()
+                    ),
+                };
+                println!("{} {:<5} {what}", time(e.time_ms), e.verdict);
+            }
+            Ok(0)
+        }
+        NetCmd::Test { id, json } => {
+            let report = client.network_test(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(if report.passed { 0 } else { 1 })
+        }
+    }
+}
+
+/// `--net-test`: runs the test and prints the report on stderr; false if it failed.
+pub async fn test_after_create(client: &Client, id: &str) -> anyhow::Result<bool> {
+    let report = client.network_test(id).await?;
+    if !report.passed {
+        eprintln!("network test of sandbox {id} failed:");
+        for c in report.checks.iter().filter(|c| !c.ok) {
+            eprintln!("  {}: expected {}, got {} ({}; {})", c.target, c.expected, c.observed, c.reason, c.detail);
+        }
+    }
+    Ok(report.passed)
+}
+
+pub async fn port(client: &Client, a: PortArgs) -> anyhow::Result<i32> {
+    let p = client.port_url(&a.id, a.port).await?;
+    println!("{}", p.url);
+    Ok(0)
+}
+
+fn describe(p: &NetworkPolicy) -> String {
+    let mut s = format!("network {}", p.mode.as_str());
+    for r in &p.allow {
+        s.push_str(&format!(" --allow {r}"));
+    }
+    s
+}
+
+fn print_report(r: &NetTestReport) {
+    println!("policy: {}", describe(&r.policy));
+    for c in &r.checks {
+        println!(
+            "{} {:<40} expected {:<9} got {:<9} {} ({})",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.target,
+            c.expected,
+            c.observed,
+            c.reason,
+            c.detail
+        );
+    }
+    println!("{}", if r.passed { "policy holds" } else { "POLICY DOES NOT HOLD" });
+}
+
+fn time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", ms % 1000)
+}

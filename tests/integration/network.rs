@@ -1,0 +1,279 @@
+//! Egress policies, the DNS proxy, the audit, `net test` and ingress, against a fake
+//! internet of the test's own (see `fakenet`): the daemon runs in a network namespace
+//! whose only way out is that internet.
+
+use std::net::SocketAddr;
+
+use abx_client::{CreateSandbox, NetMode, NetworkPolicy};
+use serde_json::Value;
+
+use crate::fakenet::{self, DNS, FakeNet, PRIVATE, WEB_A, WEB_B, WEB_C};
+use crate::harness::{Daemon, random_hex};
+
+struct World {
+    net: FakeNet,
+    d: Daemon,
+}
+
+impl World {
+    async fn new() -> World {
+        let prefix = format!("abxt{}", random_hex(6));
+        let net = FakeNet::new(&prefix).await;
+        let dns = net.dns_upstream();
+        let d = Daemon::start_in(
+            Some(&net.daemon_ns.clone()),
+            &["--uplink", "up0", "--dns-upstream", &dns, "--ingress", "tcp:127.0.0.1:0", "--domain", "sandbox.test"],
+        )
+        .await;
+        d.template("mini").await;
+        World { net, d }
+    }
+
+    async fn sandbox(&self, mode: NetMode, allow: &[&str]) -> String {
+        let req = CreateSandbox {
+            template: Some("mini".into()),
+            network: Some(NetworkPolicy { mode, allow: allow.iter().map(|s| s.to_string()).collect() }),
+            ..Default::default()
+        };
+        let id = self.d.client.create_sandbox(&req).await.unwrap().id;
+        self.d.install_probe(&id).await;
+        id
+    }
+
+    /// `abx-probe ARGS` in sandbox `id`: its JSON.
+    async fn probe(&self, id: &str, args: &[&str]) -> Value {
+        let mut cmd = vec!["abx-probe".to_string()];
+        cmd.extend(args.iter().map(|s| s.to_string()));
+        let (out, err, _) = self.d.exec(id, abx_client::ExecRequest { cmd, ..Default::default() }).await;
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("abx-probe {args:?}: {e}: {out} {err}"))
+    }
+
+    async fn reaches(&self, id: &str, target: &str) -> bool {
+        let v = self.probe(id, &["connect", target]).await;
+        v["ok"] == true
+    }
+
+    /// Asserts a connection is refused by the firewall (EHOSTUNREACH), not by the peer or
+    /// DNS.
+    /// Asserts the firewall refuses a TCP connection: refused at once (a reset) and a deny
+    /// for it in the sandbox's audit.
+    async fn refused(&self, id: &str, target: &str) {
+        let v = self.probe(id, &["connect", target]).await;
+        assert_eq!(v["errno"], "ECONNREFUSED", "{target} from {id}: {v}\n{}", self.ruleset());
+        let (host, port) = target.rsplit_once(':').unwrap();
+        let port: u16 = port.parse().unwrap();
+        for _ in 0..50 {
+            let log = self.d.client.network_log(id).await.unwrap();
+            let hit = log.events.iter().any(|e| {
+                e.kind == "connection"
+                    && e.verdict == "deny"
+                    && e.port == Some(port)
+                    && (e.destination.as_deref() == Some(host) || !host.starts_with(|c: char| c.is_ascii_digit()))
+            });
+            if hit {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("no deny of {target} in the audit of {id}");
+    }
+
+    /// The daemon namespace's nftables ruleset (for failure messages).
+    fn ruleset(&self) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.net.daemon_ns, "nft", "list", "ruleset"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Asserts a name does not resolve in sandbox `id`.
+    async fn unresolved(&self, id: &str, name: &str) {
+        let v = self.probe(id, &["connect", &format!("{name}:80")]).await;
+        assert_eq!(v["ok"], false, "{name} resolved in {id}: {v}");
+        assert!(v.get("errno").is_none_or(|e| e != "EHOSTUNREACH"), "{name}: the name resolved: {v}");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.d.stop();
+    }
+}
+
+/// Starts busybox httpd on port 8000 in sandbox `id`, serving `text`.
+async fn serve(w: &World, id: &str, text: &str) {
+    let (_, err, code) = w.d.sh(id, &format!("mkdir -p /tmp/www && echo {text} > /tmp/www/index.html")).await;
+    assert_eq!(code, 0, "{err}");
+    let cmd = ["httpd", "-f", "-p", "8000", "-h", "/tmp/www"].map(String::from).to_vec();
+    w.d.client.exec_background(id, &abx_client::ExecRequest { cmd, ..Default::default() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn default_none_blocks_everything() {
+    let w = World::new().await;
+    let id = w.sandbox(NetMode::None, &[]).await;
+    w.refused(&id, &format!("{WEB_A}:80")).await;
+    w.refused(&id, &format!("{DNS}:53")).await;
+    let v = w.probe(&id, &["udp", &format!("{DNS}:53")]).await;
+    assert_eq!(v["errno"], "EHOSTUNREACH", "{v}");
+    w.unresolved(&id, "allowed.test").await;
+    let sb = w.d.client.get_sandbox(&id).await.unwrap();
+    assert_eq!(sb.network.mode, NetMode::None);
+    assert!(sb.address.unwrap().starts_with("10.240."));
+    // The audit saw the refused name and the refused connections.
+    let log = w.d.client.network_log(&id).await.unwrap();
+    assert!(
+        log.events.iter().any(|e| e.kind == "dns" && e.verdict == "deny" && e.name.as_deref() == Some("allowed.test")),
+        "{log:?}"
+    );
+    assert!(
+        log.events.iter().any(|e| e.kind == "connection"
+            && e.verdict == "deny"
+            && e.destination.as_deref() == Some(&WEB_A.to_string())
+            && e.port == Some(80)),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn allowlist_holds_against_literals_other_resolvers_quic_and_root() {
+    let w = World::new().await;
+    let id = w.sandbox(NetMode::Allow, &["allowed.test", "*.pkg.test", "private.test", "198.51.100.10:4443/udp"]).await;
+    // Allowed names work, over DNS through the proxy.
+    assert!(w.reaches(&id, "allowed.test:80").await);
+    let (out, err, code) = w.d.sh(&id, "wget -q -O- http://allowed.test/").await;
+    assert_eq!((out.as_str(), code), ("web-a", 0), "{err}");
+    assert!(w.reaches(&id, "files.pkg.test:80").await, "wildcard rule");
+    // Other names are refused by the resolver; their addresses are unreachable by literal.
+    w.unresolved(&id, "other.test").await;
+    w.unresolved(&id, "pkg.test").await;
+    w.refused(&id, &format!("{WEB_B}:80")).await;
+    // An allowed name with a private address stays blocked.
+    w.refused(&id, "private.test:80").await;
+    w.refused(&id, &format!("{PRIVATE}:80")).await;
+    // A DNS query straight to another resolver is refused.
+    let v = w.probe(&id, &["udp", &format!("{DNS}:53")]).await;
+    assert_eq!(v["errno"], "EHOSTUNREACH", "raw DNS: {v}");
+    // UDP 443 (QUIC) is refused even to an allowed host, while an allowed UDP port works.
+    let v = w.probe(&id, &["udp", &format!("{WEB_A}:443"), "quic"]).await;
+    assert_eq!(v["errno"], "EHOSTUNREACH", "QUIC: {v}");
+    let v = w.probe(&id, &["udp", &format!("{WEB_A}:4443"), "hello"]).await;
+    assert_eq!(v["reply"], "hello", "allowed UDP: {v}");
+    // Metadata, the host (gateway) and the daemon's ingress are never reachable.
+    w.refused(&id, "169.254.169.254:80").await;
+    let gw = w.d.client.system().await.unwrap();
+    let _ = gw;
+    let addr: std::net::Ipv4Addr = w.d.client.get_sandbox(&id).await.unwrap().address.unwrap().parse().unwrap();
+    let gateway = std::net::Ipv4Addr::from(u32::from(addr) & !0x7f | 1);
+    w.refused(&id, &format!("{gateway}:22")).await;
+    w.refused(&id, "203.0.113.2:22").await;
+    // Root inside cannot change the namespace: no address, route or nftables change.
+    let v = w.probe(&id, &["net-admin"]).await;
+    assert_eq!(v["ok"], false, "{v}");
+    for k in ["address", "route", "nft"] {
+        assert_eq!(v[k], "EPERM", "{k}: {v}");
+    }
+    w.refused(&id, &format!("{WEB_B}:80")).await;
+    // The audit has the allowed answer and both verdicts.
+    let log = w.d.client.network_log(&id).await.unwrap();
+    let has = |f: &dyn Fn(&abx_client::NetEvent) -> bool| log.events.iter().any(f);
+    assert!(has(&|e| e.kind == "dns" && e.verdict == "allow" && e.addresses == vec![WEB_A.to_string()]), "{log:?}");
+    assert!(has(&|e| e.kind == "dns" && e.verdict == "deny" && e.name.as_deref() == Some("other.test")), "{log:?}");
+    assert!(has(&|e| e.kind == "connection" && e.verdict == "allow" && e.destination == Some(WEB_A.to_string())));
+    assert!(has(&|e| e.kind == "connection" && e.verdict == "deny" && e.destination == Some(WEB_B.to_string())));
+    // And the CLI shows it.
+    let out = w.d.cli(&["net", "log", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("allowed.test -> 198.51.100.10") && text.contains(&format!("deny  tcp {WEB_B}:80")),
+        "{text}"
+    );
+    // Metrics count decisions.
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket", &w.d.socket.display().to_string(), "http://localhost/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("agentbox_connections_total{verdict=\"deny\"}"), "{metrics}");
+    assert!(!metrics.contains("agentbox_connections_total{verdict=\"deny\"} 0\n"), "{metrics}");
+    // The policy test agrees.
+    let report = w.d.client.network_test(&id).await.unwrap();
+    assert!(report.passed, "{:?}", report.checks.iter().filter(|c| !c.ok).collect::<Vec<_>>());
+    assert!(report.checks.iter().any(|c| c.target.starts_with("tcp 169.254.169.254") && c.observed == "blocked"));
+    assert!(report.checks.iter().any(|c| c.target == "dns allowed.test" && c.observed == "reachable"));
+    let _ = WEB_C;
+}
+
+#[tokio::test]
+async fn runtime_policy_changes_and_sandboxes_are_apart() {
+    let w = World::new().await;
+    let a = w.sandbox(NetMode::None, &[]).await;
+    let b = w.sandbox(NetMode::Public, &[]).await;
+    w.refused(&a, &format!("{WEB_B}:80")).await;
+    // Public: the internet, but not private ranges nor the other sandbox.
+    assert!(w.reaches(&b, "other.test:80").await);
+    assert!(w.reaches(&b, &format!("{WEB_B}:80")).await);
+    w.refused(&b, &format!("{PRIVATE}:80")).await;
+    // Runtime change through the CLI: none -> public with an explicit private rule.
+    let out = w.d.cli(&["net", "set", &a, "--net", "public", "--allow", "10.77.0.0/16:80"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(w.reaches(&a, &format!("{WEB_B}:80")).await);
+    assert!(w.reaches(&a, &format!("{PRIVATE}:80")).await, "explicit private rule");
+    // Two sandboxes cannot reach each other, even with public egress.
+    serve(&w, &b, "sandbox-b").await;
+    let b_addr = w.d.client.get_sandbox(&b).await.unwrap().address.unwrap();
+    w.refused(&a, &format!("{b_addr}:8000")).await;
+    // Back to none: blocked again at once.
+    let sb = w.d.client.set_network(&a, &NetworkPolicy::default()).await.unwrap();
+    assert_eq!(sb.network.mode, NetMode::None);
+    w.refused(&a, &format!("{WEB_B}:80")).await;
+    // Bad rules are refused with the rule named, and change nothing.
+    let err =
+        w.d.client
+            .set_network(&a, &NetworkPolicy { mode: NetMode::Allow, allow: vec!["10.0.0.1/8".into()] })
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("10.0.0.1/8"), "{err}");
+    assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::None);
+}
+
+#[tokio::test]
+async fn ingress_routes_by_host_name_and_headers() {
+    let w = World::new().await;
+    let mut ids = Vec::new();
+    for name in ["one", "two"] {
+        let id = w.sandbox(NetMode::None, &[]).await;
+        serve(&w, &id, name).await;
+        ids.push(id);
+    }
+    // Both listen on port 8000; each is reached by its own URL.
+    let url = w.d.client.port_url(&ids[0], 8000).await.unwrap();
+    assert_eq!(url.host, format!("8000-{}.sandbox.test", ids[0]));
+    let ingress: SocketAddr = url.ingress.parse().unwrap();
+    let mut got = String::new();
+    for _ in 0..50 {
+        got = fakenet::http_get(&w.net.daemon_ns, ingress, &url.host, &[]);
+        if got.contains("one") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("one\n"), "{got}");
+    let got = fakenet::http_get(
+        &w.net.daemon_ns,
+        ingress,
+        "anything",
+        &[("E2b-Sandbox-Id", &ids[1]), ("E2b-Sandbox-Port", "8000")],
+    );
+    assert!(got.contains("two\n"), "{got}");
+    let got = fakenet::http_get(&w.net.daemon_ns, ingress, &format!("8001-{}.sandbox.test", ids[1]), &[]);
+    assert!(got.starts_with("HTTP/1.1 502") && got.contains("nothing listens on port 8001"), "{got}");
+    let got = fakenet::http_get(&w.net.daemon_ns, ingress, "8000-nosuchsandbox.sandbox.test", &[]);
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+    let out = w.d.cli(&["port", &ids[1], "8000"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("http://8000-{}.sandbox.test:{}", ids[1], ingress.port())
+    );
+}
