@@ -69,7 +69,7 @@ async fn dangerous_syscalls_are_refused() {
 }
 
 #[tokio::test]
-async fn sees_only_its_own_processes_files_and_loopback() {
+async fn sees_only_its_own_processes_files_and_network() {
     let d = Daemon::start().await;
     let id = d.mini(Limits::default()).await;
     d.install_probe(&id).await;
@@ -78,12 +78,15 @@ async fn sees_only_its_own_processes_files_and_loopback() {
     let r = d.probe(&id, Some("root")).await;
     let pids: Vec<u64> = r["pids_visible"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap()).collect();
     assert!(pids.contains(&1) && pids.len() <= 3, "only the agent and the probe: {pids:?}");
-    assert_eq!(r["interfaces"], serde_json::json!(["lo"]));
+    let mut ifs: Vec<String> =
+        r["interfaces"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()).collect();
+    ifs.sort();
+    assert_eq!(ifs, ["eth0", "lo"], "loopback and its own veth end only");
     // Host files are not reachable: the root is the template's.
     let (out, _, _) = d.sh(&id, &format!("cat {} 2>&1; ls /; cat /etc/hostname", marker.display())).await;
     assert!(!out.contains("secret"), "{out}");
     assert!(out.contains("linuxrc"), "busybox root expected: {out}");
-    // No route anywhere: connecting out fails at once without sending anything.
+    // The default policy is no egress: the host's firewall refuses at once.
     let (out, _, _) = d
         .exec(
             &id,
@@ -93,7 +96,24 @@ async fn sees_only_its_own_processes_files_and_loopback() {
             },
         )
         .await;
-    assert!(out.contains("ENETUNREACH") || out.contains("\"ok\":false"), "{out}");
+    assert!(out.contains("ECONNREFUSED"), "{out}");
+}
+
+#[tokio::test]
+async fn without_networking_a_sandbox_has_loopback_only() {
+    let d = Daemon::start_with(&["--subnet", "none"]).await;
+    let id = d.mini(Limits::default()).await;
+    let (out, _, _) = d.sh(&id, "ls /sys/class/net; cat /etc/resolv.conf 2>&1").await;
+    assert!(out.starts_with("lo\n"), "{out}");
+    let sb = d.client.get_sandbox(&id).await.unwrap();
+    assert!(sb.address.is_none());
+    // Policies with egress are refused with the reason.
+    let err = d
+        .client
+        .set_network(&id, &abx_client::NetworkPolicy { mode: abx_client::NetMode::Public, allow: vec![] })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--subnet none"), "{err}");
 }
 
 #[tokio::test]
@@ -229,7 +249,14 @@ async fn the_network_namespace_cannot_be_reconfigured_but_serves_ordinary_use() 
     // One slot: the second sandbox reuses the first one's network namespace.
     let d = Daemon::start_with(&["--uid-slots", "1"]).await;
     let a = d.mini(Limits::default()).await;
-    for cmd in ["ip link set lo down", "ip addr add 10.9.9.9/32 dev lo", "ip route add 10.9.0.0/16 dev lo"] {
+    for cmd in [
+        "ip link set lo down",
+        "ip addr add 10.9.9.9/32 dev lo",
+        "ip route add 10.9.0.0/16 dev lo",
+        "ip addr add 10.9.9.9/32 dev eth0",
+        "ip route del default",
+        "ip link set eth0 down",
+    ] {
         let (_, err, code) = root_sh(&d, &a, cmd).await;
         assert_ne!(code, 0, "root inside must not be able to run `{cmd}`: {err}");
     }
@@ -268,5 +295,5 @@ async fn dev_shm_is_shared_memory_and_host_details_are_masked() {
     let (_, _, code) = root_sh(&d, &id, "touch /sys/kernel/x").await;
     assert_ne!(code, 0, "/sys is read-only");
     let (out, _, _) = d.sh(&id, "ls /sys/class/net").await;
-    assert_eq!(out.trim(), "lo", "sysfs shows the sandbox's own network namespace");
+    assert_eq!(out.trim(), "eth0\nlo", "sysfs shows the sandbox's own network namespace");
 }

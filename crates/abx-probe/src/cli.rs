@@ -12,7 +12,10 @@ pub const USAGE: &str = "usage: abx-probe report
        abx-probe udp HOST:PORT [TEXT]
        abx-probe net-admin
        abx-probe hog MEGABYTES [SECONDS]
-       abx-probe sleep SECONDS";
+       abx-probe sleep SECONDS
+       abx-probe dns-bench SERVER:PORT NAME COUNT
+       abx-probe tcp-send HOST:PORT MEGABYTES
+       abx-probe tcp-sink ADDR:PORT";
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +37,13 @@ pub enum Command {
     Udp(String, String),
     /// Try to change the network namespace (address, route, nftables) as root would.
     NetAdmin,
+    /// Send `count` DNS A queries for `name` to `server` one after another over one UDP
+    /// socket and report the latency distribution (a load generator, not a resolver).
+    DnsBench { server: String, name: String, count: u32 },
+    /// Send `megabytes` MiB over one TCP connection to a `tcp-sink` and report the rate.
+    TcpSend { target: String, megabytes: u64 },
+    /// Listen on `addr`; for every connection, read to the end, answer the byte count.
+    TcpSink(String),
 }
 
 /// Bad command-line arguments.
@@ -71,7 +81,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             Ok(Command::Udp(utf8(target, "HOST:PORT")?.to_owned(), utf8(text, "TEXT")?.to_owned()))
         }
         ("net-admin", []) => Ok(Command::NetAdmin),
-        ("report" | "write" | "read" | "connect" | "hog" | "sleep" | "udp" | "net-admin", _) => {
+        ("dns-bench", [server, name, count]) => Ok(Command::DnsBench {
+            server: utf8(server, "SERVER:PORT")?.to_owned(),
+            name: dns_name(name)?,
+            count: query_count(count)?,
+        }),
+        ("tcp-send", [target, mb]) => {
+            Ok(Command::TcpSend { target: utf8(target, "HOST:PORT")?.to_owned(), megabytes: megabytes(mb)? })
+        }
+        ("tcp-sink", [addr]) => Ok(Command::TcpSink(utf8(addr, "ADDR:PORT")?.to_owned())),
+        (
+            "report" | "write" | "read" | "connect" | "hog" | "sleep" | "udp" | "net-admin" | "dns-bench" | "tcp-send"
+            | "tcp-sink",
+            _,
+        ) => {
             Err(usage(format!("wrong number of arguments for {cmd}")))
         }
         _ => Err(usage(format!("unknown command {cmd:?}"))),
@@ -85,6 +108,28 @@ fn utf8<'a>(arg: &'a OsString, what: &str) -> Result<&'a str, UsageError> {
 fn megabytes(arg: &OsString) -> Result<u64, UsageError> {
     let text = utf8(arg, "MEGABYTES")?;
     text.parse().map_err(|_| usage(format!("MEGABYTES must be a whole number, not {text:?}")))
+}
+
+/// A DNS name for a query: dot-separated labels of 1 to 63 bytes (letters, digits, `-`,
+/// `_`), at most 253 characters, an optional trailing dot (dropped).
+fn dns_name(arg: &OsString) -> Result<String, UsageError> {
+    let text = utf8(arg, "NAME")?;
+    let name = text.strip_suffix('.').unwrap_or(text);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(usage(format!("NAME must be a DNS name such as example.com, not {text:?}")));
+    }
+    Ok(name.to_owned())
+}
+
+fn query_count(arg: &OsString) -> Result<u32, UsageError> {
+    let text = utf8(arg, "COUNT")?;
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(usage(format!("COUNT must be a positive whole number, not {text:?}"))),
+    }
 }
 
 fn seconds(arg: &OsString) -> Result<Duration, UsageError> {
@@ -127,5 +172,33 @@ mod tests {
         assert!(parse_str(&["hog", "lots"]).is_err());
         assert!(parse_str(&["sleep", "-1"]).is_err());
         assert!(parse_str(&["sleep", "NaN"]).is_err());
+    }
+
+    #[test]
+    fn parses_benchmark_commands() {
+        assert_eq!(
+            parse_str(&["dns-bench", "10.0.0.1:53", "Allowed.test.", "100"]),
+            Ok(Command::DnsBench { server: "10.0.0.1:53".into(), name: "Allowed.test".into(), count: 100 })
+        );
+        assert_eq!(
+            parse_str(&["tcp-send", "198.51.100.80:5001", "1024"]),
+            Ok(Command::TcpSend { target: "198.51.100.80:5001".into(), megabytes: 1024 })
+        );
+        assert_eq!(parse_str(&["tcp-sink", "0.0.0.0:5001"]), Ok(Command::TcpSink("0.0.0.0:5001".into())));
+    }
+
+    #[test]
+    fn rejects_bad_benchmark_arguments() {
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "allowed.test"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "allowed.test", "0"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "allowed.test", "-3"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "", "10"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "a..test", "10"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", "sp ace.test", "10"]).is_err());
+        assert!(parse_str(&["dns-bench", "10.0.0.1:53", &format!("{}.test", "x".repeat(64)), "10"]).is_err());
+        assert!(parse_str(&["tcp-send", "198.51.100.80:5001"]).is_err());
+        assert!(parse_str(&["tcp-send", "198.51.100.80:5001", "lots"]).is_err());
+        assert!(parse_str(&["tcp-sink"]).is_err());
+        assert!(parse_str(&["tcp-sink", "a", "b"]).is_err());
     }
 }
