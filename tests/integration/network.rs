@@ -277,3 +277,44 @@ async fn ingress_routes_by_host_name_and_headers() {
         format!("http://8000-{}.sandbox.test:{}", ids[1], ingress.port())
     );
 }
+
+#[tokio::test]
+async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
+    let mut w = World::new().await;
+    let id = w.sandbox(NetMode::Allow, &["allowed.test"]).await;
+    assert!(w.reaches(&id, "allowed.test:80").await);
+    w.d.kill9();
+    // The table stays: the policy holds without the daemon.
+    let id2 = id.clone();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &w.net.daemon_ns, "nft", "list", "table", "ip", &w.d.prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the table must survive the daemon");
+    w.d.spawn(&[
+        "--uplink",
+        "up0",
+        "--dns-upstream",
+        &w.net.dns_upstream(),
+        "--ingress",
+        "tcp:127.0.0.1:0",
+        "--domain",
+        "sandbox.test",
+    ])
+    .await;
+    w.d.adopt_spawner().await;
+    assert_eq!(w.d.client.get_sandbox(&id2).await.unwrap().network.allow, vec!["allowed.test".to_string()]);
+    assert!(w.reaches(&id, "allowed.test:80").await, "allowed again after the restart");
+    w.refused(&id, &format!("{WEB_B}:80")).await;
+    w.unresolved(&id, "other.test").await;
+}
+
+#[tokio::test]
+async fn a_subnet_in_use_is_refused() {
+    let a = Daemon::start().await;
+    let _id = a.mini(abx_client::Limits::default()).await;
+    let mut b = Daemon::start().await;
+    b.stop();
+    let err = b.try_spawn(&["--subnet", &a.subnet]).await.unwrap_err();
+    assert!(err.contains("already routed"), "{err}");
+}

@@ -156,4 +156,24 @@ mod tests {
         c.uid_start = u32::MAX - 10;
         assert!(c.validate().unwrap_err().contains("uid range"));
     }
+
+    #[test]
+    fn validates_the_network() {
+        let mut c = Config::new("/r".into(), "/e".into(), "/a".into());
+        let mut n = crate::net::NetConfig::defaults();
+        n.subnet = "10.1.0.0/28".parse().unwrap();
+        c.network = Some(n.clone());
+        assert!(c.validate().unwrap_err().contains("addresses for 13 sandboxes"));
+        c.uid_slots = 10;
+        assert!(c.validate().is_ok());
+        n.subnet = "192.0.2.0/25".parse().unwrap();
+        c.network = Some(n.clone());
+        assert!(c.validate().unwrap_err().contains("overlaps"));
+        n.subnet = "10.1.0.0/16".parse().unwrap();
+        c.network = Some(n);
+        c.prefix = "abxabcdefghijkl".into();
+        assert!(c.validate().unwrap_err().contains("15"));
+        c.network = None;
+        assert!(c.validate().is_ok());
+    }
 }

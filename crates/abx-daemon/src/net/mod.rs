@@ -182,6 +182,23 @@ impl std::fmt::Debug for Network {
     }
 }
 
+/// An interface other than this daemon's own veths with a route into `subnet`, from
+/// /proc/net/route (this network namespace's main table).
+fn subnet_user(subnet: &Cidr, prefix: &str) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 8 {
+            return None;
+        }
+        let ours = f[0].strip_prefix(prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        // The kernel prints the raw network-order words as native integers.
+        let dst = u32::from_str_radix(f[1], 16).ok().map(|d| Ipv4Addr::from(d.to_ne_bytes()))?;
+        let len = u32::from_str_radix(f[7], 16).ok()?.count_ones() as u8;
+        (!ours && len > 0 && Cidr::new(dst, len).overlaps(subnet)).then(|| f[0].to_string())
+    })
+}
+
 /// NFLOG groups are per network namespace; daemons sharing one (tests) each take a free
 /// one, starting from a number derived from the prefix.
 fn bind_log_group(prefix: &str) -> Result<(abx_sys::nflog::Nflog, u16), String> {
@@ -201,6 +218,13 @@ impl Network {
     /// Builds the table (replacing any earlier one of this prefix) and binds the audit's
     /// NFLOG group. Blocking.
     pub fn open(cfg: NetConfig, prefix: &str) -> Result<Network, String> {
+        if let Some(other) = subnet_user(&cfg.subnet, prefix) {
+            return Err(format!(
+                "--subnet {} is already routed through interface {other} (another daemon or network of this host); \
+                 give this daemon a subnet of its own",
+                cfg.subnet
+            ));
+        }
         let (nflog, log_group) = bind_log_group(prefix)?;
         let table = TableSpec {
             table: prefix.to_string(),
