@@ -171,9 +171,10 @@ async fn fork_bomb_is_stopped_by_the_pids_limit() {
     let d = Daemon::start().await;
     let id = d.mini(Limits { pids: Some(64), ..Default::default() }).await;
     let req = ExecRequest {
-        // The top shell loops without forking (a fork could fail once the limit is hit),
-        // so the timeout, not a fork failure, ends it and kills its whole process group.
-        cmd: vec!["sh".into(), "-c".into(), "b(){ b|b& }; b; while :; do :; done".into()],
+        // The top shell forks once, before the bomb exists, then loops without forking (a
+        // fork could fail once the limit is hit: busybox sh exits then), so the timeout,
+        // not a fork failure, ends it and kills its whole process group.
+        cmd: vec!["sh".into(), "-c".into(), "(b(){ b|b& }; b) & while :; do :; done".into()],
         timeout_secs: Some(4.0),
         ..Default::default()
     };
