@@ -264,6 +264,9 @@ impl Manager {
 
     fn prepare_slot(&self, uid_slot: u32) -> Result<(), String> {
         self.ensure_slot(uid_slot, 0)?;
+        if let Some(net) = &self.net {
+            net.prepare(uid_slot)?;
+        }
         let cg = self.slot_name(uid_slot);
         let placement = self.cgroups.placement(&cg).map_err(|e| cgroup_text(&e))?;
         let slot = SlotSpec {
@@ -445,12 +448,50 @@ impl Manager {
             net.attach(rec.uid_slot, &rec.id, policy).map_err(|e| setup_err(format!("network policy: {e}")))?;
         }
         let t_cg = t0.elapsed();
+        // A prepared shell killed just before it took the sandbox looks, on the status
+        // pipe, like a successful exec (the pipe closes either way); the program it runs
+        // says which (the kernel switches it before closing close-on-exec descriptors).
+        // Such a spawn is tried once more, with a fresh shell.
+        let mut attempt = 0;
+        let (pid, pidfd) = loop {
+            attempt += 1;
+            let (pid, pidfd) = self.spawn_once(&rec, &dirs, &cg, t0, t_cg)?;
+            if runs_agent(pid) && !exited(&pidfd) {
+                break (pid, pidfd);
+            }
+            if attempt == 2 {
+                return Err(setup_err("the sandbox's first process died before starting its agent".into()));
+            }
+            warn!(sandbox = %rec.id, "the sandbox's first process died before starting its agent; trying again");
+        };
+        rec.pid = pid;
+        rec.pid_start = process_start_time(pid).unwrap_or(0);
+        rec.state = SandboxState::Running;
+        if let Err(e) = self.store.put(&rec) {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            wait_exit_blocking(&pidfd, Duration::from_secs(5));
+            return Err(CoreError::internal("record sandbox", e));
+        }
+        Ok((rec, pidfd))
+    }
+
+    /// One spawn: the agent's listening socket, the status pipe, the spawner's request,
+    /// and the wait for the agent's exec.
+    fn spawn_once(
+        &self,
+        rec: &Record,
+        dirs: &SandboxDirs,
+        cg: &str,
+        t0: std::time::Instant,
+        t_cg: Duration,
+    ) -> CoreResult<(i32, OwnedFd)> {
+        let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         let _ = std::fs::remove_file(dirs.agent_socket());
         let listener = std::os::unix::net::UnixListener::bind(dirs.agent_socket())
             .map_err(|e| setup_err(format!("bind {}: {e}", dirs.agent_socket().display())))?;
         let (status_r, status_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| setup_err(format!("pipe: {e}")))?;
-        let placement = self.cgroups.placement(&cg).map_err(|e| setup_err(cgroup_text(&e)))?;
+        let placement = self.cgroups.placement(cg).map_err(|e| setup_err(cgroup_text(&e)))?;
         let spec = SpawnSpec {
             id: rec.id.clone(),
             dir: dirs.root.clone(),
@@ -489,15 +530,7 @@ impl Manager {
             wait_exit_blocking(&pidfd, Duration::from_secs(5));
             return Err(setup_err(message));
         }
-        rec.pid = pid;
-        rec.pid_start = process_start_time(pid).unwrap_or(0);
-        rec.state = SandboxState::Running;
-        if let Err(e) = self.store.put(&rec) {
-            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-            wait_exit_blocking(&pidfd, Duration::from_secs(5));
-            return Err(CoreError::internal("record sandbox", e));
-        }
-        Ok((rec, pidfd))
+        Ok((pid, pidfd))
     }
 
     /// Makes a started (or re-adopted) sandbox live: watcher and timeout tasks.
@@ -853,6 +886,18 @@ pub fn new_id() -> String {
         b.copy_from_slice(&t.to_le_bytes()[..6]);
     });
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Whether process `pid` runs the guest agent (from its sealed memfd).
+fn runs_agent(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.to_string_lossy().contains("agentbox-agent"))
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
 }
 
 /// Reads the status pipe until EOF (the exec closed it: success) or an error message.

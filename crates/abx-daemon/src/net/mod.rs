@@ -336,9 +336,19 @@ impl Network {
     /// Gives slot `slot` to sandbox `id` with `policy` (blocking: may run nft).
     pub fn attach(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
         self.audit.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), Audit::default());
-        self.apply_policy(slot, policy, true)?;
+        if let Err(e) = self.apply_policy(slot, policy, true) {
+            self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            return Err(e);
+        }
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(slot).or_default().sandbox = Some(id.to_string());
         Ok(())
+    }
+
+    /// Makes sure slot `slot` has its chain and DNS set (no egress), ahead of its first
+    /// sandbox, so that a create with the default policy runs no `nft` (blocking).
+    pub fn prepare(&self, slot: u32) -> Result<(), String> {
+        let ready = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).is_some_and(|s| s.in_table);
+        if ready { Ok(()) } else { self.apply_policy(slot, &Policy::none(), false) }
     }
 
     /// Changes the policy of the sandbox in `slot` (blocking). Addresses allowed by earlier
