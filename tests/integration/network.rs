@@ -1,6 +1,7 @@
 //! Egress policies, the DNS proxy, the audit, `net test` and ingress, against a fake
 //! internet of the test's own (see `fakenet`): the daemon runs in a network namespace
-//! whose only way out is that internet.
+//! whose only way out is that internet. The tests run on a multi-threaded runtime: the
+//! fake DNS server lives on it and must answer while a test blocks on a CLI process.
 
 use std::net::SocketAddr;
 
@@ -109,7 +110,7 @@ async fn serve(w: &World, id: &str, text: &str) {
     w.d.client.exec_background(id, &abx_client::ExecRequest { cmd, ..Default::default() }).await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_none_blocks_everything() {
     let w = World::new().await;
     let id = w.sandbox(NetMode::None, &[]).await;
@@ -136,7 +137,7 @@ async fn default_none_blocks_everything() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowlist_holds_against_literals_other_resolvers_quic_and_root() {
     let w = World::new().await;
     let id = w.sandbox(NetMode::Allow, &["allowed.test", "*.pkg.test", "private.test", "198.51.100.10:4443/udp"]).await;
@@ -205,7 +206,7 @@ async fn allowlist_holds_against_literals_other_resolvers_quic_and_root() {
     let _ = WEB_C;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_policy_changes_and_sandboxes_are_apart() {
     let w = World::new().await;
     let a = w.sandbox(NetMode::None, &[]).await;
@@ -238,7 +239,7 @@ async fn runtime_policy_changes_and_sandboxes_are_apart() {
     assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::None);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_routes_by_host_name_and_headers() {
     let w = World::new().await;
     let mut ids = Vec::new();
@@ -278,7 +279,7 @@ async fn ingress_routes_by_host_name_and_headers() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     let mut w = World::new().await;
     let id = w.sandbox(NetMode::Allow, &["allowed.test"]).await;
@@ -309,7 +310,7 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     w.unresolved(&id, "other.test").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subnet_in_use_is_refused() {
     let a = Daemon::start().await;
     let _id = a.mini(abx_client::Limits::default()).await;
@@ -317,4 +318,29 @@ async fn a_subnet_in_use_is_refused() {
     b.stop();
     let err = b.try_spawn(&["--subnet", &a.subnet]).await.unwrap_err();
     assert!(err.contains("already routed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn net_test_from_the_cli_proves_the_policy() {
+    let w = World::new().await;
+    let out =
+        w.d.cli(&["create", "-T", "mini", "--allow", "allowed.test", "--allow", "198.51.100.30:80", "--net-test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = w.d.cli(&["net", "test", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in
+        ["dns allowed.test", "tcp 198.51.100.30:80", "tcp 169.254.169.254:80", "udp 198.51.100.53:53", "policy holds"]
+    {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+    let out = w.d.cli(&["net", "show", &id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("network allow --allow allowed.test"));
+    // A bad rule at create is refused with the rule named, and nothing is left.
+    let before = w.d.client.list_sandboxes().await.unwrap().len();
+    let out = w.d.cli(&["create", "-T", "mini", "--allow", "github.com:443"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("github.com:443"));
+    assert_eq!(w.d.client.list_sandboxes().await.unwrap().len(), before);
 }
