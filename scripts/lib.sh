@@ -56,11 +56,15 @@ build_static() {
 }
 
 wait_for_socket() {
+  # Up to 20 s for the daemon to answer on its socket (a socket file left by a daemon that
+  # died does not count: it has to accept a connection).
   local sock=$1
-  for _ in $(seq 1 200); do
-    [ -S "$sock" ] && return 0
+  for _ in $(seq 1 400); do
+    if [ -S "$sock" ] && curl -s -o /dev/null --max-time 1 --unix-socket "$sock" http://agentbox/v1/system; then
+      return 0
+    fi
     sleep 0.05
   done
-  echo "error: the daemon did not create $sock" >&2
+  echo "error: the daemon did not answer on $sock" >&2
   return 1
 }
