@@ -1,9 +1,11 @@
 //! `agentbox-bench`: measures create → exec `echo` → destroy, one at a time (latency) and
 //! with N at once (throughput), through the API, through the CLI, and for peers (bwrap,
 //! crun) on the same root filesystem, in the same run. Prints a markdown table and writes
-//! JSON. See docs/performance.md for the method.
+//! JSON. See docs/performance.md for the method. `agentbox-bench net` is the network
+//! benchmark (scripts/bench-net), `agentbox-bench dns-server` its DNS server (see net.rs).
 #![forbid(unsafe_code)]
 
+mod net;
 mod peers;
 mod stats;
 
@@ -18,8 +20,11 @@ use clap::Parser;
 use stats::{Report, Summary};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentbox-bench")]
+#[command(name = "agentbox-bench", args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Another benchmark instead of the sandbox cycles (default: the sandbox cycles).
+    #[command(subcommand)]
+    mode: Option<net::Mode>,
     /// Daemon address.
     #[arg(long, env = "AGENTBOX_HOST", default_value = "unix:/run/agentbox/agentbox.sock")]
     host: String,
@@ -146,7 +151,10 @@ async fn rootfs_of(client: &Client, template: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+    let mut a = Args::parse();
+    if let Some(mode) = a.mode.take() {
+        return net::main(mode);
+    }
     if a.subjects.iter().any(|s| s == "crun") {
         // Before any thread exists: crun refuses hybrid cgroup hosts, so it runs in a private
         // mount namespace of this process where the controller-less cgroup2 mount is gone.

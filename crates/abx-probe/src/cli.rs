@@ -94,9 +94,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             "report" | "write" | "read" | "connect" | "hog" | "sleep" | "udp" | "net-admin" | "dns-bench" | "tcp-send"
             | "tcp-sink",
             _,
-        ) => {
-            Err(usage(format!("wrong number of arguments for {cmd}")))
-        }
+        ) => Err(usage(format!("wrong number of arguments for {cmd}"))),
         _ => Err(usage(format!("unknown command {cmd:?}"))),
     }
 }
@@ -115,9 +113,8 @@ fn megabytes(arg: &OsString) -> Result<u64, UsageError> {
 fn dns_name(arg: &OsString) -> Result<String, UsageError> {
     let text = utf8(arg, "NAME")?;
     let name = text.strip_suffix('.').unwrap_or(text);
-    let label_ok = |l: &str| {
-        (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let label_ok =
+        |l: &str| (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
         return Err(usage(format!("NAME must be a DNS name such as example.com, not {text:?}")));
     }

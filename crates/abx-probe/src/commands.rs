@@ -1,10 +1,11 @@
-//! The small commands: `write`, `read`, `connect`, `udp`, `net-admin`, `hog`, `sleep`.
+//! The small commands: `write`, `read`, `connect`, `udp`, `net-admin`, `hog`, `sleep`, and
+//! the network benchmark's load generators `dns-bench`, `tcp-send` and `tcp-sink`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -160,4 +161,264 @@ pub fn hold(memory: Vec<Vec<u8>>, hold: Option<Duration>) {
 pub fn sleep(duration: Duration) -> Outcome {
     std::thread::sleep(duration);
     Outcome::ok(json!({"ok": true}))
+}
+
+/// How long `dns-bench` waits for each answer, and `tcp-send` for the sink's count.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+const SINK_COUNT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn first_addr(target: &str) -> io::Result<SocketAddr> {
+    target
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{target} resolves to no address")))
+}
+
+/// A DNS query for the A records of `name` (recursion desired, one question, class IN),
+/// built by hand: `dns-bench` is a load generator, not a resolver.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(18 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00]); // flags: RD
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // QDCOUNT 1, AN/NS/AR 0
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&[0, 1, 0, 1]); // QTYPE A, QCLASS IN
+    q
+}
+
+/// What a datagram says about query `id`: `None` when it is not the answer to it (another
+/// id, not a response, too short), `Some(Ok(answers))` for NOERROR with at least one
+/// answer record, `Some(Err(rcode))` otherwise (rcode 0 here means an empty answer).
+pub fn dns_answer(reply: &[u8], id: u16) -> Option<Result<u16, u8>> {
+    if reply.len() < 12 || u16::from_be_bytes([reply[0], reply[1]]) != id || reply[2] & 0x80 == 0 {
+        return None;
+    }
+    let rcode = reply[3] & 0x0f;
+    let answers = u16::from_be_bytes([reply[6], reply[7]]);
+    Some(if rcode == 0 && answers > 0 { Ok(answers) } else { Err(rcode) })
+}
+
+/// The value at quantile `p` of sorted latencies, in microseconds (nearest rank, like the
+/// benchmark's own summaries).
+fn quantile_us(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    micros(sorted[idx.min(sorted.len() - 1)])
+}
+
+fn micros(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000_000.0).round() / 10.0
+}
+
+/// Sends `count` A queries for `name` to `server`, each after the answer to the previous
+/// one, over one connected UDP socket: `{"ok":true,"count":N,"median_us":…,"p95_us":…,…}`
+/// with the latencies of the answered queries. `ok` is false if any query timed out (1 s)
+/// or was answered with an error or no address; a socket error (ECONNREFUSED,
+/// EHOSTUNREACH) ends the run with its errno.
+pub fn dns_bench(server: &str, name: &str, count: u32) -> Outcome {
+    let run = || -> io::Result<Value> {
+        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+        sock.connect(first_addr(server)?)?;
+        sock.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let mut latencies = Vec::with_capacity(count as usize);
+        let (mut timeouts, mut failed, mut last_rcode) = (0u32, 0u32, None);
+        let mut buf = [0u8; 4096];
+        // Ids differ per run, so a late answer from an earlier run is never taken for ours.
+        let base = (std::process::id() as u16).wrapping_mul(7919);
+        for i in 0..count {
+            let id = base.wrapping_add(i as u16);
+            let query = dns_query(id, name);
+            let start = Instant::now();
+            sock.send(&query)?;
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) => match dns_answer(&buf[..n], id) {
+                        None => continue,
+                        Some(Ok(_)) => latencies.push(start.elapsed()),
+                        Some(Err(rcode)) => {
+                            failed += 1;
+                            last_rcode = Some(rcode);
+                        }
+                    },
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => timeouts += 1,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                break;
+            }
+        }
+        let total: Duration = latencies.iter().sum();
+        latencies.sort();
+        let answered = latencies.len();
+        Ok(json!({
+            "ok": timeouts == 0 && failed == 0 && answered > 0,
+            "server": server,
+            "name": name,
+            "sent": count,
+            "count": answered,
+            "timeouts": timeouts,
+            "failed": failed,
+            "last_rcode": last_rcode,
+            "median_us": quantile_us(&latencies, 0.5),
+            "p95_us": quantile_us(&latencies, 0.95),
+            "mean_us": if answered > 0 { micros(total / answered as u32) } else { 0.0 },
+            "min_us": quantile_us(&latencies, 0.0),
+            "max_us": quantile_us(&latencies, 1.0),
+        }))
+    };
+    match run() {
+        Ok(json) => Outcome { ok: json["ok"] == true, json },
+        Err(e) => Outcome::failed(&e),
+    }
+}
+
+/// Sends `megabytes` MiB over one TCP connection to a `tcp-sink`, half-closes it and waits
+/// for the sink's count of what it received (so the time covers delivery, not just
+/// buffering): `{"ok":true,"bytes":N,"seconds":S,"mbytes_per_s":R}` (MiB/s, from the
+/// connection's start to the count).
+pub fn tcp_send(target: &str, megabytes: u64) -> Outcome {
+    let run = || -> io::Result<(u64, Duration)> {
+        let mut stream = TcpStream::connect_timeout(&first_addr(target)?, CONNECT_TIMEOUT)?;
+        let block = vec![0x5a_u8; MIB];
+        let total = megabytes * MIB as u64;
+        let start = Instant::now();
+        for _ in 0..megabytes {
+            stream.write_all(&block)?;
+        }
+        stream.shutdown(Shutdown::Write)?;
+        stream.set_read_timeout(Some(SINK_COUNT_TIMEOUT))?;
+        let mut count = [0u8; 8];
+        stream.read_exact(&mut count)?;
+        let elapsed = start.elapsed();
+        let received = u64::from_be_bytes(count);
+        if received != total {
+            return Err(io::Error::other(format!("the sink received {received} of {total} bytes")));
+        }
+        Ok((total, elapsed))
+    };
+    match run() {
+        Ok((bytes, elapsed)) => {
+            let secs = elapsed.as_secs_f64().max(1e-9);
+            let rate = bytes as f64 / MIB as f64 / secs;
+            Outcome::ok(
+                json!({"ok": true, "bytes": bytes, "seconds": secs, "mbytes_per_s": (rate * 10.0).round() / 10.0}),
+            )
+        }
+        Err(e) => Outcome::failed(&e),
+    }
+}
+
+/// Binds the sink's listener: `{"ok":true,"addr":"…"}` (printed before it serves, so a
+/// caller knows when it is ready).
+pub fn tcp_listen(addr: &str) -> (Outcome, Option<TcpListener>) {
+    match TcpListener::bind(addr) {
+        Ok(l) => {
+            let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            (Outcome::ok(json!({"ok": true, "addr": local})), Some(l))
+        }
+        Err(e) => (Outcome::failed(&e), None),
+    }
+}
+
+/// Serves `listener` forever: each connection (on a thread of its own) is read to its end,
+/// discarding the data, and answered with the number of bytes received (8 bytes, big
+/// endian) before it is closed.
+pub fn serve_sink(listener: TcpListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                std::thread::spawn(move || {
+                    if let Err(e) = sink_one(stream) {
+                        eprintln!("abx-probe tcp-sink: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("abx-probe tcp-sink: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn sink_one(mut stream: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.write_all(&total.to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_query_is_well_formed() {
+        let q = dns_query(0x1234, "allowed.test.");
+        let mut want = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(b"\x07allowed\x04test\x00");
+        want.extend_from_slice(&[0, 1, 0, 1]);
+        assert_eq!(q, want);
+    }
+
+    #[test]
+    fn dns_answers_are_classified() {
+        let mut reply = dns_query(7, "a.test");
+        reply[2] |= 0x80; // QR
+        reply[7] = 1; // ANCOUNT 1
+        assert_eq!(dns_answer(&reply, 7), Some(Ok(1)));
+        assert_eq!(dns_answer(&reply, 8), None, "another query's answer");
+        assert_eq!(dns_answer(&reply[..11], 7), None, "too short");
+        let mut refused = reply.clone();
+        refused[3] |= 5;
+        assert_eq!(dns_answer(&refused, 7), Some(Err(5)));
+        let mut empty = reply.clone();
+        empty[7] = 0;
+        assert_eq!(dns_answer(&empty, 7), Some(Err(0)));
+        assert_eq!(dns_answer(&dns_query(7, "a.test"), 7), None, "a query, not a response");
+    }
+
+    #[test]
+    fn tcp_send_reaches_the_sink() {
+        let (outcome, listener) = tcp_listen("127.0.0.1:0");
+        assert!(outcome.ok, "{}", outcome.json);
+        let addr = outcome.json["addr"].as_str().unwrap().to_string();
+        let listener = listener.unwrap();
+        std::thread::spawn(move || serve_sink(listener));
+        let sent = tcp_send(&addr, 3);
+        assert!(sent.ok, "{}", sent.json);
+        assert_eq!(sent.json["bytes"], 3 * MIB as u64);
+    }
+
+    #[test]
+    fn dns_bench_counts_answers() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                let mut reply = buf[..n].to_vec();
+                reply[2] |= 0x80;
+                reply[7] = 1;
+                let _ = server.send_to(&reply, from);
+            }
+        });
+        let out = dns_bench(&addr, "allowed.test", 20);
+        assert!(out.ok, "{}", out.json);
+        assert_eq!(out.json["count"], 20);
+        assert!(out.json["median_us"].as_f64().unwrap() > 0.0);
+    }
 }

@@ -15,6 +15,9 @@
 //! | `net-admin`                   | `{"ok":false,"address":"EPERM","nft":"EPERM",…}` (ok if any change worked) |
 //! | `hog MEGABYTES [SECONDS]`     | `{"ok":true,"megabytes":N}` once all is touched, then holds it |
 //! | `sleep SECONDS`               | `{"ok":true}` after sleeping                               |
+//! | `dns-bench SERVER:PORT NAME COUNT` | `{"ok":true,"count":N,"median_us":…,"p95_us":…,…}`: COUNT A queries, one after another |
+//! | `tcp-send HOST:PORT MEGABYTES` | `{"ok":true,"bytes":N,"seconds":S,"mbytes_per_s":R}` (MiB) to a `tcp-sink` |
+//! | `tcp-sink ADDR:PORT`          | `{"ok":true,"addr":"…"}` once listening, then serves until killed |
 //!
 //! Exit status: 0 when `ok` is true (always for `report`), [`EXIT_REFUSED`] when the JSON
 //! says `"ok":false`, [`EXIT_USAGE`] for bad arguments, [`EXIT_OUTPUT`] when stdout failed.
@@ -40,9 +43,10 @@ pub const EXIT_OUTPUT: u8 = 3;
 /// Runs `cmd`, writes its JSON line to `out`, and returns its `ok`.
 ///
 /// `hog` keeps its memory and sleeps after printing, so a caller sees the line before the
-/// process is (possibly) killed.
+/// process is (possibly) killed; `tcp-sink` serves after printing, until it is killed.
 pub fn run(cmd: &Command, out: &mut impl Write) -> io::Result<bool> {
     let mut held = Vec::new();
+    let mut sink = None;
     let result = match cmd {
         Command::Report => commands::Outcome { json: report::report(), ok: true },
         Command::Write(path) => commands::write(path),
@@ -56,11 +60,21 @@ pub fn run(cmd: &Command, out: &mut impl Write) -> io::Result<bool> {
             held = memory;
             outcome
         }
+        Command::DnsBench { server, name, count } => commands::dns_bench(server, name, *count),
+        Command::TcpSend { target, megabytes } => commands::tcp_send(target, *megabytes),
+        Command::TcpSink(addr) => {
+            let (outcome, listener) = commands::tcp_listen(addr);
+            sink = listener;
+            outcome
+        }
     };
     writeln!(out, "{}", result.json)?;
     out.flush()?;
     if let Command::Hog { hold, .. } = cmd {
         commands::hold(std::hint::black_box(held), *hold);
+    }
+    if let Some(listener) = sink {
+        commands::serve_sink(listener);
     }
     Ok(result.ok)
 }
