@@ -49,6 +49,7 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 
 /// Elements per `NEWSETELEM` message (at most 40 bytes each: well under the 64 KiB limit
@@ -129,6 +130,81 @@ impl Nft {
             .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
             .attr_str(NFTA_SET_ELEM_LIST_SET, set);
         self.sock.transact(&mut [batch_begin(), del, batch_end()]).map(drop)
+    }
+}
+
+/// One set element with a raw key: the key's bytes as the kernel stores them (fields of a
+/// concatenation each padded to 4 bytes, integers in network order), an optional end of
+/// range (`key_end`, for concatenated range sets) and an optional timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawElem {
+    pub key: Vec<u8>,
+    pub key_end: Option<Vec<u8>>,
+    pub timeout: Option<Duration>,
+}
+
+/// One operation of a [`Nft::apply`] transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOp {
+    /// Remove every element of the set.
+    Flush { set: String },
+    /// Add elements (existing identical ones are kept).
+    Add { set: String, elems: Vec<RawElem> },
+    /// Remove elements (`ENOENT`, and nothing applied, if one is absent).
+    Delete { set: String, elems: Vec<RawElem> },
+}
+
+impl Nft {
+    /// Applies `ops` to sets of `table` as one transaction: all or nothing. At most 512
+    /// elements per operation.
+    pub fn apply(&self, family: Family, table: &str, ops: &[SetOp]) -> io::Result<()> {
+        check_name(table)?;
+        let mut msgs = vec![batch_begin()];
+        for op in ops {
+            let (kind, set, elems) = match op {
+                SetOp::Flush { set } => (NFT_MSG_DELSETELEM, set, None),
+                SetOp::Add { set, elems } => (NFT_MSG_NEWSETELEM, set, Some(elems)),
+                SetOp::Delete { set, elems } => (NFT_MSG_DELSETELEM, set, Some(elems)),
+            };
+            check_name(set)?;
+            if elems.is_some_and(|e| e.len() > ELEMS_PER_MSG) {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many elements in one operation"));
+            }
+            if elems.is_some_and(|e| e.is_empty()) {
+                continue;
+            }
+            let flags = if kind == NFT_MSG_NEWSETELEM { NLM_F_CREATE | NLM_F_ACK } else { NLM_F_ACK };
+            let mut msg = Message::new(msg_type(kind), flags);
+            msg.put(&nfgenmsg(family.nfproto(), 0))
+                .attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
+                .attr_str(NFTA_SET_ELEM_LIST_SET, set);
+            if let Some(elems) = elems {
+                let list = msg.begin_nested(NFTA_SET_ELEM_LIST_ELEMENTS);
+                for e in elems {
+                    let elem = msg.begin_nested(NFTA_LIST_ELEM);
+                    let key = msg.begin_nested(NFTA_SET_ELEM_KEY);
+                    msg.attr(NFTA_DATA_VALUE, &e.key);
+                    msg.end_nested(key);
+                    if let Some(end) = &e.key_end {
+                        let key = msg.begin_nested(NFTA_SET_ELEM_KEY_END);
+                        msg.attr(NFTA_DATA_VALUE, end);
+                        msg.end_nested(key);
+                    }
+                    if let Some(timeout) = e.timeout {
+                        let ms = timeout_ms(timeout);
+                        msg.attr_be64(NFTA_SET_ELEM_TIMEOUT, ms).attr_be64(NFTA_SET_ELEM_EXPIRATION, ms);
+                    }
+                    msg.end_nested(elem);
+                }
+                msg.end_nested(list);
+            }
+            msgs.push(msg);
+        }
+        msgs.push(batch_end());
+        if msgs.len() == 2 {
+            return Ok(());
+        }
+        self.sock.transact(&mut msgs).map(drop)
     }
 }
 

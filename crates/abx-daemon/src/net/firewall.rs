@@ -8,11 +8,12 @@
 //!   slot's chain `s<N>`; traffic towards a sandbox interface that is not a reply is
 //!   dropped (nothing outside may open connections into a sandbox; the ingress proxy runs
 //!   on the host and is not forwarded).
-//! - `s<N>` (one per slot, rewritten on each policy change): first what is never allowed
-//!   (other sandboxes, loopback, link-local and metadata, multicast, UDP 443), then the
-//!   policy's address rules, then private ranges are refused, then the addresses the DNS
-//!   proxy answered to this sandbox (set `d<N>`, elements with the answer's TTL), then
-//!   for `public` everything else. Anything left is refused.
+//! - `s<N>` (one per slot, made once): first what is never allowed (other sandboxes,
+//!   loopback, link-local and metadata, multicast, UDP 443), then the policy's address
+//!   rules (set `n<N>`: address . protocol . port ranges), then DNS to other resolvers and
+//!   private ranges are refused, then the addresses the DNS proxy answered to this sandbox
+//!   (set `d<N>`, elements with the answer's TTL), then, if the slot's interface is in the
+//!   set `public`, everything else. Anything left is refused.
 //! - `input` (hook input): from a sandbox interface only replies and DNS to the proxy
 //!   reach the host; the host's other services, the daemon's API included, are refused.
 //! - `postrouting` (nat): sandbox addresses are masqueraded towards the uplink.
@@ -23,9 +24,12 @@
 //!   destination (a burst of 6, then one per second): after a few refusals, ICMP-refused
 //!   connections would hang until their timeout.
 //!
-//! Chains and rules change through `nft -f` (a few milliseconds; a policy change is one
-//! atomic transaction). The per-answer set elements go over netlink directly
-//! (`abx_sys::nft`), in microseconds.
+//! The table and each slot's chain are made with `nft -f` (once per daemon start and per
+//! slot, off the create path). A policy is only set contents, so a policy change is one
+//! netlink transaction on the daemon's own socket (`abx_sys::nft`): atomic, and about a
+//! tenth of a millisecond, where `nft -f` took 4 ms to start and, for a transaction that
+//! deletes rules, another ~13 ms waiting for the kernel's RCU grace period when its socket
+//! closed. DNS answers are set elements too.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -34,7 +38,9 @@ use std::process::{Command, Stdio};
 
 use abx_api::NetMode;
 
-use super::policy::{Cidr, NEVER, PRIVATE, Policy, Proto};
+use abx_sys::nft::{RawElem, SetOp};
+
+use super::policy::{Cidr, NEVER, PRIVATE, Policy};
 
 /// What the table is built from.
 #[derive(Debug, Clone)]
@@ -67,6 +73,7 @@ pub fn table_script(t: &TableSpec) -> String {
     // `add` then `delete` makes the delete valid whether or not the table exists.
     let _ = writeln!(s, "add table ip {name}\ndelete table ip {name}\ntable ip {name} {{");
     let _ = writeln!(s, "  set ifaces {{ type ifname; }}");
+    let _ = writeln!(s, "  set {PUBLIC_SET} {{ type ifname; }}");
     let _ = writeln!(s, "  map slots {{ type ifname : verdict; }}");
     let _ = writeln!(s, "  set never {{ type ipv4_addr; flags interval; elements = {{ {} }} }}", NEVER.join(", "));
     let _ = writeln!(s, "  set private {{ type ipv4_addr; flags interval; elements = {{ {} }} }}", PRIVATE.join(", "));
@@ -107,61 +114,94 @@ pub fn table_script(t: &TableSpec) -> String {
     s
 }
 
-/// Adds slot `n` (its interface `iface`) to the table: its chain with the policy, its
-/// DNS set, and its entries in `ifaces` and `slots`. Idempotent.
-pub fn slot_script(t: &TableSpec, n: u32, iface: &str, policy: &Policy) -> String {
-    let name = &t.table;
-    let (c, d) = (slot_chain(n), slot_set(n));
-    let mut s = String::new();
-    let _ = writeln!(s, "add chain ip {name} {c}");
-    let _ = writeln!(s, "add set ip {name} {d} {{ type ipv4_addr; flags timeout; }}");
-    let _ = writeln!(s, "add element ip {name} ifaces {{ \"{iface}\" }}");
-    let _ = writeln!(s, "add element ip {name} slots {{ \"{iface}\" : jump {c} }}");
-    s.push_str(&policy_script(t, n, policy, true));
-    s
+/// The name of slot `n`'s set of address rules.
+pub fn slot_rules(n: u32) -> String {
+    format!("n{n}")
 }
 
-/// Rewrites slot `n`'s chain for `policy`; `flush_dns` also forgets the addresses the
-/// DNS proxy allowed (on a policy change and when the slot changes hands).
-pub fn policy_script(t: &TableSpec, n: u32, policy: &Policy, flush_dns: bool) -> String {
+/// The set of interfaces whose sandboxes have `public` egress.
+pub const PUBLIC_SET: &str = "public";
+
+/// Adds slot `n` (its interface `iface`) to the table: its chain, its sets (address rules
+/// `n<N>` and DNS answers `d<N>`, both empty: no egress), and its entries in `ifaces` and
+/// `slots`. Idempotent. The chain never changes afterwards: a policy is the content of the
+/// sets (see [`policy_ops`]), changed over netlink in one transaction.
+pub fn slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     let name = &t.table;
-    let (c, d) = (slot_chain(n), slot_set(n));
+    let (c, d, r) = (slot_chain(n), slot_set(n), slot_rules(n));
     let mut s = String::new();
+    let _ = writeln!(s, "add chain ip {name} {c}");
     let _ = writeln!(s, "flush chain ip {name} {c}");
-    if flush_dns {
-        let _ = writeln!(s, "flush set ip {name} {d}");
-    }
+    let _ = writeln!(s, "add set ip {name} {d} {{ type ipv4_addr; flags timeout; }}");
+    let _ = writeln!(s, "add set ip {name} {r} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}");
+    let _ = writeln!(s, "add element ip {name} ifaces {{ \"{iface}\" }}");
+    let _ = writeln!(s, "add element ip {name} slots {{ \"{iface}\" : jump {c} }}");
     let rule = |s: &mut String, body: &str| {
         let _ = writeln!(s, "add rule ip {name} {c} {body}");
     };
     rule(&mut s, &format!("ip daddr {} goto deny", t.subnet));
     rule(&mut s, "ip daddr @never goto deny");
     rule(&mut s, "udp dport 443 goto deny");
-    if policy.mode != NetMode::None {
-        for (cidr, ports, proto) in policy.net_rules() {
-            let dst = format!("ip daddr {cidr}");
-            let ports = ports.map(|(a, b)| if a == b { format!("{a}") } else { format!("{a}-{b}") });
-            match (proto, ports) {
-                (None, None) => rule(&mut s, &format!("{dst} goto allow")),
-                (Some(p), None) => rule(&mut s, &format!("{dst} meta l4proto {} goto allow", p.as_str())),
-                (None, Some(ports)) => {
-                    for p in [Proto::Tcp, Proto::Udp] {
-                        rule(&mut s, &format!("{dst} {} dport {ports} goto allow", p.as_str()));
-                    }
-                }
-                (Some(p), Some(ports)) => rule(&mut s, &format!("{dst} {} dport {ports} goto allow", p.as_str())),
-            }
-        }
-        // The sandbox's resolver is the DNS proxy; other resolvers only by an address rule.
-        rule(&mut s, "meta l4proto { tcp, udp } th dport 53 goto deny");
-        rule(&mut s, "ip daddr @private goto deny");
-        rule(&mut s, &format!("ip daddr @{d} goto allow"));
-        if policy.mode == NetMode::Public {
-            rule(&mut s, "goto allow");
-        }
-    }
+    rule(&mut s, &format!("ip daddr . meta l4proto . th dport @{r} goto allow"));
+    // The sandbox's resolver is the DNS proxy; other resolvers only by an address rule.
+    rule(&mut s, "meta l4proto { tcp, udp } th dport 53 goto deny");
+    rule(&mut s, "ip daddr @private goto deny");
+    rule(&mut s, &format!("ip daddr @{d} goto allow"));
+    rule(&mut s, &format!("iifname @{PUBLIC_SET} goto allow"));
     rule(&mut s, "goto deny");
     s
+}
+
+/// A key of the `public` set: the interface name, NUL-padded to IFNAMSIZ.
+fn ifname_key(iface: &str) -> Vec<u8> {
+    let mut k = iface.as_bytes().to_vec();
+    k.resize(16, 0);
+    k
+}
+
+/// A key of an address-rule set: address, protocol and port, each padded to 4 bytes.
+fn rule_key(addr: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
+    let mut k = addr.octets().to_vec();
+    k.extend_from_slice(&[proto, 0, 0, 0]);
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+/// The set operations that give slot `n` (interface `iface`) `policy`, forgetting
+/// addresses learned from DNS when `flush_dns`. `was_public`: the slot's interface is in
+/// the `public` set now.
+pub fn policy_ops(
+    n: u32,
+    iface: &str,
+    policy: &Policy,
+    flush_dns: bool,
+    was_public: bool,
+) -> Result<Vec<SetOp>, String> {
+    let mut ops = vec![SetOp::Flush { set: slot_rules(n) }];
+    if flush_dns {
+        ops.push(SetOp::Flush { set: slot_set(n) });
+    }
+    if policy.mode != NetMode::None {
+        let elems = policy
+            .ranges()?
+            .into_iter()
+            .map(|r| RawElem {
+                key: rule_key(r.addr.0, r.proto.0, r.port.0),
+                key_end: Some(rule_key(r.addr.1, r.proto.1, r.port.1)),
+                timeout: None,
+            })
+            .collect();
+        ops.push(SetOp::Add { set: slot_rules(n), elems });
+    }
+    let public = policy.mode == NetMode::Public;
+    let elem = RawElem { key: ifname_key(iface), key_end: None, timeout: None };
+    if public && !was_public {
+        ops.push(SetOp::Add { set: PUBLIC_SET.into(), elems: vec![elem] });
+    } else if !public && was_public {
+        ops.push(SetOp::Delete { set: PUBLIC_SET.into(), elems: vec![elem] });
+    }
+    Ok(ops)
 }
 
 /// Removes slot `n` from the table (its sandbox interface is gone).
@@ -169,9 +209,10 @@ pub fn remove_slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     let name = &t.table;
     format!(
         "delete element ip {name} slots {{ \"{iface}\" }}\ndelete element ip {name} ifaces {{ \"{iface}\" }}\n\
-         delete chain ip {name} {c}\ndelete set ip {name} {d}\n",
+         delete chain ip {name} {c}\ndelete set ip {name} {d}\ndelete set ip {name} {r}\n",
         c = slot_chain(n),
-        d = slot_set(n)
+        d = slot_set(n),
+        r = slot_rules(n)
     )
 }
 
@@ -222,26 +263,40 @@ mod tests {
     }
 
     #[test]
-    fn policy_rules_come_in_order() {
-        let p = Policy::parse(&NetworkPolicy {
-            mode: NetMode::Allow,
-            allow: vec!["10.1.0.0/16:5432".into(), "github.com".into(), "203.0.113.0/24/udp".into()],
-        })
-        .unwrap();
-        let s = policy_script(&spec(), 3, &p, true);
+    fn slot_chain_checks_in_order() {
+        let s = slot_script(&spec(), 3, "abxt3");
         let lines: Vec<&str> = s.lines().collect();
         let pos =
             |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle} in {s}"));
-        assert!(pos("flush set ip abxt d3") < pos("10.250.0.0/24 goto deny"));
-        assert!(pos("@never") < pos("10.1.0.0/16 tcp dport 5432"));
-        assert!(pos("10.1.0.0/16 udp dport 5432") < pos("@private"));
-        assert!(pos("203.0.113.0/24 meta l4proto udp") < pos("@private"));
-        assert!(pos("@private") < pos("@d3 goto allow"));
-        assert!(!s.contains("s3 goto allow"), "allow mode has no catch-all accept: {s}");
-        let public = policy_script(&spec(), 3, &Policy { mode: NetMode::Public, rules: vec![] }, false);
-        assert!(public.contains("s3 goto allow") && !public.contains("flush set"));
-        let none = policy_script(&spec(), 3, &Policy::none(), true);
-        assert!(!none.contains("goto allow"));
+        assert!(pos("10.250.0.0/24 goto deny") < pos("@never"));
+        assert!(pos("udp dport 443") < pos("@n3 goto allow"));
+        assert!(pos("@n3 goto allow") < pos("th dport 53 goto deny"));
+        assert!(pos("th dport 53 goto deny") < pos("@private goto deny"));
+        assert!(pos("@private goto deny") < pos("@d3 goto allow"));
+        assert!(pos("@d3 goto allow") < pos("iifname @public goto allow"));
+        assert_eq!(lines.last().unwrap().trim_end(), "add rule ip abxt s3 goto deny");
+    }
+
+    #[test]
+    fn policies_are_set_operations() {
+        let p = Policy::parse(&NetworkPolicy {
+            mode: NetMode::Public,
+            allow: vec!["10.1.0.0/16:5432/tcp".into(), "github.com".into()],
+        })
+        .unwrap();
+        let ops = policy_ops(3, "abxt3", &p, true, false).unwrap();
+        assert_eq!(ops[0], SetOp::Flush { set: "n3".into() });
+        assert_eq!(ops[1], SetOp::Flush { set: "d3".into() });
+        let SetOp::Add { set, elems } = &ops[2] else { panic!("{ops:?}") };
+        assert_eq!(set, "n3");
+        assert_eq!(elems[0].key, vec![10, 1, 0, 0, 6, 0, 0, 0, 0x15, 0x38, 0, 0]);
+        assert_eq!(elems[0].key_end, Some(vec![10, 1, 255, 255, 6, 0, 0, 0, 0x15, 0x38, 0, 0]));
+        let SetOp::Add { set, elems } = &ops[3] else { panic!("{ops:?}") };
+        assert_eq!((set.as_str(), elems[0].key.len()), ("public", 16));
+        // Back to none: rules flushed, out of the public set, DNS answers kept if asked.
+        let ops = policy_ops(3, "abxt3", &Policy::none(), false, true).unwrap();
+        assert_eq!(ops.len(), 2);
+        assert!(matches!(&ops[1], SetOp::Delete { set, .. } if set == "public"));
     }
 
     #[test]

@@ -391,22 +391,36 @@ impl Network {
         if policy.mode != NetMode::None {
             self.enable_uplink_forwarding();
         }
-        let in_table = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).is_some_and(|s| s.in_table);
-        let current = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).and_then(|s| s.policy.clone());
-        if in_table && current.as_ref() == Some(policy) {
+        let (in_table, current) = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let s = slots.get(&slot);
+            (s.is_some_and(|s| s.in_table), s.and_then(|s| s.policy.clone()))
+        };
+        if !in_table {
+            // Once per slot (and daemon start): its chain and empty sets, with `nft`.
+            firewall::apply(&firewall::slot_script(&self.table, slot, &self.slot_iface(slot)))?;
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let s = slots.entry(slot).or_default();
+            s.in_table = true;
+            s.policy = Some(Policy::none());
+        } else if current.as_ref() == Some(policy) {
             // Same rules: only the DNS answers of the previous sandbox go.
             return if flush_dns { self.flush_dns(slot) } else { Ok(()) };
         }
-        let script = if in_table {
-            firewall::policy_script(&self.table, slot, policy, flush_dns)
-        } else {
-            firewall::slot_script(&self.table, slot, &self.slot_iface(slot), policy)
-        };
-        firewall::apply(&script)?;
+        let current = if in_table { current } else { Some(Policy::none()) };
+        if current.as_ref() == Some(policy) && !flush_dns {
+            return Ok(());
+        }
+        let was_public = current.as_ref().is_some_and(|p| p.mode == NetMode::Public);
+        let ops = firewall::policy_ops(slot, &self.slot_iface(slot), policy, flush_dns, was_public)?;
+        {
+            let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
+            let nft = nft.as_ref().ok_or("the nf_tables socket is closed")?;
+            nft.apply(abx_sys::nft::Family::Ip, &self.table.table, &ops)
+                .map_err(|e| format!("apply the policy of slot {slot}: {e}"))?;
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let s = slots.entry(slot).or_default();
-        s.in_table = true;
-        s.policy = Some(policy.clone());
+        slots.entry(slot).or_default().policy = Some(policy.clone());
         Ok(())
     }
 

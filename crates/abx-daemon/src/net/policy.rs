@@ -204,7 +204,9 @@ impl Policy {
             return Err("network mode 'none' takes no allow rules; use mode 'allow' (or leave the mode out)".into());
         }
         let rules = p.allow.iter().map(|r| Rule::parse(r)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Policy { mode: p.mode, rules })
+        let policy = Policy { mode: p.mode, rules };
+        policy.ranges()?;
+        Ok(policy)
     }
 
     /// Whether a sandbox with this policy may resolve `name`.
@@ -230,6 +232,80 @@ impl Policy {
 
     pub fn domain_rules(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().filter(|r| !matches!(r, Rule::Net { .. }))
+    }
+}
+
+/// An address rule as a box in (address, protocol, port) space, inclusive bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range3 {
+    pub addr: (Ipv4Addr, Ipv4Addr),
+    pub proto: (u8, u8),
+    pub port: (u16, u16),
+    /// The rule it comes from (for messages).
+    pub rule: String,
+}
+
+impl Range3 {
+    fn contains(&self, o: &Range3) -> bool {
+        self.addr.0 <= o.addr.0
+            && o.addr.1 <= self.addr.1
+            && self.proto.0 <= o.proto.0
+            && o.proto.1 <= self.proto.1
+            && self.port.0 <= o.port.0
+            && o.port.1 <= self.port.1
+    }
+
+    fn overlaps(&self, o: &Range3) -> bool {
+        fn meet<T: Ord>(a: &(T, T), b: &(T, T)) -> bool {
+            a.0 <= b.1 && b.0 <= a.1
+        }
+        meet(&self.addr, &o.addr) && meet(&self.proto, &o.proto) && meet(&self.port, &o.port)
+    }
+}
+
+impl Policy {
+    /// The address rules as non-overlapping boxes (the kernel's range sets refuse
+    /// overlaps): a rule inside another is dropped; rules that partly overlap are an error
+    /// naming both.
+    pub fn ranges(&self) -> Result<Vec<Range3>, String> {
+        let mut out: Vec<Range3> = Vec::new();
+        for (cidr, ports, proto) in self.net_rules() {
+            let first = cidr.addr;
+            let last = Ipv4Addr::from(u32::from(first) | (u32::MAX.checked_shr(u32::from(cidr.len)).unwrap_or(0)));
+            let port = ports.unwrap_or((0, 65535));
+            let protos: Vec<(u8, u8)> = match (proto, ports) {
+                (Some(Proto::Tcp), _) => vec![(6, 6)],
+                (Some(Proto::Udp), _) => vec![(17, 17)],
+                // Ports mean TCP and UDP; no ports and no protocol mean everything.
+                (None, Some(_)) => vec![(6, 6), (17, 17)],
+                (None, None) => vec![(0, 255)],
+            };
+            let text = format!(
+                "{cidr}{}{}",
+                ports.map(|(a, b)| if a == b { format!(":{a}") } else { format!(":{a}-{b}") }).unwrap_or_default(),
+                proto.map(|p| format!("/{}", p.as_str())).unwrap_or_default()
+            );
+            for proto in protos {
+                out.push(Range3 { addr: (first, last), proto, port, rule: text.clone() });
+            }
+        }
+        // Drop boxes inside others (the first of two equal ones stays).
+        let mut kept: Vec<Range3> = Vec::new();
+        for (i, r) in out.iter().enumerate() {
+            let covered = out.iter().enumerate().any(|(j, o)| j != i && o.contains(r) && (!r.contains(o) || j < i));
+            if !covered {
+                kept.push(r.clone());
+            }
+        }
+        for (i, a) in kept.iter().enumerate() {
+            if let Some(b) = kept[i + 1..].iter().find(|b| a.overlaps(b)) {
+                return Err(format!(
+                    "allow rules '{}' and '{}' partly overlap; merge them into one rule or split them apart",
+                    a.rule, b.rule
+                ));
+            }
+        }
+        Ok(kept)
     }
 }
 
@@ -303,6 +379,23 @@ mod tests {
         let p = Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.test".into()] }).unwrap();
         assert!(p.allows_name("a.test") && !p.allows_name("test"));
         assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Public, allow: vec![] }).unwrap().allows_name("x"));
+    }
+
+    #[test]
+    fn address_rules_become_disjoint_boxes() {
+        let p = |rules: &[&str]| {
+            Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: rules.iter().map(|s| s.to_string()).collect() })
+        };
+        let r = p(&["10.0.0.0/8", "10.1.0.0/16:5432", "203.0.113.7:80/tcp"]).unwrap().ranges().unwrap();
+        assert_eq!(r.len(), 2, "the /16 rule is inside the /8 one: {r:?}");
+        assert_eq!(r[0].addr, ("10.0.0.0".parse().unwrap(), "10.255.255.255".parse().unwrap()));
+        assert_eq!((r[0].proto, r[0].port), ((0, 255), (0, 65535)));
+        assert_eq!((r[1].proto, r[1].port), ((6, 6), (80, 80)));
+        let r = p(&["10.1.0.0/16:5432"]).unwrap().ranges().unwrap();
+        assert_eq!(r.iter().map(|x| x.proto).collect::<Vec<_>>(), vec![(6, 6), (17, 17)]);
+        assert_eq!(p(&["1.2.3.4", "1.2.3.4"]).unwrap().ranges().unwrap().len(), 1);
+        let err = p(&["10.0.0.0/8:80-90", "10.0.0.0/8:85-95"]).unwrap_err();
+        assert!(err.contains("partly overlap") && err.contains("80-90"), "{err}");
     }
 
     #[test]
