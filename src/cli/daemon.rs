@@ -208,8 +208,15 @@ fn lock_root(root: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .with_context(|| format!("another daemon already uses the state root {}", root.display()))?;
+    // A daemon that was just killed can leave the lock held for a moment (a child it was
+    // forking still shares the descriptor until it execs): wait a little before giving up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while let Err(e) = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        if std::time::Instant::now() >= deadline {
+            return Err(e).with_context(|| format!("another daemon already uses the state root {}", root.display()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     Ok(f)
 }
 
