@@ -347,7 +347,41 @@ impl Daemon {
             found.extend(rd.flatten().map(|e| e.path().display().to_string()));
         }
         found.extend(self.mounts());
+        if self.nft(&["list", "table", "ip", &self.prefix]) {
+            found.push(format!("nft table ip {}", self.prefix));
+        }
+        found.extend(self.links().into_iter().map(|l| format!("link {l}")));
         found
+    }
+
+    /// Runs `nft ARGS` in the daemon's network namespace; whether it succeeded.
+    fn nft(&self, args: &[&str]) -> bool {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+            None => Command::new("nft"),
+        };
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// This daemon's veth ends in its network namespace (the host's, unless it runs in
+    /// one of the test's).
+    fn links(&self) -> Vec<String> {
+        if self.netns.is_some() {
+            return vec![];
+        }
+        let devs = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+        devs.lines()
+            .filter_map(|l| l.split(':').next().map(str::trim))
+            .filter(|n| {
+                n.strip_prefix(self.prefix.as_str())
+                    .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .map(String::from)
+            .collect()
     }
 
     /// Mounts under this daemon's state root (its data image, when it has one).
@@ -457,6 +491,8 @@ impl Daemon {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             self.reap_spawner();
         }
+        // The firewall table of a daemon that never stopped gracefully.
+        self.nft(&["delete", "table", "ip", &self.prefix.clone()]);
         for h in ["cpu", "memory", "pids", "unified", "cpuacct", "freezer"] {
             let parent = Path::new("/sys/fs/cgroup").join(h).join(&self.prefix);
             for cg in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
@@ -503,7 +539,13 @@ impl Drop for Daemon {
             eprintln!("--- daemon log ---\n{}", self.log());
             return;
         }
-        let objects = self.host_objects();
+        // Network namespaces (and with them the veth ends) go away asynchronously.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut objects = self.host_objects();
+        while !objects.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            objects = self.host_objects();
+        }
         assert!(objects.is_empty(), "left on the host after the daemon stopped: {objects:#?}\n{}", self.log());
         let procs = host_processes(&self.root.display().to_string());
         assert!(procs.is_empty(), "processes left behind: {procs:#?}");
