@@ -10,8 +10,9 @@ pub struct PolicyArgs {
     /// metadata ranges) or allow (only what --allow names; implied by --allow).
     #[arg(long)]
     pub net: Option<NetMode>,
-    /// Allow a domain (github.com), its subdomains (*.pypi.org), or an address or CIDR
-    /// with optional ports and protocol (10.1.0.0/16:5432, 203.0.113.7:8000-8080/udp).
+    /// Allow a domain (github.com), its subdomains (*.pypi.org), or an address or CIDR,
+    /// each with optional ports and protocol (github.com:443/tcp, 10.1.0.0/16:5432,
+    /// 203.0.113.7:8000-8080/udp).
     /// Repeatable.
     #[arg(long)]
     pub allow: Vec<String>,

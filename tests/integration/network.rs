@@ -335,8 +335,22 @@ async fn net_test_from_the_cli_proves_the_policy() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("network allow --allow allowed.test"));
     // A bad rule at create is refused with the rule named, and nothing is left.
     let before = w.d.client.list_sandboxes().await.unwrap().len();
-    let out = w.d.cli(&["create", "-T", "mini", "--allow", "github.com:443"]);
+    let out = w.d.cli(&["create", "-T", "mini", "--allow", "github.com:0"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("github.com:443"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("github.com:0"));
     assert_eq!(w.d.client.list_sandboxes().await.unwrap().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_rules_can_be_limited_to_ports() {
+    let w = World::new().await;
+    let id = w.sandbox(NetMode::Allow, &["allowed.test:80/tcp"]).await;
+    assert!(w.reaches(&id, "allowed.test:80").await);
+    // The same address on another port or protocol stays closed.
+    w.refused(&id, &format!("{WEB_A}:81")).await;
+    let v = w.probe(&id, &["udp", &format!("{WEB_A}:4443"), "x"]).await;
+    assert_eq!(v["ok"], false, "UDP is not allowed by a /tcp rule: {v}");
+    let report = w.d.client.network_test(&id).await.unwrap();
+    assert!(report.passed, "{:?}", report.checks.iter().filter(|c| !c.ok).collect::<Vec<_>>());
+    assert!(report.checks.iter().any(|c| c.target.starts_with("tcp allowed.test:80 ")));
 }

@@ -86,8 +86,8 @@ pub struct NetworkPolicy {
     pub mode: NetMode,
     /// Rules that allow more (with `allow`, the only things allowed): a domain
     /// (`github.com`), a wildcard domain (`*.pypi.org`: its subdomains, not itself), an
-    /// address or CIDR with optional ports and protocol (`10.1.0.0/16:5432`,
-    /// `203.0.113.7:8000-8080/udp`). Private ranges are reachable only through a rule
+    /// address or CIDR, each with optional ports and protocol (`github.com:443/tcp`,
+    /// `10.1.0.0/16:5432`, `203.0.113.7:8000-8080/udp`). Private ranges are reachable only through a rule
     /// naming them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,

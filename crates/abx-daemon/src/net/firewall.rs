@@ -119,6 +119,11 @@ pub fn slot_rules(n: u32) -> String {
     format!("n{n}")
 }
 
+/// The name of slot `n`'s set of DNS answers limited to ports (`github.com:443`).
+pub fn slot_port_set(n: u32) -> String {
+    format!("p{n}")
+}
+
 /// The set of interfaces whose sandboxes have `public` egress.
 pub const PUBLIC_SET: &str = "public";
 
@@ -128,12 +133,16 @@ pub const PUBLIC_SET: &str = "public";
 /// sets (see [`policy_ops`]), changed over netlink in one transaction.
 pub fn slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     let name = &t.table;
-    let (c, d, r) = (slot_chain(n), slot_set(n), slot_rules(n));
+    let (c, d, r, pp) = (slot_chain(n), slot_set(n), slot_rules(n), slot_port_set(n));
     let mut s = String::new();
     let _ = writeln!(s, "add chain ip {name} {c}");
     let _ = writeln!(s, "flush chain ip {name} {c}");
     let _ = writeln!(s, "add set ip {name} {d} {{ type ipv4_addr; flags timeout; }}");
     let _ = writeln!(s, "add set ip {name} {r} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}");
+    let _ = writeln!(
+        s,
+        "add set ip {name} {pp} {{ type ipv4_addr . inet_proto . inet_service; flags interval, timeout; }}"
+    );
     let _ = writeln!(s, "add element ip {name} ifaces {{ \"{iface}\" }}");
     let _ = writeln!(s, "add element ip {name} slots {{ \"{iface}\" : jump {c} }}");
     let rule = |s: &mut String, body: &str| {
@@ -147,6 +156,7 @@ pub fn slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     rule(&mut s, "meta l4proto { tcp, udp } th dport 53 goto deny");
     rule(&mut s, "ip daddr @private goto deny");
     rule(&mut s, &format!("ip daddr @{d} goto allow"));
+    rule(&mut s, &format!("ip daddr . meta l4proto . th dport @{pp} goto allow"));
     rule(&mut s, &format!("iifname @{PUBLIC_SET} goto allow"));
     rule(&mut s, "goto deny");
     s
@@ -160,7 +170,7 @@ fn ifname_key(iface: &str) -> Vec<u8> {
 }
 
 /// A key of an address-rule set: address, protocol and port, each padded to 4 bytes.
-fn rule_key(addr: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
+pub fn rule_key(addr: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
     let mut k = addr.octets().to_vec();
     k.extend_from_slice(&[proto, 0, 0, 0]);
     k.extend_from_slice(&port.to_be_bytes());
@@ -181,6 +191,7 @@ pub fn policy_ops(
     let mut ops = vec![SetOp::Flush { set: slot_rules(n) }];
     if flush_dns {
         ops.push(SetOp::Flush { set: slot_set(n) });
+        ops.push(SetOp::Flush { set: slot_port_set(n) });
     }
     if policy.mode != NetMode::None {
         let elems = policy
@@ -209,10 +220,11 @@ pub fn remove_slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     let name = &t.table;
     format!(
         "delete element ip {name} slots {{ \"{iface}\" }}\ndelete element ip {name} ifaces {{ \"{iface}\" }}\n\
-         delete chain ip {name} {c}\ndelete set ip {name} {d}\ndelete set ip {name} {r}\n",
+         delete chain ip {name} {c}\ndelete set ip {name} {d}\ndelete set ip {name} {r}\ndelete set ip {name} {p}\n",
         c = slot_chain(n),
         d = slot_set(n),
-        r = slot_rules(n)
+        r = slot_rules(n),
+        p = slot_port_set(n)
     )
 }
 
@@ -273,7 +285,8 @@ mod tests {
         assert!(pos("@n3 goto allow") < pos("th dport 53 goto deny"));
         assert!(pos("th dport 53 goto deny") < pos("@private goto deny"));
         assert!(pos("@private goto deny") < pos("@d3 goto allow"));
-        assert!(pos("@d3 goto allow") < pos("iifname @public goto allow"));
+        assert!(pos("@d3 goto allow") < pos("@p3 goto allow"));
+        assert!(pos("@p3 goto allow") < pos("iifname @public goto allow"));
         assert_eq!(lines.last().unwrap().trim_end(), "add rule ip abxt s3 goto deny");
     }
 
@@ -287,11 +300,12 @@ mod tests {
         let ops = policy_ops(3, "abxt3", &p, true, false).unwrap();
         assert_eq!(ops[0], SetOp::Flush { set: "n3".into() });
         assert_eq!(ops[1], SetOp::Flush { set: "d3".into() });
-        let SetOp::Add { set, elems } = &ops[2] else { panic!("{ops:?}") };
+        assert_eq!(ops[2], SetOp::Flush { set: "p3".into() });
+        let SetOp::Add { set, elems } = &ops[3] else { panic!("{ops:?}") };
         assert_eq!(set, "n3");
         assert_eq!(elems[0].key, vec![10, 1, 0, 0, 6, 0, 0, 0, 0x15, 0x38, 0, 0]);
         assert_eq!(elems[0].key_end, Some(vec![10, 1, 255, 255, 6, 0, 0, 0, 0x15, 0x38, 0, 0]));
-        let SetOp::Add { set, elems } = &ops[3] else { panic!("{ops:?}") };
+        let SetOp::Add { set, elems } = &ops[4] else { panic!("{ops:?}") };
         assert_eq!((set.as_str(), elems[0].key.len()), ("public", 16));
         // Back to none: rules flushed, out of the public set, DNS answers kept if asked.
         let ops = policy_ops(3, "abxt3", &Policy::none(), false, true).unwrap();

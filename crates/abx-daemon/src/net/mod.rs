@@ -441,6 +441,49 @@ impl Network {
         }
     }
 
+    /// Allows the addresses of a DNS answer for their TTL (at least [`MIN_ALLOW_SECS`]):
+    /// every port (`scope` None), or only the rules' protocols and ports.
+    fn allow_answer(
+        &self,
+        slot: u32,
+        scope: Option<Vec<((u8, u8), (u16, u16))>>,
+        addrs: &[(Ipv4Addr, u32)],
+    ) -> Result<(), String> {
+        use abx_sys::nft::{Family, RawElem, SetOp};
+        let ttl = |t: u32| Some(Duration::from_secs(u64::from(t.max(MIN_ALLOW_SECS))));
+        let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(nft) = nft.as_ref() else { return Ok(()) };
+        let table = &self.table.table;
+        match scope {
+            None => {
+                let elems: Vec<(Ipv4Addr, Option<Duration>)> = addrs.iter().map(|(a, t)| (*a, ttl(*t))).collect();
+                nft.add_ipv4_elements(Family::Ip, table, &firewall::slot_set(slot), &elems).map_err(|e| e.to_string())
+            }
+            Some(boxes) => {
+                let set = firewall::slot_port_set(slot);
+                let mut last = Ok(());
+                // One element per transaction: a range that overlaps another name's (the
+                // kernel refuses overlaps) must not keep the others out.
+                for (addr, t) in addrs {
+                    for (proto, port) in &boxes {
+                        let elem = RawElem {
+                            key: firewall::rule_key(*addr, proto.0, port.0),
+                            key_end: Some(firewall::rule_key(*addr, proto.1, port.1)),
+                            timeout: ttl(*t),
+                        };
+                        let op = SetOp::Add { set: set.clone(), elems: vec![elem] };
+                        if let Err(e) = nft.apply(Family::Ip, table, &[op])
+                            && e.raw_os_error() != Some(libc::EEXIST)
+                        {
+                            last = Err(e.to_string());
+                        }
+                    }
+                }
+                last
+            }
+        }
+    }
+
     fn sandbox_of(&self, ip: IpAddr) -> Option<(u32, String, Option<Policy>)> {
         let slot = self.slot_of(ip)?;
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -531,18 +574,11 @@ impl dns::DnsPolicy for DnsGate {
 
     fn answered(&self, client: IpAddr, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]) {
         let Some(net) = self.0.upgrade() else { return };
-        let Some((slot, id, _)) = net.sandbox_of(client) else { return };
+        let Some((slot, id, policy)) = net.sandbox_of(client) else { return };
         net.counters.dns_allowed.fetch_add(1, Ordering::Relaxed);
         if !addrs.is_empty() {
-            let elems: Vec<(Ipv4Addr, Option<Duration>)> = addrs
-                .iter()
-                .map(|(a, ttl)| (*a, Some(Duration::from_secs(u64::from((*ttl).max(MIN_ALLOW_SECS))))))
-                .collect();
-            let nft = net.nft.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(nft) = nft.as_ref()
-                && let Err(e) =
-                    nft.add_ipv4_elements(abx_sys::nft::Family::Ip, &net.table.table, &firewall::slot_set(slot), &elems)
-            {
+            let scope = policy.as_ref().and_then(|p| p.name_scope(name));
+            if let Err(e) = net.allow_answer(slot, scope, addrs) {
                 warn!(sandbox = %id, error = %e, "allowing DNS answer addresses");
             }
         }

@@ -82,19 +82,27 @@ impl std::str::FromStr for Cidr {
 /// One parsed `allow` rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rule {
-    /// A domain and all its records' addresses: `github.com`.
-    Domain(String),
-    /// Subdomains of a domain: `*.pypi.org` (`files.pypi.org`, `a.b.pypi.org`; not
-    /// `pypi.org` itself).
-    Wildcard(String),
+    /// The addresses a name resolves to: `github.com`, or with `wildcard` the names under
+    /// it: `*.pypi.org` (`files.pypi.org`, `a.b.pypi.org`; not `pypi.org` itself);
+    /// optionally only some ports and one protocol (`github.com:443/tcp`).
+    Domain { name: String, wildcard: bool, ports: Option<(u16, u16)>, proto: Option<Proto> },
     /// Addresses with optional port range and protocol: `10.1.0.0/16:5432`.
     Net { cidr: Cidr, ports: Option<(u16, u16)>, proto: Option<Proto> },
 }
 
 impl Rule {
+    /// A domain rule for every port.
+    pub fn domain(name: &str) -> Rule {
+        Rule::Domain { name: name.into(), wildcard: false, ports: None, proto: None }
+    }
+
+    /// A wildcard rule for every port.
+    pub fn wildcard(name: &str) -> Rule {
+        Rule::Domain { name: name.into(), wildcard: true, ports: None, proto: None }
+    }
+
     /// Parses `HOST[:PORT[-PORT]][/tcp|/udp]` where HOST is a domain, `*.domain`, an IPv4
-    /// address or a CIDR. Ports and protocols apply to addresses only: a domain rule
-    /// allows what its names resolve to.
+    /// address or a CIDR. Ports without a protocol mean TCP and UDP.
     pub fn parse(text: &str) -> Result<Rule, String> {
         let t = text.trim();
         let bad = |why: String| format!("invalid allow rule '{text}': {why}");
@@ -117,27 +125,24 @@ impl Rule {
             let cidr: Cidr = host.parse().map_err(bad)?;
             return Ok(Rule::Net { cidr, ports, proto });
         }
-        if ports.is_some() || proto.is_some() {
-            return Err(bad("ports and protocols apply to addresses and CIDRs, not to domains".into()));
-        }
         let lower = host.to_ascii_lowercase();
         let lower = lower.strip_suffix('.').unwrap_or(&lower);
         if let Some(rest) = lower.strip_prefix("*.") {
             check_domain(rest).map_err(bad)?;
-            return Ok(Rule::Wildcard(rest.to_string()));
+            return Ok(Rule::Domain { name: rest.to_string(), wildcard: true, ports, proto });
         }
         if lower == "*" {
             return Err(bad("'*' alone would allow every name; use --net public".into()));
         }
         check_domain(lower).map_err(bad)?;
-        Ok(Rule::Domain(lower.to_string()))
+        Ok(Rule::Domain { name: lower.to_string(), wildcard: false, ports, proto })
     }
 
     /// Whether this domain rule covers `name` (lowercase, no trailing dot).
     pub fn matches_name(&self, name: &str) -> bool {
         match self {
-            Rule::Domain(d) => name == d,
-            Rule::Wildcard(d) => {
+            Rule::Domain { name: d, wildcard: false, .. } => name == d,
+            Rule::Domain { name: d, wildcard: true, .. } => {
                 name.len() > d.len() + 1
                     && name.ends_with(d.as_str())
                     && name.as_bytes()[name.len() - d.len() - 1] == b'.'
@@ -263,7 +268,47 @@ impl Range3 {
     }
 }
 
+/// The protocol ranges a rule covers: ports mean TCP and UDP; no ports and no protocol
+/// mean everything.
+fn proto_ranges(proto: Option<Proto>, ports: Option<(u16, u16)>) -> Vec<(u8, u8)> {
+    match (proto, ports) {
+        (Some(Proto::Tcp), _) => vec![(6, 6)],
+        (Some(Proto::Udp), _) => vec![(17, 17)],
+        (None, Some(_)) => vec![(6, 6), (17, 17)],
+        (None, None) => vec![(0, 255)],
+    }
+}
+
 impl Policy {
+    /// What the answers for `name` may be used for: None for every port and protocol
+    /// (`public`, or a matching rule without ports or protocol), else the (protocol,
+    /// port) ranges of the matching rules, without ranges inside others.
+    pub fn name_scope(&self, name: &str) -> Option<Vec<((u8, u8), (u16, u16))>> {
+        if self.mode == NetMode::Public {
+            return None;
+        }
+        let mut boxes: Vec<((u8, u8), (u16, u16))> = Vec::new();
+        for r in self.rules.iter().filter(|r| r.matches_name(name)) {
+            let Rule::Domain { ports, proto, .. } = r else { continue };
+            if ports.is_none() && proto.is_none() {
+                return None;
+            }
+            for p in proto_ranges(*proto, *ports) {
+                boxes.push((p, ports.unwrap_or((0, 65535))));
+            }
+        }
+        let inside = |a: &((u8, u8), (u16, u16)), b: &((u8, u8), (u16, u16))| {
+            b.0.0 <= a.0.0 && a.0.1 <= b.0.1 && b.1.0 <= a.1.0 && a.1.1 <= b.1.1
+        };
+        let mut kept: Vec<((u8, u8), (u16, u16))> = Vec::new();
+        for (i, a) in boxes.iter().enumerate() {
+            if !boxes.iter().enumerate().any(|(j, b)| j != i && inside(a, b) && (!inside(b, a) || j < i)) {
+                kept.push(*a);
+            }
+        }
+        Some(kept)
+    }
+
     /// The address rules as non-overlapping boxes (the kernel's range sets refuse
     /// overlaps): a rule inside another is dropped; rules that partly overlap are an error
     /// naming both.
@@ -273,13 +318,7 @@ impl Policy {
             let first = cidr.addr;
             let last = Ipv4Addr::from(u32::from(first) | (u32::MAX.checked_shr(u32::from(cidr.len)).unwrap_or(0)));
             let port = ports.unwrap_or((0, 65535));
-            let protos: Vec<(u8, u8)> = match (proto, ports) {
-                (Some(Proto::Tcp), _) => vec![(6, 6)],
-                (Some(Proto::Udp), _) => vec![(17, 17)],
-                // Ports mean TCP and UDP; no ports and no protocol mean everything.
-                (None, Some(_)) => vec![(6, 6), (17, 17)],
-                (None, None) => vec![(0, 255)],
-            };
+            let protos = proto_ranges(proto, ports);
             let text = format!(
                 "{cidr}{}{}",
                 ports.map(|(a, b)| if a == b { format!(":{a}") } else { format!(":{a}-{b}") }).unwrap_or_default(),
@@ -330,8 +369,17 @@ mod tests {
 
     #[test]
     fn parses_rules() {
-        assert_eq!(Rule::parse("GitHub.com").unwrap(), Rule::Domain("github.com".into()));
-        assert_eq!(Rule::parse("*.pypi.org").unwrap(), Rule::Wildcard("pypi.org".into()));
+        assert_eq!(Rule::parse("GitHub.com").unwrap(), Rule::domain("github.com"));
+        assert_eq!(Rule::parse("*.pypi.org").unwrap(), Rule::wildcard("pypi.org"));
+        assert_eq!(
+            Rule::parse("github.com:443/tcp").unwrap(),
+            Rule::Domain {
+                name: "github.com".into(),
+                wildcard: false,
+                ports: Some((443, 443)),
+                proto: Some(Proto::Tcp)
+            }
+        );
         assert_eq!(
             Rule::parse("10.1.0.0/16:5432").unwrap(),
             Rule::Net { cidr: "10.1.0.0/16".parse().unwrap(), ports: Some((5432, 5432)), proto: None }
@@ -344,18 +392,9 @@ mod tests {
             Rule::parse("198.51.100.0/24/tcp").unwrap(),
             Rule::Net { cidr: "198.51.100.0/24".parse().unwrap(), ports: None, proto: Some(Proto::Tcp) }
         );
-        for bad in [
-            "",
-            "*",
-            "10.1.0.1/16",
-            "10.0.0.0/33",
-            "1.2.3.4:0",
-            "1.2.3.4:9-3",
-            "github.com:443",
-            "a..b",
-            "-a.com",
-            "a b",
-        ] {
+        for bad in
+            ["", "*", "10.1.0.1/16", "10.0.0.0/33", "1.2.3.4:0", "1.2.3.4:9-3", "github.com:0", "a..b", "-a.com", "a b"]
+        {
             assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
         }
         assert!(Rule::parse("10.1.0.1/16").unwrap_err().contains("10.1.0.0/16"));
@@ -363,19 +402,31 @@ mod tests {
 
     #[test]
     fn matches_names() {
-        let w = Rule::Wildcard("pypi.org".into());
+        let w = Rule::wildcard("pypi.org");
         assert!(w.matches_name("files.pypi.org") && w.matches_name("a.b.pypi.org"));
         assert!(!w.matches_name("pypi.org") && !w.matches_name("evilpypi.org"));
-        let d = Rule::Domain("github.com".into());
+        let d = Rule::domain("github.com");
         assert!(d.matches_name("github.com") && !d.matches_name("api.github.com"));
+    }
+
+    #[test]
+    fn names_get_the_ports_of_their_rules() {
+        let p = Policy::parse(&NetworkPolicy {
+            mode: NetMode::Allow,
+            allow: vec!["api.test:443/tcp".into(), "*.pkg.test:8000-8100".into(), "any.test".into()],
+        })
+        .unwrap();
+        assert_eq!(p.name_scope("api.test"), Some(vec![((6, 6), (443, 443))]));
+        assert_eq!(p.name_scope("x.pkg.test"), Some(vec![((6, 6), (8000, 8100)), ((17, 17), (8000, 8100))]));
+        assert_eq!(p.name_scope("any.test"), None, "a rule without ports allows every port");
     }
 
     #[test]
     fn checks_policies() {
         let p = NetworkPolicy { mode: NetMode::None, allow: vec!["github.com".into()] };
         assert!(Policy::parse(&p).unwrap_err().contains("none"));
-        let p = NetworkPolicy { mode: NetMode::Allow, allow: vec!["github.com".into(), "x:1".into()] };
-        assert!(Policy::parse(&p).unwrap_err().contains("'x:1'"));
+        let p = NetworkPolicy { mode: NetMode::Allow, allow: vec!["github.com".into(), "x:0".into()] };
+        assert!(Policy::parse(&p).unwrap_err().contains("'x:0'"));
         let p = Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.test".into()] }).unwrap();
         assert!(p.allows_name("a.test") && !p.allows_name("test"));
         assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Public, allow: vec![] }).unwrap().allows_name("x"));

@@ -44,13 +44,17 @@ pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestRepor
     let slot = rec.uid_slot;
     // First the names the policy allows, resolved from inside (their answers are the
     // addresses the other checks use).
-    let names: Vec<String> = policy
+    // Each name with the TCP port its connection check uses (None: the rule is UDP only).
+    let targets: Vec<(String, Option<u16>)> = policy
         .domain_rules()
         .filter_map(|r| match r {
-            Rule::Domain(d) => Some(d.clone()),
+            Rule::Domain { name, wildcard: false, ports, proto } => {
+                Some((name.clone(), (*proto != Some(policy::Proto::Udp)).then(|| ports.map_or(443, |p| p.0))))
+            }
             _ => None,
         })
         .collect();
+    let names: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
     let mut plans: Vec<Plan> = names
         .iter()
         .map(|n| Plan {
@@ -70,26 +74,28 @@ pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestRepor
         });
     }
     let first = agent_probes(sb, &plans).await?;
-    let mut resolved: Vec<(String, Ipv4Addr)> = Vec::new();
-    for (n, r) in names.iter().zip(&first) {
+    let mut resolved: Vec<(String, Ipv4Addr, Option<u16>)> = Vec::new();
+    for ((n, port), r) in targets.iter().zip(&first) {
         if let Some(a) = r.addresses.first() {
-            resolved.push((n.clone(), *a));
+            resolved.push((n.clone(), *a, *port));
         }
     }
     // Then connections.
     let mut second: Vec<Plan> = Vec::new();
-    for (name, addr) in &resolved {
-        let private = policy::in_ranges(*addr, policy::PRIVATE) && !covered(&policy, *addr, 443);
-        second.push(Plan {
-            target: format!("tcp {name}:443 ({addr})"),
-            reason: if private {
-                format!("{name} resolves to a private address and no rule names it")
-            } else {
-                format!("allowed by rule {name}")
-            },
-            reachable: !private,
-            probe: tcp(*addr, 443),
-        });
+    for (name, addr, port) in &resolved {
+        if let Some(port) = *port {
+            let private = policy::in_ranges(*addr, policy::PRIVATE) && !covered(&policy, *addr, port);
+            second.push(Plan {
+                target: format!("tcp {name}:{port} ({addr})"),
+                reason: if private {
+                    format!("{name} resolves to a private address and no rule names it")
+                } else {
+                    format!("allowed by rule {name}")
+                },
+                reachable: !private,
+                probe: tcp(*addr, port),
+            });
+        }
         second.push(Plan {
             target: format!("udp {name}:443 ({addr})"),
             reason: "UDP 443 (QUIC) is always refused so clients fall back to TCP".into(),
