@@ -446,7 +446,7 @@ impl Network {
     fn allow_answer(
         &self,
         slot: u32,
-        scope: Option<Vec<((u8, u8), (u16, u16))>>,
+        scope: Option<Vec<policy::PortBox>>,
         addrs: &[(Ipv4Addr, u32)],
     ) -> Result<(), String> {
         use abx_sys::nft::{Family, RawElem, SetOp};

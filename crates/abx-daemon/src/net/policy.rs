@@ -268,6 +268,9 @@ impl Range3 {
     }
 }
 
+/// A (protocol range, port range) a DNS answer may be used for.
+pub type PortBox = ((u8, u8), (u16, u16));
+
 /// The protocol ranges a rule covers: ports mean TCP and UDP; no ports and no protocol
 /// mean everything.
 fn proto_ranges(proto: Option<Proto>, ports: Option<(u16, u16)>) -> Vec<(u8, u8)> {
@@ -283,11 +286,11 @@ impl Policy {
     /// What the answers for `name` may be used for: None for every port and protocol
     /// (`public`, or a matching rule without ports or protocol), else the (protocol,
     /// port) ranges of the matching rules, without ranges inside others.
-    pub fn name_scope(&self, name: &str) -> Option<Vec<((u8, u8), (u16, u16))>> {
+    pub fn name_scope(&self, name: &str) -> Option<Vec<PortBox>> {
         if self.mode == NetMode::Public {
             return None;
         }
-        let mut boxes: Vec<((u8, u8), (u16, u16))> = Vec::new();
+        let mut boxes: Vec<PortBox> = Vec::new();
         for r in self.rules.iter().filter(|r| r.matches_name(name)) {
             let Rule::Domain { ports, proto, .. } = r else { continue };
             if ports.is_none() && proto.is_none() {
@@ -297,10 +300,8 @@ impl Policy {
                 boxes.push((p, ports.unwrap_or((0, 65535))));
             }
         }
-        let inside = |a: &((u8, u8), (u16, u16)), b: &((u8, u8), (u16, u16))| {
-            b.0.0 <= a.0.0 && a.0.1 <= b.0.1 && b.1.0 <= a.1.0 && a.1.1 <= b.1.1
-        };
-        let mut kept: Vec<((u8, u8), (u16, u16))> = Vec::new();
+        let inside = |a: &PortBox, b: &PortBox| b.0.0 <= a.0.0 && a.0.1 <= b.0.1 && b.1.0 <= a.1.0 && a.1.1 <= b.1.1;
+        let mut kept: Vec<PortBox> = Vec::new();
         for (i, a) in boxes.iter().enumerate() {
             if !boxes.iter().enumerate().any(|(j, b)| j != i && inside(a, b) && (!inside(b, a) || j < i)) {
                 kept.push(*a);
