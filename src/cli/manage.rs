@@ -144,3 +144,10 @@ pub async fn system(client: &Client) -> anyhow::Result<i32> {
     println!("{}", serde_json::to_string_pretty(&client.system().await?)?);
     Ok(0)
 }
+
+/// `pause` and `resume`: print the sandbox's new state.
+pub async fn pause(client: &Client, a: IdArg, pause: bool) -> anyhow::Result<i32> {
+    let sb = if pause { client.pause(&a.id).await? } else { client.resume(&a.id).await? };
+    println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?"));
+    Ok(0)
+}

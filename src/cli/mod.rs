@@ -48,6 +48,10 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// Show resource usage of a sandbox.
     Stats(manage::IdArg),
+    /// Freeze every process of a sandbox, keeping its memory (any request resumes it).
+    Pause(manage::IdArg),
+    /// Thaw a paused sandbox.
+    Resume(manage::IdArg),
     /// Change a sandbox's timeout (e.g. 30m; 0 removes it).
     Timeout(manage::TimeoutArgs),
     /// List processes started in a sandbox.
@@ -136,6 +140,8 @@ pub fn run(cli: Cli) -> i32 {
             Command::Cp(a) => cp::cp(&client(host)?, a).await,
             Command::Stats(a) => manage::stats(&client(host)?, a).await,
             Command::Timeout(a) => manage::timeout(&client(host)?, a).await,
+            Command::Pause(a) => manage::pause(&client(host)?, a, true).await,
+            Command::Resume(a) => manage::pause(&client(host)?, a, false).await,
             Command::Ps(a) => manage::ps(&client(host)?, a).await,
             Command::Kill(a) => manage::kill(&client(host)?, a).await,
             Command::Template(c) => template::main(&client(host)?, c).await,

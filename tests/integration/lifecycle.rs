@@ -177,3 +177,43 @@ async fn without_prewarm_sandboxes_are_made_from_scratch() {
     assert_eq!(sys.prepared, 0);
     assert!(shells(&d, sys.spawner_pid).is_empty(), "no process waits in the spawner");
 }
+
+#[tokio::test]
+async fn paused_sandboxes_make_no_progress_and_resume_with_memory_intact() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    // A counter that lives in a shell variable (memory) and is written out every 20 ms.
+    let cmd =
+        ["sh", "-c", "n=0; while :; do n=$((n+1)); echo $n > /tmp/count; sleep 0.02; done"].map(String::from).to_vec();
+    d.client.exec_background(&id, &abx_client::ExecRequest { cmd, ..Default::default() }).await.unwrap();
+    // Read from the host (the sandbox's upper directory): an API read would resume it.
+    let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+    let file = d.slots.join(format!("{}-u{slot}", d.prefix)).join("data/upper/tmp/count");
+    let count = || std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    d.wait_for("the counter to start", Duration::from_secs(5), || async { count() > 3 }).await;
+    let sb = d.client.pause(&id).await.unwrap();
+    assert_eq!(sb.state, abx_client::SandboxState::Paused);
+    let frozen_at = count();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(count(), frozen_at, "no progress while paused");
+    assert_eq!(
+        d.client.get_sandbox(&id).await.unwrap().state,
+        abx_client::SandboxState::Paused,
+        "a get does not resume"
+    );
+    let out = d.cli(&["resume", &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{id} running"));
+    d.wait_for("the counter to continue", Duration::from_secs(5), || async { count() > frozen_at + 3 }).await;
+    // It went on from its own memory, not from 1.
+    assert!(count() > frozen_at);
+    // Any request resumes a paused sandbox: here an exec.
+    let out = d.cli(&["pause", &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{id} paused"));
+    let (out, _, code) = d.sh(&id, "echo awake").await;
+    assert_eq!((out.as_str(), code), ("awake\n", 0));
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Running);
+    // A paused sandbox can be destroyed, and a destroyed one cannot be paused.
+    d.client.pause(&id).await.unwrap();
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    assert!(d.client.pause(&id).await.is_err());
+}

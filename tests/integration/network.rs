@@ -264,6 +264,16 @@ async fn ingress_routes_by_host_name_and_headers() {
         &[("E2b-Sandbox-Id", &ids[1]), ("E2b-Sandbox-Port", "8000")],
     );
     assert!(got.contains("two\n"), "{got}");
+    // A request through the ingress resumes a paused sandbox.
+    w.d.client.pause(&ids[1]).await.unwrap();
+    let got = fakenet::http_get(
+        &w.net.daemon_ns,
+        ingress,
+        "anything",
+        &[("E2b-Sandbox-Id", &ids[1]), ("E2b-Sandbox-Port", "8000")],
+    );
+    assert!(got.contains("two\n"), "{got}");
+    assert_eq!(w.d.client.get_sandbox(&ids[1]).await.unwrap().state, abx_client::SandboxState::Running);
     let got = fakenet::http_get(&w.net.daemon_ns, ingress, &format!("8001-{}.sandbox.test", ids[1]), &[]);
     assert!(got.starts_with("HTTP/1.1 502") && got.contains("nothing listens on port 8001"), "{got}");
     let got = fakenet::http_get(&w.net.daemon_ns, ingress, "8000-nosuchsandbox.sandbox.test", &[]);

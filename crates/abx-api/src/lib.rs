@@ -211,6 +211,9 @@ pub struct PortUrl {
 pub enum SandboxState {
     Creating,
     Running,
+    /// Every process is frozen (cgroup freezer), memory kept. Any request to the sandbox
+    /// (exec, files, ingress, ...) resumes it.
+    Paused,
     /// PID 1 of the sandbox ended on its own; its files are kept until it is removed.
     Exited,
     Destroying,

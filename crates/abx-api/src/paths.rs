@@ -8,6 +8,8 @@ pub const SANDBOXES: &str = "/v1/sandboxes";
 pub const SANDBOX: &str = "/v1/sandboxes/{id}";
 pub const SANDBOX_TIMEOUT: &str = "/v1/sandboxes/{id}/timeout";
 pub const SANDBOX_STATS: &str = "/v1/sandboxes/{id}/stats";
+pub const SANDBOX_PAUSE: &str = "/v1/sandboxes/{id}/pause";
+pub const SANDBOX_RESUME: &str = "/v1/sandboxes/{id}/resume";
 pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const EXEC_WS: &str = "/v1/sandboxes/{id}/exec/ws";
 pub const PROCESSES: &str = "/v1/sandboxes/{id}/processes";
@@ -39,6 +41,8 @@ pub const ALL: &[&str] = &[
     SANDBOX,
     SANDBOX_TIMEOUT,
     SANDBOX_STATS,
+    SANDBOX_PAUSE,
+    SANDBOX_RESUME,
     EXEC,
     EXEC_WS,
     PROCESSES,

@@ -218,6 +218,16 @@ impl Client {
         self.json(self.request(Method::GET, &Self::path(paths::SANDBOX_STATS, &[("id", id)]))).await
     }
 
+    /// Freezes a sandbox (memory kept); any later request resumes it.
+    pub async fn pause(&self, id: &str) -> Result<Sandbox> {
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_PAUSE, &[("id", id)]))).await
+    }
+
+    /// Thaws a paused sandbox.
+    pub async fn resume(&self, id: &str) -> Result<Sandbox> {
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_RESUME, &[("id", id)]))).await
+    }
+
     // --- network ---
 
     /// Replaces a sandbox's egress policy.

@@ -131,6 +131,12 @@ pub enum Command {
         name: String,
     },
     SystemInfo,
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
     SetNetwork {
         id: String,
         policy: abx_api::NetworkPolicy,
@@ -327,7 +333,7 @@ impl Core {
                 self.call::<()>(&id, &Request::Resize { pid, size }).await.map(|_| Outcome::Done)
             }
             Command::Attach { id, pid } => {
-                let sb = self.running(&id)?;
+                let sb = self.running(&id).await?;
                 let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
                 let pid = started(&mut conn).await?;
                 Ok(Outcome::Exec(ExecSession { pid, conn }))
@@ -378,6 +384,8 @@ impl Core {
             Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
             Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
             Command::SystemInfo => Ok(Outcome::System(self.system_info())),
+            Command::Pause { id } => Ok(Outcome::Sandbox(m.api(&m.pause(&id).await?))),
+            Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
             Command::NetworkLog { id } => {
                 let sb = m.get(&id)?;
@@ -385,7 +393,7 @@ impl Core {
                 Ok(Outcome::NetLog(abx_api::NetLog { events, dropped }))
             }
             Command::NetworkTest { id } => {
-                let sb = self.running(&id)?;
+                let sb = self.running(&id).await?;
                 crate::net::probe::run(m, &sb).await.map(Outcome::NetTest)
             }
             Command::PortUrl { id, port } => {
@@ -425,10 +433,16 @@ impl Core {
         out
     }
 
-    pub(crate) fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
+    /// The sandbox, running: a paused one is resumed first (any request to a sandbox
+    /// resumes it).
+    pub(crate) async fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
         let sb = self.manager.get(key)?;
         match sb.state() {
             abx_api::SandboxState::Running => Ok(sb),
+            abx_api::SandboxState::Paused => {
+                self.manager.resume(&sb.id).await?;
+                Ok(sb)
+            }
             s => Err(CoreError::Conflict(format!("sandbox {} is {}, not running", sb.id, state_name(s)))),
         }
     }
@@ -442,12 +456,12 @@ impl Core {
     }
 
     async fn call<T: serde::de::DeserializeOwned>(&self, key: &str, req: &Request) -> CoreResult<T> {
-        let sb = self.running(key)?;
+        let sb = self.running(key).await?;
         Ok(agent::call(&sb.dirs.agent_socket(), req).await?)
     }
 
     async fn open_read(&self, key: &str, req: Request) -> CoreResult<(FileInfo, AgentConn)> {
-        let sb = self.running(key)?;
+        let sb = self.running(key).await?;
         let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
         let info = conn.reply().await?;
         Ok((info, conn))
@@ -459,7 +473,7 @@ impl Core {
         req: Request,
         mut body: ByteStream,
     ) -> CoreResult<T> {
-        let sb = self.running(key)?;
+        let sb = self.running(key).await?;
         let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| CoreError::Invalid(format!("reading request body: {e}")))?;
@@ -473,7 +487,7 @@ impl Core {
     }
 
     async fn exec(&self, key: &str, req: ExecRequest) -> CoreResult<Outcome> {
-        let sb = self.running(key)?;
+        let sb = self.running(key).await?;
         let spec = self.exec_spec(&sb, &req)?;
         let stdin = match &req.stdin {
             Some(s) => Some(
@@ -599,6 +613,7 @@ pub fn state_name(s: abx_api::SandboxState) -> &'static str {
     match s {
         abx_api::SandboxState::Creating => "creating",
         abx_api::SandboxState::Running => "running",
+        abx_api::SandboxState::Paused => "paused",
         abx_api::SandboxState::Exited => "exited",
         abx_api::SandboxState::Destroying => "being destroyed",
     }

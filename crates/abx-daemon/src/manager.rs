@@ -565,7 +565,7 @@ impl Manager {
     /// PID 1 ended without a destroy: keep the files for inspection, free the cgroup.
     async fn on_exit(self: &Arc<Self>, sb: &Arc<Sandbox>) {
         let was_running = sb.update(|r| {
-            let running = r.state == SandboxState::Running;
+            let running = matches!(r.state, SandboxState::Running | SandboxState::Paused);
             if running {
                 r.state = SandboxState::Exited;
             }
@@ -620,6 +620,71 @@ impl Manager {
         a
     }
 
+    /// Freezes every process of a running sandbox (its memory stays); idempotent.
+    pub async fn pause(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        match sb.state() {
+            SandboxState::Paused => return Ok(sb.record()),
+            SandboxState::Running => {}
+            s => {
+                return Err(CoreError::Conflict(format!(
+                    "sandbox {} is {}, not running",
+                    sb.id,
+                    crate::core::state_name(s)
+                )));
+            }
+        }
+        let this = self.clone();
+        let sb2 = sb.clone();
+        tokio::task::spawn_blocking(move || this.cgroups.freeze(&sb2.cgroup))
+            .await
+            .map_err(|e| CoreError::internal("pause task", e.to_string()))?
+            .map_err(|e| CoreError::internal(format!("freeze sandbox {}", sb.id), cgroup_text(&e)))?;
+        sb.update(|r| {
+            if r.state == SandboxState::Running {
+                r.state = SandboxState::Paused;
+            }
+        });
+        self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        Ok(sb.record())
+    }
+
+    /// Thaws a paused sandbox; idempotent for a running one.
+    pub async fn resume(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        match sb.state() {
+            SandboxState::Running => return Ok(sb.record()),
+            SandboxState::Paused => {}
+            s => {
+                return Err(CoreError::Conflict(format!(
+                    "sandbox {} is {}, not paused",
+                    sb.id,
+                    crate::core::state_name(s)
+                )));
+            }
+        }
+        let this = self.clone();
+        let sb2 = sb.clone();
+        tokio::task::spawn_blocking(move || this.resume_blocking(&sb2))
+            .await
+            .map_err(|e| CoreError::internal("resume task", e.to_string()))??;
+        Ok(sb.record())
+    }
+
+    /// Thaws a paused sandbox's cgroup and records it running (blocking).
+    pub fn resume_blocking(&self, sb: &Arc<Sandbox>) -> CoreResult<()> {
+        self.cgroups
+            .thaw(&sb.cgroup)
+            .map_err(|e| CoreError::internal(format!("thaw sandbox {}", sb.id), cgroup_text(&e)))?;
+        sb.update(|r| {
+            if r.state == SandboxState::Paused {
+                r.state = SandboxState::Running;
+            }
+        });
+        self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        Ok(())
+    }
+
     /// Checks a network policy from the API (an error names the bad rule).
     fn check_policy(&self, p: &abx_api::NetworkPolicy) -> CoreResult<crate::net::policy::Policy> {
         let policy = crate::net::policy::Policy::parse(p).map_err(CoreError::Invalid)?;
@@ -639,7 +704,7 @@ impl Manager {
             return Ok(sb.record());
         };
         let slot = sb.record().uid_slot;
-        if sb.record().state != SandboxState::Running {
+        if !matches!(sb.record().state, SandboxState::Running | SandboxState::Paused) {
             return Err(CoreError::Conflict(format!("sandbox {} is not running", sb.id)));
         }
         tokio::task::spawn_blocking(move || net.set_policy(slot, &policy))
@@ -660,11 +725,11 @@ impl Manager {
 
     async fn destroy_inner(self: &Arc<Self>, id: &str, force: bool, abort_ttl: bool) -> CoreResult<()> {
         let sb = self.get(id)?;
+        let was_paused = sb.state() == SandboxState::Paused;
         let proceed = sb.update(|r| match r.state {
-            SandboxState::Running | SandboxState::Creating if !force => Err(CoreError::Conflict(format!(
-                "sandbox {} is running; use force (agentbox rm -f) to destroy it",
-                r.id
-            ))),
+            SandboxState::Running | SandboxState::Paused | SandboxState::Creating if !force => Err(
+                CoreError::Conflict(format!("sandbox {} is running; use force (agentbox rm -f) to destroy it", r.id)),
+            ),
             SandboxState::Destroying => Ok(false),
             _ => {
                 r.state = SandboxState::Destroying;
@@ -684,6 +749,12 @@ impl Manager {
         // the record is then dead and reconcile cleans it up).
         if let Some(fd) = &sb.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+            if was_paused {
+                // A v1 freezer holds even SIGKILLed processes: thaw so that they die.
+                let this = self.clone();
+                let cg = sb.cgroup.clone();
+                let _ = tokio::task::spawn_blocking(move || this.cgroups.thaw(&cg)).await;
+            }
             if std::env::var_os("ABX_WAIT_EXIT").is_some() {
                 let mut exited = sb.exited.clone();
                 let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
@@ -756,7 +827,7 @@ impl Manager {
                 self.register(rec, None);
                 true
             }
-            SandboxState::Running if process_start_time(rec.pid) == Some(rec.pid_start) => {
+            SandboxState::Running | SandboxState::Paused if process_start_time(rec.pid) == Some(rec.pid_start) => {
                 let Some(pid) = rustix::process::Pid::from_raw(rec.pid) else { return false };
                 let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
                     return false;
@@ -871,8 +942,12 @@ impl crate::net::ingress::Router for IngressRouter {
     fn lookup(&self, id: &str) -> Option<std::net::Ipv4Addr> {
         let m = self.0.upgrade()?;
         let sb = m.get(id).ok()?;
-        if sb.state() != SandboxState::Running {
-            return None;
+        match sb.state() {
+            SandboxState::Running => {}
+            // A request through the ingress resumes a paused sandbox (a thaw is a few file
+            // writes, done here).
+            SandboxState::Paused => m.resume_blocking(&sb).ok()?,
+            _ => return None,
         }
         Some(m.net.as_ref()?.slot_addr(sb.record().uid_slot))
     }

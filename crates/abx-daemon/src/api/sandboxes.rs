@@ -16,6 +16,25 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(get, delete))
         .routes(routes!(set_timeout))
         .routes(routes!(stats))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+}
+
+/// Freeze every process of the sandbox, keeping its memory. Any later request to the
+/// sandbox (exec, files, ingress) resumes it.
+#[utoipa::path(post, path = abx_api::paths::SANDBOX_PAUSE, tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn pause(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(core.execute(Command::Pause { id }).await?.sandbox()?))
+}
+
+/// Thaw a paused sandbox.
+#[utoipa::path(post, path = abx_api::paths::SANDBOX_RESUME, tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn resume(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(core.execute(Command::Resume { id }).await?.sandbox()?))
 }
 
 /// Create and start a sandbox.
