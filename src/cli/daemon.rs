@@ -73,6 +73,11 @@ pub struct DaemonArgs {
     /// Domain of ingress host names, `<port>-<id>.<domain>`.
     #[arg(long, default_value = "agentbox.localhost")]
     domain: String,
+    /// Pause running sandboxes after this long without a request to them (exec, files,
+    /// ingress, ...) or an attached exec session, e.g. 10m (0: never). They resume on the
+    /// next request.
+    #[arg(long, default_value = "0", value_parser = parse::duration)]
+    idle_pause: u64,
     /// Log filter (error, warn, info, debug, or tracing directives).
     #[arg(long, default_value = "info,hickory_server=warn", env = "AGENTBOX_LOG")]
     log: String,
@@ -109,6 +114,7 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     cfg.data = a.data;
     cfg.data_size = a.data_size;
     cfg.prewarm = a.prewarm;
+    cfg.idle_pause = (a.idle_pause > 0).then(|| std::time::Duration::from_secs(a.idle_pause));
     cfg.network = network(&a.subnet, &a.uplink, &a.dns_upstream, &a.ingress, &a.domain)?;
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;
@@ -187,6 +193,7 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
         }
     }
     manager.refill();
+    manager.watch_idle();
     let core = Core::new(manager.clone());
     abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;
     info!("shutting down; sandboxes keep running");

@@ -217,3 +217,20 @@ async fn paused_sandboxes_make_no_progress_and_resume_with_memory_intact() {
     d.client.delete_sandbox(&id, true).await.unwrap();
     assert!(d.client.pause(&id).await.is_err());
 }
+
+#[tokio::test]
+async fn idle_sandboxes_are_paused_and_wake_on_the_next_request() {
+    let d = Daemon::start_with(&["--idle-pause", "1"]).await;
+    let id = d.mini(Limits::default()).await;
+    // An attached exec longer than the idle time is activity: it finishes undisturbed.
+    let (out, _, code) = d.sh(&id, "sleep 2.2; echo done").await;
+    assert_eq!((out.as_str(), code), ("done\n", 0));
+    d.wait_for("the idle sandbox to be paused", Duration::from_secs(5), || async {
+        d.client.get_sandbox(&id).await.unwrap().state == abx_client::SandboxState::Paused
+    })
+    .await;
+    // The next request resumes it.
+    let (out, _, code) = d.sh(&id, "echo back").await;
+    assert_eq!((out.as_str(), code), ("back\n", 0));
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Running);
+}

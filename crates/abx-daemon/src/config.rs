@@ -67,6 +67,8 @@ pub struct Config {
     pub prewarm: usize,
     /// Networking (None: sandboxes get loopback only).
     pub network: Option<crate::net::NetConfig>,
+    /// Pause running sandboxes after this long without a request or an attached exec.
+    pub idle_pause: Option<Duration>,
 }
 
 /// Size of each sandbox's uid range.
@@ -97,6 +99,7 @@ impl Config {
             data_size: None,
             prewarm: 2,
             network: Some(crate::net::NetConfig::defaults()),
+            idle_pause: None,
         }
     }
 

@@ -224,6 +224,8 @@ impl Outcome {
 pub struct ExecSession {
     pub pid: u32,
     pub conn: AgentConn,
+    /// Keeps the sandbox from being paused for idleness while attached.
+    pub attached: crate::sandbox::Attached,
 }
 
 /// A one-shot run: the new sandbox, its process, and the guard that destroys it.
@@ -336,7 +338,7 @@ impl Core {
                 let sb = self.running(&id).await?;
                 let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
                 let pid = started(&mut conn).await?;
-                Ok(Outcome::Exec(ExecSession { pid, conn }))
+                Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
             }
             Command::ReadFile { id, path, user } => {
                 let user = self.user(&id, user)?;
@@ -437,6 +439,7 @@ impl Core {
     /// resumes it).
     pub(crate) async fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
         let sb = self.manager.get(key)?;
+        sb.touch();
         match sb.state() {
             abx_api::SandboxState::Running => Ok(sb),
             abx_api::SandboxState::Paused => {
@@ -512,7 +515,7 @@ impl Core {
                 conn.send(Kind::Eof, b"").await?;
             }
         }
-        Ok(Outcome::Exec(ExecSession { pid, conn }))
+        Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
     }
 
     fn exec_spec(&self, sb: &Sandbox, req: &ExecRequest) -> CoreResult<ExecSpec> {

@@ -545,6 +545,8 @@ impl Manager {
             pidfd: pidfd.clone(),
             exited: rx,
             ttl: Mutex::new(None),
+            activity: std::sync::atomic::AtomicU64::new(crate::sandbox::now_ms()),
+            attached: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         });
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sb.id.clone(), sb.clone());
         if let Some(fd) = pidfd {
@@ -618,6 +620,44 @@ impl Manager {
         let mut a = r.to_api();
         a.address = self.net.as_ref().map(|n| n.slot_addr(r.uid_slot).to_string());
         a
+    }
+
+    /// With `--idle-pause`: every second, pauses running sandboxes that had no request and
+    /// no attached exec session for that long.
+    pub fn watch_idle(self: &Arc<Self>) {
+        let Some(idle) = self.cfg.idle_pause else { return };
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(m) = this.upgrade() else { return };
+                if m.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let idle_ones: Vec<String> = m
+                    .sandboxes
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .filter(|sb| sb.state() == SandboxState::Running && sb.idle_for(idle))
+                    .map(|sb| sb.id.clone())
+                    .collect();
+                for id in idle_ones {
+                    match m.pause(&id).await {
+                        Ok(_) => info!(sandbox = %id, idle = ?idle, "paused after being idle"),
+                        Err(e) => warn!(sandbox = %id, error = %e.full_message(), "idle pause failed"),
+                    }
+                    // A request that arrived while this one froze it saw it still running:
+                    // its activity is newer, so thaw again.
+                    if let Ok(sb) = m.get(&id)
+                        && !sb.idle_for(idle)
+                    {
+                        let _ = m.resume(&id).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Freezes every process of a running sandbox (its memory stays); idempotent.
@@ -949,6 +989,7 @@ impl crate::net::ingress::Router for IngressRouter {
             SandboxState::Paused => m.resume_blocking(&sb).ok()?,
             _ => return None,
         }
+        sb.touch();
         Some(m.net.as_ref()?.slot_addr(sb.record().uid_slot))
     }
 }

@@ -102,6 +102,20 @@ pub struct Sandbox {
     pub exited: watch::Receiver<bool>,
     /// The task that destroys the sandbox when its timeout expires.
     pub ttl: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Unix time (ms) of the last request to the sandbox, for idle auto-pause.
+    pub activity: std::sync::atomic::AtomicU64,
+    /// Exec sessions attached right now (a sandbox streaming to a client is not idle).
+    pub attached: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts an attached exec session while it lives.
+#[derive(Debug)]
+pub struct Attached(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Sandbox {
@@ -116,6 +130,24 @@ impl Sandbox {
     pub fn state(&self) -> SandboxState {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).state
     }
+
+    /// Records activity now.
+    pub fn touch(&self) {
+        self.activity.store(now_ms(), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Marks an exec session attached until the returned guard drops.
+    pub fn attach(&self) -> Attached {
+        self.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Attached(self.attached.clone())
+    }
+
+    /// Whether nothing happened for `idle` and no session is attached.
+    pub fn idle_for(&self, idle: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.attached.load(Ordering::SeqCst) == 0
+            && now_ms().saturating_sub(self.activity.load(Ordering::SeqCst)) >= idle.as_millis() as u64
+    }
 }
 
 /// The start time of a process (field 22 of /proc/PID/stat), if it exists.
@@ -123,6 +155,11 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Current unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Current unix time in seconds.

@@ -179,7 +179,7 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
 /// client goes away. Frames from the agent are read by a separate task, so no read is ever
 /// cancelled half-way.
 async fn pump(mut socket: WebSocket, session: ExecSession) {
-    let ExecSession { pid, conn } = session;
+    let ExecSession { pid, conn, attached: _attached } = session;
     let crate::agent::AgentConn { mut reader, mut writer } = conn;
     if !send_event(&mut socket, &ExecEvent::Started { pid }).await {
         return;
