@@ -151,3 +151,37 @@ pub async fn pause(client: &Client, a: IdArg, pause: bool) -> anyhow::Result<i32
     println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?"));
     Ok(0)
 }
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// Sandbox id or name.
+    id: String,
+    /// Also write a tar of the added and changed paths to this file.
+    #[arg(long)]
+    tar: Option<std::path::PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `diff`: `A /path`, `C /path`, `D /path` lines, sorted by path.
+pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
+    let d = client.diff(&a.id).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        let mut lines: Vec<(String, char)> = Vec::new();
+        lines.extend(d.added.iter().map(|e| (e.path.clone(), 'A')));
+        lines.extend(d.changed.iter().map(|e| (e.path.clone(), 'C')));
+        lines.extend(d.deleted.iter().map(|e| (e.path.clone(), 'D')));
+        lines.sort();
+        for (p, k) in lines {
+            println!("{k} {p}");
+        }
+    }
+    if let Some(path) = a.tar {
+        let tar = client.diff_archive(&a.id).await?;
+        std::fs::write(&path, tar).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+    }
+    Ok(0)
+}

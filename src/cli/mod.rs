@@ -48,6 +48,8 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// Show resource usage of a sandbox.
     Stats(manage::IdArg),
+    /// Show what a sandbox added (A), changed (C) and deleted (D) since its template.
+    Diff(manage::DiffArgs),
     /// Freeze every process of a sandbox, keeping its memory (any request resumes it).
     Pause(manage::IdArg),
     /// Thaw a paused sandbox.
@@ -140,6 +142,7 @@ pub fn run(cli: Cli) -> i32 {
             Command::Cp(a) => cp::cp(&client(host)?, a).await,
             Command::Stats(a) => manage::stats(&client(host)?, a).await,
             Command::Timeout(a) => manage::timeout(&client(host)?, a).await,
+            Command::Diff(a) => manage::diff(&client(host)?, a).await,
             Command::Pause(a) => manage::pause(&client(host)?, a, true).await,
             Command::Resume(a) => manage::pause(&client(host)?, a, false).await,
             Command::Ps(a) => manage::ps(&client(host)?, a).await,

@@ -234,3 +234,37 @@ async fn idle_sandboxes_are_paused_and_wake_on_the_next_request() {
     assert_eq!((out.as_str(), code), ("back\n", 0));
     assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Running);
 }
+
+#[tokio::test]
+async fn diff_lists_exactly_what_changed_since_the_template() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let script = "echo hi > /tmp/new.txt && mkdir -p /work/sub && echo x > /work/sub/f && \
+                  echo extra >> /etc/passwd && touch /etc/group && rm /bin/true";
+    let req = abx_client::ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: Some("root".into()),
+        ..Default::default()
+    };
+    let (_, err, code) = d.exec(&id, req).await;
+    assert_eq!(code, 0, "{err}");
+    let diff = d.client.diff(&id).await.unwrap();
+    let paths = |v: &[abx_client::DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<String>>();
+    assert_eq!(paths(&diff.added), ["/tmp/new.txt", "/work", "/work/sub", "/work/sub/f"], "{diff:?}");
+    assert_eq!(paths(&diff.changed), ["/etc/passwd"], "touch alone is no change: {diff:?}");
+    assert_eq!(paths(&diff.deleted), ["/bin/true"], "{diff:?}");
+    // The CLI, and the tar of the changes.
+    let tar = d.root.parent().unwrap().join("changes.tar");
+    let out = d.cli(&["diff", &id, "--tar", &tar.display().to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("A /tmp/new.txt\n") && text.contains("C /etc/passwd\n") && text.contains("D /bin/true\n"),
+        "{text}"
+    );
+    let bytes = std::fs::read(&tar).unwrap();
+    let mut a = tar::Archive::new(&bytes[..]);
+    let mut names: Vec<String> =
+        a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["etc/passwd", "tmp/new.txt", "work", "work/sub", "work/sub/f"]);
+}

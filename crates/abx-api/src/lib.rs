@@ -205,6 +205,26 @@ pub struct PortUrl {
     pub host: String,
 }
 
+/// One changed path (absolute, inside the sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiffEntry {
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    /// Size in bytes (files).
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// `GET /v1/sandboxes/{id}/diff`: what the sandbox changed in its filesystem since its
+/// template, each list sorted by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Diff {
+    pub added: Vec<DiffEntry>,
+    pub changed: Vec<DiffEntry>,
+    pub deleted: Vec<DiffEntry>,
+}
+
 /// Lifecycle states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

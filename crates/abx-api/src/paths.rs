@@ -8,6 +8,8 @@ pub const SANDBOXES: &str = "/v1/sandboxes";
 pub const SANDBOX: &str = "/v1/sandboxes/{id}";
 pub const SANDBOX_TIMEOUT: &str = "/v1/sandboxes/{id}/timeout";
 pub const SANDBOX_STATS: &str = "/v1/sandboxes/{id}/stats";
+pub const DIFF: &str = "/v1/sandboxes/{id}/diff";
+pub const DIFF_ARCHIVE: &str = "/v1/sandboxes/{id}/diff/archive";
 pub const SANDBOX_PAUSE: &str = "/v1/sandboxes/{id}/pause";
 pub const SANDBOX_RESUME: &str = "/v1/sandboxes/{id}/resume";
 pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
@@ -41,6 +43,8 @@ pub const ALL: &[&str] = &[
     SANDBOX,
     SANDBOX_TIMEOUT,
     SANDBOX_STATS,
+    DIFF,
+    DIFF_ARCHIVE,
     SANDBOX_PAUSE,
     SANDBOX_RESUME,
     EXEC,

@@ -218,6 +218,17 @@ impl Client {
         self.json(self.request(Method::GET, &Self::path(paths::SANDBOX_STATS, &[("id", id)]))).await
     }
 
+    /// What a sandbox changed since its template.
+    pub async fn diff(&self, id: &str) -> Result<Diff> {
+        self.json(self.request(Method::GET, &Self::path(paths::DIFF, &[("id", id)]))).await
+    }
+
+    /// A tar of the paths a sandbox added or changed since its template.
+    pub async fn diff_archive(&self, id: &str) -> Result<Vec<u8>> {
+        let resp = self.send(self.request(Method::GET, &Self::path(paths::DIFF_ARCHIVE, &[("id", id)]))).await?;
+        Ok(resp.bytes().await?.to_vec())
+    }
+
     /// Freezes a sandbox (memory kept); any later request resumes it.
     pub async fn pause(&self, id: &str) -> Result<Sandbox> {
         self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_PAUSE, &[("id", id)]))).await

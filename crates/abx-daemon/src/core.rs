@@ -134,6 +134,10 @@ pub enum Command {
     Pause {
         id: String,
     },
+    Diff {
+        id: String,
+        archive: bool,
+    },
     Resume {
         id: String,
     },
@@ -179,6 +183,7 @@ pub enum Outcome {
     NetTest(abx_api::NetTestReport),
     PortUrl(abx_api::PortUrl),
     Text(String),
+    Diff(abx_api::Diff, Option<Vec<u8>>),
 }
 
 macro_rules! accessor {
@@ -210,6 +215,13 @@ impl Outcome {
     accessor!(net_test, NetTest, abx_api::NetTestReport);
     accessor!(port_url, PortUrl, abx_api::PortUrl);
     accessor!(text, Text, String);
+
+    pub fn diff(self) -> CoreResult<(abx_api::Diff, Option<Vec<u8>>)> {
+        match self {
+            Outcome::Diff(d, t) => Ok((d, t)),
+            _ => Err(CoreError::internal("unexpected outcome", "Diff")),
+        }
+    }
 
     pub fn content(self) -> CoreResult<(FileInfo, AgentConn)> {
         match self {
@@ -386,6 +398,10 @@ impl Core {
             Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
             Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
             Command::SystemInfo => Ok(Outcome::System(self.system_info())),
+            Command::Diff { id, archive } => {
+                let (d, tar) = m.diff(&id, archive).await?;
+                Ok(Outcome::Diff(d, tar))
+            }
             Command::Pause { id } => Ok(Outcome::Sandbox(m.api(&m.pause(&id).await?))),
             Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod diff;
 pub mod error;
 pub mod manager;
 pub mod net;

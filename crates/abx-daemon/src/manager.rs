@@ -40,6 +40,9 @@ pub const CAPABILITIES: [u32; 14] = [
     31, // CAP_SETFCAP
 ];
 
+/// Largest diff archive built in memory.
+const DIFF_ARCHIVE_MAX: u64 = 1 << 30;
+
 /// How long a sandbox may take from spawn to exec of its agent.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -658,6 +661,45 @@ impl Manager {
                 }
             }
         });
+    }
+
+    /// What a sandbox changed since its template (read on the host; a paused sandbox stays
+    /// paused). With `archive`, also a tar of the added and changed paths.
+    pub async fn diff(self: &Arc<Self>, key: &str, archive: bool) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
+        let sb = self.get(key)?;
+        let rec = sb.record();
+        if matches!(rec.state, SandboxState::Creating | SandboxState::Destroying) {
+            return Err(CoreError::Conflict(format!("sandbox {} is being created or destroyed", sb.id)));
+        }
+        let layers: Vec<std::path::PathBuf> = rec.layers.iter().rev().map(|d| self.templates.layer_path(d)).collect();
+        let upper = sb.dirs.upper();
+        let id = sb.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut d = crate::diff::diff(&upper, &layers)
+                .map_err(|e| CoreError::internal(format!("read the changes of sandbox {id}"), e))?;
+            // agentbox writes this one itself at setup (the sandbox's resolver).
+            for v in [&mut d.added, &mut d.changed] {
+                v.retain(|e| e.path != "/etc/resolv.conf");
+            }
+            let total: u64 = d.added.iter().chain(d.changed.iter()).map(|e| e.size).sum();
+            let tar = if archive {
+                if total > DIFF_ARCHIVE_MAX {
+                    return Err(CoreError::Invalid(format!(
+                        "the changes of sandbox {id} are {total} bytes, more than the {DIFF_ARCHIVE_MAX} an archive may hold; \
+                         copy them with the archive endpoint of the files API instead"
+                    )));
+                }
+                let mut buf = Vec::new();
+                crate::diff::archive(&upper, &d, &mut buf)
+                    .map_err(|e| CoreError::internal(format!("archive the changes of sandbox {id}"), e))?;
+                Some(buf)
+            } else {
+                None
+            };
+            Ok((d, tar))
+        })
+        .await
+        .map_err(|e| CoreError::internal("diff task", e.to_string()))?
     }
 
     /// Freezes every process of a running sandbox (its memory stays); idempotent.

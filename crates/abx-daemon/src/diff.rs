@@ -1,0 +1,253 @@
+//! What a sandbox changed in its filesystem since its template: read on the host from the
+//! overlay's upper directory (stored with the sandbox's own uids) against the template's
+//! layers, without involving the sandbox.
+//!
+//! - A path in the upper directory that no layer has: **added**.
+//! - A file or symlink in both: **changed**, unless content, mode, owner and link target
+//!   are all equal to the layer's (overlayfs copies a file up on any open for writing or
+//!   metadata change, so presence alone does not mean a change).
+//! - A whiteout (a character device 0:0) or a path missing under an opaque directory (the
+//!   `user.overlay.opaque` xattr; the overlay is mounted with `userxattr`): **deleted**.
+//!
+//! Directories that exist in a layer are not listed as changed (overlayfs copies them up
+//! whenever something below them changes); their own mode and owner changes are not
+//! reported.
+
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+pub use abx_api::{Diff, DiffEntry};
+
+fn kind(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        "dir"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_file() {
+        "file"
+    } else {
+        "other"
+    }
+}
+
+fn is_whiteout(m: &std::fs::Metadata) -> bool {
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    ["user.overlay.opaque", "trusted.overlay.opaque"].iter().any(|name| {
+        let mut buf = [0u8; 4];
+        matches!(rustix::fs::lgetxattr(dir, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y')
+    })
+}
+
+/// The topmost layer entry at `rel` (layers top first), honouring whiteouts and opaque
+/// directories in the layers themselves.
+fn lower(layers: &[PathBuf], rel: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
+    for layer in layers {
+        let p = layer.join(rel);
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            return if is_whiteout(&m) { None } else { Some((p, m)) };
+        }
+        // An opaque parent in this layer hides the layers below.
+        if rel.ancestors().skip(1).any(|a| !a.as_os_str().is_empty() && is_opaque(&layer.join(a))) {
+            return None;
+        }
+    }
+    None
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    let (Ok(mut fa), Ok(mut fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
+    let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let (Ok(na), Ok(nb)) = (read_full(&mut fa, &mut ba), read_full(&mut fb, &mut bb)) else { return false };
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn unchanged(up: &Path, um: &std::fs::Metadata, low: &Path, lm: &std::fs::Metadata) -> bool {
+    if kind(um) != kind(lm) || um.mode() != lm.mode() || um.uid() != lm.uid() || um.gid() != lm.gid() {
+        return false;
+    }
+    if um.file_type().is_symlink() {
+        return std::fs::read_link(up).ok() == std::fs::read_link(low).ok();
+    }
+    um.file_type().is_file() && um.len() == lm.len() && same_content(up, low)
+}
+
+fn entry(rel: &Path, m: &std::fs::Metadata) -> DiffEntry {
+    DiffEntry {
+        path: format!("/{}", rel.display()),
+        kind: kind(m).into(),
+        size: if m.file_type().is_file() { m.len() } else { 0 },
+    }
+}
+
+/// Everything below `rel` in the layers, as deleted entries (an opaque or replaced
+/// directory hides them).
+fn lower_tree(layers: &[PathBuf], rel: &Path, upper_has: &dyn Fn(&Path) -> bool, out: &mut Vec<DiffEntry>) {
+    let mut names = std::collections::BTreeSet::new();
+    for layer in layers {
+        if let Ok(rd) = std::fs::read_dir(layer.join(rel)) {
+            names.extend(rd.flatten().map(|e| e.file_name()));
+        }
+    }
+    for name in names {
+        let r = rel.join(&name);
+        if upper_has(&r) {
+            continue;
+        }
+        if let Some((_, m)) = lower(layers, &r) {
+            out.push(entry(&r, &m));
+            if m.is_dir() {
+                lower_tree(layers, &r, upper_has, out);
+            }
+        }
+    }
+}
+
+/// Compares `upper` with `layers` (top first).
+pub fn diff(upper: &Path, layers: &[PathBuf]) -> std::io::Result<Diff> {
+    let mut d = Diff::default();
+    walk(upper, Path::new(""), layers, &mut d)?;
+    for v in [&mut d.added, &mut d.changed, &mut d.deleted] {
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v.dedup_by(|a, b| a.path == b.path);
+    }
+    Ok(d)
+}
+
+fn walk(upper: &Path, rel: &Path, layers: &[PathBuf], d: &mut Diff) -> std::io::Result<()> {
+    let dir = upper.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let r = rel.join(e.file_name());
+        let m = std::fs::symlink_metadata(e.path())?;
+        if is_whiteout(&m) {
+            if let Some((_, lm)) = lower(layers, &r) {
+                d.deleted.push(entry(&r, &lm));
+                if lm.is_dir() {
+                    lower_tree(layers, &r, &|_| false, &mut d.deleted);
+                }
+            }
+            continue;
+        }
+        let low = lower(layers, &r);
+        match (&low, m.is_dir()) {
+            (None, true) => {
+                d.added.push(entry(&r, &m));
+                walk(upper, &r, layers, d)?;
+                // Everything below is new: walk lists it as added (no lower).
+            }
+            (Some((_, lm)), true) => {
+                if !lm.is_dir() {
+                    // A file replaced by a directory.
+                    d.changed.push(entry(&r, &m));
+                }
+                if lm.is_dir() && is_opaque(&e.path()) {
+                    let has = |p: &Path| std::fs::symlink_metadata(upper.join(p)).is_ok();
+                    lower_tree(layers, &r, &has, &mut d.deleted);
+                }
+                walk(upper, &r, layers, d)?;
+            }
+            (None, false) => d.added.push(entry(&r, &m)),
+            (Some((lp, lm)), false) => {
+                if !unchanged(&e.path(), &m, lp, lm) {
+                    d.changed.push(entry(&r, &m));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A tar of the added and changed paths, read from `upper` (owners as inside the sandbox).
+pub fn archive(upper: &Path, d: &Diff, out: impl std::io::Write) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    for e in d.added.iter().chain(d.changed.iter()) {
+        let rel = e.path.trim_start_matches('/');
+        let src = upper.join(rel);
+        if e.kind == "dir" {
+            b.append_dir(rel, &src)?;
+        } else {
+            b.append_path_with_name(&src, rel)?;
+        }
+    }
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(p: &Path, s: &str) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, s).unwrap();
+    }
+
+    #[test]
+    fn lists_added_changed_and_deleted() {
+        if !rustix::process::geteuid().is_root() {
+            return; // whiteouts are device nodes
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+        write(&lower.join("etc/keep"), "same");
+        write(&lower.join("etc/edit"), "old");
+        write(&lower.join("etc/gone"), "x");
+        write(&lower.join("old/a"), "a");
+        write(&lower.join("touched"), "t");
+        write(&upper.join("etc/keep"), "same"); // copied up, unchanged
+        write(&upper.join("etc/edit"), "new");
+        write(&upper.join("touched"), "t");
+        write(&upper.join("new/dir/file"), "n");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &upper.join("etc/gone"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &upper.join("old"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        let d = diff(&upper, &[lower]).unwrap();
+        let paths = |v: &[DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&d.added), ["/new", "/new/dir", "/new/dir/file"]);
+        assert_eq!(paths(&d.changed), ["/etc/edit"]);
+        assert_eq!(paths(&d.deleted), ["/etc/gone", "/old", "/old/a"]);
+        let mut tar = Vec::new();
+        archive(&upper, &d, &mut tar).unwrap();
+        let mut a = tar::Archive::new(&tar[..]);
+        let names: Vec<String> =
+            a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(names, ["new", "new/dir", "new/dir/file", "etc/edit"]);
+    }
+}
