@@ -224,7 +224,7 @@ mod tests {
         write(&upper.join("new/dir/file"), "n");
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &upper.join("etc/gone"),
+            upper.join("etc/gone"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::empty(),
             0,
@@ -232,7 +232,7 @@ mod tests {
         .unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &upper.join("old"),
+            upper.join("old"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::empty(),
             0,
