@@ -20,14 +20,18 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        Self::with(&[]).await
+    }
+
+    /// With extra daemon options.
+    async fn with(extra: &[&str]) -> World {
         let prefix = format!("abxt{}", random_hex(6));
         let net = FakeNet::new(&prefix).await;
         let dns = net.dns_upstream();
-        let d = Daemon::start_in(
-            Some(&net.daemon_ns.clone()),
-            &["--uplink", "up0", "--dns-upstream", &dns, "--ingress", "tcp:127.0.0.1:0", "--domain", "sandbox.test"],
-        )
-        .await;
+        let mut args =
+            vec!["--uplink", "up0", "--dns-upstream", &dns, "--ingress", "tcp:127.0.0.1:0", "--domain", "sandbox.test"];
+        args.extend_from_slice(extra);
+        let d = Daemon::start_in(Some(&net.daemon_ns.clone()), &args).await;
         d.template("mini").await;
         World { d, net }
     }
@@ -363,4 +367,25 @@ async fn domain_rules_can_be_limited_to_ports() {
     let report = w.d.client.network_test(&id).await.unwrap();
     assert!(report.passed, "{:?}", report.checks.iter().filter(|c| !c.ok).collect::<Vec<_>>());
     assert!(report.checks.iter().any(|c| c.target.starts_with("tcp allowed.test:80 ")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_sandbox_of_a_slot_inherits_no_dns_answers() {
+    // One slot: the second sandbox gets the first one's slot, with the same policy.
+    let w = World::with(&["--uid-slots", "1"]).await;
+    let policy = ["allowed.test:80/tcp", "other.test"];
+    let a = w.sandbox(NetMode::Allow, &policy).await;
+    assert!(w.reaches(&a, "allowed.test:80").await);
+    assert!(w.reaches(&a, "other.test:80").await);
+    w.d.client.delete_sandbox(&a, true).await.unwrap();
+    w.d.wait_for("the slot to be free", std::time::Duration::from_secs(10), || async {
+        w.d.client.system().await.unwrap().sandboxes == 0
+    })
+    .await;
+    let b = w.sandbox(NetMode::Allow, &policy).await;
+    // Neither the every-port nor the port-limited answers of the first sandbox remain: by
+    // literal address, both hosts are refused until this sandbox looks them up itself.
+    w.refused(&b, &format!("{WEB_A}:80")).await;
+    w.refused(&b, &format!("{WEB_B}:80")).await;
+    assert!(w.reaches(&b, "allowed.test:80").await);
 }

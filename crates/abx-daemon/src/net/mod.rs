@@ -383,8 +383,13 @@ impl Network {
         }
         let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
         let Some(nft) = nft.as_ref() else { return Ok(()) };
-        nft.flush_set(abx_sys::nft::Family::Ip, &self.table.table, &firewall::slot_set(slot))
-            .map_err(|e| format!("flush the DNS set of slot {slot}: {e}"))
+        // Both DNS sets: every-port answers and port-limited ones.
+        let ops = [
+            abx_sys::nft::SetOp::Flush { set: firewall::slot_set(slot) },
+            abx_sys::nft::SetOp::Flush { set: firewall::slot_port_set(slot) },
+        ];
+        nft.apply(abx_sys::nft::Family::Ip, &self.table.table, &ops)
+            .map_err(|e| format!("flush the DNS sets of slot {slot}: {e}"))
     }
 
     fn apply_policy(&self, slot: u32, policy: &Policy, flush_dns: bool) -> Result<(), String> {
