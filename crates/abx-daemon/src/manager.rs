@@ -923,7 +923,7 @@ impl Manager {
                 if let Some(net) = &self.net {
                     let policy = crate::net::policy::Policy::parse(&rec.network)
                         .unwrap_or_else(|_| crate::net::policy::Policy::none());
-                    if let Err(e) = net.readopt(rec.uid_slot, &rec.id, &policy) {
+                    if let Err(e) = net.attach(rec.uid_slot, &rec.id, &policy) {
                         warn!(sandbox = %rec.id, error = %e, "restoring the network policy");
                     }
                 }

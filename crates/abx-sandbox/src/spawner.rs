@@ -448,10 +448,7 @@ impl Spawner {
         if let Ok(Forked::Child) = forked {
             return forked;
         }
-        if let Err(e) = move_into_link_name_space(self.host_net.as_fd(), Some(LinkNameSpaceType::Network)) {
-            eprintln!("agentbox __spawner: cannot return to the host network namespace: {e}");
-            std::process::exit(1);
-        }
+        self.enter_host_net();
         forked
     }
 

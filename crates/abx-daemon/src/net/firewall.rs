@@ -215,19 +215,6 @@ pub fn policy_ops(
     Ok(ops)
 }
 
-/// Removes slot `n` from the table (its sandbox interface is gone).
-pub fn remove_slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
-    let name = &t.table;
-    format!(
-        "delete element ip {name} slots {{ \"{iface}\" }}\ndelete element ip {name} ifaces {{ \"{iface}\" }}\n\
-         delete chain ip {name} {c}\ndelete set ip {name} {d}\ndelete set ip {name} {r}\ndelete set ip {name} {p}\n",
-        c = slot_chain(n),
-        d = slot_set(n),
-        r = slot_rules(n),
-        p = slot_port_set(n)
-    )
-}
-
 pub fn delete_table_script(table: &str) -> String {
     format!("add table ip {table}\ndelete table ip {table}\n")
 }

@@ -401,20 +401,20 @@ impl Network {
             let s = slots.get(&slot);
             (s.is_some_and(|s| s.in_table), s.and_then(|s| s.policy.clone()))
         };
-        if !in_table {
+        let current = if in_table {
+            current
+        } else {
             // Once per slot (and daemon start): its chain and empty sets, with `nft`.
             firewall::apply(&firewall::slot_script(&self.table, slot, &self.slot_iface(slot)))?;
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             let s = slots.entry(slot).or_default();
             s.in_table = true;
             s.policy = Some(Policy::none());
-        } else if current.as_ref() == Some(policy) {
+            s.policy.clone()
+        };
+        if current.as_ref() == Some(policy) {
             // Same rules: only the DNS answers of the previous sandbox go.
             return if flush_dns { self.flush_dns(slot) } else { Ok(()) };
-        }
-        let current = if in_table { current } else { Some(Policy::none()) };
-        if current.as_ref() == Some(policy) && !flush_dns {
-            return Ok(());
         }
         let was_public = current.as_ref().is_some_and(|p| p.mode == NetMode::Public);
         let ops = firewall::policy_ops(slot, &self.slot_iface(slot), policy, flush_dns, was_public)?;
@@ -510,11 +510,6 @@ impl Network {
     pub fn log(&self, id: &str) -> (Vec<NetEvent>, u64) {
         let audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
         audit.get(id).map(|a| (a.events.iter().cloned().collect(), a.dropped)).unwrap_or_default()
-    }
-
-    /// Re-creates the audit log of a re-adopted sandbox and its slot's policy.
-    pub fn readopt(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
-        self.attach(slot, id, policy)
     }
 
     /// Prometheus text lines for `/metrics`.
