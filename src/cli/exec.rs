@@ -79,7 +79,7 @@ pub struct ShellArgs {
 
 fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
     CreateSandbox {
-        template: Some(a.template.clone()),
+        template: if a.snapshot.is_some() { None } else { Some(a.template.clone()) },
         name,
         limits: Limits { memory_bytes: a.memory, cpus: a.cpus, pids: a.pids, open_files: a.nofile },
         timeout_secs: a.timeout,
@@ -88,6 +88,10 @@ fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
         user: a.user.clone(),
         metadata: a.label.iter().cloned().collect(),
         network: a.net.policy(),
+        snapshot: a.snapshot.clone(),
+        persist: a.persist,
+        on_timeout: a.on_timeout,
+        volumes: a.volumes.clone(),
     }
 }
 

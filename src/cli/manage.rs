@@ -159,6 +159,9 @@ pub struct DiffArgs {
     /// Also write a tar of the added and changed paths to this file.
     #[arg(long)]
     tar: Option<std::path::PathBuf>,
+    /// Since this snapshot (id or name) instead of since the template.
+    #[arg(long)]
+    since: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -166,7 +169,7 @@ pub struct DiffArgs {
 
 /// `diff`: `A /path`, `C /path`, `D /path` lines, sorted by path.
 pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
-    let d = client.diff(&a.id).await?;
+    let d = client.diff_since(&a.id, a.since.as_deref()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&d)?);
     } else {
@@ -180,7 +183,7 @@ pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
         }
     }
     if let Some(path) = a.tar {
-        let tar = client.diff_archive(&a.id).await?;
+        let tar = client.diff_archive_since(&a.id, a.since.as_deref()).await?;
         std::fs::write(&path, tar).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
     }
     Ok(0)

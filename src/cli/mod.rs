@@ -7,6 +7,7 @@ mod exec;
 mod manage;
 mod net;
 mod parse;
+mod snap;
 pub mod spawner;
 mod template;
 
@@ -48,8 +49,21 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// Show resource usage of a sandbox.
     Stats(manage::IdArg),
-    /// Show what a sandbox added (A), changed (C) and deleted (D) since its template.
+    /// Show what a sandbox added (A), changed (C) and deleted (D) since its template (or a snapshot).
     Diff(manage::DiffArgs),
+    /// Snapshot a sandbox's files (prints the snapshot id); `snapshot ls`, `snapshot rm`.
+    Snapshot(snap::SnapshotArgs),
+    /// New sandboxes from a sandbox or a snapshot (prints their ids).
+    Fork(snap::ForkArgs),
+    /// Return a sandbox's files to a snapshot (its processes restart, its id stays).
+    Rollback(snap::RollbackArgs),
+    /// End a sandbox's processes and keep its files.
+    Stop(snap::StopArgs),
+    /// Boot a stopped sandbox again.
+    Start(snap::StopArgs),
+    /// Named volumes that outlive sandboxes.
+    #[command(subcommand)]
+    Volume(snap::VolumeCmd),
     /// Freeze every process of a sandbox, keeping its memory (any request resumes it).
     Pause(manage::IdArg),
     /// Thaw a paused sandbox.
@@ -110,9 +124,31 @@ pub struct CreateArgs {
     pub label: Vec<(String, String)>,
     #[command(flatten)]
     pub net: net::PolicyArgs,
+    /// Start from this snapshot's files instead of the template's (id or name).
+    #[arg(long, conflicts_with = "template")]
+    pub snapshot: Option<String>,
+    /// Keep the environment until removed (no default timeout; synced to disk; survives
+    /// a host reboot as a stopped sandbox).
+    #[arg(long)]
+    pub persist: bool,
+    /// What the timeout does: destroy, snapshot (then destroy) or stop.
+    #[arg(long, value_parser = parse_timeout_action)]
+    pub on_timeout: Option<abx_client::TimeoutAction>,
+    /// Mount a volume: NAME:/path or NAME:/path:ro (repeatable).
+    #[arg(long = "volume", short = 'v', value_parser = snap::volume_mount)]
+    pub volumes: Vec<abx_client::VolumeMount>,
     /// After creating, probe the network policy from inside and fail if it does not hold.
     #[arg(long)]
     pub net_test: bool,
+}
+
+fn parse_timeout_action(s: &str) -> Result<abx_client::TimeoutAction, String> {
+    match s {
+        "destroy" => Ok(abx_client::TimeoutAction::Destroy),
+        "snapshot" => Ok(abx_client::TimeoutAction::Snapshot),
+        "stop" => Ok(abx_client::TimeoutAction::Stop),
+        o => Err(format!("'{o}': use destroy, snapshot or stop")),
+    }
 }
 
 pub fn run(cli: Cli) -> i32 {
@@ -143,6 +179,12 @@ pub fn run(cli: Cli) -> i32 {
             Command::Stats(a) => manage::stats(&client(host)?, a).await,
             Command::Timeout(a) => manage::timeout(&client(host)?, a).await,
             Command::Diff(a) => manage::diff(&client(host)?, a).await,
+            Command::Snapshot(a) => snap::snapshot(&client(host)?, a).await,
+            Command::Fork(a) => snap::fork(&client(host)?, a).await,
+            Command::Rollback(a) => snap::rollback(&client(host)?, a).await,
+            Command::Stop(a) => snap::stop_start(&client(host)?, a, true).await,
+            Command::Start(a) => snap::stop_start(&client(host)?, a, false).await,
+            Command::Volume(c) => snap::volume(&client(host)?, c).await,
             Command::Pause(a) => manage::pause(&client(host)?, a, true).await,
             Command::Resume(a) => manage::pause(&client(host)?, a, false).await,
             Command::Ps(a) => manage::ps(&client(host)?, a).await,

@@ -11,5 +11,6 @@ mod isolation;
 mod lifecycle;
 mod network;
 mod restart;
+mod snapshots;
 mod storage;
 mod templates;

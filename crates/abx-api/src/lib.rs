@@ -74,6 +74,126 @@ pub struct CreateSandbox {
     /// Egress policy (default: no egress at all).
     #[serde(default)]
     pub network: Option<NetworkPolicy>,
+    /// Start from this snapshot (id or name) instead of a template: its files, on the
+    /// template it was taken from (`template` must then be empty or that template).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Keep the environment until it is removed: no timeout unless one is given, the
+    /// filesystem synced to disk, and a sandbox whose processes ended while the daemon
+    /// was away (a host reboot) comes back stopped instead of being cleaned up.
+    #[serde(default)]
+    pub persist: bool,
+    /// What the timeout does (default `destroy`).
+    #[serde(default)]
+    pub on_timeout: Option<TimeoutAction>,
+    /// Volumes to mount.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// What happens when a sandbox's timeout expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutAction {
+    /// Destroy it with its files.
+    #[default]
+    Destroy,
+    /// Take a snapshot named `<id>-timeout` (for forensics), then destroy it.
+    Snapshot,
+    /// Stop it: processes end, files are kept (`start` boots it again).
+    Stop,
+}
+
+/// A volume mounted into a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// Volume name.
+    pub name: String,
+    /// Absolute path inside the sandbox (created if missing).
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    /// `[a-z0-9][a-z0-9._-]{0,62}`.
+    pub name: String,
+}
+
+/// A named directory that outlives sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Bytes its files take on disk (allocated blocks).
+    pub size_bytes: u64,
+    /// Files and directories in it.
+    pub entries: u64,
+    /// Live sandboxes that mount it.
+    pub used_by: Vec<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Unique name (like sandbox names); default none (use the id).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A read-only copy of a sandbox's files at one moment.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The sandbox it was taken from (which may be gone).
+    pub sandbox: String,
+    pub template: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Milliseconds the sandbox was frozen for it (0 when it was not running).
+    pub frozen_ms: f64,
+    /// Apparent size of the files changed since the template.
+    pub size_bytes: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/fork` and `POST /v1/snapshots/{id}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many sandboxes (1 to 100, default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Overrides for the new sandboxes; unset fields come from the source sandbox.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The sandboxes a fork made.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkResult {
+    /// The snapshot they started from (none for a fork of a sandbox: the snapshot taken
+    /// for it is removed afterwards).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// `POST /v1/sandboxes/{id}/rollback`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// Snapshot id or name.
+    pub snapshot: String,
 }
 
 /// What a sandbox may reach on the network. Whatever the policy, a sandbox never reaches
@@ -236,6 +356,8 @@ pub enum SandboxState {
     Paused,
     /// PID 1 of the sandbox ended on its own; its files are kept until it is removed.
     Exited,
+    /// Stopped on request (or by its timeout): no process, files kept; `start` boots it.
+    Stopped,
     Destroying,
 }
 
@@ -272,6 +394,15 @@ pub struct Sandbox {
     /// The sandbox's IPv4 address (none when the daemon runs without networking).
     #[serde(default)]
     pub address: Option<String>,
+    #[serde(default)]
+    pub persist: bool,
+    #[serde(default)]
+    pub on_timeout: TimeoutAction,
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// The snapshot its files started from (create from a snapshot, fork, rollback).
+    #[serde(default)]
+    pub snapshot: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` and the first message of the exec WebSocket.

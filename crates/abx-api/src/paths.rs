@@ -12,6 +12,16 @@ pub const DIFF: &str = "/v1/sandboxes/{id}/diff";
 pub const DIFF_ARCHIVE: &str = "/v1/sandboxes/{id}/diff/archive";
 pub const SANDBOX_PAUSE: &str = "/v1/sandboxes/{id}/pause";
 pub const SANDBOX_RESUME: &str = "/v1/sandboxes/{id}/resume";
+pub const SANDBOX_STOP: &str = "/v1/sandboxes/{id}/stop";
+pub const SANDBOX_START: &str = "/v1/sandboxes/{id}/start";
+pub const SANDBOX_SNAPSHOTS: &str = "/v1/sandboxes/{id}/snapshots";
+pub const SANDBOX_FORK: &str = "/v1/sandboxes/{id}/fork";
+pub const SANDBOX_ROLLBACK: &str = "/v1/sandboxes/{id}/rollback";
+pub const SNAPSHOTS: &str = "/v1/snapshots";
+pub const SNAPSHOT: &str = "/v1/snapshots/{id}";
+pub const SNAPSHOT_FORK: &str = "/v1/snapshots/{id}/fork";
+pub const VOLUMES: &str = "/v1/volumes";
+pub const VOLUME: &str = "/v1/volumes/{name}";
 pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const EXEC_WS: &str = "/v1/sandboxes/{id}/exec/ws";
 pub const PROCESSES: &str = "/v1/sandboxes/{id}/processes";
@@ -47,6 +57,16 @@ pub const ALL: &[&str] = &[
     DIFF_ARCHIVE,
     SANDBOX_PAUSE,
     SANDBOX_RESUME,
+    SANDBOX_STOP,
+    SANDBOX_START,
+    SANDBOX_SNAPSHOTS,
+    SANDBOX_FORK,
+    SANDBOX_ROLLBACK,
+    SNAPSHOTS,
+    SNAPSHOT,
+    SNAPSHOT_FORK,
+    VOLUMES,
+    VOLUME,
     EXEC,
     EXEC_WS,
     PROCESSES,

@@ -220,13 +220,100 @@ impl Client {
 
     /// What a sandbox changed since its template.
     pub async fn diff(&self, id: &str) -> Result<Diff> {
-        self.json(self.request(Method::GET, &Self::path(paths::DIFF, &[("id", id)]))).await
+        self.diff_since(id, None).await
+    }
+
+    /// What a sandbox changed since a snapshot (id or name), or since its template.
+    pub async fn diff_since(&self, id: &str, since: Option<&str>) -> Result<Diff> {
+        let mut rb = self.request(Method::GET, &Self::path(paths::DIFF, &[("id", id)]));
+        if let Some(s) = since {
+            rb = rb.query(&[("since", s)]);
+        }
+        self.json(rb).await
     }
 
     /// A tar of the paths a sandbox added or changed since its template.
     pub async fn diff_archive(&self, id: &str) -> Result<Vec<u8>> {
-        let resp = self.send(self.request(Method::GET, &Self::path(paths::DIFF_ARCHIVE, &[("id", id)]))).await?;
+        self.diff_archive_since(id, None).await
+    }
+
+    /// A tar of the paths a sandbox added or changed since a snapshot (or its template).
+    pub async fn diff_archive_since(&self, id: &str, since: Option<&str>) -> Result<Vec<u8>> {
+        let mut rb = self.request(Method::GET, &Self::path(paths::DIFF_ARCHIVE, &[("id", id)]));
+        if let Some(s) = since {
+            rb = rb.query(&[("since", s)]);
+        }
+        let resp = self.send(rb).await?;
         Ok(resp.bytes().await?.to_vec())
+    }
+
+    // --- snapshots, forks, rollback, stop/start ---
+
+    /// Ends a sandbox's processes and keeps its files.
+    pub async fn stop(&self, id: &str) -> Result<Sandbox> {
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_STOP, &[("id", id)]))).await
+    }
+
+    /// Boots a stopped sandbox again.
+    pub async fn start(&self, id: &str) -> Result<Sandbox> {
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_START, &[("id", id)]))).await
+    }
+
+    /// Snapshots a sandbox's files.
+    pub async fn snapshot(&self, id: &str, name: Option<&str>) -> Result<Snapshot> {
+        let req = CreateSnapshot { name: name.map(str::to_string) };
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_SNAPSHOTS, &[("id", id)])).json(&req)).await
+    }
+
+    /// Every snapshot, or those of one sandbox.
+    pub async fn snapshots(&self, sandbox: Option<&str>) -> Result<Vec<Snapshot>> {
+        let mut rb = self.request(Method::GET, paths::SNAPSHOTS);
+        if let Some(s) = sandbox {
+            rb = rb.query(&[("sandbox", s)]);
+        }
+        self.json(rb).await
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.json(self.request(Method::GET, &Self::path(paths::SNAPSHOT, &[("id", id)]))).await
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &Self::path(paths::SNAPSHOT, &[("id", id)]))).await.map(drop)
+    }
+
+    /// New sandboxes from a running sandbox.
+    pub async fn fork_sandbox(&self, id: &str, req: &ForkRequest) -> Result<ForkResult> {
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_FORK, &[("id", id)])).json(req)).await
+    }
+
+    /// New sandboxes from a snapshot.
+    pub async fn fork_snapshot(&self, id: &str, req: &ForkRequest) -> Result<ForkResult> {
+        self.json(self.request(Method::POST, &Self::path(paths::SNAPSHOT_FORK, &[("id", id)])).json(req)).await
+    }
+
+    /// Returns a sandbox's files to a snapshot (its processes restart).
+    pub async fn rollback(&self, id: &str, snapshot: &str) -> Result<Sandbox> {
+        let req = RollbackRequest { snapshot: snapshot.to_string() };
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_ROLLBACK, &[("id", id)])).json(&req)).await
+    }
+
+    // --- volumes ---
+
+    pub async fn create_volume(&self, name: &str) -> Result<Volume> {
+        self.json(self.request(Method::POST, paths::VOLUMES).json(&CreateVolume { name: name.to_string() })).await
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<Volume>> {
+        self.json(self.request(Method::GET, paths::VOLUMES)).await
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<Volume> {
+        self.json(self.request(Method::GET, &Self::path(paths::VOLUME, &[("name", name)]))).await
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &Self::path(paths::VOLUME, &[("name", name)]))).await.map(drop)
     }
 
     /// Freezes a sandbox (memory kept); any later request resumes it.

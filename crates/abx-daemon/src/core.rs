@@ -137,6 +137,45 @@ pub enum Command {
     Diff {
         id: String,
         archive: bool,
+        /// Since this snapshot instead of since the template.
+        since: Option<String>,
+    },
+    Stop {
+        id: String,
+    },
+    Start {
+        id: String,
+    },
+    CreateSnapshot {
+        id: String,
+        req: abx_api::CreateSnapshot,
+    },
+    ListSnapshots {
+        /// Only those of this sandbox.
+        sandbox: Option<String>,
+    },
+    GetSnapshot {
+        id: String,
+    },
+    DeleteSnapshot {
+        id: String,
+    },
+    /// From a sandbox or a snapshot (id or name).
+    Fork {
+        source: String,
+        req: abx_api::ForkRequest,
+    },
+    Rollback {
+        id: String,
+        snapshot: String,
+    },
+    CreateVolume(abx_api::CreateVolume),
+    ListVolumes,
+    GetVolume {
+        name: String,
+    },
+    DeleteVolume {
+        name: String,
     },
     Resume {
         id: String,
@@ -184,6 +223,11 @@ pub enum Outcome {
     PortUrl(abx_api::PortUrl),
     Text(String),
     Diff(abx_api::Diff, Option<Vec<u8>>),
+    Snapshot(abx_api::Snapshot),
+    Snapshots(Vec<abx_api::Snapshot>),
+    Fork(abx_api::ForkResult),
+    Volume(abx_api::Volume),
+    Volumes(Vec<abx_api::Volume>),
 }
 
 macro_rules! accessor {
@@ -215,6 +259,11 @@ impl Outcome {
     accessor!(net_test, NetTest, abx_api::NetTestReport);
     accessor!(port_url, PortUrl, abx_api::PortUrl);
     accessor!(text, Text, String);
+    accessor!(snapshot, Snapshot, abx_api::Snapshot);
+    accessor!(snapshots, Snapshots, Vec<abx_api::Snapshot>);
+    accessor!(fork, Fork, abx_api::ForkResult);
+    accessor!(volume, Volume, abx_api::Volume);
+    accessor!(volumes, Volumes, Vec<abx_api::Volume>);
 
     pub fn diff(self) -> CoreResult<(abx_api::Diff, Option<Vec<u8>>)> {
         match self {
@@ -398,10 +447,28 @@ impl Core {
             Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
             Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
             Command::SystemInfo => Ok(Outcome::System(self.system_info())),
-            Command::Diff { id, archive } => {
-                let (d, tar) = m.diff(&id, archive).await?;
+            Command::Diff { id, archive, since } => {
+                let (d, tar) = m.diff(&id, archive, since.as_deref()).await?;
                 Ok(Outcome::Diff(d, tar))
             }
+            Command::Stop { id } => Ok(Outcome::Sandbox(m.api(&m.stop(&id).await?))),
+            Command::Start { id } => Ok(Outcome::Sandbox(m.api(&m.start(&id).await?))),
+            Command::CreateSnapshot { id, req } => Ok(Outcome::Snapshot(m.snapshot(&id, req.name).await?.to_api())),
+            Command::ListSnapshots { sandbox } => {
+                let only = sandbox.as_ref().map(|k| m.get(k).map(|sb| sb.id.clone()).unwrap_or_else(|_| k.clone()));
+                let v = m.snapshots()?;
+                Ok(Outcome::Snapshots(
+                    v.iter().filter(|s| only.as_ref().is_none_or(|o| &s.sandbox == o)).map(|s| s.to_api()).collect(),
+                ))
+            }
+            Command::GetSnapshot { id } => Ok(Outcome::Snapshot(m.find_snapshot(&id)?.to_api())),
+            Command::DeleteSnapshot { id } => m.delete_snapshot(&id).await.map(|_| Outcome::Done),
+            Command::Fork { source, req } => m.fork(&source, req).await.map(Outcome::Fork),
+            Command::Rollback { id, snapshot } => Ok(Outcome::Sandbox(m.api(&m.rollback(&id, &snapshot).await?))),
+            Command::CreateVolume(req) => m.create_volume(&req.name).await.map(Outcome::Volume),
+            Command::ListVolumes => m.volumes().await.map(Outcome::Volumes),
+            Command::GetVolume { name } => m.volume(&name).await.map(Outcome::Volume),
+            Command::DeleteVolume { name } => m.delete_volume(&name).await.map(|_| Outcome::Done),
             Command::Pause { id } => Ok(Outcome::Sandbox(m.api(&m.pause(&id).await?))),
             Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
@@ -634,6 +701,7 @@ pub fn state_name(s: abx_api::SandboxState) -> &'static str {
         abx_api::SandboxState::Running => "running",
         abx_api::SandboxState::Paused => "paused",
         abx_api::SandboxState::Exited => "exited",
+        abx_api::SandboxState::Stopped => "stopped",
         abx_api::SandboxState::Destroying => "being destroyed",
     }
 }

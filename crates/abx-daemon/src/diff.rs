@@ -136,6 +136,44 @@ pub fn diff(upper: &Path, layers: &[PathBuf]) -> std::io::Result<Diff> {
     Ok(d)
 }
 
+/// Compares `upper` with the view a snapshot gave: `snap_upper` (the snapshot's upper
+/// directory) over `layers` (top first). Both uppers start from the same template.
+pub fn diff_since(upper: &Path, snap_upper: &Path, layers: &[PathBuf]) -> std::io::Result<Diff> {
+    let mut then = vec![snap_upper.to_path_buf()];
+    then.extend_from_slice(layers);
+    let mut d = Diff::default();
+    walk(upper, Path::new(""), &then, &mut d)?;
+    // Paths the snapshot had that are gone now without a whiteout (a file created after
+    // the template and removed after the snapshot leaves nothing in the upper).
+    let mut now = vec![upper.to_path_buf()];
+    now.extend_from_slice(layers);
+    gone(snap_upper, Path::new(""), &now, &mut d.deleted)?;
+    for v in [&mut d.added, &mut d.changed, &mut d.deleted] {
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v.dedup_by(|a, b| a.path == b.path);
+    }
+    Ok(d)
+}
+
+fn gone(snap: &Path, rel: &Path, now: &[PathBuf], out: &mut Vec<DiffEntry>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(snap.join(rel))?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let r = rel.join(e.file_name());
+        let m = std::fs::symlink_metadata(e.path())?;
+        if is_whiteout(&m) {
+            continue;
+        }
+        if lower(now, &r).is_none() {
+            out.push(entry(&r, &m));
+        }
+        if m.is_dir() {
+            gone(snap, &r, now, out)?;
+        }
+    }
+    Ok(())
+}
+
 fn walk(upper: &Path, rel: &Path, layers: &[PathBuf], d: &mut Diff) -> std::io::Result<()> {
     let dir = upper.join(rel);
     let mut entries: Vec<_> = std::fs::read_dir(&dir)?.flatten().collect();
@@ -249,5 +287,26 @@ mod tests {
         let names: Vec<String> =
             a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
         assert_eq!(names, ["new", "new/dir", "new/dir/file", "etc/edit"]);
+    }
+
+    #[test]
+    fn since_a_snapshot_lists_only_later_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let (lower, snap, upper) = (t.path().join("lower"), t.path().join("snap"), t.path().join("upper"));
+        write(&lower.join("etc/base"), "b");
+        // At the snapshot: two files made after the template, one edited template file.
+        write(&snap.join("work/a"), "a");
+        write(&snap.join("work/b"), "b");
+        write(&snap.join("etc/base"), "edited");
+        // Now: a unchanged, b removed (no whiteout: nothing below), base unchanged since,
+        // c new.
+        write(&upper.join("work/a"), "a");
+        write(&upper.join("etc/base"), "edited");
+        write(&upper.join("work/c"), "c");
+        let d = diff_since(&upper, &snap, std::slice::from_ref(&lower)).unwrap();
+        let paths = |v: &[DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&d.added), ["/work/c"]);
+        assert!(d.changed.is_empty(), "{:?}", d.changed);
+        assert_eq!(paths(&d.deleted), ["/work/b"]);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use abx_api::{CreateSandbox, Limits, SandboxState};
+use abx_api::{CreateSandbox, Limits, SandboxState, TimeoutAction};
 use abx_cgroup::CgroupDriver;
 use abx_sandbox::SpawnerClient;
 use abx_sandbox::spec::{SandboxDirs, SlotSpec, SpawnSpec};
@@ -132,6 +132,42 @@ impl Manager {
         }))
     }
 
+    /// The state store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// First host uid of a slot's range.
+    pub(crate) fn uid_base_of(&self, uid_slot: u32) -> u32 {
+        self.cfg.uid_start + uid_slot * UID_RANGE
+    }
+
+    /// Starts a recorded sandbox again with its own policy (blocking; see `start_blocking`).
+    pub(crate) fn start_existing(&self, rec: Record) -> CoreResult<(Record, OwnedFd)> {
+        let policy =
+            crate::net::policy::Policy::parse(&rec.network).unwrap_or_else(|_| crate::net::policy::Policy::none());
+        self.start_blocking(rec, &policy)
+    }
+
+    /// Empties and frees a slot a sandbox left (stopped, or failed to start again).
+    pub(crate) async fn release_after_stop(self: &Arc<Self>, slot: u32, id: &str) {
+        let this = self.clone();
+        let id = id.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = this.release_slot(slot, Some(&id)) {
+                warn!(sandbox = %id, error = %e, "emptying the slot of a stopped sandbox");
+            }
+            this.free_uid_slot(slot);
+        })
+        .await;
+        self.refill();
+    }
+
+    /// Destroy on timeout.
+    pub(crate) async fn destroy_expired(self: &Arc<Self>, id: &str) -> CoreResult<()> {
+        self.destroy_inner(id, true, false).await
+    }
+
     /// The name of a slot's host objects (its cgroup and its directory), `<prefix>-u<slot>`.
     ///
     /// A slot is the unit of reusable host resources: a uid range, cgroups and a directory
@@ -145,7 +181,7 @@ impl Manager {
         format!("{}-u{uid_slot}", self.cfg.prefix)
     }
 
-    fn slot_dirs(&self, uid_slot: u32) -> SandboxDirs {
+    pub(crate) fn slot_dirs(&self, uid_slot: u32) -> SandboxDirs {
         SandboxDirs::new(self.storage.slots.join(self.slot_name(uid_slot)))
     }
 
@@ -199,7 +235,7 @@ impl Manager {
 
     /// A prepared slot, else a free one; when all are taken but destroyed sandboxes are
     /// still releasing theirs (or a slot is being prepared), waits (up to 5 s) for one.
-    async fn acquire_slot(&self) -> CoreResult<u32> {
+    pub(crate) async fn acquire_slot(&self) -> CoreResult<u32> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let freed = self.uid_freed.notified();
@@ -298,7 +334,7 @@ impl Manager {
     }
 
     /// Makes sure a slot's directory and cgroups exist (they do after its first use).
-    fn ensure_slot(&self, uid_slot: u32, layers: usize) -> Result<(), String> {
+    pub(crate) fn ensure_slot(&self, uid_slot: u32, layers: usize) -> Result<(), String> {
         if self.cache().get(&uid_slot).is_some_and(|c| c.lowers >= layers) {
             return Ok(());
         }
@@ -313,6 +349,11 @@ impl Manager {
         let dirs = self.slot_dirs(uid_slot);
         let uid_base = self.cfg.uid_start + uid_slot * UID_RANGE;
         dirs.ensure(layers, uid_base).map_err(|e| format!("prepare {}: {e}", dirs.root.display()))?;
+        // On btrfs the data tree is a subvolume (snapshots in constant time).
+        if self.storage.cow && !abx_sys::btrfs::is_subvolume(&dirs.data()) {
+            crate::cow::remove(&dirs.data())?;
+            crate::cow::make(&dirs.data(), true)?;
+        }
         match self.cgroups.create(&self.slot_name(uid_slot), &abx_cgroup::Limits::default()) {
             Ok(()) | Err(abx_cgroup::Error::Exists { .. }) => Ok(()),
             Err(e) => Err(cgroup_text(&e)),
@@ -331,7 +372,15 @@ impl Manager {
         {
             first.get_or_insert(cgroup_text(&e));
         }
-        if let Err(e) = self.slot_dirs(uid_slot).empty() {
+        let dirs = self.slot_dirs(uid_slot);
+        let written = std::fs::read_dir(dirs.upper()).map(|mut rd| rd.next().is_some()).unwrap_or(false);
+        if written && abx_sys::btrfs::is_subvolume(&dirs.data()) {
+            // Deleting the subvolume is quicker than unlinking each file.
+            if let Err(e) = crate::cow::remove(&dirs.data()).and_then(|_| crate::cow::make(&dirs.data(), true)) {
+                first.get_or_insert(e);
+            }
+        }
+        if let Err(e) = dirs.empty() {
             first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
         }
         // Statistics start from zero for the next sandbox; done here, off its create.
@@ -349,10 +398,57 @@ impl Manager {
     }
 
     /// Creates and starts a sandbox.
-    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
-        let template_name = req.template.clone().unwrap_or_else(|| self.cfg.default_template.clone());
-        let template = self.template(&template_name)?;
+    pub async fn create(self: &Arc<Self>, mut req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
+        let snap = match &req.snapshot {
+            Some(key) => {
+                let s = self.find_snapshot(key)?;
+                if req.template.as_ref().is_some_and(|t| *t != s.template) {
+                    return Err(CoreError::Invalid(format!(
+                        "snapshot {} was taken on template '{}', not '{}'",
+                        s.id,
+                        s.template,
+                        req.template.as_deref().unwrap_or_default()
+                    )));
+                }
+                // Unset settings come from the snapshot's sandbox.
+                if req.limits == Limits::default() {
+                    req.limits = s.limits.clone();
+                }
+                let mut env = s.env.clone();
+                env.extend(std::mem::take(&mut req.env));
+                req.env = env;
+                req.workdir = req.workdir.or(s.workdir.clone());
+                req.user = req.user.or(s.user.clone());
+                req.network = req.network.or(Some(s.network.clone()));
+                if req.volumes.is_empty() {
+                    req.volumes = s.volumes.clone();
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let template = match &snap {
+            // The template may have been rebuilt or removed since: the snapshot's layers
+            // (kept by garbage collection while a snapshot uses them) are what counts.
+            Some(s) => match self.template(&s.template) {
+                Ok(mut t) => {
+                    t.layers = s.layers.clone();
+                    t
+                }
+                Err(_) => abx_template::Template {
+                    name: s.template.clone(),
+                    layers: s.layers.clone(),
+                    config: Default::default(),
+                    size_bytes: 0,
+                    created_at: 0,
+                    recipe: String::new(),
+                    packages: Vec::new(),
+                },
+            },
+            None => self.template(req.template.as_deref().unwrap_or(&self.cfg.default_template))?,
+        };
         validate::create(&req)?;
+        self.volume_specs(&req.volumes)?;
         if let Some(name) = &req.name
             && self.get(name).is_ok()
         {
@@ -365,6 +461,7 @@ impl Manager {
         let timeout = match req.timeout_secs {
             Some(0) => None,
             Some(s) => Some(Duration::from_secs(s)),
+            None if req.persist => None,
             None => self.cfg.default_timeout,
         };
         let slot = self.acquire_slot().await?;
@@ -392,11 +489,26 @@ impl Manager {
             state: SandboxState::Creating,
             oom_kills_base: 0,
             network,
+            persist: req.persist,
+            on_timeout: req.on_timeout.unwrap_or(if req.persist {
+                TimeoutAction::Stop
+            } else {
+                TimeoutAction::Destroy
+            }),
+            volumes: req.volumes.clone(),
+            snapshot: snap.as_ref().map(|s| s.id.clone()),
         };
         let this = self.clone();
-        let started = tokio::task::spawn_blocking(move || this.start_blocking(rec, &policy))
-            .await
-            .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
+        let started = tokio::task::spawn_blocking(move || {
+            if let Some(s) = &snap {
+                this.ensure_slot(slot, rec.layers.len())
+                    .map_err(|m| CoreError::Setup { id: rec.id.clone(), message: m })?;
+                this.seed_slot(slot, s).map_err(|m| CoreError::Setup { id: rec.id.clone(), message: m })?;
+            }
+            this.start_blocking(rec, &policy)
+        })
+        .await
+        .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
         self.refill();
         match started {
             Ok((rec, pidfd)) => Ok(self.register(rec, Some(pidfd))),
@@ -507,7 +619,9 @@ impl Manager {
             seccomp: self.seccomp.clone(),
             capabilities: CAPABILITIES.to_vec(),
             nofile: rec.limits.open_files.unwrap_or(4096),
-            volatile: true,
+            // A persistent sandbox's files are synced like any filesystem's.
+            volatile: !rec.persist,
+            volumes: self.volume_specs(&rec.volumes).map_err(|e| setup_err(e.to_string()))?,
             resolv_conf: self.net.as_ref().map(|n| n.resolv_conf()),
             net: self.net.as_ref().map(|n| n.slot_spec(rec.uid_slot)),
         };
@@ -537,7 +651,7 @@ impl Manager {
     }
 
     /// Makes a started (or re-adopted) sandbox live: watcher and timeout tasks.
-    fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
+    pub(crate) fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
         let (tx, rx) = watch::channel(pidfd.is_none());
         let pidfd = pidfd.map(Arc::new);
         let sb = Arc::new(Sandbox {
@@ -550,6 +664,7 @@ impl Manager {
             ttl: Mutex::new(None),
             activity: std::sync::atomic::AtomicU64::new(crate::sandbox::now_ms()),
             attached: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            ops: tokio::sync::Mutex::new(()),
         });
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sb.id.clone(), sb.clone());
         if let Some(fd) = pidfd {
@@ -601,10 +716,11 @@ impl Manager {
         let id = sb.id.clone();
         let task = tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            info!(sandbox = %id, "timeout expired, destroying");
-            if let Err(e) = this.destroy_inner(&id, true, false).await {
-                warn!(sandbox = %id, error = %e.full_message(), "destroy on timeout failed");
+            // This task's own handle: what follows (a stop) must not abort it.
+            if let Ok(sb) = this.get(&id) {
+                sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
+            this.on_timeout(&id).await;
         });
         *slot = Some(task.abort_handle());
     }
@@ -665,18 +781,39 @@ impl Manager {
 
     /// What a sandbox changed since its template (read on the host; a paused sandbox stays
     /// paused). With `archive`, also a tar of the added and changed paths.
-    pub async fn diff(self: &Arc<Self>, key: &str, archive: bool) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
+    pub async fn diff(
+        self: &Arc<Self>,
+        key: &str,
+        archive: bool,
+        since: Option<&str>,
+    ) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
         let sb = self.get(key)?;
         let rec = sb.record();
         if matches!(rec.state, SandboxState::Creating | SandboxState::Destroying) {
             return Err(CoreError::Conflict(format!("sandbox {} is being created or destroyed", sb.id)));
         }
+        let since = match since {
+            Some(k) => {
+                let s = self.find_snapshot(k)?;
+                if s.layers != rec.layers {
+                    return Err(CoreError::Invalid(format!(
+                        "snapshot {} was taken on other template layers than sandbox {} has",
+                        s.id, rec.id
+                    )));
+                }
+                Some(self.storage.snapshots().join(&s.id).join("upper"))
+            }
+            None => None,
+        };
         let layers: Vec<std::path::PathBuf> = rec.layers.iter().rev().map(|d| self.templates.layer_path(d)).collect();
-        let upper = sb.dirs.upper();
+        let upper = self.data_of(&rec).join("upper");
         let id = sb.id.clone();
         tokio::task::spawn_blocking(move || {
-            let mut d = crate::diff::diff(&upper, &layers)
-                .map_err(|e| CoreError::internal(format!("read the changes of sandbox {id}"), e))?;
+            let d = match &since {
+                Some(snap) => crate::diff::diff_since(&upper, snap, &layers),
+                None => crate::diff::diff(&upper, &layers),
+            };
+            let mut d = d.map_err(|e| CoreError::internal(format!("read the changes of sandbox {id}"), e))?;
             // agentbox writes this one itself at setup (the sandbox's resolver).
             for v in [&mut d.added, &mut d.changed] {
                 v.retain(|e| e.path != "/etc/resolv.conf");
@@ -807,6 +944,26 @@ impl Manager {
 
     async fn destroy_inner(self: &Arc<Self>, id: &str, force: bool, abort_ttl: bool) -> CoreResult<()> {
         let sb = self.get(id)?;
+        // Waits for a snapshot, stop or start in progress.
+        let held = sb.clone();
+        let _ops = held.ops.lock().await;
+        if sb.state() == SandboxState::Stopped {
+            // No slot: only its kept files and its record.
+            sb.update(|r| r.state = SandboxState::Destroying);
+            if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                h.abort();
+            }
+            self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+            let this = self.clone();
+            let id = id.to_string();
+            self.cleanups.spawn_blocking(move || {
+                if let Err(e) = crate::cow::remove(&this.storage.kept().join(&id)) {
+                    warn!(sandbox = %id, error = %e, "removing the files of a stopped sandbox");
+                }
+                let _ = this.store.delete(&id);
+            });
+            return Ok(());
+        }
         let was_paused = sb.state() == SandboxState::Paused;
         let proceed = sb.update(|r| match r.state {
             SandboxState::Running | SandboxState::Paused | SandboxState::Creating if !force => Err(
@@ -890,8 +1047,30 @@ impl Manager {
                     continue;
                 }
             };
-            if self.adopt(rec.clone()) {
+            if rec.state == SandboxState::Stopped {
+                self.register(rec, None);
+            } else if self.adopt(rec.clone()) {
                 known.insert(self.slot_name(rec.uid_slot));
+            } else if rec.persist && matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
+                // Its processes ended while no daemon watched (a host reboot): keep the files.
+                info!(sandbox = %rec.id, "persistent sandbox found without processes; keeping it stopped");
+                let mut rec = rec;
+                let kept = self.keep_data(&rec);
+                let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
+                match kept {
+                    Ok(()) => {
+                        rec.state = SandboxState::Stopped;
+                        rec.pid = 0;
+                        rec.pid_start = 0;
+                        let _ = self.store.put(&rec);
+                        self.register(rec, None);
+                    }
+                    Err(e) => {
+                        warn!(sandbox = %rec.id, error = %e, "keeping the files of a persistent sandbox failed");
+                        rec.state = SandboxState::Exited;
+                        let _ = self.store.put(&rec);
+                    }
+                }
             } else {
                 info!(sandbox = %rec.id, "cleaning up dead sandbox");
                 self.cleanup_dead(&rec);
@@ -965,7 +1144,11 @@ impl Manager {
 
     /// Digests of layers used by live sandboxes (kept by template garbage collection).
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
-        self.list().into_iter().flat_map(|r| r.layers).collect()
+        let mut used: std::collections::HashSet<String> = self.list().into_iter().flat_map(|r| r.layers).collect();
+        if let Ok(snaps) = self.store.all_in::<crate::lifecycle::SnapRecord>(crate::store::Table::Snapshots) {
+            used.extend(snaps.into_iter().flat_map(|s| s.layers));
+        }
+        used
     }
 
     /// Graceful shutdown: sandboxes keep running; with none left, the spawner retires and

@@ -38,6 +38,15 @@ pub struct Record {
     /// Egress policy.
     #[serde(default)]
     pub network: abx_api::NetworkPolicy,
+    #[serde(default)]
+    pub persist: bool,
+    #[serde(default)]
+    pub on_timeout: abx_api::TimeoutAction,
+    #[serde(default)]
+    pub volumes: Vec<abx_api::VolumeMount>,
+    /// The snapshot its files started from.
+    #[serde(default)]
+    pub snapshot: Option<String>,
 }
 
 impl Record {
@@ -59,6 +68,10 @@ impl Record {
             hostname: self.hostname.clone(),
             network: self.network.clone(),
             address: None,
+            persist: self.persist,
+            on_timeout: self.on_timeout,
+            volumes: self.volumes.clone(),
+            snapshot: self.snapshot.clone(),
         }
     }
 
@@ -84,6 +97,10 @@ impl Record {
             state: SandboxState::Running,
             oom_kills_base: 0,
             network: Default::default(),
+            persist: false,
+            on_timeout: Default::default(),
+            volumes: Vec::new(),
+            snapshot: None,
         }
     }
 }
@@ -106,6 +123,9 @@ pub struct Sandbox {
     pub activity: std::sync::atomic::AtomicU64,
     /// Exec sessions attached right now (a sandbox streaming to a client is not idle).
     pub attached: Arc<std::sync::atomic::AtomicUsize>,
+    /// Held by operations that change what runs or what is on disk (snapshot, rollback,
+    /// stop, start, destroy), so they do not interleave.
+    pub ops: tokio::sync::Mutex<()>,
 }
 
 /// Counts an attached exec session while it lives.

@@ -1,4 +1,9 @@
-//! Where sandbox data lives: the slots' overlay `upper` and `work` directories.
+//! Where sandbox data lives: the slots' overlay `upper` and `work` directories, snapshots,
+//! the data of stopped sandboxes and volumes.
+//!
+//! Snapshots and forks want a copy-on-write filesystem: on btrfs a slot's `data`
+//! directory is a subvolume, and a snapshot of it costs the same whatever the sandbox
+//! wrote (`abx_sys::btrfs`). Elsewhere they are copies (`cp -a --reflink=auto`).
 //!
 //! Every sandbox start mounts an overlay, and overlayfs creates and deletes a handful of
 //! inodes in `work/` at each mount (its feature checks); destroying a sandbox deletes its
@@ -9,10 +14,11 @@
 //! case), xfs, btrfs or tmpfs do not have the problem.
 //!
 //! So the data can live either directly under the state root (`dir`) or on a filesystem of
-//! its own (`image`): an ext4 filesystem with a journal in a sparse file
-//! `<root>/<prefix>-data.img`, attached to a loop device (direct I/O, detached
-//! automatically when unmounted) and mounted at `<root>/<prefix>-data`. `auto` picks
-//! `image` only when the state root is on journal-less ext4 and loop devices work.
+//! its own (`image`): a btrfs filesystem (or, without btrfs, an ext4 filesystem with a
+//! journal) in a sparse file `<root>/<prefix>-data.img`, attached to a loop device
+//! (detached automatically when unmounted) and mounted at `<root>/<prefix>-data`. `auto`
+//! picks `dir` when the state root is on btrfs already, `image` when btrfs images work
+//! or the state root is on journal-less ext4, and `dir` otherwise.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -47,6 +53,8 @@ pub struct Storage {
     pub slots: PathBuf,
     /// The image and its mount point, in `image` mode.
     pub image: Option<Image>,
+    /// The data filesystem is btrfs: slot data, snapshots and kept data are subvolumes.
+    pub cow: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +69,34 @@ impl Storage {
         if self.image.is_some() { "image" } else { "dir" }
     }
 
+    /// The directory holding slots, snapshots, kept data and volumes.
+    pub fn base(&self) -> &Path {
+        self.slots.parent().unwrap_or(&self.slots)
+    }
+
+    /// Snapshots: `<base>/snapshots/<id>` (a read-only subvolume on btrfs) holding `upper/`.
+    pub fn snapshots(&self) -> PathBuf {
+        self.base().join("snapshots")
+    }
+
+    /// Data of stopped sandboxes: `<base>/kept/<id>`.
+    pub fn kept(&self) -> PathBuf {
+        self.base().join("kept")
+    }
+
+    /// Volumes: `<base>/volumes/<name>`.
+    pub fn volumes(&self) -> PathBuf {
+        self.base().join("volumes")
+    }
+
+    fn finish(mut self) -> Result<Storage, String> {
+        for d in [self.slots.clone(), self.snapshots(), self.kept(), self.volumes()] {
+            std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        self.cow = abx_sys::btrfs::is_btrfs(&self.slots);
+        Ok(self)
+    }
+
     /// Opens the data store: in `image` mode, creates the image if needed and mounts it
     /// unless it already is (a daemon restarted while sandboxes ran).
     /// The mode is remembered in `<root>/data-mode`: `auto` keeps what an earlier start
@@ -72,6 +108,11 @@ impl Storage {
             Image { file: root.join(format!("{prefix}-data.img")), mountpoint: root.join(format!("{prefix}-data")) };
         let mode = match (mode, recorded) {
             (DataMode::Auto, Some(r)) => r,
+            (DataMode::Auto, None) if abx_sys::btrfs::is_btrfs(root) => DataMode::Dir,
+            (DataMode::Auto, None) if image_support().is_ok() && btrfs_support().is_ok() => {
+                info!("keeping sandbox data on a btrfs image (copy-on-write snapshots)");
+                DataMode::Image
+            }
             (DataMode::Auto, None) => match journal_less_ext4(root) {
                 Some(dev) if image_support().is_ok() => {
                     info!(device = %dev, "state root is on ext4 without a journal; keeping sandbox data on an image");
@@ -110,14 +151,14 @@ impl Storage {
                 ));
             }
             if old == DataMode::Image {
-                let s = Storage { slots: image.mountpoint.join("slots"), image: Some(image.clone()) };
+                let s = Storage { slots: image.mountpoint.join("slots"), image: Some(image.clone()), cow: false };
                 s.close();
                 let _ = std::fs::remove_file(&image.file);
                 let _ = std::fs::remove_dir(&image.mountpoint);
             }
         }
         let storage = if mode == DataMode::Dir {
-            Storage { slots: root.join("slots"), image: None }
+            Storage { slots: root.join("slots"), image: None, cow: false }
         } else {
             image_support().map_err(|e| format!("--data image: {e}"))?;
             Self::open_image(image, size, root, prefix)?
@@ -125,7 +166,7 @@ impl Storage {
         if recorded != Some(mode) {
             std::fs::write(&record, mode_name(mode)).map_err(|e| format!("write {}: {e}", record.display()))?;
         }
-        Ok(storage)
+        storage.finish()
     }
 
     fn open_image(image: Image, size: Option<u64>, root: &Path, prefix: &str) -> Result<Storage, String> {
@@ -139,7 +180,7 @@ impl Storage {
             }
             mount_image(&image)?;
         }
-        Ok(Storage { slots: image.mountpoint.join("slots"), image: Some(image) })
+        Ok(Storage { slots: image.mountpoint.join("slots"), image: Some(image), cow: false })
     }
 
     /// Unmounts the image (graceful shutdown with no sandbox left). The loop device goes
@@ -177,10 +218,30 @@ fn image_support() -> Result<(), String> {
     if !Path::new("/dev/loop-control").exists() {
         return Err("no /dev/loop-control (loop devices are not available)".into());
     }
-    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-        return Err("mkfs.ext4 not found (install e2fsprogs)".into());
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() && btrfs_support().is_err() {
+        return Err("neither mkfs.btrfs nor mkfs.ext4 found (install btrfs-progs)".into());
     }
     Ok(())
+}
+
+/// Why a btrfs image cannot be made here, if it cannot.
+fn btrfs_support() -> Result<(), String> {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.lines().any(|l| l.split_whitespace().last() == Some("btrfs")) {
+        return Err("the kernel has no btrfs".into());
+    }
+    if Command::new("mkfs.btrfs").arg("--version").output().is_err() {
+        return Err("mkfs.btrfs not found (install btrfs-progs)".into());
+    }
+    Ok(())
+}
+
+/// The filesystem type in an image file, from its superblock magic.
+fn image_fs(file: &Path) -> &'static str {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(file) else { return "ext4" };
+    let mut magic = [0u8; 8];
+    if f.read_exact_at(&mut magic, 0x10040).is_ok() && &magic == b"_BHRfS_M" { "btrfs" } else { "ext4" }
 }
 
 /// The block device name when `path` is on an ext4 filesystem that has no journal.
@@ -240,14 +301,24 @@ fn create_image(file: &Path, size: u64, prefix: &str) -> Result<(), String> {
         f.set_len(size).map_err(|e| format!("size {} to {size} bytes: {e}", tmp.display()))?;
         drop(f);
         let label: String = format!("{prefix}-data").chars().take(16).collect();
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", &label])
-            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| format!("run mkfs.ext4: {e}"))?;
+        let (tool, out) = if btrfs_support().is_ok() {
+            // Single copies of data and metadata: the image is one file on one device.
+            let out = Command::new("mkfs.btrfs")
+                .args(["-q", "-f", "-m", "single", "-d", "single", "-L", &label])
+                .arg(&tmp)
+                .output();
+            ("mkfs.btrfs", out)
+        } else {
+            let out = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", &label])
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+                .arg(&tmp)
+                .output();
+            ("mkfs.ext4", out)
+        };
+        let out = out.map_err(|e| format!("run {tool}: {e}"))?;
         if !out.status.success() {
-            return Err(format!("mkfs.ext4 {}: {}", tmp.display(), String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!("{tool} {}: {}", tmp.display(), String::from_utf8_lossy(&out.stderr).trim()));
         }
         std::fs::rename(&tmp, file).map_err(|e| format!("rename {}: {e}", tmp.display()))
     })();
@@ -268,6 +339,9 @@ fn mount_image(img: &Image) -> Result<(), String> {
         .map_err(|e| format!("chmod {}: {e}", img.mountpoint.display()))?;
     let first = attach_and_mount(img);
     let Err(first) = first else { return Ok(()) };
+    if image_fs(&img.file) != "ext4" {
+        return Err(first);
+    }
     warn!(error = %first, "mounting the data image failed; checking it");
     let out = Command::new("e2fsck").arg("-p").arg(&img.file).output().map_err(|e| format!("run e2fsck: {e}"))?;
     // Exit codes 0-2: clean or fixed.
@@ -303,12 +377,14 @@ fn attach_and_mount(img: &Image) -> Result<(), String> {
     use rustix::mount::MountFlags;
     // `discard` returns the space of deleted files to the host (the loop device punches
     // holes in the image); nodev and nosuid: nothing on it is a device or setuid for the host.
+    let fs = image_fs(&img.file);
+    let opts = if fs == "btrfs" { c"discard=async" } else { c"discard" };
     rustix::mount::mount(
         dev.path(),
         &img.mountpoint,
-        "ext4",
+        fs,
         MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOATIME,
-        Some(c"discard"),
+        Some(opts),
     )
     .map_err(|e| {
         format!("mount {} ({}) on {}: {e}", dev.path().display(), img.file.display(), img.mountpoint.display())

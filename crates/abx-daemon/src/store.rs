@@ -37,6 +37,14 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -80,6 +88,54 @@ impl Store {
         for row in rows {
             let (id, json) = row?;
             out.push(serde_json::from_str(&json).map_err(|source| StoreError::Corrupt { id, source }));
+        }
+        Ok(out)
+    }
+}
+
+/// Tables other than `sandboxes` that hold JSON records by key.
+#[derive(Debug, Clone, Copy)]
+pub enum Table {
+    Snapshots,
+    Volumes,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Snapshots => "snapshots",
+            Table::Volumes => "volumes",
+        }
+    }
+}
+
+impl Store {
+    /// Inserts or replaces a record of `table`.
+    pub fn put_in<T: serde::Serialize>(&self, table: Table, id: &str, rec: &T) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rec).map_err(|source| StoreError::Corrupt { id: id.into(), source })?;
+        self.conn()
+            .prepare_cached(&format!("INSERT OR REPLACE INTO {} (id, record) VALUES (?1, ?2)", table.name()))?
+            .execute(params![id, json])?;
+        Ok(())
+    }
+
+    pub fn delete_in(&self, table: Table, id: &str) -> Result<(), StoreError> {
+        self.conn().prepare_cached(&format!("DELETE FROM {} WHERE id = ?1", table.name()))?.execute(params![id])?;
+        Ok(())
+    }
+
+    /// Every record of `table`, in id order; unreadable rows are skipped with a warning.
+    pub fn all_in<T: serde::de::DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT id, record FROM {} ORDER BY id", table.name()))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            match serde_json::from_str(&json) {
+                Ok(v) => out.push(v),
+                Err(e) => tracing::warn!(table = table.name(), id, error = %e, "skipping unreadable record"),
+            }
         }
         Ok(out)
     }

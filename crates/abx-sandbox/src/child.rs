@@ -11,9 +11,9 @@
 //!    namespaces → make every mount private → report "ready".
 //! 2. **Sandbox** (after go, which carries the sandbox's spec, its status pipe, its
 //!    listening socket and the mount trees): run the plan (overlay root, /proc, /sys,
-//!    /dev, masks, pivot_root, hostname) → rlimits → stdio to /dev/null, listening
-//!    socket to fd 3, everything else close-on-exec → new session → drop capabilities →
-//!    no_new_privs + seccomp → exec the agent.
+//!    /dev, masks, pivot_root, hostname, resolv.conf, volumes) → rlimits → stdio to
+//!    /dev/null, listening socket to fd 3, everything else close-on-exec → new session →
+//!    drop capabilities → no_new_privs + seccomp → exec the agent.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -21,10 +21,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use abx_sys::process::ns;
-use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, UnmountFlags};
 
 use crate::plan::{self, Step};
-use crate::spawner::MAX_GO;
+use crate::spawner::{MAX_GO, MAX_GO_FDS};
 use crate::spec::{SlotSpec, SpawnSpec};
 
 /// The spawner's first message on the control socket: the id maps are written.
@@ -50,7 +50,8 @@ struct Go {
     status: OwnedFd,
     /// The agent's listening socket (becomes fd 3).
     listener: OwnedFd,
-    /// Idmapped trees: the layers, then the data tree.
+    /// Mount trees in the order of [`plan::build`]: the layers, the data tree, the sysfs
+    /// copy, the volumes.
     trees: Vec<OwnedFd>,
 }
 
@@ -111,7 +112,7 @@ fn shell(slot: &SlotSpec, io: &ShellIo) -> StepResult {
 /// Waits for the go message: the sandbox's spec and its descriptors.
 fn receive_go(io: &ShellIo) -> Result<Go, String> {
     let mut buf = vec![0u8; MAX_GO];
-    let (n, fds) = ctx("receive go message", abx_sys::fd::recv_with_fds(io.control.as_fd(), &mut buf, 64))?;
+    let (n, fds) = ctx("receive go message", abx_sys::fd::recv_with_fds(io.control.as_fd(), &mut buf, MAX_GO_FDS))?;
     if n == 0 {
         return Err("spawner went away before setup".into());
     }
@@ -219,7 +220,76 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         Step::PivotRoot { root } => pivot(root),
         Step::SetHostname { name } => Ok(rustix::system::sethostname(name.as_bytes())?),
         Step::WriteFile { path, contents } => write_file(path, contents),
+        Step::AttachVolume { index, target } => {
+            crate::spec::validate_volume_target(target).map_err(std::io::Error::other)?;
+            let tree = trees.get(*index).ok_or_else(|| std::io::Error::other("missing mount tree"))?;
+            let dir = volume_target(target)?;
+            // Onto the directory just opened: nothing is resolved again.
+            Ok(rustix::mount::move_mount(
+                tree,
+                "",
+                &dir,
+                "",
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+            )?)
+        }
     }
+}
+
+/// Opens the directory `target` (absolute, validated) from the current root (the
+/// sandbox's own, after pivot_root) one component at a time, never following a symlink
+/// (`RESOLVE_NO_SYMLINKS`), creating missing directories (mode 0755, owned by the
+/// sandbox's root). An existing component that is a symlink or not a directory is an error.
+fn volume_target(target: &str) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::io::Errno;
+    let mut dir = rustix::fs::open("/", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut walked = String::with_capacity(target.len());
+    for name in target.split('/').skip(1) {
+        walked.push('/');
+        walked.push_str(name);
+        let (opened, doing) = match open_dir_at(&dir, name, OFlags::PATH) {
+            Err(Errno::NOENT) => (create_dir_at(&dir, name), "create"),
+            r => (r, "open"),
+        };
+        dir = opened.map_err(|e| {
+            std::io::Error::other(match e {
+                Errno::LOOP => format!("{walked} is a symlink (volume targets never follow one)"),
+                Errno::NOTDIR => format!("{walked} exists and is not a directory"),
+                e => format!("cannot {doing} {walked}: {e}"),
+            })
+        })?;
+    }
+    Ok(dir)
+}
+
+/// Opens the directory `name` in `dir`, refusing symlinks (and any non-directory).
+fn open_dir_at(dir: &OwnedFd, name: &str, flags: rustix::fs::OFlags) -> rustix::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    rustix::fs::openat2(
+        dir,
+        name,
+        flags | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )
+}
+
+/// Creates the directory `name` in `dir` (0755 whatever the umask, owned by the sandbox's
+/// root whatever the parent's set-group-id bit) and opens it.
+fn create_dir_at(dir: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::thread::{Gid, Uid};
+    let mode = Mode::from_raw_mode(0o755);
+    match rustix::fs::mkdirat(dir, name, mode) {
+        // Made meanwhile: checked like any existing component.
+        Err(rustix::io::Errno::EXIST) => return open_dir_at(dir, name, OFlags::PATH),
+        r => r?,
+    }
+    let new = open_dir_at(dir, name, OFlags::RDONLY)?;
+    rustix::fs::fchown(&new, Some(Uid::ROOT), Some(Gid::ROOT))?;
+    rustix::fs::fchmod(&new, mode)?;
+    Ok(new)
 }
 
 fn mount(source: &str, target: &Path, fstype: &str, flags: MountFlags, data: &str) -> std::io::Result<()> {

@@ -1,10 +1,11 @@
 //! The ordered setup a new sandbox performs inside its namespaces, as data.
 //!
 //! [`build`] turns a [`SpawnSpec`] into a list of [`Step`]s; [`crate::child`] executes
-//! them one by one and reports the first failure with the step's description. Every path
-//! is relative to the sandbox directory, which is the child's working directory (entered
-//! through a descriptor, so the directories above it need not be searchable by the
-//! sandbox's user). Keeping
+//! them one by one and reports the first failure with the step's description. Until
+//! `pivot_root`, every path is relative to the sandbox directory, which is the child's
+//! working directory (entered through a descriptor, so the directories above it need not
+//! be searchable by the sandbox's user); the steps after it take absolute paths, resolved
+//! in the sandbox's own root. Keeping
 //! the plan as data makes the order reviewable (docs/sandbox-setup.md) and testable
 //! without privileges.
 
@@ -94,6 +95,14 @@ pub enum Step {
     SetHostname {
         name: String,
     },
+    /// Attach volume tree `index` (a received descriptor) at `target`, an absolute path
+    /// resolved inside the sandbox's own root (so it runs after [`Step::PivotRoot`]):
+    /// missing directories are created (mode 0755, owned by the sandbox's root); an
+    /// existing component that is a symlink or not a directory is refused.
+    AttachVolume {
+        index: usize,
+        target: String,
+    },
 }
 
 impl fmt::Display for Step {
@@ -113,6 +122,7 @@ impl fmt::Display for Step {
             Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
             Step::SetHostname { name } => write!(f, "set hostname {name}"),
             Step::WriteFile { path, .. } => write!(f, "write {}", path.display()),
+            Step::AttachVolume { index, target } => write!(f, "attach volume tree {index} at {target}"),
         }
     }
 }
@@ -129,11 +139,16 @@ pub const READ_ONLY: [&str; 5] = ["proc/bus", "proc/fs", "proc/irq", "proc/sys",
 
 /// How many mount trees the plan for `spec` expects.
 pub fn trees(spec: &SpawnSpec) -> usize {
-    spec.layers.len() + 2
+    spec.layers.len() + 2 + spec.volumes.len()
 }
 
 /// Builds the setup plan for `spec`. Descriptor `i < layers` is layer `i`'s idmapped tree;
-/// descriptor `layers` is the data tree, `layers + 1` the slot's sysfs.
+/// descriptor `layers` is the data tree, `layers + 1` the slot's sysfs, `layers + 2 + i`
+/// volume `i`'s idmapped tree.
+///
+/// The plan ends inside the sandbox's own root: after `pivot_root`, the hostname and
+/// /etc/resolv.conf, the volumes are attached. [`crate::child`] then confines the process
+/// (limits, descriptors, session, capabilities, no_new_privs, seccomp) and execs the agent.
 pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     use flags::*;
     let dirs = SandboxDirs::new(PathBuf::from("."));
@@ -208,12 +223,23 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     if let Some(contents) = &spec.resolv_conf {
         steps.push(Step::WriteFile { path: "/etc/resolv.conf".into(), contents: contents.clone() });
     }
+    // Volumes last: their targets are resolved inside the sandbox's root (a symlink in
+    // the template cannot point them at a host path), and nothing the setup writes
+    // (/etc/resolv.conf) can land in a host directory. Shallowest target first (stable),
+    // so a volume nested in another is attached on top of it, not hidden under it.
+    let first = spec.layers.len() + 2;
+    let mut volumes: Vec<(usize, &str)> = spec.volumes.iter().map(|v| v.target.as_str()).enumerate().collect();
+    volumes.sort_by_key(|(_, target)| target.matches('/').count());
+    for (i, target) in volumes {
+        steps.push(Step::AttachVolume { index: first + i, target: target.to_owned() });
+    }
     steps
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{VolumeSpec, validate_volume_target};
 
     fn spec() -> SpawnSpec {
         SpawnSpec {
@@ -231,7 +257,12 @@ mod tests {
             volatile: true,
             resolv_conf: None,
             net: None,
+            volumes: vec![],
         }
+    }
+
+    fn volume(source: &str, target: &str, read_only: bool) -> VolumeSpec {
+        VolumeSpec { source: source.into(), target: target.into(), read_only }
     }
 
     #[test]
@@ -269,5 +300,85 @@ mod tests {
                 target: PathBuf::from("./rootfs/dev").join(dev)
             }));
         }
+    }
+
+    #[test]
+    fn volumes_are_attached_inside_the_new_root_and_end_the_plan() {
+        let mut spec = spec();
+        spec.resolv_conf = Some("nameserver 10.0.0.1\n".into());
+        spec.volumes = vec![volume("/srv/data", "/data", false), volume("/home/me/src", "/home/user/work", true)];
+        assert_eq!(trees(&spec), 2 + 2 + 2);
+        let steps = build(&spec);
+        let pos = |want: &dyn Fn(&Step) -> bool| steps.iter().position(want).unwrap();
+        let pivot = pos(&|s| matches!(s, Step::PivotRoot { .. }));
+        let resolv = pos(&|s| matches!(s, Step::WriteFile { .. }));
+        let data = pos(&|s| matches!(s, Step::AttachVolume { .. }));
+        assert!(pivot < resolv && resolv < data, "volumes come after pivot_root and /etc/resolv.conf");
+        // The plan ends with them: child::setup confines the process (limits, capabilities,
+        // seccomp) only after the last step.
+        assert_eq!(
+            steps[data..],
+            [
+                Step::AttachVolume { index: 4, target: "/data".into() },
+                Step::AttachVolume { index: 5, target: "/home/user/work".into() },
+            ]
+        );
+        // The descriptors before them keep their meaning.
+        assert!(steps.contains(&Step::AttachTree { index: 3, target: "./rootfs/sys".into() }));
+        assert_eq!(steps[2], Step::AttachTree { index: 2, target: "./dm".into() });
+        assert_eq!(build(&self::spec()).iter().filter(|s| matches!(s, Step::AttachVolume { .. })).count(), 0);
+    }
+
+    #[test]
+    fn a_nested_volume_is_attached_after_the_one_containing_it() {
+        let mut spec = spec();
+        spec.layers.truncate(1);
+        spec.volumes =
+            vec![volume("/h/inner", "/a/b", true), volume("/h/outer", "/a", false), volume("/h/c", "/c", false)];
+        let volumes: Vec<_> = build(&spec).into_iter().filter(|s| matches!(s, Step::AttachVolume { .. })).collect();
+        assert_eq!(
+            volumes,
+            [
+                Step::AttachVolume { index: 4, target: "/a".into() },
+                Step::AttachVolume { index: 5, target: "/c".into() },
+                Step::AttachVolume { index: 3, target: "/a/b".into() },
+            ]
+        );
+        assert_eq!(volumes[2].to_string(), "attach volume tree 3 at /a/b");
+    }
+
+    #[test]
+    fn volume_targets_are_validated() {
+        for ok in ["/data", "/home/user/work", "/procfs", "/devel/x", "/.hidden", "/a..b"] {
+            assert_eq!(validate_volume_target(ok), Ok(()), "{ok}");
+        }
+        for (bad, reason) in [
+            ("relative", "not an absolute path"),
+            ("", "not an absolute path"),
+            ("/", "root directory"),
+            ("/a/../b", "not normalized"),
+            ("/a/./b", "not normalized"),
+            ("/proc/x", "/proc"),
+            ("/proc", "/proc"),
+            ("/sys/fs/cgroup", "/sys"),
+            ("/dev", "/dev"),
+            ("/a//b", "empty component"),
+            ("/a/", "trailing slash"),
+            ("/a\0b", "NUL"),
+        ] {
+            let e = validate_volume_target(bad).expect_err(bad);
+            assert!(e.contains(reason) && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        let long = format!("/{}", "x".repeat(1024));
+        assert!(validate_volume_target(&long).unwrap_err().contains("longer than 1024 bytes"));
+        assert_eq!(validate_volume_target(&long[..1024]), Ok(()));
+    }
+
+    #[test]
+    fn a_spec_without_volumes_still_parses() {
+        let mut json = serde_json::to_value(spec()).unwrap();
+        json.as_object_mut().unwrap().remove("volumes");
+        let parsed: SpawnSpec = serde_json::from_value(json).unwrap();
+        assert!(parsed.volumes.is_empty());
     }
 }

@@ -44,6 +44,10 @@ pub const MAX_MESSAGE: usize = 256 * 1024;
 /// Largest go message (a sandbox's spec) sent to a shell.
 pub const MAX_GO: usize = 64 * 1024;
 
+/// Most descriptors a go message may carry (the kernel's `SCM_MAX_FD`): the status
+/// pipe, the listening socket and [`crate::plan::trees`] mount trees.
+pub const MAX_GO_FDS: usize = 253;
+
 /// Largest reply of the spawner.
 pub const MAX_REPLY: usize = 4 * 1024;
 
@@ -499,9 +503,19 @@ fn wait_ready(shell: &Shell, timeout: Duration) -> Result<(), String> {
 }
 
 /// The sandbox's mount trees: its layers and data idmapped through the shell's user
-/// namespace, then a copy of the slot's sysfs.
+/// namespace, a copy of the slot's sysfs, then its volumes idmapped the same way (the
+/// descriptor order of [`crate::plan::build`]).
 fn trees(shell: &Shell, spec: &SpawnSpec, sysfs: std::os::fd::BorrowedFd<'_>) -> Result<Vec<OwnedFd>, String> {
-    let mut trees = Vec::with_capacity(spec.layers.len() + 1);
+    let count = crate::plan::trees(spec);
+    if 2 + count > MAX_GO_FDS {
+        return Err(format!(
+            "too many mount trees ({count}: {} layers, {} volumes); at most {} fit in one message",
+            spec.layers.len(),
+            spec.volumes.len(),
+            MAX_GO_FDS - 2
+        ));
+    }
+    let mut trees = Vec::with_capacity(count);
     let ro = abx_sys::mount::TreeOptions { read_only: true, recursive: false };
     for layer in &spec.layers {
         trees.push(
@@ -516,6 +530,25 @@ fn trees(shell: &Shell, spec: &SpawnSpec, sysfs: std::os::fd::BorrowedFd<'_>) ->
             .map_err(|e| format!("idmapped mount of {}: {e}", data.display()))?,
     );
     trees.push(abx_sys::mount::clone_detached(sysfs).map_err(|e| format!("copy of the slot's sysfs: {e}"))?);
+    for v in &spec.volumes {
+        let source = v.source.display();
+        // Relative to nothing the daemon knows of (the spawner's working directory).
+        if !v.source.is_absolute() {
+            return Err(format!("volume source {source}: not an absolute path"));
+        }
+        // Not recursive: mounts below the source on the host stay out of the sandbox.
+        let opts = abx_sys::mount::TreeOptions { read_only: v.read_only, recursive: false };
+        let tree = abx_sys::mount::idmapped_tree(&v.source, shell.userns.as_fd(), opts)
+            .map_err(|e| format!("idmapped mount of volume {source}: {e}"))?;
+        // Unlike the layers and the data tree, it stays visible after pivot_root: no
+        // mount may propagate between it and the host.
+        abx_sys::mount::make_private(tree.as_fd()).map_err(|e| format!("make volume {source} private: {e}"))?;
+        let st = rustix::fs::fstat(&tree).map_err(|e| format!("volume {source}: {e}"))?;
+        if !rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() {
+            return Err(format!("volume {source}: not a directory"));
+        }
+        trees.push(tree);
+    }
     Ok(trees)
 }
 

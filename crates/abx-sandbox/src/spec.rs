@@ -37,6 +37,70 @@ pub struct SpawnSpec {
     pub resolv_conf: Option<String>,
     #[serde(default)]
     pub net: Option<SlotNetSpec>,
+    /// Host directories mounted into the sandbox, attached in order of target depth
+    /// (shallowest first; see [`crate::plan::build`]).
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A host directory mounted into a sandbox ("volume"). The spawner clones it as a
+/// detached, idmapped, non-recursive mount (nosuid, nodev; read-only if asked) through the
+/// sandbox's user namespace: on-disk uid/gid 0 to 65535 appear as the same ids inside, and
+/// files the sandbox writes keep their in-sandbox owners on disk (unshifted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// The host directory.
+    pub source: PathBuf,
+    /// Where it appears inside the sandbox: an absolute, normalized path (see
+    /// [`validate_volume_target`]).
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// Longest volume target accepted, in bytes.
+pub const MAX_VOLUME_TARGET: usize = 1024;
+
+/// Directories a volume may neither replace nor be mounted under: the sandbox's own
+/// proc, sysfs and devices.
+const RESERVED_TARGETS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// Checks a volume's target path inside the sandbox: absolute, normalized (no empty, `.`
+/// or `..` component, no trailing slash), not `/`, not `/proc`, `/sys`, `/dev` nor under
+/// them, at most [`MAX_VOLUME_TARGET`] bytes, no NUL byte. The error names the path and
+/// the reason.
+pub fn validate_volume_target(t: &str) -> Result<(), String> {
+    let refuse = |reason: &str| Err(format!("volume target {t:?}: {reason}"));
+    if t.len() > MAX_VOLUME_TARGET {
+        return Err(format!(
+            "volume target {:?}...: longer than {MAX_VOLUME_TARGET} bytes",
+            t.chars().take(64).collect::<String>()
+        ));
+    }
+    if t.contains('\0') {
+        return refuse("contains a NUL byte");
+    }
+    let Some(rest) = t.strip_prefix('/') else {
+        return refuse("not an absolute path");
+    };
+    if rest.is_empty() {
+        return refuse("the sandbox's root directory cannot be a volume");
+    }
+    if rest.ends_with('/') {
+        return refuse("has a trailing slash");
+    }
+    for component in rest.split('/') {
+        match component {
+            "" => return refuse("has an empty component (\"//\")"),
+            "." | ".." => return refuse("has a \".\" or \"..\" component (not normalized)"),
+            _ => {}
+        }
+    }
+    for reserved in RESERVED_TARGETS {
+        if t == reserved || t.strip_prefix(reserved).is_some_and(|r| r.starts_with('/')) {
+            return refuse(&format!("{reserved} is the sandbox's own and cannot hold a volume"));
+        }
+    }
+    Ok(())
 }
 
 impl SpawnSpec {

@@ -9,6 +9,7 @@
 pub mod agent;
 #[cfg(feature = "tokio")]
 pub mod asyncio;
+pub mod btrfs;
 pub mod fd;
 pub mod loopdev;
 pub mod mount;

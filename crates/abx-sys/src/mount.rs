@@ -12,6 +12,8 @@ const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
 const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
+/// `MS_PRIVATE`, as `mount_setattr`'s propagation field takes it.
+const MS_PRIVATE: u64 = 1 << 18;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 
 #[repr(C)]
@@ -65,6 +67,29 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
         )
     })?;
     Ok(tree)
+}
+
+/// Makes the detached mount `tree` and any mount below it private. A clone made by
+/// [`idmapped_tree`] of a shared mount (the usual state of `/` under systemd) is a peer of
+/// it: once attached, mounts made later on either side would propagate to the other
+/// (host mounts below the source into a sandbox, a sandbox's mounts onto the host). Call
+/// it where the tree was made: it needs `CAP_SYS_ADMIN` over the tree's mount namespace.
+pub fn make_private(tree: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = MountAttr { attr_set: 0, attr_clr: 0, propagation: MS_PRIVATE, userns_fd: 0 };
+    let at = libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE;
+    // SAFETY: mount_setattr reads `attr` (a live, correctly sized repr(C) struct) and an
+    // empty NUL-terminated path; `tree` is an open mount descriptor.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            at,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(())
 }
 
 /// Attaches a detached mount (from `open_tree`/`fsmount`) at `target`.

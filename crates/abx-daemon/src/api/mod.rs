@@ -6,6 +6,7 @@ mod exec;
 mod files;
 mod network;
 mod sandboxes;
+mod snapshots;
 mod system;
 mod templates;
 
@@ -30,6 +31,8 @@ use crate::error::CoreError;
         (name = "exec", description = "Run processes inside sandboxes"),
         (name = "files", description = "Files inside sandboxes"),
         (name = "network", description = "Egress policy, audit and ingress of sandboxes"),
+        (name = "snapshots", description = "Snapshots, forks, rollback, stop and start of sandboxes"),
+        (name = "volumes", description = "Named directories that outlive sandboxes"),
         (name = "templates", description = "Templates sandboxes are made from"),
         (name = "system", description = "The daemon itself"),
     )
@@ -66,6 +69,7 @@ pub fn router(core: Core) -> axum::Router {
 fn api_routes() -> OpenApiRouter<Core> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(sandboxes::routes())
+        .merge(snapshots::routes())
         .merge(exec::routes())
         .merge(files::routes())
         .merge(network::routes())

@@ -22,25 +22,38 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(resume))
 }
 
-/// What the sandbox added, changed and deleted in its filesystem since its template.
+#[derive(Debug, Deserialize, IntoParams)]
+struct DiffQuery {
+    /// Since this snapshot (id or name) instead of since the template.
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// What the sandbox added, changed and deleted in its filesystem since its template (or
+/// since a snapshot).
 #[utoipa::path(get, path = abx_api::paths::DIFF, tag = "sandboxes",
-    params(("id" = String, Path, description = "sandbox id or name")),
+    params(("id" = String, Path, description = "sandbox id or name"), DiffQuery),
     responses((status = 200, body = abx_api::Diff), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn diff(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<abx_api::Diff>, ApiError> {
-    Ok(Json(core.execute(Command::Diff { id, archive: false }).await?.diff()?.0))
+async fn diff(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Query(q): Query<DiffQuery>,
+) -> Result<Json<abx_api::Diff>, ApiError> {
+    Ok(Json(core.execute(Command::Diff { id, archive: false, since: q.since }).await?.diff()?.0))
 }
 
 /// A tar of the paths the sandbox added or changed since its template (owners as inside
 /// the sandbox; deletions are listed by the diff, not in the tar).
 #[utoipa::path(get, path = abx_api::paths::DIFF_ARCHIVE, tag = "sandboxes",
-    params(("id" = String, Path, description = "sandbox id or name")),
+    params(("id" = String, Path, description = "sandbox id or name"), DiffQuery),
     responses((status = 200, description = "tar archive", content_type = "application/x-tar"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn diff_archive(
     State(core): State<Core>,
     Path(id): Path<String>,
+    Query(q): Query<DiffQuery>,
 ) -> Result<([(axum::http::header::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
-    let (_, tar) = core.execute(Command::Diff { id, archive: true }).await?.diff()?;
+    let (_, tar) = core.execute(Command::Diff { id, archive: true, since: q.since }).await?.diff()?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-tar")], tar.unwrap_or_default()))
 }
 

@@ -1,0 +1,183 @@
+//! Sandbox data trees (`data/` = the overlay's `upper/` and `work/`) as units that can be
+//! snapshotted, cloned and moved: btrfs subvolumes where the data filesystem is btrfs
+//! (constant-time snapshots sharing every block), plain directories copied with
+//! `cp -a --reflink=auto` elsewhere.
+
+use std::path::Path;
+use std::process::Command;
+
+/// The error text of a failed operation on `path`.
+fn err(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+/// Creates an empty data tree at `data` (which must not exist): a subvolume when `cow`,
+/// mode 0700, with `upper/` and `work/` (0755).
+pub fn make(data: &Path, cow: bool) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if cow {
+        abx_sys::btrfs::create_subvolume(data).map_err(|e| err("create subvolume", data, e))?;
+    } else {
+        std::fs::create_dir(data).map_err(|e| err("create", data, e))?;
+    }
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).map_err(|e| err("chmod", data, e))?;
+    for d in ["upper", "work"] {
+        let p = data.join(d);
+        std::fs::create_dir(&p).map_err(|e| err("create", &p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).map_err(|e| err("chmod", &p, e))?;
+    }
+    Ok(())
+}
+
+/// Removes a data tree, snapshot or volume (a subvolume or a directory); a missing one is
+/// not an error.
+pub fn remove(path: &Path) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    if abx_sys::btrfs::is_subvolume(path) {
+        // A read-only snapshot can be deleted as it is.
+        return abx_sys::btrfs::delete_subvolume(path).map_err(|e| err("delete subvolume", path, e));
+    }
+    crate::manager::remove_tree(path).map_err(|e| err("remove", path, e))
+}
+
+/// Copies `src` (a directory) to `dest` (which must not exist) with owners, modes, times,
+/// xattrs (overlayfs' opaque markers) and device nodes (its whiteouts); shares blocks
+/// where the filesystem can (xfs, btrfs).
+fn copy_tree(src: &Path, dest: &Path) -> Result<(), String> {
+    let out = Command::new("cp")
+        .args(["-a", "--reflink=auto", "--no-target-directory"])
+        .arg(src)
+        .arg(dest)
+        .output()
+        .map_err(|e| format!("run cp: {e}"))?;
+    if !out.status.success() {
+        let _ = crate::manager::remove_tree(dest);
+        return Err(format!(
+            "copy {} to {}: {}",
+            src.display(),
+            dest.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Writes what is in the page cache of the filesystem holding `path` (outside any
+/// freeze, so that the snapshot itself has little left to write).
+pub fn flush(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+}
+
+/// Takes a read-only snapshot of the data tree `data` at `dest` (which must not exist);
+/// the snapshot's `upper/` holds the sandbox's changes. Constant time on btrfs.
+pub fn snapshot(data: &Path, dest: &Path) -> Result<(), String> {
+    if abx_sys::btrfs::is_subvolume(data) && abx_sys::btrfs::is_btrfs(dest.parent().unwrap_or(dest)) {
+        return abx_sys::btrfs::snapshot(data, dest, true).map_err(|e| err("snapshot to", dest, e));
+    }
+    std::fs::create_dir(dest).map_err(|e| err("create", dest, e))?;
+    let made = copy_tree(&data.join("upper"), &dest.join("upper"));
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+    made
+}
+
+/// Makes `data` (removed first if present) a writable copy of the snapshot `snap`, with an
+/// empty `work/`.
+pub fn clone_into(snap: &Path, data: &Path, cow: bool) -> Result<(), String> {
+    remove(data)?;
+    if cow && abx_sys::btrfs::is_subvolume(snap) {
+        abx_sys::btrfs::snapshot(snap, data, false).map_err(|e| err("snapshot to", data, e))?;
+        let work = data.join("work");
+        remove(&work)?;
+        std::fs::create_dir(&work).map_err(|e| err("create", &work, e))?;
+        return Ok(());
+    }
+    make(data, cow)?;
+    let upper = data.join("upper");
+    std::fs::remove_dir(&upper).map_err(|e| err("remove", &upper, e))?;
+    copy_tree(&snap.join("upper"), &upper)
+}
+
+/// Moves a data tree (same filesystem; a subvolume moves like a directory).
+pub fn rename(from: &Path, to: &Path) -> Result<(), String> {
+    remove(to)?;
+    std::fs::rename(from, to).map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))
+}
+
+/// Readies a slot directory whose data tree is kept for another boot: no agent socket,
+/// nothing in `work/` that would stop the next overlay mount.
+pub fn reset_work(dirs: &abx_sandbox::spec::SandboxDirs) -> std::io::Result<()> {
+    let ok_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    ok_missing(std::fs::remove_file(dirs.agent_socket()))?;
+    ok_missing(std::fs::remove_dir_all(dirs.work().join("work/incompat")))?;
+    if !dirs.work().is_dir() {
+        std::fs::create_dir(dirs.work())?;
+    }
+    Ok(())
+}
+
+/// Apparent size of the regular files and symlinks under `dir` and the number of entries
+/// (`du`-like in allocated bytes when `allocated`).
+pub fn usage(dir: &Path, allocated: bool) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0;
+    let mut entries = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            entries += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if allocated {
+                bytes += m.blocks() * 512;
+            } else if m.is_file() || m.file_type().is_symlink() {
+                bytes += m.len();
+            }
+        }
+    }
+    (bytes, entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_snapshot_and_clone_keep_files_and_whiteout_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        make(&data, false).unwrap();
+        std::fs::write(data.join("upper/a"), "one").unwrap();
+        std::fs::create_dir(data.join("upper/d")).unwrap();
+        rustix::fs::setxattr(
+            data.join("upper/d").as_path(),
+            "user.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let snap = dir.path().join("snap");
+        snapshot(&data, &snap).unwrap();
+        std::fs::write(data.join("upper/a"), "two").unwrap();
+        assert_eq!(std::fs::read_to_string(snap.join("upper/a")).unwrap(), "one", "the snapshot does not change");
+        let fork = dir.path().join("fork");
+        clone_into(&snap, &fork, false).unwrap();
+        assert_eq!(std::fs::read_to_string(fork.join("upper/a")).unwrap(), "one");
+        assert!(fork.join("work").is_dir());
+        let mut buf = [0u8; 1];
+        assert_eq!(rustix::fs::getxattr(fork.join("upper/d").as_path(), "user.overlay.opaque", &mut buf).unwrap(), 1);
+        remove(&fork).unwrap();
+        assert!(!fork.exists());
+        assert_eq!(usage(&snap, false), (3, 3));
+    }
+}

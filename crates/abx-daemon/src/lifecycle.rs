@@ -1,0 +1,625 @@
+//! Time travel for environments: snapshots, forks, rollback, stop/start (persistent
+//! sandboxes) and volumes.
+//!
+//! A sandbox's files are its slot's data tree (`data/upper` over the template's layers).
+//! A **snapshot** is a read-only copy of that tree at one moment (on btrfs a snapshot of
+//! the subvolume: constant time, every block shared), taken with the sandbox frozen. A
+//! **fork** is a new sandbox whose data tree starts as a writable copy of a snapshot; a
+//! **rollback** replaces a sandbox's data tree with one and restarts its processes.
+//! **Stop** moves the data tree out of the slot (`<base>/kept/<id>`) and frees the slot;
+//! **start** takes a slot and moves it back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abx_api::{CreateSandbox, ForkRequest, ForkResult, Limits, SandboxState, TimeoutAction, VolumeMount};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{CoreError, CoreResult};
+use crate::manager::Manager;
+use crate::sandbox::{Record, Sandbox, now};
+use crate::store::Table;
+
+/// Most sandboxes one fork makes.
+pub const MAX_FORK: u32 = 100;
+/// Most volumes one sandbox mounts.
+pub const MAX_VOLUMES: usize = 16;
+
+/// A snapshot as stored (`snapshots` table); its files are `<base>/snapshots/<id>/upper`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapRecord {
+    pub id: String,
+    pub name: Option<String>,
+    pub sandbox: String,
+    pub template: String,
+    /// The template layers below it, bottom first.
+    pub layers: Vec<String>,
+    pub created_at: u64,
+    pub frozen_ms: f64,
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// The source sandbox's settings, the defaults of sandboxes made from it.
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub network: abx_api::NetworkPolicy,
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// Taken for a fork of a running sandbox and removed after it.
+    #[serde(default)]
+    pub transient: bool,
+}
+
+impl SnapRecord {
+    pub fn to_api(&self) -> abx_api::Snapshot {
+        abx_api::Snapshot {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            sandbox: self.sandbox.clone(),
+            template: self.template.clone(),
+            created_at: self.created_at,
+            frozen_ms: self.frozen_ms,
+            size_bytes: self.size_bytes,
+        }
+    }
+}
+
+/// A volume as stored (`volumes` table); its files are `<base>/volumes/<name>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolRecord {
+    pub name: String,
+    pub created_at: u64,
+}
+
+fn join_err(what: &str) -> impl FnOnce(tokio::task::JoinError) -> CoreError + '_ {
+    move |e| CoreError::internal(format!("{what} task"), e.to_string())
+}
+
+/// Names of volumes and snapshots: like template names.
+fn check_name(kind: &str, n: &str) -> CoreResult<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 63
+        && n.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::Invalid(format!(
+            "invalid {kind} name '{n}': use 1-63 of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+impl Manager {
+    /// Where a sandbox's data tree is now: its slot's, or the kept one of a stopped sandbox.
+    pub fn data_of(&self, rec: &Record) -> PathBuf {
+        if rec.state == SandboxState::Stopped {
+            self.storage.kept().join(&rec.id)
+        } else {
+            self.slot_dirs(rec.uid_slot).data()
+        }
+    }
+
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.storage.snapshots().join(id)
+    }
+
+    // ---- snapshots ----
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> CoreResult<Vec<SnapRecord>> {
+        let mut v: Vec<SnapRecord> = self
+            .store()
+            .all_in(Table::Snapshots)
+            .map_err(|e| CoreError::internal("read snapshots", e))?
+            .into_iter()
+            .filter(|s: &SnapRecord| !s.transient)
+            .collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(v)
+    }
+
+    /// A snapshot by id or name.
+    pub fn find_snapshot(&self, key: &str) -> CoreResult<SnapRecord> {
+        let all: Vec<SnapRecord> =
+            self.store().all_in(Table::Snapshots).map_err(|e| CoreError::internal("read snapshots", e))?;
+        all.into_iter()
+            .find(|s| s.id == key || s.name.as_deref() == Some(key))
+            .ok_or_else(|| CoreError::not_found("snapshot", key))
+    }
+
+    /// Snapshots a sandbox's files. A running sandbox is frozen while the snapshot is
+    /// taken (after its dirty data was written out, so the freeze is short): every write
+    /// that completed before the call is in the snapshot, none made after it returned.
+    pub async fn snapshot(self: &Arc<Self>, key: &str, name: Option<String>) -> CoreResult<SnapRecord> {
+        self.snapshot_inner(key, name, false).await
+    }
+
+    async fn snapshot_inner(
+        self: &Arc<Self>,
+        key: &str,
+        name: Option<String>,
+        transient: bool,
+    ) -> CoreResult<SnapRecord> {
+        let sb = self.get(key)?;
+        if let Some(n) = &name {
+            check_name("snapshot", n)?;
+            if self.find_snapshot(n).is_ok() {
+                return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists")));
+            }
+        }
+        let _ops = sb.ops.lock().await;
+        let rec = sb.record();
+        if !matches!(
+            rec.state,
+            SandboxState::Running | SandboxState::Paused | SandboxState::Exited | SandboxState::Stopped
+        ) {
+            return Err(CoreError::Conflict(format!(
+                "sandbox {} is {}; only a running, paused, exited or stopped sandbox can be snapshotted",
+                sb.id,
+                crate::core::state_name(rec.state)
+            )));
+        }
+        let id = crate::manager::new_id();
+        let dest = self.snapshot_dir(&id);
+        let data = self.data_of(&rec);
+        let this = self.clone();
+        let sb2 = sb.clone();
+        let frozen_ms = tokio::task::spawn_blocking(move || -> CoreResult<f64> {
+            let freeze = sb2.state() == SandboxState::Running;
+            if freeze {
+                crate::cow::flush(&data);
+            }
+            let t = Instant::now();
+            if freeze {
+                this.cgroups
+                    .freeze(&sb2.cgroup)
+                    .map_err(|e| CoreError::internal(format!("freeze sandbox {}", sb2.id), e.to_string()))?;
+            }
+            let taken = crate::cow::snapshot(&data, &dest);
+            if freeze && let Err(e) = this.cgroups.thaw(&sb2.cgroup) {
+                warn!(sandbox = %sb2.id, error = %e, "thaw after a snapshot failed");
+            }
+            taken.map_err(|e| CoreError::internal(format!("snapshot sandbox {}", sb2.id), e))?;
+            Ok(if freeze { t.elapsed().as_secs_f64() * 1e3 } else { 0.0 })
+        })
+        .await
+        .map_err(join_err("snapshot"))??;
+        let snap = SnapRecord {
+            id: id.clone(),
+            name,
+            sandbox: rec.id.clone(),
+            template: rec.template.clone(),
+            layers: rec.layers.clone(),
+            created_at: now(),
+            frozen_ms,
+            size_bytes: 0,
+            limits: rec.limits.clone(),
+            env: rec.env.clone(),
+            workdir: rec.workdir.clone(),
+            user: rec.user.clone(),
+            network: rec.network.clone(),
+            volumes: rec.volumes.clone(),
+            transient,
+        };
+        if let Err(e) = self.store().put_in(Table::Snapshots, &id, &snap) {
+            let _ = crate::cow::remove(&self.snapshot_dir(&id));
+            return Err(CoreError::internal("record snapshot", e));
+        }
+        info!(sandbox = %rec.id, snapshot = %id, frozen_ms, "snapshot taken");
+        if !transient {
+            // The size is for listings; measured off the caller's path.
+            let this = self.clone();
+            let mut s = snap.clone();
+            tokio::task::spawn_blocking(move || {
+                s.size_bytes = crate::cow::usage(&this.snapshot_dir(&s.id).join("upper"), false).0;
+                if this.find_snapshot(&s.id).is_ok() {
+                    let _ = this.store().put_in(Table::Snapshots, &s.id, &s);
+                }
+            });
+        }
+        Ok(snap)
+    }
+
+    /// Deletes a snapshot. Sandboxes made from it keep their files (each has its own copy,
+    /// sharing blocks on btrfs).
+    pub async fn delete_snapshot(self: &Arc<Self>, key: &str) -> CoreResult<()> {
+        let snap = self.find_snapshot(key)?;
+        self.store().delete_in(Table::Snapshots, &snap.id).map_err(|e| CoreError::internal("delete snapshot", e))?;
+        let dir = self.snapshot_dir(&snap.id);
+        tokio::task::spawn_blocking(move || crate::cow::remove(&dir))
+            .await
+            .map_err(join_err("snapshot removal"))?
+            .map_err(|e| CoreError::internal(format!("remove snapshot {}", snap.id), e))
+    }
+
+    /// Gives slot `slot` a writable copy of `snap` as its data tree (before a create).
+    pub(crate) fn seed_slot(&self, slot: u32, snap: &SnapRecord) -> Result<(), String> {
+        let data = self.slot_dirs(slot).data();
+        crate::cow::clone_into(&self.snapshot_dir(&snap.id), &data, self.storage.cow)
+    }
+
+    // ---- forks ----
+
+    /// `count` new sandboxes from a snapshot, or from a sandbox (through a snapshot taken
+    /// now and removed afterwards). All or nothing: if one cannot be made, the others are
+    /// destroyed.
+    pub async fn fork(self: &Arc<Self>, source: &str, req: ForkRequest) -> CoreResult<ForkResult> {
+        let count = req.count.unwrap_or(1);
+        if count == 0 || count > MAX_FORK {
+            return Err(CoreError::Invalid(format!("fork count must be 1 to {MAX_FORK}, got {count}")));
+        }
+        let (snap, transient) = match self.get(source) {
+            Ok(sb) => (self.snapshot_inner(&sb.id, None, true).await?, true),
+            Err(_) => {
+                (self.find_snapshot(source).map_err(|_| CoreError::not_found("sandbox or snapshot", source))?, false)
+            }
+        };
+        let make = |_| {
+            let req = CreateSandbox {
+                snapshot: Some(snap.id.clone()),
+                timeout_secs: req.timeout_secs,
+                metadata: req.metadata.clone(),
+                ..Default::default()
+            };
+            let this = self.clone();
+            async move { this.create(req).await }
+        };
+        let results = futures_util::future::join_all((0..count).map(make)).await;
+        let mut made = Vec::new();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(sb) => made.push(sb),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if transient {
+            let _ = self.delete_snapshot(&snap.id).await;
+        }
+        if let Some(e) = first_err {
+            for sb in &made {
+                let _ = self.destroy(&sb.id, true).await;
+            }
+            return Err(e);
+        }
+        Ok(ForkResult {
+            snapshot: (!transient).then(|| snap.id.clone()),
+            sandboxes: made.iter().map(|sb| self.api(&sb.record())).collect(),
+        })
+    }
+
+    // ---- rollback, stop, start ----
+
+    /// Ends every process of a live sandbox and waits for PID 1 (the sandbox keeps its slot).
+    async fn end_processes(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+        let was_paused = sb.state() == SandboxState::Paused;
+        // on_exit ignores an exit in this state.
+        sb.update(|r| r.state = SandboxState::Creating);
+        if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+        if let Some(fd) = &sb.pidfd {
+            let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+        }
+        let this = self.clone();
+        let cg = sb.cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if was_paused {
+                let _ = this.cgroups.thaw(&cg);
+            }
+        })
+        .await;
+        let mut exited = sb.exited.clone();
+        if tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await.is_err() {
+            warn!(sandbox = %sb.id, "PID 1 did not exit within 10 s of SIGKILL");
+        }
+        let this = self.clone();
+        let cg = sb.cgroup.clone();
+        let _ = tokio::task::spawn_blocking(move || this.cgroups.kill(&cg)).await;
+    }
+
+    /// Boots a sandbox again in its slot (same id), optionally on a copy of `seed`.
+    async fn restart_in_slot(self: &Arc<Self>, sb: &Arc<Sandbox>, seed: Option<SnapRecord>) -> CoreResult<Record> {
+        let mut rec = sb.record();
+        rec.state = SandboxState::Creating;
+        if let Some(s) = &seed {
+            rec.snapshot = Some(s.id.clone());
+        }
+        let this = self.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let dirs = this.slot_dirs(rec.uid_slot);
+            let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
+            if let Some(s) = &seed {
+                this.seed_slot(rec.uid_slot, s).map_err(setup_err)?;
+            }
+            crate::cow::reset_work(&dirs).map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
+            this.start_existing(rec)
+        })
+        .await
+        .map_err(join_err("restart"))?;
+        match started {
+            Ok((rec, pidfd)) => {
+                let new = self.register(rec, Some(pidfd));
+                Ok(new.record())
+            }
+            Err(e) => {
+                // Its processes are gone; it stays as an exited sandbox with its files.
+                sb.update(|r| r.state = SandboxState::Exited);
+                let _ = self.store().put(&sb.record());
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns a sandbox's files to a snapshot: its processes are restarted, its id,
+    /// settings, address and timeout stay. A stopped sandbox stays stopped.
+    pub async fn rollback(self: &Arc<Self>, key: &str, snap_key: &str) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        let snap = self.find_snapshot(snap_key)?;
+        let rec = sb.record();
+        if snap.layers != rec.layers {
+            return Err(CoreError::Invalid(format!(
+                "snapshot {} was taken on template '{}' with other layers than sandbox {} has (template '{}'); \
+                 make a new sandbox from it instead (agentbox fork {})",
+                snap.id, snap.template, rec.id, rec.template, snap.id
+            )));
+        }
+        let _ops = sb.ops.lock().await;
+        match sb.state() {
+            SandboxState::Stopped => {
+                let this = self.clone();
+                let kept = self.data_of(&rec);
+                let src = self.snapshot_dir(&snap.id);
+                tokio::task::spawn_blocking(move || crate::cow::clone_into(&src, &kept, this.storage.cow))
+                    .await
+                    .map_err(join_err("rollback"))?
+                    .map_err(|e| CoreError::internal(format!("roll back sandbox {}", rec.id), e))?;
+                sb.update(|r| r.snapshot = Some(snap.id.clone()));
+                self.store().put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+                Ok(sb.record())
+            }
+            SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {
+                self.end_processes(&sb).await;
+                self.restart_in_slot(&sb, Some(snap)).await
+            }
+            s => Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
+        }
+    }
+
+    /// Ends a sandbox's processes and keeps its files (moved out of the slot, which is
+    /// freed). Idempotent.
+    pub async fn stop(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        let _ops = sb.ops.lock().await;
+        match sb.state() {
+            SandboxState::Stopped => return Ok(sb.record()),
+            SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {}
+            s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
+        }
+        self.end_processes(&sb).await;
+        let this = self.clone();
+        let rec = sb.record();
+        let moved = tokio::task::spawn_blocking(move || this.keep_data(&rec)).await.map_err(join_err("stop"))?;
+        if let Err(e) = moved {
+            sb.update(|r| r.state = SandboxState::Exited);
+            let _ = self.store().put(&sb.record());
+            return Err(CoreError::internal(format!("keep the files of sandbox {}", sb.id), e));
+        }
+        sb.update(|r| {
+            r.state = SandboxState::Stopped;
+            r.pid = 0;
+            r.pid_start = 0;
+        });
+        self.store().put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        // Re-registered without a slot.
+        let new = self.register(sb.record(), None);
+        self.release_after_stop(sb.record().uid_slot, &new.id).await;
+        info!(sandbox = %new.id, "stopped");
+        Ok(new.record())
+    }
+
+    /// Moves a sandbox's data tree out of its slot to `<base>/kept/<id>` and gives the
+    /// slot a fresh one (blocking).
+    pub(crate) fn keep_data(&self, rec: &Record) -> Result<(), String> {
+        let data = self.slot_dirs(rec.uid_slot).data();
+        crate::cow::rename(&data, &self.storage.kept().join(&rec.id))?;
+        crate::cow::make(&data, self.storage.cow)
+    }
+
+    /// Boots a stopped or exited sandbox again (same id, files as they were).
+    pub async fn start(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
+        let sb = self.get(key)?;
+        let _ops = sb.ops.lock().await;
+        match sb.state() {
+            SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
+            SandboxState::Exited => {
+                self.end_processes(&sb).await;
+                return self.restart_in_slot(&sb, None).await;
+            }
+            SandboxState::Stopped => {}
+            s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
+        }
+        let slot = self.acquire_slot().await?;
+        let mut rec = sb.record();
+        rec.uid_slot = slot;
+        rec.uid_base = self.uid_base_of(slot);
+        rec.state = SandboxState::Creating;
+        let this = self.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let kept = this.storage.kept().join(&rec.id);
+            let dirs = this.slot_dirs(slot);
+            let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
+            this.ensure_slot(slot, rec.layers.len()).map_err(setup_err)?;
+            crate::cow::rename(&kept, &dirs.data()).map_err(setup_err)?;
+            crate::cow::reset_work(&dirs).map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
+            match this.start_existing(rec.clone()) {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    // Nothing lost: the files go back where they were.
+                    if let Err(m) = crate::cow::rename(&dirs.data(), &kept)
+                        .and_then(|_| crate::cow::make(&dirs.data(), this.storage.cow))
+                    {
+                        warn!(sandbox = %rec.id, error = %m, "moving the files of a sandbox that failed to start back");
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(join_err("start"))?;
+        match started {
+            Ok((rec, pidfd)) => {
+                self.refill();
+                let new = self.register(rec, Some(pidfd));
+                info!(sandbox = %new.id, "started");
+                Ok(new.record())
+            }
+            Err(e) => {
+                self.release_after_stop(slot, &sb.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    // ---- timeouts ----
+
+    /// What an expired timeout does.
+    pub(crate) async fn on_timeout(self: &Arc<Self>, id: &str) {
+        let Ok(sb) = self.get(id) else { return };
+        let action = sb.record().on_timeout;
+        info!(sandbox = %id, ?action, "timeout expired");
+        let res = match action {
+            TimeoutAction::Stop => self.stop(id).await.map(drop),
+            TimeoutAction::Snapshot => {
+                if let Err(e) = self.snapshot(id, Some(format!("{id}-timeout"))).await {
+                    warn!(sandbox = %id, error = %e.full_message(), "snapshot on timeout failed; destroying anyway");
+                }
+                self.destroy_expired(id).await
+            }
+            TimeoutAction::Destroy => self.destroy_expired(id).await,
+        };
+        if let Err(e) = res {
+            warn!(sandbox = %id, error = %e.full_message(), "timeout action failed");
+        }
+    }
+
+    // ---- volumes ----
+
+    fn volume_dir(&self, name: &str) -> PathBuf {
+        self.storage.volumes().join(name)
+    }
+
+    fn volume_records(&self) -> CoreResult<Vec<VolRecord>> {
+        self.store().all_in(Table::Volumes).map_err(|e| CoreError::internal("read volumes", e))
+    }
+
+    fn volume_api(&self, v: &VolRecord) -> abx_api::Volume {
+        let (size_bytes, entries) = crate::cow::usage(&self.volume_dir(&v.name), true);
+        let used_by =
+            self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == v.name)).map(|r| r.id).collect();
+        abx_api::Volume { name: v.name.clone(), created_at: v.created_at, size_bytes, entries, used_by }
+    }
+
+    /// Creates a named volume: an empty directory (mode 0777: every user of every sandbox
+    /// may write) that outlives sandboxes.
+    pub async fn create_volume(self: &Arc<Self>, name: &str) -> CoreResult<abx_api::Volume> {
+        check_name("volume", name)?;
+        if self.volume_records()?.iter().any(|v| v.name == name) {
+            return Err(CoreError::Conflict(format!("a volume named '{name}' already exists")));
+        }
+        let dir = self.volume_dir(name);
+        let cow = self.storage.cow;
+        let d2 = dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            use std::os::unix::fs::PermissionsExt;
+            crate::cow::remove(&d2)?;
+            if cow {
+                abx_sys::btrfs::create_subvolume(&d2).map_err(|e| format!("create subvolume {}: {e}", d2.display()))?;
+            } else {
+                std::fs::create_dir(&d2).map_err(|e| format!("create {}: {e}", d2.display()))?;
+            }
+            std::fs::set_permissions(&d2, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| format!("chmod {}: {e}", d2.display()))
+        })
+        .await
+        .map_err(join_err("volume"))?
+        .map_err(|e| CoreError::internal(format!("create volume {name}"), e))?;
+        let rec = VolRecord { name: name.to_string(), created_at: now() };
+        if let Err(e) = self.store().put_in(Table::Volumes, name, &rec) {
+            let _ = crate::cow::remove(&dir);
+            return Err(CoreError::internal("record volume", e));
+        }
+        Ok(self.volume_api(&rec))
+    }
+
+    pub async fn volumes(self: &Arc<Self>) -> CoreResult<Vec<abx_api::Volume>> {
+        let recs = self.volume_records()?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || recs.iter().map(|v| this.volume_api(v)).collect())
+            .await
+            .map_err(join_err("volume listing"))
+    }
+
+    pub async fn volume(self: &Arc<Self>, name: &str) -> CoreResult<abx_api::Volume> {
+        let rec = self
+            .volume_records()?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| CoreError::not_found("volume", name))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.volume_api(&rec)).await.map_err(join_err("volume"))
+    }
+
+    /// Removes a volume and its files; refused while a sandbox (even a stopped one) uses it.
+    pub async fn delete_volume(self: &Arc<Self>, name: &str) -> CoreResult<()> {
+        let v = self.volume(name).await?;
+        if !v.used_by.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "volume '{name}' is used by sandbox(es) {}; remove them first",
+                v.used_by.join(", ")
+            )));
+        }
+        self.store().delete_in(Table::Volumes, name).map_err(|e| CoreError::internal("delete volume", e))?;
+        let dir = self.volume_dir(name);
+        tokio::task::spawn_blocking(move || crate::cow::remove(&dir))
+            .await
+            .map_err(join_err("volume removal"))?
+            .map_err(|e| CoreError::internal(format!("remove volume {name}"), e))
+    }
+
+    /// Checks the volumes of a create and returns what the spawner mounts.
+    pub(crate) fn volume_specs(&self, mounts: &[VolumeMount]) -> CoreResult<Vec<abx_sandbox::spec::VolumeSpec>> {
+        if mounts.len() > MAX_VOLUMES {
+            return Err(CoreError::Invalid(format!("at most {MAX_VOLUMES} volumes per sandbox, got {}", mounts.len())));
+        }
+        let known = self.volume_records()?;
+        let mut targets = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for m in mounts {
+            if !known.iter().any(|v| v.name == m.name) {
+                return Err(CoreError::NotFound {
+                    kind: "volume",
+                    id: format!("{}' (create it with `agentbox volume create {}`", m.name, m.name),
+                });
+            }
+            abx_sandbox::spec::validate_volume_target(&m.path)
+                .map_err(|e| CoreError::Invalid(format!("volume '{}': {e}", m.name)))?;
+            if !targets.insert(m.path.clone()) {
+                return Err(CoreError::Invalid(format!("two volumes are mounted at {}", m.path)));
+            }
+            out.push(abx_sandbox::spec::VolumeSpec {
+                source: self.volume_dir(&m.name),
+                target: m.path.clone(),
+                read_only: m.read_only,
+            });
+        }
+        Ok(out)
+    }
+}

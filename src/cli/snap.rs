@@ -1,0 +1,235 @@
+//! `snapshot`, `fork`, `rollback`, `stop`, `start`, `volume`.
+
+use abx_client::{Client, ForkRequest};
+use clap::{Args, Subcommand};
+
+use super::parse;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    cmd: Option<SnapshotCmd>,
+    /// Sandbox id or name to snapshot.
+    #[arg(required = true)]
+    id: Option<String>,
+    /// Name the snapshot.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// List snapshots.
+    Ls {
+        /// Only those of this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Print ids only.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshots (sandboxes made from them keep their files).
+    Rm {
+        /// Snapshot ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+pub async fn snapshot(client: &Client, a: SnapshotArgs) -> anyhow::Result<i32> {
+    match a.cmd {
+        Some(SnapshotCmd::Ls { sandbox, quiet, json }) => {
+            let v = client.snapshots(sandbox.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if quiet {
+                for s in &v {
+                    println!("{}", s.id);
+                }
+            } else {
+                println!("{:<12}  {:<20}  {:<12}  {:<10}  {:>9}  CREATED", "ID", "NAME", "SANDBOX", "TEMPLATE", "SIZE");
+                for s in &v {
+                    println!(
+                        "{:<12}  {:<20}  {:<12}  {:<10}  {:>9}  {}",
+                        s.id,
+                        s.name.as_deref().unwrap_or("-"),
+                        s.sandbox,
+                        s.template,
+                        parse::human_size(s.size_bytes),
+                        parse::relative(s.created_at)
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Some(SnapshotCmd::Rm { ids }) => {
+            let mut code = 0;
+            for id in ids {
+                if let Err(e) = client.delete_snapshot(&id).await {
+                    eprintln!("agentbox: {e}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+        None => {
+            let id = a.id.unwrap_or_default();
+            let s = client.snapshot(&id, a.name.as_deref()).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{}", s.id);
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Sandbox or snapshot (id or name) to fork.
+    source: String,
+    /// How many sandboxes (1-100).
+    #[arg(long, short = 'n', default_value_t = 1)]
+    count: u32,
+    /// Timeout of the new sandboxes, e.g. 30m (0: none; default: the daemon's).
+    #[arg(long, value_parser = parse::duration)]
+    timeout: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `fork`: prints the new ids, one per line.
+pub async fn fork(client: &Client, a: ForkArgs) -> anyhow::Result<i32> {
+    let req = ForkRequest { count: Some(a.count), timeout_secs: a.timeout, ..Default::default() };
+    // A sandbox first, then a snapshot of that name.
+    let r = match client.get_sandbox(&a.source).await {
+        Ok(sb) => client.fork_sandbox(&sb.id, &req).await?,
+        Err(_) => client.fork_snapshot(&a.source, &req).await?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for sb in &r.sandboxes {
+            println!("{}", sb.id);
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Sandbox id or name.
+    id: String,
+    /// Snapshot id or name.
+    snapshot: String,
+}
+
+pub async fn rollback(client: &Client, a: RollbackArgs) -> anyhow::Result<i32> {
+    let sb = client.rollback(&a.id, &a.snapshot).await?;
+    println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?"));
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Sandbox ids or names.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// `stop` and `start`: print each sandbox's new state.
+pub async fn stop_start(client: &Client, a: StopArgs, stop: bool) -> anyhow::Result<i32> {
+    let mut code = 0;
+    for id in a.ids {
+        let r = if stop { client.stop(&id).await } else { client.start(&id).await };
+        match r {
+            Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
+            Err(e) => {
+                eprintln!("agentbox: {e}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a named volume.
+    Create { name: String },
+    /// List volumes with their size.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete volumes and their files.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+pub async fn volume(client: &Client, c: VolumeCmd) -> anyhow::Result<i32> {
+    match c {
+        VolumeCmd::Create { name } => {
+            let v = client.create_volume(&name).await?;
+            println!("{}", v.name);
+            Ok(0)
+        }
+        VolumeCmd::Ls { json } => {
+            let v = client.volumes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24}  {:>9}  {:>8}  {:<14}  USED BY", "NAME", "SIZE", "ENTRIES", "CREATED");
+                for x in &v {
+                    println!(
+                        "{:<24}  {:>9}  {:>8}  {:<14}  {}",
+                        x.name,
+                        parse::human_size(x.size_bytes),
+                        x.entries,
+                        parse::relative(x.created_at),
+                        if x.used_by.is_empty() { "-".to_string() } else { x.used_by.join(",") }
+                    );
+                }
+            }
+            Ok(0)
+        }
+        VolumeCmd::Rm { names } => {
+            let mut code = 0;
+            for n in names {
+                if let Err(e) = client.delete_volume(&n).await {
+                    eprintln!("agentbox: {e}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+    }
+}
+
+/// `--volume NAME:/path[:ro]`.
+pub fn volume_mount(s: &str) -> Result<abx_client::VolumeMount, String> {
+    let mut parts = s.splitn(3, ':');
+    let name = parts.next().unwrap_or_default();
+    let path = parts.next().ok_or_else(|| format!("'{s}': use NAME:/path or NAME:/path:ro"))?;
+    let read_only = match parts.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(o) => return Err(format!("'{s}': unknown mode '{o}' (use ro or rw)")),
+    };
+    if name.is_empty() || !path.starts_with('/') {
+        return Err(format!("'{s}': use NAME:/path or NAME:/path:ro"));
+    }
+    Ok(abx_client::VolumeMount { name: name.to_string(), path: path.to_string(), read_only })
+}

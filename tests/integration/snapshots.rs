@@ -1,0 +1,290 @@
+//! Time travel: snapshots, forks, rollback, diff since a snapshot, stop/start, persistent
+//! sandboxes, volumes and timeout actions, on a real daemon (btrfs data image).
+
+use std::time::Duration;
+
+use abx_client::{CreateSandbox, ExecRequest, ForkRequest, SandboxState, TimeoutAction, VolumeMount};
+
+use crate::harness::Daemon;
+
+fn mini() -> CreateSandbox {
+    CreateSandbox { template: Some("mini".into()), ..Default::default() }
+}
+
+/// Runs a script as root in the sandbox; panics unless it exits 0.
+async fn root(d: &Daemon, id: &str, script: &str) -> String {
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: Some("0".into()),
+        ..Default::default()
+    };
+    let (out, err, code) = d.exec(id, req).await;
+    assert_eq!(code, 0, "{script}: {err}");
+    out
+}
+
+/// Like `root`, returning the exit code and output instead of asserting.
+async fn try_root(d: &Daemon, id: &str, script: &str) -> (String, i32) {
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: Some("0".into()),
+        ..Default::default()
+    };
+    let (out, err, code) = d.exec(id, req).await;
+    (out + &err, code)
+}
+
+#[tokio::test]
+async fn snapshot_has_prior_writes_and_forks_are_independent() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    // Written (and not synced) right before the snapshot, by a process that returned.
+    root(&d, &id, "mkdir /work && for i in $(seq 1 500); do echo $i > /work/f$i; done; echo one > /work/a").await;
+    let snap = d.client.snapshot(&id, Some("first")).await.unwrap();
+    assert_eq!(snap.sandbox, id);
+    assert_eq!(snap.name.as_deref(), Some("first"));
+    assert!(snap.frozen_ms > 0.0, "a running sandbox is frozen for its snapshot");
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, SandboxState::Running, "thawed afterwards");
+    root(&d, &id, "echo after > /work/a; echo later > /work/later").await;
+
+    let forks = d.client.fork_snapshot("first", &ForkRequest { count: Some(3), ..Default::default() }).await.unwrap();
+    assert_eq!(forks.sandboxes.len(), 3);
+    assert_eq!(forks.snapshot.as_deref(), Some(snap.id.as_str()));
+    let ids: Vec<String> = forks.sandboxes.iter().map(|s| s.id.clone()).collect();
+    for f in &ids {
+        assert_eq!(root(&d, f, "cat /work/a; ls /work | wc -l").await, "one\n501\n", "fork {f} has the snapshot");
+        assert_eq!(try_root(&d, f, "cat /work/later").await.1, 1, "writes after the snapshot are not in it");
+        assert_eq!(d.client.get_sandbox(f).await.unwrap().snapshot.as_deref(), Some(snap.id.as_str()));
+    }
+    root(&d, &ids[0], "echo mine > /work/a; echo x > /work/only0").await;
+    assert_eq!(root(&d, &ids[1], "cat /work/a").await, "one\n", "forks do not see each other's writes");
+    assert_eq!(try_root(&d, &ids[1], "cat /work/only0").await.1, 1);
+    assert_eq!(root(&d, &id, "cat /work/a").await, "after\n", "nor does the source");
+
+    // A fork of a running sandbox: through a snapshot that is removed afterwards.
+    let r = d.client.fork_sandbox(&ids[0], &ForkRequest { count: Some(2), ..Default::default() }).await.unwrap();
+    assert_eq!(r.snapshot, None);
+    for f in &r.sandboxes {
+        assert_eq!(root(&d, &f.id, "cat /work/a /work/only0").await, "mine\nx\n");
+    }
+    let listed: Vec<String> = d.client.snapshots(None).await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(listed, std::slice::from_ref(&snap.id), "the fork's own snapshot is not kept");
+    // Sizes are measured off the snapshot's path.
+    d.wait_for("the snapshot's size", Duration::from_secs(10), || async {
+        d.client.get_snapshot(&snap.id).await.unwrap().size_bytes > 1000
+    })
+    .await;
+
+    for (req, code) in [
+        (ForkRequest { count: Some(0), ..Default::default() }, "invalid_argument"),
+        (ForkRequest { count: Some(101), ..Default::default() }, "invalid_argument"),
+    ] {
+        assert_eq!(d.client.fork_snapshot(&snap.id, &req).await.unwrap_err().code(), Some(code));
+    }
+    assert_eq!(d.client.fork_snapshot("nope", &ForkRequest::default()).await.unwrap_err().code(), Some("not_found"));
+    let e = d.client.snapshot(&id, Some("first")).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    let e = d.client.snapshot(&id, Some("Bad Name")).await.unwrap_err();
+    assert!(e.to_string().contains("Bad Name"), "{e}");
+}
+
+#[tokio::test]
+async fn rollback_restores_content_deletions_and_permissions_exactly() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "mkdir -p /work/dir && echo keep > /work/dir/f && echo v1 > /work/a && chmod 640 /work/a && chown 1000:1000 /work/a && rm /etc/hostname").await;
+    let before = root(&d, &id, "ls -ln /work/a | cut -c1-10,16-25; cat /work/a").await;
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    root(&d, &id, "echo v2 > /work/a && chmod 777 /work/a && chown 0:0 /work/a && rm -r /work/dir && echo new > /work/new && echo back > /etc/hostname").await;
+    let (pids_before, _) = try_root(&d, &id, "sleep 1000 & echo $!").await;
+    let old_pid = d.client.get_sandbox(&id).await.unwrap().pid;
+
+    let sb = d.client.rollback(&id, &snap.id).await.unwrap();
+    assert_eq!(sb.id, id, "the id is kept");
+    assert_eq!(sb.state, SandboxState::Running);
+    assert_ne!(sb.pid, old_pid, "processes were restarted");
+    assert_eq!(root(&d, &id, "ls -ln /work/a | cut -c1-10,16-25; cat /work/a").await, before);
+    assert_eq!(root(&d, &id, "cat /work/dir/f").await, "keep\n");
+    assert_eq!(try_root(&d, &id, "ls /work/new").await.1, 1, "a file made after the snapshot is gone");
+    assert_eq!(try_root(&d, &id, "ls /etc/hostname").await.1, 1, "a deletion before the snapshot holds");
+    let ps = d.client.processes(&id).await.unwrap();
+    assert!(!ps.iter().any(|p| p.pid.to_string() == pids_before.trim()), "old processes are gone: {ps:?}");
+    assert!(d.client.diff_since(&id, Some(&snap.id)).await.unwrap().added.is_empty());
+
+    // Any snapshot on the same template layers will do, also another sandbox's.
+    d.template("mini").await;
+    let other = d.client.create_sandbox(&mini()).await.unwrap();
+    let other_snap = d.client.snapshot(&other.id, None).await.unwrap();
+    assert!(d.client.rollback(&id, &other_snap.id).await.is_ok(), "same template layers: allowed");
+    assert_eq!(d.client.rollback(&id, "nope").await.unwrap_err().code(), Some("not_found"));
+}
+
+#[tokio::test]
+async fn diff_since_a_snapshot_lists_exactly_the_later_changes() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "mkdir /w && echo 1 > /w/keep && echo 1 > /w/edit && echo 1 > /w/gone && echo x > /etc/motd").await;
+    d.client.snapshot(&id, Some("base-line")).await.unwrap();
+    root(&d, &id, "echo 2 > /w/edit && rm /w/gone && echo n > /w/new && touch /w/keep && rm /etc/hostname").await;
+    let diff = d.client.diff_since(&id, Some("base-line")).await.unwrap();
+    let paths = |v: &[abx_client::DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+    assert_eq!(paths(&diff.added), ["/w/new"]);
+    assert_eq!(paths(&diff.changed), ["/w/edit"]);
+    assert_eq!(paths(&diff.deleted), ["/etc/hostname", "/w/gone"]);
+    let all = d.client.diff(&id).await.unwrap();
+    assert!(paths(&all.added).contains(&"/w/keep".to_string()), "since the template: everything");
+    let tar = d.client.diff_archive_since(&id, Some("base-line")).await.unwrap();
+    let mut a = tar::Archive::new(&tar[..]);
+    let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+    assert_eq!(names, ["w/new", "w/edit"]);
+    let out = d.cli(&["diff", &id, "--since", "base-line"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "D /etc/hostname\nC /w/edit\nD /w/gone\nA /w/new\n");
+}
+
+#[tokio::test]
+async fn deleting_a_snapshot_used_by_a_fork_does_not_break_the_fork() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "echo data > /srv/file 2>/dev/null || (mkdir -p /srv && echo data > /srv/file)").await;
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    let fork = d.client.fork_snapshot(&snap.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    d.client.delete_snapshot(&snap.id).await.unwrap();
+    assert_eq!(d.client.get_snapshot(&snap.id).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(d.client.delete_snapshot(&snap.id).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(root(&d, &fork.id, "cat /srv/file; echo more >> /srv/file; cat /srv/file").await, "data\ndata\nmore\n");
+    // The fork can be snapshotted and forked in turn.
+    let s2 = d.client.snapshot(&fork.id, None).await.unwrap();
+    let f2 = d.client.fork_snapshot(&s2.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert_eq!(root(&d, &f2.id, "cat /srv/file").await, "data\nmore\n");
+}
+
+#[tokio::test]
+async fn stop_keeps_files_frees_the_slot_and_start_boots_again() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "echo kept > /root/file 2>/dev/null || (mkdir -p /root && echo kept > /root/file)").await;
+    let sb = d.client.stop(&id).await.unwrap();
+    assert_eq!(sb.state, SandboxState::Stopped);
+    let e = d.client.exec(&id, &ExecRequest { cmd: vec!["true".into()], ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    assert!(e.to_string().contains("stopped"), "{e}");
+    assert_eq!(d.client.stop(&id).await.unwrap().state, SandboxState::Stopped, "idempotent");
+    // Its files are there for diffs and snapshots while stopped.
+    assert!(d.client.diff(&id).await.unwrap().added.iter().any(|e| e.path == "/root/file"));
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    assert_eq!(snap.frozen_ms, 0.0);
+    let sb = d.client.start(&id).await.unwrap();
+    assert_eq!(sb.state, SandboxState::Running);
+    assert_eq!(root(&d, &id, "cat /root/file").await, "kept\n");
+    // A stopped sandbox is removed without force, with its files.
+    d.client.stop(&id).await.unwrap();
+    d.client.delete_sandbox(&id, false).await.unwrap();
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"));
+}
+
+#[tokio::test]
+async fn a_persistent_sandbox_survives_daemon_sigkill_and_a_reboot() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let req = CreateSandbox { name: Some("agent-42".into()), persist: true, ..mini() };
+    let sb = d.client.create_sandbox(&req).await.unwrap();
+    assert!(sb.persist);
+    assert_eq!(sb.expires_at, None, "no default timeout");
+    assert_eq!(sb.on_timeout, TimeoutAction::Stop);
+    root(&d, "agent-42", "echo memory > /home/notes 2>/dev/null || (mkdir -p /home && echo memory > /home/notes)")
+        .await;
+    // A plain sandbox next to it, for contrast.
+    let plain = d.client.create_sandbox(&mini()).await.unwrap();
+
+    // The daemon dies, then the sandboxes' processes (as in a host reboot).
+    d.kill9();
+    for pid in [sb.pid, plain.pid] {
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+    }
+    let gone =
+        |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true);
+    d.wait_for("the sandboxes' processes to end", Duration::from_secs(10), || async {
+        gone(sb.pid) && gone(plain.pid)
+    })
+    .await;
+    d.spawn(&[]).await;
+    let back = d.client.get_sandbox("agent-42").await.unwrap();
+    assert_eq!(back.state, SandboxState::Stopped, "kept, stopped");
+    assert_eq!(d.client.get_sandbox(&plain.id).await.unwrap_err().code(), Some("not_found"), "a plain one is cleaned");
+    d.client.start("agent-42").await.unwrap();
+    assert_eq!(root(&d, "agent-42", "cat /home/notes").await, "memory\n");
+
+    // Stopped, it also survives a SIGKILL and restart of the daemon.
+    d.client.stop("agent-42").await.unwrap();
+    d.kill9();
+    d.spawn(&[]).await;
+    assert_eq!(d.client.get_sandbox("agent-42").await.unwrap().state, SandboxState::Stopped);
+    d.client.start("agent-42").await.unwrap();
+    assert_eq!(root(&d, "agent-42", "cat /home/notes").await, "memory\n");
+}
+
+#[tokio::test]
+async fn volumes_outlive_sandboxes_and_mount_read_write_or_read_only() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let v = d.client.create_volume("cache").await.unwrap();
+    assert_eq!(v.size_bytes, 0);
+    assert_eq!(d.client.create_volume("cache").await.unwrap_err().code(), Some("conflict"));
+    assert_eq!(d.client.create_volume("Bad/Name").await.unwrap_err().code(), Some("invalid_argument"));
+    let rw = VolumeMount { name: "cache".into(), path: "/data".into(), read_only: false };
+    let a = d.client.create_sandbox(&CreateSandbox { volumes: vec![rw.clone()], ..mini() }).await.unwrap();
+    // Any user of the sandbox may write (the volume's root is 0777).
+    let (_, err, code) = d.sh(&a.id, "head -c 100000 /dev/zero > /data/blob && echo hi > /data/hello").await;
+    assert_eq!(code, 0, "{err}");
+    d.client.delete_sandbox(&a.id, true).await.unwrap();
+
+    let ro = VolumeMount { name: "cache".into(), path: "/mnt/deep/v".into(), read_only: true };
+    let b = d.client.create_sandbox(&CreateSandbox { volumes: vec![ro], ..mini() }).await.unwrap();
+    assert_eq!(root(&d, &b.id, "cat /mnt/deep/v/hello").await, "hi\n", "the volume outlived its first sandbox");
+    let (out, code) = try_root(&d, &b.id, "echo x > /mnt/deep/v/nope").await;
+    assert_ne!(code, 0, "read-only: {out}");
+    let v = d.client.volume("cache").await.unwrap();
+    assert!(v.size_bytes >= 100_000, "{v:?}");
+    assert_eq!(v.entries, 2);
+    assert_eq!(v.used_by, std::slice::from_ref(&b.id));
+    let e = d.client.delete_volume("cache").await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "in use: {e}");
+
+    // Bad mounts are refused and create nothing.
+    for (m, needle) in [
+        (VolumeMount { name: "nope".into(), path: "/x".into(), read_only: false }, "nope"),
+        (VolumeMount { name: "cache".into(), path: "/proc/x".into(), read_only: false }, "/proc/x"),
+        (VolumeMount { name: "cache".into(), path: "relative".into(), read_only: false }, "relative"),
+    ] {
+        let before = d.client.list_sandboxes().await.unwrap().len();
+        let e = d.client.create_sandbox(&CreateSandbox { volumes: vec![m], ..mini() }).await.unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+        assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before);
+    }
+    d.client.delete_sandbox(&b.id, true).await.unwrap();
+    d.client.delete_volume("cache").await.unwrap();
+    assert!(d.client.volumes().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_timeout_can_snapshot_before_destroying() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let req = CreateSandbox { timeout_secs: Some(2), on_timeout: Some(TimeoutAction::Snapshot), ..mini() };
+    let sb = d.client.create_sandbox(&req).await.unwrap();
+    root(&d, &sb.id, "echo evidence > /tmp/log").await;
+    d.wait_for("the timeout", Duration::from_secs(15), || async { d.client.get_sandbox(&sb.id).await.is_err() }).await;
+    let snap = d.client.get_snapshot(&format!("{}-timeout", sb.id)).await.unwrap();
+    assert_eq!(snap.sandbox, sb.id);
+    let f = d.client.fork_snapshot(&snap.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert_eq!(root(&d, &f.id, "cat /tmp/log").await, "evidence\n", "the files at expiry, for forensics");
+
+    // Stop on timeout keeps the sandbox.
+    let req = CreateSandbox { timeout_secs: Some(1), on_timeout: Some(TimeoutAction::Stop), ..mini() };
+    let s = d.client.create_sandbox(&req).await.unwrap();
+    d.wait_for("the timeout to stop it", Duration::from_secs(15), || async {
+        d.client.get_sandbox(&s.id).await.unwrap().state == SandboxState::Stopped
+    })
+    .await;
+}
