@@ -125,9 +125,9 @@ pub fn delete_subvolume(path: &Path) -> io::Result<()> {
 mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
-        assert_eq!(super::BTRFS_IOC_SUBVOL_CREATE as u64, 0x5000_940E);
-        assert_eq!(super::BTRFS_IOC_SNAP_DESTROY as u64, 0x5000_940F);
-        assert_eq!(super::BTRFS_IOC_SNAP_CREATE_V2 as u64, 0x5000_9417);
+        assert_eq!(super::BTRFS_IOC_SUBVOL_CREATE, 0x5000_940E);
+        assert_eq!(super::BTRFS_IOC_SNAP_DESTROY, 0x5000_940F);
+        assert_eq!(super::BTRFS_IOC_SNAP_CREATE_V2, 0x5000_9417);
     }
 
     #[test]
