@@ -22,6 +22,15 @@ pub enum TemplateCmd {
         #[arg(long)]
         from_dir: Option<std::path::PathBuf>,
     },
+    /// Make a template from a snapshot: the snapshot's template layers (shared) plus one
+    /// layer with the sandbox's changes.
+    Create {
+        /// Template name.
+        name: String,
+        /// Snapshot id or name.
+        #[arg(long, required = true)]
+        from_snapshot: String,
+    },
     /// Remove templates (layers still in use are kept).
     Rm {
         #[arg(required = true)]
@@ -54,6 +63,11 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             let t = build_with(client, &name, recipe, from_dir.map(|d| d.display().to_string())).await?;
             println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
         }
+        TemplateCmd::Create { name, from_snapshot } => {
+            let req = BuildTemplate { name, from_snapshot: Some(from_snapshot), ..Default::default() };
+            let t = build_request(client, req).await?;
+            println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
+        }
         TemplateCmd::Rm { names } => {
             for n in names {
                 client.delete_template(&n).await?;
@@ -76,7 +90,12 @@ async fn build_with(
     recipe: Option<String>,
     from_dir: Option<String>,
 ) -> anyhow::Result<abx_client::Template> {
-    let req = BuildTemplate { name: name.into(), recipe, from_dir };
+    build_request(client, BuildTemplate { name: name.into(), recipe, from_dir, from_snapshot: None }).await
+}
+
+async fn build_request(client: &Client, req: BuildTemplate) -> anyhow::Result<abx_client::Template> {
+    let name = req.name.clone();
+    let name = name.as_str();
     let mut stream = client.build_template(&req).await?;
     let bar = ProgressBar::new_spinner();
     bar.set_style(

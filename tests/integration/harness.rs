@@ -267,7 +267,12 @@ impl Daemon {
         }
         let mut s = self
             .client
-            .build_template(&abx_client::BuildTemplate { name: name.into(), recipe: None, from_dir: None })
+            .build_template(&abx_client::BuildTemplate {
+                name: name.into(),
+                recipe: None,
+                from_dir: None,
+                from_snapshot: None,
+            })
             .await
             .unwrap();
         while let Some(ev) = s.next().await.unwrap() {

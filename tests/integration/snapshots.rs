@@ -288,3 +288,61 @@ async fn a_timeout_can_snapshot_before_destroying() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_template_made_from_a_snapshot_shares_the_layers_and_keeps_deletions() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "echo built > /opt/tool 2>/dev/null || (mkdir -p /opt && echo built > /opt/tool); rm /etc/hostname; rm -rf /usr/sbin && mkdir /usr/sbin && echo x > /usr/sbin/only").await;
+    let snap = d.client.snapshot(&id, Some("golden")).await.unwrap();
+    let out = d.cli(&["template", "create", "golden-tpl", "--from-snapshot", "golden"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = d.client.template("golden-tpl").await.unwrap();
+    let mini = d.client.template("mini").await.unwrap();
+    assert_eq!(t.layers.len(), mini.layers.len() + 1);
+    assert_eq!(t.layers[..mini.layers.len()], mini.layers[..], "the template's layers are shared");
+    let sb = d
+        .client
+        .create_sandbox(&CreateSandbox { template: Some("golden-tpl".into()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(root(&d, &sb.id, "cat /opt/tool; ls /usr/sbin").await, "built\nonly\n", "files and an opaque directory");
+    assert_eq!(try_root(&d, &sb.id, "ls /etc/hostname").await.1, 1, "a deletion is a whiteout in the layer");
+    assert!(d.client.diff(&sb.id).await.unwrap().added.iter().all(|e| e.path == "/etc/resolv.conf"));
+    // The same snapshot gives the same layer digest.
+    let mut s = d
+        .client
+        .build_template(&abx_client::BuildTemplate {
+            name: "golden-2".into(),
+            from_snapshot: Some(snap.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    while let Some(ev) = s.next().await.unwrap() {
+        if let abx_client::BuildEvent::Done { template } = ev {
+            assert_eq!(template.layers, t.layers);
+        }
+    }
+    let e = d.cli(&["template", "create", "x", "--from-snapshot", "nope"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("nope"), "{}", String::from_utf8_lossy(&e.stderr));
+}
+
+#[tokio::test]
+async fn without_btrfs_snapshots_forks_and_rollback_work_by_copying() {
+    // `--data dir` on this host's ext4: no subvolumes, snapshots are copies.
+    let d = Daemon::start_with(&["--data", "dir"]).await;
+    let id = d.mini(Default::default()).await;
+    root(&d, &id, "echo v1 > /tmp/a && chmod 604 /tmp/a && rm /etc/hostname").await;
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    assert!(d.root.join("snapshots").join(&snap.id).join("upper/tmp/a").is_file(), "a copy under the state root");
+    root(&d, &id, "echo v2 > /tmp/a && echo back > /etc/hostname").await;
+    let f = d.client.fork_snapshot(&snap.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert_eq!(root(&d, &f.id, "cat /tmp/a; ls /etc/hostname 2>&1 || true").await.lines().next(), Some("v1"));
+    d.client.rollback(&id, &snap.id).await.unwrap();
+    assert_eq!(root(&d, &id, "ls -l /tmp/a | cut -c1-10; cat /tmp/a").await, "-rw----r--\nv1\n");
+    assert_eq!(try_root(&d, &id, "ls /etc/hostname").await.1, 1);
+    d.client.stop(&id).await.unwrap();
+    d.client.start(&id).await.unwrap();
+    assert_eq!(root(&d, &id, "cat /tmp/a").await, "v1\n");
+}

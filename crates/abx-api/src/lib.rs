@@ -569,7 +569,7 @@ pub struct Template {
 }
 
 /// `POST /v1/templates`: build a template.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildTemplate {
     pub name: String,
@@ -580,6 +580,10 @@ pub struct BuildTemplate {
     /// Import this host directory as the template's only layer.
     #[serde(default)]
     pub from_dir: Option<String>,
+    /// Make the template from a snapshot (id or name): the snapshot's template layers plus
+    /// one layer with the sandbox's changes; its env, workdir and user become the defaults.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// One line of a template build stream (NDJSON).

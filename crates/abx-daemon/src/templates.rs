@@ -44,6 +44,12 @@ pub fn get(m: &Manager, name: &str) -> CoreResult<abx_api::Template> {
 
 /// Starts a build; progress and the result arrive on the returned channel.
 pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    if let Some(key) = &req.from_snapshot {
+        if req.from_dir.is_some() || req.recipe.is_some() {
+            return Err(CoreError::Invalid("give from_snapshot alone (not with recipe or from_dir)".into()));
+        }
+        return from_snapshot(m, &req.name, m.find_snapshot(key)?);
+    }
     let recipe = match (&req.from_dir, &req.recipe) {
         (Some(_), Some(_)) => return Err(CoreError::Invalid("give either recipe or from_dir, not both".into())),
         (Some(dir), None) => {
@@ -75,6 +81,44 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
             Ok(t) => BuildEvent::Done { template: to_api(t) },
             Err(e) => {
                 let e = map_err(&req.name, e);
+                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
+            }
+        };
+        let _ = tx.blocking_send(ev);
+    });
+    Ok(rx)
+}
+
+/// A template from a snapshot: its layers plus the snapshot's changes as one more layer.
+fn from_snapshot(
+    m: &Arc<Manager>,
+    name: &str,
+    snap: crate::lifecycle::SnapRecord,
+) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    abx_template::validate_name(name).map_err(|e| map_err(name, e))?;
+    let (tx, rx) = mpsc::channel(256);
+    let m = m.clone();
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        let progress = |p: abx_template::Progress| {
+            let _ = tx.blocking_send(BuildEvent::Progress {
+                stage: p.stage,
+                done: p.done,
+                total: p.total,
+                message: p.message,
+            });
+        };
+        let mut config = m.templates.get(&snap.template).map(|t| t.config).unwrap_or_default();
+        config.env = snap.env.clone();
+        config.workdir = snap.workdir.clone().or(config.workdir);
+        config.user = snap.user.clone().or(config.user);
+        config.description = format!("from snapshot {} of sandbox {}", snap.id, snap.sandbox);
+        let delta = m.storage.snapshots().join(&snap.id).join("upper");
+        let label = format!("snapshot:{}", snap.id);
+        let ev = match m.templates.build_from_delta(&name, &snap.layers, &delta, config, label, &progress) {
+            Ok(t) => BuildEvent::Done { template: to_api(t) },
+            Err(e) => {
+                let e = map_err(&name, e);
                 BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
             }
         };

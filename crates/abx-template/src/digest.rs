@@ -100,6 +100,9 @@ impl Walker {
                 let rdev = meta.rdev();
                 (0, format!("{},{}", rustix::fs::major(rdev), rustix::fs::minor(rdev)).into_bytes())
             }
+            // Only layers made from an overlay's upper directory have opaque directories;
+            // every other listing is unchanged.
+            FileType::Directory if crate::tree::is_opaque(path) => (0, b"opaque".to_vec()),
             _ => (0, b"-".to_vec()),
         })
     }

@@ -145,6 +145,54 @@ impl Store {
         Ok(template)
     }
 
+    /// Makes template `name` from `base_layers` (present in this store) plus one layer
+    /// imported from `delta`, an overlay upper directory (its whiteouts and opaque markers
+    /// kept): how a snapshot of a sandbox becomes a template. The base layers are shared,
+    /// not copied.
+    pub fn build_from_delta(
+        &self,
+        name: &str,
+        base_layers: &[String],
+        delta: &Path,
+        config: crate::meta::TemplateConfig,
+        recipe: String,
+        progress: &dyn Fn(Progress),
+    ) -> Result<Template> {
+        validate_name(name)?;
+        for d in base_layers {
+            validate_digest(d)?;
+            if !self.layer_path(d).is_dir() {
+                return Err(Error::SourceMissing { path: self.layer_path(d) });
+            }
+        }
+        progress(Progress::stage("importing", format!("importing the changes in {}", delta.display())));
+        let scratch = self.scratch("delta");
+        Importer::overlay(true).import(delta, scratch.path())?;
+        progress(Progress::stage("digest", "hashing the layer"));
+        let tree = digest_tree(scratch.path())?;
+        let base_size: u64 =
+            self.list()?.iter().filter(|t| t.layers.as_slice() == base_layers).map(|t| t.size_bytes).max().unwrap_or(0);
+        let mut layers = base_layers.to_vec();
+        layers.push(tree.digest.clone());
+        let template = Template {
+            name: name.to_string(),
+            layers,
+            config,
+            size_bytes: base_size + tree.size_bytes,
+            created_at: unix_now(),
+            recipe,
+            packages: Vec::new(),
+        };
+        let _guard = self.guard();
+        let layer = self.layer_path(&tree.digest);
+        if !layer.exists() {
+            scratch.publish(&layer)?;
+        }
+        progress(Progress::stage("publishing", format!("template '{name}', layer {}", tree.digest)));
+        template.save(&self.templates)?;
+        Ok(template)
+    }
+
     /// Deletes template `name`, then collects garbage (see [`Store::gc`]). Returns the
     /// digests of the layers removed.
     pub fn remove(&self, name: &str, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {

@@ -89,12 +89,20 @@ pub struct Importer {
     link: bool,
     copied: HashMap<(u64, u64), PathBuf>,
     skipped: u64,
+    /// Keep overlayfs whiteouts (character devices 0:0) and opaque-directory markers (a
+    /// layer made from an overlay's upper directory).
+    overlay: bool,
 }
 
 impl Importer {
     /// An importer that hardlinks (`link`) or copies.
     pub fn new(link: bool) -> Importer {
-        Importer { link, copied: HashMap::new(), skipped: 0 }
+        Importer { link, copied: HashMap::new(), skipped: 0, overlay: false }
+    }
+
+    /// An importer that keeps overlayfs whiteouts and opaque markers.
+    pub fn overlay(link: bool) -> Importer {
+        Importer { overlay: true, ..Importer::new(link) }
     }
 
     /// Number of device nodes and sockets left out so far.
@@ -121,6 +129,7 @@ impl Importer {
             FileType::RegularFile => self.file(src, dst, &meta),
             FileType::Symlink => symlink(src, dst, &meta),
             FileType::Fifo => fifo(dst, &meta),
+            FileType::CharacterDevice if self.overlay && meta.rdev() == 0 => whiteout(dst, &meta),
             _ => {
                 self.skipped += 1;
                 Ok(())
@@ -130,6 +139,11 @@ impl Importer {
 
     fn dir(&mut self, src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
         fs::create_dir(dst).at("create directory", dst)?;
+        if self.overlay && is_opaque(src) {
+            rustix::fs::lsetxattr(dst, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
+                .map_err(std::io::Error::from)
+                .at("mark opaque", dst)?;
+        }
         for name in sorted_children(src)? {
             self.entry(&src.join(&name), &dst.join(&name))?;
         }
@@ -159,6 +173,22 @@ impl Importer {
 fn symlink(src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
     let target = fs::read_link(src).at("read symlink", src)?;
     std::os::unix::fs::symlink(&target, dst).at("create symlink", dst)?;
+    apply_metadata(dst, meta)
+}
+
+/// The opaque-directory marker of overlays mounted with `userxattr` (as agentbox's are).
+pub const OPAQUE_XATTR: &str = "user.overlay.opaque";
+
+/// Whether `dir` carries an overlayfs opaque marker (user or trusted namespace).
+pub fn is_opaque(dir: &Path) -> bool {
+    [OPAQUE_XATTR, "trusted.overlay.opaque"].iter().any(|name| {
+        let mut buf = [0u8; 4];
+        matches!(rustix::fs::lgetxattr(dir, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y')
+    })
+}
+
+fn whiteout(dst: &Path, meta: &Metadata) -> Result<()> {
+    rustix::fs::mknodat(CWD, dst, FileType::CharacterDevice, Mode::empty(), 0).at("create whiteout", dst)?;
     apply_metadata(dst, meta)
 }
 
