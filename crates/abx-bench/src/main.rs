@@ -2,11 +2,14 @@
 //! with N at once (throughput), through the API, through the CLI, and for peers (bwrap,
 //! crun) on the same root filesystem, in the same run. Prints a markdown table and writes
 //! JSON. See docs/performance.md for the method. `agentbox-bench net` is the network
-//! benchmark (scripts/bench-net), `agentbox-bench dns-server` its DNS server (see net.rs).
+//! benchmark (scripts/bench-net), `agentbox-bench dns-server` its DNS server (see net.rs),
+//! `agentbox-bench snap` the snapshot, fork and pause/resume benchmark (scripts/bench-snap,
+//! snap.rs).
 #![forbid(unsafe_code)]
 
 mod net;
 mod peers;
+mod snap;
 mod stats;
 
 use std::path::PathBuf;
@@ -24,7 +27,7 @@ use stats::{Report, Summary};
 struct Args {
     /// Another benchmark instead of the sandbox cycles (default: the sandbox cycles).
     #[command(subcommand)]
-    mode: Option<net::Mode>,
+    mode: Option<Mode>,
     /// Daemon address.
     #[arg(long, env = "AGENTBOX_HOST", default_value = "unix:/run/agentbox/agentbox.sock")]
     host: String,
@@ -54,6 +57,15 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+// Modes other than the sandbox cycles (a `//` comment, as in net.rs).
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    #[command(flatten)]
+    Net(net::Mode),
+    /// The snapshot, fork and pause/resume benchmark (see scripts/bench-snap).
+    Snap(Box<snap::SnapArgs>),
 }
 
 /// One create → exec echo → destroy cycle through the API.
@@ -152,8 +164,10 @@ async fn rootfs_of(client: &Client, template: &str) -> anyhow::Result<PathBuf> {
 
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
-    if let Some(mode) = a.mode.take() {
-        return net::main(mode);
+    match a.mode.take() {
+        Some(Mode::Net(mode)) => return net::main(mode),
+        Some(Mode::Snap(args)) => return snap::main(*args),
+        None => {}
     }
     if a.subjects.iter().any(|s| s == "crun") {
         // Before any thread exists: crun refuses hybrid cgroup hosts, so it runs in a private
