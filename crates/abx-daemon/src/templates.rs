@@ -66,6 +66,18 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
             })?
         }
     };
+    Ok(spawn_build(m, req.name, move |m, name, progress| m.templates.build(&recipe, name, progress)))
+}
+
+/// Runs a template build in the background: its progress, then `done` or `error`, arrive
+/// on the returned channel.
+fn spawn_build(
+    m: &Arc<Manager>,
+    name: String,
+    build: impl FnOnce(&Manager, &str, &dyn Fn(abx_template::Progress)) -> abx_template::Result<abx_template::Template>
+    + Send
+    + 'static,
+) -> mpsc::Receiver<BuildEvent> {
     let (tx, rx) = mpsc::channel(256);
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
@@ -77,16 +89,16 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
                 message: p.message,
             });
         };
-        let ev = match m.templates.build(&recipe, &req.name, &progress) {
+        let ev = match build(&m, &name, &progress) {
             Ok(t) => BuildEvent::Done { template: to_api(t) },
             Err(e) => {
-                let e = map_err(&req.name, e);
+                let e = map_err(&name, e);
                 BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
             }
         };
         let _ = tx.blocking_send(ev);
     });
-    Ok(rx)
+    rx
 }
 
 /// A template from a snapshot: its layers plus the snapshot's changes as one more layer.
@@ -96,18 +108,7 @@ fn from_snapshot(
     snap: crate::lifecycle::SnapRecord,
 ) -> CoreResult<mpsc::Receiver<BuildEvent>> {
     abx_template::validate_name(name).map_err(|e| map_err(name, e))?;
-    let (tx, rx) = mpsc::channel(256);
-    let m = m.clone();
-    let name = name.to_string();
-    tokio::task::spawn_blocking(move || {
-        let progress = |p: abx_template::Progress| {
-            let _ = tx.blocking_send(BuildEvent::Progress {
-                stage: p.stage,
-                done: p.done,
-                total: p.total,
-                message: p.message,
-            });
-        };
+    Ok(spawn_build(m, name.to_string(), move |m, name, progress| {
         let mut config = m.templates.get(&snap.template).map(|t| t.config).unwrap_or_default();
         config.env = snap.env.clone();
         config.workdir = snap.workdir.clone().or(config.workdir);
@@ -115,16 +116,8 @@ fn from_snapshot(
         config.description = format!("from snapshot {} of sandbox {}", snap.id, snap.sandbox);
         let delta = m.storage.snapshots().join(&snap.id).join("upper");
         let label = format!("snapshot:{}", snap.id);
-        let ev = match m.templates.build_from_delta(&name, &snap.layers, &delta, config, label, &progress) {
-            Ok(t) => BuildEvent::Done { template: to_api(t) },
-            Err(e) => {
-                let e = map_err(&name, e);
-                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
-            }
-        };
-        let _ = tx.blocking_send(ev);
-    });
-    Ok(rx)
+        m.templates.build_from_delta(name, &snap.layers, &delta, config, label, progress)
+    }))
 }
 
 pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
