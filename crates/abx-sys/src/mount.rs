@@ -54,6 +54,12 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
     if opts.recursive {
         at |= AT_RECURSIVE;
     }
+    set_attr(tree.as_fd(), at, &attr)?;
+    Ok(tree)
+}
+
+/// `mount_setattr` on the mount `tree` itself (`AT_EMPTY_PATH` is part of `at`).
+fn set_attr(tree: BorrowedFd<'_>, at: libc::c_uint, attr: &MountAttr) -> io::Result<()> {
     // SAFETY: mount_setattr reads `attr` (a live, correctly sized repr(C) struct) and an
     // empty NUL-terminated path; `tree` is an open mount descriptor.
     cvt(unsafe {
@@ -62,11 +68,11 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
             tree.as_raw_fd(),
             c"".as_ptr(),
             at,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
-    })?;
-    Ok(tree)
+    })
+    .map(drop)
 }
 
 /// Makes the detached mount `tree` and any mount below it private. A clone made by
@@ -77,18 +83,7 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
 pub fn make_private(tree: BorrowedFd<'_>) -> io::Result<()> {
     let attr = MountAttr { attr_set: 0, attr_clr: 0, propagation: MS_PRIVATE, userns_fd: 0 };
     let at = libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE;
-    // SAFETY: mount_setattr reads `attr` (a live, correctly sized repr(C) struct) and an
-    // empty NUL-terminated path; `tree` is an open mount descriptor.
-    cvt(unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            at,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    })?;
+    set_attr(tree.as_fd(), at, &attr)?;
     Ok(())
 }
 
