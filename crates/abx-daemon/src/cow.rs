@@ -109,21 +109,6 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::rename(from, to).map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))
 }
 
-/// Readies a slot directory whose data tree is kept for another boot: no agent socket,
-/// nothing in `work/` that would stop the next overlay mount.
-pub fn reset_work(dirs: &abx_sandbox::spec::SandboxDirs) -> std::io::Result<()> {
-    let ok_missing = |r: std::io::Result<()>| match r {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    };
-    ok_missing(std::fs::remove_file(dirs.agent_socket()))?;
-    ok_missing(std::fs::remove_dir_all(dirs.work().join("work/incompat")))?;
-    if !dirs.work().is_dir() {
-        std::fs::create_dir(dirs.work())?;
-    }
-    Ok(())
-}
-
 /// Apparent size of the regular files and symlinks under `dir` and the number of entries
 /// (`du`-like in allocated bytes when `allocated`).
 pub fn usage(dir: &Path, allocated: bool) -> (u64, u64) {

@@ -339,7 +339,7 @@ impl Manager {
             if let Some(s) = &seed {
                 this.seed_slot(rec.uid_slot, s).map_err(setup_err)?;
             }
-            crate::cow::reset_work(&dirs).map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
+            dirs.reset_work().map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
             this.start_existing(rec)
         })
         .await
@@ -458,7 +458,7 @@ impl Manager {
             let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
             this.ensure_slot(slot, rec.layers.len()).map_err(setup_err)?;
             crate::cow::rename(&kept, &dirs.data()).map_err(setup_err)?;
-            crate::cow::reset_work(&dirs).map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
+            dirs.reset_work().map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
             match this.start_existing(rec.clone()) {
                 Ok(v) => Ok(v),
                 Err(e) => {
@@ -596,6 +596,10 @@ impl Manager {
 
     /// Checks the volumes of a create and returns what the spawner mounts.
     pub(crate) fn volume_specs(&self, mounts: &[VolumeMount]) -> CoreResult<Vec<abx_sandbox::spec::VolumeSpec>> {
+        // Every create comes here: without volumes, no read of the volumes table.
+        if mounts.is_empty() {
+            return Ok(Vec::new());
+        }
         if mounts.len() > MAX_VOLUMES {
             return Err(CoreError::Invalid(format!("at most {MAX_VOLUMES} volumes per sandbox, got {}", mounts.len())));
         }

@@ -205,13 +205,24 @@ impl SandboxDirs {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         };
-        ok_missing(std::fs::remove_file(self.agent_socket()))?;
         // Most sandboxes that only ran commands wrote nothing: keep the empty directory.
         let upper_empty = std::fs::read_dir(self.upper()).map(|mut rd| rd.next().is_none()).unwrap_or(false);
         if !upper_empty {
             ok_missing(std::fs::remove_dir_all(self.upper()))?;
             std::fs::create_dir(self.upper())?;
         }
+        self.reset_work()
+    }
+
+    /// Readies the directory for another boot on the data it has (a restart, or data
+    /// moved in): no agent socket, nothing in `data/work` that would stop the next overlay
+    /// mount (the `volatile` marker; overlayfs recreates `work/work` itself).
+    pub fn reset_work(&self) -> std::io::Result<()> {
+        let ok_missing = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        ok_missing(std::fs::remove_file(self.agent_socket()))?;
         if self.work().is_dir() {
             ok_missing(std::fs::remove_dir_all(self.work().join("work/incompat")))
         } else {
