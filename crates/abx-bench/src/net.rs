@@ -30,6 +30,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::stats::verdict;
+
 use crate::stats::Summary;
 
 // Modes of `agentbox-bench` other than the sandbox-cycle benchmark (a `//` comment: clap
@@ -650,10 +652,6 @@ struct NetReport {
 const POLICY_TARGET_MS: f64 = 10.0;
 const DNS_TARGET_US: f64 = 1000.0;
 const TCP_TARGET_RATIO: f64 = 0.9;
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
-}
 
 impl NetReport {
     fn markdown(&self) -> String {

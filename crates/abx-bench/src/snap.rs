@@ -21,6 +21,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
 
+use crate::stats::{ms, verdict};
+
 #[derive(Debug, Args)]
 pub struct SnapArgs {
     /// Daemon address.
@@ -111,10 +113,6 @@ fn stat(samples: Vec<f64>) -> Stat {
         max_ms: sorted.last().copied().unwrap_or(f64::NAN),
         samples_ms: samples,
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 // --- helpers ---
@@ -576,10 +574,6 @@ struct SnapReport {
 const SNAPSHOT_TARGET_MS: f64 = 10.0;
 const FORK_TARGET_RATIO: f64 = 10.0;
 const PAUSE_TARGET_MS: f64 = 5.0;
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
-}
 
 impl SnapReport {
     fn markdown(&self) -> String {

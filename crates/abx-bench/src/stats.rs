@@ -18,8 +18,13 @@ pub struct Summary {
     pub per_second: f64,
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A target's verdict in the reports.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
