@@ -46,6 +46,14 @@ pub struct TemplateConfig {
     /// One line for listings.
     #[serde(default)]
     pub description: String,
+    /// Start command (argv) run in the background in every new sandbox (an image's
+    /// entrypoint + cmd, a Dockerfile's `CMD`); empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start: Vec<String>,
+    /// Readiness check: a shell command that exits 0 once the sandbox is ready (a
+    /// Dockerfile's `HEALTHCHECK CMD`); a create waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
 }
 
 impl Template {

@@ -86,18 +86,21 @@ impl Recipe {
                 workdir: Some("/home/user".to_string()),
                 user: Some("user".to_string()),
                 description: format!("Debian {suite} (minbase) with {}", packages.join(", ")),
+                ..Default::default()
             },
             Recipe::Mini => TemplateConfig {
                 env: env(&[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]),
                 workdir: Some("/home/user".to_string()),
                 user: Some("user".to_string()),
                 description: "busybox rootfs for tests".to_string(),
+                ..Default::default()
             },
             Recipe::Dir(path) => TemplateConfig {
                 env: env(&[("PATH", DEBIAN_PATH)]),
                 workdir: None,
                 user: None,
                 description: format!("imported from {}", path.display()),
+                ..Default::default()
             },
         }
     }
