@@ -193,6 +193,7 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
         }
     }
     manager.refill();
+    manager.start_pools();
     manager.watch_idle();
     let core = Core::new(manager.clone());
     abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;

@@ -64,6 +64,9 @@ pub enum Command {
     /// Named volumes that outlive sandboxes.
     #[command(subcommand)]
     Volume(snap::VolumeCmd),
+    /// Warm pools: sandboxes of a template kept ready so that a create is a claim.
+    #[command(subcommand)]
+    Pool(snap::PoolCmd),
     /// Freeze every process of a sandbox, keeping its memory (any request resumes it).
     Pause(manage::IdArg),
     /// Thaw a paused sandbox.
@@ -185,6 +188,7 @@ pub fn run(cli: Cli) -> i32 {
             Command::Stop(a) => snap::stop_start(&client(host)?, a, true).await,
             Command::Start(a) => snap::stop_start(&client(host)?, a, false).await,
             Command::Volume(c) => snap::volume(&client(host)?, c).await,
+            Command::Pool(c) => snap::pool(&client(host)?, c).await,
             Command::Pause(a) => manage::pause(&client(host)?, a, true).await,
             Command::Resume(a) => manage::pause(&client(host)?, a, false).await,
             Command::Ps(a) => manage::ps(&client(host)?, a).await,

@@ -218,6 +218,79 @@ pub async fn volume(client: &Client, c: VolumeCmd) -> anyhow::Result<i32> {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Create or change the pool of a template.
+    Set {
+        template: String,
+        /// Sandboxes kept ready even without demand.
+        #[arg(long, default_value_t = 0)]
+        min: u32,
+        /// Most sandboxes kept ready, whatever the demand.
+        #[arg(long)]
+        max: u32,
+    },
+    /// List pools with their counters.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove pools (their ready sandboxes are destroyed).
+    Rm {
+        #[arg(required = true)]
+        templates: Vec<String>,
+    },
+}
+
+pub async fn pool(client: &Client, c: PoolCmd) -> anyhow::Result<i32> {
+    match c {
+        PoolCmd::Set { template, min, max } => {
+            let p = client.set_pool(&template, min, max).await?;
+            println!("pool {}: min {}, max {}, target {}, ready {}", p.template, p.min, p.max, p.target, p.ready);
+            Ok(0)
+        }
+        PoolCmd::Ls { json } => {
+            let v = client.pools().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<20}  {:>4}  {:>4}  {:>6}  {:>5}  {:>7}  {:>7}  {:>6}  {:>8}  {:>9}  ERROR",
+                "TEMPLATE", "MIN", "MAX", "TARGET", "READY", "HITS", "MISSES", "HIT%", "CLAIMS/S", "REFILL MS"
+            );
+            for p in &v {
+                println!(
+                    "{:<20}  {:>4}  {:>4}  {:>6}  {:>5}  {:>7}  {:>7}  {:>6.1}  {:>8.1}  {:>9}  {}",
+                    p.template,
+                    p.min,
+                    p.max,
+                    p.target,
+                    p.ready,
+                    p.hits,
+                    p.misses,
+                    p.hit_rate * 100.0,
+                    p.claims_per_sec,
+                    p.refill_ms.map_or("-".to_string(), |r| format!("{r:.1}")),
+                    p.last_error.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(0)
+        }
+        PoolCmd::Rm { templates } => {
+            let mut code = 0;
+            for t in templates {
+                if let Err(e) = client.delete_pool(&t).await {
+                    eprintln!("agentbox: {e}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+    }
+}
+
 /// `--volume NAME:/path[:ro]`.
 pub fn volume_mount(s: &str) -> Result<abx_client::VolumeMount, String> {
     let mut parts = s.splitn(3, ':');

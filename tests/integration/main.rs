@@ -10,6 +10,7 @@ mod harness;
 mod isolation;
 mod lifecycle;
 mod network;
+mod pools;
 mod restart;
 mod snapshots;
 mod storage;

@@ -138,6 +138,50 @@ pub struct Volume {
     pub used_by: Vec<String>,
 }
 
+/// `PUT /v1/pools/{template}`: keep sandboxes of a template ready so creates are claims.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPool {
+    /// Sandboxes kept ready even without demand.
+    #[serde(default)]
+    pub min: u32,
+    /// Most sandboxes kept ready, however high the demand.
+    pub max: u32,
+}
+
+/// A warm pool and its counters.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Pool {
+    pub template: String,
+    pub min: u32,
+    pub max: u32,
+    /// Size kept now: recent demand (claims per second times refill time), within min
+    /// and max and what host memory and free slots allow.
+    pub target: u32,
+    /// Sandboxes ready to be claimed.
+    pub ready: u32,
+    /// Sandboxes booting for the pool.
+    pub filling: u32,
+    /// Creates served from the pool.
+    pub hits: u64,
+    /// Creates of this template made cold because the pool was empty.
+    pub misses: u64,
+    /// hits / (hits + misses).
+    pub hit_rate: f64,
+    /// Creates of this template per second over the last 10 s.
+    pub claims_per_sec: f64,
+    /// Moving average of one pool boot, in milliseconds.
+    pub refill_ms: Option<f64>,
+    /// Mean claim time inside the daemon, in milliseconds.
+    pub claim_ms_mean: f64,
+    /// Sandboxes booted into the pool.
+    pub boots: u64,
+    /// Boots that failed.
+    pub boot_failures: u64,
+    /// The last boot failure.
+    pub last_error: Option<String>,
+}
+
 /// `POST /v1/sandboxes/{id}/snapshots`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

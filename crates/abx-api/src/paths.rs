@@ -22,6 +22,8 @@ pub const SNAPSHOT: &str = "/v1/snapshots/{id}";
 pub const SNAPSHOT_FORK: &str = "/v1/snapshots/{id}/fork";
 pub const VOLUMES: &str = "/v1/volumes";
 pub const VOLUME: &str = "/v1/volumes/{name}";
+pub const POOLS: &str = "/v1/pools";
+pub const POOL: &str = "/v1/pools/{template}";
 pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const EXEC_WS: &str = "/v1/sandboxes/{id}/exec/ws";
 pub const PROCESSES: &str = "/v1/sandboxes/{id}/processes";
@@ -67,6 +69,8 @@ pub const ALL: &[&str] = &[
     SNAPSHOT_FORK,
     VOLUMES,
     VOLUME,
+    POOLS,
+    POOL,
     EXEC,
     EXEC_WS,
     PROCESSES,

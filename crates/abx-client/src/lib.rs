@@ -298,6 +298,32 @@ impl Client {
         self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_ROLLBACK, &[("id", id)])).json(&req)).await
     }
 
+    /// The daemon's Prometheus metrics (text).
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.send(self.request(Method::GET, paths::METRICS)).await?.text().await?)
+    }
+
+    // --- warm pools ---
+
+    /// Creates or changes the warm pool of a template.
+    pub async fn set_pool(&self, template: &str, min: u32, max: u32) -> Result<Pool> {
+        let path = Self::path(paths::POOL, &[("template", template)]);
+        self.json(self.request(Method::PUT, &path).json(&SetPool { min, max })).await
+    }
+
+    pub async fn pools(&self) -> Result<Vec<Pool>> {
+        self.json(self.request(Method::GET, paths::POOLS)).await
+    }
+
+    pub async fn pool(&self, template: &str) -> Result<Pool> {
+        self.json(self.request(Method::GET, &Self::path(paths::POOL, &[("template", template)]))).await
+    }
+
+    /// Removes a pool (its ready sandboxes are destroyed).
+    pub async fn delete_pool(&self, template: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &Self::path(paths::POOL, &[("template", template)]))).await.map(drop)
+    }
+
     // --- volumes ---
 
     pub async fn create_volume(&self, name: &str) -> Result<Volume> {

@@ -70,3 +70,36 @@ pub async fn call<T: DeserializeOwned>(socket: &Path, req: &Request) -> Result<T
     };
     tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| CallError::Timeout(CALL_TIMEOUT))?
 }
+
+/// Runs a process in the sandbox to its end (or, with `spec.background`, until it has
+/// started), handing its output to `on_output`; the daemon's own use (start commands,
+/// readiness checks, template build steps).
+pub async fn run(
+    socket: &Path,
+    spec: abx_proto::ExecSpec,
+    mut on_output: impl FnMut(Kind, &[u8]),
+) -> Result<abx_proto::ExitStatus, CallError> {
+    let background = spec.background;
+    let mut conn = AgentConn::open(socket, &Request::Exec(spec)).await?;
+    loop {
+        let Some(frame) = conn.next().await? else {
+            return Err(CallError::Protocol(ProtoError::Unexpected("the agent closed the exec stream".into())));
+        };
+        match frame.kind {
+            Kind::Stdout | Kind::Stderr => on_output(frame.kind, &frame.payload),
+            Kind::Json => {
+                let value: serde_json::Value = frame.json()?;
+                match serde_json::from_value::<abx_proto::Event>(value.clone()) {
+                    Ok(abx_proto::Event::Exit(st)) => return Ok(st),
+                    Ok(abx_proto::Event::Started { .. }) if background => return Ok(Default::default()),
+                    Ok(abx_proto::Event::Started { .. }) => {}
+                    Err(_) => match serde_json::from_value::<Reply<serde_json::Value>>(value) {
+                        Ok(Reply::Err(e)) => return Err(CallError::Remote(e)),
+                        _ => return Err(CallError::Protocol(ProtoError::Unexpected("unexpected exec event".into()))),
+                    },
+                }
+            }
+            _ => {}
+        }
+    }
+}

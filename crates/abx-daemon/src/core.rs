@@ -177,6 +177,17 @@ pub enum Command {
     DeleteVolume {
         name: String,
     },
+    SetPool {
+        template: String,
+        req: abx_api::SetPool,
+    },
+    ListPools,
+    GetPool {
+        template: String,
+    },
+    DeletePool {
+        template: String,
+    },
     Resume {
         id: String,
     },
@@ -228,6 +239,8 @@ pub enum Outcome {
     Fork(abx_api::ForkResult),
     Volume(abx_api::Volume),
     Volumes(Vec<abx_api::Volume>),
+    Pool(abx_api::Pool),
+    Pools(Vec<abx_api::Pool>),
 }
 
 macro_rules! accessor {
@@ -264,6 +277,8 @@ impl Outcome {
     accessor!(fork, Fork, abx_api::ForkResult);
     accessor!(volume, Volume, abx_api::Volume);
     accessor!(volumes, Volumes, Vec<abx_api::Volume>);
+    accessor!(pool, Pool, abx_api::Pool);
+    accessor!(pools, Pools, Vec<abx_api::Pool>);
 
     pub fn diff(self) -> CoreResult<(abx_api::Diff, Option<Vec<u8>>)> {
         match self {
@@ -469,6 +484,10 @@ impl Core {
             Command::ListVolumes => m.volumes().await.map(Outcome::Volumes),
             Command::GetVolume { name } => m.volume(&name).await.map(Outcome::Volume),
             Command::DeleteVolume { name } => m.delete_volume(&name).await.map(|_| Outcome::Done),
+            Command::SetPool { template, req } => m.set_pool(&template, req.min, req.max).await.map(Outcome::Pool),
+            Command::ListPools => Ok(Outcome::Pools(m.pools.list())),
+            Command::GetPool { template } => m.pool(&template).map(Outcome::Pool),
+            Command::DeletePool { template } => m.delete_pool(&template).await.map(|_| Outcome::Done),
             Command::Pause { id } => Ok(Outcome::Sandbox(m.api(&m.pause(&id).await?))),
             Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
@@ -515,6 +534,7 @@ impl Core {
         if let Some(net) = &m.net {
             net.metrics(&mut out);
         }
+        m.pools.metrics(&mut out);
         out
     }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod manager;
 pub mod net;
+pub mod pool;
 pub mod sandbox;
 pub mod server;
 pub mod storage;

@@ -82,7 +82,9 @@ pub struct Manager {
     /// What is known about each slot's host objects, to skip redundant work on create.
     slot_cache: Mutex<HashMap<u32, SlotCache>>,
     /// Set by shutdown: no more refills.
-    closing: std::sync::atomic::AtomicBool,
+    pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Warm pools (see `pool.rs`).
+    pub(crate) pools: crate::pool::Pools,
     /// Networking (None with `--subnet none`: loopback only).
     pub net: Option<Arc<crate::net::Network>>,
 }
@@ -128,6 +130,7 @@ impl Manager {
             preparing: AtomicUsize::new(0),
             slot_cache: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            pools: Default::default(),
             net,
         }))
     }
@@ -220,7 +223,7 @@ impl Manager {
         Ok(free as u32)
     }
 
-    fn free_uid_slot(&self, slot: u32) {
+    pub(crate) fn free_uid_slot(&self, slot: u32) {
         if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
             *s = false;
         }
@@ -362,7 +365,7 @@ impl Manager {
 
     /// Empties a slot for its next sandbox: no process left in its cgroups, an empty upper
     /// and work directory, no agent socket. Returns the first failure, after trying all.
-    fn release_slot(&self, uid_slot: u32, id: Option<&str>) -> Result<(), String> {
+    pub(crate) fn release_slot(&self, uid_slot: u32, id: Option<&str>) -> Result<(), String> {
         let mut first: Option<String> = None;
         if let Some(net) = &self.net {
             net.detach(uid_slot, id.unwrap_or(""));
@@ -464,6 +467,29 @@ impl Manager {
             None if req.persist => None,
             None => self.cfg.default_timeout,
         };
+        let t0 = std::time::Instant::now();
+        let poolable = snap.is_none()
+            && req.volumes.is_empty()
+            && !req.persist
+            && limits.open_files == self.cfg.default_limits.open_files
+            && self.pools.has(&template.name);
+        if poolable {
+            let claim = crate::pool::Claim {
+                name: req.name.clone(),
+                limits: limits.clone(),
+                env: req.env.clone(),
+                workdir: req.workdir.clone(),
+                user: req.user.clone(),
+                metadata: req.metadata.clone(),
+                network: network.clone(),
+                policy: policy.clone(),
+                timeout,
+                on_timeout: req.on_timeout.unwrap_or_default(),
+            };
+            if let Some(sb) = self.claim(&template, claim).await? {
+                return Ok(sb);
+            }
+        }
         let slot = self.acquire_slot().await?;
         let id = new_id();
         let mut env = template.config.env.clone();
@@ -497,6 +523,7 @@ impl Manager {
             }),
             volumes: req.volumes.clone(),
             snapshot: snap.as_ref().map(|s| s.id.clone()),
+            pooled: false,
         };
         let this = self.clone();
         let started = tokio::task::spawn_blocking(move || {
@@ -511,20 +538,53 @@ impl Manager {
         .map_err(|e| CoreError::internal("sandbox setup task", e.to_string()))?;
         self.refill();
         match started {
-            Ok((rec, pidfd)) => Ok(self.register(rec, Some(pidfd))),
+            Ok((rec, pidfd)) => {
+                let sb = self.register(rec, Some(pidfd));
+                if let Err(e) = self.run_start(&sb, &template.config).await {
+                    let _ = self.destroy(&sb.id, true).await;
+                    return Err(e);
+                }
+                self.pools.observe_cold(&template.name, t0.elapsed());
+                Ok(sb)
+            }
             Err(e) => {
                 // Nothing half-made: the slot is emptied before anyone can get it again.
-                let this = self.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    if let Err(msg) = this.release_slot(slot, None) {
-                        warn!(slot, error = %msg, "cleanup after a failed create");
-                    }
-                    this.free_uid_slot(slot);
-                })
-                .await;
+                self.abandon_slot(slot).await;
                 Err(e)
             }
         }
+    }
+
+    /// Uid slots neither used nor prepared.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|u| !**u).count()
+    }
+
+    /// Writes a slot's cgroup limits unless it already has them.
+    pub(crate) fn set_slot_limits(&self, uid_slot: u32, limits: &Limits) -> Result<(), String> {
+        let limits = cgroup_limits(limits);
+        let cached = self.cache().get(&uid_slot).and_then(|c| c.limits);
+        if cached != Some(limits) {
+            self.cgroups.update(&self.slot_name(uid_slot), &limits).map_err(|e| cgroup_text(&e))?;
+            self.cache().entry(uid_slot).or_default().limits = Some(limits);
+        }
+        Ok(())
+    }
+
+    /// Empties and frees the slot of a create that failed.
+    pub(crate) async fn abandon_slot(self: &Arc<Self>, slot: u32) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(msg) = this.release_slot(slot, None) {
+                warn!(slot, error = %msg, "cleanup after a failed create");
+            }
+            this.free_uid_slot(slot);
+        })
+        .await;
+    }
+
+    pub(crate) fn template_named(&self, name: &str) -> CoreResult<abx_template::Template> {
+        self.template(name)
     }
 
     fn template(&self, name: &str) -> CoreResult<abx_template::Template> {
@@ -536,18 +596,18 @@ impl Manager {
 
     /// Prepares the slot, asks the spawner, waits for the agent's exec. The caller empties
     /// the slot if this fails.
-    fn start_blocking(&self, mut rec: Record, policy: &crate::net::policy::Policy) -> CoreResult<(Record, OwnedFd)> {
+    pub(crate) fn start_blocking(
+        &self,
+        mut rec: Record,
+        policy: &crate::net::policy::Policy,
+    ) -> CoreResult<(Record, OwnedFd)> {
         let t0 = std::time::Instant::now();
         let dirs = self.slot_dirs(rec.uid_slot);
         let cg = self.slot_name(rec.uid_slot);
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
-        let limits = cgroup_limits(&rec.limits);
+        self.set_slot_limits(rec.uid_slot, &rec.limits).map_err(setup_err)?;
         let cached = self.cache().get(&rec.uid_slot).cloned().unwrap_or_default();
-        if cached.limits != Some(limits) {
-            self.cgroups.update(&cg, &limits).map_err(|e| setup_err(cgroup_text(&e)))?;
-            self.cache().entry(rec.uid_slot).or_default().limits = Some(limits);
-        }
         rec.oom_kills_base = match cached.oom_base {
             Some(base) => base,
             None => {
@@ -652,6 +712,20 @@ impl Manager {
 
     /// Makes a started (or re-adopted) sandbox live: watcher and timeout tasks.
     pub(crate) fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
+        let sb = self.live(rec, pidfd);
+        self.publish(sb.clone());
+        sb
+    }
+
+    /// Makes a live sandbox visible to callers and arms its timeout.
+    pub(crate) fn publish(self: &Arc<Self>, sb: Arc<Sandbox>) {
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sb.id.clone(), sb.clone());
+        self.arm_timeout(&sb);
+    }
+
+    /// Makes the live handle of a started sandbox (with the task that watches PID 1),
+    /// without publishing it: pooled sandboxes wait unseen until claimed.
+    pub(crate) fn live(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
         let (tx, rx) = watch::channel(pidfd.is_none());
         let pidfd = pidfd.map(Arc::new);
         let sb = Arc::new(Sandbox {
@@ -666,7 +740,6 @@ impl Manager {
             attached: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             ops: tokio::sync::Mutex::new(()),
         });
-        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sb.id.clone(), sb.clone());
         if let Some(fd) = pidfd {
             let this = self.clone();
             let weak = Arc::downgrade(&sb);
@@ -678,7 +751,6 @@ impl Manager {
                 }
             });
         }
-        self.arm_timeout(&sb);
         sb
     }
 
@@ -1000,6 +1072,13 @@ impl Manager {
             }
         }
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.finish_destroy(sb);
+        Ok(())
+    }
+
+    /// The background part of a destroy, after PID 1 was sent SIGKILL: waits for its exit,
+    /// empties and frees the slot, deletes the record.
+    pub(crate) fn finish_destroy(self: &Arc<Self>, sb: Arc<Sandbox>) {
         self.pending_frees.fetch_add(1, Ordering::SeqCst);
         let this = self.clone();
         self.cleanups.spawn(async move {
@@ -1024,7 +1103,6 @@ impl Manager {
             this.pending_frees.fetch_sub(1, Ordering::SeqCst);
             this.refill();
         });
-        Ok(())
     }
 
     /// Waits until every background cleanup has finished.
@@ -1047,7 +1125,10 @@ impl Manager {
                     continue;
                 }
             };
-            if rec.state == SandboxState::Stopped {
+            if rec.pooled {
+                // Never handed out: not worth keeping.
+                self.cleanup_dead(&rec);
+            } else if rec.state == SandboxState::Stopped {
                 self.register(rec, None);
             } else if self.adopt(rec.clone()) {
                 known.insert(self.slot_name(rec.uid_slot));
@@ -1145,6 +1226,7 @@ impl Manager {
     /// Digests of layers used by live sandboxes (kept by template garbage collection).
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
         let mut used: std::collections::HashSet<String> = self.list().into_iter().flat_map(|r| r.layers).collect();
+        used.extend(self.pools.layers());
         if let Ok(snaps) = self.store.all_in::<crate::lifecycle::SnapRecord>(crate::store::Table::Snapshots) {
             used.extend(snaps.into_iter().flat_map(|s| s.layers));
         }
@@ -1159,6 +1241,7 @@ impl Manager {
         while self.refilling.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.drain_pools_blocking();
         if self.count() != 0 {
             return;
         }
@@ -1186,7 +1269,7 @@ fn cgroup_text(e: &abx_cgroup::Error) -> String {
     s
 }
 
-fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
+pub(crate) fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
     Limits {
         memory_bytes: req.memory_bytes.or(defaults.memory_bytes),
         cpus: req.cpus.or(defaults.cpus),
@@ -1270,7 +1353,7 @@ fn wait_exec(status: &OwnedFd, timeout: Duration) -> Result<(), String> {
     }
 }
 
-fn wait_exit_blocking(pidfd: &OwnedFd, timeout: Duration) {
+pub(crate) fn wait_exit_blocking(pidfd: &OwnedFd, timeout: Duration) {
     use rustix::event::{PollFd, PollFlags, Timespec};
     let ts = Timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: 0 };
     let mut fds = [PollFd::new(pidfd, PollFlags::IN)];

@@ -47,6 +47,9 @@ pub struct Record {
     /// The snapshot its files started from.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Booted for a warm pool and not claimed yet: cleaned up, not adopted, after a restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 impl Record {
@@ -101,6 +104,7 @@ impl Record {
             on_timeout: Default::default(),
             volumes: Vec::new(),
             snapshot: None,
+            pooled: false,
         }
     }
 }

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pools (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -98,6 +102,7 @@ impl Store {
 pub enum Table {
     Snapshots,
     Volumes,
+    Pools,
 }
 
 impl Table {
@@ -105,6 +110,7 @@ impl Table {
         match self {
             Table::Snapshots => "snapshots",
             Table::Volumes => "volumes",
+            Table::Pools => "pools",
         }
     }
 }

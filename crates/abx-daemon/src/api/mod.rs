@@ -33,6 +33,7 @@ use crate::error::CoreError;
         (name = "network", description = "Egress policy, audit and ingress of sandboxes"),
         (name = "snapshots", description = "Snapshots, forks, rollback, stop and start of sandboxes"),
         (name = "volumes", description = "Named directories that outlive sandboxes"),
+        (name = "pools", description = "Warm pools: sandboxes kept ready per template"),
         (name = "templates", description = "Templates sandboxes are made from"),
         (name = "system", description = "The daemon itself"),
     )

@@ -8,7 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use abx_api::{
-    CreateSnapshot, CreateVolume, ErrorBody, ForkRequest, ForkResult, RollbackRequest, Sandbox, Snapshot, Volume,
+    CreateSnapshot, CreateVolume, ErrorBody, ForkRequest, ForkResult, Pool, RollbackRequest, Sandbox, SetPool,
+    Snapshot, Volume,
 };
 
 use super::{ApiError, Json, Path, Query};
@@ -26,6 +27,8 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(fork_snapshot))
         .routes(routes!(create_volume, list_volumes))
         .routes(routes!(get_volume, delete_volume))
+        .routes(routes!(list_pools))
+        .routes(routes!(set_pool, get_pool, delete_pool))
 }
 
 /// A JSON body that may be empty (then the defaults).
@@ -185,5 +188,41 @@ async fn get_volume(State(core): State<Core>, Path(name): Path<String>) -> Resul
     responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_volume(State(core): State<Core>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     core.execute(Command::DeleteVolume { name }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Keep sandboxes of a template ready (booted, network wired, agent listening) so that a
+/// create of that template is a claim. Creates or changes the pool.
+#[utoipa::path(put, path = abx_api::paths::POOL, tag = "pools", request_body = SetPool,
+    params(("template" = String, Path, description = "template name")),
+    responses((status = 200, body = Pool), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_pool(
+    State(core): State<Core>,
+    Path(template): Path<String>,
+    Json(req): Json<SetPool>,
+) -> Result<Json<Pool>, ApiError> {
+    Ok(Json(core.execute(Command::SetPool { template, req }).await?.pool()?))
+}
+
+/// Every pool with its counters.
+#[utoipa::path(get, path = abx_api::paths::POOLS, tag = "pools", responses((status = 200, body = Vec<Pool>)))]
+async fn list_pools(State(core): State<Core>) -> Result<Json<Vec<Pool>>, ApiError> {
+    Ok(Json(core.execute(Command::ListPools).await?.pools()?))
+}
+
+/// A pool with its counters.
+#[utoipa::path(get, path = abx_api::paths::POOL, tag = "pools",
+    params(("template" = String, Path, description = "template name")),
+    responses((status = 200, body = Pool), (status = 404, body = ErrorBody)))]
+async fn get_pool(State(core): State<Core>, Path(template): Path<String>) -> Result<Json<Pool>, ApiError> {
+    Ok(Json(core.execute(Command::GetPool { template }).await?.pool()?))
+}
+
+/// Remove a pool; its ready sandboxes are destroyed (claimed ones are not affected).
+#[utoipa::path(delete, path = abx_api::paths::POOL, tag = "pools",
+    params(("template" = String, Path, description = "template name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_pool(State(core): State<Core>, Path(template): Path<String>) -> Result<StatusCode, ApiError> {
+    core.execute(Command::DeletePool { template }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,0 +1,737 @@
+//! Warm pools: per template, sandboxes booted ahead of demand (namespaces made, root
+//! filesystem mounted, network wired with no egress, agent listening, the template's start
+//! command running and its readiness check passed), so that a create is a claim.
+//!
+//! A pooled sandbox is invisible (not listed, not addressable) until a create claims it.
+//! The claim applies the caller's settings: name, limits (written to the slot's cgroups),
+//! environment, working directory, user, metadata, egress policy (the slot's nftables
+//! sets), timeout. A claimed sandbox leaves the pool for good; it is never handed to a
+//! second caller, and the pool boots a new one. Creates a pool cannot serve (from a
+//! snapshot, with volumes, `persist`, or another open-files limit than the daemon's
+//! default, which is fixed when PID 1 starts) are made cold.
+//!
+//! One background task keeps every pool at its target: between `min` and `max`, the demand
+//! of the last [`WINDOW`] (claims per second) times the time one refill takes plus
+//! [`REACTION`], doubled for bursts; never more than host memory allows (half of
+//! MemAvailable at [`SANDBOX_BYTES`] each) nor more than the free uid slots less one (so a
+//! cold create always finds a slot). A pool above its target for [`SHRINK_AFTER`] gives
+//! back one sandbox per tick. When the template is rebuilt, pooled sandboxes of the old
+//! layers are destroyed and replaced.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use abx_api::{Limits, SandboxState};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{CoreError, CoreResult};
+use crate::manager::{Manager, merge_limits, new_id};
+use crate::sandbox::{Record, Sandbox, now};
+use crate::store::Table;
+
+/// Window of recent claims the demand is computed from.
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// Time the filler needs to notice a claim and start a refill.
+pub const REACTION: Duration = Duration::from_millis(100);
+/// How long a pool stays above its target before it gives sandboxes back.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
+/// Memory assumed per pooled sandbox when bounding pools by host memory.
+pub const SANDBOX_BYTES: u64 = 32 << 20;
+/// Boots in flight at once, over all pools.
+const FILL_PARALLEL: usize = 2;
+/// How long a readiness check may take to pass.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pool's settings, as stored (table `pools`, keyed by template).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolConfig {
+    pub template: String,
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Latency histogram with fixed buckets (seconds), in Prometheus' cumulative form.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+pub const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += s;
+    }
+
+    /// Mean in milliseconds (0 when empty).
+    pub fn mean_ms(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.sum * 1000.0 / self.count as f64 }
+    }
+
+    /// Prometheus text lines of this histogram.
+    pub fn write(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+#[derive(Debug)]
+struct Pool {
+    cfg: PoolConfig,
+    ready: VecDeque<Arc<Sandbox>>,
+    /// Boots in flight.
+    filling: usize,
+    target: usize,
+    hits: u64,
+    misses: u64,
+    boots: u64,
+    failures: u64,
+    last_error: Option<String>,
+    /// Claims (hits and misses) of the last [`WINDOW`].
+    recent: VecDeque<Instant>,
+    /// Moving average of one boot's duration.
+    refill: Option<Duration>,
+    claim: Histogram,
+    /// No boots before this (after a failure).
+    backoff_until: Option<Instant>,
+    /// Since when the pool holds more than its target.
+    above_since: Option<Instant>,
+}
+
+impl Pool {
+    fn new(cfg: PoolConfig) -> Pool {
+        Pool {
+            target: cfg.min as usize,
+            cfg,
+            ready: VecDeque::new(),
+            filling: 0,
+            hits: 0,
+            misses: 0,
+            boots: 0,
+            failures: 0,
+            last_error: None,
+            recent: VecDeque::new(),
+            refill: None,
+            claim: Histogram::default(),
+            backoff_until: None,
+            above_since: None,
+        }
+    }
+
+    fn rate(&mut self, now: Instant) -> f64 {
+        while self.recent.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
+            self.recent.pop_front();
+        }
+        self.recent.len() as f64 / WINDOW.as_secs_f64()
+    }
+
+    /// What demand asks for, within min and max (before host bounds).
+    fn demand(&mut self, now: Instant) -> usize {
+        let refill = self.refill.unwrap_or(Duration::from_millis(50)) + REACTION;
+        let want = (self.rate(now) * refill.as_secs_f64() * 2.0).ceil() as usize;
+        want.clamp(self.cfg.min as usize, self.cfg.max as usize)
+    }
+
+    fn to_api(&mut self, now: Instant) -> abx_api::Pool {
+        let claims = self.hits + self.misses;
+        abx_api::Pool {
+            template: self.cfg.template.clone(),
+            min: self.cfg.min,
+            max: self.cfg.max,
+            target: self.target as u32,
+            ready: self.ready.len() as u32,
+            filling: self.filling as u32,
+            hits: self.hits,
+            misses: self.misses,
+            hit_rate: if claims == 0 { 0.0 } else { self.hits as f64 / claims as f64 },
+            claims_per_sec: self.rate(now),
+            refill_ms: self.refill.map(|d| d.as_secs_f64() * 1000.0),
+            claim_ms_mean: self.claim.mean_ms(),
+            boots: self.boots,
+            boot_failures: self.failures,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// Every pool of a daemon, its counters, and cold-create latencies per template.
+#[derive(Debug, Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<String, Pool>>,
+    cold: Mutex<HashMap<String, Histogram>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a cold create (a miss of a pool, or a template without one).
+    pub fn observe_cold(&self, template: &str, d: Duration) {
+        self.cold.lock().unwrap_or_else(|e| e.into_inner()).entry(template.to_string()).or_default().observe(d);
+    }
+
+    /// Whether `template` has a pool.
+    pub fn has(&self, template: &str) -> bool {
+        self.lock().contains_key(template)
+    }
+
+    /// Takes a ready sandbox of `template` on `layers`, if there is one; counts the
+    /// demand. Dead or stale sandboxes met on the way are returned for destruction.
+    fn take(&self, template: &str, layers: &[String]) -> (Option<Arc<Sandbox>>, Vec<Arc<Sandbox>>) {
+        let mut pools = self.lock();
+        let Some(p) = pools.get_mut(template) else { return (None, Vec::new()) };
+        p.recent.push_back(Instant::now());
+        let mut doomed = Vec::new();
+        let mut found = None;
+        while let Some(sb) = p.ready.pop_front() {
+            let ok = !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == layers;
+            if ok {
+                found = Some(sb);
+                break;
+            }
+            doomed.push(sb);
+        }
+        drop(pools);
+        self.wake.notify_one();
+        (found, doomed)
+    }
+
+    fn count(&self, template: &str, hit: bool, d: Duration) {
+        if let Some(p) = self.lock().get_mut(template) {
+            if hit {
+                p.hits += 1;
+                p.claim.observe(d);
+            } else {
+                p.misses += 1;
+            }
+        }
+    }
+
+    /// Layers under pooled sandboxes (kept by template garbage collection).
+    pub fn layers(&self) -> Vec<String> {
+        self.lock().values().flat_map(|p| p.ready.iter().flat_map(|s| s.record().layers)).collect()
+    }
+
+    /// Every pool's state, sorted by template.
+    pub fn list(&self) -> Vec<abx_api::Pool> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self.lock().values_mut().map(|p| p.to_api(now)).collect();
+        v.sort_by(|a, b| a.template.cmp(&b.template));
+        v
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let pools = self.list();
+        let gauges: [(&str, &str, fn(&abx_api::Pool) -> f64); 6] = [
+            ("agentbox_pool_ready", "Sandboxes ready in the pool.", |p| p.ready as f64),
+            ("agentbox_pool_filling", "Pool sandboxes booting.", |p| p.filling as f64),
+            ("agentbox_pool_target", "Size the pool is kept at (from demand, within min and max).", |p| {
+                p.target as f64
+            }),
+            ("agentbox_pool_hit_ratio", "Claims served from the pool / all creates of the template.", |p| p.hit_rate),
+            ("agentbox_pool_cold_start_ratio", "Creates of a pooled template made cold / all its creates.", |p| {
+                if p.hits + p.misses == 0 { 0.0 } else { p.misses as f64 / (p.hits + p.misses) as f64 }
+            }),
+            ("agentbox_pool_claims_per_second", "Creates of the template per second, last 10 s.", |p| p.claims_per_sec),
+        ];
+        for (name, help, f) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in &pools {
+                let _ = writeln!(out, "{name}{{template=\"{}\"}} {}", p.template, f(p));
+            }
+        }
+        let counters: [(&str, &str, fn(&abx_api::Pool) -> u64); 4] = [
+            ("agentbox_pool_hits_total", "Creates served from the pool.", |p| p.hits),
+            ("agentbox_pool_misses_total", "Creates of a pooled template made cold (pool empty).", |p| p.misses),
+            ("agentbox_pool_boots_total", "Sandboxes booted into the pool.", |p| p.boots),
+            ("agentbox_pool_boot_failures_total", "Pool boots that failed.", |p| p.boot_failures),
+        ];
+        for (name, help, f) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for p in &pools {
+                let _ = writeln!(out, "{name}{{template=\"{}\"}} {}", p.template, f(p));
+            }
+        }
+        let name = "agentbox_pool_claim_seconds";
+        let _ =
+            writeln!(out, "# HELP {name} Time to claim a pooled sandbox (inside the daemon).\n# TYPE {name} histogram");
+        for (t, p) in self.lock().iter() {
+            p.claim.write(out, name, &format!("template=\"{t}\""));
+        }
+        let name = "agentbox_create_cold_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to create a sandbox without a pool (inside the daemon).\n# TYPE {name} histogram"
+        );
+        for (t, h) in self.cold.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            h.write(out, name, &format!("template=\"{t}\""));
+        }
+    }
+}
+
+/// What a claim applies to a pooled sandbox.
+pub struct Claim {
+    pub name: Option<String>,
+    pub limits: Limits,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub network: abx_api::NetworkPolicy,
+    pub policy: crate::net::policy::Policy,
+    pub timeout: Option<Duration>,
+    pub on_timeout: abx_api::TimeoutAction,
+}
+
+/// Work the filler decided on.
+enum Action {
+    Boot(abx_template::Template),
+    Destroy(Arc<Sandbox>),
+}
+
+impl Manager {
+    /// Sets (creating) the pool of `template`.
+    pub async fn set_pool(self: &Arc<Self>, template: &str, min: u32, max: u32) -> CoreResult<abx_api::Pool> {
+        if max == 0 || min > max {
+            return Err(CoreError::Invalid(format!(
+                "pool sizes need 0 <= min <= max and max >= 1; got min {min}, max {max}"
+            )));
+        }
+        if max > self.cfg.uid_slots {
+            return Err(CoreError::Invalid(format!(
+                "max {max} is more than the daemon's {} sandbox slots (--uid-slots)",
+                self.cfg.uid_slots
+            )));
+        }
+        self.template_named(template)?;
+        let cfg = PoolConfig { template: template.to_string(), min, max };
+        self.store().put_in(Table::Pools, template, &cfg).map_err(|e| CoreError::internal("record pool", e))?;
+        {
+            let mut pools = self.pools.lock();
+            match pools.get_mut(template) {
+                Some(p) => p.cfg = cfg,
+                None => {
+                    pools.insert(template.to_string(), Pool::new(cfg));
+                }
+            }
+        }
+        info!(template, min, max, "pool set");
+        self.pools.wake.notify_one();
+        self.pool(template)
+    }
+
+    pub fn pool(&self, template: &str) -> CoreResult<abx_api::Pool> {
+        let now = Instant::now();
+        self.pools
+            .lock()
+            .get_mut(template)
+            .map(|p| p.to_api(now))
+            .ok_or_else(|| CoreError::NotFound { kind: "pool", id: template.to_string() })
+    }
+
+    /// Removes a pool; its ready sandboxes are destroyed.
+    pub async fn delete_pool(self: &Arc<Self>, template: &str) -> CoreResult<()> {
+        let p = self
+            .pools
+            .lock()
+            .remove(template)
+            .ok_or_else(|| CoreError::NotFound { kind: "pool", id: template.to_string() })?;
+        self.store().delete_in(Table::Pools, template).map_err(|e| CoreError::internal("forget pool", e))?;
+        for sb in p.ready {
+            self.destroy_pooled(sb);
+        }
+        Ok(())
+    }
+
+    /// Loads the stored pools and starts the task that fills them (needs the runtime).
+    pub fn start_pools(self: &Arc<Self>) {
+        match self.store().all_in::<PoolConfig>(Table::Pools) {
+            Ok(cfgs) => {
+                let mut pools = self.pools.lock();
+                for c in cfgs {
+                    pools.insert(c.template.clone(), Pool::new(c));
+                }
+            }
+            Err(e) => warn!(error = %e, "reading the pools"),
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.fill_loop().await });
+    }
+
+    async fn fill_loop(self: Arc<Self>) {
+        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        loop {
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let woken = self.pools.wake.notified();
+            let this = self.clone();
+            let budget = FILL_PARALLEL.saturating_sub(inflight.load(Ordering::SeqCst));
+            let actions = tokio::task::spawn_blocking(move || this.plan(budget)).await.unwrap_or_default();
+            for a in actions {
+                match a {
+                    Action::Destroy(sb) => self.destroy_pooled(sb),
+                    Action::Boot(t) => {
+                        inflight.fetch_add(1, Ordering::SeqCst);
+                        let this = self.clone();
+                        let inflight = inflight.clone();
+                        tokio::spawn(async move {
+                            let t0 = Instant::now();
+                            let res = this.boot_pooled(&t).await;
+                            inflight.fetch_sub(1, Ordering::SeqCst);
+                            this.booted(&t.name, res, t0.elapsed());
+                            this.pools.wake.notify_one();
+                        });
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), woken).await;
+        }
+    }
+
+    /// One round of decisions: stale or dead sandboxes out, boots up to each target.
+    fn plan(&self, mut budget: usize) -> Vec<Action> {
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        let mem_cap = mem_available().map_or(usize::MAX, |m| (m / 2 / SANDBOX_BYTES) as usize);
+        let free_slots = self.free_slots();
+        let names: Vec<String> = self.pools.lock().keys().cloned().collect();
+        let mut pooled_total: usize = self.pools.lock().values().map(|p| p.ready.len() + p.filling).sum();
+        for name in names {
+            let template = self.templates.get(&name);
+            let mut pools = self.pools.lock();
+            let Some(p) = pools.get_mut(&name) else { continue };
+            let template = match template {
+                Ok(t) => t,
+                Err(e) => {
+                    p.last_error = Some(format!("template '{name}': {e}"));
+                    actions.extend(p.ready.drain(..).map(Action::Destroy));
+                    continue;
+                }
+            };
+            let (keep, doomed): (VecDeque<_>, VecDeque<_>) = p.ready.drain(..).partition(|sb: &Arc<Sandbox>| {
+                !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == template.layers
+            });
+            p.ready = keep;
+            pooled_total -= doomed.len();
+            actions.extend(doomed.into_iter().map(Action::Destroy));
+            let demand = p.demand(now);
+            // Host bounds: memory, and one uid slot always left for a cold create.
+            let room = (pooled_total + free_slots).saturating_sub(1).min(mem_cap);
+            let held = p.ready.len() + p.filling;
+            let others = pooled_total - held;
+            p.target = demand.min(room.saturating_sub(others));
+            if held > p.target {
+                let since = *p.above_since.get_or_insert(now);
+                if now.duration_since(since) >= SHRINK_AFTER && !p.ready.is_empty() {
+                    p.above_since = Some(now);
+                    if let Some(sb) = p.ready.pop_back() {
+                        pooled_total -= 1;
+                        actions.push(Action::Destroy(sb));
+                    }
+                }
+                continue;
+            }
+            p.above_since = None;
+            if p.backoff_until.is_some_and(|t| now < t) {
+                continue;
+            }
+            let mut held = held;
+            while held < p.target && budget > 0 {
+                p.filling += 1;
+                held += 1;
+                pooled_total += 1;
+                budget -= 1;
+                actions.push(Action::Boot(template.clone()));
+            }
+        }
+        actions
+    }
+
+    fn booted(self: &Arc<Self>, template: &str, res: CoreResult<Arc<Sandbox>>, took: Duration) {
+        let mut pools = self.pools.lock();
+        let Some(p) = pools.get_mut(template) else {
+            drop(pools);
+            if let Ok(sb) = res {
+                self.destroy_pooled(sb);
+            }
+            return;
+        };
+        p.filling = p.filling.saturating_sub(1);
+        match res {
+            Ok(sb) => {
+                p.boots += 1;
+                p.backoff_until = None;
+                p.refill = Some(match p.refill {
+                    Some(avg) => avg.mul_f64(0.8) + took.mul_f64(0.2),
+                    None => took,
+                });
+                p.ready.push_back(sb);
+            }
+            Err(e) => {
+                p.failures += 1;
+                let msg = e.full_message();
+                warn!(template, error = %msg, "booting a pooled sandbox failed");
+                p.last_error = Some(msg);
+                p.backoff_until = Some(Instant::now() + Duration::from_secs(2));
+            }
+        }
+    }
+
+    /// Boots one sandbox of `template` for its pool.
+    async fn boot_pooled(self: &Arc<Self>, template: &abx_template::Template) -> CoreResult<Arc<Sandbox>> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(CoreError::Conflict("the daemon is shutting down".into()));
+        }
+        let slot = self.acquire_slot().await?;
+        let created_at = now();
+        let id = new_id();
+        let rec = Record {
+            id: id.clone(),
+            name: None,
+            template: template.name.clone(),
+            layers: template.layers.clone(),
+            limits: merge_limits(&Limits::default(), &self.cfg.default_limits),
+            env: template.config.env.clone(),
+            workdir: template.config.workdir.clone(),
+            user: template.config.user.clone(),
+            metadata: Default::default(),
+            created_at,
+            expires_at: None,
+            pid: 0,
+            pid_start: 0,
+            uid_slot: slot,
+            uid_base: self.uid_base_of(slot),
+            hostname: id.clone(),
+            state: SandboxState::Creating,
+            oom_kills_base: 0,
+            network: Default::default(),
+            persist: false,
+            on_timeout: Default::default(),
+            volumes: Vec::new(),
+            snapshot: None,
+            pooled: true,
+        };
+        let this = self.clone();
+        let started =
+            tokio::task::spawn_blocking(move || this.start_blocking(rec, &crate::net::policy::Policy::none()))
+                .await
+                .map_err(|e| CoreError::internal("pool boot task", e.to_string()))?;
+        self.refill();
+        let (rec, pidfd) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                self.abandon_slot(slot).await;
+                return Err(e);
+            }
+        };
+        let sb = self.live(rec, Some(pidfd));
+        if let Err(e) = self.run_start(&sb, &template.config).await {
+            self.destroy_pooled(sb);
+            return Err(e);
+        }
+        Ok(sb)
+    }
+
+    /// Kills a sandbox that was never published (pooled) and cleans up after it.
+    pub(crate) fn destroy_pooled(self: &Arc<Self>, sb: Arc<Sandbox>) {
+        sb.update(|r| r.state = SandboxState::Destroying);
+        if let Some(fd) = &sb.pidfd {
+            let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+        }
+        self.finish_destroy(sb);
+    }
+
+    /// A create served from the pool of `template`, if it has a ready sandbox; `None`
+    /// means make it cold. Counts the hit or miss.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        template: &abx_template::Template,
+        c: Claim,
+    ) -> CoreResult<Option<Arc<Sandbox>>> {
+        let t0 = Instant::now();
+        let (found, doomed) = self.pools.take(&template.name, &template.layers);
+        for sb in doomed {
+            self.destroy_pooled(sb);
+        }
+        let Some(sb) = found else {
+            self.pools.count(&template.name, false, t0.elapsed());
+            return Ok(None);
+        };
+        let this = self.clone();
+        let sb2 = sb.clone();
+        let res = tokio::task::spawn_blocking(move || this.apply_claim(&sb2, &c))
+            .await
+            .map_err(|e| CoreError::internal("claim task", e.to_string()))?;
+        match res {
+            Ok(()) => {
+                self.publish(sb.clone());
+                self.pools.count(&template.name, true, t0.elapsed());
+                Ok(Some(sb))
+            }
+            Err(e) => {
+                warn!(sandbox = %sb.id, error = %e, "claiming a pooled sandbox failed; creating one");
+                self.destroy_pooled(sb);
+                self.pools.count(&template.name, false, t0.elapsed());
+                Ok(None)
+            }
+        }
+    }
+
+    fn apply_claim(&self, sb: &Sandbox, c: &Claim) -> Result<(), String> {
+        let rec = sb.record();
+        self.set_slot_limits(rec.uid_slot, &c.limits)?;
+        if let Some(net) = &self.net {
+            net.attach(rec.uid_slot, &rec.id, &c.policy).map_err(|e| format!("network policy: {e}"))?;
+        }
+        let created_at = now();
+        let rec = sb.update(|r| {
+            r.name = c.name.clone();
+            r.limits = c.limits.clone();
+            r.env.extend(c.env.clone());
+            r.workdir = c.workdir.clone().or(r.workdir.take());
+            r.user = c.user.clone().or(r.user.take());
+            r.metadata = c.metadata.clone();
+            r.network = c.network.clone();
+            r.created_at = created_at;
+            r.expires_at = c.timeout.map(|t| created_at + t.as_secs().max(1));
+            r.on_timeout = c.on_timeout;
+            r.pooled = false;
+            r.clone()
+        });
+        self.store().put(&rec).map_err(|e| format!("record sandbox: {e}"))
+    }
+
+    /// Runs the template's start command in the background and waits for its readiness
+    /// check to pass.
+    pub(crate) async fn run_start(&self, sb: &Sandbox, cfg: &abx_template::TemplateConfig) -> CoreResult<()> {
+        let rec = sb.record();
+        let socket = sb.dirs.agent_socket();
+        let spec = |argv: Vec<String>, background: bool| abx_proto::ExecSpec {
+            argv,
+            env: rec.env.clone(),
+            cwd: rec.workdir.clone(),
+            user: rec.user.clone(),
+            tty: None,
+            stdin: false,
+            timeout_ms: if background { None } else { Some(10_000) },
+            background,
+            tag: Some(if background { "start" } else { "ready" }.into()),
+        };
+        if !cfg.start.is_empty() {
+            crate::agent::run(&socket, spec(cfg.start.clone(), true), |_, _| {}).await.map_err(|e| {
+                CoreError::Setup { id: rec.id.clone(), message: format!("start command {:?}: {e}", cfg.start) }
+            })?;
+        }
+        let Some(check) = &cfg.ready else { return Ok(()) };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last;
+        loop {
+            let argv = vec!["/bin/sh".to_string(), "-c".to_string(), check.clone()];
+            let mut out = Vec::new();
+            match crate::agent::run(&socket, spec(argv, false), |_, d| {
+                if out.len() < 4096 {
+                    out.extend_from_slice(d)
+                }
+            })
+            .await
+            {
+                Ok(st) if st.code == Some(0) => return Ok(()),
+                Ok(st) => last = format!("exit {:?}: {}", st.code, String::from_utf8_lossy(&out).trim()),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(CoreError::Setup {
+                    id: rec.id.clone(),
+                    message: format!(
+                        "readiness check `{check}` did not pass within {}s (last: {last})",
+                        READY_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Destroys every pooled sandbox, synchronously (daemon shutdown).
+    pub(crate) fn drain_pools_blocking(&self) {
+        let all: Vec<Arc<Sandbox>> = self.pools.lock().values_mut().flat_map(|p| p.ready.drain(..)).collect();
+        for sb in all {
+            if let Some(fd) = &sb.pidfd {
+                let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
+                crate::manager::wait_exit_blocking(fd, Duration::from_secs(5));
+            }
+            let rec = sb.record();
+            let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
+            let _ = self.store().delete(&rec.id);
+            self.free_uid_slot(rec.uid_slot);
+        }
+    }
+}
+
+/// MemAvailable of /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_micros(700));
+        h.observe(Duration::from_millis(4));
+        let mut out = String::new();
+        h.write(&mut out, "x", "t=\"a\"");
+        assert!(out.contains("x_bucket{t=\"a\",le=\"0.0005\"} 0"));
+        assert!(out.contains("x_bucket{t=\"a\",le=\"0.001\"} 1"));
+        assert!(out.contains("x_bucket{t=\"a\",le=\"0.005\"} 2"));
+        assert!(out.contains("x_bucket{t=\"a\",le=\"+Inf\"} 2"));
+        assert!(out.contains("x_count{t=\"a\"} 2"));
+        assert!((h.mean_ms() - 2.35).abs() < 1e-9);
+    }
+
+    #[test]
+    fn demand_follows_claims_within_bounds() {
+        let mut p = Pool::new(PoolConfig { template: "t".into(), min: 1, max: 20 });
+        let now = Instant::now();
+        assert_eq!(p.demand(now), 1, "no claims: min");
+        p.refill = Some(Duration::from_millis(100));
+        // 100 claims in the window = 10/s; 10/s * (0.1 + 0.1) s * 2 = 4.
+        for _ in 0..100 {
+            p.recent.push_back(now);
+        }
+        assert_eq!(p.demand(now), 4);
+        for _ in 0..10_000 {
+            p.recent.push_back(now);
+        }
+        assert_eq!(p.demand(now), 20, "bounded by max");
+        assert_eq!(p.demand(now + WINDOW + Duration::from_secs(1)), 1, "old claims age out");
+    }
+}
