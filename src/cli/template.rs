@@ -11,17 +11,43 @@ use super::parse;
 pub enum TemplateCmd {
     /// List templates.
     Ls,
-    /// Build a template: an embedded recipe (base, mini) or a host directory.
-    Build {
-        /// Template name (also the recipe, unless --recipe or --from-dir is given).
-        name: String,
-        /// Embedded recipe to use (base: Debian 12 via debootstrap; mini: busybox).
-        #[arg(long, conflicts_with = "from_dir")]
-        recipe: Option<String>,
-        /// Import this host directory as the template's root filesystem.
+    /// Build a template: an embedded recipe (base, mini), a host directory, a Dockerfile
+    /// (`-f Dockerfile [CONTEXT] NAME`) or a repository at a ref (`--repo R --ref REF
+    /// --setup CMD NAME`).
+    Build(BuildArgs),
+    /// Import an image: a `docker save` archive, an OCI archive or an OCI layout directory.
+    Import {
+        /// The archive or layout directory.
+        file: std::path::PathBuf,
+        /// Template name (default: from the file name).
         #[arg(long)]
-        from_dir: Option<std::path::PathBuf>,
+        name: Option<String>,
+        /// Which image of an archive holding several (a tag or reference name).
+        #[arg(long)]
+        image: Option<String>,
     },
+    /// Pull an image from an OCI registry (`host[:port]/repo[:tag|@sha256:...]`).
+    Pull {
+        reference: String,
+        /// Template name (default: the repository's last path component).
+        #[arg(long)]
+        name: Option<String>,
+        /// Registry user name (the password is read from standard input or --password-env).
+        #[arg(long)]
+        username: Option<String>,
+        /// Environment variable holding the registry password.
+        #[arg(long, requires = "username")]
+        password_env: Option<String>,
+        /// Docker config.json / containers auth.json to read credentials from.
+        #[arg(long)]
+        auth_file: Option<std::path::PathBuf>,
+        /// Allow plain HTTP (always allowed for a registry on loopback).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Build a template again from what made it (Dockerfile, repository, image); with the
+    /// build cache only what changed is redone.
+    Refresh { name: String },
     /// Make a template from a snapshot: the snapshot's template layers (shared) plus one
     /// layer with the sandbox's changes.
     Create {
@@ -36,11 +62,75 @@ pub enum TemplateCmd {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Empty the build cache and remove the layers nothing uses any more.
+    Prune,
     /// Show a template as JSON.
     Inspect { name: String },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// `NAME`, or `CONTEXT NAME` with -f.
+    #[arg(num_args = 1..=2, required = true)]
+    args: Vec<String>,
+    /// Embedded recipe to use (base: Debian 12 via debootstrap; mini: busybox).
+    #[arg(long)]
+    recipe: Option<String>,
+    /// Import this host directory as the template's root filesystem.
+    #[arg(long)]
+    from_dir: Option<std::path::PathBuf>,
+    /// Dockerfile to build (`-` for standard input); CONTEXT defaults to its directory.
+    #[arg(short = 'f', long = "file")]
+    dockerfile: Option<std::path::PathBuf>,
+    /// ARG value (repeatable).
+    #[arg(long = "build-arg", value_parser = parse::key_value)]
+    build_args: Vec<(String, String)>,
+    /// Repository to check out (host path or URL).
+    #[arg(long)]
+    repo: Option<String>,
+    /// Branch, tag or commit (default HEAD).
+    #[arg(long = "ref", requires = "repo")]
+    git_ref: Option<String>,
+    /// Command installing the repository's dependencies (cached by its lock files).
+    #[arg(long, requires = "repo")]
+    setup: Option<String>,
+    /// Template the repository goes on (default base).
+    #[arg(long, requires = "repo")]
+    from: Option<String>,
+    /// Where the repository goes (default /workspace).
+    #[arg(long, requires = "repo")]
+    dest: Option<String>,
+    /// Lock file deciding whether setup runs again (repeatable; default: the usual ones).
+    #[arg(long = "lock-file", requires = "repo")]
+    lock_files: Vec<String>,
+    /// Run every step, ignoring the build cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Egress policy of the build's RUN steps and setup.
+    #[command(flatten)]
+    policy: super::net::PolicyArgs,
+}
+
+fn abs(p: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?.display().to_string())
+}
+
+/// A template name made from a file or repository name.
+fn name_from(s: &str) -> String {
+    let mut n: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
+        .collect();
+    n = n.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    n.truncate(63);
+    if n.is_empty() { "image".into() } else { n }
+}
+
 pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
+    let show = |t: &abx_client::Template| {
+        println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
+    };
     match cmd {
         TemplateCmd::Ls => {
             println!("{:<20} {:<8} {:<10} {:<10} RECIPE", "NAME", "LAYERS", "SIZE", "CREATED");
@@ -55,18 +145,104 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                 );
             }
         }
-        TemplateCmd::Build { name, recipe, from_dir } => {
-            let from_dir = match from_dir {
-                Some(d) => Some(std::fs::canonicalize(&d).map_err(|e| anyhow::anyhow!("{}: {e}", d.display()))?),
-                None => None,
+        TemplateCmd::Build(a) => {
+            let (context, name) = match a.args.as_slice() {
+                [name] => (None, name.clone()),
+                [context, name] => (Some(context.clone()), name.clone()),
+                _ => bail!("give NAME, or CONTEXT NAME with -f"),
             };
-            let t = build_with(client, &name, recipe, from_dir.map(|d| d.display().to_string())).await?;
-            println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
+            if context.is_some() && a.dockerfile.is_none() {
+                bail!("a CONTEXT is given only with -f Dockerfile");
+            }
+            let mut req = BuildTemplate {
+                name,
+                recipe: a.recipe,
+                no_cache: a.no_cache,
+                network: a.policy.policy(),
+                build_args: a.build_args.into_iter().collect(),
+                ..Default::default()
+            };
+            if let Some(d) = a.from_dir {
+                req.from_dir = Some(abs(&d)?);
+            }
+            if let Some(f) = a.dockerfile {
+                let text = if f.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
+                };
+                req.dockerfile = Some(text);
+                let context = match context {
+                    Some(c) => c.into(),
+                    None if f.as_os_str() == "-" => std::env::current_dir()?,
+                    None => f.parent().filter(|p| !p.as_os_str().is_empty()).map_or(".".into(), |p| p.to_path_buf()),
+                };
+                req.context = Some(abs(&context)?);
+            }
+            if let Some(r) = a.repo {
+                let local = std::path::Path::new(&r);
+                req.repo = Some(if !r.contains("://") && local.exists() { abs(local)? } else { r });
+                req.git_ref = a.git_ref;
+                req.setup = a.setup;
+                req.from = a.from;
+                req.dest = a.dest;
+                req.lock_files = a.lock_files;
+            }
+            show(&build_request(client, req).await?);
+        }
+        TemplateCmd::Import { file, name, image } => {
+            let stem = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = stem.split('.').next().unwrap_or_default().to_string();
+            let req = BuildTemplate {
+                name: name.unwrap_or_else(|| name_from(&stem)),
+                import: Some(abs(&file)?),
+                image,
+                ..Default::default()
+            };
+            show(&build_request(client, req).await?);
+        }
+        TemplateCmd::Pull { reference, name, username, password_env, auth_file, insecure } => {
+            let password = match (&username, password_env) {
+                (None, _) => None,
+                (Some(_), Some(var)) => {
+                    Some(std::env::var(&var).map_err(|_| anyhow::anyhow!("--password-env: ${var} is not set"))?)
+                }
+                (Some(_), None) => {
+                    let mut p = String::new();
+                    std::io::stdin().read_line(&mut p)?;
+                    Some(p.trim_end_matches(['\r', '\n']).to_string())
+                }
+            };
+            let repo = reference.split('@').next().unwrap_or(&reference);
+            let last = repo.rsplit('/').next().unwrap_or(repo);
+            let last = last.split(':').next().unwrap_or(last);
+            let auth = (username.is_some() || auth_file.is_some()).then(|| abx_client::RegistryAuth {
+                username,
+                password,
+                auth_file: auth_file.map(|f| f.display().to_string()),
+            });
+            let req = BuildTemplate {
+                name: name.unwrap_or_else(|| name_from(last)),
+                pull: Some(reference),
+                registry_auth: auth,
+                insecure,
+                ..Default::default()
+            };
+            show(&build_request(client, req).await?);
+        }
+        TemplateCmd::Refresh { name } => {
+            let before = client.template(&name).await?;
+            let t = client_refresh(client, &name).await?;
+            if t.layers == before.layers && same_config(&t, &before) {
+                println!("{name}: unchanged ({} layer(s))", t.layers.len());
+            } else {
+                let same = t.layers.iter().zip(&before.layers).take_while(|(a, b)| a == b).count();
+                println!("{name}: rebuilt {} of {} layer(s)", t.layers.len() - same, t.layers.len());
+            }
         }
         TemplateCmd::Create { name, from_snapshot } => {
             let req = BuildTemplate { name, from_snapshot: Some(from_snapshot), ..Default::default() };
-            let t = build_request(client, req).await?;
-            println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
+            show(&build_request(client, req).await?);
         }
         TemplateCmd::Rm { names } => {
             for n in names {
@@ -74,9 +250,22 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                 println!("{n}");
             }
         }
+        TemplateCmd::Prune => {
+            let removed = client.prune_templates().await?;
+            println!("removed {} layer(s)", removed.len());
+        }
         TemplateCmd::Inspect { name } => println!("{}", serde_json::to_string_pretty(&client.template(&name).await?)?),
     }
     Ok(0)
+}
+
+fn same_config(a: &abx_client::Template, b: &abx_client::Template) -> bool {
+    (&a.env, &a.workdir, &a.user, &a.start, &a.ready) == (&b.env, &b.workdir, &b.user, &b.start, &b.ready)
+}
+
+async fn client_refresh(client: &Client, name: &str) -> anyhow::Result<abx_client::Template> {
+    let stream = client.refresh_template(name).await?;
+    follow(stream, name).await
 }
 
 /// Builds an embedded template with a progress bar.
@@ -90,13 +279,16 @@ async fn build_with(
     recipe: Option<String>,
     from_dir: Option<String>,
 ) -> anyhow::Result<abx_client::Template> {
-    build_request(client, BuildTemplate { name: name.into(), recipe, from_dir, from_snapshot: None }).await
+    build_request(client, BuildTemplate { name: name.into(), recipe, from_dir, ..Default::default() }).await
 }
 
 async fn build_request(client: &Client, req: BuildTemplate) -> anyhow::Result<abx_client::Template> {
-    let name = req.name.clone();
-    let name = name.as_str();
-    let mut stream = client.build_template(&req).await?;
+    let stream = client.build_template(&req).await?;
+    follow(stream, &req.name).await
+}
+
+/// Shows a build's progress (and its step output) until it ends.
+async fn follow(mut stream: abx_client::NdjsonStream<BuildEvent>, name: &str) -> anyhow::Result<abx_client::Template> {
     let bar = ProgressBar::new_spinner();
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix:>12} {bar:30} {pos}/{len} {wide_msg}")
@@ -106,7 +298,11 @@ async fn build_request(client: &Client, req: BuildTemplate) -> anyhow::Result<ab
     let mut last_stage = String::new();
     while let Some(ev) = stream.next().await? {
         match ev {
+            BuildEvent::Progress { stage, message, .. } if stage == "log" => bar.println(format!("  | {message}")),
             BuildEvent::Progress { stage, done, total, message } => {
+                if stage == "step" {
+                    bar.println(format!("step {done}/{}: {message}", total.unwrap_or(0)));
+                }
                 if stage != last_stage {
                     if !last_stage.is_empty() && !bar.is_hidden() {
                         bar.println(format!("  {last_stage} done"));

@@ -272,6 +272,7 @@ impl Daemon {
                 recipe: None,
                 from_dir: None,
                 from_snapshot: None,
+                ..Default::default()
             })
             .await
             .unwrap();

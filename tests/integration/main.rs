@@ -2,6 +2,7 @@
 //! Run as root (scripts/test builds the static agent and verifier first).
 
 mod api;
+mod builds;
 mod cli;
 mod exec;
 mod fakenet;

@@ -610,6 +610,12 @@ pub struct Template {
     pub user: Option<String>,
     #[serde(default)]
     pub description: String,
+    /// Command started in the background in every new sandbox (argv).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start: Vec<String>,
+    /// Shell command a create waits for to exit 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
 }
 
 /// `POST /v1/templates`: build a template.
@@ -628,6 +634,70 @@ pub struct BuildTemplate {
     /// one layer with the sandbox's changes; its env, workdir and user become the defaults.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Build from this Dockerfile text (single stage; FROM names a template of this daemon
+    /// or `scratch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// Absolute host directory COPY and ADD read from (a `.dockerignore` in it is honoured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// `ARG` values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub build_args: BTreeMap<String, String>,
+    /// Egress policy of the build's sandboxes (RUN steps, setup). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+    /// Ignore the build cache (every step runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_cache: bool,
+    /// A git repository (absolute host path or URL) to check out at `git_ref`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit of `repo` (default HEAD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Command installing the repository's dependencies (run once, cached by lock files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<String>,
+    /// Template a repository goes on (default `base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Where the repository goes in the sandbox (default `/workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+    /// Files (relative to the repository) whose content decides whether setup runs again;
+    /// default: the well-known lock and manifest files at its root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lock_files: Vec<String>,
+    /// Import an image: a `docker save` archive, an OCI archive or an OCI layout directory
+    /// (absolute host path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<String>,
+    /// Which image of a multi-image archive (a tag or reference name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Pull an image from an OCI registry: `host[:port]/repo[:tag|@digest]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<String>,
+    /// Registry credentials for `pull` (never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+    /// Allow plain HTTP to the registry (always allowed for loopback registries).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// Registry credentials.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A docker `config.json` or containers `auth.json` on the host to read credentials from.
+    #[serde(default)]
+    pub auth_file: Option<String>,
 }
 
 /// One line of a template build stream (NDJSON).

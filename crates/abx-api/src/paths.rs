@@ -45,6 +45,8 @@ pub const PORT: &str = "/v1/sandboxes/{id}/ports/{port}";
 pub const METRICS: &str = "/metrics";
 pub const TEMPLATES: &str = "/v1/templates";
 pub const TEMPLATE: &str = "/v1/templates/{name}";
+pub const TEMPLATE_REFRESH: &str = "/v1/templates/{name}/refresh";
+pub const BUILD_CACHE_PRUNE: &str = "/v1/build-cache/prune";
 
 /// All routes.
 pub const ALL: &[&str] = &[
@@ -91,6 +93,8 @@ pub const ALL: &[&str] = &[
     PORT,
     TEMPLATES,
     TEMPLATE,
+    TEMPLATE_REFRESH,
+    BUILD_CACHE_PRUNE,
 ];
 
 /// Fills `{id}`, `{pid}` and `{name}` placeholders.

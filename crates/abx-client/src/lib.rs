@@ -25,7 +25,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
 pub use abx_api::*;
-pub use exec::{ExecStream, Output, OutputEvent};
+pub use exec::{ExecStream, NdjsonStream, Output, OutputEvent};
 pub use interactive::{Interactive, InteractiveEvent};
 
 /// The default daemon socket.
@@ -389,6 +389,18 @@ impl Client {
     pub async fn build_template(&self, req: &BuildTemplate) -> Result<exec::NdjsonStream<BuildEvent>> {
         let resp = self.send(self.request(Method::POST, paths::TEMPLATES).json(req)).await?;
         Ok(exec::NdjsonStream::new(resp))
+    }
+
+    /// Builds a template again from what made it; streams like [`Client::build_template`].
+    pub async fn refresh_template(&self, name: &str) -> Result<exec::NdjsonStream<BuildEvent>> {
+        let resp =
+            self.send(self.request(Method::POST, &Self::path(paths::TEMPLATE_REFRESH, &[("name", name)]))).await?;
+        Ok(exec::NdjsonStream::new(resp))
+    }
+
+    /// Empties the build cache and removes unused layers; returns their digests.
+    pub async fn prune_templates(&self) -> Result<Vec<String>> {
+        self.json(self.request(Method::POST, paths::BUILD_CACHE_PRUNE)).await
     }
 
     pub async fn delete_template(&self, name: &str) -> Result<()> {

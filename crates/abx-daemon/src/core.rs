@@ -177,6 +177,10 @@ pub enum Command {
     DeleteVolume {
         name: String,
     },
+    RefreshTemplate {
+        name: String,
+    },
+    PruneBuildCache,
     SetPool {
         template: String,
         req: abx_api::SetPool,
@@ -241,6 +245,7 @@ pub enum Outcome {
     Volumes(Vec<abx_api::Volume>),
     Pool(abx_api::Pool),
     Pools(Vec<abx_api::Pool>),
+    Strings(Vec<String>),
 }
 
 macro_rules! accessor {
@@ -278,6 +283,7 @@ impl Outcome {
     accessor!(volume, Volume, abx_api::Volume);
     accessor!(volumes, Volumes, Vec<abx_api::Volume>);
     accessor!(pool, Pool, abx_api::Pool);
+    accessor!(strings, Strings, Vec<String>);
     accessor!(pools, Pools, Vec<abx_api::Pool>);
 
     pub fn diff(self) -> CoreResult<(abx_api::Diff, Option<Vec<u8>>)> {
@@ -484,6 +490,8 @@ impl Core {
             Command::ListVolumes => m.volumes().await.map(Outcome::Volumes),
             Command::GetVolume { name } => m.volume(&name).await.map(Outcome::Volume),
             Command::DeleteVolume { name } => m.delete_volume(&name).await.map(|_| Outcome::Done),
+            Command::RefreshTemplate { name } => crate::build::refresh(m, &name).map(Outcome::Build),
+            Command::PruneBuildCache => crate::templates::prune(m).await.map(Outcome::Strings),
             Command::SetPool { template, req } => m.set_pool(&template, req.min, req.max).await.map(Outcome::Pool),
             Command::ListPools => Ok(Outcome::Pools(m.pools.list())),
             Command::GetPool { template } => m.pool(&template).map(Outcome::Pool),

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod build;
 pub mod config;
 pub mod core;
 pub mod cow;

@@ -401,7 +401,17 @@ impl Manager {
     }
 
     /// Creates and starts a sandbox.
-    pub async fn create(self: &Arc<Self>, mut req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
+        self.create_on(req, None).await
+    }
+
+    /// Creates and starts a sandbox on `given` layers and configuration instead of a
+    /// stored template (the steps of a template build).
+    pub(crate) async fn create_on(
+        self: &Arc<Self>,
+        mut req: CreateSandbox,
+        given: Option<abx_template::Template>,
+    ) -> CoreResult<Arc<Sandbox>> {
         let snap = match &req.snapshot {
             Some(key) => {
                 let s = self.find_snapshot(key)?;
@@ -448,7 +458,10 @@ impl Manager {
                     packages: Vec::new(),
                 },
             },
-            None => self.template(req.template.as_deref().unwrap_or(&self.cfg.default_template))?,
+            None => match given {
+                Some(t) => t,
+                None => self.template(req.template.as_deref().unwrap_or(&self.cfg.default_template))?,
+            },
         };
         validate::create(&req)?;
         self.volume_specs(&req.volumes)?;

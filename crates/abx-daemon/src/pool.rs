@@ -149,7 +149,7 @@ impl Pool {
         want.clamp(self.cfg.min as usize, self.cfg.max as usize)
     }
 
-    fn to_api(&mut self, now: Instant) -> abx_api::Pool {
+    fn snapshot(&mut self, now: Instant) -> abx_api::Pool {
         let claims = self.hits + self.misses;
         abx_api::Pool {
             template: self.cfg.template.clone(),
@@ -234,7 +234,7 @@ impl Pools {
     /// Every pool's state, sorted by template.
     pub fn list(&self) -> Vec<abx_api::Pool> {
         let now = Instant::now();
-        let mut v: Vec<_> = self.lock().values_mut().map(|p| p.to_api(now)).collect();
+        let mut v: Vec<_> = self.lock().values_mut().map(|p| p.snapshot(now)).collect();
         v.sort_by(|a, b| a.template.cmp(&b.template));
         v
     }
@@ -243,7 +243,7 @@ impl Pools {
     pub fn metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let pools = self.list();
-        let gauges: [(&str, &str, fn(&abx_api::Pool) -> f64); 6] = [
+        let gauges: [Series<f64>; 6] = [
             ("agentbox_pool_ready", "Sandboxes ready in the pool.", |p| p.ready as f64),
             ("agentbox_pool_filling", "Pool sandboxes booting.", |p| p.filling as f64),
             ("agentbox_pool_target", "Size the pool is kept at (from demand, within min and max).", |p| {
@@ -261,7 +261,7 @@ impl Pools {
                 let _ = writeln!(out, "{name}{{template=\"{}\"}} {}", p.template, f(p));
             }
         }
-        let counters: [(&str, &str, fn(&abx_api::Pool) -> u64); 4] = [
+        let counters: [Series<u64>; 4] = [
             ("agentbox_pool_hits_total", "Creates served from the pool.", |p| p.hits),
             ("agentbox_pool_misses_total", "Creates of a pooled template made cold (pool empty).", |p| p.misses),
             ("agentbox_pool_boots_total", "Sandboxes booted into the pool.", |p| p.boots),
@@ -290,6 +290,9 @@ impl Pools {
     }
 }
 
+/// A metric: name, help text, and its value for a pool.
+type Series<T> = (&'static str, &'static str, fn(&abx_api::Pool) -> T);
+
 /// What a claim applies to a pooled sandbox.
 pub struct Claim {
     pub name: Option<String>,
@@ -306,7 +309,7 @@ pub struct Claim {
 
 /// Work the filler decided on.
 enum Action {
-    Boot(abx_template::Template),
+    Boot(Box<abx_template::Template>),
     Destroy(Arc<Sandbox>),
 }
 
@@ -346,7 +349,7 @@ impl Manager {
         self.pools
             .lock()
             .get_mut(template)
-            .map(|p| p.to_api(now))
+            .map(|p| p.snapshot(now))
             .ok_or_else(|| CoreError::NotFound { kind: "pool", id: template.to_string() })
     }
 
@@ -463,7 +466,7 @@ impl Manager {
                 held += 1;
                 pooled_total += 1;
                 budget -= 1;
-                actions.push(Action::Boot(template.clone()));
+                actions.push(Action::Boot(Box::new(template.clone())));
             }
         }
         actions

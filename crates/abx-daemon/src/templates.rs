@@ -19,6 +19,8 @@ pub fn to_api(t: abx_template::Template) -> abx_api::Template {
         workdir: t.config.workdir,
         user: t.config.user,
         description: t.config.description,
+        start: t.config.start,
+        ready: t.config.ready,
     }
 }
 
@@ -44,6 +46,29 @@ pub fn get(m: &Manager, name: &str) -> CoreResult<abx_api::Template> {
 
 /// Starts a build; progress and the result arrive on the returned channel.
 pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    let sources = [
+        req.recipe.is_some(),
+        req.from_dir.is_some(),
+        req.from_snapshot.is_some(),
+        req.dockerfile.is_some(),
+        req.repo.is_some(),
+        req.import.is_some(),
+        req.pull.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() > 1 {
+        return Err(CoreError::Invalid(
+            "give one source: recipe, from_dir, from_snapshot, dockerfile, repo, import or pull".into(),
+        ));
+    }
+    if req.dockerfile.is_some() {
+        return crate::build::dockerfile(m, req);
+    }
+    if req.repo.is_some() {
+        return crate::build::repo(m, req);
+    }
+    if req.import.is_some() || req.pull.is_some() {
+        return crate::build::image(m, req);
+    }
     if let Some(key) = &req.from_snapshot {
         if req.from_dir.is_some() || req.recipe.is_some() {
             return Err(CoreError::Invalid("give from_snapshot alone (not with recipe or from_dir)".into()));
@@ -125,8 +150,21 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
         let in_use = m.layers_in_use();
-        m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))
+        m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))?;
+        crate::build::forget_source(&m, &name);
+        Ok(())
     })
     .await
     .map_err(|e| CoreError::internal("template removal task", e.to_string()))?
+}
+
+/// Empties the build cache and collects garbage; returns the removed layers.
+pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || {
+        let in_use = m.layers_in_use();
+        m.templates.prune_build_cache(&in_use).map_err(|e| map_err("*", e))
+    })
+    .await
+    .map_err(|e| CoreError::internal("prune task", e.to_string()))?
 }

@@ -7,8 +7,11 @@
 //! <type> <mode, octal> <uid> <gid> <size> <detail> <path length>:<path>\n
 //! ```
 //!
-//! `type` is one of `d f l p s c b`; `detail` is the SHA-256 of a regular file's content, the
-//! `<length>:<target>` of a symlink, `major,minor` of a device, `-` otherwise; `size` is 0 for
+//! `type` is one of `d f l p s c b`; `detail` is the SHA-256 of a regular file's content
+//! (followed by ` xattr:<name length>:<name>=<hex value>` for each extended attribute the
+//! layer keeps, see `tree::kept_xattr`, sorted by name; none for most files), the
+//! `<length>:<target>` of a symlink, `major,minor` of a device, `opaque` for a directory with
+//! the overlayfs opaque marker, `-` otherwise; `size` is 0 for
 //! anything but regular files and symlinks. Paths are relative to the root (the root itself is
 //! the empty path) and written as raw bytes. Modification times and inode numbers are not part
 //! of the listing, so the same content built at another time (or hardlinked elsewhere) has the
@@ -89,7 +92,18 @@ impl Walker {
     /// The size and detail field of one entry.
     fn describe(&mut self, path: &Path, meta: &Metadata, kind: FileType) -> Result<(u64, Vec<u8>)> {
         Ok(match kind {
-            FileType::RegularFile => (meta.size(), self.content_hash(path, meta)?.into_bytes()),
+            FileType::RegularFile => {
+                let mut detail = self.content_hash(path, meta)?.into_bytes();
+                // Only files with kept xattrs (image files with capabilities, say) get this
+                // suffix; every other listing is unchanged.
+                for (name, value) in crate::tree::kept_xattrs(path)? {
+                    detail.extend_from_slice(format!(" xattr:{}:", name.len()).as_bytes());
+                    detail.extend_from_slice(&name);
+                    detail.push(b'=');
+                    detail.extend_from_slice(hex(&value).as_bytes());
+                }
+                (meta.size(), detail)
+            }
             FileType::Symlink => {
                 let target = fs::read_link(path).at("read symlink", path)?;
                 let target = target.as_os_str().as_encoded_bytes();

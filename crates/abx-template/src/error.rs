@@ -83,6 +83,66 @@ pub enum Error {
     /// A helper program exited unsuccessfully; `output` is the end of what it printed.
     #[error("{program} failed ({status}): {output}")]
     Command { program: String, status: ExitStatus, output: String },
+
+    /// An image archive, layout, manifest, index or config that cannot be used; `what` names
+    /// the file or blob (e.g. `manifest.json in /srv/img.tar`).
+    #[error("invalid image {what}: {reason}")]
+    ImageFormat { what: String, reason: String },
+
+    /// The archive or index holds no image matching the one asked for, or several and none
+    /// was chosen; `reason` lists what there is.
+    #[error("cannot choose an image in {source_name}: {reason}")]
+    ImageChoice { source_name: String, reason: String },
+
+    /// A layer tar entry refused during extraction (a path escaping the layer, a path
+    /// through a symlink, a hardlink to nothing), or an entry that could not be written.
+    #[error("layer {layer}: entry '{entry}': {reason}")]
+    LayerEntry { layer: String, entry: String, reason: String },
+
+    /// A blob (or a layer's uncompressed content) whose SHA-256 is not the digest that
+    /// names it, or whose size is not the size its descriptor gives.
+    #[error("blob {blob} is corrupt: {reason}")]
+    BlobMismatch { blob: String, reason: String },
+
+    /// An image reference that does not parse (`host[:port]/repo/name[:tag|@sha256:...]`).
+    #[error("invalid image reference '{reference}': {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    /// The HTTP request to a registry (or its token service) failed before a response.
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// A registry answered with an error status; `message` is its error text, if any.
+    #[error("registry {url} answered {status}: {message}")]
+    RegistryStatus { url: String, status: u16, message: String },
+
+    /// A registry refused access: credentials missing or rejected.
+    #[error("registry {registry} refused access to {repository}: {reason}")]
+    Unauthorized { registry: String, repository: String, reason: String },
+
+    /// A registry credentials file (docker config.json / containers auth.json) that cannot
+    /// be read or parsed.
+    #[error("registry credentials file {}: {reason}", path.display())]
+    AuthFile { path: PathBuf, reason: String },
+
+    /// A layer an image reuses was removed (by a concurrent garbage collection) before the
+    /// template was written; importing again fetches it anew.
+    #[error("layer {digest} disappeared while the template was being written; try again")]
+    LayerGone { digest: String },
+
+    /// A Dockerfile that cannot be built, with the line to blame (see `dockerfile`).
+    #[error(transparent)]
+    Dockerfile(#[from] crate::dockerfile::DockerfileError),
+
+    /// A `COPY`/`ADD` that cannot be done: a source missing, excluded by .dockerignore,
+    /// outside the build context or matching nothing; a destination below a file; an archive
+    /// entry leading outside the destination; an invalid `--chown` or `--chmod` (see `context`).
+    #[error("build context: {message}")]
+    Context { message: String },
 }
 
 /// Attaches the operation and path to an `io::Error`.

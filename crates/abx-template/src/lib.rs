@@ -12,13 +12,16 @@
 //! <state root>/layers/<digest>/       one rootfs tree per layer (digest = sha256-<hex>)
 //! <state root>/templates/<name>.json  template metadata, written atomically
 //! <state root>/tmp/                   builds in progress, renamed into layers/ when done
+//! <state root>/oci/diffid-sha256-<hex> which layer an image layer (by diff_id) became
 //! <cache dir>/base/<key>/             machine-wide cache of expensive builds (see `cache`)
 //! ```
 //!
 //! A crash never leaves part of a layer under `layers/`: trees are built under `tmp/` and
 //! renamed into place; removal renames out of `layers/` first. A failed build removes its
-//! scratch tree (detaching anything mounted inside it first). Every layer contains the mount
-//! points `/proc`, `/sys`, `/dev` and `/tmp`.
+//! scratch tree (detaching anything mounted inside it first). Every template's union contains
+//! the mount points `/proc`, `/sys`, `/dev` and `/tmp`: the layers of the built-in recipes
+//! contain them, and templates made from images get a last layer holding just them (0755,
+//! 0555, 0755, 1777, root; the same digest every time).
 //!
 //! # Recipes
 //!
@@ -34,6 +37,29 @@
 //! - **Dir**: an existing directory imported as one layer. Files are hardlinked when the
 //!   source is on the state root's filesystem, so the source must not be modified in place
 //!   afterwards (replacing files by rename is fine); they are copied otherwise.
+//! - **Images** (recipe `oci:<file or reference>`): [`Store::import_image`] reads a
+//!   `docker save` archive (old `<id>/layer.tar` layout or the newer one with an OCI layout
+//!   inside; `manifest.json` decides), an OCI image layout directory or an OCI archive (a tar
+//!   of one); [`Store::pull`] fetches from an OCI distribution registry (v2 API; Docker Hub
+//!   by default; anonymous, HTTP Basic or Bearer tokens, credentials from [`PullOptions`]
+//!   or a Docker `config.json`/containers `auth.json`; HTTPS, plain HTTP only for insecure
+//!   and loopback registries). Indexes resolve to this machine's
+//!   platform (linux/amd64 here) or their only image. Every manifest, config and layer blob
+//!   is checked against its sha256 digest (and size), every uncompressed layer against its
+//!   diff_id. Each image layer (tar, gzip or zstd) becomes **one layer** in overlayfs format:
+//!   `.wh.NAME` whiteouts become character devices 0:0, `.wh..wh..opq` the
+//!   `user.overlay.opaque="y"` xattr (both part of the digest), owners and modes are the
+//!   image's (idmapped at mount like every layer), hardlinks, symlinks and fifos are kept,
+//!   device nodes left out, `security.capability` and `user.*` xattrs kept. Extraction
+//!   refuses absolute paths, `..` and any path through a symlink (`openat2` with
+//!   `RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS`), so nothing is written outside the new layer
+//!   (details in the `oci` module). `<state root>/oci/diffid-sha256-<hex>` (JSON: `layer`,
+//!   `size_bytes`) records the layer each diff_id became: a layer already present is neither
+//!   downloaded nor extracted again (an entry whose layer was collected is ignored and
+//!   rewritten), and layers shared between images are stored once. The template's config
+//!   comes from the image config: `Env`, `WorkingDir`, `User`, `Entrypoint` + `Cmd` as the
+//!   start command; the description names the reference or file and the manifest digest
+//!   (the image ID for docker-save archives).
 //!
 //! # Reproducibility
 //!
@@ -57,25 +83,33 @@
 mod base;
 mod cache;
 mod cmd;
+pub mod context;
 mod digest;
+pub mod dockerfile;
 mod error;
+mod layers;
 mod meta;
 mod mini;
 mod name;
+mod oci;
 mod progress;
 mod recipe;
+mod registry;
 mod store;
 mod tree;
 
 pub use cache::CacheEntry;
 pub use digest::{TreeDigest, digest_tree};
+pub use dockerfile::{DockerfileError, Plan, Step};
 pub use error::{Error, Result};
+pub use layers::Cached;
 pub use meta::{Template, TemplateConfig, write_atomic};
 pub use name::{MAX_NAME_LEN, validate_digest, validate_name};
 pub use progress::Progress;
 pub use recipe::{BASE_PACKAGES, DEFAULT_MIRROR, DEFAULT_SUITE, Recipe, SOURCE_DATE_EPOCH, recipe_for};
+pub use registry::{DOCKER_HUB, ImageReference, PullOptions};
 pub use store::Store;
-pub use tree::MOUNT_POINTS;
+pub use tree::{MOUNT_POINTS, OPAQUE_XATTR, Scratch};
 
 /// The default machine-wide build cache.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/agentbox";

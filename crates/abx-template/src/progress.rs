@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 /// stages `debootstrap` (its other messages), `retrieving`, `validating`, `extracting`,
 /// `unpacking`, `configuring`, then `user`, `normalizing`, `digest`, `importing`,
 /// `publishing`. The `mini` recipe reports `building`; `Recipe::Dir` reports `importing`.
+/// Image imports and pulls report `resolving` (manifests and config), `layer` (`done` of
+/// `total` image layers, with whether the layer is already present), `extracting` (`done`
+/// bytes of the layer blob read so far, `total` its size when known), `digest` and
+/// `publishing`.
 /// `done` counts items within the stage (packages, for the debootstrap stages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {

@@ -29,6 +29,8 @@ pub struct Store {
     layers: PathBuf,
     templates: PathBuf,
     tmp: PathBuf,
+    /// `<root>/oci`: which layer each OCI layer diff_id became (see `oci`), made when needed.
+    oci: PathBuf,
     cache: Cache,
     lock: Mutex<()>,
 }
@@ -61,6 +63,7 @@ impl Store {
             layers: root.join("layers"),
             templates: root.join("templates"),
             tmp: root.join("tmp"),
+            oci: root.join("oci"),
             cache: Cache::new(cache_dir),
             lock: Mutex::new(()),
         };
@@ -218,7 +221,8 @@ impl Store {
     }
 
     fn gc_locked(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
-        let referenced: HashSet<String> = self.list()?.into_iter().flat_map(|t| t.layers).collect();
+        let mut referenced: HashSet<String> = self.list()?.into_iter().flat_map(|t| t.layers).collect();
+        referenced.extend(self.cache_layers());
         let mut removed = Vec::new();
         for digest in self.layers()? {
             if !referenced.contains(&digest) && !layers_in_use.contains(&digest) {
@@ -296,7 +300,7 @@ impl Store {
     }
 
     /// A fresh path under tmp/, named `<kind>-<pid>-<n>`.
-    fn scratch(&self, kind: &str) -> Scratch {
+    pub(crate) fn scratch(&self, kind: &str) -> Scratch {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         Scratch::new(self.tmp.join(format!("{kind}-{}-{n}", std::process::id())))
@@ -320,7 +324,17 @@ impl Store {
         self.templates.join(format!("{name}.json"))
     }
 
-    fn guard(&self) -> MutexGuard<'_, ()> {
+    /// `<root>/templates`.
+    pub(crate) fn templates_dir(&self) -> &Path {
+        &self.templates
+    }
+
+    /// `<root>/oci` (not created by [`Store::open`]).
+    pub(crate) fn oci_dir(&self) -> &Path {
+        &self.oci
+    }
+
+    pub(crate) fn guard(&self) -> MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, Metadata};
 use std::io::ErrorKind;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -185,6 +185,35 @@ pub fn is_opaque(dir: &Path) -> bool {
         let mut buf = [0u8; 4];
         matches!(rustix::fs::lgetxattr(dir, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y')
     })
+}
+
+/// Whether an extended attribute of an image file is kept in a layer (and is then part of the
+/// layer digest): file capabilities, and `user.*` attributes other than overlayfs' own
+/// `user.overlay.*` (which overlayfs would interpret in a lower layer).
+pub fn kept_xattr(name: &[u8]) -> bool {
+    name == b"security.capability" || (name.starts_with(b"user.") && !name.starts_with(b"user.overlay."))
+}
+
+/// The [`kept_xattr`] attributes of `path` (a symlink is not followed), sorted by name.
+pub fn kept_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let size = match rustix::fs::llistxattr_query(path) {
+        Ok(0) | Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+        other => other.at("list extended attributes of", path)?,
+    };
+    let mut names = vec![0u8; size];
+    let len = rustix::fs::llistxattr(path, &mut names[..]).at("list extended attributes of", path)?;
+    names.truncate(len);
+    let mut kept = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty() && kept_xattr(n)) {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let size = rustix::fs::lgetxattr_query(path, name).at("read extended attributes of", path)?;
+        let mut value = vec![0u8; size];
+        let len = rustix::fs::lgetxattr(path, name, &mut value[..]).at("read extended attributes of", path)?;
+        value.truncate(len);
+        kept.push((name.as_bytes().to_vec(), value));
+    }
+    kept.sort();
+    Ok(kept)
 }
 
 fn whiteout(dst: &Path, meta: &Metadata) -> Result<()> {

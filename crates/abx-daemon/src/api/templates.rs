@@ -10,7 +10,11 @@ use super::{ApiError, Json, Path, ndjson};
 use crate::core::{Command, Core};
 
 pub fn routes() -> OpenApiRouter<Core> {
-    OpenApiRouter::new().routes(routes!(list, build)).routes(routes!(get, remove))
+    OpenApiRouter::new()
+        .routes(routes!(list, build))
+        .routes(routes!(get, remove))
+        .routes(routes!(refresh))
+        .routes(routes!(prune))
 }
 
 /// List templates.
@@ -48,4 +52,22 @@ async fn get(State(core): State<Core>, Path(name): Path<String>) -> Result<Json<
 async fn remove(State(core): State<Core>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     core.execute(Command::DeleteTemplate { name }).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Build a template again from what made it (Dockerfile, repository at a ref, image);
+/// with the build cache only what changed is redone. Streams like a build.
+#[utoipa::path(post, path = abx_api::paths::TEMPLATE_REFRESH, tag = "templates",
+    params(("name" = String, Path, description = "template name")),
+    responses((status = 200, description = "NDJSON stream of BuildEvent", body = BuildEvent, content_type = "application/x-ndjson"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn refresh(State(core): State<Core>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let rx = core.execute(Command::RefreshTemplate { name }).await?.build()?;
+    Ok(ndjson(tokio_stream(rx)))
+}
+
+/// Empty the build cache and delete the layers nothing uses any more; returns their digests.
+#[utoipa::path(post, path = abx_api::paths::BUILD_CACHE_PRUNE, tag = "templates",
+    responses((status = 200, body = Vec<String>)))]
+async fn prune(State(core): State<Core>) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(core.execute(Command::PruneBuildCache).await?.strings()?))
 }

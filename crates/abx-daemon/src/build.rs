@@ -1,0 +1,913 @@
+//! Step-by-step template builds: Dockerfiles and repositories at a ref.
+//!
+//! Each step yields at most one layer. `ENV`, `WORKDIR`, `USER`, `CMD`, `ENTRYPOINT` and
+//! `HEALTHCHECK` change only the configuration (`WORKDIR` adds a layer with the directory
+//! when no layer has it). `COPY`/`ADD` build their layer on the host from the context
+//! directory. `RUN` runs in a sandbox made on the layers so far, under the build's egress
+//! policy (default: none), as the current user in the current directory; once the command
+//! has exited the sandbox is frozen and its overlay upper directory (whiteouts and opaque
+//! markers kept) becomes the layer; then the sandbox is destroyed.
+//!
+//! Every step's result is cached under a key that chains the key of the step before with
+//! everything the step depends on (see `abx_template::layers`), so an unchanged rebuild
+//! runs nothing, and a change rebuilds that step and the ones after it only.
+//!
+//! A repository build is three layers on its `from` template (default `base`): the setup
+//! command's result, then the repository's tree at the ref, owned by the template's user.
+//! The setup layer is keyed by the setup command, the lock files' content and the layers
+//! below, not by the commit: when the ref moves but no lock file changed, a refresh
+//! replaces only the tree layer. Setup runs once, in a sandbox holding the tree of the ref
+//! it was first built at, as the template's user in the repository's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use abx_api::{BuildEvent, BuildTemplate, CreateSandbox, NetworkPolicy};
+use abx_template::{Cached, Template, TemplateConfig};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::error::{CoreError, CoreResult};
+use crate::manager::Manager;
+
+/// Lock files a repository build hashes when none are named.
+pub const LOCK_FILES: [&str; 22] = [
+    "package.json",
+    "package-lock.json",
+    "npm-shrinkwrap.json",
+    "yarn.lock",
+    "pnpm-lock.yaml",
+    "bun.lockb",
+    "requirements.txt",
+    "requirements-dev.txt",
+    "pyproject.toml",
+    "poetry.lock",
+    "Pipfile.lock",
+    "uv.lock",
+    "setup.py",
+    "setup.cfg",
+    "Cargo.toml",
+    "Cargo.lock",
+    "go.mod",
+    "go.sum",
+    "Gemfile.lock",
+    "composer.lock",
+    "mix.lock",
+    "pom.xml",
+];
+
+/// Progress and log lines of a build, sent to the client in order.
+#[derive(Clone)]
+pub struct Out(mpsc::UnboundedSender<BuildEvent>);
+
+impl Out {
+    pub fn stage(&self, stage: &str, done: u64, total: u64, message: impl Into<String>) {
+        let _ = self.0.send(BuildEvent::Progress {
+            stage: stage.into(),
+            done,
+            total: Some(total),
+            message: message.into(),
+        });
+    }
+
+    fn log(&self, line: &str) {
+        let _ = self.0.send(BuildEvent::Progress { stage: "log".into(), done: 0, total: None, message: line.into() });
+    }
+}
+
+/// Runs an asynchronous build in the background; its events, then `done` or `error`,
+/// arrive on the returned channel.
+pub fn spawn<F, Fut>(m: &Arc<Manager>, name: String, build: F) -> mpsc::Receiver<BuildEvent>
+where
+    F: FnOnce(Arc<Manager>, Out) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = CoreResult<Template>> + Send,
+{
+    let (utx, mut urx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Some(ev) = urx.recv().await {
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    });
+    let m = m.clone();
+    let out = Out(utx.clone());
+    tokio::spawn(async move {
+        let ev = match build(m, out).await {
+            Ok(t) => BuildEvent::Done { template: crate::templates::to_api(t) },
+            Err(e) => BuildEvent::Error { code: e.code().0.into(), message: e.full_message() },
+        };
+        let _ = utx.send(ev);
+    });
+    let _ = name;
+    rx
+}
+
+/// The layers and configuration a build has reached, and the cache key of that state.
+#[derive(Debug, Clone)]
+struct State {
+    layers: Vec<String>,
+    config: TemplateConfig,
+    key: String,
+}
+
+fn hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn invalid(msg: impl Into<String>) -> CoreError {
+    CoreError::Invalid(msg.into())
+}
+
+fn tmpl_err(context: &str, e: abx_template::Error) -> CoreError {
+    use abx_template::Error as E;
+    match e {
+        e @ (E::InvalidName { .. } | E::NotFound { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
+            CoreError::Invalid(format!("{context}: {e}"))
+        }
+        e => CoreError::internal(context.to_string(), e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> CoreResult<T> + Send + 'static) -> CoreResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::internal("build task", e.to_string()))?
+}
+
+/// The starting point of a build: a template of this daemon, or `scratch`.
+fn from_template(m: &Manager, from: &str) -> CoreResult<State> {
+    if from == "scratch" {
+        return Ok(State { layers: Vec::new(), config: TemplateConfig::default(), key: hash(&["from", "scratch"]) });
+    }
+    let t = m.templates.get(from).map_err(|e| match e {
+        abx_template::Error::NotFound { .. } => invalid(format!(
+            "FROM {from}: no template named '{from}' (build it, or import or pull the image first: \
+             `agentbox template pull REF --name {from}`)"
+        )),
+        e => tmpl_err(&format!("template '{from}'"), e),
+    })?;
+    let config = TemplateConfig { start: Vec::new(), ready: None, description: String::new(), ..t.config };
+    let key = hash(&["from", &t.layers.join(","), &serde_json::to_string(&config).unwrap_or_default()]);
+    Ok(State { layers: t.layers, config, key })
+}
+
+/// Checks a Dockerfile build request and starts it.
+pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    abx_template::validate_name(&req.name).map_err(|e| invalid(e.to_string()))?;
+    let text = req.dockerfile.clone().unwrap_or_default();
+    let plan = abx_template::dockerfile::parse(&text, &req.build_args).map_err(|e| invalid(e.to_string()))?;
+    let context = match &req.context {
+        Some(c) if !c.starts_with('/') => {
+            return Err(invalid(format!("context must be an absolute host path, got '{c}'")));
+        }
+        Some(c) if !Path::new(c).is_dir() => return Err(invalid(format!("context {c} is not a directory"))),
+        Some(c) => Some(PathBuf::from(c)),
+        None => None,
+    };
+    let network = req.network.clone().unwrap_or_default();
+    let policy = crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
+    drop(policy);
+    let name = req.name.clone();
+    Ok(spawn(m, name.clone(), move |m, out| async move {
+        let mut b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
+        let mut st = from_template(&m, &plan.from)?;
+        // Again on the base's configuration: its environment is visible to expansions.
+        let base_config = match plan.from.as_str() {
+            "scratch" => TemplateConfig::default(),
+            from => m.templates.get(from).map(|t| t.config).unwrap_or_default(),
+        };
+        let plan = abx_template::dockerfile::parse_with_base(&text, &req.build_args, &base_config)
+            .map_err(|e| invalid(e.to_string()))?;
+        for w in &plan.warnings {
+            b.out.log(&format!("warning: {w}"));
+        }
+        if !plan.unused_args.is_empty() {
+            b.out.log(&format!("warning: build args not consumed: {}", plan.unused_args.join(", ")));
+        }
+        let total = plan.steps.len() as u64 + 1;
+        b.out.stage("step", 1, total, format!("FROM {}", plan.from));
+        for (i, step) in plan.steps.iter().enumerate() {
+            st = b.step(st, step, context.as_deref(), i as u64 + 2, total).await?;
+        }
+        let mut config = st.config;
+        config.start = plan.start.clone();
+        config.ready = plan.ready.clone();
+        config.description = format!("built from a Dockerfile ({} steps)", plan.steps.len() + 1);
+        let source = serde_json::to_value(&req).ok();
+        b.finish(st.layers, config, format!("dockerfile:{}", req.context.as_deref().unwrap_or("-")), source).await
+    }))
+}
+
+struct Builder {
+    m: Arc<Manager>,
+    out: Out,
+    name: String,
+    network: NetworkPolicy,
+    no_cache: bool,
+}
+
+impl Builder {
+    fn cached(&self, key: &str) -> Option<Cached> {
+        if self.no_cache { None } else { self.m.templates.cache_get(key) }
+    }
+
+    fn apply(st: &mut State, key: String, c: Cached) {
+        st.key = key;
+        if let Cached::Layer(d) = c {
+            st.layers.push(d);
+        }
+    }
+
+    async fn step(
+        &mut self,
+        mut st: State,
+        step: &abx_template::dockerfile::Step,
+        context: Option<&Path>,
+        n: u64,
+        total: u64,
+    ) -> CoreResult<State> {
+        use abx_template::dockerfile::Step;
+        match step {
+            Step::Env { vars, text, .. } => {
+                self.out.stage("step", n, total, text.clone());
+                for (k, v) in vars {
+                    st.config.env.insert(k.clone(), v.clone());
+                }
+                st.key = hash(&[&st.key, text]);
+            }
+            Step::User { user, text, .. } => {
+                self.out.stage("step", n, total, text.clone());
+                st.config.user = Some(user.clone());
+                st.key = hash(&[&st.key, text]);
+            }
+            Step::Workdir { path, text, .. } => {
+                self.out.stage("step", n, total, text.clone());
+                st.config.workdir = Some(path.clone());
+                let key = hash(&[&st.key, text]);
+                let c = match self.cached(&key) {
+                    Some(c) => c,
+                    None => {
+                        let (m, layers, path) = (self.m.clone(), st.layers.clone(), path.clone());
+                        let c = blocking(move || mkdir_layer(&m, &layers, &path)).await?;
+                        self.m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
+                        c
+                    }
+                };
+                Self::apply(&mut st, key, c);
+            }
+            Step::Copy { sources, dest, chown, chmod, extract_archives: extract, line, text } => {
+                let Some(context) = context else {
+                    return Err(invalid(format!("Dockerfile line {line}: {text} needs a build context directory")));
+                };
+                let ignore =
+                    abx_template::context::Ignore::load(context).map_err(|e| tmpl_err("read .dockerignore", e))?;
+                let selected = abx_template::context::resolve(context, sources, &ignore)
+                    .map_err(|e| invalid(format!("Dockerfile line {line}: {e}")))?;
+                let digest = abx_template::context::digest(&selected, dest, chown.as_deref(), chmod.as_deref())
+                    .map_err(|e| tmpl_err("hash the build context", e))?;
+                let workdir = st.config.workdir.clone().unwrap_or_else(|| "/".into());
+                let key = hash(&[&st.key, text, &digest, &workdir]);
+                let c = match self.cached(&key) {
+                    Some(c) => {
+                        self.out.stage("step", n, total, format!("{text} (cached)"));
+                        c
+                    }
+                    None => {
+                        self.out.stage("step", n, total, text.clone());
+                        let owner = match chown {
+                            Some(o) => Some(
+                                resolve_owner(&self.m, &st.layers, o)
+                                    .map_err(|e| invalid(format!("Dockerfile line {line}: --chown={o}: {e}")))?,
+                            ),
+                            None => None,
+                        };
+                        let mode = match chmod {
+                            Some(s) => Some(u32::from_str_radix(s, 8).map_err(|_| {
+                                invalid(format!("Dockerfile line {line}: --chmod={s} is not an octal mode"))
+                            })?),
+                            None => None,
+                        };
+                        let (m, layers, dest, extract) = (self.m.clone(), st.layers.clone(), dest.clone(), *extract);
+                        let c = blocking(move || {
+                            let scratch = m.templates.new_scratch("copy");
+                            std::fs::create_dir_all(scratch.path())
+                                .map_err(|e| CoreError::internal("create a layer directory", e))?;
+                            let view = LowerView::new(&m, &layers)?;
+                            let options = abx_template::context::CopyOptions {
+                                dest: &dest,
+                                workdir: &workdir,
+                                chown: owner,
+                                chmod: mode,
+                                extract_archives: extract,
+                                lower: view.path(),
+                            };
+                            abx_template::context::copy_into(&selected, scratch.path(), &options)
+                                .map_err(|e| tmpl_err("copy the build context", e))?;
+                            drop(view);
+                            inherit_dirs(&m, &layers, scratch.path())?;
+                            let (d, _) =
+                                m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+                            Ok(Cached::Layer(d))
+                        })
+                        .await?;
+                        self.m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
+                        c
+                    }
+                };
+                Self::apply(&mut st, key, c);
+            }
+            Step::Run { command, env, line, text } => {
+                let net = serde_json::to_string(&self.network).unwrap_or_default();
+                let cfg = serde_json::to_string(&st.config).unwrap_or_default();
+                let key = hash(&[&st.key, &step.cache_text(), &cfg, &net]);
+                let c = match self.cached(&key) {
+                    Some(c) => {
+                        self.out.stage("step", n, total, format!("{text} (cached)"));
+                        c
+                    }
+                    None => {
+                        self.out.stage("step", n, total, text.clone());
+                        let c = self.run(&st, command, env).await.map_err(|e| match e {
+                            CoreError::Invalid(m) => invalid(format!("Dockerfile line {line}: {text}: {m}")),
+                            e => e,
+                        })?;
+                        self.m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
+                        c
+                    }
+                };
+                Self::apply(&mut st, key, c);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Runs `argv` in a sandbox on the state's layers; its changes become the layer.
+    async fn run(&self, st: &State, argv: &[String], env: &BTreeMap<String, String>) -> CoreResult<Cached> {
+        if st.layers.is_empty() {
+            return Err(invalid("RUN needs a root filesystem (FROM scratch has none)"));
+        }
+        let template = Template {
+            name: format!("{}-build", self.name),
+            layers: st.layers.clone(),
+            config: st.config.clone(),
+            size_bytes: 0,
+            created_at: 0,
+            recipe: String::new(),
+            packages: Vec::new(),
+        };
+        let req = CreateSandbox {
+            network: Some(self.network.clone()),
+            timeout_secs: Some(0),
+            metadata: BTreeMap::from([("agentbox.build".to_string(), self.name.clone())]),
+            ..Default::default()
+        };
+        let sb = self.m.create_on(req, Some(template)).await?;
+        let res = self.run_in(&sb, st, argv, env).await;
+        let id = sb.id.clone();
+        drop(sb);
+        let _ = self.m.destroy(&id, true).await;
+        res
+    }
+
+    async fn run_in(
+        &self,
+        sb: &Arc<crate::sandbox::Sandbox>,
+        st: &State,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+    ) -> CoreResult<Cached> {
+        let mut all_env = st.config.env.clone();
+        all_env.extend(env.clone());
+        let spec = abx_proto::ExecSpec {
+            argv: argv.to_vec(),
+            env: all_env,
+            cwd: st.config.workdir.clone(),
+            user: st.config.user.clone(),
+            tty: None,
+            stdin: false,
+            timeout_ms: None,
+            background: false,
+            tag: Some("build".into()),
+        };
+        let mut pending = Vec::new();
+        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        let out = self.out.clone();
+        let status = crate::agent::run(&sb.dirs.agent_socket(), spec, |_, data| {
+            pending.extend_from_slice(data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                out.log(&line);
+                tail.push_back(line);
+                if tail.len() > 10 {
+                    tail.pop_front();
+                }
+            }
+        })
+        .await
+        .map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?;
+        if !pending.is_empty() {
+            let line = String::from_utf8_lossy(&pending).into_owned();
+            out.log(&line);
+            tail.push_back(line);
+        }
+        if status.code != Some(0) {
+            let how = match (status.code, status.signal) {
+                (Some(c), _) => format!("exit code {c}"),
+                (None, Some(s)) => format!("signal {s}"),
+                _ => "an unknown status".into(),
+            };
+            let tail: Vec<String> = tail.into_iter().collect();
+            return Err(CoreError::Invalid(format!("failed with {how}; last output:\n{}", tail.join("\n"))));
+        }
+        // Nothing runs while the changes are read.
+        self.m.pause(&sb.id).await?;
+        let (m, upper) = (self.m.clone(), sb.dirs.upper());
+        blocking(move || match m.templates.layer_from_delta(&upper).map_err(|e| tmpl_err("import the changes", e))? {
+            Some((d, _)) => Ok(Cached::Layer(d)),
+            None => Ok(Cached::Nothing),
+        })
+        .await
+    }
+
+    /// Saves the template, versioned after the one it replaces.
+    async fn finish(
+        &self,
+        layers: Vec<String>,
+        config: TemplateConfig,
+        recipe: String,
+        source: Option<serde_json::Value>,
+    ) -> CoreResult<Template> {
+        let (m, name) = (self.m.clone(), self.name.clone());
+        self.out.stage("publishing", 0, 0, format!("template '{name}'"));
+        blocking(move || {
+            let size = m.templates.layers_size(&layers).map_err(|e| tmpl_err("template size", e))?;
+            let t = Template {
+                name: name.clone(),
+                layers,
+                config,
+                size_bytes: size,
+                created_at: crate::sandbox::now(),
+                recipe,
+                packages: Vec::new(),
+            };
+            let _ = source;
+            m.templates.save_template(&t).map_err(|e| tmpl_err(&format!("save template '{name}'"), e))?;
+            Ok(t)
+        })
+        .await
+    }
+}
+
+/// The topmost entry for `path` (absolute) in `layers`, unless a whiteout or an opaque
+/// directory above hides it.
+fn find_in_layers(m: &Manager, layers: &[String], path: &str) -> Option<PathBuf> {
+    let rel = path.trim_start_matches('/');
+    for d in layers.iter().rev() {
+        let root = m.templates.layer_path(d);
+        let p = root.join(rel);
+        if let Ok(meta) = std::fs::symlink_metadata(&p) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_char_device() && meta.len() == 0 && std::os::unix::fs::MetadataExt::rdev(&meta) == 0
+            {
+                return None;
+            }
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A layer with directory `path` (and its missing parents), unless it exists.
+fn mkdir_layer(m: &Manager, layers: &[String], path: &str) -> CoreResult<Cached> {
+    if find_in_layers(m, layers, path).is_some_and(|p| p.is_dir()) {
+        return Ok(Cached::Nothing);
+    }
+    let scratch = m.templates.new_scratch("workdir");
+    let dir = scratch.path().join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).map_err(|e| CoreError::internal(format!("create {}", dir.display()), e))?;
+    inherit_dirs(m, layers, scratch.path())?;
+    let (d, _) = m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+    Ok(Cached::Layer(d))
+}
+
+/// Gives every directory of a new layer that exists in the layers below the mode and
+/// owner it has there (an upper directory's metadata wins in the overlay, so a COPY to
+/// /home/user/app must not turn /home/user into root's); new directories are 0755 root.
+fn inherit_dirs(m: &Manager, layers: &[String], root: &Path) -> CoreResult<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let here = root.join(&rel);
+        let abs = format!("/{}", rel.display());
+        let below = if rel.as_os_str().is_empty() {
+            layers.last().map(|d| m.templates.layer_path(d))
+        } else {
+            find_in_layers(m, layers, &abs)
+        };
+        let Some(below) = below.filter(|p| p.is_dir()) else { continue };
+        let meta =
+            std::fs::metadata(&below).map_err(|e| CoreError::internal(format!("stat {}", below.display()), e))?;
+        let fail = |e: std::io::Error| CoreError::internal(format!("set owner of {}", here.display()), e);
+        std::os::unix::fs::lchown(&here, Some(meta.uid()), Some(meta.gid())).map_err(fail)?;
+        std::fs::set_permissions(&here, std::fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(fail)?;
+        // Only the directories on the way to what was copied: those below a directory
+        // the layers do not have are new.
+        for e in std::fs::read_dir(&here).map_err(|e| CoreError::internal(format!("read {}", here.display()), e))? {
+            let e = e.map_err(|e| CoreError::internal("read directory", e))?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(rel.join(e.file_name()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `user[:group]` as numeric ids, names looked up in the layers' /etc/passwd and /etc/group.
+fn resolve_owner(m: &Manager, layers: &[String], spec: &str) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let lookup = |file: &str, name: &str, field: usize| -> Result<(u32, u32), String> {
+        if let Ok(n) = name.parse::<u32>() {
+            return Ok((n, n));
+        }
+        let path = find_in_layers(m, layers, file).ok_or_else(|| format!("no {file} to look '{name}' up in"))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("read {file}: {e}"))?;
+        for l in text.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&name) && f.len() > field {
+                let id = f[2].parse().map_err(|_| format!("bad entry for '{name}' in {file}"))?;
+                let gid = f.get(field).and_then(|g| g.parse().ok()).unwrap_or(id);
+                return Ok((id, gid));
+            }
+        }
+        Err(format!("no '{name}' in {file}"))
+    };
+    let (uid, primary) = lookup("/etc/passwd", user, 3)?;
+    let gid = match group {
+        Some(g) => lookup("/etc/group", g, 2)?.0,
+        None if user.parse::<u32>().is_ok() => uid,
+        None => primary,
+    };
+    Ok((uid, gid))
+}
+
+/// Checks an image import or pull request and starts it.
+pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    abx_template::validate_name(&req.name).map_err(|e| invalid(e.to_string()))?;
+    if let Some(path) = &req.import
+        && !path.starts_with('/')
+    {
+        return Err(invalid(format!("import must be an absolute host path, got '{path}'")));
+    }
+    let name = req.name.clone();
+    Ok(spawn(m, name.clone(), move |m, out| async move {
+        blocking(move || {
+            let progress = |p: abx_template::Progress| {
+                let _ = out.0.send(BuildEvent::Progress {
+                    stage: p.stage,
+                    done: p.done,
+                    total: p.total,
+                    message: p.message,
+                });
+            };
+            let res = match (&req.import, &req.pull) {
+                (Some(path), _) => m.templates.import_image(Path::new(path), req.image.as_deref(), &name, &progress),
+                (None, Some(reference)) => {
+                    let auth = req.registry_auth.clone().unwrap_or_default();
+                    let opts = abx_template::PullOptions {
+                        username: auth.username,
+                        password: auth.password,
+                        insecure: req.insecure,
+                        auth_file: auth.auth_file.map(PathBuf::from),
+                    };
+                    m.templates.pull(reference, &opts, &name, &progress)
+                }
+                (None, None) => return Err(invalid("give import or pull")),
+            };
+            let t = res.map_err(|e| image_err(&name, e))?;
+            // A pull is refreshed by pulling again (credentials are not kept).
+            let mut source = req.clone();
+            source.registry_auth = source.registry_auth.map(|a| abx_api::RegistryAuth { password: None, ..a });
+            save_source(&m, &name, &source);
+            Ok(t)
+        })
+        .await
+    }))
+}
+
+fn image_err(name: &str, e: abx_template::Error) -> CoreError {
+    use abx_template::Error as E;
+    match e {
+        E::NotFound { .. } => CoreError::not_found("template", name),
+        e @ (E::InvalidName { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
+            CoreError::Invalid(e.to_string())
+        }
+        e => CoreError::Invalid(e.to_string()),
+    }
+}
+
+/// Where the request that built a template is kept, for `refresh`.
+fn source_path(m: &Manager, name: &str) -> PathBuf {
+    m.cfg.root.join("build-sources").join(format!("{name}.json"))
+}
+
+fn save_source(m: &Manager, name: &str, req: &BuildTemplate) {
+    let path = source_path(m, name);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(bytes) = serde_json::to_vec_pretty(req) {
+        let _ = abx_template::write_atomic(&path, &bytes);
+    }
+}
+
+/// Forgets how a removed template was built.
+pub fn forget_source(m: &Manager, name: &str) {
+    let _ = std::fs::remove_file(source_path(m, name));
+}
+
+/// Builds a template again from the request that made it: with the build cache, only
+/// what changed (a moved ref, changed lock files or context files, a new image) is redone.
+pub fn refresh(m: &Arc<Manager>, name: &str) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    let before = m.templates.get(name).map_err(|e| match e {
+        abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
+        e => tmpl_err(&format!("template '{name}'"), e),
+    })?;
+    let bytes = std::fs::read(source_path(m, name)).map_err(|_| {
+        invalid(format!(
+            "template '{name}' was not built from a Dockerfile, a repository or an image (recipe: {}); build it again instead",
+            before.recipe
+        ))
+    })?;
+    let req: BuildTemplate =
+        serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))?;
+    crate::templates::build(m, req)
+}
+
+/// Checks a repository build request and starts it.
+pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    abx_template::validate_name(&req.name).map_err(|e| invalid(e.to_string()))?;
+    let repo = req.repo.clone().unwrap_or_default();
+    if repo.is_empty() || repo.starts_with('-') {
+        return Err(invalid(format!("repo must be a host path or a URL, got '{repo}'")));
+    }
+    let git_ref = req.git_ref.clone().unwrap_or_else(|| "HEAD".into());
+    if git_ref.starts_with('-') || git_ref.is_empty() {
+        return Err(invalid(format!("ref '{git_ref}' is not a branch, tag or commit")));
+    }
+    let dest = req.dest.clone().unwrap_or_else(|| "/workspace".into());
+    if !dest.starts_with('/') || dest == "/" || dest.split('/').any(|c| c == "..") {
+        return Err(invalid(format!("dest must be an absolute directory other than /, got '{dest}'")));
+    }
+    for f in &req.lock_files {
+        if f.starts_with('/') || f.split('/').any(|c| c == "..") {
+            return Err(invalid(format!("lock file '{f}' must be a path inside the repository")));
+        }
+    }
+    let network = req.network.clone().unwrap_or_default();
+    crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
+    let from = req.from.clone().unwrap_or_else(|| "base".into());
+    from_template(m, &from)?;
+    let name = req.name.clone();
+    Ok(spawn(m, name.clone(), move |m, out| async move {
+        let b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
+        b.out.stage("fetch", 1, 4, format!("fetching {repo}"));
+        let (mm, r, gr) = (m.clone(), repo.clone(), git_ref.clone());
+        let (mirror, commit) = blocking(move || fetch(&mm, &r, &gr)).await?;
+        b.out.stage("fetch", 1, 4, format!("{git_ref} is {commit}"));
+        let base = from_template(&m, &from)?;
+        let owner_spec = base.config.user.clone().unwrap_or_else(|| "0".into());
+        let owner =
+            resolve_owner(&m, &base.layers, &owner_spec).map_err(|e| invalid(format!("user '{owner_spec}': {e}")))?;
+
+        // The tree at the commit, owned by the template's user.
+        let tree_key = hash(&["repo-tree", &commit, &dest, &format!("{}:{}", owner.0, owner.1)]);
+        let tree = match b.cached(&tree_key) {
+            Some(Cached::Layer(d)) => {
+                b.out.stage("tree", 2, 4, format!("tree of {commit} (cached)"));
+                d
+            }
+            _ => {
+                b.out.stage("tree", 2, 4, format!("exporting the tree of {commit} to {dest}"));
+                let (mm, layers, c, d) = (m.clone(), base.layers.clone(), commit.clone(), dest.clone());
+                let digest = blocking(move || export_tree(&mm, &layers, &mirror, &c, &d, owner)).await?;
+                m.templates
+                    .cache_put(&tree_key, &Cached::Layer(digest.clone()))
+                    .map_err(|e| tmpl_err("build cache", e))?;
+                digest
+            }
+        };
+
+        // Setup, keyed by its inputs: lock files, command, layers below, policy.
+        let mut layers = base.layers.clone();
+        let mut config = base.config.clone();
+        config.workdir = Some(dest.clone());
+        if let Some(setup) = &req.setup {
+            let (mm, t, d, lf) = (m.clone(), tree.clone(), dest.clone(), req.lock_files.clone());
+            let locks = blocking(move || lock_digest(&mm, &t, &d, &lf)).await?;
+            let net = serde_json::to_string(&b.network).unwrap_or_default();
+            let key = hash(&["repo-setup", &base.key, setup, &locks.0, &dest, &net]);
+            let c = match b.cached(&key) {
+                Some(c) => {
+                    b.out.stage(
+                        "setup",
+                        3,
+                        4,
+                        format!("{setup} (cached; lock files unchanged: {})", locks.1.join(", ")),
+                    );
+                    c
+                }
+                None => {
+                    b.out.stage("setup", 3, 4, format!("{setup} (lock files: {})", locks.1.join(", ")));
+                    let mut st = State { layers: base.layers.clone(), config: config.clone(), key: String::new() };
+                    st.layers.push(tree.clone());
+                    let argv = vec!["/bin/sh".to_string(), "-c".to_string(), setup.clone()];
+                    let c = b.run(&st, &argv, &BTreeMap::new()).await.map_err(|e| match e {
+                        CoreError::Invalid(msg) => invalid(format!("setup `{setup}`: {msg}")),
+                        e => e,
+                    })?;
+                    m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
+                    c
+                }
+            };
+            if let Cached::Layer(d) = c {
+                layers.push(d);
+            }
+        }
+        layers.push(tree);
+        config.description = format!("{repo} at {git_ref} ({})", &commit[..12.min(commit.len())]);
+        let label = format!("repo:{repo}@{git_ref}");
+        save_source(&m, &name, &req);
+        b.finish(layers, config, label, None).await
+    }))
+}
+
+fn git(args: &[&str], dir: Option<&Path>) -> CoreResult<String> {
+    let mut cmd = std::process::Command::new("git");
+    cmd.args(["-c", "safe.directory=*", "-c", "protocol.ext.allow=never"]);
+    if let Some(d) = dir {
+        cmd.arg("-C").arg(d);
+    }
+    cmd.args(args).env("GIT_TERMINAL_PROMPT", "0").stdin(std::process::Stdio::null());
+    let out = cmd.output().map_err(|e| CoreError::internal("run git (is it installed?)", e))?;
+    if !out.status.success() {
+        return Err(invalid(format!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Mirrors the repository under `<root>/repos/` and resolves the ref to a commit.
+fn fetch(m: &Manager, repo: &str, git_ref: &str) -> CoreResult<(PathBuf, String)> {
+    let dir = m.cfg.root.join("repos");
+    std::fs::create_dir_all(&dir).map_err(|e| CoreError::internal("create repos directory", e))?;
+    let mirror = dir.join(format!("{}.git", &hash(&[repo])[..16]));
+    if mirror.join("HEAD").exists() {
+        git(&["fetch", "--prune", "--force", "origin", "+refs/*:refs/*"], Some(&mirror))?;
+    } else {
+        let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), crate::manager::new_id()));
+        let res = git(&["clone", "--mirror", "--quiet", "--", repo, &tmp.display().to_string()], None);
+        if let Err(e) = res {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if std::fs::rename(&tmp, &mirror).is_err() {
+            // Another build mirrored it meanwhile.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    let commit = git(&["rev-parse", "--verify", "--end-of-options", &format!("{git_ref}^{{commit}}")], Some(&mirror))
+        .map_err(|_| invalid(format!("ref '{git_ref}' not found in {repo}")))?;
+    Ok((mirror, commit))
+}
+
+/// The tree of `commit` at `dest`, files owned by `owner`, as a layer.
+fn export_tree(
+    m: &Manager,
+    layers: &[String],
+    mirror: &Path,
+    commit: &str,
+    dest: &str,
+    owner: (u32, u32),
+) -> CoreResult<String> {
+    let scratch = m.templates.new_scratch("repo");
+    let target = scratch.path().join(dest.trim_start_matches('/'));
+    std::fs::create_dir_all(&target).map_err(|e| CoreError::internal("create the tree directory", e))?;
+    let mut child = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(mirror)
+        .args(["archive", "--format=tar", commit])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| CoreError::internal("run git archive", e))?;
+    let stdout = child.stdout.take().ok_or_else(|| CoreError::internal("git archive", "no output"))?;
+    let mut archive = tar::Archive::new(stdout);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(true);
+    let unpacked = archive.unpack(&target);
+    let status = child.wait().map_err(|e| CoreError::internal("git archive", e))?;
+    unpacked.map_err(|e| CoreError::internal("unpack the repository tree", e))?;
+    if !status.success() {
+        return Err(CoreError::internal("git archive", format!("exited with {status}")));
+    }
+    chown_tree(&target, owner)?;
+    inherit_dirs(m, layers, scratch.path())?;
+    // The repository's own directory belongs to the user too (inherit_dirs left it alone
+    // unless the layers had it).
+    std::os::unix::fs::lchown(&target, Some(owner.0), Some(owner.1))
+        .map_err(|e| CoreError::internal("set owner of the tree", e))?;
+    let (d, _) = m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+    Ok(d)
+}
+
+fn chown_tree(dir: &Path, owner: (u32, u32)) -> CoreResult<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| CoreError::internal(format!("read {}", d.display()), e))? {
+            let e = e.map_err(|e| CoreError::internal("read directory", e))?;
+            let p = e.path();
+            std::os::unix::fs::lchown(&p, Some(owner.0), Some(owner.1))
+                .map_err(|e| CoreError::internal(format!("set owner of {}", p.display()), e))?;
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The digest of the lock files present in the tree layer, and their names.
+fn lock_digest(m: &Manager, tree: &str, dest: &str, named: &[String]) -> CoreResult<(String, Vec<String>)> {
+    let repo_root = m.templates.layer_path(tree).join(dest.trim_start_matches('/'));
+    let names: Vec<String> =
+        if named.is_empty() { LOCK_FILES.iter().map(|s| s.to_string()).collect() } else { named.to_vec() };
+    let mut found = Vec::new();
+    let mut h = Sha256::new();
+    for n in &names {
+        let p = repo_root.join(n);
+        if let Ok(bytes) = std::fs::read(&p) {
+            h.update(n.as_bytes());
+            h.update([0]);
+            h.update(Sha256::digest(&bytes));
+            found.push(n.clone());
+        } else if !named.is_empty() {
+            return Err(invalid(format!("lock file '{n}' is not in the repository")));
+        }
+    }
+    Ok((h.finalize().iter().map(|b| format!("{b:02x}")).collect(), found))
+}
+
+/// A read-only merged view of layers on the host: the layer itself when there is one, a
+/// read-only overlay mount (inside a scratch directory of the store, which detaches it when
+/// dropped) when there are several.
+struct LowerView {
+    path: Option<PathBuf>,
+    mounted: Option<(abx_template::Scratch, PathBuf)>,
+}
+
+impl LowerView {
+    fn new(m: &Manager, layers: &[String]) -> CoreResult<LowerView> {
+        match layers {
+            [] => Ok(LowerView { path: None, mounted: None }),
+            [one] => Ok(LowerView { path: Some(m.templates.layer_path(one)), mounted: None }),
+            many => {
+                let scratch = m.templates.new_scratch("abxview");
+                let target = scratch.path().join("merged");
+                std::fs::create_dir_all(&target).map_err(|e| CoreError::internal("create the lower view", e))?;
+                let lower: Vec<String> =
+                    many.iter().rev().map(|d| m.templates.layer_path(d).display().to_string()).collect();
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "overlay", "abx-view", "-o"])
+                    .arg(format!("ro,userxattr,lowerdir={}", lower.join(":")))
+                    .arg(&target)
+                    .status()
+                    .map_err(|e| CoreError::internal("mount the lower view", e))?;
+                if !status.success() {
+                    return Err(CoreError::internal("mount the lower view", format!("mount exited with {status}")));
+                }
+                Ok(LowerView { path: Some(target.clone()), mounted: Some((scratch, target)) })
+            }
+        }
+    }
+
+    fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl Drop for LowerView {
+    fn drop(&mut self) {
+        if let Some((_scratch, target)) = &self.mounted {
+            let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}

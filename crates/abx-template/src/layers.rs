@@ -1,0 +1,151 @@
+//! Layer-level operations for step-by-step builds (Dockerfiles, repositories): publishing
+//! a tree as a layer, a layer from an overlay upper directory, the build cache, and saving
+//! a template made of existing layers.
+//!
+//! The **build cache** is `<root>/build-cache/<key>`: one small file per finished build
+//! step, holding the digest of the layer the step produced (or `-` for a step that changed
+//! nothing). The key is a sha256 over everything the step's result depends on (the keys of
+//! the steps before it, its instruction, the content of the files it copies, the egress
+//! policy it ran under). Layers the cache names are kept by garbage collection until
+//! [`Store::prune_build_cache`].
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::digest::digest_tree;
+use crate::error::{IoContext, Result};
+use crate::meta::{Template, write_atomic};
+use crate::name::{validate_digest, validate_name};
+use crate::store::Store;
+use crate::tree::{Importer, Scratch, sorted_children};
+
+/// What a cached step produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// This layer.
+    Layer(String),
+    /// Nothing (the step changed no file).
+    Nothing,
+}
+
+impl Store {
+    fn build_cache_dir(&self) -> PathBuf {
+        self.templates_dir().parent().unwrap_or(Path::new("/")).join("build-cache")
+    }
+
+    /// A fresh scratch directory under tmp/ (removed when dropped unless published).
+    pub fn new_scratch(&self, kind: &str) -> Scratch {
+        self.scratch(kind)
+    }
+
+    /// Publishes a tree as a layer (unless that layer exists); returns its digest and size.
+    pub fn publish_layer(&self, tree: Scratch) -> Result<(String, u64)> {
+        let d = digest_tree(tree.path())?;
+        let _guard = self.guard();
+        let layer = self.layer_path(&d.digest);
+        if !layer.exists() {
+            tree.publish(&layer)?;
+        }
+        Ok((d.digest, d.size_bytes))
+    }
+
+    /// A layer from an overlay upper directory (whiteouts and opaque markers kept), or
+    /// `None` when it holds nothing.
+    pub fn layer_from_delta(&self, delta: &Path) -> Result<Option<(String, u64)>> {
+        if sorted_children(delta)?.is_empty() {
+            return Ok(None);
+        }
+        let scratch = self.scratch("delta");
+        Importer::overlay(true).import(delta, scratch.path())?;
+        self.publish_layer(scratch).map(Some)
+    }
+
+    /// The build cache's entry for `key` whose layer is still present.
+    pub fn cache_get(&self, key: &str) -> Option<Cached> {
+        let text = fs::read_to_string(self.build_cache_dir().join(key)).ok()?;
+        let text = text.trim();
+        if text == "-" {
+            return Some(Cached::Nothing);
+        }
+        validate_digest(text).ok()?;
+        self.layer_path(text).is_dir().then(|| Cached::Layer(text.to_string()))
+    }
+
+    /// Records what the step `key` produced.
+    pub fn cache_put(&self, key: &str, what: &Cached) -> Result<()> {
+        let dir = self.build_cache_dir();
+        fs::create_dir_all(&dir).at("create directory", &dir)?;
+        let text = match what {
+            Cached::Layer(d) => d.as_str(),
+            Cached::Nothing => "-",
+        };
+        write_atomic(&dir.join(key), text.as_bytes())
+    }
+
+    /// Layers the build cache names (kept by garbage collection).
+    pub(crate) fn cache_layers(&self) -> HashSet<String> {
+        let dir = self.build_cache_dir();
+        let Ok(names) = sorted_children(&dir) else { return HashSet::new() };
+        names
+            .iter()
+            .filter_map(|n| fs::read_to_string(dir.join(n)).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| validate_digest(t).is_ok())
+            .collect()
+    }
+
+    /// Empties the build cache, then collects garbage. Returns the removed layers.
+    pub fn prune_build_cache(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
+        let dir = self.build_cache_dir();
+        if dir.exists() {
+            for n in sorted_children(&dir)? {
+                let p = dir.join(&n);
+                fs::remove_file(&p).at("remove", &p)?;
+            }
+        }
+        self.gc(layers_in_use)
+    }
+
+    /// Apparent size of the layers' files.
+    pub fn layers_size(&self, layers: &[String]) -> Result<u64> {
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for d in layers {
+            total += tree_size(&self.layer_path(d), &mut seen)?;
+        }
+        Ok(total)
+    }
+
+    /// Saves a template made of layers already in the store (replacing one of that name).
+    pub fn save_template(&self, template: &Template) -> Result<()> {
+        validate_name(&template.name)?;
+        let _guard = self.guard();
+        for d in &template.layers {
+            validate_digest(d)?;
+            if !self.layer_path(d).is_dir() {
+                return Err(crate::error::Error::SourceMissing { path: self.layer_path(d) });
+            }
+        }
+        template.save(self.templates_dir())
+    }
+}
+
+/// Apparent size of the regular files and symlinks under `dir`, each inode counted once.
+fn tree_size(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).at("read directory", &d)? {
+            let entry = entry.at("read directory", &d)?;
+            let meta = entry.metadata().at("stat", &entry.path())?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if (meta.is_file() || meta.file_type().is_symlink()) && seen.insert((meta.dev(), meta.ino())) {
+                total += meta.len();
+            }
+        }
+    }
+    Ok(total)
+}

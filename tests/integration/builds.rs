@@ -1,0 +1,282 @@
+//! Template builds on a real daemon: Dockerfiles (each RUN in a sandbox, a layer cache),
+//! repositories at a ref with a cached setup, refresh, image import.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use abx_client::{BuildEvent, BuildTemplate, CreateSandbox, ExecRequest};
+
+use crate::harness::Daemon;
+
+/// Builds and returns (the template, every progress message).
+async fn build(d: &Daemon, req: &BuildTemplate) -> Result<(abx_client::Template, Vec<String>), String> {
+    let mut s = d.client.build_template(req).await.map_err(|e| e.to_string())?;
+    follow(&mut s).await
+}
+
+async fn follow(s: &mut abx_client::NdjsonStream<BuildEvent>) -> Result<(abx_client::Template, Vec<String>), String> {
+    let mut log = Vec::new();
+    while let Some(ev) = s.next().await.map_err(|e| e.to_string())? {
+        match ev {
+            BuildEvent::Progress { stage, message, .. } => log.push(format!("{stage}: {message}")),
+            BuildEvent::Done { template } => return Ok((template, log)),
+            BuildEvent::Error { message, .. } => return Err(message),
+        }
+    }
+    Err("no result".into())
+}
+
+async fn refresh(d: &Daemon, name: &str) -> (abx_client::Template, Vec<String>) {
+    let mut s = d.client.refresh_template(name).await.unwrap();
+    follow(&mut s).await.unwrap()
+}
+
+async fn sh(d: &Daemon, template: &str, script: &str) -> (String, i32) {
+    let sb = d
+        .client
+        .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
+        .await
+        .unwrap();
+    let out = run(d, &sb.id, script, None).await;
+    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    out
+}
+
+async fn run(d: &Daemon, id: &str, script: &str, user: Option<&str>) -> (String, i32) {
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: user.map(String::from),
+        ..Default::default()
+    };
+    let (out, err, code) = d.exec(id, req).await;
+    (out + &err, code)
+}
+
+const DOCKERFILE: &str = r#"# a test image
+FROM mini
+USER 0
+ARG GREETING=hello
+ENV APP_HOME=/srv/app \
+    MODE=test
+WORKDIR $APP_HOME
+COPY src/ ./
+COPY --chown=1000:1000 notes.txt /home/user/notes.txt
+RUN echo "$GREETING from $MODE" > /srv/app/greeting && rm /srv/app/drop-me && id -u > /srv/app/built-by
+USER user
+RUN touch /home/user/made-by-user
+CMD ["sh", "-c", "echo up > /tmp/started; exec sleep 100000"]
+HEALTHCHECK CMD test -e /tmp/started
+"#;
+
+fn context() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("src/lib")).unwrap();
+    std::fs::write(p.join("src/main.sh"), "echo main\n").unwrap();
+    std::fs::write(p.join("src/lib/util.sh"), "echo util\n").unwrap();
+    std::fs::write(p.join("src/drop-me"), "x\n").unwrap();
+    std::fs::write(p.join("notes.txt"), "notes\n").unwrap();
+    std::fs::write(p.join("ignored.log"), "no\n").unwrap();
+    std::fs::write(p.join(".dockerignore"), "*.log\n").unwrap();
+    dir
+}
+
+fn dockerfile_req(name: &str, ctx: &Path) -> BuildTemplate {
+    BuildTemplate {
+        name: name.into(),
+        dockerfile: Some(DOCKERFILE.into()),
+        context: Some(ctx.display().to_string()),
+        ..Default::default()
+    }
+}
+
+fn cached_steps(log: &[String]) -> usize {
+    log.iter().filter(|l| l.starts_with("step: ") && l.ends_with("(cached)")).count()
+}
+
+#[tokio::test]
+async fn dockerfile_build_runs_steps_in_sandboxes_and_caches_them() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = context();
+    let (t, log) = build(&d, &dockerfile_req("app", ctx.path())).await.unwrap();
+    assert_eq!(cached_steps(&log), 0, "{log:#?}");
+    assert_eq!(t.workdir.as_deref(), Some("/srv/app"));
+    assert_eq!(t.env.get("MODE").map(String::as_str), Some("test"));
+    assert_eq!(t.user.as_deref(), Some("user"));
+    assert_eq!(t.start, ["sh", "-c", "echo up > /tmp/started; exec sleep 100000"]);
+    assert_eq!(t.ready.as_deref(), Some("test -e /tmp/started"));
+
+    // The result: files copied and made, a file deleted by a RUN (a whiteout in its
+    // layer), owners, the start command running before the create returned.
+    let (out, code) = sh(
+        &d,
+        "app",
+        "pwd; cat greeting built-by main.sh lib/util.sh; ls drop-me 2>&1 | grep -c 'No such'; \
+         stat -c '%u %n' /home/user/notes.txt /home/user/made-by-user /home/user; \
+         echo $MODE; cat /tmp/started; id -u",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        "/srv/app\nhello from test\n0\necho main\necho util\n1\n1000 /home/user/notes.txt\n\
+         1000 /home/user/made-by-user\n1000 /home/user\ntest\nup\n1000\n"
+    );
+    let (out, _) = sh(&d, "app", "ls /srv/app").await;
+    assert!(!out.contains("ignored.log"), ".dockerignore is honoured: {out}");
+
+    // Unchanged: every step comes from the cache, same layers, no sandbox made.
+    let t0 = std::time::Instant::now();
+    let (again, log) = build(&d, &dockerfile_req("app", ctx.path())).await.unwrap();
+    eprintln!("unchanged rebuild: {:?}", t0.elapsed());
+    assert_eq!(again.layers, t.layers);
+    assert_eq!(cached_steps(&log), 4, "both COPYs and both RUNs are cached: {log:#?}");
+    assert!(!log.iter().any(|l| l.starts_with("log: ")), "nothing ran: {log:#?}");
+
+    // A changed build argument reruns its RUN and what follows; the COPYs stay cached.
+    let mut req = dockerfile_req("app", ctx.path());
+    req.build_args = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
+    let (changed, log) = build(&d, &req).await.unwrap();
+    assert_eq!(cached_steps(&log), 2, "{log:#?}");
+    assert_eq!(changed.layers[..changed.layers.len() - 2], t.layers[..t.layers.len() - 2]);
+    assert_ne!(changed.layers, t.layers);
+    assert_eq!(sh(&d, "app", "cat /srv/app/greeting").await.0, "hi from test\n");
+
+    // A changed context file reruns that COPY and everything after it, not the one before.
+    std::fs::write(ctx.path().join("notes.txt"), "notes v2\n").unwrap();
+    let (_, log) = build(&d, &req).await.unwrap();
+    assert_eq!(cached_steps(&log), 1, "{log:#?}");
+    assert_eq!(sh(&d, "app", "cat /home/user/notes.txt").await.0, "notes v2\n");
+
+    // A failing RUN names its line and shows the output; the template is unchanged.
+    let before = d.client.template("app").await.unwrap();
+    let bad = BuildTemplate {
+        dockerfile: Some("FROM mini\nRUN echo boom-output; exit 3\n".into()),
+        ..dockerfile_req("app", ctx.path())
+    };
+    let err = build(&d, &bad).await.unwrap_err();
+    assert!(err.contains("line 2") && err.contains("exit code 3") && err.contains("boom-output"), "{err}");
+    assert_eq!(d.client.template("app").await.unwrap().layers, before.layers);
+    // Bad input is refused before anything runs.
+    let unknown =
+        BuildTemplate { dockerfile: Some("FROM mini\nFROBNICATE x\n".into()), ..dockerfile_req("app", ctx.path()) };
+    let err = build(&d, &unknown).await.unwrap_err();
+    assert!(err.contains("line 2"), "{err}");
+    let no_from = BuildTemplate { dockerfile: Some("FROM nosuchtemplate\n".into()), ..dockerfile_req("x", ctx.path()) };
+    let err = build(&d, &no_from).await.unwrap_err();
+    assert!(err.contains("nosuchtemplate"), "{err}");
+
+    // Build sandboxes are gone.
+    d.wait_for("build sandboxes destroyed", Duration::from_secs(10), || async {
+        d.client.list_sandboxes().await.unwrap().is_empty()
+    })
+    .await;
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"])
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn repository_template_at_a_ref_with_cached_setup_and_refresh() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path();
+    git(r, &["init", "-q"]);
+    std::fs::write(r.join("package.json"), "{\"deps\": [\"left-pad\"]}\n").unwrap();
+    std::fs::write(r.join("app.js"), "v1\n").unwrap();
+    git(r, &["add", "."]);
+    git(r, &["commit", "-qm", "one"]);
+    let first = git(r, &["rev-parse", "HEAD"]);
+
+    // Setup "installs" what package.json names into node_modules.
+    let setup = "mkdir -p node_modules && cat package.json > node_modules/installed && id -u > node_modules/by";
+    let req = BuildTemplate {
+        name: "proj".into(),
+        repo: Some(r.display().to_string()),
+        git_ref: Some("main".into()),
+        setup: Some(setup.into()),
+        from: Some("mini".into()),
+        ..Default::default()
+    };
+    let (t, log) = build(&d, &req).await.unwrap();
+    assert!(log.iter().any(|l| l.contains(&first)), "{log:#?}");
+    assert_eq!(t.workdir.as_deref(), Some("/workspace"));
+    let check = "pwd; cat app.js node_modules/installed node_modules/by; stat -c '%u' app.js /workspace; \
+                 ls -a | tr '\\n' ' '";
+    let (out, code) = sh(&d, "proj", check).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out, "/workspace\nv1\n{\"deps\": [\"left-pad\"]}\n1000\n1000\n1000\n. .. app.js node_modules package.json ",
+        "the ref's tree, owned by the template's user, with setup's result (and no .git)"
+    );
+
+    // Refresh with nothing changed: nothing is redone.
+    let (same, log) = refresh(&d, "proj").await;
+    assert_eq!(same.layers, t.layers);
+    assert!(log.iter().any(|l| l.contains("(cached")), "{log:#?}");
+
+    // The ref moves, lock file unchanged: only the tree layer is new; setup is not rerun.
+    std::fs::write(r.join("app.js"), "v2\n").unwrap();
+    git(r, &["commit", "-qam", "two"]);
+    let (moved, log) = refresh(&d, "proj").await;
+    assert!(log.iter().any(|l| l.starts_with("setup: ") && l.contains("cached")), "{log:#?}");
+    assert_eq!(moved.layers[..moved.layers.len() - 1], t.layers[..t.layers.len() - 1]);
+    assert_ne!(moved.layers.last(), t.layers.last());
+    assert_eq!(sh(&d, "proj", "cat app.js node_modules/installed").await.0, "v2\n{\"deps\": [\"left-pad\"]}\n");
+
+    // The lock file changes: setup runs again.
+    std::fs::write(r.join("package.json"), "{\"deps\": [\"left-pad\", \"is-even\"]}\n").unwrap();
+    git(r, &["commit", "-qam", "three"]);
+    let (_, log) = refresh(&d, "proj").await;
+    assert!(!log.iter().any(|l| l.starts_with("setup: ") && l.contains("cached")), "{log:#?}");
+    assert_eq!(sh(&d, "proj", "cat node_modules/installed").await.0, "{\"deps\": [\"left-pad\", \"is-even\"]}\n");
+
+    // An older commit by hash; a ref that does not exist is a clear error.
+    let old = BuildTemplate { name: "proj-old".into(), git_ref: Some(first), ..req.clone() };
+    build(&d, &old).await.unwrap();
+    assert_eq!(sh(&d, "proj-old", "cat app.js").await.0, "v1\n");
+    let bad = BuildTemplate { name: "proj-bad".into(), git_ref: Some("no-such-branch".into()), ..req.clone() };
+    let err = build(&d, &bad).await.unwrap_err();
+    assert!(err.contains("no-such-branch"), "{err}");
+    assert!(d.client.template("proj-bad").await.is_err(), "nothing half-made");
+}
+
+#[tokio::test]
+async fn pooled_template_runs_its_start_command_before_the_claim() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let df = "FROM mini\nCMD [\"sh\", \"-c\", \"sleep 0.3; echo ready > /tmp/ready; exec sleep 100000\"]\n\
+              HEALTHCHECK CMD test -e /tmp/ready\n";
+    let ctx = tempfile::tempdir().unwrap();
+    let req = BuildTemplate {
+        name: "svc".into(),
+        dockerfile: Some(df.into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    build(&d, &req).await.unwrap();
+    // Cold: the create waits for readiness.
+    assert_eq!(sh(&d, "svc", "cat /tmp/ready").await.0, "ready\n");
+    // Pooled: the claim gets a sandbox whose service is already up.
+    d.client.set_pool("svc", 1, 1).await.unwrap();
+    d.wait_for("a ready pool", Duration::from_secs(20), || async { d.client.pool("svc").await.unwrap().ready == 1 })
+        .await;
+    let sb =
+        d.client.create_sandbox(&CreateSandbox { template: Some("svc".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(d.client.pool("svc").await.unwrap().hits, 1);
+    assert_eq!(run(&d, &sb.id, "cat /tmp/ready", None).await.0, "ready\n");
+    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    d.client.delete_pool("svc").await.unwrap();
+}
