@@ -64,6 +64,9 @@ pub enum TemplateCmd {
     },
     /// Empty the build cache and remove the layers nothing uses any more.
     Prune,
+    /// Keep a template under another name too, typically NAME:TAG (a version that stays
+    /// while NAME is rebuilt; `-T NAME:TAG` uses it).
+    Tag { name: String, target: String },
     /// Show a template as JSON.
     Inspect { name: String },
 }
@@ -250,6 +253,7 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                 println!("{n}");
             }
         }
+        TemplateCmd::Tag { name, target } => show(&client.tag_template(&name, &target).await?),
         TemplateCmd::Prune => {
             let removed = client.prune_templates().await?;
             println!("removed {} layer(s)", removed.len());

@@ -280,3 +280,141 @@ async fn pooled_template_runs_its_start_command_before_the_claim() {
     d.client.delete_sandbox(&sb.id, true).await.unwrap();
     d.client.delete_pool("svc").await.unwrap();
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a blob into an OCI layout and returns its descriptor.
+fn blob(layout: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
+    let hex = sha256_hex(bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+}
+
+/// A layer tar: (path, mode, uid, content or None for a directory).
+fn layer_tar(entries: &[(&str, u32, u64, Option<&str>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, mode, uid, content) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(*mode);
+        h.set_uid(*uid);
+        h.set_gid(*uid);
+        h.set_mtime(0);
+        match content {
+            Some(c) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(c.len() as u64);
+                b.append_data(&mut h, path, c.as_bytes()).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// An OCI image layout with two layers on the busybox of `mini` (the second deletes a
+/// file with a whiteout and makes a directory opaque), with env, workdir, user and cmd.
+fn oci_layout(mini: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    // Layer 1: mini's tree as a tar, plus an app directory.
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", mini).unwrap();
+    let mut base = b.into_inner().unwrap();
+    // Drop the two 512-byte end blocks and append more entries.
+    base.truncate(base.len() - 1024);
+    let extra = layer_tar(&[
+        ("app/", 0o755, 1000, None),
+        ("app/keep.txt", 0o640, 1000, Some("keep\n")),
+        ("app/gone.txt", 0o644, 0, Some("gone\n")),
+        ("cache/", 0o755, 0, None),
+        ("cache/old", 0o644, 0, Some("old\n")),
+    ]);
+    base.extend_from_slice(&extra);
+    let l1 = base;
+    let l2 = layer_tar(&[
+        ("app/.wh.gone.txt", 0o644, 0, Some("")),
+        ("cache/", 0o755, 0, None),
+        ("cache/.wh..wh..opq", 0o644, 0, Some("")),
+        ("cache/new", 0o644, 0, Some("new\n")),
+    ]);
+    let (diff1, diff2) = (sha256_hex(&l1), sha256_hex(&l2));
+    let d1 = blob(dir, "application/vnd.oci.image.layer.v1.tar", &l1);
+    let d2 = blob(dir, "application/vnd.oci.image.layer.v1.tar", &l2);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin:/usr/bin", "GREETING=from-image"], "WorkingDir": "/app", "User": "1000",
+                   "Cmd": ["sh", "-c", "sleep 100000"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff1}"), format!("sha256:{diff2}")]},
+    });
+    let c = blob(dir, "application/vnd.oci.image.config.v1+json", config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": c, "layers": [d1, d2]});
+    let mut m = blob(dir, "application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes());
+    m["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "v1"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [m]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+}
+
+#[tokio::test]
+async fn images_import_from_a_layout_and_a_docker_archive_and_tags_keep_versions() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    let mini = d.root.join("layers").join(&d.client.template("mini").await.unwrap().layers[0]);
+    oci_layout(&mini, &layout);
+    // A real tool turns the layout into a `docker save` archive.
+    let archive = work.path().join("img.tar");
+    let out = std::process::Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker-archive:{}:team/img:v1", archive.display()))
+        .output()
+        .expect("skopeo (scripts/lib.sh installs it)");
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+
+    let check = "pwd; id -u; echo $GREETING; cat keep.txt; stat -c '%u %a' keep.txt; ls /app | tr '\\n' ' '; \
+                 ls /cache | tr '\\n' ' '";
+    let expected = "/app\n1000\nfrom-image\nkeep\n1000 640\nkeep.txt new ";
+    for (name, source) in [("img-layout", &layout), ("img-archive", &archive)] {
+        let out = d.cli(&["template", "import", &source.display().to_string(), "--name", name]);
+        assert!(out.status.success(), "import {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let t = d.client.template(name).await.unwrap();
+        assert_eq!(t.start, ["sh", "-c", "sleep 100000"]);
+        let (out, code) = sh(&d, name, check).await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out, expected, "{name}: files, owners, modes, whiteout and opaque directory");
+    }
+    // Both carry the same layers: stored once.
+    let a = d.client.template("img-layout").await.unwrap();
+    let b = d.client.template("img-archive").await.unwrap();
+    assert_eq!(a.layers, b.layers);
+
+    // A tag keeps a version while the name is rebuilt; removing the name keeps its layers.
+    d.client.tag_template("img-layout", "img-layout:v1").await.unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let req = BuildTemplate {
+        name: "img-layout".into(),
+        dockerfile: Some("FROM img-archive\nUSER 0\nRUN echo v2 > /app/version\n".into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    build(&d, &req).await.unwrap();
+    assert_eq!(sh(&d, "img-layout", "cat /app/version").await.0, "v2\n");
+    assert_eq!(sh(&d, "img-layout:v1", "cat /app/version").await.1, 1, "the tag is the old version");
+    d.client.delete_template("img-layout").await.unwrap();
+    d.client.delete_template("img-archive").await.unwrap();
+    assert_eq!(sh(&d, "img-layout:v1", "cat /app/keep.txt").await.0, "keep\n");
+    let names: Vec<String> = d.client.templates().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert!(names.contains(&"img-layout:v1".to_string()), "{names:?}");
+    let bad = d.client.tag_template("mini", "Bad:tag").await.unwrap_err();
+    assert!(bad.to_string().contains("Bad:tag"), "{bad}");
+}

@@ -687,6 +687,14 @@ pub struct BuildTemplate {
     pub insecure: bool,
 }
 
+/// `POST /v1/templates/{name}/tag`: keep the template under another name as well.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagTemplate {
+    /// `NAME:TAG` (or another plain name); replaced if it exists.
+    pub target: String,
+}
+
 /// Registry credentials.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -46,6 +46,7 @@ pub const METRICS: &str = "/metrics";
 pub const TEMPLATES: &str = "/v1/templates";
 pub const TEMPLATE: &str = "/v1/templates/{name}";
 pub const TEMPLATE_REFRESH: &str = "/v1/templates/{name}/refresh";
+pub const TEMPLATE_TAG: &str = "/v1/templates/{name}/tag";
 pub const BUILD_CACHE_PRUNE: &str = "/v1/build-cache/prune";
 
 /// All routes.
@@ -94,6 +95,7 @@ pub const ALL: &[&str] = &[
     TEMPLATES,
     TEMPLATE,
     TEMPLATE_REFRESH,
+    TEMPLATE_TAG,
     BUILD_CACHE_PRUNE,
 ];
 

@@ -398,6 +398,12 @@ impl Client {
         Ok(exec::NdjsonStream::new(resp))
     }
 
+    /// Keeps a template under another name too (`NAME:TAG`).
+    pub async fn tag_template(&self, name: &str, target: &str) -> Result<Template> {
+        let req = TagTemplate { target: target.to_string() };
+        self.json(self.request(Method::POST, &Self::path(paths::TEMPLATE_TAG, &[("name", name)])).json(&req)).await
+    }
+
     /// Empties the build cache and removes unused layers; returns their digests.
     pub async fn prune_templates(&self) -> Result<Vec<String>> {
         self.json(self.request(Method::POST, paths::BUILD_CACHE_PRUNE)).await

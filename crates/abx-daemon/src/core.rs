@@ -180,6 +180,10 @@ pub enum Command {
     RefreshTemplate {
         name: String,
     },
+    TagTemplate {
+        name: String,
+        target: String,
+    },
     PruneBuildCache,
     SetPool {
         template: String,
@@ -490,6 +494,7 @@ impl Core {
             Command::ListVolumes => m.volumes().await.map(Outcome::Volumes),
             Command::GetVolume { name } => m.volume(&name).await.map(Outcome::Volume),
             Command::DeleteVolume { name } => m.delete_volume(&name).await.map(|_| Outcome::Done),
+            Command::TagTemplate { name, target } => crate::templates::tag(m, &name, &target).map(Outcome::Template),
             Command::RefreshTemplate { name } => crate::build::refresh(m, &name).map(Outcome::Build),
             Command::PruneBuildCache => crate::templates::prune(m).await.map(Outcome::Strings),
             Command::SetPool { template, req } => m.set_pool(&template, req.min, req.max).await.map(Outcome::Pool),

@@ -158,6 +158,14 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
     .map_err(|e| CoreError::internal("template removal task", e.to_string()))?
 }
 
+/// Keeps template `name` under `target` as well (`NAME:TAG`).
+pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Template> {
+    m.templates.tag(name, target).map(to_api).map_err(|e| match e {
+        abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
+        e => map_err(target, e),
+    })
+}
+
 /// Empties the build cache and collects garbage; returns the removed layers.
 pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
     let m = m.clone();

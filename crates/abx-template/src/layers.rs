@@ -117,6 +117,17 @@ impl Store {
         Ok(total)
     }
 
+    /// Saves a copy of template `source` as `target` (typically `NAME:TAG`, a version kept
+    /// while `NAME` is rebuilt); the layers are shared.
+    pub fn tag(&self, source: &str, target: &str) -> Result<Template> {
+        validate_name(target)?;
+        let mut t = self.get(source)?;
+        t.name = target.to_string();
+        let _guard = self.guard();
+        t.save(self.templates_dir())?;
+        Ok(t)
+    }
+
     /// Saves a template made of layers already in the store (replacing one of that name).
     pub fn save_template(&self, template: &Template) -> Result<()> {
         validate_name(&template.name)?;

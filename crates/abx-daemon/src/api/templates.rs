@@ -4,7 +4,7 @@ use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use abx_api::{BuildEvent, BuildTemplate, ErrorBody, Template};
+use abx_api::{BuildEvent, BuildTemplate, ErrorBody, TagTemplate, Template};
 
 use super::{ApiError, Json, Path, ndjson};
 use crate::core::{Command, Core};
@@ -14,6 +14,7 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(list, build))
         .routes(routes!(get, remove))
         .routes(routes!(refresh))
+        .routes(routes!(tag))
         .routes(routes!(prune))
 }
 
@@ -63,6 +64,19 @@ async fn remove(State(core): State<Core>, Path(name): Path<String>) -> Result<St
 async fn refresh(State(core): State<Core>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let rx = core.execute(Command::RefreshTemplate { name }).await?.build()?;
     Ok(ndjson(tokio_stream(rx)))
+}
+
+/// Keep a template under another name too, typically `NAME:TAG` (a version that stays
+/// while NAME is rebuilt); the layers are shared.
+#[utoipa::path(post, path = abx_api::paths::TEMPLATE_TAG, tag = "templates", request_body = TagTemplate,
+    params(("name" = String, Path, description = "template name")),
+    responses((status = 200, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn tag(
+    State(core): State<Core>,
+    Path(name): Path<String>,
+    Json(req): Json<TagTemplate>,
+) -> Result<Json<Template>, ApiError> {
+    Ok(Json(core.execute(Command::TagTemplate { name, target: req.target }).await?.template()?))
 }
 
 /// Empty the build cache and delete the layers nothing uses any more; returns their digests.
