@@ -302,10 +302,10 @@ async fn follow(mut stream: abx_client::NdjsonStream<BuildEvent>, name: &str) ->
     let mut last_stage = String::new();
     while let Some(ev) = stream.next().await? {
         match ev {
-            BuildEvent::Progress { stage, message, .. } if stage == "log" => bar.println(format!("  | {message}")),
+            BuildEvent::Progress { stage, message, .. } if stage == "log" => bar.suspend(|| eprintln!("  | {message}")),
             BuildEvent::Progress { stage, done, total, message } => {
                 if stage == "step" {
-                    bar.println(format!("step {done}/{}: {message}", total.unwrap_or(0)));
+                    bar.suspend(|| eprintln!("step {done}/{}: {message}", total.unwrap_or(0)));
                 }
                 if stage != last_stage {
                     if !last_stage.is_empty() && !bar.is_hidden() {

@@ -103,3 +103,52 @@ async fn templates_and_system_from_the_cli() {
     assert!(d.cli(&["template", "rm", "mini"]).status.success());
     assert!(!text(&d.cli(&["template", "ls"])).0.contains("mini"));
 }
+
+#[tokio::test]
+async fn template_build_from_a_dockerfile_and_pools_from_the_cli() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("hello.txt"), "hello\n").unwrap();
+    let df = ctx.path().join("Dockerfile");
+    std::fs::write(&df, "FROM mini\nARG WHO=world\nCOPY hello.txt /srv/\nUSER 0\nRUN echo $WHO >> /srv/hello.txt\n")
+        .unwrap();
+    let ctx_s = ctx.path().display().to_string();
+    let df_s = df.display().to_string();
+    let o = d.cli(&["template", "build", "-f", &df_s, "--build-arg", "WHO=cli", &ctx_s, "clidf"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.starts_with("clidf ("), "{out}");
+    assert!(err.contains("step 4/4: RUN echo $WHO >> /srv/hello.txt"), "steps are shown: {err}");
+    let o = d.cli(&["run", "-T", "clidf", "--", "cat", "/srv/hello.txt"]);
+    assert_eq!(text(&o).0, "hello\ncli\n");
+    // Again: every step cached.
+    let o = d.cli(&["template", "build", "-f", &df_s, "--build-arg", "WHO=cli", &ctx_s, "clidf"]);
+    assert!(text(&o).1.contains("RUN echo $WHO >> /srv/hello.txt (cached)"), "{:?}", text(&o));
+    // A Dockerfile error is reported with its line.
+    std::fs::write(&df, "FROM mini\nCOPY --from=x a b\n").unwrap();
+    let o = d.cli(&["template", "build", "-f", &df_s, "clidf"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("line 2"), "{:?}", text(&o));
+
+    // Pools.
+    let o = d.cli(&["pool", "set", "clidf", "--min", "1", "--max", "3"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    d.wait_for("the pool", std::time::Duration::from_secs(20), || async {
+        d.client.pool("clidf").await.map(|p| p.ready == 1).unwrap_or(false)
+    })
+    .await;
+    let o = d.cli(&["run", "-T", "clidf", "--", "cat", "/srv/hello.txt"]);
+    assert_eq!(text(&o).0, "hello\ncli\n");
+    let o = d.cli(&["pool", "ls"]);
+    let out = text(&o).0;
+    let row = out.lines().find(|l| l.starts_with("clidf")).unwrap_or_default().to_string();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..2], ["clidf", "1"], "{out}");
+    assert_eq!(cols[5], "1", "one hit: {out}");
+    let o = d.cli(&["pool", "set", "clidf", "--min", "4", "--max", "2"]);
+    assert!(!o.status.success() && text(&o).1.contains("min"), "{:?}", text(&o));
+    let o = d.cli(&["pool", "rm", "clidf"]);
+    assert!(o.status.success());
+    assert!(d.client.pools().await.unwrap().is_empty());
+}
