@@ -67,6 +67,9 @@ pub enum Command {
     /// Warm pools: sandboxes of a template kept ready so that a create is a claim.
     #[command(subcommand)]
     Pool(snap::PoolCmd),
+    /// API keys for TCP listeners (`--listen tcp:ADDR`) and the e2b SDK.
+    #[command(subcommand)]
+    Key(snap::KeyCmd),
     /// Freeze every process of a sandbox, keeping its memory (any request resumes it).
     Pause(manage::IdArg),
     /// Thaw a paused sandbox.
@@ -189,6 +192,7 @@ pub fn run(cli: Cli) -> i32 {
             Command::Start(a) => snap::stop_start(&client(host)?, a, false).await,
             Command::Volume(c) => snap::volume(&client(host)?, c).await,
             Command::Pool(c) => snap::pool(&client(host)?, c).await,
+            Command::Key(c) => snap::key(&client(host)?, c).await,
             Command::Pause(a) => manage::pause(&client(host)?, a, true).await,
             Command::Resume(a) => manage::pause(&client(host)?, a, false).await,
             Command::Ps(a) => manage::ps(&client(host)?, a).await,

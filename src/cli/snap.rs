@@ -291,6 +291,57 @@ pub async fn pool(client: &Client, c: PoolCmd) -> anyhow::Result<i32> {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Make an API key and print it (it is not shown again).
+    Create {
+        /// Who the key is for.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List keys (ids, tenants, first characters).
+    Ls,
+    /// Revoke keys.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+pub async fn key(client: &Client, c: KeyCmd) -> anyhow::Result<i32> {
+    match c {
+        KeyCmd::Create { tenant } => {
+            let k = client.create_key(tenant.as_deref()).await?;
+            println!("{}", k.key.unwrap_or_default());
+            eprintln!("key {} (tenant {}); it is not shown again", k.id, k.tenant.as_deref().unwrap_or("-"));
+            Ok(0)
+        }
+        KeyCmd::Ls => {
+            println!("{:<14}  {:<16}  {:<14}  PREFIX", "ID", "TENANT", "CREATED");
+            for k in client.keys().await? {
+                println!(
+                    "{:<14}  {:<16}  {:<14}  {}…",
+                    k.id,
+                    k.tenant.as_deref().unwrap_or("-"),
+                    parse::relative(k.created_at),
+                    k.prefix
+                );
+            }
+            Ok(0)
+        }
+        KeyCmd::Rm { ids } => {
+            let mut code = 0;
+            for id in ids {
+                if let Err(e) = client.delete_key(&id).await {
+                    eprintln!("agentbox: {e}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+    }
+}
+
 /// `--volume NAME:/path[:ro]`.
 pub fn volume_mount(s: &str) -> Result<abx_client::VolumeMount, String> {
     let mut parts = s.splitn(3, ':');

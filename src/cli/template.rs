@@ -219,10 +219,11 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             let repo = reference.split('@').next().unwrap_or(&reference);
             let last = repo.rsplit('/').next().unwrap_or(repo);
             let last = last.split(':').next().unwrap_or(last);
+            let auth_file = auth_file.as_deref().map(abs).transpose()?;
             let auth = (username.is_some() || auth_file.is_some()).then(|| abx_client::RegistryAuth {
                 username,
                 password,
-                auth_file: auth_file.map(|f| f.display().to_string()),
+                auth_file,
             });
             let req = BuildTemplate {
                 name: name.unwrap_or_else(|| name_from(last)),

@@ -79,3 +79,48 @@ async fn the_api_socket_is_for_root_only() {
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[tokio::test]
+async fn tcp_listener_needs_an_api_key_and_keys_are_managed_locally() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let d = crate::harness::Daemon::start_with(&["+--listen", &tcp]).await;
+    d.template("mini").await;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    // No key, a made-up key: refused, with a message saying what to do.
+    let r = http.get(format!("{url}/v1/system")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.text().await.unwrap().contains("agentbox key create"));
+    let fake = "e2b_0123456789abcdef0123456789abcdef01234567";
+    assert_eq!(status(http.get(format!("{url}/v1/system")).bearer_auth(fake).send().await.unwrap()), 401);
+
+    // A key made over the unix socket (the CLI) works in both header forms.
+    let o = d.cli(&["key", "create", "--tenant", "team-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(key.starts_with("e2b_") && key.len() == 44, "{key}");
+    assert_eq!(status(http.get(format!("{url}/v1/system")).bearer_auth(&key).send().await.unwrap()), 200);
+    assert_eq!(status(http.get(format!("{url}/v1/system")).header("X-API-Key", &key).send().await.unwrap()), 200);
+    // Keys cannot be managed over TCP, even with a key.
+    let r = http.post(format!("{url}/v1/keys")).bearer_auth(&key).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    // The SDK over TCP.
+    let client = abx_client::Client::new(&url).unwrap().with_api_key(key.clone());
+    let sb = client
+        .create_sandbox(&abx_client::CreateSandbox { template: Some("mini".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let out = client.run(&sb.id, &["echo", "over tcp"]).await.unwrap();
+    assert_eq!(out.stdout, b"over tcp\n");
+    client.delete_sandbox(&sb.id, true).await.unwrap();
+    // Listed without the key; revoked keys stop working at once.
+    let keys = d.client.keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].tenant.as_deref(), Some("team-a"));
+    assert!(keys[0].key.is_none() && key.starts_with(&keys[0].prefix));
+    assert!(d.cli(&["key", "rm", &keys[0].id]).status.success());
+    assert_eq!(status(http.get(format!("{url}/v1/system")).bearer_auth(&key).send().await.unwrap()), 401);
+}

@@ -10,7 +10,7 @@ use abx_client::{BuildEvent, BuildTemplate, CreateSandbox, ExecRequest};
 use crate::harness::Daemon;
 
 /// Builds and returns (the template, every progress message).
-async fn build(d: &Daemon, req: &BuildTemplate) -> Result<(abx_client::Template, Vec<String>), String> {
+pub(crate) async fn build(d: &Daemon, req: &BuildTemplate) -> Result<(abx_client::Template, Vec<String>), String> {
     let mut s = d.client.build_template(req).await.map_err(|e| e.to_string())?;
     follow(&mut s).await
 }
@@ -32,7 +32,7 @@ async fn refresh(d: &Daemon, name: &str) -> (abx_client::Template, Vec<String>) 
     follow(&mut s).await.unwrap()
 }
 
-async fn sh(d: &Daemon, template: &str, script: &str) -> (String, i32) {
+pub(crate) async fn sh(d: &Daemon, template: &str, script: &str) -> (String, i32) {
     let sb = d
         .client
         .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
@@ -320,7 +320,7 @@ fn layer_tar(entries: &[(&str, u32, u64, Option<&str>)]) -> Vec<u8> {
 
 /// An OCI image layout with two layers on the busybox of `mini` (the second deletes a
 /// file with a whiteout and makes a directory opaque), with env, workdir, user and cmd.
-fn oci_layout(mini: &Path, dir: &Path) {
+pub(crate) fn oci_layout(mini: &Path, dir: &Path) {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     // Layer 1: mini's tree as a tar, plus an app directory.

@@ -171,6 +171,11 @@ impl Daemon {
             ("--ingress".into(), "none".into()),
         ];
         for pair in extra.chunks(2) {
+            // "+--flag": one more of a repeatable flag, not a replacement.
+            if let Some(flag) = pair[0].strip_prefix('+') {
+                args.push((flag.to_string(), pair[1].to_string()));
+                continue;
+            }
             match args.iter_mut().find(|(k, _)| k == pair[0]) {
                 Some(slot) => slot.1 = pair[1].to_string(),
                 None => args.push((pair[0].to_string(), pair[1].to_string())),

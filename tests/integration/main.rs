@@ -12,6 +12,7 @@ mod isolation;
 mod lifecycle;
 mod network;
 mod pools;
+mod registry;
 mod restart;
 mod snapshots;
 mod storage;

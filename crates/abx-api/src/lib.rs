@@ -695,6 +695,28 @@ pub struct TagTemplate {
     pub target: String,
 }
 
+/// `POST /v1/keys`: a new API key (for TCP listeners and the e2b SDK).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// Who the key is for (letters, digits, `.`, `_`, `-`); recorded on the sandboxes it creates.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// An API key as listed (the key itself is shown once, at creation).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub created_at: u64,
+    /// The key's first characters.
+    pub prefix: String,
+    /// The key: only in the answer to its creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
 /// Registry credentials.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

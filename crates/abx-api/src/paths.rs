@@ -22,6 +22,8 @@ pub const SNAPSHOT: &str = "/v1/snapshots/{id}";
 pub const SNAPSHOT_FORK: &str = "/v1/snapshots/{id}/fork";
 pub const VOLUMES: &str = "/v1/volumes";
 pub const VOLUME: &str = "/v1/volumes/{name}";
+pub const KEYS: &str = "/v1/keys";
+pub const KEY: &str = "/v1/keys/{id}";
 pub const POOLS: &str = "/v1/pools";
 pub const POOL: &str = "/v1/pools/{template}";
 pub const EXEC: &str = "/v1/sandboxes/{id}/exec";
@@ -74,6 +76,8 @@ pub const ALL: &[&str] = &[
     VOLUME,
     POOLS,
     POOL,
+    KEYS,
+    KEY,
     EXEC,
     EXEC_WS,
     PROCESSES,

@@ -303,6 +303,22 @@ impl Client {
         Ok(self.send(self.request(Method::GET, paths::METRICS)).await?.text().await?)
     }
 
+    // --- API keys (over the unix socket) ---
+
+    /// Makes an API key; the answer holds the key (shown once).
+    pub async fn create_key(&self, tenant: Option<&str>) -> Result<ApiKey> {
+        let req = CreateKey { tenant: tenant.map(String::from) };
+        self.json(self.request(Method::POST, paths::KEYS).json(&req)).await
+    }
+
+    pub async fn keys(&self) -> Result<Vec<ApiKey>> {
+        self.json(self.request(Method::GET, paths::KEYS)).await
+    }
+
+    pub async fn delete_key(&self, id: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, &Self::path(paths::KEY, &[("id", id)]))).await.map(drop)
+    }
+
     // --- warm pools ---
 
     /// Creates or changes the warm pool of a template.

@@ -650,6 +650,16 @@ pub fn refresh(m: &Arc<Manager>, name: &str) -> CoreResult<mpsc::Receiver<BuildE
     })?;
     let req: BuildTemplate =
         serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))?;
+    if let (Some(reference), Some(auth)) = (&req.pull, &req.registry_auth)
+        && auth.username.is_some()
+        && auth.auth_file.is_none()
+    {
+        return Err(invalid(format!(
+            "template '{name}' was pulled with a password, which is not kept; pull it again: \
+             `agentbox template pull {reference} --name {name} --username {}` (or use --auth-file, which refresh can reuse)",
+            auth.username.as_deref().unwrap_or_default()
+        )));
+    }
     crate::templates::build(m, req)
 }
 

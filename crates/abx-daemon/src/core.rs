@@ -180,6 +180,11 @@ pub enum Command {
     RefreshTemplate {
         name: String,
     },
+    CreateKey(abx_api::CreateKey),
+    ListKeys,
+    DeleteKey {
+        id: String,
+    },
     TagTemplate {
         name: String,
         target: String,
@@ -250,6 +255,8 @@ pub enum Outcome {
     Pool(abx_api::Pool),
     Pools(Vec<abx_api::Pool>),
     Strings(Vec<String>),
+    Key(abx_api::ApiKey),
+    Keys(Vec<abx_api::ApiKey>),
 }
 
 macro_rules! accessor {
@@ -288,6 +295,8 @@ impl Outcome {
     accessor!(volumes, Volumes, Vec<abx_api::Volume>);
     accessor!(pool, Pool, abx_api::Pool);
     accessor!(strings, Strings, Vec<String>);
+    accessor!(key, Key, abx_api::ApiKey);
+    accessor!(keys, Keys, Vec<abx_api::ApiKey>);
     accessor!(pools, Pools, Vec<abx_api::Pool>);
 
     pub fn diff(self) -> CoreResult<(abx_api::Diff, Option<Vec<u8>>)> {
@@ -495,6 +504,12 @@ impl Core {
             Command::GetVolume { name } => m.volume(&name).await.map(Outcome::Volume),
             Command::DeleteVolume { name } => m.delete_volume(&name).await.map(|_| Outcome::Done),
             Command::TagTemplate { name, target } => crate::templates::tag(m, &name, &target).map(Outcome::Template),
+            Command::CreateKey(req) => {
+                let (rec, key) = m.auth.create(m.store(), req.tenant)?;
+                Ok(Outcome::Key(key_api(rec, Some(key))))
+            }
+            Command::ListKeys => Ok(Outcome::Keys(m.auth.list().into_iter().map(|k| key_api(k, None)).collect())),
+            Command::DeleteKey { id } => m.auth.delete(m.store(), &id).map(|_| Outcome::Done),
             Command::RefreshTemplate { name } => crate::build::refresh(m, &name).map(Outcome::Build),
             Command::PruneBuildCache => crate::templates::prune(m).await.map(Outcome::Strings),
             Command::SetPool { template, req } => m.set_pool(&template, req.min, req.max).await.map(Outcome::Pool),
@@ -726,6 +741,10 @@ async fn started(conn: &mut AgentConn) -> CoreResult<u32> {
         Ok(abx_proto::Reply::Err(e)) => Err(CallError::Remote(e).into()),
         _ => Err(CallError::Protocol(abx_proto::ProtoError::Unexpected("expected a started event".into())).into()),
     }
+}
+
+fn key_api(k: crate::auth::KeyRecord, key: Option<String>) -> abx_api::ApiKey {
+    abx_api::ApiKey { id: k.id, tenant: k.tenant, created_at: k.created_at, prefix: k.prefix, key }
 }
 
 pub fn state_name(s: abx_api::SandboxState) -> &'static str {

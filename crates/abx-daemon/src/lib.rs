@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod auth;
 pub mod build;
 pub mod config;
 pub mod core;

@@ -85,6 +85,8 @@ pub struct Manager {
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Warm pools (see `pool.rs`).
     pub(crate) pools: crate::pool::Pools,
+    /// API keys and sandbox access tokens.
+    pub auth: crate::auth::Auth,
     /// Networking (None with `--subnet none`: loopback only).
     pub net: Option<Arc<crate::net::Network>>,
 }
@@ -97,6 +99,7 @@ impl Manager {
             std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
         let store = Store::open(&cfg.root.join("state.db")).map_err(|e| format!("{e}"))?;
+        let auth = crate::auth::Auth::open(&cfg.root, &store)?;
         let templates =
             abx_template::Store::open(&cfg.root, &cfg.cache_dir).map_err(|e| format!("template store: {e}"))?;
         let cgroups = abx_cgroup::open(&cfg.prefix).map_err(|e| format!("cgroups: {e}"))?;
@@ -131,6 +134,7 @@ impl Manager {
             slot_cache: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             pools: Default::default(),
+            auth,
             net,
         }))
     }

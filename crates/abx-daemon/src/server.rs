@@ -51,12 +51,17 @@ pub async fn serve(
                 }));
             }
             Listen::Tcp(addr) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    format!(
-                        "tcp:{addr}: TCP listeners need API keys, which this version does not offer yet; use a unix socket"
-                    ),
-                ));
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                info!(address = %addr, "listening (API key required)");
+                let app = app.clone().layer(axum::middleware::from_fn_with_state(core.clone(), require_key));
+                let mut rx = stop_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        })
+                        .await;
+                }));
             }
         }
     }
@@ -66,4 +71,49 @@ pub async fn serve(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
     Ok(())
+}
+
+/// TCP requests need an API key (`Authorization: Bearer K` or `X-API-Key: K`); requests
+/// for a sandbox's own API in the E2B protocol (`E2b-Sandbox-Id` header or a
+/// `<port>-<id>.<domain>` host) carry that sandbox's access token instead, which the
+/// facade checks.
+async fn require_key(
+    axum::extract::State(core): axum::extract::State<Core>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if is_sandbox_request(req.headers()) {
+        return next.run(req).await;
+    }
+    match crate::auth::key_of(req.headers()).and_then(|k| core.manager.auth.check(k)) {
+        Some(key) => {
+            req.extensions_mut().insert(crate::auth::Remote { key });
+            next.run(req).await
+        }
+        None => crate::api::ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this listener needs an API key (Authorization: Bearer KEY or X-API-Key: KEY); make one with `agentbox key create`",
+        )
+        .into_response(),
+    }
+}
+
+/// Whether a request is addressed to a sandbox's own API (E2B's envd) rather than the daemon's.
+pub fn is_sandbox_request(headers: &axum::http::HeaderMap) -> bool {
+    if headers.contains_key("e2b-sandbox-id") {
+        return true;
+    }
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let first = host.split('.').next().unwrap_or("");
+    match first.split_once('-') {
+        Some((port, id)) => {
+            host.contains('.')
+                && port.parse::<u16>().is_ok()
+                && id.len() == 12
+                && id.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
 }

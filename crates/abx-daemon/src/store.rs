@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pools (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL
@@ -103,6 +107,7 @@ pub enum Table {
     Snapshots,
     Volumes,
     Pools,
+    Keys,
 }
 
 impl Table {
@@ -111,6 +116,7 @@ impl Table {
             Table::Snapshots => "snapshots",
             Table::Volumes => "volumes",
             Table::Pools => "pools",
+            Table::Keys => "keys",
         }
     }
 }

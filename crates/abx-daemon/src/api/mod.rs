@@ -4,6 +4,7 @@
 
 mod exec;
 mod files;
+mod keys;
 mod network;
 mod sandboxes;
 mod snapshots;
@@ -34,6 +35,7 @@ use crate::error::CoreError;
         (name = "snapshots", description = "Snapshots, forks, rollback, stop and start of sandboxes"),
         (name = "volumes", description = "Named directories that outlive sandboxes"),
         (name = "pools", description = "Warm pools: sandboxes kept ready per template"),
+        (name = "keys", description = "API keys for TCP listeners (managed over the unix socket)"),
         (name = "templates", description = "Templates sandboxes are made from"),
         (name = "system", description = "The daemon itself"),
     )
@@ -76,6 +78,7 @@ fn api_routes() -> OpenApiRouter<Core> {
         .merge(network::routes())
         .merge(templates::routes())
         .merge(system::routes())
+        .merge(keys::routes())
 }
 
 /// The OpenAPI document (what `docs/openapi.json` must contain).
