@@ -12,7 +12,7 @@
 //! <state root>/layers/<digest>/       one rootfs tree per layer (digest = sha256-<hex>)
 //! <state root>/templates/<name>.json  template metadata, written atomically
 //! <state root>/tmp/                   builds in progress, renamed into layers/ when done
-//! <state root>/oci/diffid-sha256-<hex> which layer an image layer (by diff_id) became
+//! <state root>/oci/chain-sha256-<hex> which layer an image layer (by ChainID) became
 //! <cache dir>/base/<key>/             machine-wide cache of expensive builds (see `cache`)
 //! ```
 //!
@@ -50,13 +50,18 @@
 //!   `.wh.NAME` whiteouts become character devices 0:0, `.wh..wh..opq` the
 //!   `user.overlay.opaque="y"` xattr (both part of the digest), owners and modes are the
 //!   image's (idmapped at mount like every layer), hardlinks, symlinks and fifos are kept,
-//!   device nodes left out, `security.capability` and `user.*` xattrs kept. Extraction
+//!   device nodes left out, `security.capability` and `user.*` xattrs kept; a directory the
+//!   layer tar has no entry for gets the owner and mode it has in the image's layers below
+//!   (0755, root when they have none), as with docker. Extraction
 //!   refuses absolute paths, `..` and any path through a symlink (`openat2` with
 //!   `RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS`), so nothing is written outside the new layer
-//!   (details in the `oci` module). `<state root>/oci/diffid-sha256-<hex>` (JSON: `layer`,
-//!   `size_bytes`) records the layer each diff_id became: a layer already present is neither
-//!   downloaded nor extracted again (an entry whose layer was collected is ignored and
-//!   rewritten), and layers shared between images are stored once. The template's config
+//!   (details in the `oci` module). `<state root>/oci/chain-sha256-<hex>` (JSON: `layer`,
+//!   `size_bytes`) records the layer each image layer became, keyed by its OCI ChainID (the
+//!   layer's diff_id together with those of the layers below it, on which an extracted layer
+//!   depends): a layer already present is neither downloaded nor extracted again (an entry
+//!   whose layer was collected is ignored and rewritten), and layers shared between images
+//!   with the same layers below are stored once. The `diffid-*` files of earlier versions
+//!   are removed when the store is opened. The template's config
 //!   comes from the image config: `Env`, `WorkingDir`, `User`, `Entrypoint` + `Cmd` as the
 //!   start command; the description names the reference or file and the manifest digest
 //!   (the image ID for docker-save archives).

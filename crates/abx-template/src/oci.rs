@@ -14,13 +14,30 @@
 //! the same layer.
 //!
 //! Entries keep the uid, gid and mode (setuid, setgid and sticky bits included) of the tar
-//! header or its PAX records, and their mtime. Missing parent directories are made 0755 and
-//! owned by root. Regular files, directories, symlinks, hardlinks and fifos are made;
-//! character and block devices are left out (sandboxes get their own /dev, and a device node
-//! in a shared layer would be a way around the device cgroup), which progress reports.
-//! Extended attributes from PAX `SCHILY.xattr.*` records are kept on regular files for
-//! `security.capability` and `user.*` (except `user.overlay.*`, which overlayfs would
-//! interpret); the layer digest covers them. Others are dropped.
+//! header or its PAX records, and their mtime. Regular files, directories, symlinks,
+//! hardlinks and fifos are made; character and block devices are left out (sandboxes get
+//! their own /dev, and a device node in a shared layer would be a way around the device
+//! cgroup), which progress reports. Extended attributes from PAX `SCHILY.xattr.*` records
+//! are kept on regular files for `security.capability` and `user.*` (except
+//! `user.overlay.*`, which overlayfs would interpret); the layer digest covers them. Others
+//! are dropped.
+//!
+//! A parent directory the tar has no entry for (a layer holding just `app/.wh.gone` or
+//! `usr/local/bin/x`) gets the uid, gid and mode the directory has in the union of the
+//! image's layers below, as docker and containerd (which apply a layer onto that union)
+//! leave it: overlayfs takes a directory's attributes from the topmost layer that has it,
+//! so a 0755 root directory here would hide the lower one's. The union is resolved the way
+//! overlayfs does: the topmost lower layer with a directory at the path, unless a layer
+//! above it has a non-directory (a whiteout; a symlink, never followed) at the path or on
+//! the way, or an opaque directory on the way, or this layer has an opaque directory on
+//! the way. Without one the directory is made 0755, owned by root (as is a directory
+//! replacing a whiteout of this layer, which is also made opaque). A later entry for the
+//! directory sets its attributes as usual. There are no xattrs to carry over: directories
+//! of image layers have none. Since a layer thus depends on the layers below it, the map
+//! from image layers to the layers they became is keyed by the OCI ChainID
+//! (`<root>/oci/chain-sha256-<hex>`; the ChainID is the diff_id for the first layer, then
+//! `sha256(<ChainID below> + " " + <diff_id>)`), not by the diff_id alone. The
+//! `diffid-*` files of earlier versions are removed when the store is opened.
 //!
 //! Whiteouts become what overlayfs expects in a lower layer: `.wh.NAME` a character device
 //! 0:0 (mode 0, root) called NAME; `.wh..wh..opq` the `user.overlay.opaque="y"` xattr on its
@@ -51,7 +68,7 @@ use crate::name::{validate_digest, validate_name};
 use crate::progress::Progress;
 use crate::registry::ImageReference;
 use crate::store::Store;
-use crate::tree::{OPAQUE_XATTR, Scratch, ensure_mount_points, kept_xattr, make_dir};
+use crate::tree::{OPAQUE_XATTR, Scratch, ensure_mount_points, is_opaque, kept_xattr, make_dir};
 
 /// OCI image index.
 pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -673,9 +690,9 @@ fn oci_plan(archive: &Archive, wanted: Option<&str>, recipe: String) -> Result<I
 // ---------------------------------------------------------------------------------------
 // Storing an image
 
-/// What `<root>/oci/diffid-sha256-<hex>` records.
+/// What `<root>/oci/chain-sha256-<hex>` records.
 #[derive(Debug, Serialize, Deserialize)]
-struct DiffIdEntry {
+struct ChainEntry {
     layer: String,
     size_bytes: u64,
 }
@@ -686,8 +703,19 @@ struct StagedLayer {
     size_bytes: u64,
     /// Extracted now; None when the layer was already in the store.
     scratch: Option<Scratch>,
-    /// The diff_id (hex) to record for it.
-    diff_id: Option<String>,
+    /// The ChainID (hex) to record for it.
+    chain_id: Option<String>,
+}
+
+/// The OCI ChainID of a layer: its diff_id for the first layer, else
+/// `sha256(<ChainID of the layer below> + " " + <diff_id>)`, both as `sha256:<hex>` strings.
+/// It names a layer together with everything below it, which is what an extracted layer
+/// depends on (implicit directories take their attributes from the layers below).
+fn chain_id(below: Option<&str>, diff_id: &str) -> String {
+    match below {
+        None => diff_id.to_string(),
+        Some(below) => sha256_of(format!("{below} {diff_id}").as_bytes()),
+    }
 }
 
 /// Opens a layer blob for reading.
@@ -737,7 +765,7 @@ impl Store {
     }
 
     /// Makes template `name` from an image whose manifest and config are known: reuses the
-    /// layers whose diff_id maps to a layer present, extracts the others (`open` reads their
+    /// layers whose ChainID maps to a layer present, extracts the others (`open` reads their
     /// blobs), adds the mount-point layer, then publishes the new layers and the template
     /// under the store lock.
     pub(crate) fn store_image(
@@ -757,16 +785,17 @@ impl Store {
         }
         let total = plan.layers.len() as u64;
         let mut staged: Vec<StagedLayer> = Vec::new();
-        let mut seen: HashMap<String, (String, u64)> = HashMap::new();
+        let mut chain: Option<String> = None;
         for (i, (blob, diff_id)) in plan.layers.iter().zip(diff_ids).enumerate() {
-            let diff_hex = sha256_hex(diff_id, &format!("diff_id of {}", blob.label))?.to_string();
+            sha256_hex(diff_id, &format!("diff_id of {}", blob.label))?;
+            let id = chain_id(chain.as_deref(), diff_id);
+            let chain_hex = sha256_hex(&id, &blob.label)?.to_string();
+            chain = Some(id);
             let counted =
                 |message: String| Progress { stage: "layer".into(), done: i as u64, total: Some(total), message };
-            let known = seen.get(&diff_hex).cloned().or_else(|| self.lookup_diff_id(&diff_hex));
-            if let Some((digest, size_bytes)) = known {
+            if let Some((digest, size_bytes)) = self.lookup_chain_id(&chain_hex) {
                 progress(counted(format!("layer {}/{total} ({diff_id}) is already present as {digest}", i + 1)));
-                // Already recorded (by the store, or by this image's first use of the layer).
-                staged.push(StagedLayer { digest, size_bytes, scratch: None, diff_id: None });
+                staged.push(StagedLayer { digest, size_bytes, scratch: None, chain_id: None });
                 continue;
             }
             if blob.media_type.contains("encrypted") || blob.media_type.contains("foreign") {
@@ -785,7 +814,15 @@ impl Store {
                 })
             };
             let check = LayerCheck { blob: blob.digest.as_deref(), size: blob.size, diff_id: diff_id.as_str() };
-            let stats = unpack_layer(reader, scratch.path(), &blob.label, &check, &report)?;
+            // The layers below, bottom first: implicit directories take their attributes.
+            let below: Vec<PathBuf> = staged
+                .iter()
+                .map(|l| match &l.scratch {
+                    Some(scratch) => scratch.path().to_path_buf(),
+                    None => self.layer_path(&l.digest),
+                })
+                .collect();
+            let stats = unpack_layer(reader, scratch.path(), &blob.label, &check, &below, &report)?;
             if stats.skipped_devices > 0 {
                 progress(Progress::stage(
                     "extracting",
@@ -794,19 +831,18 @@ impl Store {
             }
             progress(Progress::stage("digest", format!("hashing layer {}/{total}", i + 1)));
             let tree = digest_tree(scratch.path())?;
-            seen.insert(diff_hex.clone(), (tree.digest.clone(), tree.size_bytes));
             staged.push(StagedLayer {
                 digest: tree.digest,
                 size_bytes: tree.size_bytes,
                 scratch: Some(scratch),
-                diff_id: Some(diff_hex),
+                chain_id: Some(chain_hex),
             });
         }
         let mounts = self.scratch("oci-mounts");
         make_dir(mounts.path(), 0o755, 0, 0)?;
         ensure_mount_points(mounts.path())?;
         let tree = digest_tree(mounts.path())?;
-        staged.push(StagedLayer { digest: tree.digest, size_bytes: 0, scratch: Some(mounts), diff_id: None });
+        staged.push(StagedLayer { digest: tree.digest, size_bytes: 0, scratch: Some(mounts), chain_id: None });
 
         // An image may hold the same layer twice (overlayfs refuses a lower directory twice):
         // keeping only the topmost occurrence gives the same union.
@@ -836,8 +872,8 @@ impl Store {
             if let Some(scratch) = layer.scratch.take() {
                 scratch.publish(&self.layer_path(&layer.digest))?;
             }
-            if let Some(diff_hex) = &layer.diff_id {
-                self.record_diff_id(diff_hex, &layer.digest, layer.size_bytes)?;
+            if let Some(chain_hex) = &layer.chain_id {
+                self.record_chain_id(chain_hex, &layer.digest, layer.size_bytes)?;
             }
         }
         progress(Progress::stage("publishing", format!("template '{name}', {} layers", template.layers.len())));
@@ -845,25 +881,36 @@ impl Store {
         Ok(template)
     }
 
-    fn diff_id_path(&self, diff_hex: &str) -> PathBuf {
-        self.oci_dir().join(format!("diffid-sha256-{diff_hex}"))
+    fn chain_id_path(&self, chain_hex: &str) -> PathBuf {
+        self.oci_dir().join(format!("chain-sha256-{chain_hex}"))
     }
 
-    /// The layer (and its size) a diff_id was stored as, if that layer is still present.
-    fn lookup_diff_id(&self, diff_hex: &str) -> Option<(String, u64)> {
-        let bytes = fs::read(self.diff_id_path(diff_hex)).ok()?;
-        let entry: DiffIdEntry = serde_json::from_slice(&bytes).ok()?;
+    /// The layer (and its size) a ChainID was stored as, if that layer is still present.
+    fn lookup_chain_id(&self, chain_hex: &str) -> Option<(String, u64)> {
+        let bytes = fs::read(self.chain_id_path(chain_hex)).ok()?;
+        let entry: ChainEntry = serde_json::from_slice(&bytes).ok()?;
         validate_digest(&entry.layer).ok()?;
         self.layer_path(&entry.layer).is_dir().then_some((entry.layer, entry.size_bytes))
     }
 
-    fn record_diff_id(&self, diff_hex: &str, digest: &str, size_bytes: u64) -> Result<()> {
+    fn record_chain_id(&self, chain_hex: &str, digest: &str, size_bytes: u64) -> Result<()> {
         let dir = self.oci_dir();
         fs::create_dir_all(dir).at("create directory", dir)?;
-        let entry = DiffIdEntry { layer: digest.to_string(), size_bytes };
-        let mut bytes = serde_json::to_vec(&entry).expect("diff_id entry serializes");
+        let entry = ChainEntry { layer: digest.to_string(), size_bytes };
+        let mut bytes = serde_json::to_vec(&entry).expect("chain entry serializes");
         bytes.push(b'\n');
-        write_atomic(&self.diff_id_path(diff_hex), &bytes)
+        write_atomic(&self.chain_id_path(chain_hex), &bytes)
+    }
+
+    /// Removes the `<root>/oci/diffid-*` files of earlier versions, which mapped a diff_id
+    /// alone to a layer (wrong once a layer depends on the layers below it). Best effort.
+    pub(crate) fn remove_diff_id_map(&self) {
+        let Ok(entries) = fs::read_dir(self.oci_dir()) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().as_bytes().starts_with(b"diffid-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -935,12 +982,14 @@ fn sniff(head: &[u8]) -> Compression {
 }
 
 /// Extracts one layer blob (tar, tar+gzip or tar+zstd) into `dest` (an empty directory),
-/// then checks the blob's digest and size and the uncompressed stream's diff_id.
+/// then checks the blob's digest and size and the uncompressed stream's diff_id. `below`
+/// are the image's layers under this one, bottom first (see [`extract`]).
 pub(crate) fn unpack_layer(
     raw: Box<dyn Read>,
     dest: &Path,
     label: &str,
     check: &LayerCheck<'_>,
+    below: &[PathBuf],
     on_bytes: &dyn Fn(u64),
 ) -> Result<ExtractStats> {
     let bad = |reason: String| Error::ImageFormat { what: label.to_string(), reason };
@@ -962,7 +1011,7 @@ pub(crate) fn unpack_layer(
         };
         let no_report = |_: u64| {};
         let mut tar_stream = Hashing::new(decoded, &no_report);
-        let stats = extract(&mut tar_stream, dest, label)?;
+        let stats = extract(&mut tar_stream, dest, label, below)?;
         let diff = tar_stream.finish().map_err(|e| bad(format!("cannot read the layer: {e}")))?;
         (stats, diff)
     };
@@ -1014,14 +1063,28 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT
     .union(ResolveFlags::NO_XDEV);
 
 /// Unpacks the tar `stream` into `dest`, an existing empty directory (see the module docs).
-pub(crate) fn extract(stream: &mut dyn Read, dest: &Path, layer: &str) -> Result<ExtractStats> {
+/// `below` are the directories of the image's layers under this one, bottom first: a
+/// directory the tar has no entry for gets the owner and mode it has in their union.
+pub(crate) fn extract(stream: &mut dyn Read, dest: &Path, layer: &str, below: &[PathBuf]) -> Result<ExtractStats> {
     let root =
         rustix::fs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
             .at("open", dest)?;
+    let below = below
+        .iter()
+        .map(|path| {
+            rustix::fs::open(
+                path,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .at("open the layer below", path)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut extractor = Extractor {
         root: Rc::new(root),
         dest,
         layer,
+        below,
         whiteouts: HashSet::new(),
         dir_times: Vec::new(),
         cached: None,
@@ -1052,6 +1115,8 @@ struct Extractor<'a> {
     root: Rc<OwnedFd>,
     dest: &'a Path,
     layer: &'a str,
+    /// The roots of the image's layers below this one, bottom first (readable descriptors).
+    below: Vec<OwnedFd>,
     /// Whiteouts this extraction made (paths), so a later entry of the same name turns into
     /// an opaque directory rather than a plain one.
     whiteouts: HashSet<Vec<u8>>,
@@ -1076,6 +1141,14 @@ fn clean_entry(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
         }
     }
     Ok(parts)
+}
+
+/// Whether the directory open as `fd` carries an overlayfs opaque marker (see [`is_opaque`]).
+fn fd_is_opaque(fd: &OwnedFd) -> bool {
+    [OPAQUE_XATTR, "trusted.overlay.opaque"].iter().any(|name| {
+        let mut buf = [0u8; 4];
+        matches!(rustix::fs::fgetxattr(fd, *name, &mut buf), Ok(n) if n >= 1 && buf[0] == b'y')
+    })
 }
 
 fn os(bytes: &[u8]) -> &OsStr {
@@ -1229,8 +1302,9 @@ impl Extractor<'_> {
     }
 
     /// Opens (O_PATH) the directory `comps` below the root, never through a symlink. With
-    /// `create`, missing directories are made (0755, root) and a whiteout this layer made is
-    /// turned into an opaque directory.
+    /// `create`, missing directories are made, with the owner and mode the directory has in
+    /// the layers below (0755 and root when they have none), and a whiteout this layer made
+    /// is turned into an opaque directory (0755, root).
     fn open_dir(&mut self, comps: &[&[u8]], create: bool, raw: &[u8]) -> Result<Rc<OwnedFd>> {
         let key = comps.join(&b'/');
         if let Some((cached, fd)) = &self.cached
@@ -1239,15 +1313,25 @@ impl Extractor<'_> {
             return Ok(fd.clone());
         }
         let mut fd = self.root.clone();
+        // Whether the layers below are hidden at this depth (by an opaque directory of this
+        // layer, or because they have no directory there); found out when first needed.
+        let mut hidden: Option<bool> = None;
         for (i, &comp) in comps.iter().enumerate() {
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
             let next = match rustix::fs::openat2(&*fd, os(comp), flags, Mode::empty(), RESOLVE) {
                 Ok(next) => next,
                 Err(Errno::NOENT) if create => {
-                    rustix::fs::mkdirat(&*fd, os(comp), Mode::from_raw_mode(0o755))
-                        .map_err(|e| self.failed(raw, "create a parent directory", e))?;
-                    rustix::fs::chmodat(&*fd, os(comp), Mode::from_raw_mode(0o755), AtFlags::empty())
-                        .map_err(|e| self.failed(raw, "change mode", e))?;
+                    let hidden_here = *hidden.get_or_insert_with(|| self.opaque_ancestor(&comps[..i]));
+                    let lower = if hidden_here {
+                        None
+                    } else {
+                        self.lower_dir(&comps[..=i]).map_err(|e| self.failed(raw, "inspect the layers below", e))?
+                    };
+                    if lower.is_none() {
+                        hidden = Some(true);
+                    }
+                    let (uid, gid, mode) = lower.unwrap_or((0, 0, 0o755));
+                    self.implicit_dir(&fd, comp, uid, gid, mode, raw)?;
                     rustix::fs::openat2(&*fd, os(comp), flags, Mode::empty(), RESOLVE)
                         .map_err(|e| self.failed(raw, "open a parent directory", e))?
                 }
@@ -1256,14 +1340,12 @@ impl Extractor<'_> {
                     self.whiteouts.remove(&path);
                     rustix::fs::unlinkat(&*fd, os(comp), AtFlags::empty())
                         .map_err(|e| self.failed(raw, "replace a whiteout", e))?;
-                    rustix::fs::mkdirat(&*fd, os(comp), Mode::from_raw_mode(0o755))
-                        .map_err(|e| self.failed(raw, "create a parent directory", e))?;
-                    rustix::fs::chmodat(&*fd, os(comp), Mode::from_raw_mode(0o755), AtFlags::empty())
-                        .map_err(|e| self.failed(raw, "change mode", e))?;
+                    self.implicit_dir(&fd, comp, 0, 0, 0o755, raw)?;
                     let next = rustix::fs::openat2(&*fd, os(comp), flags, Mode::empty(), RESOLVE)
                         .map_err(|e| self.failed(raw, "open a parent directory", e))?;
                     let dir = self.reopen(&next, raw)?;
                     self.mark_opaque(&dir, raw)?;
+                    hidden = Some(true);
                     next
                 }
                 Err(Errno::LOOP) => return Err(self.refuse(raw, "its path goes through a symlink")),
@@ -1276,6 +1358,58 @@ impl Extractor<'_> {
         }
         self.cached = Some((key, fd.clone()));
         Ok(fd)
+    }
+
+    /// Makes the directory `name` in `parent` (a directory just found missing) with an owner
+    /// and mode (chown before chmod: chown clears setuid and setgid, and a setgid parent
+    /// would pass on its group).
+    fn implicit_dir(&self, parent: &OwnedFd, name: &[u8], uid: u32, gid: u32, mode: u32, raw: &[u8]) -> Result<()> {
+        rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o700))
+            .map_err(|e| self.failed(raw, "create a parent directory", e))?;
+        rustix::fs::chownat(
+            parent,
+            os(name),
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| self.failed(raw, "change owner", e))?;
+        rustix::fs::chmodat(parent, os(name), Mode::from_raw_mode(mode), AtFlags::empty())
+            .map_err(|e| self.failed(raw, "change mode", e))
+    }
+
+    /// Whether a directory of this layer on the way to `comps` (an existing directory of
+    /// this layer, the root excepted) is opaque, hiding what the layers below have there.
+    fn opaque_ancestor(&self, comps: &[&[u8]]) -> bool {
+        // The path was just opened without following symlinks, and nothing else writes to
+        // the scratch tree.
+        (1..=comps.len()).any(|n| is_opaque(&self.dest.join(os(&comps[..n].join(&b'/')))))
+    }
+
+    /// The uid, gid and mode of the directory `comps` in the union of the layers below, the
+    /// way overlayfs resolves it: the topmost layer that has a directory there, unless a
+    /// layer above it has a non-directory (a whiteout, say) at the path or on the way to it,
+    /// or an opaque directory on the way to it. None when there is no such directory.
+    fn lower_dir(&self, comps: &[&[u8]]) -> io::Result<Option<(u32, u32, u32)>> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        'layers: for root in self.below.iter().rev() {
+            // The directories of this layer on the way (the root not included).
+            let mut way: Vec<OwnedFd> = Vec::with_capacity(comps.len());
+            for &comp in comps {
+                let parent = way.last().unwrap_or(root);
+                match rustix::fs::openat(parent, os(comp), flags, Mode::empty()) {
+                    Ok(next) => way.push(next),
+                    Err(Errno::NOENT) if way.iter().any(fd_is_opaque) => return Ok(None),
+                    Err(Errno::NOENT) => continue 'layers,
+                    Err(Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let Some(dir) = way.last() else { return Ok(None) };
+            let stat = rustix::fs::fstat(dir)?;
+            return Ok(Some((stat.st_uid, stat.st_gid, stat.st_mode & 0o7777)));
+        }
+        Ok(None)
     }
 
     /// A readable descriptor of the directory `fd` (an O_PATH one) refers to.
@@ -1504,7 +1638,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("layer");
         make_dir(&dest, 0o755, 0, 0).unwrap();
-        let result = extract(&mut &tar[..], &dest, "test-layer");
+        let result = extract(&mut &tar[..], &dest, "test-layer", &[]);
         (dir, dest, result)
     }
 
@@ -1731,7 +1865,7 @@ mod tests {
             let digest = sha256_of(&blob);
             let check = LayerCheck { blob: Some(&digest), size: Some(blob.len() as u64), diff_id: &diff_id };
             let seen = std::cell::Cell::new(0);
-            unpack_layer(Box::new(io::Cursor::new(blob.clone())), &dest, what, &check, &|n| seen.set(n)).unwrap();
+            unpack_layer(Box::new(io::Cursor::new(blob.clone())), &dest, what, &check, &[], &|n| seen.set(n)).unwrap();
             assert_eq!(fs::read(dest.join("etc/hostname")).unwrap(), b"box\n", "{what}");
             assert_eq!(seen.get(), blob.len() as u64, "{what}: progress reports the bytes read");
         }
@@ -1740,7 +1874,7 @@ mod tests {
             let dest = dir.path().join("l");
             make_dir(&dest, 0o755, 0, 0).unwrap();
             let check = LayerCheck { blob: Some(digest), size, diff_id: diff };
-            unpack_layer(Box::new(io::Cursor::new(blob.to_vec())), &dest, "layer 1 (sha256:x)", &check, &|_| {})
+            unpack_layer(Box::new(io::Cursor::new(blob.to_vec())), &dest, "layer 1 (sha256:x)", &check, &[], &|_| {})
         };
         let gz_digest = sha256_of(&gz);
         let wrong = format!("sha256:{}", "0".repeat(64));
@@ -1793,7 +1927,11 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         map.sort();
-        assert_eq!(map, [format!("diffid-sha256-{}", &diff_id[7..])]);
+        // Keyed by ChainID: the second occurrence of the layer is another chain.
+        let second = chain_id(Some(&diff_id), &diff_id);
+        let mut expected = [format!("chain-sha256-{}", &diff_id[7..]), format!("chain-sha256-{}", &second[7..])];
+        expected.sort();
+        assert_eq!(map, expected);
         // A config that does not match its name is refused.
         let tampered = Layer::new()
             .file("aaa/layer.tar", 0o644, (0, 0), &layer)
@@ -1803,6 +1941,188 @@ mod tests {
         fs::write(&path, &tampered).unwrap();
         let err = store.import_image(&path, None, "bad", &|_| {}).unwrap_err();
         assert!(matches!(err, Error::BlobMismatch { .. }), "{err}");
+    }
+
+    /// A docker-save archive (old layout) of an image with these layer tars.
+    fn docker_archive(layers: &[&[u8]]) -> Vec<u8> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| format!("\"{}\"", sha256_of(l))).collect();
+        let config = format!(r#"{{"os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#, diff_ids.join(","));
+        let config_name = format!("{}.json", &sha256_of(config.as_bytes())[7..]);
+        let members: Vec<String> = (0..layers.len()).map(|i| format!("\"l{i}/layer.tar\"")).collect();
+        let manifest = format!(r#"[{{"Config":"{config_name}","Layers":[{}]}}]"#, members.join(","));
+        let mut archive = Layer::new();
+        for (i, layer) in layers.iter().enumerate() {
+            archive = archive.file(&format!("l{i}/layer.tar"), 0o644, (0, 0), layer);
+        }
+        archive
+            .file(&config_name, 0o644, (0, 0), config.as_bytes())
+            .file("manifest.json", 0o644, (0, 0), manifest.as_bytes())
+            .bytes()
+    }
+
+    fn owner_mode(path: &Path) -> (u32, u32, u32) {
+        let meta = stat(path);
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+    }
+
+    /// A directory the layer tar has no entry for keeps the owner and mode it has in the
+    /// layers below (as with docker and containerd), and the reuse map is keyed by ChainID.
+    #[test]
+    fn implicit_directories_take_attributes_from_below() {
+        if !is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), &dir.path().join("cache")).unwrap();
+        let import = |name: &str, layers: &[&[u8]]| {
+            let path = dir.path().join(format!("{name}.tar"));
+            fs::write(&path, docker_archive(layers)).unwrap();
+            let extracted = std::cell::Cell::new(0);
+            let t = store
+                .import_image(&path, None, name, &|p: Progress| {
+                    if p.message.ends_with("extracting") {
+                        extracted.set(extracted.get() + 1);
+                    }
+                })
+                .unwrap();
+            (t, extracted.get())
+        };
+        let base = |owner: (u64, u64)| {
+            Layer::new()
+                .dir("app", 0o750, owner)
+                .file("app/gone.txt", 0o644, owner, b"old")
+                .dir("usr", 0o755, (0, 0))
+                .dir("usr/local", 0o2775, (0, 50))
+                .bytes()
+        };
+        let top = Layer::new()
+            .file("app/.wh.gone.txt", 0o644, (0, 0), b"")
+            .file("app/new", 0o644, (1000, 1000), b"new")
+            .file("usr/local/bin/tool", 0o755, (0, 0), b"#!/bin/sh\n")
+            .bytes();
+        let base_1000 = base((1000, 1000));
+        let (t, extracted) = import("img", &[&base_1000, &top]);
+        assert_eq!((t.layers.len(), extracted), (3, 2));
+        let upper = store.layer_path(&t.layers[1]);
+        assert_eq!(owner_mode(&upper.join("app")), (1000, 1000, 0o750), "app as in layer 1");
+        assert!(is_whiteout(&upper.join("app/gone.txt")));
+        assert!(!crate::tree::is_opaque(&upper.join("app")));
+        assert_eq!(owner_mode(&upper.join("usr")), (0, 0, 0o755));
+        assert_eq!(owner_mode(&upper.join("usr/local")), (0, 50, 0o2775), "setgid kept");
+        assert_eq!(owner_mode(&upper.join("usr/local/bin")), (0, 0, 0o755), "not below: 0755, root");
+
+        // The same top layer over a layer 1 with another owner is another layer.
+        let base_2000 = base((2000, 2000));
+        let (other, extracted) = import("other", &[&base_2000, &top]);
+        assert_eq!(extracted, 2, "nothing reused: other chains");
+        assert_ne!(other.layers[1], t.layers[1]);
+        assert_eq!(owner_mode(&store.layer_path(&other.layers[1]).join("app")), (2000, 2000, 0o750));
+        // The same chain again is reused.
+        let (again, extracted) = import("again", &[&base_1000, &top]);
+        assert_eq!((again.layers.clone(), extracted), (t.layers.clone(), 0));
+        let mut map: Vec<String> = fs::read_dir(dir.path().join("state/oci"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        map.sort();
+        let top_id = sha256_of(&top);
+        let mut expected: Vec<String> = [
+            sha256_of(&base_1000),
+            sha256_of(&base_2000),
+            chain_id(Some(&sha256_of(&base_1000)), &top_id),
+            chain_id(Some(&sha256_of(&base_2000)), &top_id),
+        ]
+        .iter()
+        .map(|id| format!("chain-sha256-{}", &id[7..]))
+        .collect();
+        expected.sort();
+        assert_eq!(map, expected);
+
+        // An explicit entry for the directory still wins, even after the implicit one.
+        let explicit = Layer::new().file("app/new", 0o644, (0, 0), b"new").dir("app", 0o700, (5, 6)).bytes();
+        let (t, _) = import("explicit", &[&base_1000, &explicit]);
+        assert_eq!(owner_mode(&store.layer_path(&t.layers[1]).join("app")), (5, 6, 0o700));
+
+        // An old diff_id map is removed when the store is opened.
+        fs::write(dir.path().join("state/oci/diffid-sha256-00"), "{}").unwrap();
+        Store::open(&dir.path().join("state"), &dir.path().join("cache")).unwrap();
+        assert!(!dir.path().join("state/oci/diffid-sha256-00").exists());
+    }
+
+    /// The union of the layers below is resolved the way overlayfs does: whiteouts,
+    /// non-directories and opaque directories hide what is under them.
+    #[test]
+    fn implicit_directories_honour_whiteouts_and_opaque_directories() {
+        if !is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let lower = |name: &str, tar: Vec<u8>, below: &[PathBuf]| {
+            let path = dir.path().join(name);
+            make_dir(&path, 0o755, 0, 0).unwrap();
+            extract(&mut &tar[..], &path, name, below).unwrap();
+            path
+        };
+        let owned = |name: &str, uid: u64| Layer::new().dir(name, 0o700, (uid, uid));
+        let l0 = lower(
+            "l0",
+            owned("a", 1)
+                .dir("a/b", 0o710, (2, 2))
+                .dir("c", 0o711, (3, 3))
+                .dir("d", 0o712, (4, 4))
+                .dir("e", 0o713, (5, 5))
+                .dir("e/f", 0o714, (6, 6))
+                .dir("g", 0o715, (7, 7))
+                .dir("g/h", 0o716, (8, 8))
+                .dir("s", 0o755, (0, 0))
+                .dir("s/t", 0o717, (9, 9))
+                .bytes(),
+            &[],
+        );
+        let l1 = lower(
+            "l1",
+            Layer::new()
+                .dir("a", 0o750, (11, 11))
+                .file("a/.wh..wh..opq", 0o644, (0, 0), b"")
+                .file(".wh.c", 0o644, (0, 0), b"")
+                .file("d", 0o644, (0, 0), b"now a file")
+                .file("g/other", 0o644, (0, 0), b"")
+                .symlink("s", "/")
+                .bytes(),
+            std::slice::from_ref(&l0),
+        );
+        assert_eq!(owner_mode(&l1.join("g")), (7, 7, 0o715), "implicit in l1 too");
+        let tar = Layer::new()
+            .file("a/x", 0o644, (0, 0), b"")
+            .file("a/b/x", 0o644, (0, 0), b"")
+            .file("c/x", 0o644, (0, 0), b"")
+            .file("d/x", 0o644, (0, 0), b"")
+            .file("e/.wh..wh..opq", 0o644, (0, 0), b"")
+            .file("e/f/x", 0o644, (0, 0), b"")
+            .file("g/h/x", 0o644, (0, 0), b"")
+            .file("s/t/x", 0o644, (0, 0), b"")
+            .bytes();
+        let top = dir.path().join("top");
+        make_dir(&top, 0o755, 0, 0).unwrap();
+        extract(&mut &tar[..], &top, "top", &[l0, l1]).unwrap();
+        assert_eq!(owner_mode(&top.join("a")), (11, 11, 0o750), "the topmost layer that has it");
+        assert_eq!(owner_mode(&top.join("a/b")), (0, 0, 0o755), "hidden by the opaque a");
+        assert_eq!(owner_mode(&top.join("c")), (0, 0, 0o755), "whiteout");
+        assert_eq!(owner_mode(&top.join("d")), (0, 0, 0o755), "a file above");
+        assert_eq!(owner_mode(&top.join("e")), (5, 5, 0o713));
+        assert!(crate::tree::is_opaque(&top.join("e")));
+        assert_eq!(owner_mode(&top.join("e/f")), (0, 0, 0o755), "hidden by this layer's opaque e");
+        assert_eq!(owner_mode(&top.join("g/h")), (8, 8, 0o716), "l1 merges g");
+        assert_eq!(owner_mode(&top.join("s")), (0, 0, 0o755), "a symlink above, never followed");
+        assert_eq!(owner_mode(&top.join("s/t")), (0, 0, 0o755));
+    }
+
+    #[test]
+    fn chain_ids() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(chain_id(None, &a), a);
+        assert_eq!(chain_id(Some(&a), &b), sha256_of(format!("{a} {b}").as_bytes()));
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl Store {
     /// Pulls `reference` (see [`ImageReference`]) from its registry (transport and
     /// authentication: see [`PullOptions`]) and stores it as template `name`,
     /// like [`Store::import_image`]: an index resolves to this machine's platform, layers
-    /// already present (by diff_id) are not downloaded again, every blob is checked against
+    /// already present (by ChainID) are not downloaded again, every blob is checked against
     /// its digest.
     ///
     /// Blocking: call it from a thread that may block (e.g. tokio's `spawn_blocking`), not

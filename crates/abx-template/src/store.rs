@@ -29,7 +29,7 @@ pub struct Store {
     layers: PathBuf,
     templates: PathBuf,
     tmp: PathBuf,
-    /// `<root>/oci`: which layer each OCI layer diff_id became (see `oci`), made when needed.
+    /// `<root>/oci`: which layer each OCI layer ChainID became (see `oci`), made when needed.
     oci: PathBuf,
     cache: Cache,
     lock: Mutex<()>,
@@ -55,7 +55,7 @@ enum StagedTree {
 impl Store {
     /// Opens (creating as needed) the store under `state_root`, with the shared build cache
     /// at `cache_dir` (created when first needed). Removes leftovers of builds whose process
-    /// is gone.
+    /// is gone, and the diff_id map of earlier versions (`<root>/oci/diffid-*`).
     pub fn open(state_root: &Path, cache_dir: &Path) -> Result<Store> {
         fs::create_dir_all(state_root).at("create directory", state_root)?;
         let root = fs::canonicalize(state_root).at("resolve", state_root)?;
@@ -71,6 +71,7 @@ impl Store {
             fs::create_dir_all(dir).at("create directory", dir)?;
         }
         store.remove_stale_builds()?;
+        store.remove_diff_id_map();
         Ok(store)
     }
 
