@@ -1,5 +1,13 @@
 //! The agentbox Rust SDK: a typed client for the daemon's HTTP API, used by the
-//! `agentbox` CLI itself.
+//! `agentbox` CLI itself. Every request and answer type is re-exported from `abx-api`
+//! (`CreateSandbox`, `ExecRequest`, `Sandbox`, `Snapshot`, ...); errors are [`Error`], whose
+//! `Api` variant carries the daemon's stable error code and message.
+//!
+//! # Connecting
+//!
+//! [`Client::from_env`] reads `AGENTBOX_HOST` (`unix:/path` or `http://host:port`; default:
+//! the local daemon's socket) and `AGENTBOX_API_KEY` (needed over TCP, see `agentbox key
+//! create`). [`Client::new`] and [`Client::with_api_key`] do the same explicitly.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), abx_client::Error> {
@@ -11,6 +19,85 @@
 //! assert_eq!(out.stdout, b"hello\n");
 //! client.write_file(&sb.id, "/tmp/notes.txt", b"hi".to_vec(), None).await?;
 //! client.delete_sandbox(&sb.id, true).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Streaming a command's output
+//!
+//! ```no_run
+//! # async fn demo(client: abx_client::Client, id: &str) -> Result<(), abx_client::Error> {
+//! use abx_client::{ExecRequest, OutputEvent};
+//!
+//! let req = ExecRequest {
+//!     cmd: vec!["sh".into(), "-c".into(), "for i in 1 2 3; do echo $i; sleep 1; done".into()],
+//!     cwd: Some("/tmp".into()),
+//!     timeout_secs: Some(30.0),
+//!     ..Default::default()
+//! };
+//! let mut stream = client.exec(id, &req).await?;
+//! while let Some(ev) = stream.next().await? {
+//!     match ev {
+//!         OutputEvent::Stdout(b) => print!("{}", String::from_utf8_lossy(&b)),
+//!         OutputEvent::Stderr(b) => eprint!("{}", String::from_utf8_lossy(&b)),
+//!         OutputEvent::Exit(st) => println!("exit {:?}", st.code),
+//!         _ => {}
+//!     }
+//! }
+//! // Or in the background: the pid, then signals, stdin, attach.
+//! let pid = client.exec_background(id, &ExecRequest { cmd: vec!["sleep".into(), "60".into()], ..Default::default() }).await?;
+//! client.signal(id, pid, "TERM").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Snapshots, forks, rollback, diff
+//!
+//! ```no_run
+//! # async fn demo(client: abx_client::Client, id: &str) -> Result<(), abx_client::Error> {
+//! use abx_client::ForkRequest;
+//!
+//! let snap = client.snapshot(id, Some("before-refactor")).await?; // frozen for ~3 ms
+//! let forks = client.fork_snapshot(&snap.id, &ForkRequest { count: Some(4), ..Default::default() }).await?;
+//! for f in &forks.sandboxes {
+//!     client.run(&f.id, &["sh", "-c", "echo try > /tmp/attempt"]).await?;
+//! }
+//! let changed = client.diff(id).await?; // paths added, changed, deleted since the template
+//! println!("{} added", changed.added.len());
+//! client.rollback(id, "before-refactor").await?; // files back, processes restarted, same id
+//! # Ok(()) }
+//! ```
+//!
+//! # Egress policy
+//!
+//! ```no_run
+//! # async fn demo(client: abx_client::Client, id: &str) -> Result<(), abx_client::Error> {
+//! use abx_client::{NetMode, NetworkPolicy};
+//!
+//! let policy = NetworkPolicy { mode: NetMode::Allow, allow: vec!["github.com".into(), "*.pypi.org".into()] };
+//! client.set_network(id, &policy).await?; // applies at once; DNS answers outside it are refused
+//! # Ok(()) }
+//! ```
+//!
+//! # Templates and warm pools
+//!
+//! ```no_run
+//! # async fn demo(client: abx_client::Client) -> Result<(), abx_client::Error> {
+//! use abx_client::{BuildEvent, BuildTemplate};
+//!
+//! let req = BuildTemplate {
+//!     name: "app".into(),
+//!     dockerfile: Some("FROM base\nRUN echo built > /tmp/marker\n".into()),
+//!     context: Some("/srv/app".into()),
+//!     ..Default::default()
+//! };
+//! let mut build = client.build_template(&req).await?;
+//! while let Some(ev) = build.next().await? {
+//!     match ev {
+//!         BuildEvent::Progress { stage, message, .. } => println!("{stage}: {message}"),
+//!         BuildEvent::Done { template } => println!("built {} ({} layers)", template.name, template.layers.len()),
+//!         BuildEvent::Error { message, .. } => eprintln!("failed: {message}"),
+//!     }
+//! }
+//! client.set_pool("app", 2, 20).await?; // creates of `app` are now claims
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
