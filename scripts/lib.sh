@@ -12,7 +12,7 @@ need_root() {
 # Debian packages agentbox needs: a C compiler (bundled SQLite), debootstrap (the base
 # template), busybox-static (the mini template), and the usual download tools.
 install_packages() {
-  local want=(gcc libc6-dev pkg-config debootstrap busybox-static ca-certificates curl e2fsprogs btrfs-progs nftables iproute2 util-linux docker-registry skopeo apache2-utils "$@")
+  local want=(gcc libc6-dev pkg-config debootstrap busybox-static ca-certificates curl e2fsprogs btrfs-progs nftables iproute2 util-linux docker-registry skopeo apache2-utils python3-venv "$@")
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -79,7 +79,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "0", value_parser = parse::duration)]
     idle_pause: u64,
     /// Log filter (error, warn, info, debug, or tracing directives).
-    #[arg(long, default_value = "info,hickory_server=warn", env = "AGENTBOX_LOG")]
+    #[arg(long, default_value = "info,hickory_server=warn,rmcp=warn", env = "AGENTBOX_LOG")]
     log: String,
 }
 

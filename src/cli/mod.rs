@@ -5,6 +5,7 @@ mod cp;
 mod daemon;
 mod exec;
 mod manage;
+mod mcp;
 mod net;
 mod parse;
 mod snap;
@@ -90,6 +91,8 @@ pub enum Command {
     Port(net::PortArgs),
     /// Show facts about the daemon.
     System,
+    /// Serve MCP on stdin/stdout: sandbox tools for AI agents (see docs/mcp.md).
+    Mcp(mcp::McpArgs),
     /// Print the API's OpenAPI document (what docs/openapi.json holds).
     #[command(hide = true)]
     Openapi,
@@ -201,6 +204,7 @@ pub fn run(cli: Cli) -> i32 {
             Command::Net(c) => net::main(&client(host)?, c).await,
             Command::Port(a) => net::port(&client(host)?, a).await,
             Command::System => manage::system(&client(host)?).await,
+            Command::Mcp(a) => mcp::main(client(host)?, a).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&abx_daemon::api::openapi())?);
                 Ok(0)

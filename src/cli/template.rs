@@ -220,7 +220,7 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             let last = repo.rsplit('/').next().unwrap_or(repo);
             let last = last.split(':').next().unwrap_or(last);
             let auth_file = auth_file.as_deref().map(abs).transpose()?;
-            let auth = (username.is_some() || auth_file.is_some()).then(|| abx_client::RegistryAuth {
+            let auth = (username.is_some() || auth_file.is_some()).then_some(abx_client::RegistryAuth {
                 username,
                 password,
                 auth_file,

@@ -10,6 +10,7 @@ mod files;
 mod harness;
 mod isolation;
 mod lifecycle;
+mod mcp;
 mod network;
 mod pools;
 mod registry;

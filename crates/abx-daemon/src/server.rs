@@ -32,7 +32,15 @@ pub async fn serve(
     listen: &[Listen],
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = crate::api::router(core.clone());
+    let mut app = crate::api::router(core.clone());
+    // MCP over streamable HTTP at /mcp: its tools are clients of this daemon's own socket.
+    if let Some(sock) = listen.iter().find_map(|l| match l {
+        Listen::Unix(p) => Some(p.clone()),
+        Listen::Tcp(_) => None,
+    }) && let Ok(client) = abx_client::Client::new(&format!("unix:{}", sock.display()))
+    {
+        app = app.merge(abx_mcp::http_router(move || client.clone(), abx_mcp::HttpOptions::default()));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for l in listen {

@@ -1,0 +1,90 @@
+//! The MCP server (`agentbox mcp` over stdio, and the streamable HTTP router) driven by a
+//! real MCP client: the official Python SDK, in a venv made on first use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Daemon, agentbox_bin};
+
+/// The Python `mcp` package the client session uses.
+const MCP_VERSION: &str = "2.3.0";
+
+fn script() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The venv's python: /var/cache/agentbox/mcp-venv-VERSION, made (under a lock, since
+/// tests run in parallel) with the `python3` on PATH and pip when missing.
+fn mcp_python() -> PathBuf {
+    let cache = Path::new("/var/cache/agentbox");
+    std::fs::create_dir_all(cache).unwrap();
+    let venv = cache.join(format!("mcp-venv-{MCP_VERSION}"));
+    let lock = std::fs::File::create(cache.join(format!("mcp-venv-{MCP_VERSION}.lock"))).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let python = venv.join("bin/python");
+    let ready = venv.join(".agentbox-ready");
+    if !ready.exists() {
+        let _ = std::fs::remove_dir_all(&venv);
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", &format!("mcp=={MCP_VERSION}")]));
+        std::fs::write(&ready, MCP_VERSION).unwrap();
+    }
+    python
+}
+
+/// Runs the client script; panics with its output (and the daemon's log) on failure.
+async fn client_session(d: &Daemon, args: &[String]) {
+    let python = tokio::task::spawn_blocking(mcp_python).await.unwrap();
+    let child = tokio::process::Command::new(python)
+        .arg(script())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out =
+        tokio::time::timeout(Duration::from_secs(400), child).await.expect("the MCP client session timed out").unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "MCP client session failed ({}):\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        out.status,
+        d.log()
+    );
+    assert_eq!(stdout.trim(), format!("ok {}", args[0]), "{stderr}");
+}
+
+#[tokio::test]
+async fn mcp_stdio_session_drives_every_tool() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let host = format!("unix:{}", d.socket.display());
+    client_session(&d, &["stdio".into(), agentbox_bin().display().to_string(), host]).await;
+    assert!(d.client.list_sandboxes().await.unwrap().is_empty(), "the session destroyed what it made");
+}
+
+#[tokio::test]
+async fn mcp_streamable_http_session() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    // As the daemon mounts it: a router whose tools use a client of the daemon's socket.
+    let client = d.client.clone();
+    let app = abx_mcp::http_router(move || client.clone(), abx_mcp::HttpOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}{}", listener.local_addr().unwrap(), abx_mcp::HTTP_PATH);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    client_session(&d, &["http".into(), url]).await;
+    server.abort();
+    assert!(d.client.list_sandboxes().await.unwrap().is_empty(), "the session destroyed what it made");
+}
