@@ -94,6 +94,11 @@ async fn tcp_listener_needs_an_api_key_and_keys_are_managed_locally() {
     let r = http.get(format!("{url}/v1/system")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
     assert!(r.text().await.unwrap().contains("agentbox key create"));
+    // A sandbox header does not open the daemon's own routes.
+    let r = http.get(format!("{url}/v1/system")).header("E2b-Sandbox-Id", "0123456789ab").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.post(format!("{url}/mcp")).header("E2b-Sandbox-Id", "0123456789ab").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
     let fake = "e2b_0123456789abcdef0123456789abcdef01234567";
     assert_eq!(status(http.get(format!("{url}/v1/system")).bearer_auth(fake).send().await.unwrap()), 401);
 

@@ -4,6 +4,7 @@
 mod api;
 mod builds;
 mod cli;
+mod e2b;
 mod exec;
 mod fakenet;
 mod files;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod cow;
 pub mod diff;
+pub mod e2b;
 pub mod error;
 pub mod lifecycle;
 pub mod manager;

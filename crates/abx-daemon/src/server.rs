@@ -32,7 +32,9 @@ pub async fn serve(
     listen: &[Listen],
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut app = crate::api::router(core.clone());
+    // The E2B facade (its control plane and the in-sandbox protocol) checks keys and
+    // sandbox access tokens itself.
+    let mut app = crate::api::router(core.clone()).merge(crate::e2b::router().with_state(core.clone()));
     // MCP over streamable HTTP at /mcp: its tools are clients of this daemon's own socket.
     if let Some(sock) = listen.iter().find_map(|l| match l {
         Listen::Unix(p) => Some(p.clone()),
@@ -91,7 +93,7 @@ async fn require_key(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if is_sandbox_request(req.headers()) {
+    if crate::e2b::is_envd_request(req.uri(), req.headers()) {
         return next.run(req).await;
     }
     match crate::auth::key_of(req.headers()).and_then(|k| core.manager.auth.check(k)) {
@@ -99,29 +101,15 @@ async fn require_key(
             req.extensions_mut().insert(crate::auth::Remote { key });
             next.run(req).await
         }
-        None => crate::api::ApiError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this listener needs an API key (Authorization: Bearer KEY or X-API-Key: KEY); make one with `agentbox key create`",
-        )
-        .into_response(),
-    }
-}
-
-/// Whether a request is addressed to a sandbox's own API (E2B's envd) rather than the daemon's.
-pub fn is_sandbox_request(headers: &axum::http::HeaderMap) -> bool {
-    if headers.contains_key("e2b-sandbox-id") {
-        return true;
-    }
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let first = host.split('.').next().unwrap_or("");
-    match first.split_once('-') {
-        Some((port, id)) => {
-            host.contains('.')
-                && port.parse::<u16>().is_ok()
-                && id.len() == 12
-                && id.bytes().all(|b| b.is_ascii_hexdigit())
+        None => {
+            // `error` for agentbox's clients; `code` and `message` at the top for the e2b SDKs.
+            let message = "this listener needs an API key (Authorization: Bearer KEY or X-API-Key: KEY); make one with `agentbox key create`";
+            let body = serde_json::json!({
+                "error": {"code": "unauthorized", "message": message},
+                "code": 401,
+                "message": message,
+            });
+            (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
         }
-        None => false,
     }
 }
