@@ -4,11 +4,12 @@
 //! JSON. See docs/performance.md for the method. `agentbox-bench net` is the network
 //! benchmark (scripts/bench-net), `agentbox-bench dns-server` its DNS server (see net.rs),
 //! `agentbox-bench snap` the snapshot, fork and pause/resume benchmark (scripts/bench-snap,
-//! snap.rs).
+//! snap.rs). The `pool` subject (issue 5) runs the API cycle against a warm pool (pool.rs).
 #![forbid(unsafe_code)]
 
 mod net;
 mod peers;
+mod pool;
 mod snap;
 mod stats;
 
@@ -47,9 +48,19 @@ struct Args {
     #[arg(long, default_value = "agentbox")]
     cli: PathBuf,
     /// Subjects to run: api (create, exec, destroy: three requests), run (the one-request
-    /// `POST /v1/run`), cli (`agentbox run`), bwrap, crun.
-    #[arg(long, value_delimiter = ',', default_value = "api,run,cli,bwrap,crun")]
+    /// `POST /v1/run`), cli (`agentbox run`), pool (the api cycle against a warm pool of the
+    /// template: every create is a claim), bwrap, crun. They run in this order whatever the
+    /// order given; the pool exists only while `pool` runs.
+    #[arg(long, value_delimiter = ',', default_value = "api,run,cli,pool,bwrap,crun")]
     subjects: Vec<String>,
+    /// Pool subject: sandboxes the pool keeps ready at least (default: --concurrency, at
+    /// most --pool-max).
+    #[arg(long)]
+    pool_min: Option<u32>,
+    /// Pool subject: sandboxes the pool keeps ready at most (at most the daemon's
+    /// --uid-slots).
+    #[arg(long, default_value_t = 100)]
+    pool_max: u32,
     /// Host directory with the template's root filesystem (for peers); default: asked from
     /// the daemon (its state root + the template's single layer).
     #[arg(long)]
@@ -117,12 +128,23 @@ async fn cli_cycle(cli: &PathBuf, host: &str, template: &str) -> anyhow::Result<
     Ok(t.elapsed())
 }
 
+/// Every subject, in the order they run.
+const SUBJECTS: [&str; 6] = ["api", "run", "cli", "pool", "bwrap", "crun"];
+
 type CycleFn = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, anyhow::Result<Duration>> + Send + Sync>;
 
-async fn sequential(name: &str, n: usize, f: &CycleFn) -> anyhow::Result<Summary> {
+/// Time given to the work a run leaves in the background (the cleanup after destroys)
+/// before its CPU time is read.
+const SETTLE: Duration = Duration::from_millis(300);
+
+async fn warm_up(n: usize, f: &CycleFn) -> anyhow::Result<()> {
     for _ in 0..n.min(10) {
-        f().await?; // warm-up
+        f().await?;
     }
+    Ok(())
+}
+
+async fn sequential(name: &str, n: usize, f: &CycleFn) -> anyhow::Result<Summary> {
     let mut lat = Vec::with_capacity(n);
     let t = Instant::now();
     for _ in 0..n {
@@ -181,20 +203,29 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let client = Client::new(&a.host)?;
     let mut report = Report::default();
     let has = |s: &str| a.subjects.iter().any(|x| x == s);
-    let mut subjects: Vec<(String, CycleFn)> = Vec::new();
-    if has("api") {
+    if let Some(s) = a.subjects.iter().find(|s| !SUBJECTS.contains(&s.as_str())) {
+        bail!("unknown subject {s} (known: {})", SUBJECTS.join(", "));
+    }
+    // Every create of the subjects before `pool` must be cold.
+    if client.pool(&a.template).await.is_ok() {
+        eprintln!("removing the pool of {} that exists already", a.template);
+        client.delete_pool(&a.template).await.context("removing the existing pool")?;
+    }
+    let mut subjects: Vec<(&str, String, CycleFn)> = Vec::new();
+    let api = {
         let (c, t) = (client.clone(), a.template.clone());
-        subjects.push((
-            "agentbox (API)".into(),
-            Arc::new(move || {
-                let (c, t) = (c.clone(), t.clone());
-                Box::pin(async move { api_cycle(&c, &t).await })
-            }),
-        ));
+        Arc::new(move || {
+            let (c, t) = (c.clone(), t.clone());
+            Box::pin(async move { api_cycle(&c, &t).await }) as futures_util::future::BoxFuture<'static, _>
+        }) as CycleFn
+    };
+    if has("api") {
+        subjects.push(("api", "agentbox (API)".into(), api.clone()));
     }
     if has("run") {
         let (c, t) = (client.clone(), a.template.clone());
         subjects.push((
+            "run",
             "agentbox (API, one request)".into(),
             Arc::new(move || {
                 let (c, t) = (c.clone(), t.clone());
@@ -205,6 +236,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     if has("cli") {
         let (cli, host, t) = (a.cli.clone(), a.host.clone(), a.template.clone());
         subjects.push((
+            "cli",
             "agentbox (CLI)".into(),
             Arc::new(move || {
                 let (cli, host, t) = (cli.clone(), host.clone(), t.clone());
@@ -212,25 +244,45 @@ async fn run(a: Args) -> anyhow::Result<()> {
             }),
         ));
     }
+    if has("pool") {
+        subjects.push(("pool", "agentbox (API, warm pool)".into(), api));
+    }
     if has("bwrap") || has("crun") {
         let rootfs = match &a.rootfs {
             Some(r) => r.clone(),
             None => rootfs_of(&client, &a.template).await?,
         };
         if has("bwrap") {
-            subjects.push(("bwrap --unshare-all".into(), peers::bwrap(rootfs.clone())?));
+            subjects.push(("bwrap", "bwrap --unshare-all".into(), peers::bwrap(rootfs.clone())?));
         }
         if has("crun") {
-            subjects.push(("crun run".into(), peers::crun(rootfs.clone())?));
+            subjects.push(("crun", "crun run".into(), peers::crun(rootfs.clone())?));
         }
     }
-    for (name, f) in &subjects {
+    for (key, name, f) in &subjects {
+        if *key == "pool" {
+            let max = a.pool_max;
+            let min = a.pool_min.unwrap_or(a.concurrency.try_into().unwrap_or(u32::MAX)).min(max);
+            let sizes = (a.iterations, a.total, a.concurrency);
+            report.pool = Some(pool::bench(&client, &a.template, (min, max), sizes, name, f, &mut report).await?);
+            continue;
+        }
         eprintln!("{name}: {} sequential cycles", a.iterations);
-        report.push(sequential(name, a.iterations, f).await?);
+        warm_up(a.iterations, f).await?;
+        let cpu = stats::cpu_mark();
+        let s = sequential(name, a.iterations, f).await?;
+        tokio::time::sleep(SETTLE).await;
+        report.push(s.with_cpu(cpu));
         eprintln!("{name}: {} cycles, {} at once", a.total, a.concurrency);
-        report.push(concurrent(name, a.total, a.concurrency, f).await?);
+        let cpu = stats::cpu_mark();
+        let s = concurrent(name, a.total, a.concurrency, f).await?;
+        tokio::time::sleep(SETTLE).await;
+        report.push(s.with_cpu(cpu));
     }
     println!("{}", report.markdown());
+    if let Some(p) = &report.pool {
+        println!("{}", p.markdown());
+    }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?).with_context(|| format!("write {}", p.display()))?;
     }

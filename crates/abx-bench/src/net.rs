@@ -570,7 +570,7 @@ struct CpuPerGib {
 const USER_HZ: f64 = 100.0;
 
 /// (busy, softirq) ticks of all CPUs since boot, from /proc/stat.
-fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
+pub(crate) fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let line = stat.lines().next().filter(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
     let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();

@@ -11,11 +11,13 @@
 //! default, which is fixed when PID 1 starts) are made cold.
 //!
 //! One background task keeps every pool at its target: between `min` and `max`, the demand
-//! of the last [`WINDOW`] (claims per second) times the time one refill takes plus
-//! [`REACTION`], doubled for bursts; never more than host memory allows (half of
+//! (claims per second over the last [`WINDOW`], or over the last [`BURST`] when that is
+//! higher) times the time one refill takes plus [`REACTION`], doubled; never more than host memory allows (half of
 //! MemAvailable at [`SANDBOX_BYTES`] each) nor more than the free uid slots less one (so a
 //! cold create always finds a slot). A pool above its target for [`SHRINK_AFTER`] gives
-//! back one sandbox per tick. When the template is rebuilt, pooled sandboxes of the old
+//! back one sandbox per tick. Refills stay out of the way of claims: a pool with more than
+//! half its target ready refills only after [`QUIET`] without a claim; one at half or
+//! less refills at once, up to the target. When the template is rebuilt, pooled sandboxes of the old
 //! layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +36,12 @@ use crate::store::Table;
 
 /// Window of recent claims the demand is computed from.
 pub const WINDOW: Duration = Duration::from_secs(10);
+/// Short window of claims, for bursts.
+pub const BURST: Duration = Duration::from_secs(1);
+/// A healthy pool (more than half its target ready) refills only after this long without
+/// a claim, so that boots do not compete for the CPU with the sandboxes just claimed; a
+/// pool at half its target or less refills at once, all the way up.
+pub const QUIET: Duration = Duration::from_millis(50);
 /// Time the filler needs to notice a claim and start a refill.
 pub const REACTION: Duration = Duration::from_millis(100);
 /// How long a pool stays above its target before it gives sandboxes back.
@@ -113,6 +121,8 @@ struct Pool {
     backoff_until: Option<Instant>,
     /// Since when the pool holds more than its target.
     above_since: Option<Instant>,
+    /// Refilling up to the target (set when the pool fell to half of it or was quiet).
+    refilling: bool,
 }
 
 impl Pool {
@@ -132,14 +142,18 @@ impl Pool {
             claim: Histogram::default(),
             backoff_until: None,
             above_since: None,
+            refilling: false,
         }
     }
 
+    /// Claims per second: the higher of the last [`WINDOW`] and the last [`BURST`], so a
+    /// burst raises the target at once and a lull lowers it slowly.
     fn rate(&mut self, now: Instant) -> f64 {
         while self.recent.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
             self.recent.pop_front();
         }
-        self.recent.len() as f64 / WINDOW.as_secs_f64()
+        let burst = self.recent.iter().rev().take_while(|t| now.duration_since(**t) <= BURST).count();
+        (self.recent.len() as f64 / WINDOW.as_secs_f64()).max(burst as f64 / BURST.as_secs_f64())
     }
 
     /// What demand asks for, within min and max (before host bounds).
@@ -391,7 +405,13 @@ impl Manager {
             let woken = self.pools.wake.notified();
             let this = self.clone();
             let budget = FILL_PARALLEL.saturating_sub(inflight.load(Ordering::SeqCst));
-            let actions = tokio::task::spawn_blocking(move || this.plan(budget)).await.unwrap_or_default();
+            let (actions, short) = tokio::task::spawn_blocking(move || {
+                let mut short = false;
+                let a = this.plan(budget, &mut short);
+                (a, short)
+            })
+            .await
+            .unwrap_or_default();
             for a in actions {
                 match a {
                     Action::Destroy(sb) => self.destroy_pooled(sb),
@@ -409,12 +429,14 @@ impl Manager {
                     }
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_millis(500), woken).await;
+            // A pool waiting for a quiet moment is looked at again soon.
+            let wait = if short { QUIET } else { Duration::from_millis(500) };
+            let _ = tokio::time::timeout(wait, woken).await;
         }
     }
 
     /// One round of decisions: stale or dead sandboxes out, boots up to each target.
-    fn plan(&self, mut budget: usize) -> Vec<Action> {
+    fn plan(&self, mut budget: usize, short: &mut bool) -> Vec<Action> {
         let now = Instant::now();
         let mut actions = Vec::new();
         let mem_cap = mem_available().map_or(usize::MAX, |m| (m / 2 / SANDBOX_BYTES) as usize);
@@ -457,9 +479,20 @@ impl Manager {
                 continue;
             }
             p.above_since = None;
+            if held >= p.target {
+                p.refilling = false;
+                continue;
+            }
             if p.backoff_until.is_some_and(|t| now < t) {
                 continue;
             }
+            let quiet = p.recent.back().is_none_or(|t| now.duration_since(*t) >= QUIET);
+            if !p.refilling && !quiet && p.ready.len() * 2 > p.target {
+                // Healthy and busy: wait for a pause in the claims.
+                *short = true;
+                continue;
+            }
+            p.refilling = true;
             let mut held = held;
             while held < p.target && budget > 0 {
                 p.filling += 1;
@@ -726,11 +759,17 @@ mod tests {
         let now = Instant::now();
         assert_eq!(p.demand(now), 1, "no claims: min");
         p.refill = Some(Duration::from_millis(100));
-        // 100 claims in the window = 10/s; 10/s * (0.1 + 0.1) s * 2 = 4.
+        // 100 claims in the window (older than a second) = 10/s; 10/s * (0.1 + 0.1) s * 2 = 4.
+        let earlier = now - Duration::from_secs(2);
         for _ in 0..100 {
-            p.recent.push_back(now);
+            p.recent.push_back(earlier);
         }
         assert_eq!(p.demand(now), 4);
+        // A burst: 30 claims in the last second count as 30/s at once.
+        for _ in 0..30 {
+            p.recent.push_back(now);
+        }
+        assert_eq!(p.demand(now), 12);
         for _ in 0..10_000 {
             p.recent.push_back(now);
         }
