@@ -5,6 +5,7 @@ mod api;
 mod builds;
 mod cli;
 mod e2b;
+mod e2b_js;
 mod exec;
 mod fakenet;
 mod files;

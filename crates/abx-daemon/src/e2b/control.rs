@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use abx_api::{NetMode, NetworkPolicy, SandboxState, TimeoutAction};
 
 use super::time::{parse_rfc3339, rfc3339};
-use super::{ApiKey, CLIENT_ID, DEFAULT_TIMEOUT_SECS, E2bError, ENVD_VERSION, form_pairs, sandbox_token};
+use super::{
+    ApiKey, CLIENT_ID, DEFAULT_TIMEOUT_SECS, E2bError, ENVD_VERSION, form_pairs, percent_decode, sandbox_token,
+};
 use crate::core::{Command, Core};
 use crate::error::CoreError;
 
@@ -289,9 +291,16 @@ fn list_query(uri: &Uri) -> Result<ListQuery> {
     };
     for (k, v) in form_pairs(uri.query().unwrap_or("")) {
         match k.as_str() {
-            // The SDK percent-encodes each key and value, then form-encodes the pairs.
-            "metadata" => q.metadata.extend(form_pairs(&v)),
-            "state" => q.states = Some(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+            // The SDKs (Python and JS alike) percent-encode each key and value, then
+            // form-encode the pairs, then the whole as the query parameter: three decodes.
+            "metadata" => {
+                q.metadata.extend(form_pairs(&v).into_iter().map(|(k, v)| (percent_decode(&k), percent_decode(&v))))
+            }
+            // `state=a&state=b` (as both SDKs send a list) or `state=a,b`.
+            "state" => q
+                .states
+                .get_or_insert_with(Vec::new)
+                .extend(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty())),
             "template" => q.template = Some(v),
             "startedAfter" => {
                 q.started_after = Some(
@@ -649,5 +658,19 @@ mod tests {
         assert_eq!((p.mode, p.allow), (NetMode::Allow, vec!["github.com".to_string()]));
         let cfg = NetworkConfig { deny_out: Some(vec!["10.0.0.0/8".into()]), ..Default::default() };
         assert!(policy(None, Some(&cfg)).is_err());
+    }
+
+    #[test]
+    fn list_queries() {
+        // What both SDKs send for metadata {"note": "a b&c=d%", "k": "v"} and two states.
+        let uri: Uri =
+            "/v2/sandboxes?metadata=note%3Da%252520b%252526c%25253Dd%252525%26k%3Dv&state=running&state=paused"
+                .parse()
+                .unwrap();
+        let q = list_query(&uri).unwrap();
+        assert_eq!(q.metadata, vec![("note".to_string(), "a b&c=d%".to_string()), ("k".into(), "v".into())]);
+        assert_eq!(q.states, Some(vec!["running".to_string(), "paused".to_string()]));
+        let q = list_query(&"/v2/sandboxes?state=running,paused".parse::<Uri>().unwrap()).unwrap();
+        assert_eq!(q.states, Some(vec!["running".to_string(), "paused".to_string()]));
     }
 }
