@@ -61,7 +61,12 @@ pub async fn serve(
                 }));
             }
             Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await?;
+                use axum::serve::ListenerExt;
+                // Small streamed frames (exec output, Connect envelopes) go out at once,
+                // not after the peer's delayed ACK.
+                let listener = tokio::net::TcpListener::bind(addr).await?.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 info!(address = %addr, "listening (API key required)");
                 let app = app.clone().layer(axum::middleware::from_fn_with_state(core.clone(), require_key));
                 let mut rx = stop_rx.clone();
