@@ -710,10 +710,16 @@ impl Manager {
         }
     }
 
-    /// Destroys every pooled sandbox, synchronously (daemon shutdown).
+    /// Destroys every pooled sandbox, synchronously (daemon shutdown, after `closing` is
+    /// set): boots in flight are waited for (up to 10 s) so none is left running.
     pub(crate) fn drain_pools_blocking(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.pools.lock().values().any(|p| p.filling > 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let all: Vec<Arc<Sandbox>> = self.pools.lock().values_mut().flat_map(|p| p.ready.drain(..)).collect();
         for sb in all {
+            sb.update(|r| r.state = SandboxState::Destroying);
             if let Some(fd) = &sb.pidfd {
                 let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
                 crate::manager::wait_exit_blocking(fd, Duration::from_secs(5));
