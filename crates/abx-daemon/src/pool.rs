@@ -16,8 +16,9 @@
 //! MemAvailable at [`SANDBOX_BYTES`] each) nor more than the free uid slots less one (so a
 //! cold create always finds a slot). A pool above its target for [`SHRINK_AFTER`] gives
 //! back one sandbox per tick. Refills stay out of the way of claims: a pool with more than
-//! half its target ready refills only after [`QUIET`] without a claim; one at half or
-//! less refills at once, up to the target. When the template is rebuilt, pooled sandboxes of the old
+//! a quarter of its target ready refills only after [`QUIET`] without a claim; one at a
+//! quarter or less refills at once, up to the target, one boot at a time while claims
+//! keep coming and some are ready (two when quiet or empty). When the template is rebuilt, pooled sandboxes of the old
 //! layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,9 +39,9 @@ use crate::store::Table;
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// Short window of claims, for bursts.
 pub const BURST: Duration = Duration::from_secs(1);
-/// A healthy pool (more than half its target ready) refills only after this long without
-/// a claim, so that boots do not compete for the CPU with the sandboxes just claimed; a
-/// pool at half its target or less refills at once, all the way up.
+/// A healthy pool (more than a quarter of its target ready) refills only after this long
+/// without a claim, so that boots do not compete for the CPU with the sandboxes just
+/// claimed; a pool at a quarter of its target or less refills at once, all the way up.
 pub const QUIET: Duration = Duration::from_millis(50);
 /// Time the filler needs to notice a claim and start a refill.
 pub const REACTION: Duration = Duration::from_millis(100);
@@ -487,14 +488,20 @@ impl Manager {
                 continue;
             }
             let quiet = p.recent.back().is_none_or(|t| now.duration_since(*t) >= QUIET);
-            if !p.refilling && !quiet && p.ready.len() * 2 > p.target {
+            if !p.refilling && !quiet && p.ready.len() * 4 > p.target {
                 // Healthy and busy: wait for a pause in the claims.
                 *short = true;
                 continue;
             }
             p.refilling = true;
+            // While claims keep coming and some are ready, one boot at a time: the other
+            // core stays with the sandboxes being claimed and used.
+            let cap = if !quiet && !p.ready.is_empty() { 1 } else { FILL_PARALLEL };
+            if !quiet {
+                *short = true;
+            }
             let mut held = held;
-            while held < p.target && budget > 0 {
+            while held < p.target && budget > 0 && p.filling < cap {
                 p.filling += 1;
                 held += 1;
                 pooled_total += 1;
