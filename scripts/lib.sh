@@ -9,15 +9,25 @@ need_root() {
   fi
 }
 
+# Debian packages the tests need besides: a real registry and skopeo (image pulls),
+# htpasswd (its auth), python3-venv (the e2b and mcp client packages from PyPI).
+TEST_PACKAGES=(docker-registry skopeo apache2-utils python3-venv)
+
 # Debian packages agentbox needs: a C compiler (bundled SQLite), debootstrap (the base
-# template), busybox-static (the mini template), and the usual download tools.
+# template), busybox-static (the mini template), and the usual download tools; plus the
+# arguments. docker-registry's service is masked before it is installed on a systemd host
+# (the tests run their own registries on loopback; none should listen on port 5000).
 install_packages() {
-  local want=(gcc libc6-dev pkg-config debootstrap busybox-static ca-certificates curl e2fsprogs btrfs-progs nftables iproute2 util-linux docker-registry skopeo apache2-utils python3-venv "$@")
+  local want=(gcc libc6-dev pkg-config debootstrap busybox-static ca-certificates curl e2fsprogs btrfs-progs nftables iproute2 util-linux "$@")
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ] \
+       && [ ! -e /etc/systemd/system/docker-registry.service ]; then
+      ln -s /dev/null /etc/systemd/system/docker-registry.service
+    fi
     echo "==> apt-get install ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
