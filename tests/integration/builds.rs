@@ -126,6 +126,13 @@ async fn dockerfile_build_runs_steps_in_sandboxes_and_caches_them() {
     );
     let (out, _) = sh(&d, "app", "ls /srv/app").await;
     assert!(!out.contains("ignored.log"), ".dockerignore is honoured: {out}");
+    // The resolv.conf a build sandbox's setup writes is not part of a RUN layer.
+    for l in &t.layers {
+        assert!(
+            !d.root.join("layers").join(l).join("etc/resolv.conf").exists(),
+            "layer {l} has the daemon's resolv.conf"
+        );
+    }
 
     // Unchanged: every step comes from the cache, same layers, no sandbox made.
     let t0 = std::time::Instant::now();

@@ -429,6 +429,14 @@ impl Builder {
         // Nothing runs while the changes are read.
         self.m.pause(&sb.id).await?;
         let (m, upper) = (self.m.clone(), sb.dirs.upper());
+        // The resolv.conf the sandbox's setup wrote (the daemon's DNS proxy) is not the
+        // step's doing: left out, so layers do not depend on the daemon's address.
+        if let Some(net) = &self.m.net {
+            let p = upper.join("etc/resolv.conf");
+            if std::fs::read(&p).is_ok_and(|b| b == net.resolv_conf().as_bytes()) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
         blocking(move || match m.templates.layer_from_delta(&upper).map_err(|e| tmpl_err("import the changes", e))? {
             Some((d, _)) => Ok(Cached::Layer(d)),
             None => Ok(Cached::Nothing),
