@@ -566,3 +566,70 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Runs a command; panics with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command, what: &str) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `/var/cache/agentbox/<name>`, made once per machine by `install` (given the empty
+/// directory's path), under an flock since tests run in parallel; a marker file says it is
+/// complete, so an interrupted install is redone.
+pub fn cached_install(name: &str, install: impl FnOnce(&Path)) -> PathBuf {
+    let cache = Path::new("/var/cache/agentbox");
+    std::fs::create_dir_all(cache).unwrap();
+    let dir = cache.join(name);
+    let done = dir.join(".installed");
+    if done.exists() {
+        return dir;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache.join(format!("{name}.lock")))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        install(&dir);
+        std::fs::write(&done, name).unwrap();
+    }
+    dir
+}
+
+/// A Python virtualenv with `package` (a pip requirement) from PyPI, made once per machine.
+pub fn python_venv(name: &str, package: &str) -> PathBuf {
+    let venv = cached_install(name, |dir| {
+        run_ok(
+            Command::new("python3").args(["-m", "venv"]).arg(dir),
+            "python3 -m venv (Debian: apt-get install python3-venv)",
+        );
+        run_ok(
+            Command::new(dir.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", package]),
+            &format!("pip install {package}"),
+        );
+    });
+    venv.join("bin/python")
+}
+
+impl Daemon {
+    /// A daemon with a TCP listener on a free loopback port besides its socket, and an API
+    /// key: (daemon, `http://127.0.0.1:PORT`, key).
+    pub async fn start_tcp() -> (Daemon, String, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let d = Daemon::start_with(&["+--listen", &format!("tcp:127.0.0.1:{port}")]).await;
+        let o = d.cli(&["key", "create"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let key = String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string();
+        (d, format!("http://127.0.0.1:{port}"), key)
+    }
+}

@@ -1,11 +1,10 @@
 //! The MCP server (`agentbox mcp` over stdio, and the streamable HTTP router) driven by a
 //! real MCP client: the official Python SDK, in a venv made on first use.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::harness::{Daemon, agentbox_bin};
+use crate::harness::{Daemon, agentbox_bin, python_venv};
 
 /// The Python `mcp` package the client session uses.
 const MCP_VERSION: &str = "2.3.0";
@@ -14,34 +13,9 @@ fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py")
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The venv's python: /var/cache/agentbox/mcp-venv-VERSION, made (under a lock, since
-/// tests run in parallel) with the `python3` on PATH and pip when missing.
+/// The venv's python, with the `mcp` package, made on first use.
 fn mcp_python() -> PathBuf {
-    let cache = Path::new("/var/cache/agentbox");
-    std::fs::create_dir_all(cache).unwrap();
-    let venv = cache.join(format!("mcp-venv-{MCP_VERSION}"));
-    let lock = std::fs::File::create(cache.join(format!("mcp-venv-{MCP_VERSION}.lock"))).unwrap();
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
-    let python = venv.join("bin/python");
-    let ready = venv.join(".agentbox-ready");
-    if !ready.exists() {
-        let _ = std::fs::remove_dir_all(&venv);
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
-        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", &format!("mcp=={MCP_VERSION}")]));
-        std::fs::write(&ready, MCP_VERSION).unwrap();
-    }
-    python
+    python_venv(&format!("mcp-venv-{MCP_VERSION}"), &format!("mcp=={MCP_VERSION}"))
 }
 
 /// Runs the client script; panics with its output (and the daemon's log) on failure.
