@@ -156,6 +156,11 @@ async fn dockerfile_build_runs_steps_in_sandboxes_and_caches_them() {
     let (_, log) = build(&d, &req).await.unwrap();
     assert_eq!(cached_steps(&log), 1, "{log:#?}");
     assert_eq!(sh(&d, "app", "cat /home/user/notes.txt").await.0, "notes v2\n");
+    // Refresh replays the last build (its build arguments too) and picks up the context.
+    std::fs::write(ctx.path().join("notes.txt"), "notes v3\n").unwrap();
+    let (_, log) = refresh(&d, "app").await;
+    assert_eq!(cached_steps(&log), 1, "{log:#?}");
+    assert_eq!(sh(&d, "app", "cat /home/user/notes.txt /srv/app/greeting").await.0, "notes v3\nhi from test\n");
 
     // A failing RUN names its line and shows the output; the template is unchanged.
     let before = d.client.template("app").await.unwrap();

@@ -78,7 +78,7 @@ impl Out {
 
 /// Runs an asynchronous build in the background; its events, then `done` or `error`,
 /// arrive on the returned channel.
-pub fn spawn<F, Fut>(m: &Arc<Manager>, name: String, build: F) -> mpsc::Receiver<BuildEvent>
+pub fn spawn<F, Fut>(m: &Arc<Manager>, build: F) -> mpsc::Receiver<BuildEvent>
 where
     F: FnOnce(Arc<Manager>, Out) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = CoreResult<Template>> + Send,
@@ -101,7 +101,6 @@ where
         };
         let _ = utx.send(ev);
     });
-    let _ = name;
     rx
 }
 
@@ -140,10 +139,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> CoreResult<T> + Send + 
     tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::internal("build task", e.to_string()))?
 }
 
-/// The starting point of a build: a template of this daemon, or `scratch`.
-fn from_template(m: &Manager, from: &str) -> CoreResult<State> {
+/// The starting point of a build (a template of this daemon, or `scratch`), and the
+/// template's whole configuration (its start command and readiness check too, which build
+/// steps do not run with).
+fn from_template(m: &Manager, from: &str) -> CoreResult<(State, TemplateConfig)> {
     if from == "scratch" {
-        return Ok(State { layers: Vec::new(), config: TemplateConfig::default(), key: hash(&["from", "scratch"]) });
+        let st = State { layers: Vec::new(), config: TemplateConfig::default(), key: hash(&["from", "scratch"]) };
+        return Ok((st, TemplateConfig::default()));
     }
     let t = m.templates.get(from).map_err(|e| match e {
         abx_template::Error::NotFound { .. } => invalid(format!(
@@ -152,9 +154,9 @@ fn from_template(m: &Manager, from: &str) -> CoreResult<State> {
         )),
         e => tmpl_err(&format!("template '{from}'"), e),
     })?;
-    let config = TemplateConfig { start: Vec::new(), ready: None, description: String::new(), ..t.config };
+    let config = TemplateConfig { start: Vec::new(), ready: None, description: String::new(), ..t.config.clone() };
     let key = hash(&["from", &t.layers.join(","), &serde_json::to_string(&config).unwrap_or_default()]);
-    Ok(State { layers: t.layers, config, key })
+    Ok((State { layers: t.layers, config, key }, t.config))
 }
 
 /// Checks a Dockerfile build request and starts it.
@@ -171,17 +173,12 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
         None => None,
     };
     let network = req.network.clone().unwrap_or_default();
-    let policy = crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
-    drop(policy);
+    crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
     let name = req.name.clone();
-    Ok(spawn(m, name.clone(), move |m, out| async move {
+    Ok(spawn(m, move |m, out| async move {
         let mut b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
-        let mut st = from_template(&m, &plan.from)?;
+        let (mut st, base_config) = from_template(&m, &plan.from)?;
         // Again on the base's configuration: its environment is visible to expansions.
-        let base_config = match plan.from.as_str() {
-            "scratch" => TemplateConfig::default(),
-            from => m.templates.get(from).map(|t| t.config).unwrap_or_default(),
-        };
         let plan = abx_template::dockerfile::parse_with_base(&text, &req.build_args, &base_config)
             .map_err(|e| invalid(e.to_string()))?;
         for w in &plan.warnings {
@@ -199,8 +196,8 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
         config.start = plan.start.clone();
         config.ready = plan.ready.clone();
         config.description = format!("built from a Dockerfile ({} steps)", plan.steps.len() + 1);
-        let source = serde_json::to_value(&req).ok();
-        b.finish(st.layers, config, format!("dockerfile:{}", req.context.as_deref().unwrap_or("-")), source).await
+        let label = format!("dockerfile:{}", req.context.as_deref().unwrap_or("-"));
+        b.finish(st.layers, config, label, &req).await
     }))
 }
 
@@ -444,15 +441,16 @@ impl Builder {
         .await
     }
 
-    /// Saves the template, versioned after the one it replaces.
+    /// Saves the template (replacing one of its name) and the request that made it, for
+    /// `refresh`.
     async fn finish(
         &self,
         layers: Vec<String>,
         config: TemplateConfig,
         recipe: String,
-        source: Option<serde_json::Value>,
+        req: &BuildTemplate,
     ) -> CoreResult<Template> {
-        let (m, name) = (self.m.clone(), self.name.clone());
+        let (m, name, req) = (self.m.clone(), self.name.clone(), req.clone());
         self.out.stage("publishing", 0, 0, format!("template '{name}'"));
         blocking(move || {
             let size = m.templates.layers_size(&layers).map_err(|e| tmpl_err("template size", e))?;
@@ -465,8 +463,8 @@ impl Builder {
                 recipe,
                 packages: Vec::new(),
             };
-            let _ = source;
             m.templates.save_template(&t).map_err(|e| tmpl_err(&format!("save template '{name}'"), e))?;
+            save_source(&m, &name, &req);
             Ok(t)
         })
         .await
@@ -577,7 +575,7 @@ pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
         return Err(invalid(format!("import must be an absolute host path, got '{path}'")));
     }
     let name = req.name.clone();
-    Ok(spawn(m, name.clone(), move |m, out| async move {
+    Ok(spawn(m, move |m, out| async move {
         blocking(move || {
             let progress = |p: abx_template::Progress| {
                 let _ = out.0.send(BuildEvent::Progress {
@@ -694,15 +692,14 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
     let network = req.network.clone().unwrap_or_default();
     crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
     let from = req.from.clone().unwrap_or_else(|| "base".into());
-    from_template(m, &from)?;
+    let (base, _) = from_template(m, &from)?;
     let name = req.name.clone();
-    Ok(spawn(m, name.clone(), move |m, out| async move {
+    Ok(spawn(m, move |m, out| async move {
         let b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
         b.out.stage("fetch", 1, 4, format!("fetching {repo}"));
         let (mm, r, gr) = (m.clone(), repo.clone(), git_ref.clone());
         let (mirror, commit) = blocking(move || fetch(&mm, &r, &gr)).await?;
         b.out.stage("fetch", 1, 4, format!("{git_ref} is {commit}"));
-        let base = from_template(&m, &from)?;
         let owner_spec = base.config.user.clone().unwrap_or_else(|| "0".into());
         let owner =
             resolve_owner(&m, &base.layers, &owner_spec).map_err(|e| invalid(format!("user '{owner_spec}': {e}")))?;
@@ -764,8 +761,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
         layers.push(tree);
         config.description = format!("{repo} at {git_ref} ({})", &commit[..12.min(commit.len())]);
         let label = format!("repo:{repo}@{git_ref}");
-        save_source(&m, &name, &req);
-        b.finish(layers, config, label, None).await
+        b.finish(layers, config, label, &req).await
     }))
 }
 
