@@ -512,25 +512,15 @@ impl Manager {
         let mut env = template.config.env.clone();
         env.extend(req.env.clone());
         let created_at = now();
+        let base = self.new_record(id, &template, slot, created_at);
         let rec = Record {
-            id: id.clone(),
             name: req.name.clone(),
-            template: template.name.clone(),
-            layers: template.layers.clone(),
             limits,
             env,
-            workdir: req.workdir.clone().or(template.config.workdir.clone()),
-            user: req.user.clone().or(template.config.user.clone()),
+            workdir: req.workdir.clone().or(base.workdir.clone()),
+            user: req.user.clone().or(base.user.clone()),
             metadata: req.metadata.clone(),
-            created_at,
             expires_at: timeout.map(|t| created_at + t.as_secs().max(1)),
-            pid: 0,
-            pid_start: 0,
-            uid_slot: slot,
-            uid_base: self.cfg.uid_start + slot * UID_RANGE,
-            hostname: id.clone(),
-            state: SandboxState::Creating,
-            oom_kills_base: 0,
             network,
             persist: req.persist,
             on_timeout: req.on_timeout.unwrap_or(if req.persist {
@@ -540,7 +530,7 @@ impl Manager {
             }),
             volumes: req.volumes.clone(),
             snapshot: snap.as_ref().map(|s| s.id.clone()),
-            pooled: false,
+            ..base
         };
         let this = self.clone();
         let started = tokio::task::spawn_blocking(move || {
@@ -572,6 +562,43 @@ impl Manager {
         }
     }
 
+    /// The record of a sandbox about to start in `slot` on `template`, with the template's
+    /// and the daemon's defaults (no name, no timeout, no egress, nothing mounted).
+    pub(crate) fn new_record(
+        &self,
+        id: String,
+        template: &abx_template::Template,
+        slot: u32,
+        created_at: u64,
+    ) -> Record {
+        Record {
+            hostname: id.clone(),
+            id,
+            name: None,
+            template: template.name.clone(),
+            layers: template.layers.clone(),
+            limits: merge_limits(&Limits::default(), &self.cfg.default_limits),
+            env: template.config.env.clone(),
+            workdir: template.config.workdir.clone(),
+            user: template.config.user.clone(),
+            metadata: Default::default(),
+            created_at,
+            expires_at: None,
+            pid: 0,
+            pid_start: 0,
+            uid_slot: slot,
+            uid_base: self.uid_base_of(slot),
+            state: SandboxState::Creating,
+            oom_kills_base: 0,
+            network: Default::default(),
+            persist: false,
+            on_timeout: Default::default(),
+            volumes: Vec::new(),
+            snapshot: None,
+            pooled: false,
+        }
+    }
+
     /// Uid slots neither used nor prepared.
     pub(crate) fn free_slots(&self) -> usize {
         self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|u| !**u).count()
@@ -600,11 +627,7 @@ impl Manager {
         .await;
     }
 
-    pub(crate) fn template_named(&self, name: &str) -> CoreResult<abx_template::Template> {
-        self.template(name)
-    }
-
-    fn template(&self, name: &str) -> CoreResult<abx_template::Template> {
+    pub(crate) fn template(&self, name: &str) -> CoreResult<abx_template::Template> {
         self.templates.get(name).map_err(|e| match e {
             abx_template::Error::NotFound { .. } => CoreError::NotFound { kind: "template", id: name.to_string() },
             other => CoreError::internal(format!("read template '{name}'"), other),
@@ -1286,7 +1309,7 @@ fn cgroup_text(e: &abx_cgroup::Error) -> String {
     s
 }
 
-pub(crate) fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
+fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {
     Limits {
         memory_bytes: req.memory_bytes.or(defaults.memory_bytes),
         cpus: req.cpus.or(defaults.cpus),

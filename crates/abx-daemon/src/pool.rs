@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::{CoreError, CoreResult};
-use crate::manager::{Manager, merge_limits, new_id};
+use crate::manager::{Manager, new_id};
 use crate::sandbox::{Record, Sandbox, now};
 use crate::store::Table;
 
@@ -342,7 +342,7 @@ impl Manager {
                 self.cfg.uid_slots
             )));
         }
-        self.template_named(template)?;
+        self.template(template)?;
         let cfg = PoolConfig { template: template.to_string(), min, max };
         self.store().put_in(Table::Pools, template, &cfg).map_err(|e| CoreError::internal("record pool", e))?;
         {
@@ -548,34 +548,7 @@ impl Manager {
             return Err(CoreError::Conflict("the daemon is shutting down".into()));
         }
         let slot = self.acquire_slot().await?;
-        let created_at = now();
-        let id = new_id();
-        let rec = Record {
-            id: id.clone(),
-            name: None,
-            template: template.name.clone(),
-            layers: template.layers.clone(),
-            limits: merge_limits(&Limits::default(), &self.cfg.default_limits),
-            env: template.config.env.clone(),
-            workdir: template.config.workdir.clone(),
-            user: template.config.user.clone(),
-            metadata: Default::default(),
-            created_at,
-            expires_at: None,
-            pid: 0,
-            pid_start: 0,
-            uid_slot: slot,
-            uid_base: self.uid_base_of(slot),
-            hostname: id.clone(),
-            state: SandboxState::Creating,
-            oom_kills_base: 0,
-            network: Default::default(),
-            persist: false,
-            on_timeout: Default::default(),
-            volumes: Vec::new(),
-            snapshot: None,
-            pooled: true,
-        };
+        let rec = Record { pooled: true, ..self.new_record(new_id(), template, slot, now()) };
         let this = self.clone();
         let started =
             tokio::task::spawn_blocking(move || this.start_blocking(rec, &crate::net::policy::Policy::none()))

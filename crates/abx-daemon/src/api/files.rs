@@ -76,7 +76,7 @@ fn body_stream(req: Request) -> ByteStream {
 }
 
 /// Streams the `Data` frames of an agent connection as a response body.
-fn content_body(conn: AgentConn) -> Body {
+pub(crate) fn content_body(conn: AgentConn) -> Body {
     let stream = futures_util::stream::unfold(Some(conn), |conn| async move {
         let mut conn = conn?;
         match conn.next().await {

@@ -5,6 +5,8 @@
 mod exec;
 mod files;
 mod keys;
+
+pub(crate) use files::content_body;
 mod network;
 mod sandboxes;
 mod snapshots;

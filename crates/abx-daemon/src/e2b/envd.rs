@@ -1,7 +1,6 @@
 //! envd's plain HTTP routes: `/health` and `/files` (download; upload as multipart form
 //! data or an octet stream).
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -9,10 +8,8 @@ use futures_util::TryStreamExt;
 use serde_json::{Value, json};
 
 use abx_api::SandboxState;
-use abx_proto::Kind;
 
 use super::{E2bError, Envd, envd_target, query_param};
-use crate::agent::AgentConn;
 use crate::core::{ByteStream, Command, Core};
 
 /// `GET /health` (with the sandbox's access token): 204 while the sandbox runs; 502 (as E2B's proxy answers) when it is
@@ -38,20 +35,6 @@ pub async fn health(State(core): State<Core>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Streams the `Data` frames of an agent connection.
-fn content_body(conn: AgentConn) -> Body {
-    let stream = futures_util::stream::unfold(Some(conn), |conn| async move {
-        let mut conn = conn?;
-        match conn.next().await {
-            Ok(Some(f)) if f.kind == Kind::Data => Some((Ok(bytes::Bytes::from(f.payload)), Some(conn))),
-            Ok(Some(f)) if f.kind == Kind::Eof => None,
-            Ok(_) => Some((Err(std::io::Error::other("the sandbox's agent ended the transfer early")), None)),
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
-        }
-    });
-    Body::from_stream(stream)
-}
-
 /// envd's file errors: 404 for missing files (the SDK raises `FileNotFoundException`).
 fn file_error(e: crate::error::CoreError) -> E2bError {
     E2bError::from(e)
@@ -66,7 +49,7 @@ pub async fn read(State(core): State<Core>, env: Envd, uri: Uri) -> Result<Respo
         .await
         .and_then(|o| o.content())
         .map_err(file_error)?;
-    let mut resp = content_body(conn).into_response();
+    let mut resp = crate::api::content_body(conn).into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
