@@ -610,13 +610,11 @@ pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
     }))
 }
 
+/// An image that cannot be imported or pulled is the caller's to fix (its file, reference,
+/// credentials or registry): a client error naming what is wrong.
 fn image_err(name: &str, e: abx_template::Error) -> CoreError {
-    use abx_template::Error as E;
     match e {
-        E::NotFound { .. } => CoreError::not_found("template", name),
-        e @ (E::InvalidName { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
-            CoreError::Invalid(e.to_string())
-        }
+        abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
         e => CoreError::Invalid(e.to_string()),
     }
 }
