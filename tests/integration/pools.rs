@@ -85,6 +85,26 @@ async fn claims_are_isolated_never_reused_and_refilled() {
     .await;
 }
 
+/// The slot cgroups in the idle CPU class (`cpu.idle` 1), or `None` on a host without
+/// `cpu.idle` (before Linux 5.15).
+fn idle_slots(d: &Daemon) -> Option<Vec<String>> {
+    let parent = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup"]
+        .iter()
+        .map(|m| std::path::Path::new(m).join(&d.prefix))
+        .find(|p| p.is_dir())?;
+    let mut idle = Vec::new();
+    let mut any = false;
+    for e in std::fs::read_dir(parent).ok()?.flatten() {
+        if let Ok(v) = std::fs::read_to_string(e.path().join("cpu.idle")) {
+            any = true;
+            if v.trim() == "1" {
+                idle.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    any.then_some(idle)
+}
+
 fn slot_index(name: &str) -> u32 {
     name.rsplit_once("-u").and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
 }
@@ -105,8 +125,15 @@ async fn a_claim_applies_the_callers_settings() {
         timeout_secs: Some(600),
         ..mini()
     };
+    let idle_before = idle_slots(&d);
     let sb = d.client.create_sandbox(&req).await.unwrap();
     assert_eq!(d.client.pool("mini").await.unwrap().hits, 1, "it was a claim");
+    if let Some(idle) = idle_before {
+        // A pooled sandbox boots and waits in the idle CPU class; the claim ends that.
+        let slot = format!("{}-u{}", d.prefix, d.slot_of(&sb));
+        assert!(idle.contains(&slot), "the pooled sandbox's slot {slot} was not idle: {idle:?}");
+        assert!(!idle_slots(&d).unwrap().contains(&slot), "the claimed sandbox is still in the idle class");
+    }
     assert_eq!(sb.name.as_deref(), Some("claimed"));
     assert_eq!(sb.metadata.get("team").map(String::as_str), Some("infra"));
     assert!(sb.expires_at.is_some_and(|e| e >= sb.created_at + 599));

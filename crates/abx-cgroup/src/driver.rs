@@ -269,6 +269,20 @@ impl CgroupDriver for Driver {
         self.apply(name, limits)
     }
 
+    fn set_idle(&self, name: &str, idle: bool) -> Result<bool> {
+        validate_name(name)?;
+        let dir = match self.kind {
+            Kind::V2 => self.v2_dir(name),
+            Kind::V1 | Kind::Hybrid => self.v1_dir("cpu", name),
+        };
+        let Some(file) = dir.map(|d| d.join("cpu.idle")) else { return Ok(false) };
+        if !self.files.exists(&file) {
+            return Ok(false);
+        }
+        self.files.write(&file, if idle { "1" } else { "0" })?;
+        Ok(true)
+    }
+
     fn procs_files(&self, name: &str) -> Result<Vec<PathBuf>> {
         validate_name(name)?;
         Ok(self.dirs(name).into_iter().map(|d| d.join("cgroup.procs")).collect())

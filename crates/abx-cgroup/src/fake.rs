@@ -81,6 +81,11 @@ impl FakeFs {
         std::fs::write(self.root().join(rel), content).unwrap();
     }
 
+    /// Removes a control file (a kernel without that feature).
+    pub(crate) fn remove_file(&self, rel: &str) {
+        std::fs::remove_file(self.root().join(rel)).unwrap();
+    }
+
     pub(crate) fn get(&self, rel: &str) -> String {
         std::fs::read_to_string(self.root().join(rel)).unwrap()
     }
@@ -224,7 +229,7 @@ fn v1_files(controller: &str) -> &'static [(&'static str, &'static str)] {
             ("memory.max_usage_in_bytes", "0\n"),
             ("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"),
         ],
-        "cpu" => &[("cpu.cfs_period_us", "100000\n"), ("cpu.cfs_quota_us", "-1\n")],
+        "cpu" => &[("cpu.cfs_period_us", "100000\n"), ("cpu.cfs_quota_us", "-1\n"), ("cpu.idle", "0\n")],
         "cpuacct" => &[("cpuacct.usage", "0\n")],
         "pids" => &[("pids.current", "0\n"), ("pids.max", "max\n")],
         "freezer" => &[("freezer.state", "THAWED\n")],
@@ -242,7 +247,7 @@ fn v2_files(controller: &str) -> &'static [(&'static str, &'static str)] {
             ("memory.peak", "0\n"),
             ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n"),
         ],
-        "cpu" => &[("cpu.max", "max 100000\n")],
+        "cpu" => &[("cpu.max", "max 100000\n"), ("cpu.idle", "0\n")],
         "pids" => &[("pids.current", "0\n"), ("pids.max", "max\n")],
         _ => &[],
     }

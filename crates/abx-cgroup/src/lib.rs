@@ -100,6 +100,12 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// Applies `limits` to an existing cgroup; `None` fields are set to unlimited.
     fn update(&self, name: &str, limits: &Limits) -> Result<()>;
 
+    /// Puts the cgroup's processes in the idle scheduling class towards the other sandboxes
+    /// (`cpu.idle`, Linux 5.15+, v1 and v2) or takes them out of it: idle processes run only
+    /// when nothing else of the same parent wants the CPU. Returns `Ok(false)` (nothing
+    /// written) where the host has no `cpu.idle` or no cpu controller for the cgroup.
+    fn set_idle(&self, name: &str, idle: bool) -> Result<bool>;
+
     /// Resets what can be reset of the statistics for a new occupant: the memory peak on
     /// v1 (`memory.max_usage_in_bytes`). Counters that cannot be reset (OOM kills) are
     /// the caller's to baseline.

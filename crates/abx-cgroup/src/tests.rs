@@ -414,3 +414,21 @@ fn reset_stats_clears_the_v1_memory_peak() {
     assert_eq!(value(&fs, "memory", "memory.max_usage_in_bytes"), "0");
     assert!(matches!(d.reset_stats("missing"), Err(Error::NotFound { .. })));
 }
+
+#[test]
+fn idle_class_is_the_cpu_controllers_cpu_idle() {
+    for (hierarchies, h) in [(HYBRID, "cpu"), (V1, "cpu,cpuacct"), (V2, "cg2")] {
+        let (fs, d) = setup(hierarchies, true);
+        d.create(N, &Limits::default()).unwrap();
+        assert!(d.set_idle(N, true).unwrap(), "{h}");
+        assert_eq!(value(&fs, h, "cpu.idle"), "1", "{h}");
+        assert!(d.set_idle(N, false).unwrap(), "{h}");
+        assert_eq!(value(&fs, h, "cpu.idle"), "0", "{h}");
+    }
+    // A kernel without cpu.idle (before 5.15): nothing written, no error.
+    let (fs, d) = setup(HYBRID, true);
+    d.create(N, &Limits::default()).unwrap();
+    fs.remove_file(&path("cpu", "cpu.idle"));
+    assert!(!d.set_idle(N, true).unwrap());
+    assert!(d.set_idle("../x", true).is_err(), "names are validated");
+}

@@ -109,6 +109,26 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::rename(from, to).map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))
 }
 
+/// Whether `dir` holds at least `n` entries, counted over its whole tree (the walk stops
+/// at `n`). An unreadable directory counts as empty.
+pub fn has_entries(dir: &Path, n: usize) -> bool {
+    let mut seen = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            seen += 1;
+            if seen >= n {
+                return true;
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    false
+}
+
 /// Apparent size of the regular files and symlinks under `dir` and the number of entries
 /// (`du`-like in allocated bytes when `allocated`).
 pub fn usage(dir: &Path, allocated: bool) -> (u64, u64) {
@@ -164,5 +184,16 @@ mod tests {
         remove(&fork).unwrap();
         assert!(!fork.exists());
         assert_eq!(usage(&snap, false), (3, 3));
+    }
+
+    #[test]
+    fn has_entries_counts_the_whole_tree_up_to_n() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!has_entries(dir.path(), 1));
+        assert!(!has_entries(&dir.path().join("missing"), 1));
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/f"), "").unwrap();
+        assert!(has_entries(dir.path(), 3), "a, a/b and a/b/f");
+        assert!(!has_entries(dir.path(), 4));
     }
 }

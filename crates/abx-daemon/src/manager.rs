@@ -43,6 +43,10 @@ pub const CAPABILITIES: [u32; 14] = [
 /// Largest diff archive built in memory.
 const DIFF_ARCHIVE_MAX: u64 = 1 << 30;
 
+/// A slot's data subvolume is replaced, not emptied file by file, when its upper
+/// directory holds at least this many entries.
+const SUBVOLUME_SWAP_ENTRIES: usize = 256;
+
 /// How long a sandbox may take from spawn to exec of its agent.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -53,6 +57,9 @@ struct SlotCache {
     lowers: usize,
     /// Limits last written to the slot's cgroups.
     limits: Option<abx_cgroup::Limits>,
+    /// Whether the slot's cgroup was last put in the idle CPU class (`Some(true)` while it
+    /// boots or holds a pooled sandbox).
+    idle: Option<bool>,
     /// The memory cgroup's OOM kill count when the slot was last emptied (statistics
     /// already reset then).
     oom_base: Option<u64>,
@@ -380,9 +387,11 @@ impl Manager {
             first.get_or_insert(cgroup_text(&e));
         }
         let dirs = self.slot_dirs(uid_slot);
-        let written = std::fs::read_dir(dirs.upper()).map(|mut rd| rd.next().is_some()).unwrap_or(false);
-        if written && abx_sys::btrfs::is_subvolume(&dirs.data()) {
-            // Deleting the subvolume is quicker than unlinking each file.
+        // Most sandboxes wrote a few files (`/etc/resolv.conf` at least), which `empty`
+        // below unlinks. Many files go faster with the whole subvolume: deleting it is one
+        // transaction, but a costly one (and work for btrfs' cleaner after it).
+        if crate::cow::has_entries(&dirs.upper(), SUBVOLUME_SWAP_ENTRIES) && abx_sys::btrfs::is_subvolume(&dirs.data())
+        {
             if let Err(e) = crate::cow::remove(&dirs.data()).and_then(|_| crate::cow::make(&dirs.data(), true)) {
                 first.get_or_insert(e);
             }
@@ -615,6 +624,19 @@ impl Manager {
         Ok(())
     }
 
+    /// Puts a slot's processes in the idle CPU class or takes them out of it, unless it is
+    /// there already. A pooled sandbox boots and waits idle, so that refilling a pool does
+    /// not take the CPU from sandboxes in use; a claim makes it a normal one again. Hosts
+    /// without `cpu.idle` (before Linux 5.15, or no cpu controller) skip this.
+    pub(crate) fn set_slot_idle(&self, uid_slot: u32, idle: bool) -> Result<(), String> {
+        if self.cache().get(&uid_slot).and_then(|c| c.idle) == Some(idle) {
+            return Ok(());
+        }
+        self.cgroups.set_idle(&self.slot_name(uid_slot), idle).map_err(|e| cgroup_text(&e))?;
+        self.cache().entry(uid_slot).or_default().idle = Some(idle);
+        Ok(())
+    }
+
     /// Empties and frees the slot of a create that failed.
     pub(crate) async fn abandon_slot(self: &Arc<Self>, slot: u32) {
         let this = self.clone();
@@ -647,6 +669,7 @@ impl Manager {
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
         self.set_slot_limits(rec.uid_slot, &rec.limits).map_err(setup_err)?;
+        self.set_slot_idle(rec.uid_slot, rec.pooled).map_err(setup_err)?;
         let cached = self.cache().get(&rec.uid_slot).cloned().unwrap_or_default();
         rec.oom_kills_base = match cached.oom_base {
             Some(base) => base,

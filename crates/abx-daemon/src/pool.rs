@@ -618,6 +618,7 @@ impl Manager {
     fn apply_claim(&self, sb: &Sandbox, c: &Claim) -> Result<(), String> {
         let rec = sb.record();
         self.set_slot_limits(rec.uid_slot, &c.limits)?;
+        self.set_slot_idle(rec.uid_slot, false)?;
         if let Some(net) = &self.net {
             net.attach(rec.uid_slot, &rec.id, &c.policy).map_err(|e| format!("network policy: {e}"))?;
         }
