@@ -390,11 +390,11 @@ impl Manager {
         // Most sandboxes wrote a few files (`/etc/resolv.conf` at least), which `empty`
         // below unlinks. Many files go faster with the whole subvolume: deleting it is one
         // transaction, but a costly one (and work for btrfs' cleaner after it).
-        if crate::cow::has_entries(&dirs.upper(), SUBVOLUME_SWAP_ENTRIES) && abx_sys::btrfs::is_subvolume(&dirs.data())
+        if crate::cow::has_entries(&dirs.upper(), SUBVOLUME_SWAP_ENTRIES)
+            && abx_sys::btrfs::is_subvolume(&dirs.data())
+            && let Err(e) = crate::cow::remove(&dirs.data()).and_then(|_| crate::cow::make(&dirs.data(), true))
         {
-            if let Err(e) = crate::cow::remove(&dirs.data()).and_then(|_| crate::cow::make(&dirs.data(), true)) {
-                first.get_or_insert(e);
-            }
+            first.get_or_insert(e);
         }
         if let Err(e) = dirs.empty() {
             first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
