@@ -27,6 +27,19 @@ async fn rm_removes_everything_the_sandbox_had() {
     d.wait_for("the slot to be emptied", Duration::from_secs(10), || async { d.slot_leftovers(slot).is_empty() }).await;
     let gone = || std::fs::read_to_string(format!("/proc/{}/stat", sb.pid)).map(|s| s.contains(") Z")).unwrap_or(true);
     d.wait_for("PID 1 to be gone", Duration::from_secs(10), || async { gone() }).await;
+
+    // Many written files take the other way out (on btrfs the data subvolume is replaced,
+    // not emptied file by file): the slot is as empty afterwards.
+    let id = d.mini(Limits::default()).await;
+    let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+    let (_, _, code) =
+        d.sh(&id, "mkdir -p /tmp/many/d && for i in $(seq 400); do echo $i > /tmp/many/d/f$i; done").await;
+    assert_eq!(code, 0);
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    d.wait_for("the slot to be emptied", Duration::from_secs(10), || async { d.slot_leftovers(slot).is_empty() }).await;
+    let id = d.mini(Limits::default()).await;
+    let (out, _, _) = d.sh(&id, "ls /tmp").await;
+    assert_eq!(out, "", "a new sandbox starts with an empty /tmp");
 }
 
 #[tokio::test]
