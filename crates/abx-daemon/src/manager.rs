@@ -669,7 +669,13 @@ impl Manager {
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
         self.set_slot_limits(rec.uid_slot, &rec.limits).map_err(setup_err)?;
-        self.set_slot_idle(rec.uid_slot, rec.pooled).map_err(setup_err)?;
+        match self.set_slot_idle(rec.uid_slot, rec.pooled) {
+            // A pooled boot at normal priority still works.
+            Err(e) if rec.pooled => {
+                warn!(slot = rec.uid_slot, error = %e, "cannot put a pooled boot in the idle CPU class")
+            }
+            r => r.map_err(setup_err)?,
+        }
         let cached = self.cache().get(&rec.uid_slot).cloned().unwrap_or_default();
         rec.oom_kills_base = match cached.oom_base {
             Some(base) => base,
