@@ -3,6 +3,7 @@
 //! (constant-time snapshots sharing every block), plain directories copied with
 //! `cp -a --reflink=auto` elsewhere.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Command;
 
@@ -109,24 +110,32 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::rename(from, to).map_err(|e| format!("move {} to {}: {e}", from.display(), to.display()))
 }
 
-/// Whether `dir` holds at least `n` entries, counted over its whole tree (the walk stops
-/// at `n`). An unreadable directory counts as empty.
-pub fn has_entries(dir: &Path, n: usize) -> bool {
-    let mut seen = 0;
+/// Visits every entry under `dir`, depth first, until `visit` breaks; unreadable
+/// directories are skipped.
+fn walk(dir: &Path, mut visit: impl FnMut(&std::fs::DirEntry) -> ControlFlow<()>) {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else { continue };
         for e in rd.flatten() {
-            seen += 1;
-            if seen >= n {
-                return true;
+            if visit(&e).is_break() {
+                return;
             }
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(e.path());
             }
         }
     }
-    false
+}
+
+/// Whether `dir` holds at least `n` entries, counted over its whole tree (the walk stops
+/// at `n`). An unreadable directory counts as empty.
+pub fn has_entries(dir: &Path, n: usize) -> bool {
+    let mut seen = 0;
+    walk(dir, |_| {
+        seen += 1;
+        if seen >= n { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    });
+    seen >= n
 }
 
 /// Apparent size of the regular files and symlinks under `dir` and the number of entries
@@ -135,21 +144,16 @@ pub fn usage(dir: &Path, allocated: bool) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut bytes = 0;
     let mut entries = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            entries += 1;
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if allocated {
-                bytes += m.blocks() * 512;
-            } else if m.is_file() || m.file_type().is_symlink() {
-                bytes += m.len();
-            }
+    walk(dir, |e| {
+        let Ok(m) = e.metadata() else { return ControlFlow::Continue(()) };
+        entries += 1;
+        if allocated && !m.is_dir() {
+            bytes += m.blocks() * 512;
+        } else if !allocated && (m.is_file() || m.file_type().is_symlink()) {
+            bytes += m.len();
         }
-    }
+        ControlFlow::Continue(())
+    });
     (bytes, entries)
 }
 
