@@ -1,5 +1,6 @@
 //! Starting a process from an [`ExecSpec`]: user, environment, working directory, stdio,
-//! the setup between fork and exec, and registration with the reaper and process table.
+//! the setup between clone and exec ([`abx_sys::spawn`]: the agent's memory is not
+//! copied), and registration with the reaper and process table.
 //!
 //! * The user comes from the sandbox's passwd/group files ([`crate::users`]).
 //! * The environment is `PATH` (a fixed default), `HOME`, `USER`, `LOGNAME`, `SHELL` (when
@@ -7,7 +8,7 @@
 //!   with the spec's variables on top (so the spec may override any of them, `PATH`
 //!   included; a program without a slash is looked up in the final `PATH`).
 //! * The working directory defaults to the user's home when that is a directory, else
-//!   `/`; a given one must be absolute and exist (checked before forking).
+//!   `/`; a given one must be absolute and exist (checked before the process starts).
 //! * Every process leads its own session (and so its process group) and gets
 //!   `oom_score_adj` 500 so the OOM killer picks user processes before the agent.
 //! * Without `tty`, stdout and stderr are pipes and stdin is a pipe when `spec.stdin`,
@@ -16,14 +17,15 @@
 //! * `timeout_ms` 0 means no timeout.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
-use std::process::{Child, Command, Stdio};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use abx_proto::{ExecSpec, ProcessInfo, TtySize};
-use abx_sys::process::{Ids, PreExec, set_pre_exec};
+use abx_proto::{ExecSpec, ProcessInfo};
+use abx_sys::process::{Ids, PreExec};
+use abx_sys::spawn::Program;
 use rustix::io::Errno;
+use rustix::pipe::PipeFlags;
 use tokio::net::unix::pipe;
 
 use crate::error::Error;
@@ -79,27 +81,42 @@ fn launch(reaper: &Reaper, spec: &ExecSpec) -> Result<Launched, Error> {
     let user = Db::load().resolve(spec.user.as_deref())?;
     let cwd = working_dir(spec.cwd.as_deref(), &user)?;
     let env = environment(&user, spec)?;
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..]).env_clear().envs(&env).current_dir(&cwd);
-    let master = match spec.tty {
-        Some(size) => Some(Arc::new(give_terminal(&mut cmd, size)?)),
+    let start = Program::new(&spec.argv, env.iter().map(|(k, v)| (k.as_str(), v.as_str())), &cwd)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let setup = pre_exec(&user, spec.tty.is_some());
+    let spawn_err = |e| spawn_error(program, e);
+    let launched = |pid, reaped, stdin, outputs, pty| Launched { pid, reaped, stdin, outputs, pty, cwd, user };
+    match spec.tty {
+        Some(size) => {
+            let pty = pty::open(size).map_err(|source| Error::Pty { source })?;
+            let slave = pty.slave.as_fd();
+            let (pid, reaped) = reaper.spawn(|| start.spawn([slave, slave, slave], &setup)).map_err(spawn_err)?;
+            // Close the agent's copy of the slave now, or reading the master would never
+            // see the end of output.
+            drop(pty.slave);
+            let m = Arc::new(pty.master);
+            let outputs = Outputs { stdout: Some(OutputSource::Pty(m.clone())), stderr: None };
+            Ok(launched(pid, reaped, Some(InputSink::Pty(m.clone())), outputs, Some(m)))
+        }
         None => {
-            give_pipes(&mut cmd, spec.stdin);
-            None
+            let io_err = |source| Error::Spawn { command: program.to_owned(), source };
+            let pipe = || rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| spawn_err(e.into()));
+            let (stdin_r, stdin_w) = if spec.stdin {
+                let (r, w) = pipe()?;
+                (r, Some(w))
+            } else {
+                (OwnedFd::from(std::fs::File::open("/dev/null").map_err(io_err)?), None)
+            };
+            let (stdout_r, stdout_w) = pipe()?;
+            let (stderr_r, stderr_w) = pipe()?;
+            let stdio = [stdin_r.as_fd(), stdout_w.as_fd(), stderr_w.as_fd()];
+            let (pid, reaped) = reaper.spawn(|| start.spawn(stdio, &setup)).map_err(spawn_err)?;
+            // The child's ends are the child's alone now.
+            drop((stdin_r, stdout_w, stderr_w));
+            let ends = agent_ends(stdin_w, stdout_r, stderr_r).inspect_err(|_| kill_group(pid))?;
+            Ok(launched(pid, reaped, ends.0, ends.1, None))
         }
-    };
-    set_pre_exec(&mut cmd, pre_exec(&user, master.is_some()));
-    let (mut child, reaped) = reaper.spawn(&mut cmd).map_err(|e| spawn_error(program, e))?;
-    // The command holds the parent's copies of the terminal slave: close them now, or
-    // reading the master would never see the end of output.
-    drop(cmd);
-    let (stdin, outputs) = match &master {
-        Some(m) => {
-            (Some(InputSink::Pty(m.clone())), Outputs { stdout: Some(OutputSource::Pty(m.clone())), stderr: None })
-        }
-        None => agent_ends(&mut child).inspect_err(|_| kill_group(child.id()))?,
-    };
-    Ok(Launched { pid: child.id(), reaped, stdin, outputs, pty: master, cwd, user })
+    }
 }
 
 fn check_argv(argv: &[String]) -> Result<&str, Error> {
@@ -151,18 +168,6 @@ pub fn environment(user: &User, spec: &ExecSpec) -> Result<BTreeMap<String, Stri
     Ok(env)
 }
 
-fn give_terminal(cmd: &mut Command, size: TtySize) -> Result<Master, Error> {
-    let pty = pty::open(size).map_err(|source| Error::Pty { source })?;
-    let clone = |fd: &OwnedFd| fd.try_clone().map_err(|source| Error::Pty { source });
-    cmd.stdin(clone(&pty.slave)?).stdout(clone(&pty.slave)?).stderr(pty.slave);
-    Ok(pty.master)
-}
-
-fn give_pipes(cmd: &mut Command, stdin: bool) {
-    cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-}
-
 fn pre_exec(user: &User, tty: bool) -> PreExec {
     let ids = (!user.is_root()).then(|| Ids { uid: user.uid, gid: user.gid, groups: user.groups.clone() });
     PreExec {
@@ -175,19 +180,12 @@ fn pre_exec(user: &User, tty: bool) -> PreExec {
     }
 }
 
-/// Turns the child's pipes into tokio pipes.
-fn agent_ends(child: &mut Child) -> Result<(Option<InputSink>, Outputs), Error> {
+/// Turns the agent's ends of the child's pipes into tokio pipes.
+fn agent_ends(stdin: Option<OwnedFd>, stdout: OwnedFd, stderr: OwnedFd) -> Result<(Option<InputSink>, Outputs), Error> {
     let io_err = |source| Error::Spawn { command: "process".into(), source };
-    let stdin = match child.stdin.take() {
-        Some(s) => Some(InputSink::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(s)).map_err(io_err)?)),
-        None => None,
-    };
-    let reader = |fd: Option<OwnedFd>| -> Result<Option<OutputSource>, Error> {
-        fd.map(|fd| pipe::Receiver::from_owned_fd(fd).map(OutputSource::Pipe).map_err(io_err)).transpose()
-    };
-    let stdout = reader(child.stdout.take().map(OwnedFd::from))?;
-    let stderr = reader(child.stderr.take().map(OwnedFd::from))?;
-    Ok((stdin, Outputs { stdout, stderr }))
+    let stdin = stdin.map(|fd| pipe::Sender::from_owned_fd(fd).map(InputSink::Pipe).map_err(io_err)).transpose()?;
+    let reader = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map(OutputSource::Pipe).map_err(io_err);
+    Ok((stdin, Outputs { stdout: Some(reader(stdout)?), stderr: Some(reader(stderr)?) }))
 }
 
 fn kill_group(pid: u32) {
@@ -227,7 +225,7 @@ mod tests {
 
     #[test]
     fn builds_the_environment() {
-        let mut spec = ExecSpec { tty: Some(TtySize { rows: 1, cols: 1 }), ..Default::default() };
+        let mut spec = ExecSpec { tty: Some(abx_proto::TtySize { rows: 1, cols: 1 }), ..Default::default() };
         spec.env.insert("FOO".into(), "bar".into());
         spec.env.insert("PATH".into(), "/opt/bin".into());
         let env = environment(&alice(), &spec).unwrap();

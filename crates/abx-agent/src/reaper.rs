@@ -4,10 +4,11 @@
 //! One dedicated thread waits for *any* child. It first only learns the pid of an exited
 //! child (`waitid(P_ALL, WEXITED | WNOWAIT)`), then takes the spawn *gate* and reaps that
 //! pid (`waitpid(pid, WNOHANG)`), then hands the status to whoever registered for it.
-//! [`Reaper::spawn`] holds the gate around `Command::spawn` and registering the new pid:
+//! [`Reaper::spawn`] holds the gate around starting the process
+//! ([`abx_sys::spawn::Program::spawn`]) and registering the new pid:
 //!
-//! * `Command::spawn` itself `waitpid`s a child whose exec failed and *panics* if that
-//!   child was already reaped; under the gate the reaper cannot get there first;
+//! * the start itself `waitpid`s a child whose setup or exec failed; under the gate the
+//!   reaper cannot reap it first (and hand its status to nobody);
 //! * a child that exits at once cannot be reaped before its waiter is registered, so no
 //!   pending-status map is needed (the gate closes the race that map would cover);
 //! * statuses of unregistered pids (orphans) are dropped, so nothing accumulates.
@@ -18,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{Child, Command};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -62,18 +62,19 @@ impl Reaper {
         Ok(Reaper { shared })
     }
 
-    /// Spawns `cmd` and registers for its exit status. Never use `Child::wait` on the
-    /// result: the reaper collects it.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, ExitWatch)> {
+    /// Starts a process with `start` (which returns its pid, having reaped it itself if
+    /// it failed) and registers for its exit status. Never wait for the pid elsewhere:
+    /// the reaper collects it.
+    pub fn spawn(&self, start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, ExitWatch)> {
         let _gate = lock(&self.shared.gate);
-        let child = cmd.spawn()?;
+        let pid = start()?;
         let (tx, rx) = watch::channel(None);
         let mut state = lock(&self.shared.state);
-        state.waiters.insert(child.id() as i32, tx);
+        state.waiters.insert(pid as i32, tx);
         state.generation += 1;
         state.idle = false;
         self.shared.wake.notify_one();
-        Ok((child, rx))
+        Ok((pid, rx))
     }
 
     /// Whether the agent has no children left (as of the reaper's last wait).
@@ -136,6 +137,17 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use abx_sys::process::PreExec;
+    use abx_sys::spawn::Program;
+    use std::os::fd::AsFd;
+
+    /// Starts `argv` (looked up in /usr/bin:/bin) with /dev/null as stdio.
+    fn start(reaper: &Reaper, argv: &[&str]) -> io::Result<(u32, ExitWatch)> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let program = Program::new(&argv, [("PATH", "/usr/bin:/bin")], "/")?;
+        let null = std::fs::File::open("/dev/null")?;
+        reaper.spawn(|| program.spawn([null.as_fd(), null.as_fd(), null.as_fd()], &PreExec::default()))
+    }
 
     /// One reaper per process: two would steal each other's children.
     fn reaper() -> Reaper {
@@ -146,10 +158,10 @@ mod tests {
     #[tokio::test]
     async fn reports_exit_codes_and_signals() {
         let reaper = reaper();
-        let (_child, mut exit) = reaper.spawn(Command::new("sh").args(["-c", "exit 7"])).unwrap();
+        let (_pid, mut exit) = start(&reaper, &["sh", "-c", "exit 7"]).unwrap();
         let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
         assert_eq!((status.code, status.signal), (Some(7), None));
-        let (_child, mut exit) = reaper.spawn(Command::new("sh").args(["-c", "kill -9 $$"])).unwrap();
+        let (_pid, mut exit) = start(&reaper, &["sh", "-c", "kill -9 $$"]).unwrap();
         let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
         assert_eq!((status.code, status.signal), (None, Some(9)));
     }
@@ -158,7 +170,7 @@ mod tests {
     async fn failed_exec_is_an_error_not_a_panic() {
         let reaper = reaper();
         for _ in 0..20 {
-            let err = reaper.spawn(&mut Command::new("/nonexistent/program")).unwrap_err();
+            let err = start(&reaper, &["/nonexistent/program"]).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::NotFound);
         }
     }

@@ -20,6 +20,7 @@ pub mod nft;
 pub mod probe;
 pub mod process;
 pub mod rtnl;
+pub mod spawn;
 
 use std::io;
 

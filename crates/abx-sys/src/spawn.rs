@@ -1,0 +1,437 @@
+//! Starting a program without copying the caller's memory: `clone(CLONE_VM | CLONE_VFORK)`
+//! runs the child on a stack of its own in the caller's address space until it calls
+//! `execve`, the way `posix_spawn` does, so nothing is copied and nothing is faulted in
+//! twice. `fork` (what `std::process::Command` does as soon as a `pre_exec` step is
+//! needed) copies the page tables and marks every private page copy-on-write in both
+//! processes, which the parent then pays for page by page; on a VM whose page-table
+//! updates are expensive that is most of the cost of starting a small program (see
+//! docs/performance.md).
+//!
+//! What the child does between clone and exec is fixed ([`PreExec`]) and done with raw
+//! system calls on data prepared before the clone (the same steps as
+//! [`crate::process::set_pre_exec`], [`PreExec`]): no allocation, no locks, no libc
+//! state (the child shares the caller's memory, so touching the allocator or a lock could
+//! corrupt the caller). Signals are blocked in the caller around the clone, so no handler
+//! of the caller can run on the child's stack; the child resets every caught signal and
+//! `SIGPIPE` (which the Rust runtime ignores) to the default and unblocks all signals
+//! before it execs, as `std::process::Command` does.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::process::PreExec;
+
+/// A program, its arguments, environment and working directory, checked and converted
+/// once (no NUL bytes), ready to be started by [`Program::spawn`].
+#[derive(Debug)]
+pub struct Program {
+    /// The paths tried in order: the program itself when it contains a slash, else one
+    /// per directory of the environment's `PATH` (an empty entry is the working
+    /// directory), as `execvp` does.
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+}
+
+/// `PATH` when the environment has none (musl's and glibc's `execvp` default).
+const FALLBACK_PATH: &str = "/usr/local/bin:/bin:/usr/bin";
+
+fn cstring(what: &str, s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte")))
+}
+
+impl Program {
+    /// `argv[0]` names the program; `env` is the whole environment (nothing is inherited);
+    /// `cwd` is entered before the exec, so a relative program path is relative to it.
+    pub fn new<'a>(
+        argv: &[String],
+        env: impl IntoIterator<Item = (&'a str, &'a str)>,
+        cwd: &str,
+    ) -> io::Result<Program> {
+        let program = argv
+            .first()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "argv must name a program"))?;
+        let argv = argv.iter().map(|a| cstring("an argument", a)).collect::<io::Result<Vec<_>>>()?;
+        let mut path = None;
+        let mut envp = Vec::new();
+        for (k, v) in env {
+            if k.is_empty() || k.contains('=') {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invalid environment variable name {k:?}"),
+                ));
+            }
+            if k == "PATH" {
+                path = Some(v);
+            }
+            envp.push(cstring("the environment", &format!("{k}={v}"))?);
+        }
+        let candidates = if program.contains('/') {
+            vec![cstring("the program", program)?]
+        } else {
+            path.unwrap_or(FALLBACK_PATH)
+                .split(':')
+                .map(|dir| {
+                    let dir = if dir.is_empty() { "." } else { dir.trim_end_matches('/') };
+                    cstring("the program", &format!("{dir}/{program}"))
+                })
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        Ok(Program { candidates, argv, envp, cwd: cstring("the working directory", cwd)? })
+    }
+
+    /// Starts the program with `stdio` as its descriptors 0, 1 and 2 and `setup` done
+    /// first; returns its pid once it has exec'd. When the setup or every exec fails, the
+    /// child has exited and been reaped (`waitpid`) before this returns the child's
+    /// error: a caller that reaps children on another thread must keep that thread from
+    /// reaping between the clone and this return (the agent's reaper gate does).
+    pub fn spawn(&self, stdio: [BorrowedFd<'_>; 3], setup: &PreExec) -> io::Result<u32> {
+        let argv = null_terminated(&self.argv);
+        let envp = null_terminated(&self.envp);
+        let candidates: Vec<*const libc::c_char> = self.candidates.iter().map(|c| c.as_ptr()).collect();
+        let adj = setup.oom_score_adj.map(|v| {
+            let s = v.to_string();
+            let mut buf = [0u8; 16];
+            buf[..s.len()].copy_from_slice(s.as_bytes());
+            (buf, s.len())
+        });
+        let groups: &[u32] = setup.ids.as_ref().map(|i| i.groups.as_slice()).unwrap_or(&[]);
+        let mut ctx = Child {
+            candidates: &candidates,
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            cwd: &self.cwd,
+            stdio: stdio.map(|fd| fd.as_raw_fd()),
+            setup,
+            adj,
+            groups_ptr: groups.as_ptr(),
+            groups_len: groups.len(),
+            error: AtomicI32::new(0),
+            old_mask: unsafe_zeroed_sigset(),
+        };
+        let mut stack = vec![0u8; CHILD_STACK];
+        // The stack grows down from its (16-byte aligned) top.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        // SAFETY: sigfillset/pthread_sigmask fill and read sigset_t values we own.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut ctx.old_mask);
+        }
+        // SAFETY: `child_main` gets a pointer to `ctx`, which outlives the child's use of
+        // it: with CLONE_VFORK this thread is suspended until the child has exec'd or
+        // exited. The child runs on `stack` (alive for the same reason) and does only
+        // raw system calls on data prepared above (see `child_main`). All signals are
+        // blocked, so no handler runs on the child's stack before it resets them.
+        let pid = unsafe {
+            libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                &ctx as *const Child as *mut libc::c_void,
+            )
+        };
+        let clone_error = io::Error::last_os_error();
+        // SAFETY: restores this thread's own mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &ctx.old_mask, std::ptr::null_mut()) };
+        drop(stack);
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        let error = ctx.error.load(Ordering::Acquire);
+        if error != 0 {
+            let mut status = 0;
+            // SAFETY: reaps our own child, which has exited; `status` lives for the call.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return Err(io::Error::from_raw_os_error(error));
+        }
+        Ok(pid as u32)
+    }
+}
+
+/// The child's stack: what `child_main` and the system calls it makes need, with room.
+const CHILD_STACK: usize = 64 << 10;
+
+fn null_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
+    v.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+}
+
+fn unsafe_zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain old data; all-zero is the empty set.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Everything the child reads, prepared by the parent.
+struct Child<'a> {
+    candidates: &'a [*const libc::c_char],
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: &'a CStr,
+    stdio: [RawFd; 3],
+    setup: &'a PreExec,
+    adj: Option<([u8; 16], usize)>,
+    groups_ptr: *const u32,
+    groups_len: usize,
+    /// The child's errno when it gives up (0: it exec'd).
+    error: AtomicI32,
+    /// The parent's signal mask before it blocked everything (restored after the clone).
+    old_mask: libc::sigset_t,
+}
+
+/// A raw system call; returns the result or `-errno`, never touching `errno` (which
+/// lives in the parent's thread-local storage, shared with the child).
+macro_rules! raw {
+    ($nr:expr $(, $arg:expr)*) => {
+        raw_syscall($nr, &[$($arg as usize),*])
+    };
+}
+
+/// Up to six arguments, `-errno` on failure.
+///
+/// # Safety
+/// As the system call `nr` with these arguments.
+unsafe fn raw_syscall(nr: libc::c_long, args: &[usize]) -> isize {
+    let a = |i: usize| args.get(i).copied().unwrap_or(0);
+    let ret: isize;
+    // SAFETY: the x86_64 Linux system call convention; the caller vouches for the call.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a(0), in("rsi") a(1), in("rdx") a(2),
+            in("r10") a(3), in("r8") a(4), in("r9") a(5),
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack),
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a(0) => ret,
+            in("x1") a(1), in("x2") a(2), in("x3") a(3), in("x4") a(4), in("x5") a(5),
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction` (x86_64 and aarch64 layout).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// The child: resets signals, sets up stdio and the rest of [`PreExec`], enters the working
+/// directory and execs the first candidate that works. On failure it stores errno in
+/// `error` and exits with status 127.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `Child`, alive while the parent is suspended.
+    let c = unsafe { &*(arg as *const Child) };
+    // SAFETY: only raw system calls on memory prepared by the parent (see above).
+    let errno = unsafe { child_steps(c) };
+    c.error.store(errno.max(1), Ordering::Release);
+    // SAFETY: exit_group ends the child without running anything of the parent's.
+    unsafe { raw!(libc::SYS_exit_group, 127) };
+    127
+}
+
+/// Returns the errno of the step that failed (exec returns only on failure).
+///
+/// # Safety
+/// Only in the child of [`Program::spawn`], with the parent suspended.
+unsafe fn child_steps(c: &Child) -> i32 {
+    macro_rules! check {
+        ($e:expr) => {{
+            let r = $e;
+            if r < 0 {
+                return (-r) as i32;
+            }
+            r
+        }};
+    }
+    // SAFETY: raw system calls on buffers prepared by the parent that stay alive and
+    // unchanged while it is suspended.
+
+    unsafe {
+        // Signals: caught ones and SIGPIPE back to the default, then nothing blocked.
+        for sig in 1..=64usize {
+            if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+                continue;
+            }
+            let mut old = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
+            if raw!(libc::SYS_rt_sigaction, sig, 0, &mut old as *mut KernelSigaction, 8) < 0 {
+                continue;
+            }
+            let caught = old.handler != libc::SIG_DFL && old.handler != libc::SIG_IGN;
+            if caught || sig == libc::SIGPIPE as usize {
+                let dfl = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
+                raw!(libc::SYS_rt_sigaction, sig, &dfl as *const KernelSigaction, 0, 8);
+            }
+        }
+        let empty: u64 = 0;
+        check!(raw!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0, 8));
+
+        // Stdio: first move any source that sits on 0..2 out of the way, so that placing
+        // one cannot clobber another.
+        let mut src = c.stdio;
+        for fd in src.iter_mut() {
+            if *fd < 3 {
+                *fd = check!(raw!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, 3)) as RawFd;
+            }
+        }
+        for (target, fd) in src.iter().enumerate() {
+            check!(raw!(libc::SYS_dup3, *fd, target, 0));
+        }
+
+        let s = c.setup;
+        if s.setsid {
+            check!(raw!(libc::SYS_setsid));
+        } else if s.setpgid {
+            check!(raw!(libc::SYS_setpgid, 0, 0));
+        }
+        if s.controlling_tty {
+            check!(raw!(libc::SYS_ioctl, 0, libc::TIOCSCTTY, 0));
+        }
+        if let Some((buf, len)) = &c.adj {
+            let fd = raw!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC
+            );
+            if fd >= 0 {
+                raw!(libc::SYS_write, fd, buf.as_ptr(), *len);
+                raw!(libc::SYS_close, fd);
+            }
+        }
+        if let Some(ids) = &s.ids {
+            check!(raw!(libc::SYS_setgroups, c.groups_len, c.groups_ptr));
+            check!(raw!(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid));
+            check!(raw!(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid));
+        }
+        if s.close_fds {
+            raw!(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        }
+        check!(raw!(libc::SYS_chdir, c.cwd.as_ptr()));
+
+        // execvp's search: EACCES is remembered and reported if nothing else works; a
+        // missing file or directory moves on; any other error stops.
+        let mut denied = false;
+        let mut last = libc::ENOENT;
+        for &path in c.candidates {
+            let r = raw!(libc::SYS_execve, path, c.argv, c.envp);
+            let e = (-r) as i32;
+            match e {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR => {}
+                _ => return e,
+            }
+            last = e;
+        }
+        if denied { libc::EACCES } else { last }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()
+    }
+
+    /// Runs `argv` with `env` in `cwd`, returns (stdout, exit status).
+    fn run(argv: &[&str], env: &[(&str, &str)], cwd: &str, setup: &PreExec) -> io::Result<(String, i32)> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let p = Program::new(&argv, env.iter().copied(), cwd)?;
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let (r, w) = pipe();
+        let pid = p.spawn([devnull.as_fd(), w.as_fd(), w.as_fd()], setup)?;
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        Ok((out, status))
+    }
+
+    #[test]
+    fn runs_a_program_with_its_arguments_environment_and_directory() {
+        let (out, status) = run(
+            &["sh", "-c", "echo \"$1 $FOO $(pwd)\"", "sh", "arg"],
+            &[("FOO", "bar"), ("PATH", "/usr/bin:/bin")],
+            "/tmp",
+            &PreExec::default(),
+        )
+        .unwrap();
+        assert_eq!(out, "arg bar /tmp\n");
+        assert_eq!(status, 0);
+    }
+
+    #[test]
+    fn searches_path_in_order_and_reports_missing_programs() {
+        let (out, _) = run(&["true"], &[("PATH", "/nonexistent:/bin")], "/", &PreExec::default()).unwrap();
+        assert_eq!(out, "");
+        let err = run(&["no-such-program-abx"], &[("PATH", "/bin:/usr/bin")], "/", &PreExec::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = run(&["/nonexistent/x"], &[], "/", &PreExec::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = run(&["/bin/true"], &[], "/nonexistent-dir", &PreExec::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        // A directory is not executable: EACCES, reported as such.
+        let err = run(&["tmp"], &[("PATH", "/")], "/", &PreExec::default()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_anything_runs() {
+        let env: [(&str, &str); 0] = [];
+        assert!(Program::new(&[], env, "/").is_err());
+        assert!(Program::new(&["a\0b".into()], env, "/").is_err());
+        assert!(Program::new(&["true".into()], [("A=B", "c")], "/").is_err());
+        assert!(Program::new(&["true".into()], [("A", "c\0")], "/").is_err());
+        assert!(Program::new(&["true".into()], env, "/\0").is_err());
+    }
+
+    #[test]
+    fn the_child_starts_with_default_signals_a_new_session_and_its_ids() {
+        let setup = PreExec {
+            setsid: true,
+            oom_score_adj: Some(500),
+            ids: Some(crate::process::Ids { uid: 65534, gid: 65534, groups: vec![65534, 5] }),
+            close_fds: true,
+            ..Default::default()
+        };
+        let script = "grep -E '^(SigBlk|SigIgn|Uid|Gid|Groups)' /proc/self/status; \
+                      cat /proc/self/oom_score_adj; ps -o sid= -o pid= -p $$ 2>/dev/null || \
+                      awk '{print $6, $1}' /proc/self/stat";
+        let (out, status) = run(&["sh", "-c", script], &[("PATH", "/usr/bin:/bin")], "/", &setup).unwrap();
+        assert_eq!(status, 0, "{out}");
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        // SIGPIPE (bit 12), which the test process ignores, is back to the default;
+        // signals the test's own parent ignored stay ignored, as with std's Command.
+        let ign = out.lines().find_map(|l| l.strip_prefix("SigIgn:\t")).unwrap();
+        assert_eq!(u64::from_str_radix(ign, 16).unwrap() & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
+        assert!(out.contains("Uid:\t65534\t65534\t65534\t65534"), "{out}");
+        assert!(out.contains("Gid:\t65534\t65534\t65534\t65534"), "{out}");
+        assert!(out.contains("Groups:\t5 65534"), "{out}");
+        assert!(out.lines().any(|l| l == "500"), "{out}");
+        // A session leader: its session id is its pid.
+        let last = out.lines().last().unwrap();
+        let v: Vec<&str> = last.split_whitespace().collect();
+        assert_eq!(v[0], v[1], "{out}");
+    }
+}
