@@ -113,7 +113,8 @@ impl Program {
             error: AtomicI32::new(0),
             old_mask: unsafe_zeroed_sigset(),
         };
-        let mut stack = vec![0u8; CHILD_STACK];
+        // Only the child writes it, through its stack pointer: no need to zero it first.
+        let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
         // The stack grows down from its (16-byte aligned) top.
         let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
         // SAFETY: sigfillset/pthread_sigmask fill and read sigset_t values we own.
