@@ -211,53 +211,11 @@ pub struct Ids {
 
 /// Registers `setup` to run in the child between fork and exec.
 pub fn set_pre_exec(cmd: &mut Command, setup: PreExec) {
-    let adj = setup.oom_score_adj.map(|v| {
-        let mut buf = [0u8; 16];
-        let s = v.to_string();
-        buf[..s.len()].copy_from_slice(s.as_bytes());
-        (buf, s.len())
-    });
-    let ids = setup.ids.clone();
-    let run = move || -> io::Result<()> {
-        if setup.setsid {
-            // SAFETY: setsid takes no arguments.
-            cvt(unsafe { libc::setsid() } as libc::c_long)?;
-        } else if setup.setpgid {
-            // SAFETY: setpgid takes integers only.
-            cvt(unsafe { libc::setpgid(0, 0) } as libc::c_long)?;
-        }
-        if setup.controlling_tty {
-            // SAFETY: TIOCSCTTY on stdin (a terminal slave) with argument 0.
-            cvt(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } as libc::c_long)?;
-        }
-        if let Some((buf, len)) = &adj {
-            // SAFETY: open/write/close with a static NUL-terminated path and a live buffer.
-            unsafe {
-                let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd >= 0 {
-                    libc::write(fd, buf.as_ptr() as *const libc::c_void, *len);
-                    libc::close(fd);
-                }
-            }
-        }
-        if let Some(ids) = &ids {
-            // SAFETY: pointer and length describe the live vector captured by the closure;
-            // the other calls take integers only.
-            unsafe {
-                cvt(libc::syscall(libc::SYS_setgroups, ids.groups.len(), ids.groups.as_ptr()))?;
-                cvt(libc::syscall(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid))?;
-                cvt(libc::syscall(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid))?;
-            }
-        }
-        if setup.close_fds {
-            // SAFETY: see `cloexec_from`; only flags change, exec closes them.
-            unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 1u32 << 2) };
-        }
-        Ok(())
-    };
-    // SAFETY: the closure performs only async-signal-safe system calls on data prepared
-    // before fork (no allocation, no locks), as `pre_exec` requires.
-    unsafe { cmd.pre_exec(run) };
+    let adj = crate::spawn::format_adj(setup.oom_score_adj);
+    // SAFETY: `run_pre_exec` performs only raw system calls on data prepared before the
+    // fork (`setup` and `adj`, owned by the closure): no allocation, no locks, as
+    // `pre_exec` requires.
+    unsafe { cmd.pre_exec(move || crate::spawn::run_pre_exec(&setup, &adj).map_err(io::Error::from_raw_os_error)) };
 }
 
 /// [`clone3`] for a process that is single-threaded, checked at run time (the thread

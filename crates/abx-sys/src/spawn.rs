@@ -7,9 +7,9 @@
 //! updates are expensive that is most of the cost of starting a small program (see
 //! docs/performance.md).
 //!
-//! What the child does between clone and exec is fixed ([`PreExec`]) and done with raw
-//! system calls on data prepared before the clone (the same steps as
-//! [`crate::process::set_pre_exec`], [`PreExec`]): no allocation, no locks, no libc
+//! What the child does between clone and exec is fixed ([`PreExec`], [`run_pre_exec`],
+//! which `crate::process::set_pre_exec` runs after a fork too) and done with raw system
+//! calls on data prepared before the clone: no allocation, no locks, no libc
 //! state (the child shares the caller's memory, so touching the allocator or a lock could
 //! corrupt the caller). Signals are blocked in the caller around the clone, so no handler
 //! of the caller can run on the child's stack; the child resets every caught signal and
@@ -93,13 +93,7 @@ impl Program {
         let argv = null_terminated(&self.argv);
         let envp = null_terminated(&self.envp);
         let candidates: Vec<*const libc::c_char> = self.candidates.iter().map(|c| c.as_ptr()).collect();
-        let adj = setup.oom_score_adj.map(|v| {
-            let s = v.to_string();
-            let mut buf = [0u8; 16];
-            buf[..s.len()].copy_from_slice(s.as_bytes());
-            (buf, s.len())
-        });
-        let groups: &[u32] = setup.ids.as_ref().map(|i| i.groups.as_slice()).unwrap_or(&[]);
+        let adj = format_adj(setup.oom_score_adj);
         let mut ctx = Child {
             candidates: &candidates,
             argv: argv.as_ptr(),
@@ -108,8 +102,6 @@ impl Program {
             stdio: stdio.map(|fd| fd.as_raw_fd()),
             setup,
             adj,
-            groups_ptr: groups.as_ptr(),
-            groups_len: groups.len(),
             error: AtomicI32::new(0),
             old_mask: unsafe_zeroed_sigset(),
         };
@@ -174,9 +166,7 @@ struct Child<'a> {
     cwd: &'a CStr,
     stdio: [RawFd; 3],
     setup: &'a PreExec,
-    adj: Option<([u8; 16], usize)>,
-    groups_ptr: *const u32,
-    groups_len: usize,
+    adj: Adj,
     /// The child's errno when it gives up (0: it exec'd).
     error: AtomicI32,
     /// The parent's signal mask before it blocked everything (restored after the clone).
@@ -232,6 +222,63 @@ struct KernelSigaction {
     mask: u64,
 }
 
+/// `oom_score_adj` as the bytes to write, formatted before the fork or clone (nothing is
+/// allocated after it).
+pub(crate) type Adj = Option<([u8; 16], usize)>;
+
+pub(crate) fn format_adj(value: Option<i32>) -> Adj {
+    value.map(|v| {
+        let s = v.to_string();
+        let mut buf = [0u8; 16];
+        buf[..s.len()].copy_from_slice(s.as_bytes());
+        (buf, s.len())
+    })
+}
+
+/// The steps of `setup`, in order: a new session (or process group), the controlling
+/// terminal, `oom_score_adj` (a failed write is ignored), groups then gid then uid,
+/// close-on-exec above stderr. Raw system calls only; `Err(errno)` of the step that
+/// failed. Shared by [`Program::spawn`]'s child and [`crate::process::set_pre_exec`].
+///
+/// # Safety
+/// Only in a child between fork (or clone) and exec; `adj` comes from [`format_adj`].
+pub(crate) unsafe fn run_pre_exec(setup: &PreExec, adj: &Adj) -> Result<(), i32> {
+    let check = |r: isize| if r < 0 { Err((-r) as i32) } else { Ok(r) };
+    // SAFETY: raw system calls on memory prepared before the fork or clone, alive and
+    // unchanged until the exec.
+    unsafe {
+        if setup.setsid {
+            check(raw!(libc::SYS_setsid))?;
+        } else if setup.setpgid {
+            check(raw!(libc::SYS_setpgid, 0, 0))?;
+        }
+        if setup.controlling_tty {
+            check(raw!(libc::SYS_ioctl, 0, libc::TIOCSCTTY, 0))?;
+        }
+        if let Some((buf, len)) = adj {
+            let fd = raw!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC
+            );
+            if fd >= 0 {
+                raw!(libc::SYS_write, fd, buf.as_ptr(), *len);
+                raw!(libc::SYS_close, fd);
+            }
+        }
+        if let Some(ids) = &setup.ids {
+            check(raw!(libc::SYS_setgroups, ids.groups.len(), ids.groups.as_ptr()))?;
+            check(raw!(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid))?;
+            check(raw!(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid))?;
+        }
+        if setup.close_fds {
+            raw!(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        }
+    }
+    Ok(())
+}
+
 /// The child: resets signals, sets up stdio and the rest of [`PreExec`], enters the working
 /// directory and execs the first candidate that works. On failure it stores errno in
 /// `error` and exits with status 127.
@@ -262,7 +309,6 @@ unsafe fn child_steps(c: &Child) -> i32 {
     }
     // SAFETY: raw system calls on buffers prepared by the parent that stay alive and
     // unchanged while it is suspended.
-
     unsafe {
         // Signals: caught ones and SIGPIPE back to the default, then nothing blocked.
         for sig in 1..=64usize {
@@ -294,34 +340,8 @@ unsafe fn child_steps(c: &Child) -> i32 {
             check!(raw!(libc::SYS_dup3, *fd, target, 0));
         }
 
-        let s = c.setup;
-        if s.setsid {
-            check!(raw!(libc::SYS_setsid));
-        } else if s.setpgid {
-            check!(raw!(libc::SYS_setpgid, 0, 0));
-        }
-        if s.controlling_tty {
-            check!(raw!(libc::SYS_ioctl, 0, libc::TIOCSCTTY, 0));
-        }
-        if let Some((buf, len)) = &c.adj {
-            let fd = raw!(
-                libc::SYS_openat,
-                libc::AT_FDCWD,
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC
-            );
-            if fd >= 0 {
-                raw!(libc::SYS_write, fd, buf.as_ptr(), *len);
-                raw!(libc::SYS_close, fd);
-            }
-        }
-        if let Some(ids) = &s.ids {
-            check!(raw!(libc::SYS_setgroups, c.groups_len, c.groups_ptr));
-            check!(raw!(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid));
-            check!(raw!(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid));
-        }
-        if s.close_fds {
-            raw!(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        if let Err(e) = run_pre_exec(c.setup, &c.adj) {
+            return e;
         }
         check!(raw!(libc::SYS_chdir, c.cwd.as_ptr()));
 
