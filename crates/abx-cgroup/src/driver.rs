@@ -168,6 +168,9 @@ impl Driver {
     /// SIGKILLs members (pinned by pidfd, see [`signal`]) until none is left, thawing a v1
     /// freezer on the way so that frozen members can die.
     fn kill_members(&self, name: &str) -> Result<()> {
+        if self.v2_unpopulated(name)? {
+            return Ok(());
+        }
         let done = poll(Instant::now() + KILL_TIMEOUT, || {
             let pids = self.members(name)?;
             if pids.is_empty() {
@@ -179,6 +182,18 @@ impl Driver {
         })?;
         let path = self.dirs(name).swap_remove(0).join("cgroup.procs");
         done.ok_or(Error::Timeout { path, expected: "no processes", waited: KILL_TIMEOUT })
+    }
+
+    /// Whether the cgroup2 directory reports no live member (`populated 0` in
+    /// `cgroup.events`): one read instead of every hierarchy's `cgroup.procs`, for the
+    /// common case of a sandbox whose processes are all gone. Every sandbox process is in
+    /// the cgroup2 directory (created there by `CLONE_INTO_CGROUP`, or moved there first by
+    /// [`CgroupDriver::add_process`]), so nothing is left in the v1 hierarchies either.
+    /// `false` where there is no cgroup2 directory or no such file.
+    fn v2_unpopulated(&self, name: &str) -> Result<bool> {
+        let Some(events) = self.v2_dir(name).map(|d| d.join("cgroup.events")) else { return Ok(false) };
+        let populated = |p: &Path, t: &str| stats::keyed(p, t, "populated");
+        Ok(self.parse_opt(&events, populated)? == Some(0))
     }
 
     fn signal_pinned(&self, name: &str, pinned: &[signal::Pinned]) -> Result<()> {
@@ -351,6 +366,17 @@ impl CgroupDriver for Driver {
             Kind::V2 => self.stats_v2(name),
             Kind::V1 | Kind::Hybrid => self.stats_v1(name),
         }
+    }
+
+    fn oom_kills(&self, name: &str) -> Result<u64> {
+        self.require(name)?;
+        let (file, missing_is_zero) = match self.kind {
+            Kind::V2 => (self.v2_dir(name).map(|d| d.join("memory.events")), true),
+            Kind::V1 | Kind::Hybrid => (self.v1_dir("memory", name).map(|d| d.join("memory.oom_control")), false),
+        };
+        let Some(file) = file else { return Ok(0) };
+        let oom = |p: &Path, t: &str| stats::keyed(p, t, "oom_kill");
+        if missing_is_zero { Ok(self.parse_opt(&file, oom)?.unwrap_or(0)) } else { self.parse(&file, oom) }
     }
 
     fn list(&self) -> Result<Vec<String>> {

@@ -145,6 +145,12 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// A snapshot of the sandbox's resource use.
     fn stats(&self, name: &str) -> Result<Stats>;
 
+    /// The OOM-kill counter alone ([`Stats::oom_kills`]), one file read: the baseline a
+    /// reused cgroup's next occupant is counted from.
+    fn oom_kills(&self, name: &str) -> Result<u64> {
+        self.stats(name).map(|s| s.oom_kills)
+    }
+
     /// Names of the sandbox cgroups under the instance parent, over all hierarchies, sorted;
     /// after a crash these are the orphans to reconcile.
     fn list(&self) -> Result<Vec<String>>;

@@ -432,3 +432,31 @@ fn idle_class_is_the_cpu_controllers_cpu_idle() {
     assert!(!d.set_idle(N, true).unwrap());
     assert!(d.set_idle("../x", true).is_err(), "names are validated");
 }
+
+#[test]
+fn kill_trusts_an_unpopulated_cgroup2_directory() {
+    // A process id still listed in a v1 file (this fake never updates them) would be
+    // signalled and waited for until the timeout; `populated 0` in the cgroup2 directory,
+    // where every sandbox process lives, answers at once.
+    let (fs, d) = setup(HYBRID, true);
+    d.create(N, &Limits::default()).unwrap();
+    fs.set(&path("memory", "cgroup.procs"), "4194399\n");
+    fs.set(&path("unified", "cgroup.events"), "populated 0\nfrozen 0\n");
+    let t = std::time::Instant::now();
+    d.kill(N).unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_millis(500), "{:?}", t.elapsed());
+}
+
+#[test]
+fn oom_kills_alone() {
+    let (fs, d) = setup(HYBRID, true);
+    d.create(N, &Limits::default()).unwrap();
+    fs.set(&path("memory", "memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n");
+    assert_eq!(d.oom_kills(N).unwrap(), 4);
+    let (fs, d) = setup(V2, true);
+    d.create(N, &Limits::default()).unwrap();
+    assert_eq!(d.oom_kills(N).unwrap(), 0, "no memory.events: no memory controller, no kills");
+    fs.set(&path("cg2", "memory.events"), "low 0\nhigh 0\nmax 9\noom 1\noom_kill 3\noom_group_kill 0\n");
+    assert_eq!(d.oom_kills(N).unwrap(), 3);
+    assert!(matches!(d.oom_kills("abx-missing"), Err(Error::NotFound { .. })));
+}

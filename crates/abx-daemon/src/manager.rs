@@ -402,7 +402,7 @@ impl Manager {
         // Statistics start from zero for the next sandbox; done here, off its create.
         let cg = self.slot_name(uid_slot);
         let oom_base = match self.cgroups.reset_stats(&cg) {
-            Ok(()) => self.cgroups.stats(&cg).ok().map(|s| s.oom_kills),
+            Ok(()) => self.cgroups.oom_kills(&cg).ok(),
             Err(_) => None,
         };
         if first.is_some() {

@@ -714,7 +714,25 @@ impl Manager {
 }
 
 /// MemAvailable of /proc/meminfo, in bytes.
+/// The host's available memory, read at most every [`MEM_FRESH`]: the filler decides
+/// after every claim and every boot, and /proc/meminfo is costly to generate.
 fn mem_available() -> Option<u64> {
+    static LAST: std::sync::Mutex<Option<(Instant, Option<u64>)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = *last
+        && at.elapsed() < MEM_FRESH
+    {
+        return v;
+    }
+    let v = read_mem_available();
+    *last = Some((Instant::now(), v));
+    v
+}
+
+/// How old a reading of the host's available memory may be.
+const MEM_FRESH: Duration = Duration::from_millis(250);
+
+fn read_mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -33,6 +33,32 @@ pub struct Store {
     oci: PathBuf,
     cache: Cache,
     lock: Mutex<()>,
+    /// Templates read lately, by name, with the identity of the file they came from: a
+    /// daemon asks for the same template on every create and pool decision.
+    loaded: Mutex<std::collections::HashMap<String, (FileId, Template)>>,
+}
+
+/// What tells one version of a metadata file from another: saves replace the file by a
+/// rename, so a new version has a new inode (and a new change time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime_ns: i128,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
 }
 
 /// A layer tree built (or found) and not yet published.
@@ -66,6 +92,7 @@ impl Store {
             oci: root.join("oci"),
             cache: Cache::new(cache_dir),
             lock: Mutex::new(()),
+            loaded: Mutex::new(Default::default()),
         };
         for dir in [&store.layers, &store.templates, &store.tmp] {
             fs::create_dir_all(dir).at("create directory", dir)?;
@@ -91,10 +118,21 @@ impl Store {
     pub fn get(&self, name: &str) -> Result<Template> {
         validate_name(name)?;
         let path = self.template_path(name);
-        if !path.exists() {
+        let Some(id) = FileId::of(&path) else {
+            self.loaded.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
             return Err(Error::NotFound { name: name.to_string() });
+        };
+        if let Some((seen, t)) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(name)
+            && *seen == id
+        {
+            return Ok(t.clone());
         }
-        Template::load(&path)
+        let t = Template::load(&path)?;
+        // Kept only if the file did not change while it was read.
+        if FileId::of(&path) == Some(id) {
+            self.loaded.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (id, t.clone()));
+        }
+        Ok(t)
     }
 
     /// Where the layer `digest` lives (whether or not it exists).
@@ -366,6 +404,31 @@ mod tests {
         };
         fs::write(rootfs.parent().unwrap().join("entry.json"), serde_json::to_vec(&entry).unwrap()).unwrap();
         (entry, rootfs)
+    }
+
+    #[test]
+    fn get_sees_every_new_version_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("root"), &dir.path().join("cache")).unwrap();
+        assert!(matches!(store.get("t"), Err(Error::NotFound { .. })));
+        let mut t = Template {
+            name: "t".into(),
+            layers: vec![format!("sha256-{}", "ab".repeat(32))],
+            config: Default::default(),
+            size_bytes: 1,
+            created_at: 1,
+            recipe: "mini".into(),
+            packages: vec![],
+        };
+        t.save(store.templates_dir()).unwrap();
+        assert_eq!(store.get("t").unwrap(), t);
+        assert_eq!(store.get("t").unwrap(), t, "the remembered copy");
+        // Same size and layers count, other content: a rewrite is seen at once.
+        t.layers = vec![format!("sha256-{}", "cd".repeat(32))];
+        t.save(store.templates_dir()).unwrap();
+        assert_eq!(store.get("t").unwrap().layers, t.layers);
+        fs::remove_file(store.templates_dir().join("t.json")).unwrap();
+        assert!(matches!(store.get("t"), Err(Error::NotFound { .. })));
     }
 
     #[test]

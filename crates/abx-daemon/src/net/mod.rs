@@ -168,6 +168,10 @@ pub struct Network {
     table: TableSpec,
     slots: Mutex<HashMap<u32, SlotState>>,
     nft: Mutex<Option<abx_sys::nft::Nft>>,
+    /// Slots whose DNS sets are known to be empty (flushed, and no answer added since), so
+    /// that handing a slot over needs no netlink transaction. Taken only while holding
+    /// `nft` (or alone), never the other way round.
+    dns_clean: Mutex<std::collections::HashSet<u32>>,
     audit: Mutex<HashMap<String, Audit>>,
     pub counters: Counters,
     /// Forwarding was switched on on the uplink (done at the first policy with egress).
@@ -242,6 +246,7 @@ impl Network {
             table,
             slots: Mutex::new(HashMap::new()),
             nft: Mutex::new(Some(nft)),
+            dns_clean: Mutex::new(Default::default()),
             audit: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             uplink_forwarding: AtomicBool::new(false),
@@ -373,6 +378,7 @@ impl Network {
             if let Some(s) = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
                 s.in_table = false;
             }
+            self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
         }
     }
 
@@ -383,13 +389,18 @@ impl Network {
         }
         let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
         let Some(nft) = nft.as_ref() else { return Ok(()) };
+        if self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).contains(&slot) {
+            return Ok(());
+        }
         // Both DNS sets: every-port answers and port-limited ones.
         let ops = [
             abx_sys::nft::SetOp::Flush { set: firewall::slot_set(slot) },
             abx_sys::nft::SetOp::Flush { set: firewall::slot_port_set(slot) },
         ];
         nft.apply(abx_sys::nft::Family::Ip, &self.table.table, &ops)
-            .map_err(|e| format!("flush the DNS sets of slot {slot}: {e}"))
+            .map_err(|e| format!("flush the DNS sets of slot {slot}: {e}"))?;
+        self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).insert(slot);
+        Ok(())
     }
 
     fn apply_policy(&self, slot: u32, policy: &Policy, flush_dns: bool) -> Result<(), String> {
@@ -458,6 +469,8 @@ impl Network {
         let ttl = |t: u32| Some(Duration::from_secs(u64::from(t.max(MIN_ALLOW_SECS))));
         let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
         let Some(nft) = nft.as_ref() else { return Ok(()) };
+        // Before the elements go in: even a failed transaction may have added some.
+        self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
         let table = &self.table.table;
         match scope {
             None => {
