@@ -389,3 +389,39 @@ async fn the_next_sandbox_of_a_slot_inherits_no_dns_answers() {
     w.refused(&b, &format!("{WEB_B}:80")).await;
     assert!(w.reaches(&b, "allowed.test:80").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolv_conf_is_the_proxy_and_writes_to_it_stay_out_of_the_sandbox_layers() {
+    // One slot: the second sandbox gets the first one's directory.
+    let w = World::with(&["--uid-slots", "1"]).await;
+    let mini = CreateSandbox { template: Some("mini".into()), ..Default::default() };
+    let root = |script: &str| abx_client::ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        user: Some("root".into()),
+        ..Default::default()
+    };
+    let a = w.d.client.create_sandbox(&mini).await.unwrap();
+    let (original, err, code) = w.d.exec(&a.id, root("cat /etc/resolv.conf")).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(original.starts_with("nameserver "), "{original}");
+    // Root may change it, as on any Linux system ...
+    let (_, err, code) = w.d.exec(&a.id, root("echo 'nameserver 203.0.113.99' > /etc/resolv.conf && chmod 600 /etc/resolv.conf && cat /etc/resolv.conf")).await;
+    assert_eq!(code, 0, "{err}");
+    // ... but it is the slot's own file bound over the template's, not a copy in the
+    // sandbox's upper layer (so in no snapshot, fork, diff or template layer).
+    let upper = w.d.slots.join(format!("{}-u{}", w.d.prefix, w.d.slot_of(&a))).join("data/upper");
+    assert!(!upper.join("etc/resolv.conf").exists(), "written to the upper layer");
+    let (mounts, _, _) = w.d.sh(&a.id, "grep -c ' /etc/resolv.conf ' /proc/self/mountinfo").await;
+    assert_eq!(mounts.trim(), "1");
+    w.d.client.delete_sandbox(&a.id, true).await.unwrap();
+    w.d.wait_for("the slot to be free", std::time::Duration::from_secs(10), || async {
+        w.d.client.system().await.unwrap().sandboxes == 0
+    })
+    .await;
+    // The next sandbox of the slot gets the proxy again, with the usual mode.
+    let b = w.d.client.create_sandbox(&mini).await.unwrap();
+    assert_eq!(w.d.slot_of(&b), w.d.slot_of(&a));
+    let (now, err, code) = w.d.exec(&b.id, root("cat /etc/resolv.conf; stat -c %a /etc/resolv.conf")).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(now, format!("{original}644\n"));
+}

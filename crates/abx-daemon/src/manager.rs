@@ -50,6 +50,15 @@ const SUBVOLUME_SWAP_ENTRIES: usize = 256;
 /// How long a sandbox may take from spawn to exec of its agent.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What identifies one version of a file: any write, rename over it, change of mode,
+/// owner or extended attributes gives another.
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+}
+
 /// Per-slot facts that hold until the slot is released with an error or removed.
 #[derive(Debug, Clone, Default)]
 struct SlotCache {
@@ -88,6 +97,8 @@ pub struct Manager {
     preparing: AtomicUsize,
     /// What is known about each slot's host objects, to skip redundant work on create.
     slot_cache: Mutex<HashMap<u32, SlotCache>>,
+    /// Each sandbox directory's resolv.conf as this daemon last wrote it.
+    resolv_files: Mutex<HashMap<std::path::PathBuf, FileStamp>>,
     /// Set by shutdown: no more refills.
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Warm pools (see `pool.rs`).
@@ -139,6 +150,7 @@ impl Manager {
             refilling: std::sync::atomic::AtomicBool::new(false),
             preparing: AtomicUsize::new(0),
             slot_cache: Mutex::new(HashMap::new()),
+            resolv_files: Mutex::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             pools: Default::default(),
             auth,
@@ -719,6 +731,47 @@ impl Manager {
         Ok((rec, pidfd))
     }
 
+    /// Keeps `dirs`' resolv.conf (bound over the sandbox's /etc/resolv.conf) at
+    /// `contents`, owned by the sandbox's root (`owner` on the host), mode 0644. Made anew
+    /// when missing or no longer exactly what this daemon wrote (the previous sandbox of
+    /// the directory may have changed its contents, mode, owner or attributes): one
+    /// `statx` and one read when it is unchanged.
+    fn keep_resolv_conf(&self, dirs: &SandboxDirs, owner: u32, contents: &str) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dirs.resolv_conf();
+        let known = self.resolv_files.lock().unwrap_or_else(|e| e.into_inner()).get(&path).copied();
+        if let (Some(known), Ok(f)) =
+            (known, std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path))
+        {
+            let mut now = Vec::with_capacity(contents.len() + 1);
+            if f.metadata().is_ok_and(|m| file_stamp(&m) == known)
+                && (&f).take(contents.len() as u64 + 1).read_to_end(&mut now).is_ok()
+                && now == contents.as_bytes()
+            {
+                return Ok(());
+            }
+        }
+        self.resolv_files.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        f.write_all(contents.as_bytes())?;
+        std::os::unix::fs::fchown(&f, Some(owner), Some(owner))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        let stamp = file_stamp(&f.metadata()?);
+        self.resolv_files.lock().unwrap_or_else(|e| e.into_inner()).insert(path, stamp);
+        Ok(())
+    }
+
     /// One spawn: the agent's listening socket, the status pipe, the spawner's request,
     /// and the wait for the agent's exec.
     fn spawn_once(
@@ -736,6 +789,11 @@ impl Manager {
         let (status_r, status_w) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| setup_err(format!("pipe: {e}")))?;
         let placement = self.cgroups.placement(cg).map_err(|e| setup_err(cgroup_text(&e)))?;
+        let resolv_conf = self.net.as_ref().map(|n| n.resolv_conf());
+        if let Some(contents) = &resolv_conf {
+            self.keep_resolv_conf(dirs, rec.uid_base, contents)
+                .map_err(|e| setup_err(format!("write {}: {e}", dirs.resolv_conf().display())))?;
+        }
         let spec = SpawnSpec {
             id: rec.id.clone(),
             dir: dirs.root.clone(),
@@ -751,7 +809,7 @@ impl Manager {
             // A persistent sandbox's files are synced like any filesystem's.
             volatile: !rec.persist,
             volumes: self.volume_specs(&rec.volumes).map_err(|e| setup_err(e.to_string()))?,
-            resolv_conf: self.net.as_ref().map(|n| n.resolv_conf()),
+            resolv_conf,
             net: self.net.as_ref().map(|n| n.slot_spec(rec.uid_slot)),
         };
         let t_pre = t0.elapsed();

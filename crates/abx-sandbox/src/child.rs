@@ -135,8 +135,15 @@ fn receive_go(io: &ShellIo) -> Result<Go, String> {
 /// Phase 2: the sandbox's root filesystem and confinement, then the agent.
 fn setup(go: &Go, io: &ShellIo) -> Result<Infallible, String> {
     let spec = &go.spec;
-    for step in plan::build(spec) {
-        run_step(&step, &go.trees).map_err(|e| format!("{step}: {e}"))?;
+    let steps = plan::build(spec);
+    // The slot's resolv.conf, taken before pivot_root hides the slot directory. Missing
+    // (a daemon that does not keep one), the contents are written instead.
+    let resolv = steps.iter().find_map(|s| match s {
+        Step::ResolvConf { source, .. } => abx_sys::mount::file_tree(source).ok(),
+        _ => None,
+    });
+    for step in &steps {
+        run_step(step, &go.trees, resolv.as_ref()).map_err(|e| format!("{step}: {e}"))?;
     }
     set_limits(spec.nofile)?;
     arrange_fds(go)?;
@@ -173,7 +180,7 @@ fn mount_flags(bits: u64) -> MountFlags {
     MountFlags::from_bits_retain(bits as u32)
 }
 
-fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
+fn run_step(step: &Step, trees: &[OwnedFd], resolv: Option<&OwnedFd>) -> std::io::Result<()> {
     match step {
         Step::AttachTree { index, target } => {
             let tree = trees.get(*index).ok_or_else(|| std::io::Error::other("missing mount tree"))?;
@@ -219,7 +226,17 @@ fn run_step(step: &Step, trees: &[OwnedFd]) -> std::io::Result<()> {
         },
         Step::PivotRoot { root } => pivot(root),
         Step::SetHostname { name } => Ok(rustix::system::sethostname(name.as_bytes())?),
-        Step::WriteFile { path, contents } => write_file(path, contents),
+        Step::ResolvConf { contents, .. } => {
+            let target = Path::new("/etc/resolv.conf");
+            match resolv {
+                // Not followed if it is a symlink: checked, and the template's files do
+                // not change while the sandbox is being set up.
+                Some(tree) if std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_file()) => {
+                    abx_sys::mount::attach(tree, target)
+                }
+                _ => write_file(target, contents),
+            }
+        }
         Step::AttachVolume { index, target } => {
             crate::spec::validate_volume_target(target).map_err(std::io::Error::other)?;
             let tree = trees.get(*index).ok_or_else(|| std::io::Error::other("missing mount tree"))?;

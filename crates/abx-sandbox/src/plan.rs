@@ -25,10 +25,11 @@ pub mod flags {
 /// One setup operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Replace the file at `path` (a symlink there is removed first) with `contents`,
-    /// mode 0644.
-    WriteFile {
-        path: PathBuf,
+    /// Give the sandbox (after pivot_root) its /etc/resolv.conf: the file `source` (opened
+    /// before pivot_root) bound over it where it is a regular file; else `contents`
+    /// written there (a symlink is replaced), mode 0644.
+    ResolvConf {
+        source: PathBuf,
         contents: String,
     },
     /// Attach the idmapped tree received as descriptor number `index` at `target`.
@@ -121,7 +122,7 @@ impl fmt::Display for Step {
             Step::Symlink { target, link } => write!(f, "symlink {} -> {target}", link.display()),
             Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
             Step::SetHostname { name } => write!(f, "set hostname {name}"),
-            Step::WriteFile { path, .. } => write!(f, "write {}", path.display()),
+            Step::ResolvConf { .. } => write!(f, "set /etc/resolv.conf"),
             Step::AttachVolume { index, target } => write!(f, "attach volume tree {index} at {target}"),
         }
     }
@@ -221,7 +222,7 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     steps.push(Step::PivotRoot { root });
     steps.push(Step::SetHostname { name: spec.hostname.clone() });
     if let Some(contents) = &spec.resolv_conf {
-        steps.push(Step::WriteFile { path: "/etc/resolv.conf".into(), contents: contents.clone() });
+        steps.push(Step::ResolvConf { source: dirs.resolv_conf(), contents: contents.clone() });
     }
     // Volumes last: their targets are resolved inside the sandbox's root (a symlink in
     // the template cannot point them at a host path), and nothing the setup writes
@@ -287,7 +288,7 @@ mod tests {
         let mut with_dns = spec();
         with_dns.resolv_conf = Some("nameserver 10.0.0.1\n".into());
         assert!(
-            matches!(build(&with_dns).last(), Some(Step::WriteFile { path, .. }) if path.ends_with("etc/resolv.conf"))
+            matches!(build(&with_dns).last(), Some(Step::ResolvConf { source, .. }) if source.ends_with("resolv.conf"))
         );
     }
 
@@ -311,7 +312,7 @@ mod tests {
         let steps = build(&spec);
         let pos = |want: &dyn Fn(&Step) -> bool| steps.iter().position(want).unwrap();
         let pivot = pos(&|s| matches!(s, Step::PivotRoot { .. }));
-        let resolv = pos(&|s| matches!(s, Step::WriteFile { .. }));
+        let resolv = pos(&|s| matches!(s, Step::ResolvConf { .. }));
         let data = pos(&|s| matches!(s, Step::AttachVolume { .. }));
         assert!(pivot < resolv && resolv < data, "volumes come after pivot_root and /etc/resolv.conf");
         // The plan ends with them: child::setup confines the process (limits, capabilities,

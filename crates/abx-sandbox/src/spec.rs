@@ -31,8 +31,10 @@ pub struct SpawnSpec {
     pub nofile: u64,
     /// Mount the overlay with `volatile` (no sync to disk; for disposable sandboxes).
     pub volatile: bool,
-    /// Contents of the sandbox's /etc/resolv.conf (its DNS proxy), written after
-    /// pivot_root; None leaves the template's file alone.
+    /// Contents of the sandbox's /etc/resolv.conf (its DNS proxy); None leaves the
+    /// template's file alone. The slot's [`SandboxDirs::resolv_conf`] (the daemon keeps it
+    /// with these contents) is bound over a regular file there; where the template has a
+    /// symlink or nothing, the contents are written in its place after pivot_root.
     #[serde(default)]
     pub resolv_conf: Option<String>,
     #[serde(default)]
@@ -180,6 +182,11 @@ impl SandboxDirs {
     /// The agent's listening socket.
     pub fn agent_socket(&self) -> PathBuf {
         self.root.join("agent.sock")
+    }
+    /// The file bound over the sandbox's /etc/resolv.conf (owned by the sandbox's root):
+    /// what the sandbox writes there stays out of its upper layer, snapshots and diffs.
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.root.join("resolv.conf")
     }
     /// Makes sure the directory exists with everything for `layers` lower layers, owned as
     /// [`SandboxDirs::create`] does. Cheap when it already does (a reused slot).

@@ -11,6 +11,7 @@ const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
 const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
 const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
+const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 /// `MS_PRIVATE`, as `mount_setattr`'s propagation field takes it.
 const MS_PRIVATE: u64 = 1 << 18;
@@ -55,6 +56,28 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
         at |= AT_RECURSIVE;
     }
     set_attr(tree.as_fd(), at, &attr)?;
+    Ok(tree)
+}
+
+/// A detached bind mount of the single file `path` (a symlink there is refused, not
+/// followed), nosuid, nodev and noexec, to be attached over another file.
+pub fn file_tree(path: &Path) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
+    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor we own.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, cpath.as_ptr(), flags) })?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if rustix::fs::fstat(&tree)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::other(format!("{} is not a regular file", path.display())));
+    }
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    set_attr(tree.as_fd(), libc::AT_EMPTY_PATH as libc::c_uint, &attr)?;
     Ok(tree)
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Layout: `/bin/busybox` plus a symlink to it for every applet (`busybox --list-full`),
 //! `/etc/{passwd,group,hosts,hostname}` with root (0), user (1000, home /home/user) and nobody
-//! (65534), `/tmp` (1777), `/root` (0700), `/home/user` (1000:1000) and empty `/proc`,
+//! (65534), a placeholder `/etc/resolv.conf` (a sandbox with networking gets its slot's file
+//! bound over it), `/tmp` (1777), `/root` (0700), `/home/user` (1000:1000) and empty `/proc`,
 //! `/sys`, `/dev`, `/run`, `/var/tmp`. Every time is the fixed epoch, so the digest depends
 //! only on the busybox binary.
 
@@ -56,6 +57,7 @@ pub fn build(root: &Path, busybox: &Path) -> Result<()> {
     write_file(&root.join("etc/group"), GROUP, 0o644)?;
     write_file(&root.join("etc/hosts"), HOSTS, 0o644)?;
     write_file(&root.join("etc/hostname"), "sandbox\n", 0o644)?;
+    write_file(&root.join("etc/resolv.conf"), "# set by agentbox when a sandbox starts\n", 0o644)?;
     clamp_mtimes(root, SOURCE_DATE_EPOCH)
 }
 
