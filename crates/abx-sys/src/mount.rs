@@ -147,3 +147,23 @@ pub fn clone_detached(tree: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_tree_takes_regular_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("resolv.conf");
+        std::fs::write(&file, "nameserver 10.0.0.1\n").unwrap();
+        std::os::unix::fs::symlink(&file, dir.path().join("link")).unwrap();
+        // A detached bind of the file itself: reading through it gives the file.
+        let tree = file_tree(&file).unwrap();
+        let text = std::fs::read_to_string(format!("/proc/self/fd/{}", tree.as_raw_fd())).unwrap();
+        assert_eq!(text, "nameserver 10.0.0.1\n");
+        assert!(file_tree(&dir.path().join("link")).is_err(), "a symlink is not followed");
+        assert!(file_tree(dir.path()).is_err(), "a directory is refused");
+        assert!(file_tree(&dir.path().join("missing")).is_err());
+    }
+}
