@@ -184,6 +184,22 @@ impl Driver {
         done.ok_or(Error::Timeout { path, expected: "no processes", waited: KILL_TIMEOUT })
     }
 
+    /// The OOM-kill counter: v1 `memory.oom_control` (required where there is a memory
+    /// hierarchy), v2 `memory.events` (absent without the memory controller: 0).
+    pub(crate) fn read_oom_kills(&self, name: &str) -> Result<u64> {
+        let oom = |p: &Path, t: &str| stats::keyed(p, t, "oom_kill");
+        match self.kind {
+            Kind::V2 => {
+                let Some(dir) = self.v2_dir(name) else { return Ok(0) };
+                Ok(self.parse_opt(&dir.join("memory.events"), oom)?.unwrap_or(0))
+            }
+            Kind::V1 | Kind::Hybrid => match self.v1_dir("memory", name) {
+                Some(dir) => self.parse(&dir.join("memory.oom_control"), oom),
+                None => Ok(0),
+            },
+        }
+    }
+
     /// Whether the cgroup2 directory reports no live member (`populated 0` in
     /// `cgroup.events`): one read instead of every hierarchy's `cgroup.procs`, for the
     /// common case of a sandbox whose processes are all gone. Every sandbox process is in
@@ -370,13 +386,7 @@ impl CgroupDriver for Driver {
 
     fn oom_kills(&self, name: &str) -> Result<u64> {
         self.require(name)?;
-        let (file, missing_is_zero) = match self.kind {
-            Kind::V2 => (self.v2_dir(name).map(|d| d.join("memory.events")), true),
-            Kind::V1 | Kind::Hybrid => (self.v1_dir("memory", name).map(|d| d.join("memory.oom_control")), false),
-        };
-        let Some(file) = file else { return Ok(0) };
-        let oom = |p: &Path, t: &str| stats::keyed(p, t, "oom_kill");
-        if missing_is_zero { Ok(self.parse_opt(&file, oom)?.unwrap_or(0)) } else { self.parse(&file, oom) }
+        self.read_oom_kills(name)
     }
 
     fn list(&self) -> Result<Vec<String>> {

@@ -161,6 +161,12 @@ impl FakeFs {
         }
     }
 
+    /// `1` if the cgroup2 directory `dir` reports members (`cgroup.events`), else `0`.
+    fn populated(dir: &Path) -> u8 {
+        let events = std::fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+        u8::from(events.contains("populated 1"))
+    }
+
     fn special_write(&self, path: &Path, value: &str) -> io::Result<bool> {
         let name = path.file_name().unwrap().to_string_lossy();
         let dir = path.parent().unwrap();
@@ -168,13 +174,18 @@ impl FakeFs {
             "cgroup.subtree_control" => self.subtree_control(path, value),
             "cgroup.freeze" => {
                 std::fs::write(path, value)?;
-                let events = format!("populated 0\nfrozen {}\n", value.trim());
+                let populated = Self::populated(dir);
+                let events = format!("populated {populated}\nfrozen {}\n", value.trim());
                 std::fs::write(dir.join("cgroup.events"), events)?;
             }
             "cgroup.kill" => std::fs::write(dir.join("cgroup.procs"), "")?,
             "cgroup.procs" => {
                 let old = std::fs::read_to_string(path)?;
                 std::fs::write(path, format!("{old}{}\n", value.trim()))?;
+                // A cgroup2 directory reports its new member, as the kernel does.
+                if let Ok(events) = std::fs::read_to_string(dir.join("cgroup.events")) {
+                    std::fs::write(dir.join("cgroup.events"), events.replacen("populated 0", "populated 1", 1))?;
+                }
             }
             "memory.limit_in_bytes" | "memory.memsw.limit_in_bytes" => self.v1_memory(path, value)?,
             _ => return Ok(false),

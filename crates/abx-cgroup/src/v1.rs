@@ -67,6 +67,7 @@ impl Driver {
         if let Some(dir) = self.v1_dir("memory", name) {
             self.v1_memory_stats(&dir, &mut s)?;
         }
+        s.oom_kills = self.read_oom_kills(name)?;
         match self.v1_dir("pids", name) {
             Some(dir) => {
                 s.pids_current = self.parse(&dir.join("pids.current"), stats::number)?;
@@ -82,8 +83,6 @@ impl Driver {
         s.memory_current = self.parse(&dir.join("memory.usage_in_bytes"), stats::number)?;
         s.memory_peak = Some(self.parse(&dir.join("memory.max_usage_in_bytes"), stats::number)?);
         s.memory_limit = self.parse(&dir.join("memory.limit_in_bytes"), stats::v1_limit)?;
-        let oom = dir.join("memory.oom_control");
-        s.oom_kills = self.parse(&oom, |p, t| stats::keyed(p, t, "oom_kill"))?;
         Ok(())
     }
 

@@ -87,7 +87,7 @@ impl Driver {
             memory_current: self.parse_opt(&f("memory.current"), stats::number)?.unwrap_or(0),
             memory_peak: self.parse_opt(&f("memory.peak"), stats::number)?,
             memory_limit: self.parse_opt(&f("memory.max"), stats::number_or_max)?.flatten(),
-            oom_kills: self.parse_opt(&f("memory.events"), key("oom_kill"))?.unwrap_or(0),
+            oom_kills: self.read_oom_kills(name)?,
             pids_current: match self.parse_opt(&f("pids.current"), stats::number)? {
                 Some(n) => n,
                 None => self.count_members(name)?,

@@ -50,15 +50,6 @@ const SUBVOLUME_SWAP_ENTRIES: usize = 256;
 /// How long a sandbox may take from spawn to exec of its agent.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// What identifies one version of a file: any write, rename over it, change of mode,
-/// owner or extended attributes gives another.
-type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
-
-fn file_stamp(m: &std::fs::Metadata) -> FileStamp {
-    use std::os::unix::fs::MetadataExt;
-    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
-}
-
 /// Per-slot facts that hold until the slot is released with an error or removed.
 #[derive(Debug, Clone, Default)]
 struct SlotCache {
@@ -98,7 +89,7 @@ pub struct Manager {
     /// What is known about each slot's host objects, to skip redundant work on create.
     slot_cache: Mutex<HashMap<u32, SlotCache>>,
     /// Each sandbox directory's resolv.conf as this daemon last wrote it.
-    resolv_files: Mutex<HashMap<std::path::PathBuf, FileStamp>>,
+    resolv_files: Mutex<HashMap<std::path::PathBuf, abx_template::FileStamp>>,
     /// Set by shutdown: no more refills.
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Warm pools (see `pool.rs`).
@@ -738,14 +729,14 @@ impl Manager {
     /// `statx` and one read when it is unchanged.
     fn keep_resolv_conf(&self, dirs: &SandboxDirs, owner: u32, contents: &str) -> std::io::Result<()> {
         use std::io::{Read, Write};
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let path = dirs.resolv_conf();
         let known = self.resolv_files.lock().unwrap_or_else(|e| e.into_inner()).get(&path).copied();
         if let (Some(known), Ok(f)) =
             (known, std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path))
         {
             let mut now = Vec::with_capacity(contents.len() + 1);
-            if f.metadata().is_ok_and(|m| file_stamp(&m) == known)
+            if f.metadata().is_ok_and(|m| abx_template::FileStamp::from_metadata(&m) == known)
                 && (&f).take(contents.len() as u64 + 1).read_to_end(&mut now).is_ok()
                 && now == contents.as_bytes()
             {
@@ -765,9 +756,9 @@ impl Manager {
             .open(&path)?;
         f.write_all(contents.as_bytes())?;
         std::os::unix::fs::fchown(&f, Some(owner), Some(owner))?;
-        use std::os::unix::fs::PermissionsExt;
+        // Whatever the daemon's umask.
         f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        let stamp = file_stamp(&f.metadata()?);
+        let stamp = abx_template::FileStamp::from_metadata(&f.metadata()?);
         self.resolv_files.lock().unwrap_or_else(|e| e.into_inner()).insert(path, stamp);
         Ok(())
     }

@@ -62,12 +62,12 @@ pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, opts: TreeOptions) -> 
 /// A detached bind mount of the single file `path` (a symlink there is refused, not
 /// followed), nosuid, nodev and noexec, to be attached over another file.
 pub fn file_tree(path: &Path) -> io::Result<OwnedFd> {
-    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
-    // SAFETY: open_tree reads a NUL-terminated path and returns a new descriptor we own.
-    let fd = cvt(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, cpath.as_ptr(), flags) })?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    use rustix::mount::OpenTreeFlags;
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_SYMLINK_NOFOLLOW,
+    )?;
     if rustix::fs::fstat(&tree)?.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(io::Error::other(format!("{} is not a regular file", path.display())));
     }

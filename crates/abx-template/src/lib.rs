@@ -108,7 +108,7 @@ pub use digest::{TreeDigest, digest_tree};
 pub use dockerfile::{DockerfileError, Plan, Step};
 pub use error::{Error, Result};
 pub use layers::Cached;
-pub use meta::{Template, TemplateConfig, write_atomic};
+pub use meta::{FileStamp, Template, TemplateConfig, write_atomic};
 pub use name::{MAX_NAME_LEN, validate_digest, validate_name};
 pub use progress::Progress;
 pub use recipe::{BASE_PACKAGES, DEFAULT_MIRROR, DEFAULT_SUITE, Recipe, SOURCE_DATE_EPOCH, recipe_for};

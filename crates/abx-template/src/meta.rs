@@ -87,6 +87,36 @@ impl Template {
     }
 }
 
+/// What identifies one version of a file: writing it, replacing it by a rename (as
+/// [`write_atomic`] does) and changing its mode, owner or extended attributes each give
+/// another (the change time moves, or the inode is another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of the file `path` (symlinks followed); None if it cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        fs::metadata(path).ok().map(|m| FileStamp::from_metadata(&m))
+    }
+
+    pub fn from_metadata(m: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` so that readers see either the old or the new content, never a
 /// mix, even across a crash: write a temp file in the same directory, fsync, rename, fsync
 /// the directory.

@@ -11,7 +11,7 @@ use crate::base::BaseRecipe;
 use crate::cache::{Cache, unix_now};
 use crate::digest::digest_tree;
 use crate::error::{Error, IoContext, Result};
-use crate::meta::Template;
+use crate::meta::{FileStamp, Template};
 use crate::mini::{self, BUSYBOX};
 use crate::name::{validate_digest, validate_name};
 use crate::progress::Progress;
@@ -35,30 +35,7 @@ pub struct Store {
     lock: Mutex<()>,
     /// Templates read lately, by name, with the identity of the file they came from: a
     /// daemon asks for the same template on every create and pool decision.
-    loaded: Mutex<std::collections::HashMap<String, (FileId, Template)>>,
-}
-
-/// What tells one version of a metadata file from another: saves replace the file by a
-/// rename, so a new version has a new inode (and a new change time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    ctime_ns: i128,
-}
-
-impl FileId {
-    fn of(path: &Path) -> Option<FileId> {
-        use std::os::unix::fs::MetadataExt;
-        let m = fs::metadata(path).ok()?;
-        Some(FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-        })
-    }
+    loaded: Mutex<std::collections::HashMap<String, (FileStamp, Template)>>,
 }
 
 /// A layer tree built (or found) and not yet published.
@@ -118,7 +95,7 @@ impl Store {
     pub fn get(&self, name: &str) -> Result<Template> {
         validate_name(name)?;
         let path = self.template_path(name);
-        let Some(id) = FileId::of(&path) else {
+        let Some(id) = FileStamp::of(&path) else {
             self.loaded.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
             return Err(Error::NotFound { name: name.to_string() });
         };
@@ -129,7 +106,7 @@ impl Store {
         }
         let t = Template::load(&path)?;
         // Kept only if the file did not change while it was read.
-        if FileId::of(&path) == Some(id) {
+        if FileStamp::of(&path) == Some(id) {
             self.loaded.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (id, t.clone()));
         }
         Ok(t)
