@@ -152,3 +152,19 @@ async fn template_build_from_a_dockerfile_and_pools_from_the_cli() {
     assert!(o.status.success());
     assert!(d.client.pools().await.unwrap().is_empty());
 }
+
+#[test]
+fn a_reader_that_went_away_ends_the_client_quietly() {
+    // `agentbox openapi | head -1` with the reader already gone: no panic, the status of a
+    // command ended by SIGPIPE.
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    drop(reader);
+    let o = std::process::Command::new(crate::harness::agentbox_bin())
+        .arg("openapi")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141), "{:?}", text(&o));
+    assert_eq!(text(&o).1, "", "nothing on stderr");
+}
