@@ -19,9 +19,6 @@ fn main() {
     std::process::exit(cli::run(cli));
 }
 
-/// Status a shell reports for a command ended by `SIGPIPE` (128 + 13).
-const EXIT_BROKEN_PIPE: i32 = 141;
-
 /// `agentbox ls -q | head -1`: once the reader has gone, printing to stdout fails, and
 /// Rust's `print!` panics. A client command then ends quietly with the status of a command
 /// killed by `SIGPIPE`, as other command-line tools do, instead of printing a panic. Any
@@ -33,7 +30,7 @@ fn quiet_broken_pipe() {
         let msg =
             payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
         if msg.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("os error 32")) {
-            std::process::exit(EXIT_BROKEN_PIPE);
+            std::process::exit(cli::EXIT_BROKEN_PIPE);
         }
         report(info);
     }));

@@ -16,6 +16,9 @@ use clap::{Args, Parser, Subcommand};
 
 /// Exit code for failures of agentbox itself (as docker uses).
 pub const EXIT_ERROR: i32 = 125;
+/// Exit code of a client command whose stdout reader went away: what a shell reports for a
+/// command ended by `SIGPIPE` (128 + 13).
+pub const EXIT_BROKEN_PIPE: i32 = 141;
 
 #[derive(Debug, Parser)]
 #[command(name = "agentbox", version, about = "Isolated, disposable, instant Linux sandboxes for AI agents")]
