@@ -298,3 +298,32 @@ async fn dev_shm_is_shared_memory_and_host_details_are_masked() {
     let (out, _, _) = d.sh(&id, "ls /sys/class/net").await;
     assert_eq!(out.trim(), "eth0\nlo", "sysfs shows the sandbox's own network namespace");
 }
+
+#[tokio::test]
+async fn the_agent_cannot_be_signalled_from_inside_and_reaps_orphans() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    // PID 1 of a pid namespace gets from inside only the signals it handles; the agent
+    // handles SIGCHLD alone (to reap), and a forged one only makes it look for children.
+    // (Rust's runtime handles SIGSEGV and SIGBUS on a small alternate stack; the agent
+    // removes those handlers: SEGV and BUS sent at once overflowed that stack and killed it.)
+    let (out, err, code) = root_sh(
+        &d,
+        &id,
+        "for s in TERM INT HUP QUIT USR1 USR2 ALRM PIPE CHLD SEGV BUS SEGV BUS KILL STOP; do kill -$s 1; done; \
+         grep -E '^Sig(Cgt|Ign)' /proc/1/status",
+    )
+    .await;
+    assert_eq!(code, 0, "{out} {err}");
+    // SigCgt: caught signals, a hex mask, signal n at bit n - 1: SIGCHLD (17) alone.
+    let caught = out.lines().find_map(|l| l.strip_prefix("SigCgt:")).unwrap().trim();
+    assert_eq!(u64::from_str_radix(caught, 16).unwrap(), 1 << 16, "{out}");
+    // Still serving, and orphans (a background child whose parent exited) are reaped:
+    // none is left a zombie.
+    let (out, err, code) =
+        root_sh(&d, &id, "(sleep 0.2 &) ; sleep 0.5; grep -l '^State:.*Z' /proc/[0-9]*/status || true").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "", "zombies left: {out}");
+    let (out, _, code) = d.sh(&id, "echo alive").await;
+    assert_eq!((out.trim(), code), ("alive", 0));
+}

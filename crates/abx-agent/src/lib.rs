@@ -10,20 +10,23 @@
 //! applied. `agentbox-agent --listen PATH` runs it as an ordinary process for development
 //! and tests; there it is a child subreaper (orphans of its processes come back to it, as
 //! to PID 1), and `SIGTERM`/`SIGINT` SIGKILL the process groups it started, remove the
-//! socket file and exit 0. As PID 1 it installs no handlers, so nothing inside the
-//! sandbox can signal it.
+//! socket file and exit 0. As PID 1 it handles one signal, `SIGCHLD` (to reap,
+//! [`reaper`]; Rust's own `SIGSEGV` and `SIGBUS` handlers are removed), so nothing inside
+//! the sandbox can signal it but with a `SIGCHLD`, which only makes it look for exited
+//! children.
 //!
 //! Startup does the least possible (it is on the sandbox-creation path): mark the process
-//! non-dumpable (sandbox processes cannot ptrace it or read its memory), set umask 022
-//! (inherited by every process it starts), record its identity, start the reaper thread,
-//! and serve on a current-thread tokio runtime. `SIGPIPE` is already ignored by the Rust
+//! non-dumpable (sandbox processes cannot ptrace it or read its memory), drop the runtime's
+//! fault-signal handlers, set umask 022
+//! (inherited by every process it starts), record its identity, and serve on a
+//! current-thread tokio runtime, whose first task reaps children on `SIGCHLD`. `SIGPIPE` is already ignored by the Rust
 //! runtime, so a vanished client is an `EPIPE`, and std restores it for children.
 //!
 //! # Threads
 //!
-//! The runtime thread does everything, file system calls inline. Besides it there is the
-//! reaper ([`reaper`]) and, per `ArchiveWrite`, a short-lived extraction thread
-//! ([`archive`]). When the sandbox's pid limit is reached, forks and thread creation fail
+//! The runtime thread does everything, file system calls and reaping ([`reaper`])
+//! inline. Besides it there is, per `ArchiveWrite`, a short-lived extraction thread
+//! ([`archive`]), and tokio's blocking pool for the network probes ([`netprobe`]). When the sandbox's pid limit is reached, forks and thread creation fail
 //! with an error reply; the agent itself keeps running.
 //!
 //! # Decisions where the protocol leaves room
@@ -68,7 +71,7 @@ pub use server::Listen;
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot start the reaper thread")]
+    #[error("cannot handle SIGCHLD to reap children")]
     Reaper(#[source] io::Error),
     #[error("cannot start the async runtime")]
     Runtime(#[source] io::Error),
@@ -88,16 +91,20 @@ pub enum StartError {
 pub fn run(listen: Listen) -> Result<(), StartError> {
     harden();
     let base = creds::Base::capture();
-    let reaper = reaper::Reaper::start().map_err(StartError::Reaper)?;
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(StartError::Runtime)?;
-    let agent = Arc::new(server::Agent::new(reaper, base));
-    runtime.block_on(serve(agent, listen))
+    runtime.block_on(async {
+        let reaper = reaper::Reaper::start().map_err(StartError::Reaper)?;
+        serve(Arc::new(server::Agent::new(reaper, base)), listen).await
+    })
 }
 
-/// Non-dumpable, umask 022. Failures are ignored: neither is worth not starting over.
+/// Non-dumpable, umask 022, default actions for `SIGSEGV` and `SIGBUS` (so processes in
+/// the sandbox cannot signal PID 1 with them: [`abx_sys::agent::default_fault_signals`]).
+/// Failures are ignored: none is worth not starting over.
 fn harden() {
     let _ = rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable);
+    let _ = abx_sys::agent::default_fault_signals();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
 }
 

@@ -1,124 +1,98 @@
 //! Reaping: as PID 1 the agent inherits every orphan in the sandbox and must collect them
 //! all, while still reporting exit statuses of the processes it started.
 //!
-//! One dedicated thread waits for *any* child. It first only learns the pid of an exited
-//! child (`waitid(P_ALL, WEXITED | WNOWAIT)`), then takes the spawn *gate* and reaps that
-//! pid (`waitpid(pid, WNOHANG)`), then hands the status to whoever registered for it.
-//! [`Reaper::spawn`] holds the gate around starting the process
-//! ([`abx_sys::spawn::Program::spawn`]) and registering the new pid:
+//! There is no reaper thread. A task on the agent's (current-thread) runtime waits for
+//! `SIGCHLD` and then collects every child that has exited (`waitpid(-1, WNOHANG)` until
+//! none is left), handing each status to whoever registered for its pid; statuses of
+//! unregistered pids (orphans) are dropped, so nothing accumulates. Signals of one kind
+//! coalesce, which is why every wake-up reaps until there is nothing left.
 //!
-//! * the start itself `waitpid`s a child whose setup or exec failed; under the gate the
-//!   reaper cannot reap it first (and hand its status to nobody);
-//! * a child that exits at once cannot be reaped before its waiter is registered, so no
-//!   pending-status map is needed (the gate closes the race that map would cover);
-//! * statuses of unregistered pids (orphans) are dropped, so nothing accumulates.
+//! Everything here runs on the runtime's one thread: [`Reaper::spawn`] starts the process
+//! ([`abx_sys::spawn::Program::spawn`]) and registers its pid without yielding, so the
+//! reaping task cannot run in between. That closes both races a reaper thread needed a
+//! lock for: the start itself `waitpid`s a child whose setup or exec failed (nobody else
+//! can reap it first), and a child that exits at once is reaped only after its waiter is
+//! registered. So the agent must never start processes from another thread.
 //!
-//! When there are no children (`ECHILD`) the thread parks on a condvar until the next
-//! spawn (a generation counter closes the check-then-park race), waking once a second in
-//! case a process that entered the namespace from outside left orphans behind.
+//! Installing the `SIGCHLD` handler means a process inside the sandbox can send the agent
+//! `SIGCHLD` (PID 1 of a pid namespace receives from inside only the signals it handles);
+//! all that does is a `waitpid` that finds nothing. Every other signal stays ignored.
+//! Compared with a thread blocked in `waitid`, the exit of a child wakes one thread (the
+//! runtime's, which the child's end of output wakes anyway) instead of two, and starting
+//! a process wakes nothing.
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use abx_proto::ExitStatus;
 use rustix::io::Errno;
-use rustix::process::{Pid, WaitOptions, WaitStatus};
+use rustix::process::{WaitIdOptions, WaitOptions, WaitStatus};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 /// Receives a process's exit status once it has been reaped.
 pub type ExitWatch = watch::Receiver<Option<ExitStatus>>;
 
-/// Handle to the reaper thread.
-#[derive(Clone, Debug)]
+/// Handle to the reaping task.
+#[derive(Clone, Debug, Default)]
 pub struct Reaper {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug, Default)]
-struct Shared {
-    /// Held while forking and registering, and while reaping.
-    gate: Mutex<()>,
-    state: Mutex<State>,
-    wake: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    waiters: HashMap<i32, watch::Sender<Option<ExitStatus>>>,
-    /// Bumped by every spawn; lets the thread park without missing one.
-    generation: u64,
-    /// The last wait found no children at all.
-    idle: bool,
+    waiters: Arc<Mutex<HashMap<i32, watch::Sender<Option<ExitStatus>>>>>,
 }
 
 impl Reaper {
-    /// Starts the reaper thread.
+    /// Installs the `SIGCHLD` handler and starts the reaping task on the current runtime,
+    /// which must be a current-thread runtime (see the module docs).
     pub fn start() -> io::Result<Reaper> {
-        let shared = Arc::new(Shared::default());
-        let thread_shared = shared.clone();
-        std::thread::Builder::new().name("reaper".into()).stack_size(128 << 10).spawn(move || thread_shared.run())?;
-        Ok(Reaper { shared })
+        let mut sigchld = signal(SignalKind::child())?;
+        let reaper = Reaper::default();
+        let task = reaper.clone();
+        tokio::spawn(async move {
+            loop {
+                // Reap first: children that exited before the handler existed, or
+                // between two signals, are collected too.
+                task.reap_all();
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(reaper)
     }
 
     /// Starts a process with `start` (which returns its pid, having reaped it itself if
-    /// it failed) and registers for its exit status. Never wait for the pid elsewhere:
-    /// the reaper collects it.
+    /// it failed) and registers for its exit status. Call it on the runtime's thread and
+    /// never wait for the pid elsewhere: the reaping task collects it.
     pub fn spawn(&self, start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, ExitWatch)> {
-        let _gate = lock(&self.shared.gate);
         let pid = start()?;
         let (tx, rx) = watch::channel(None);
-        let mut state = lock(&self.shared.state);
-        state.waiters.insert(pid as i32, tx);
-        state.generation += 1;
-        state.idle = false;
-        self.shared.wake.notify_one();
+        lock(&self.waiters).insert(pid as i32, tx);
         Ok((pid, rx))
     }
 
-    /// Whether the agent has no children left (as of the reaper's last wait).
+    /// Whether the agent has no children left, exited or running.
     pub fn idle(&self) -> bool {
-        lock(&self.shared.state).idle
+        let any = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        // Running children make waitid answer "none exited yet"; only ECHILD means none.
+        matches!(rustix::process::waitid(rustix::process::WaitId::All, any), Err(Errno::CHILD))
     }
-}
 
-impl Shared {
-    fn run(&self) {
+    /// Collects every child that has exited and delivers the statuses of registered ones.
+    fn reap_all(&self) {
         loop {
-            let generation = lock(&self.state).generation;
-            match abx_sys::agent::wait_exited() {
-                Ok(pid) => self.reap(pid),
-                Err(e) if e.raw_os_error() == Some(Errno::CHILD.raw_os_error()) => self.park(generation),
-                Err(e) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            match rustix::process::wait(WaitOptions::NOHANG) {
+                Ok(Some((pid, status))) => self.deliver(pid.as_raw_nonzero().get(), status),
+                Err(Errno::INTR) => continue,
+                // None exited yet, no children at all, or an error waiting cannot fix.
+                Ok(None) | Err(_) => return,
             }
         }
     }
 
-    fn reap(&self, pid: i32) {
-        let Some(target) = Pid::from_raw(pid) else { return };
-        let reaped = {
-            let _gate = lock(&self.gate);
-            rustix::process::waitpid(Some(target), WaitOptions::NOHANG)
-        };
-        if let Ok(Some((_, status))) = reaped {
-            self.deliver(pid, status);
-        }
-    }
-
     fn deliver(&self, pid: i32, status: WaitStatus) {
-        let waiter = lock(&self.state).waiters.remove(&pid);
+        let waiter = lock(&self.waiters).remove(&pid);
         if let Some(tx) = waiter {
             tx.send_replace(Some(exit_status(status)));
-        }
-    }
-
-    fn park(&self, generation: u64) {
-        let mut state = lock(&self.state);
-        if state.generation == generation {
-            state.idle = true;
-            let _ = self.wake.wait_timeout(state, Duration::from_secs(1));
         }
     }
 }
@@ -149,29 +123,35 @@ mod tests {
         reaper.spawn(|| program.spawn([null.as_fd(), null.as_fd(), null.as_fd()], &PreExec::default()))
     }
 
-    /// One reaper per process: two would steal each other's children.
-    fn reaper() -> Reaper {
-        static REAPER: std::sync::OnceLock<Reaper> = std::sync::OnceLock::new();
-        REAPER.get_or_init(|| Reaper::start().unwrap()).clone()
-    }
-
+    /// One test, so one reaper per process even under `cargo test` (two would steal each
+    /// other's children).
     #[tokio::test]
-    async fn reports_exit_codes_and_signals() {
-        let reaper = reaper();
+    async fn reports_exits_and_failed_starts() {
+        let reaper = Reaper::start().unwrap();
         let (_pid, mut exit) = start(&reaper, &["sh", "-c", "exit 7"]).unwrap();
         let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
         assert_eq!((status.code, status.signal), (Some(7), None));
         let (_pid, mut exit) = start(&reaper, &["sh", "-c", "kill -9 $$"]).unwrap();
         let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
         assert_eq!((status.code, status.signal), (None, Some(9)));
-    }
-
-    #[tokio::test]
-    async fn failed_exec_is_an_error_not_a_panic() {
-        let reaper = reaper();
+        // A child that exits before anyone awaits it is still reported.
+        let (_pid, mut exit) = start(&reaper, &["true"]).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
+        assert_eq!(status.code, Some(0));
+        // A failed exec is an error, not a panic, and leaves no child behind.
         for _ in 0..20 {
             let err = start(&reaper, &["/nonexistent/program"]).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        }
+        // Many short children at once: every status arrives although signals coalesce.
+        let mut exits = Vec::new();
+        for i in 0..50 {
+            exits.push(start(&reaper, &["sh", "-c", &format!("exit {}", i % 7)]).unwrap());
+        }
+        for (i, (_pid, mut exit)) in exits.into_iter().enumerate() {
+            let status = exit.wait_for(Option::is_some).await.unwrap().unwrap();
+            assert_eq!(status.code, Some((i % 7) as i32));
         }
     }
 }

@@ -217,7 +217,9 @@ impl Pools {
         p.recent.push_back(Instant::now());
         let mut doomed = Vec::new();
         let mut found = None;
-        while let Some(sb) = p.ready.pop_front() {
+        // Newest first: a sandbox whose boot just ran serves its first exec faster than one
+        // that has slept since (see `Pools` docs).
+        while let Some(sb) = p.ready.pop_back() {
             let ok = !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == layers;
             if ok {
                 found = Some(sb);
@@ -472,7 +474,7 @@ impl Manager {
                 let since = *p.above_since.get_or_insert(now);
                 if now.duration_since(since) >= SHRINK_AFTER && !p.ready.is_empty() {
                     p.above_since = Some(now);
-                    if let Some(sb) = p.ready.pop_back() {
+                    if let Some(sb) = p.ready.pop_front() {
                         pooled_total -= 1;
                         actions.push(Action::Destroy(sb));
                     }

@@ -1,27 +1,27 @@
 //! System calls the guest agent (`agentbox-agent`, PID 1 of a sandbox) needs that `rustix`
-//! does not offer safely: waiting for any child without reaping it, signals to arbitrary
-//! pids (negative ones and `-1` included) with arbitrary signal numbers, and reading the
-//! calling thread's filesystem ids.
+//! does not offer safely: signals to arbitrary pids (negative ones and `-1` included) with
+//! arbitrary signal numbers, default actions for the fault signals, and reading the calling
+//! thread's filesystem ids.
 
 use std::io;
 
 use crate::cvt;
 
-/// Blocks until some child has exited and returns its pid *without reaping it*
-/// (`waitid(P_ALL, 0, WEXITED | WNOWAIT)`). Fails with `ECHILD` when there are no
-/// children and `EINTR` when a signal interrupted the wait.
-///
-/// The caller reaps the child afterwards with `waitpid(pid, WNOHANG)`, which lets it take
-/// a lock first (see the agent's reaper: `std::process::Command::spawn` itself waits for a
-/// child whose exec failed, and must win that race).
-pub fn wait_exited() -> io::Result<i32> {
-    // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid writes into `info`, which lives for the call; the other arguments
-    // are integers.
-    cvt(unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) } as libc::c_long)?;
-    // SAFETY: after a successful waitid with WEXITED the kernel filled in si_pid.
-    Ok(unsafe { info.si_pid() })
+/// Gives `SIGSEGV` and `SIGBUS` back their default action. Rust's runtime catches both
+/// to report stack overflows, on a small alternate signal stack; in PID 1 of a sandbox
+/// that made them the only signals, besides those it handles on purpose, that processes
+/// inside could send it, and two sent at once overflow that stack and kill it. With the
+/// default action PID 1 ignores them from inside its namespace, while a real fault (a
+/// signal the kernel forces) still ends it.
+pub fn default_fault_signals() -> io::Result<()> {
+    for signal in [libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: sigaction is plain old data; all-zero with SIG_DFL (0) is a valid value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = libc::SIG_DFL;
+        // SAFETY: `action` lives for the call; the old action is not asked for.
+        cvt(unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } as libc::c_long)?;
+    }
+    Ok(())
 }
 
 /// `kill(pid, signal)` with the kernel's meaning of `pid`: a process when positive, the
