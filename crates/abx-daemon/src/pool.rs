@@ -15,7 +15,7 @@
 //! higher) times the time one refill takes plus [`REACTION`], doubled; never more than host memory allows (half of
 //! MemAvailable at [`SANDBOX_BYTES`] each) nor more than the free uid slots less one (so a
 //! cold create always finds a slot). A pool above its target for [`SHRINK_AFTER`] gives
-//! back one sandbox per tick. Refills stay out of the way of claims: a pool with more than
+//! back one sandbox per tick, the longest idle; a claim takes the newest. Refills stay out of the way of claims: a pool with more than
 //! a quarter of its target ready refills only after [`QUIET`] without a claim; one at a
 //! quarter or less refills at once, up to the target, one boot at a time while claims
 //! keep coming and some are ready (two when quiet or empty). When the template is rebuilt, pooled sandboxes of the old
@@ -217,8 +217,8 @@ impl Pools {
         p.recent.push_back(Instant::now());
         let mut doomed = Vec::new();
         let mut found = None;
-        // Newest first: a sandbox whose boot just ran serves its first exec faster than one
-        // that has slept since (see `Pools` docs).
+        // Newest first: on this VM a process that has slept a while is slower to run
+        // again, and a sandbox whose boot just ran has slept least (docs/design.md).
         while let Some(sb) = p.ready.pop_back() {
             let ok = !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == layers;
             if ok {
