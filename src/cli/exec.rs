@@ -250,18 +250,22 @@ async fn print_stream(mut stream: abx_client::ExecStream) -> anyhow::Result<i32>
     while let Some(ev) = stream.next().await? {
         match ev {
             OutputEvent::Created(_) | OutputEvent::Started(_) => {}
-            OutputEvent::Stdout(d) => {
-                stdout.write_all(&d)?;
-                stdout.flush()?;
-            }
-            OutputEvent::Stderr(d) => {
-                stderr.write_all(&d)?;
-                stderr.flush()?;
-            }
+            OutputEvent::Stdout(d) => copy_out(&mut stdout, &d)?,
+            OutputEvent::Stderr(d) => copy_out(&mut stderr, &d)?,
             OutputEvent::Exit(st) => code = Some(exit_code(&st)),
         }
     }
     code.ok_or_else(|| anyhow::anyhow!("the output stream ended before the command exited"))
+}
+
+/// Writes a chunk of the command's output to ours. A reader that went away
+/// (`agentbox exec ID -- cmd | head -1`) is [`super::ReaderGone`], which ends the CLI
+/// quietly with 141 like the other commands, not as an agentbox failure.
+fn copy_out(w: &mut impl Write, d: &[u8]) -> anyhow::Result<()> {
+    match w.write_all(d).and_then(|()| w.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(super::ReaderGone.into()),
+        r => Ok(r?),
+    }
 }
 
 fn exit_code(st: &abx_client::ExitStatus) -> i32 {
@@ -317,8 +321,8 @@ async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool
     loop {
         tokio::select! {
             ev = reader.next() => match ev? {
-                Some(InteractiveEvent::Stdout(d)) => { stdout.write_all(&d)?; stdout.flush()?; }
-                Some(InteractiveEvent::Stderr(d)) => { stderr.write_all(&d)?; stderr.flush()?; }
+                Some(InteractiveEvent::Stdout(d)) => copy_out(&mut stdout, &d)?,
+                Some(InteractiveEvent::Stderr(d)) => copy_out(&mut stderr, &d)?,
                 Some(InteractiveEvent::Exit(st)) => return Ok(exit_code(&st)),
                 None => anyhow::bail!("the connection ended before the command exited"),
             },

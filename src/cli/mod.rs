@@ -20,6 +20,19 @@ pub const EXIT_ERROR: i32 = 125;
 /// command ended by `SIGPIPE` (128 + 13).
 pub const EXIT_BROKEN_PIPE: i32 = 141;
 
+/// The reader of a command's streamed output went away (a closed pipe): the CLI ends with
+/// [`EXIT_BROKEN_PIPE`] and prints nothing.
+#[derive(Debug)]
+pub struct ReaderGone;
+
+impl std::fmt::Display for ReaderGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the reader of the output went away")
+    }
+}
+
+impl std::error::Error for ReaderGone {}
+
 #[derive(Debug, Parser)]
 #[command(name = "agentbox", version, about = "Isolated, disposable, instant Linux sandboxes for AI agents")]
 pub struct Cli {
@@ -216,6 +229,7 @@ pub fn run(cli: Cli) -> i32 {
     });
     let code = match result {
         Ok(code) => code,
+        Err(e) if e.is::<ReaderGone>() => EXIT_BROKEN_PIPE,
         Err(e) => {
             eprintln!("agentbox: {}", error_chain(&e));
             EXIT_ERROR

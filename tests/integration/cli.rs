@@ -168,3 +168,40 @@ fn a_reader_that_went_away_ends_the_client_quietly() {
     assert_eq!(o.status.code(), Some(141), "{:?}", text(&o));
     assert_eq!(text(&o).1, "", "nothing on stderr");
 }
+
+#[tokio::test]
+async fn streamed_output_to_a_reader_that_went_away_ends_quietly() {
+    // `agentbox exec ID -- cmd | head -1` and the same with `run`: the reader is gone
+    // before the output arrives; the CLI ends with 141 and says nothing, and `run` still
+    // leaves no sandbox behind.
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    let closed_stdout = |args: &[&str]| {
+        let (reader, writer) = rustix::pipe::pipe().unwrap();
+        drop(reader);
+        std::process::Command::new(crate::harness::agentbox_bin())
+            .arg("--host")
+            .arg(format!("unix:{}", d.socket.display()))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(writer))
+            .output()
+            .unwrap()
+    };
+    let o = closed_stdout(&["exec", &id, "--", "echo", "hi"]);
+    assert_eq!((o.status.code(), text(&o).1), (Some(141), String::new()));
+    let o = closed_stdout(&["run", "-T", "mini", "--", "echo", "hi"]);
+    assert_eq!((o.status.code(), text(&o).1), (Some(141), String::new()));
+    // The exec's own failures are still reported as such.
+    let o = closed_stdout(&["exec", "no-such-sandbox", "--", "echo", "hi"]);
+    assert_eq!(o.status.code(), Some(125), "{:?}", text(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = d.client.list_sandboxes().await.unwrap().into_iter().map(|s| s.id).collect();
+        if left == [id.clone()] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "run left a sandbox: {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
