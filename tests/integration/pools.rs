@@ -34,6 +34,12 @@ async fn claims_are_isolated_never_reused_and_refilled() {
     let d = Daemon::start().await;
     d.template("mini").await;
     let before = d.client.list_sandboxes().await.unwrap().len();
+    // Sizes that make no pool are refused, and the message says how to remove one.
+    let e = d.client.set_pool("mini", 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_argument"), "{e}");
+    assert!(e.to_string().contains("agentbox pool rm mini"), "{e}");
+    let e = d.client.set_pool("mini", 3, 2).await.unwrap_err();
+    assert!(e.to_string().contains("min 3, max 2") && !e.to_string().contains("pool rm"), "{e}");
     let p = d.client.set_pool("mini", 2, 4).await.unwrap();
     assert_eq!((p.min, p.max), (2, 4));
     ready(&d, 2).await;

@@ -334,8 +334,14 @@ impl Manager {
     /// Sets (creating) the pool of `template`.
     pub async fn set_pool(self: &Arc<Self>, template: &str, min: u32, max: u32) -> CoreResult<abx_api::Pool> {
         if max == 0 || min > max {
+            // A pool of nothing is no pool: say how to remove one.
+            let hint = if max == 0 {
+                format!(" (to remove the pool: `agentbox pool rm {template}`, DELETE /v1/pools/{template})")
+            } else {
+                String::new()
+            };
             return Err(CoreError::Invalid(format!(
-                "pool sizes need 0 <= min <= max and max >= 1; got min {min}, max {max}"
+                "pool sizes need 0 <= min <= max and max >= 1; got min {min}, max {max}{hint}"
             )));
         }
         if max > self.cfg.uid_slots {
