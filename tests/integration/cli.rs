@@ -179,14 +179,7 @@ async fn streamed_output_to_a_reader_that_went_away_ends_quietly() {
     let closed_stdout = |args: &[&str]| {
         let (reader, writer) = rustix::pipe::pipe().unwrap();
         drop(reader);
-        std::process::Command::new(crate::harness::agentbox_bin())
-            .arg("--host")
-            .arg(format!("unix:{}", d.socket.display()))
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(writer))
-            .output()
-            .unwrap()
+        d.cli_command(args).stdout(std::process::Stdio::from(writer)).output().unwrap()
     };
     let o = closed_stdout(&["exec", &id, "--", "echo", "hi"]);
     assert_eq!((o.status.code(), text(&o).1), (Some(141), String::new()));

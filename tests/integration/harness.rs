@@ -332,13 +332,14 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(agentbox_bin())
-            .arg("--host")
-            .arg(format!("unix:{}", self.socket.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        self.cli_command(args).output().unwrap()
+    }
+
+    /// The CLI against this daemon, stdin closed, not yet run (for other stdio).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(agentbox_bin());
+        c.arg("--host").arg(format!("unix:{}", self.socket.display())).args(args).stdin(Stdio::null());
+        c
     }
 
     /// Host objects carrying this daemon's prefix: cgroup dirs, sandbox dirs.

@@ -16,18 +16,19 @@
 //! children.
 //!
 //! Startup does the least possible (it is on the sandbox-creation path): mark the process
-//! non-dumpable (sandbox processes cannot ptrace it or read its memory), drop the runtime's
-//! fault-signal handlers, set umask 022
-//! (inherited by every process it starts), record its identity, and serve on a
-//! current-thread tokio runtime, whose first task reaps children on `SIGCHLD`. `SIGPIPE` is already ignored by the Rust
-//! runtime, so a vanished client is an `EPIPE`, and std restores it for children.
+//! non-dumpable (sandbox processes cannot ptrace it or read its memory), drop the
+//! runtime's fault-signal handlers, set umask 022 (inherited by every process it starts),
+//! record its identity, and serve on a current-thread tokio runtime, whose first task
+//! reaps children on `SIGCHLD`. `SIGPIPE` is already ignored by the Rust runtime, so a
+//! vanished client is an `EPIPE`, and std restores it for children.
 //!
 //! # Threads
 //!
 //! The runtime thread does everything, file system calls and reaping ([`reaper`])
 //! inline. Besides it there is, per `ArchiveWrite`, a short-lived extraction thread
-//! ([`archive`]), and tokio's blocking pool for the network probes ([`netprobe`]). When the sandbox's pid limit is reached, forks and thread creation fail
-//! with an error reply; the agent itself keeps running.
+//! ([`archive`]), and tokio's blocking pool for the network probes ([`netprobe`]). When
+//! the sandbox's pid limit is reached, forks and thread creation fail with an error
+//! reply; the agent itself keeps running.
 //!
 //! # Decisions where the protocol leaves room
 //!

@@ -721,7 +721,6 @@ impl Manager {
     }
 }
 
-/// MemAvailable of /proc/meminfo, in bytes.
 /// The host's available memory, read at most every [`MEM_FRESH`]: the filler decides
 /// after every claim and every boot, and /proc/meminfo is costly to generate.
 fn mem_available() -> Option<u64> {
@@ -740,6 +739,7 @@ fn mem_available() -> Option<u64> {
 /// How old a reading of the host's available memory may be.
 const MEM_FRESH: Duration = Duration::from_millis(250);
 
+/// MemAvailable of /proc/meminfo, in bytes.
 fn read_mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
