@@ -26,6 +26,18 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     std::fs::create_dir_all(d.slots.join(&orphan).join("data/upper/junk")).unwrap();
     std::fs::create_dir_all(format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).unwrap();
     let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+    // What a daemon killed while taking a snapshot leaves: the throwaway read-only
+    // snapshot that wrote the sandbox's data out first.
+    let scratch = d.slots.parent().unwrap().join("snapshots/0123456789ab.flush");
+    let data = d.slots.join(format!("{}-u{slot}", d.prefix)).join("data");
+    let made = std::process::Command::new("btrfs")
+        .args(["-q", "subvolume", "snapshot", "-r"])
+        .args([&data, &scratch])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        std::fs::create_dir_all(&scratch).unwrap();
+    }
 
     d.kill9();
     let read = |d: &Daemon| {
@@ -42,6 +54,7 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     assert_eq!(d.sh(&id, "echo back").await.0, "back\n");
     assert_eq!(d.client.system().await.unwrap().spawner_pid, spawner, "same spawner, reconnected");
     assert!(!d.slots.join(&orphan).exists(), "orphan directory removed");
+    assert!(!scratch.exists(), "leftover flush snapshot removed (btrfs subvolume: {made})");
     assert!(
         !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
         "orphan cgroup removed"

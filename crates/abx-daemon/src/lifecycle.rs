@@ -166,13 +166,14 @@ impl Manager {
         }
         let id = crate::manager::new_id();
         let dest = self.snapshot_dir(&id);
+        let scratch = self.snapshot_dir(&crate::cow::flush_scratch_name(&id));
         let data = self.data_of(&rec);
         let this = self.clone();
         let sb2 = sb.clone();
         let frozen_ms = tokio::task::spawn_blocking(move || -> CoreResult<f64> {
             let freeze = sb2.state() == SandboxState::Running;
             if freeze {
-                crate::cow::flush(&data);
+                crate::cow::flush(&data, &scratch);
             }
             let t = Instant::now();
             if freeze {

@@ -1339,6 +1339,15 @@ impl Manager {
             let _ = remove_tree(&self.storage.slots.join(&name));
         }
         let _ = remove_tree(&self.cfg.root.join("sandboxes"));
+        // Throwaway snapshots of a snapshot that was being taken when the daemon died.
+        if let Ok(rd) = std::fs::read_dir(self.storage.snapshots()) {
+            for e in rd.flatten() {
+                if e.file_name().to_str().is_some_and(crate::cow::is_flush_scratch) {
+                    info!(object = %e.path().display(), "removing a leftover flush snapshot");
+                    let _ = crate::cow::remove(&e.path());
+                }
+            }
+        }
     }
 
     /// Digests of layers used by live sandboxes (kept by template garbage collection).
