@@ -38,6 +38,14 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     if !made {
         std::fs::create_dir_all(&scratch).unwrap();
     }
+    // A snapshot taken but not recorded (or unrecorded but not removed) when the daemon
+    // died, next to one that is recorded; and something that is not a snapshot.
+    let kept = d.client.snapshot(&id, Some("kept")).await.unwrap();
+    let snapshots = d.slots.parent().unwrap().join("snapshots");
+    let unrecorded = snapshots.join("fedcba987654");
+    std::fs::create_dir_all(unrecorded.join("upper/junk")).unwrap();
+    let stranger = snapshots.join("not-a-snapshot");
+    std::fs::create_dir_all(&stranger).unwrap();
 
     d.kill9();
     let read = |d: &Daemon| {
@@ -55,6 +63,11 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     assert_eq!(d.client.system().await.unwrap().spawner_pid, spawner, "same spawner, reconnected");
     assert!(!d.slots.join(&orphan).exists(), "orphan directory removed");
     assert!(!scratch.exists(), "leftover flush snapshot removed (btrfs subvolume: {made})");
+    assert!(!unrecorded.exists(), "snapshot without a record removed");
+    assert!(stranger.exists(), "a directory that is not a snapshot is left alone");
+    std::fs::remove_dir(&stranger).unwrap();
+    assert_eq!(d.client.get_snapshot("kept").await.unwrap().id, kept.id);
+    assert!(snapshots.join(&kept.id).join("upper").is_dir(), "a recorded snapshot is kept");
     assert!(
         !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
         "orphan cgroup removed"

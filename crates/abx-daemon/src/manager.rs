@@ -1339,13 +1339,34 @@ impl Manager {
             let _ = remove_tree(&self.storage.slots.join(&name));
         }
         let _ = remove_tree(&self.cfg.root.join("sandboxes"));
-        // Throwaway snapshots of a snapshot that was being taken when the daemon died.
-        if let Ok(rd) = std::fs::read_dir(self.storage.snapshots()) {
-            for e in rd.flatten() {
-                if e.file_name().to_str().is_some_and(crate::cow::is_flush_scratch) {
-                    info!(object = %e.path().display(), "removing a leftover flush snapshot");
-                    let _ = crate::cow::remove(&e.path());
-                }
+        self.cleanup_snapshot_dirs();
+    }
+
+    /// Removes what a daemon that died in the middle of a snapshot operation leaves in the
+    /// snapshots directory: the throwaway snapshot that wrote a sandbox's data out, and
+    /// snapshots without a record (taken but not yet recorded, or unrecorded but not yet
+    /// removed). Directories whose name is not a snapshot id are left alone.
+    fn cleanup_snapshot_dirs(&self) {
+        let ids = match self.store.ids_in(crate::store::Table::Snapshots) {
+            Ok(ids) => ids,
+            Err(e) => {
+                warn!(error = %e, "cannot read the snapshot records; leaving the snapshots directory as it is");
+                return;
+            }
+        };
+        let Ok(rd) = std::fs::read_dir(self.storage.snapshots()) else { return };
+        for e in rd.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
+            let what = if crate::cow::is_flush_scratch(&name) {
+                "a leftover flush snapshot"
+            } else if is_id(&name) && !ids.contains(&name) {
+                "a snapshot without a record"
+            } else {
+                continue;
+            };
+            info!(object = %e.path().display(), "removing {what}");
+            if let Err(err) = crate::cow::remove(&e.path()) {
+                warn!(object = %e.path().display(), error = %err, "removing {what}");
             }
         }
     }
@@ -1430,6 +1451,11 @@ impl crate::net::ingress::Router for IngressRouter {
 }
 
 /// A new sandbox id: 12 lowercase hex digits (48 random bits).
+/// Whether `s` has the form of an id made by [`new_id`].
+pub fn is_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 pub fn new_id() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap_or_else(|_| {
@@ -1526,5 +1552,9 @@ mod tests {
         assert_eq!(a.len(), 12);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, super::new_id());
+        assert!(super::is_id(&a));
+        for s in ["", "0123456789a", "0123456789abc", "0123456789aB", "0123456789ab.flush", "mysnapshot12"] {
+            assert!(!super::is_id(s), "{s}");
+        }
     }
 }

@@ -137,6 +137,14 @@ impl Store {
     }
 
     /// Every record of `table`, in id order; unreadable rows are skipped with a warning.
+    /// The ids of every record of `table`, also of records that no longer parse.
+    pub fn ids_in(&self, table: Table) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT id FROM {}", table.name()))?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
     pub fn all_in<T: serde::de::DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT id, record FROM {} ORDER BY id", table.name()))?;
