@@ -314,7 +314,10 @@ async fn volumes_outlive_sandboxes_and_mount_read_write_or_read_only() {
 
     // Bad mounts are refused and create nothing.
     for (m, needle) in [
-        (VolumeMount { name: "nope".into(), path: "/x".into(), read_only: false }, "nope"),
+        (
+            VolumeMount { name: "nope".into(), path: "/x".into(), read_only: false },
+            "volume 'nope' not found; create it with `agentbox volume create nope`",
+        ),
         (VolumeMount { name: "cache".into(), path: "/proc/x".into(), read_only: false }, "/proc/x"),
         (VolumeMount { name: "cache".into(), path: "relative".into(), read_only: false }, "relative"),
     ] {

@@ -30,6 +30,11 @@ fn not_found_hint(kind: &str, id: &str) -> String {
     match kind {
         "template" => format!("; build it with `agentbox template build {id}` (embedded recipes: base, mini)"),
         "sandbox" => "; `agentbox ls` lists sandboxes".to_string(),
+        "snapshot" => "; `agentbox snapshot ls` lists snapshots".to_string(),
+        "sandbox or snapshot" => "; `agentbox ls` and `agentbox snapshot ls` list them".to_string(),
+        "volume" => format!("; create it with `agentbox volume create {id}`"),
+        "pool" => "; `agentbox pool ls` lists pools".to_string(),
+        "key" => "; `agentbox key ls` lists keys".to_string(),
         _ => String::new(),
     }
 }
@@ -86,3 +91,21 @@ impl CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::CoreError;
+
+    #[test]
+    fn not_found_names_the_thing_and_how_to_find_one() {
+        for (kind, id, text) in [
+            ("sandbox", "x1", "sandbox 'x1' not found; `agentbox ls` lists sandboxes"),
+            ("volume", "cache", "volume 'cache' not found; create it with `agentbox volume create cache`"),
+            ("snapshot", "s", "snapshot 's' not found; `agentbox snapshot ls` lists snapshots"),
+            ("pool", "mini", "pool 'mini' not found; `agentbox pool ls` lists pools"),
+            ("widget", "w", "widget 'w' not found"),
+        ] {
+            assert_eq!(CoreError::not_found(kind, id).to_string(), text);
+        }
+    }
+}

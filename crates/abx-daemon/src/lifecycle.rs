@@ -609,10 +609,7 @@ impl Manager {
         let mut out = Vec::new();
         for m in mounts {
             if !known.iter().any(|v| v.name == m.name) {
-                return Err(CoreError::NotFound {
-                    kind: "volume",
-                    id: format!("{}' (create it with `agentbox volume create {}`", m.name, m.name),
-                });
+                return Err(CoreError::not_found("volume", m.name.clone()));
             }
             abx_sandbox::spec::validate_volume_target(&m.path)
                 .map_err(|e| CoreError::Invalid(format!("volume '{}': {e}", m.name)))?;
