@@ -70,9 +70,9 @@ fn copy_tree(src: &Path, dest: &Path) -> Result<(), String> {
 ///
 /// On btrfs this is a throwaway read-only snapshot of the data tree at `scratch` (deleted at
 /// once): creating it writes the dirty data of that one subvolume and commits. `syncfs`
-/// would also wait for every other sandbox's dirty data on the filesystem: a quiet
-/// sandbox's snapshot took 0.2-0.5 s while another sandbox wrote large files, 3-5 ms this
-/// way (docs/performance.md). Elsewhere (a copy, or a reflink copy that writes each file
+/// would also wait for every other sandbox's dirty data on the filesystem: while another
+/// sandbox wrote large files, a quiet sandbox's snapshot took 0.1-0.5 s that way and a few
+/// milliseconds this way (docs/performance.md). Elsewhere (a copy, or a reflink copy that writes each file
 /// out first), `syncfs` of the filesystem.
 pub fn flush(data: &Path, scratch: &Path) {
     if abx_sys::btrfs::is_subvolume(data) {

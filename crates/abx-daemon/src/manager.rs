@@ -1450,12 +1450,12 @@ impl crate::net::ingress::Router for IngressRouter {
     }
 }
 
-/// A new sandbox id: 12 lowercase hex digits (48 random bits).
 /// Whether `s` has the form of an id made by [`new_id`].
 pub fn is_id(s: &str) -> bool {
     s.len() == 12 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A new sandbox id: 12 lowercase hex digits (48 random bits).
 pub fn new_id() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap_or_else(|_| {

@@ -136,7 +136,6 @@ impl Store {
         Ok(())
     }
 
-    /// Every record of `table`, in id order; unreadable rows are skipped with a warning.
     /// The ids of every record of `table`, also of records that no longer parse.
     pub fn ids_in(&self, table: Table) -> Result<std::collections::HashSet<String>, StoreError> {
         let conn = self.conn();
@@ -145,6 +144,7 @@ impl Store {
         Ok(ids)
     }
 
+    /// Every record of `table`, in id order; unreadable rows are skipped with a warning.
     pub fn all_in<T: serde::de::DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT id, record FROM {} ORDER BY id", table.name()))?;
