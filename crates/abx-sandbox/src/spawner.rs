@@ -15,6 +15,13 @@
 //! the connected daemon: they are killed when it disconnects, when a new daemon connects
 //! and on retirement.
 //!
+//! **Host unmounts.** A prepared shell's new mount namespace holds a copy of every host
+//! mount (made private, and locked, so a host unmount does not reach it) until it pivots
+//! into the sandbox's root. A filesystem the host unmounts (a USB disk, a loop image, an
+//! NFS export) would stay alive in the waiting shells. The spawner watches its mount table
+//! (`/proc/self/mountinfo` is pollable) and, when a mount is gone, replaces its prepared
+//! shells with fresh ones made after the unmount.
+//!
 //! **A network namespace per slot.** Creating a network namespace (loopback device,
 //! sysctl tables, IPv6 setup) and tearing it down again is the most expensive part of a
 //! sandbox's namespaces. Each slot gets one, made once by the spawner and owned by the
@@ -108,6 +115,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
         retired: false,
         time_ns: true,
         root: opts.root.clone(),
+        mounts: MountWatch::open(),
     };
     s.serve();
     drop(lock);
@@ -173,6 +181,40 @@ struct Spawner {
     retired: bool,
     time_ns: bool,
     root: PathBuf,
+    /// The host mount table, watched for unmounts (None if it cannot be read).
+    mounts: Option<MountWatch>,
+}
+
+/// `/proc/self/mountinfo`, open for its change notifications (`POLLPRI`), and the ids of
+/// the mounts it listed last.
+struct MountWatch {
+    file: std::fs::File,
+    ids: HashSet<u64>,
+}
+
+impl MountWatch {
+    fn open() -> Option<MountWatch> {
+        let file = std::fs::File::open("/proc/self/mountinfo").ok()?;
+        Some(MountWatch { file, ids: mount_ids()? })
+    }
+
+    /// After a change of the mount table: whether a mount listed before is gone (a new
+    /// one is not in the shells' copies and does not matter).
+    fn lost_a_mount(&mut self) -> bool {
+        mount_ids().is_some_and(|now| self.update(now))
+    }
+
+    fn update(&mut self, now: HashSet<u64>) -> bool {
+        let lost = self.ids.iter().any(|id| !now.contains(id));
+        self.ids = now;
+        lost
+    }
+}
+
+/// The ids (first field) of the spawner's mounts.
+fn mount_ids() -> Option<HashSet<u64>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    Some(text.lines().filter_map(|l| l.split(' ').next()?.parse().ok()).collect())
 }
 
 impl Spawner {
@@ -193,19 +235,28 @@ impl Spawner {
     }
 
     fn poll_once(&mut self) {
-        let (accept_ready, conn_ready) = {
+        let (accept_ready, conn_ready, mounts_changed) = {
             let mut fds = vec![PollFd::new(&self.listener, PollFlags::IN)];
-            if let Some(c) = &self.conn {
+            let conn = self.conn.as_ref().map(|c| {
                 fds.push(PollFd::new(c, PollFlags::IN));
-            }
+                fds.len() - 1
+            });
+            let mounts = self.mounts.as_ref().map(|m| {
+                fds.push(PollFd::new(&m.file, PollFlags::PRI));
+                fds.len() - 1
+            });
             // Retired, it only waits for its children to exit: look often.
             let wait = if self.retired { 10_000_000 } else { 250_000_000 };
             let timeout = rustix::event::Timespec { tv_sec: 0, tv_nsec: wait };
             if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
                 return;
             }
-            (!fds[0].revents().is_empty(), fds.get(1).is_some_and(|f| !f.revents().is_empty()))
+            let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
+            (!fds[0].revents().is_empty(), ready(conn), ready(mounts))
         };
+        if mounts_changed {
+            self.mounts_changed();
+        }
         if accept_ready
             && !self.retired
             && let Ok(c) = rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC)
@@ -226,6 +277,29 @@ impl Spawner {
             let pid = pid.as_raw_nonzero().get();
             self.children.remove(&pid);
             self.shells.retain(|_, s| s.pid != pid);
+        }
+    }
+
+    /// The host's mount table changed: if a mount went away, the prepared shells (which
+    /// hold copies of it) are replaced by shells made now.
+    fn mounts_changed(&mut self) {
+        let lost = self.mounts.as_mut().is_some_and(MountWatch::lost_a_mount);
+        if !lost || self.shells.is_empty() || self.retired {
+            return;
+        }
+        let slots: Vec<SlotSpec> = self
+            .shells
+            .drain()
+            .map(|(_, shell)| {
+                shell.kill();
+                shell.slot
+            })
+            .collect();
+        for slot in slots {
+            // One that cannot be made now is made by the next spawn in its slot.
+            if let Ok(shell) = self.prepare(&slot) {
+                self.shells.insert(slot.dir.clone(), shell);
+            }
         }
     }
 
@@ -569,4 +643,22 @@ fn go(
     fds.extend(trees.iter().map(|t| t.as_fd()));
     abx_sys::fd::send_with_fds(shell.control.as_fd(), &body, &fds).map_err(|e| format!("send go: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lost_mount_counts_as_a_change_for_the_shells() {
+        let mut w = MountWatch::open().expect("this process's mount table");
+        assert!(!w.ids.is_empty());
+        let mut ids = w.ids.clone();
+        assert!(!w.update(ids.clone()), "nothing changed");
+        ids.insert(u64::MAX);
+        assert!(!w.update(ids.clone()), "a new mount");
+        ids.remove(&u64::MAX);
+        assert!(w.update(ids.clone()), "a mount went away");
+        assert!(!w.update(ids), "and only once");
+    }
 }
