@@ -11,6 +11,22 @@ fn mini() -> CreateSandbox {
     CreateSandbox { template: Some("mini".into()), ..Default::default() }
 }
 
+/// Every path below `dir`, relative to it, sorted.
+fn walkdir(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn rm_removes_everything_the_sandbox_had() {
     let d = Daemon::start().await;
@@ -20,6 +36,11 @@ async fn rm_removes_everything_the_sandbox_had() {
     d.sh(&id, "sleep 300 & echo data > /tmp/x").await;
     let held = d.slot_leftovers(slot);
     assert!(held.iter().any(|l| l.starts_with("process")) && held.iter().any(|l| l.ends_with("/tmp")), "{held:?}");
+    // The marker of a volatile overlay, which every destroy clears with an unlink and two
+    // rmdirs (`SandboxDirs::reset_work`); another layout takes the slower recursive way.
+    let incompat = d.slots.join(format!("{}-u{slot}", d.prefix)).join("data/work/work/incompat");
+    let marker: Vec<_> = walkdir(&incompat);
+    assert_eq!(marker, ["volatile", "volatile/dirty"], "the volatile overlay's marker as overlayfs makes it");
     let e = d.client.delete_sandbox(&id, false).await.unwrap_err();
     assert_eq!(e.code(), Some("conflict"), "a running sandbox needs force: {e}");
     d.client.delete_sandbox(&id, true).await.unwrap();

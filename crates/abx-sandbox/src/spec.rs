@@ -231,9 +231,15 @@ impl SandboxDirs {
         };
         ok_missing(std::fs::remove_file(self.agent_socket()))?;
         let incompat = self.work().join("work/incompat");
-        // What a `volatile` mount leaves is exactly `incompat/volatile`, two empty
-        // directories: two rmdirs, instead of a recursive walk, on every destroy.
-        if std::fs::remove_dir(incompat.join("volatile")).and_then(|()| std::fs::remove_dir(&incompat)).is_ok() {
+        // What a `volatile` mount leaves is exactly `incompat/volatile/dirty`, an empty
+        // file in two directories (overlayfs' `ovl_create_volatile_dirty`): an unlink and
+        // two rmdirs, instead of a recursive walk, on every destroy.
+        let volatile = incompat.join("volatile");
+        if std::fs::remove_file(volatile.join("dirty"))
+            .and_then(|()| std::fs::remove_dir(&volatile))
+            .and_then(|()| std::fs::remove_dir(&incompat))
+            .is_ok()
+        {
             return Ok(());
         }
         if self.work().is_dir() {
@@ -345,6 +351,7 @@ mod tests {
         // As overlayfs leaves it, then with something unexpected in it too.
         for extra in [None, Some("stray")] {
             std::fs::create_dir_all(incompat.join("volatile")).unwrap();
+            std::fs::write(incompat.join("volatile/dirty"), b"").unwrap();
             if let Some(name) = extra {
                 std::fs::write(incompat.join(name), b"x").unwrap();
             }
