@@ -46,6 +46,12 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     std::fs::create_dir_all(unrecorded.join("upper/junk")).unwrap();
     let stranger = snapshots.join("not-a-snapshot");
     std::fs::create_dir_all(&stranger).unwrap();
+    // A volume whose record was deleted but not yet its files, next to a live one.
+    d.client.create_volume("cache").await.unwrap();
+    let volumes = d.slots.parent().unwrap().join("volumes");
+    std::fs::write(volumes.join("cache/file"), "kept").unwrap();
+    let deleted = volumes.join("gone");
+    std::fs::create_dir_all(deleted.join("junk")).unwrap();
 
     d.kill9();
     let read = |d: &Daemon| {
@@ -68,6 +74,9 @@ async fn sandboxes_survive_a_daemon_sigkill_and_orphans_are_cleaned() {
     std::fs::remove_dir(&stranger).unwrap();
     assert_eq!(d.client.get_snapshot("kept").await.unwrap().id, kept.id);
     assert!(snapshots.join(&kept.id).join("upper").is_dir(), "a recorded snapshot is kept");
+    assert!(!deleted.exists(), "a volume directory without a record is removed");
+    assert_eq!(std::fs::read_to_string(volumes.join("cache/file")).unwrap(), "kept", "a recorded volume is kept");
+    assert_eq!(d.client.volumes().await.unwrap().len(), 1);
     assert!(
         !std::path::Path::new(&format!("/sys/fs/cgroup/pids/{}/{orphan}", d.prefix)).exists(),
         "orphan cgroup removed"

@@ -80,12 +80,16 @@ fn join_err(what: &str) -> impl FnOnce(tokio::task::JoinError) -> CoreError + '_
 }
 
 /// Names of volumes and snapshots: like template names.
-fn check_name(kind: &str, n: &str) -> CoreResult<()> {
-    let ok = !n.is_empty()
+/// Whether `n` is a valid snapshot or volume name.
+pub(crate) fn is_name(n: &str) -> bool {
+    !n.is_empty()
         && n.len() <= 63
         && n.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
-    if ok {
+        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+}
+
+fn check_name(kind: &str, n: &str) -> CoreResult<()> {
+    if is_name(n) {
         Ok(())
     } else {
         Err(CoreError::Invalid(format!(

@@ -1339,28 +1339,37 @@ impl Manager {
             let _ = remove_tree(&self.storage.slots.join(&name));
         }
         let _ = remove_tree(&self.cfg.root.join("sandboxes"));
-        self.cleanup_snapshot_dirs();
+        self.cleanup_unrecorded(crate::store::Table::Snapshots);
+        self.cleanup_unrecorded(crate::store::Table::Volumes);
     }
 
-    /// Removes what a daemon that died in the middle of a snapshot operation leaves in the
-    /// snapshots directory: the throwaway snapshot that wrote a sandbox's data out, and
-    /// snapshots without a record (taken but not yet recorded, or unrecorded but not yet
-    /// removed). Directories whose name is not a snapshot id are left alone.
-    fn cleanup_snapshot_dirs(&self) {
-        let ids = match self.store.ids_in(crate::store::Table::Snapshots) {
+    /// Removes what a daemon that died in the middle of an operation leaves in the
+    /// snapshots or volumes directory: directories without a record (a snapshot taken but
+    /// not yet recorded; a snapshot or volume whose record was deleted but not yet its
+    /// files: deleting the record comes first), and the throwaway snapshot that wrote a
+    /// sandbox's data out before a snapshot. Names that are not snapshot ids or volume
+    /// names are left alone, and so is everything if the records cannot be read.
+    fn cleanup_unrecorded(&self, table: crate::store::Table) {
+        use crate::store::Table;
+        let (dir, kind): (std::path::PathBuf, fn(&str) -> bool) = match table {
+            Table::Snapshots => (self.storage.snapshots(), is_id),
+            Table::Volumes => (self.storage.volumes(), crate::lifecycle::is_name),
+            _ => return,
+        };
+        let ids = match self.store.ids_in(table) {
             Ok(ids) => ids,
             Err(e) => {
-                warn!(error = %e, "cannot read the snapshot records; leaving the snapshots directory as it is");
+                warn!(error = %e, dir = %dir.display(), "cannot read the records; leaving the directory as it is");
                 return;
             }
         };
-        let Ok(rd) = std::fs::read_dir(self.storage.snapshots()) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else { return };
         for e in rd.flatten() {
             let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
-            let what = if crate::cow::is_flush_scratch(&name) {
+            let what = if matches!(table, Table::Snapshots) && crate::cow::is_flush_scratch(&name) {
                 "a leftover flush snapshot"
-            } else if is_id(&name) && !ids.contains(&name) {
-                "a snapshot without a record"
+            } else if kind(&name) && !ids.contains(&name) {
+                "a directory without a record"
             } else {
                 continue;
             };
