@@ -174,15 +174,20 @@ fn shells(d: &Daemon, spawner: u32) -> Vec<i32> {
         .collect()
 }
 
-#[tokio::test]
-async fn prepared_shells_wait_ahead_of_creates_and_dead_ones_are_replaced() {
-    let d = Daemon::start().await;
+/// Builds `mini`, waits until the daemon keeps two prepared slots, returns the spawner.
+async fn two_prepared(d: &Daemon) -> u32 {
     d.template("mini").await;
     d.wait_for("two prepared slots", Duration::from_secs(10), || async {
         d.client.system().await.unwrap().prepared == 2
     })
     .await;
-    let spawner = d.client.system().await.unwrap().spawner_pid;
+    d.client.system().await.unwrap().spawner_pid
+}
+
+#[tokio::test]
+async fn prepared_shells_wait_ahead_of_creates_and_dead_ones_are_replaced() {
+    let d = Daemon::start().await;
+    let spawner = two_prepared(&d).await;
     // A create takes one (its process becomes the sandbox's PID 1) and another is made.
     // (The spawner also replaces its shells when a host mount goes away, which other
     // tests' daemons do at any time: a few tries.)
@@ -248,12 +253,7 @@ async fn prepared_shells_let_go_of_filesystems_the_host_unmounts() {
     let dir = tempfile::Builder::new().prefix("abxt-").tempdir().unwrap();
     let disk = HostMount::new(dir.path().join("abxt-disk"));
     let d = Daemon::start().await;
-    d.template("mini").await;
-    d.wait_for("two prepared slots", Duration::from_secs(10), || async {
-        d.client.system().await.unwrap().prepared == 2
-    })
-    .await;
-    let spawner = d.client.system().await.unwrap().spawner_pid;
+    let spawner = two_prepared(&d).await;
     let waiting = shells(&d, spawner);
     assert_eq!(waiting.len(), 2, "{waiting:?}");
     for &pid in &waiting {
