@@ -101,7 +101,7 @@ const FLUSH_SUFFIX: &str = ".flush";
 
 /// Whether `name` (an entry of the snapshots directory) is a leftover of [`flush`].
 pub fn is_flush_scratch(name: &str) -> bool {
-    name.strip_suffix(FLUSH_SUFFIX).is_some_and(|id| !id.is_empty() && !id.contains('.'))
+    name.strip_suffix(FLUSH_SUFFIX).is_some_and(crate::manager::is_id)
 }
 
 /// Takes a read-only snapshot of the data tree `data` at `dest` (which must not exist);
@@ -196,7 +196,7 @@ mod tests {
     fn only_flush_scratch_names_are_leftovers() {
         let id = crate::manager::new_id();
         assert!(is_flush_scratch(&flush_scratch_name(&id)));
-        for name in [id.as_str(), ".flush", "a.b.flush", "x.flushed", "flush"] {
+        for name in [id.as_str(), ".flush", "a.b.flush", "x.flushed", "flush", "cache.flush"] {
             assert!(!is_flush_scratch(name), "{name}");
         }
     }
