@@ -171,6 +171,10 @@ async fn dockerfile_build_runs_steps_in_sandboxes_and_caches_them() {
     let err = build(&d, &bad).await.unwrap_err();
     assert!(err.contains("line 2") && err.contains("exit code 3") && err.contains("boom-output"), "{err}");
     assert_eq!(d.client.template("app").await.unwrap().layers, before.layers);
+    let silent =
+        BuildTemplate { dockerfile: Some("FROM mini\nRUN exit 4\n".into()), ..dockerfile_req("app", ctx.path()) };
+    let err = build(&d, &silent).await.unwrap_err();
+    assert!(err.ends_with("failed with exit code 4 and no output"), "{err}");
     // Bad input is refused before anything runs.
     let unknown =
         BuildTemplate { dockerfile: Some("FROM mini\nFROBNICATE x\n".into()), ..dockerfile_req("app", ctx.path()) };

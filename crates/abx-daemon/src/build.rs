@@ -420,6 +420,9 @@ impl Builder {
                 (None, Some(s)) => format!("signal {s}"),
                 _ => "an unknown status".into(),
             };
+            if tail.is_empty() {
+                return Err(CoreError::Invalid(format!("failed with {how} and no output")));
+            }
             let tail: Vec<String> = tail.into_iter().collect();
             return Err(CoreError::Invalid(format!("failed with {how}; last output:\n{}", tail.join("\n"))));
         }
