@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use abx_proto::{Control, Event, ExecSpec, FrameReader, Kind, ProtoError};
 use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant, sleep_until};
 
 use crate::exec;
 use crate::process::{Proc, Subscription};
@@ -36,21 +38,25 @@ enum Outcome {
 }
 
 /// Handles `Request::Exec`.
+///
+/// A foreground process's `Event::Started` waits up to [`HOLD`] to leave in one write with
+/// its first output (and, for a short command, its exit): on this kind of host every
+/// write that wakes the client costs far more than the bytes.
 pub async fn exec(agent: &Agent, mut conn: Conn, spec: ExecSpec) -> Result<(), ProtoError> {
     let (proc, owner) = match exec::start(agent, &spec) {
         Ok(started) => started,
         Err(e) => return conn.err(e).await,
     };
-    if let Err(e) = conn.writer.json(&Event::Started { pid: proc.pid }).await {
-        if !spec.background {
-            proc.kill_group();
-        }
+    let started = Event::Started { pid: proc.pid };
+    if spec.background {
+        return conn.writer.json(&started).await;
+    }
+    let mut pending = Vec::new();
+    if let Err(e) = abx_proto::encode_json(&mut pending, &started) {
+        proc.kill_group();
         return Err(e);
     }
-    if spec.background {
-        return Ok(());
-    }
-    converse(conn, proc, Vec::new(), owner, true).await;
+    converse(conn, proc, pending, owner, true).await;
     Ok(())
 }
 
@@ -62,16 +68,26 @@ pub async fn attach(agent: &Agent, mut conn: Conn, pid: u32, replay: bool) -> Re
     };
     conn.writer.json(&Event::Started { pid }).await?;
     let (chunks, sub) = proc.attach(replay);
-    converse(conn, proc, chunks, sub, false).await;
+    let mut pending = Vec::new();
+    for chunk in &chunks {
+        push_chunk(&mut pending, chunk)?;
+    }
+    converse(conn, proc, pending, sub, false).await;
     Ok(())
 }
 
+/// How long a foreground exec's `Started` may be held back for company.
+const HOLD: Duration = Duration::from_millis(2);
+
+/// Output queued for the client is written once it reaches this size.
+const BATCH: usize = 64 << 10;
+
 /// Streams output until the process finished or the client left; the owner's leaving
-/// kills the process group.
-async fn converse(conn: Conn, proc: Arc<Proc>, replay: Vec<Chunk>, sub: Option<Subscription>, owner: bool) {
+/// kills the process group. `pending`: frames to send first (held for [`HOLD`] at most).
+async fn converse(conn: Conn, proc: Arc<Proc>, pending: Vec<u8>, sub: Option<Subscription>, owner: bool) {
     let Conn { reader, mut writer } = conn;
     let mut input = tokio::spawn(client_input(reader, proc.clone()));
-    let outcome = deliver(&mut writer, &proc, replay, sub, &mut input).await;
+    let outcome = deliver(&mut writer, &proc, pending, sub, &mut input).await;
     input.abort();
     if owner && outcome == Outcome::ClientGone {
         proc.kill_group();
@@ -83,41 +99,80 @@ type Writer = abx_proto::FrameWriter<tokio::net::unix::OwnedWriteHalf>;
 async fn deliver(
     writer: &mut Writer,
     proc: &Proc,
-    replay: Vec<Chunk>,
+    mut pending: Vec<u8>,
     sub: Option<Subscription>,
     input: &mut JoinHandle<()>,
 ) -> Outcome {
-    for chunk in &replay {
-        if send_chunk(writer, chunk).await.is_err() {
-            return Outcome::ClientGone;
-        }
-    }
-    let Some(mut sub) = sub else { return send_exit(writer, proc).await };
+    let Some(mut sub) = sub else { return finish(writer, proc, pending).await };
+    let mut hold = (!pending.is_empty()).then(|| Instant::now() + HOLD);
     loop {
         tokio::select! {
-            chunk = sub.rx.recv() => match chunk {
-                Some(c) => if send_chunk(writer, &c).await.is_err() {
+            chunk = sub.rx.recv() => {
+                let mut ended = chunk.is_none();
+                if let Some(c) = chunk {
+                    if push_chunk(&mut pending, &c).is_err() {
+                        return Outcome::ClientGone;
+                    }
+                    // What is queued already goes in the same write.
+                    while pending.len() < BATCH {
+                        match sub.rx.try_recv() {
+                            Ok(c) => {
+                                if push_chunk(&mut pending, &c).is_err() {
+                                    return Outcome::ClientGone;
+                                }
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                ended = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if ended {
+                    if sub.lagged() {
+                        let _ = writer.send_encoded(&pending).await;
+                        return Outcome::Lagged;
+                    }
+                    return finish(writer, proc, pending).await;
+                }
+                if writer.send_encoded(&pending).await.is_err() {
                     return Outcome::ClientGone;
-                },
-                None if sub.lagged() => return Outcome::Lagged,
-                None => return send_exit(writer, proc).await,
+                }
+                pending.clear();
+                hold = None;
+            },
+            _ = sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {
+                if writer.send_encoded(&pending).await.is_err() {
+                    return Outcome::ClientGone;
+                }
+                pending.clear();
+                hold = None;
             },
             _ = &mut *input => return Outcome::ClientGone,
         }
     }
 }
 
-async fn send_chunk(writer: &mut Writer, chunk: &Chunk) -> Result<(), ProtoError> {
+fn push_chunk(buf: &mut Vec<u8>, chunk: &Chunk) -> Result<(), ProtoError> {
     let kind = match chunk.stream {
         Stream::Stdout => Kind::Stdout,
         Stream::Stderr => Kind::Stderr,
     };
-    writer.send(kind, &chunk.data).await
+    abx_proto::encode(buf, kind, &chunk.data)
 }
 
-async fn send_exit(writer: &mut Writer, proc: &Proc) -> Outcome {
-    let Some(status) = proc.exit() else { return Outcome::Lagged };
-    match writer.json(&Event::Exit(status)).await {
+/// Sends what is pending and `Event::Exit`, in one write.
+async fn finish(writer: &mut Writer, proc: &Proc, mut pending: Vec<u8>) -> Outcome {
+    let Some(status) = proc.exit() else {
+        // Dropped for lagging: what was queued still goes out, without an exit.
+        let _ = writer.send_encoded(&pending).await;
+        return Outcome::Lagged;
+    };
+    if abx_proto::encode_json(&mut pending, &Event::Exit(status)).is_err() {
+        return Outcome::ClientGone;
+    }
+    match writer.send_encoded(&pending).await {
         Ok(()) => Outcome::Finished,
         Err(_) => Outcome::ClientGone,
     }

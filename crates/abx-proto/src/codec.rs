@@ -123,6 +123,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Appends one frame to `buf`, for [`FrameWriter::send_encoded`].
+pub fn encode(buf: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<(), ProtoError> {
+    if payload.len() + 1 > MAX_FRAME {
+        return Err(ProtoError::TooLarge(payload.len() + 1));
+    }
+    buf.extend_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
+    buf.push(kind as u8);
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Appends one JSON frame to `buf`.
+pub fn encode_json<T: Serialize>(buf: &mut Vec<u8>, msg: &T) -> Result<(), ProtoError> {
+    let body = serde_json::to_vec(msg).map_err(ProtoError::Json)?;
+    encode(buf, Kind::Json, &body)
+}
+
+/// Payloads up to this size are copied behind their header and written in one go.
+const COALESCE: usize = 64 << 10;
+
 /// Writes frames to a byte stream.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
@@ -142,8 +162,24 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut head = [0u8; 5];
         head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
         head[4] = kind as u8;
-        self.inner.write_all(&head).await.map_err(ProtoError::Io)?;
-        self.inner.write_all(payload).await.map_err(ProtoError::Io)?;
+        if payload.len() <= COALESCE {
+            // One write for the whole frame: written in two, the peer would often be
+            // woken for the header alone and then again for the payload.
+            let mut frame = Vec::with_capacity(head.len() + payload.len());
+            frame.extend_from_slice(&head);
+            frame.extend_from_slice(payload);
+            self.inner.write_all(&frame).await.map_err(ProtoError::Io)?;
+        } else {
+            self.inner.write_all(&head).await.map_err(ProtoError::Io)?;
+            self.inner.write_all(payload).await.map_err(ProtoError::Io)?;
+        }
+        self.inner.flush().await.map_err(ProtoError::Io)
+    }
+
+    /// Writes frames encoded with [`encode`] (several at once: one write, one wake-up of
+    /// the peer).
+    pub async fn send_encoded(&mut self, frames: &[u8]) -> Result<(), ProtoError> {
+        self.inner.write_all(frames).await.map_err(ProtoError::Io)?;
         self.inner.flush().await.map_err(ProtoError::Io)
     }
 
@@ -186,6 +222,24 @@ mod tests {
         let req: crate::Request = r.json().await.unwrap();
         assert!(matches!(req, crate::Request::Ping));
         assert_eq!(r.expect().await.unwrap(), Frame { kind: Kind::Stdout, payload: b"hello".to_vec() });
+        assert_eq!(r.expect().await.unwrap().kind, Kind::Eof);
+        assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn encoded_frames_read_back_one_by_one() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = FrameWriter::new(a);
+        let mut r = FrameReader::new(b);
+        let mut buf = Vec::new();
+        encode_json(&mut buf, &crate::Request::Ping).unwrap();
+        encode(&mut buf, Kind::Stdout, b"hi\n").unwrap();
+        encode(&mut buf, Kind::Eof, b"").unwrap();
+        assert!(matches!(encode(&mut Vec::new(), Kind::Data, &vec![0; MAX_FRAME]), Err(ProtoError::TooLarge(_))));
+        w.send_encoded(&buf).await.unwrap();
+        drop(w);
+        assert!(matches!(r.json().await.unwrap(), crate::Request::Ping));
+        assert_eq!(r.expect().await.unwrap(), Frame { kind: Kind::Stdout, payload: b"hi\n".to_vec() });
         assert_eq!(r.expect().await.unwrap().kind, Kind::Eof);
         assert!(r.next().await.unwrap().is_none());
     }

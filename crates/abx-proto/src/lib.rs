@@ -17,5 +17,5 @@
 mod codec;
 mod types;
 
-pub use codec::{Frame, FrameReader, FrameWriter, Kind, MAX_FRAME, ProtoError};
+pub use codec::{Frame, FrameReader, FrameWriter, Kind, MAX_FRAME, ProtoError, encode, encode_json};
 pub use types::*;
