@@ -196,7 +196,10 @@ pub async fn main(a: DaemonArgs) -> anyhow::Result<i32> {
     manager.start_pools();
     manager.watch_idle();
     let core = Core::new(manager.clone());
-    abx_daemon::server::serve(core, &listen, shutdown_signal()).await.context("serve the API")?;
+    // The handlers are installed before the sockets exist: a SIGTERM sent as soon as the
+    // socket appears must not find the default action (death without cleanup).
+    let shutdown = shutdown_signal()?;
+    abx_daemon::server::serve(core, &listen, shutdown).await.context("serve the API")?;
     info!("shutting down; sandboxes keep running");
     manager.wait_cleanups().await;
     if let Some(net) = &manager.net {
@@ -228,13 +231,14 @@ fn lock_root(root: &Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
