@@ -56,7 +56,7 @@ pub async fn exec(agent: &Agent, mut conn: Conn, spec: ExecSpec) -> Result<(), P
         proc.kill_group();
         return Err(e);
     }
-    converse(conn, proc, pending, owner, true).await;
+    converse(conn, proc, pending, true, owner, true).await;
     Ok(())
 }
 
@@ -72,7 +72,7 @@ pub async fn attach(agent: &Agent, mut conn: Conn, pid: u32, replay: bool) -> Re
     for chunk in &chunks {
         push_chunk(&mut pending, chunk)?;
     }
-    converse(conn, proc, pending, sub, false).await;
+    converse(conn, proc, pending, false, sub, false).await;
     Ok(())
 }
 
@@ -83,11 +83,12 @@ const HOLD: Duration = Duration::from_millis(2);
 const BATCH: usize = 64 << 10;
 
 /// Streams output until the process finished or the client left; the owner's leaving
-/// kills the process group. `pending`: frames to send first (held for [`HOLD`] at most).
-async fn converse(conn: Conn, proc: Arc<Proc>, pending: Vec<u8>, sub: Option<Subscription>, owner: bool) {
+/// kills the process group. `pending`: frames to send first; with `hold`, they wait up
+/// to [`HOLD`] for the process's first output.
+async fn converse(conn: Conn, proc: Arc<Proc>, pending: Vec<u8>, hold: bool, sub: Option<Subscription>, owner: bool) {
     let Conn { reader, mut writer } = conn;
     let mut input = tokio::spawn(client_input(reader, proc.clone()));
-    let outcome = deliver(&mut writer, &proc, pending, sub, &mut input).await;
+    let outcome = deliver(&mut writer, &proc, pending, hold, sub, &mut input).await;
     input.abort();
     if owner && outcome == Outcome::ClientGone {
         proc.kill_group();
@@ -100,11 +101,18 @@ async fn deliver(
     writer: &mut Writer,
     proc: &Proc,
     mut pending: Vec<u8>,
+    hold: bool,
     sub: Option<Subscription>,
     input: &mut JoinHandle<()>,
 ) -> Outcome {
     let Some(mut sub) = sub else { return finish(writer, proc, pending).await };
-    let mut hold = (!pending.is_empty()).then(|| Instant::now() + HOLD);
+    let mut hold = hold.then(|| Instant::now() + HOLD);
+    if hold.is_none() && !pending.is_empty() {
+        if writer.send_encoded(&pending).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        pending.clear();
+    }
     loop {
         tokio::select! {
             chunk = sub.rx.recv() => {
@@ -136,21 +144,16 @@ async fn deliver(
                     }
                     return finish(writer, proc, pending).await;
                 }
-                if writer.send_encoded(&pending).await.is_err() {
-                    return Outcome::ClientGone;
-                }
-                pending.clear();
-                hold = None;
             },
-            _ = sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {
-                if writer.send_encoded(&pending).await.is_err() {
-                    return Outcome::ClientGone;
-                }
-                pending.clear();
-                hold = None;
-            },
+            _ = sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {},
             _ = &mut *input => return Outcome::ClientGone,
         }
+        // Output arrived or the hold ran out: everything pending goes.
+        if writer.send_encoded(&pending).await.is_err() {
+            return Outcome::ClientGone;
+        }
+        pending.clear();
+        hold = None;
     }
 }
 

@@ -79,8 +79,7 @@ fn join_err(what: &str) -> impl FnOnce(tokio::task::JoinError) -> CoreError + '_
     move |e| CoreError::internal(format!("{what} task"), e.to_string())
 }
 
-/// Names of volumes and snapshots: like template names.
-/// Whether `n` is a valid snapshot or volume name.
+/// Whether `n` is a valid snapshot or volume name (like template names).
 pub(crate) fn is_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63

@@ -123,13 +123,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Appends one frame to `buf`, for [`FrameWriter::send_encoded`].
-pub fn encode(buf: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<(), ProtoError> {
+/// A frame's header: its length (kind byte + payload) and kind.
+fn header(kind: Kind, payload: &[u8]) -> Result<[u8; 5], ProtoError> {
     if payload.len() + 1 > MAX_FRAME {
         return Err(ProtoError::TooLarge(payload.len() + 1));
     }
-    buf.extend_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
-    buf.push(kind as u8);
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
+    head[4] = kind as u8;
+    Ok(head)
+}
+
+/// Appends one frame to `buf`, for [`FrameWriter::send_encoded`].
+pub fn encode(buf: &mut Vec<u8>, kind: Kind, payload: &[u8]) -> Result<(), ProtoError> {
+    buf.extend_from_slice(&header(kind, payload)?);
     buf.extend_from_slice(payload);
     Ok(())
 }
@@ -156,23 +163,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes one frame (splitting nothing: payloads above the limit are an error).
     pub async fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), ProtoError> {
-        if payload.len() + 1 > MAX_FRAME {
-            return Err(ProtoError::TooLarge(payload.len() + 1));
-        }
-        let mut head = [0u8; 5];
-        head[..4].copy_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
-        head[4] = kind as u8;
         if payload.len() <= COALESCE {
             // One write for the whole frame: written in two, the peer would often be
             // woken for the header alone and then again for the payload.
-            let mut frame = Vec::with_capacity(head.len() + payload.len());
-            frame.extend_from_slice(&head);
-            frame.extend_from_slice(payload);
-            self.inner.write_all(&frame).await.map_err(ProtoError::Io)?;
-        } else {
-            self.inner.write_all(&head).await.map_err(ProtoError::Io)?;
-            self.inner.write_all(payload).await.map_err(ProtoError::Io)?;
+            let mut frame = Vec::with_capacity(5 + payload.len());
+            encode(&mut frame, kind, payload)?;
+            return self.send_encoded(&frame).await;
         }
+        let head = header(kind, payload)?;
+        self.inner.write_all(&head).await.map_err(ProtoError::Io)?;
+        self.inner.write_all(payload).await.map_err(ProtoError::Io)?;
         self.inner.flush().await.map_err(ProtoError::Io)
     }
 
