@@ -99,6 +99,11 @@ async fn background_processes_can_be_listed_attached_fed_and_signalled() {
         }
     }
     assert!(seen.contains("started"), "buffered output is replayed: {seen}");
+    // Pids the API did not start are named as such; PID 1 is the agent itself.
+    let e = d.client.signal(&id, 1, "TERM").await.unwrap_err().to_string();
+    assert!(e.contains("process 1 is the sandbox's agent"), "{e}");
+    let e = d.client.signal(&id, 4_000_000, "TERM").await.unwrap_err().to_string();
+    assert!(e.contains("process 4000000 not found among the processes started through the API"), "{e}");
     d.client.signal(&id, pid, "TERM").await.unwrap();
     loop {
         match s.next().await.unwrap() {

@@ -40,7 +40,7 @@ pub enum Error {
     Spawn { command: String, source: io::Error },
     #[error("cannot allocate a terminal: {}", describe(.source))]
     Pty { source: io::Error },
-    #[error("process {0} not found")]
+    #[error("process {0} not found among the processes started through the API")]
     NoProcess(u32),
     #[error("process {0} has no stdin")]
     NoStdin(u32),

@@ -284,7 +284,14 @@ impl ProcessTable {
     }
 
     pub fn get(&self, pid: u32) -> Result<Arc<Proc>, Error> {
-        lock(&self.inner).procs.get(&pid).cloned().ok_or(Error::NoProcess(pid))
+        match lock(&self.inner).procs.get(&pid) {
+            Some(p) => Ok(p.clone()),
+            // The agent itself is PID 1 of the sandbox; it is not one of its processes.
+            None if pid == 1 => Err(Error::Invalid(
+                "process 1 is the sandbox's agent, not a process started in it; stop or remove the sandbox to end everything in it".into(),
+            )),
+            None => Err(Error::NoProcess(pid)),
+        }
     }
 
     /// Every listed process, by pid.
@@ -466,6 +473,19 @@ mod tests {
         assert!(table.get(101).is_err());
         assert!(table.get(102).is_ok());
         assert_eq!(table.list().len(), FINISHED_KEPT);
+    }
+
+    #[test]
+    fn unknown_pids_are_named_and_pid_1_is_the_agent() {
+        let t = ProcessTable::default();
+        let e = t.get(1).unwrap_err();
+        assert_eq!(e.code(), abx_proto::ErrorCode::InvalidArgument);
+        assert!(e.to_string().contains("the sandbox's agent"), "{e}");
+        let e = t.get(42).unwrap_err();
+        assert_eq!(e.code(), abx_proto::ErrorCode::NotFound);
+        assert!(e.to_string().starts_with("process 42 not found"), "{e}");
+        t.insert(proc(42, false).0);
+        assert_eq!(t.get(42).unwrap().pid, 42);
     }
 
     #[test]

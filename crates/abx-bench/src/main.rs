@@ -61,6 +61,13 @@ struct Args {
     /// --uid-slots).
     #[arg(long, default_value_t = 100)]
     pool_max: u32,
+    /// Pool subject: the offered rate of the paced phase, claims per second spread over
+    /// --concurrency clients on a fixed schedule (each claim is destroyed at once).
+    #[arg(long, default_value_t = 500.0)]
+    claim_rate: f64,
+    /// Pool subject: claims of the paced phase (at --claim-rate; 2500 is five seconds).
+    #[arg(long, default_value_t = 2500)]
+    claim_total: usize,
     /// Host directory with the template's root filesystem (for peers); default: asked from
     /// the daemon (its state root + the template's single layer).
     #[arg(long)]
@@ -98,6 +105,19 @@ async fn api_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> 
         eprintln!("phases: create {created:?} exec {:?} destroy {:?}", executed - created, t.elapsed() - executed);
     }
     Ok(t.elapsed())
+}
+
+/// One claim: a create (from the template's pool, when it has one ready) and its destroy;
+/// the time of the create.
+async fn claim_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let sb = client
+        .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
+        .await
+        .context("create")?;
+    let took = t.elapsed();
+    client.delete_sandbox(&sb.id, true).await.context("destroy")?;
+    Ok(took)
 }
 
 /// One cycle through the one-shot endpoint (`POST /v1/run`: create, exec, destroy).
@@ -175,6 +195,56 @@ async fn concurrent(name: &str, total: usize, workers: usize, f: &CycleFn) -> an
     Ok(Summary::new(name, "concurrent", workers, lat, t.elapsed()))
 }
 
+/// What a paced run measured: the latencies and how late cycles started.
+struct Paced {
+    summary: Summary,
+    /// Cycles that started more than [`LATE`] after their place in the schedule (every
+    /// client was still busy with an earlier one).
+    late: usize,
+    /// The largest delay of a start behind the schedule.
+    max_lag: Duration,
+}
+
+/// A start more than this behind the schedule counts as late.
+const LATE: Duration = Duration::from_millis(5);
+
+/// `total` cycles offered at `rate` per second: cycle k is due at k / `rate` seconds from
+/// the start, and the first of `workers` clients free at that moment runs it (an open
+/// loop: a slow cycle does not slow the schedule, it makes the next ones late).
+async fn paced(name: &str, total: usize, workers: usize, rate: f64, f: &CycleFn) -> anyhow::Result<Paced> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = Arc::new(AtomicUsize::new(0));
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (next, f) = (next.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut lags) = (Vec::new(), Vec::new());
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= total {
+                    break;
+                }
+                let due = t0 + Duration::from_secs_f64(k as f64 / rate);
+                tokio::time::sleep_until(due).await;
+                lags.push(tokio::time::Instant::now().saturating_duration_since(due));
+                lat.push(f().await?);
+            }
+            Ok::<_, anyhow::Error>((lat, lags))
+        }));
+    }
+    let (mut lat, mut lags) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    for t in tasks {
+        let (l, g) = t.await??;
+        lat.extend(l);
+        lags.extend(g);
+    }
+    let summary = Summary::new(name, &format!("paced, {rate:.0}/s offered"), workers, lat, t0.elapsed());
+    let late = lags.iter().filter(|d| **d > LATE).count();
+    let max_lag = lags.into_iter().max().unwrap_or_default();
+    Ok(Paced { summary, late, max_lag })
+}
+
 async fn rootfs_of(client: &Client, template: &str) -> anyhow::Result<PathBuf> {
     let sys = client.system().await?;
     let t = client.template(template).await?;
@@ -203,6 +273,9 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let client = Client::new(&a.host)?;
     let mut report = Report::default();
     let has = |s: &str| a.subjects.iter().any(|x| x == s);
+    if !(a.claim_rate > 0.0 && a.claim_rate.is_finite()) {
+        bail!("--claim-rate must be a positive number of claims per second, got {}", a.claim_rate);
+    }
     if let Some(s) = a.subjects.iter().find(|s| !SUBJECTS.contains(&s.as_str())) {
         bail!("unknown subject {s} (known: {})", SUBJECTS.join(", "));
     }
@@ -247,6 +320,13 @@ async fn run(a: Args) -> anyhow::Result<()> {
     if has("pool") {
         subjects.push(("pool", "agentbox (API, warm pool)".into(), api));
     }
+    let claim: CycleFn = {
+        let (c, t) = (client.clone(), a.template.clone());
+        Arc::new(move || {
+            let (c, t) = (c.clone(), t.clone());
+            Box::pin(async move { claim_cycle(&c, &t).await })
+        })
+    };
     if has("bwrap") || has("crun") {
         let rootfs = match &a.rootfs {
             Some(r) => r.clone(),
@@ -263,8 +343,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
         if *key == "pool" {
             let max = a.pool_max;
             let min = a.pool_min.unwrap_or(a.concurrency.try_into().unwrap_or(u32::MAX)).min(max);
-            let sizes = (a.iterations, a.total, a.concurrency);
-            report.pool = Some(pool::bench(&client, &a.template, (min, max), sizes, name, f, &mut report).await?);
+            let sizes = pool::Sizes {
+                iterations: a.iterations,
+                total: a.total,
+                workers: a.concurrency,
+                claim_rate: a.claim_rate,
+                claim_total: a.claim_total,
+            };
+            let fs = (f, &claim);
+            report.pool = Some(pool::bench(&client, &a.template, (min, max), sizes, name, fs, &mut report).await?);
             continue;
         }
         eprintln!("{name}: {} sequential cycles", a.iterations);

@@ -71,6 +71,11 @@ impl Out {
         });
     }
 
+    /// A progress report of the template store (an import, a pull, a layer being made).
+    pub fn progress(&self, p: abx_template::Progress) {
+        let _ = self.0.send(BuildEvent::Progress { stage: p.stage, done: p.done, total: p.total, message: p.message });
+    }
+
     fn log(&self, line: &str) {
         let _ = self.0.send(BuildEvent::Progress { stage: "log".into(), done: 0, total: None, message: line.into() });
     }
@@ -580,14 +585,7 @@ pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
     let name = req.name.clone();
     Ok(spawn(m, move |m, out| async move {
         blocking(move || {
-            let progress = |p: abx_template::Progress| {
-                let _ = out.0.send(BuildEvent::Progress {
-                    stage: p.stage,
-                    done: p.done,
-                    total: p.total,
-                    message: p.message,
-                });
-            };
+            let progress = |p: abx_template::Progress| out.progress(p);
             let res = match (&req.import, &req.pull) {
                 (Some(path), _) => m.templates.import_image(Path::new(path), req.image.as_deref(), &name, &progress),
                 (None, Some(reference)) => {

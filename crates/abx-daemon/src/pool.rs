@@ -18,7 +18,9 @@
 //! back one sandbox per tick, the longest idle; a claim takes the newest. Refills stay out of the way of claims: a pool with more than
 //! a quarter of its target ready refills only after [`QUIET`] without a claim; one at a
 //! quarter or less refills at once, up to the target, one boot at a time while claims
-//! keep coming and some are ready (two when quiet or empty). When the template is rebuilt, pooled sandboxes of the old
+//! keep coming and some are ready (two when quiet or empty). Claims that come faster than
+//! one boot at a time replaces them ([`PRESSED`]) make the pool refill at once, two boots
+//! at a time, however many it holds. When the template is rebuilt, pooled sandboxes of the old
 //! layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -49,6 +51,9 @@ pub const REACTION: Duration = Duration::from_millis(100);
 pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
 /// Memory assumed per pooled sandbox when bounding pools by host memory.
 pub const SANDBOX_BYTES: u64 = 32 << 20;
+/// Claims per second times the time one boot takes at which one boot at a time no
+/// longer keeps up: the pool then refills at once and with [`FILL_PARALLEL`] boots.
+const PRESSED: f64 = 0.8;
 /// Boots in flight at once, over all pools.
 const FILL_PARALLEL: usize = 2;
 /// How long a readiness check may take to pass.
@@ -155,6 +160,21 @@ impl Pool {
         }
         let burst = self.recent.iter().rev().take_while(|t| now.duration_since(**t) <= BURST).count();
         (self.recent.len() as f64 / WINDOW.as_secs_f64()).max(burst as f64 / BURST.as_secs_f64())
+    }
+
+    /// Claims per second over the last `span` alone (call after [`Pool::rate`], which
+    /// drops claims older than [`WINDOW`]).
+    fn rate_within(&self, now: Instant, span: Duration) -> f64 {
+        let n = self.recent.iter().rev().take_while(|t| now.duration_since(**t) <= span).count();
+        n as f64 / span.as_secs_f64()
+    }
+
+    /// Whether claims come faster than one boot at a time replaces them: the higher of
+    /// [`Pool::rate`] and the rate over the last [`REACTION`] (so a sudden stream counts
+    /// at once), times the time one boot takes, reaches [`PRESSED`].
+    fn pressed(&mut self, now: Instant) -> bool {
+        let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
+        self.rate(now).max(self.rate_within(now, REACTION)) * refill >= PRESSED
     }
 
     /// What demand asks for, within min and max (before host bounds).
@@ -496,7 +516,10 @@ impl Manager {
                 continue;
             }
             let quiet = p.recent.back().is_none_or(|t| now.duration_since(*t) >= QUIET);
-            if !p.refilling && !quiet && p.ready.len() * 4 > p.target {
+            // Claims come faster than one boot at a time replaces them: waiting for a pause
+            // or booting one at a time would let the pool run dry.
+            let pressed = p.pressed(now);
+            if !p.refilling && !quiet && !pressed && p.ready.len() * 4 > p.target {
                 // Healthy and busy: wait for a pause in the claims.
                 *short = true;
                 continue;
@@ -504,7 +527,7 @@ impl Manager {
             p.refilling = true;
             // While claims keep coming and some are ready, one boot at a time: the other
             // core stays with the sandboxes being claimed and used.
-            let cap = if !quiet && !p.ready.is_empty() { 1 } else { FILL_PARALLEL };
+            let cap = if !quiet && !pressed && !p.ready.is_empty() { 1 } else { FILL_PARALLEL };
             if !quiet {
                 *short = true;
             }
@@ -764,6 +787,29 @@ mod tests {
         assert!(out.contains("x_bucket{t=\"a\",le=\"+Inf\"} 2"));
         assert!(out.contains("x_count{t=\"a\"} 2"));
         assert!((h.mean_ms() - 2.35).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pressed_when_one_boot_at_a_time_falls_behind() {
+        let mut p = Pool::new(PoolConfig { template: "t".into(), min: 1, max: 20 });
+        let now = Instant::now();
+        p.refill = Some(Duration::from_millis(4));
+        assert!(!p.pressed(now), "no claims");
+        // 10 claims in the last 100 ms: 100/s * 4 ms = 0.4 of a boot at a time.
+        for _ in 0..10 {
+            p.recent.push_back(now - Duration::from_millis(50));
+        }
+        assert!(!p.pressed(now));
+        // 30 more: 400/s * 4 ms = 1.6, although the last second holds only 40 (40/s).
+        for _ in 0..30 {
+            p.recent.push_back(now - Duration::from_millis(10));
+        }
+        assert!(p.pressed(now));
+        // The stream stopped half a second ago: 40/s over the last second, 0.16.
+        assert!(!p.pressed(now + Duration::from_millis(500)));
+        // Slow boots make a moderate stream too much for one at a time: 40/s * 25 ms = 1.
+        p.refill = Some(Duration::from_millis(25));
+        assert!(p.pressed(now + Duration::from_millis(500)));
     }
 
     #[test]

@@ -94,8 +94,8 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
     Ok(spawn_build(m, req.name, move |m, name, progress| m.templates.build(&recipe, name, progress)))
 }
 
-/// Runs a template build in the background: its progress, then `done` or `error`, arrive
-/// on the returned channel.
+/// Runs a template build of the store in the background ([`crate::build::spawn`]): its
+/// progress, then `done` or `error`, arrive on the returned channel.
 fn spawn_build(
     m: &Arc<Manager>,
     name: String,
@@ -103,27 +103,11 @@ fn spawn_build(
     + Send
     + 'static,
 ) -> mpsc::Receiver<BuildEvent> {
-    let (tx, rx) = mpsc::channel(256);
-    let m = m.clone();
-    tokio::task::spawn_blocking(move || {
-        let progress = |p: abx_template::Progress| {
-            let _ = tx.blocking_send(BuildEvent::Progress {
-                stage: p.stage,
-                done: p.done,
-                total: p.total,
-                message: p.message,
-            });
-        };
-        let ev = match build(&m, &name, &progress) {
-            Ok(t) => BuildEvent::Done { template: to_api(t) },
-            Err(e) => {
-                let e = map_err(&name, e);
-                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
-            }
-        };
-        let _ = tx.blocking_send(ev);
-    });
-    rx
+    crate::build::spawn(m, move |m, out| async move {
+        tokio::task::spawn_blocking(move || build(&m, &name, &|p| out.progress(p)).map_err(|e| map_err(&name, e)))
+            .await
+            .map_err(|e| CoreError::internal("template build task", e.to_string()))?
+    })
 }
 
 /// A template from a snapshot: its layers plus the snapshot's changes as one more layer.
