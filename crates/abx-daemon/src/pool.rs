@@ -525,8 +525,8 @@ impl Manager {
                 continue;
             }
             p.refilling = true;
-            // While claims keep coming and some are ready, one boot at a time: the other
-            // core stays with the sandboxes being claimed and used.
+            // While claims keep coming and some are ready, one boot at a time (the other
+            // core stays with the sandboxes being claimed and used), unless that is too few.
             let cap = if !quiet && !pressed && !p.ready.is_empty() { 1 } else { FILL_PARALLEL };
             if !quiet {
                 *short = true;
