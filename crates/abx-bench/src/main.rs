@@ -86,21 +86,27 @@ enum Mode {
     Snap(Box<snap::SnapArgs>),
 }
 
-/// One create → exec echo → destroy cycle through the API.
-async fn api_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
-    let t = Instant::now();
+/// Creates a sandbox of `template` with the daemon's defaults; its id.
+async fn create(client: &Client, template: &str) -> anyhow::Result<String> {
     let sb = client
         .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
         .await
         .context("create")?;
+    Ok(sb.id)
+}
+
+/// One create → exec echo → destroy cycle through the API.
+async fn api_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let id = create(client, template).await?;
     let req = ExecRequest { cmd: vec!["echo".into(), "hi".into()], ..Default::default() };
     let created = t.elapsed();
-    let out = client.exec(&sb.id, &req).await.context("exec")?.collect().await?;
+    let out = client.exec(&id, &req).await.context("exec")?.collect().await?;
     if out.stdout != b"hi\n" || out.status.code != Some(0) {
         bail!("unexpected output {:?} status {:?}", String::from_utf8_lossy(&out.stdout), out.status);
     }
     let executed = t.elapsed();
-    client.delete_sandbox(&sb.id, true).await.context("destroy")?;
+    client.delete_sandbox(&id, true).await.context("destroy")?;
     if std::env::var_os("ABX_BENCH_PHASES").is_some() {
         eprintln!("phases: create {created:?} exec {:?} destroy {:?}", executed - created, t.elapsed() - executed);
     }
@@ -111,12 +117,9 @@ async fn api_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> 
 /// the time of the create.
 async fn claim_cycle(client: &Client, template: &str) -> anyhow::Result<Duration> {
     let t = Instant::now();
-    let sb = client
-        .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
-        .await
-        .context("create")?;
+    let id = create(client, template).await?;
     let took = t.elapsed();
-    client.delete_sandbox(&sb.id, true).await.context("destroy")?;
+    client.delete_sandbox(&id, true).await.context("destroy")?;
     Ok(took)
 }
 

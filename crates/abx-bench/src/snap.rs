@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
 
+use crate::create;
 use crate::stats::{ms, verdict};
 
 #[derive(Debug, Args)]
@@ -120,14 +121,6 @@ fn stat(samples: Vec<f64>) -> Stat {
 /// Time for destroyed sandboxes to be cleaned up and the prepared slots to be refilled
 /// before the next measurement.
 const SETTLE: Duration = Duration::from_millis(100);
-
-async fn create(c: &Client, template: &str) -> anyhow::Result<String> {
-    let sb = c
-        .create_sandbox(&CreateSandbox { template: Some(template.into()), ..Default::default() })
-        .await
-        .context("create")?;
-    Ok(sb.id)
-}
 
 /// `sh -c SCRIPT` as root in the sandbox; its stdout. A non-zero exit is an error.
 async fn sh(c: &Client, id: &str, script: &str) -> anyhow::Result<String> {
