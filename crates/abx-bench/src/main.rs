@@ -68,6 +68,10 @@ struct Args {
     /// Pool subject: claims of the paced phase (at --claim-rate; 2500 is five seconds).
     #[arg(long, default_value_t = 2500)]
     claim_total: usize,
+    /// Pool subject: the rate of the paced one-client phase, whole cycles (claim, exec,
+    /// destroy) per second on a fixed schedule: a claim's latency while the pool keeps up.
+    #[arg(long, default_value_t = 100.0)]
+    cycle_rate: f64,
     /// Host directory with the template's root filesystem (for peers); default: asked from
     /// the daemon (its state root + the template's single layer).
     #[arg(long)]
@@ -279,6 +283,9 @@ async fn run(a: Args) -> anyhow::Result<()> {
     if !(a.claim_rate > 0.0 && a.claim_rate.is_finite()) {
         bail!("--claim-rate must be a positive number of claims per second, got {}", a.claim_rate);
     }
+    if !(a.cycle_rate > 0.0 && a.cycle_rate.is_finite()) {
+        bail!("--cycle-rate must be a positive number of cycles per second, got {}", a.cycle_rate);
+    }
     if let Some(s) = a.subjects.iter().find(|s| !SUBJECTS.contains(&s.as_str())) {
         bail!("unknown subject {s} (known: {})", SUBJECTS.join(", "));
     }
@@ -352,6 +359,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
                 workers: a.concurrency,
                 claim_rate: a.claim_rate,
                 claim_total: a.claim_total,
+                cycle_rate: a.cycle_rate,
             };
             let fs = (f, &claim);
             report.pool = Some(pool::bench(&client, &a.template, (min, max), sizes, name, fs, &mut report).await?);

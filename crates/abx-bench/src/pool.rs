@@ -3,9 +3,13 @@
 //!
 //! Before its cycles it sets the pool (`PUT /v1/pools/{template}`) and waits until it holds
 //! `min` ready sandboxes; it measures a plain fork+exec of `/bin/echo hi` on the host as the
-//! reference of the latency target; each phase (sequential; a burst of `min` cycles, what
-//! claims alone sustain; then `--total` at `--concurrency`, as many as the clients manage;
-//! then the paced phase: `--claim-total` claims, each destroyed at once, offered at
+//! reference of the latency target (back to back, and paced like the one-client phase);
+//! each phase (sequential, back to back; one client paced at `--cycle-rate` cycles per
+//! second, the latency of a claim while the pool keeps up, which is what the latency target
+//! is judged on: back to back, every claim's replacement boots during the next cycles, so
+//! that phase runs at the machine's capacity rather than at a claim's latency; a burst of
+//! `min` cycles, what claims alone sustain; then `--total` at `--concurrency`, as many as
+//! the clients manage; then the paced phase: `--claim-total` claims, each destroyed at once, offered at
 //! `--claim-rate` per second by `--concurrency` clients on a fixed schedule, which is what
 //! "N claims/s sustained while the pool keeps up" means: a closed loop of clients that
 //! claim as fast as they can always outruns a pool, since a boot does more than a claim)
@@ -29,7 +33,8 @@ use crate::stats::{Report, Summary, cpu_mark, ms, verdict};
 use crate::{CycleFn, SETTLE, concurrent, paced, sequential, warm_up};
 
 /// Issue 5's targets: claim + exec echo + destroy under 2 ms median ("about twice a plain
-/// fork+exec"), 500 claims/s with 50 concurrent clients while the pool keeps up.
+/// fork+exec"; judged on the one-client paced phase, with the pool keeping up), 500
+/// claims/s with 50 concurrent clients while the pool keeps up.
 pub const CLAIM_TARGET_MS: f64 = 2.0;
 pub const FORK_EXEC_RATIO: f64 = 2.0;
 pub const RATE_TARGET: f64 = 500.0;
@@ -52,8 +57,14 @@ pub struct PoolReport {
     /// Plain fork+exec of `/bin/echo hi` on the host (`std::process::Command`, output read).
     pub fork_exec_median_ms: f64,
     pub fork_exec_p95_ms: f64,
-    /// Median of a pool cycle / median of a fork+exec.
+    /// The same fork+exec on the one-client phase's schedule (`--cycle-rate`).
+    pub fork_exec_paced_median_ms: f64,
+    /// Median of the one-client paced cycle / median of the fork+exec on the same schedule.
     pub ratio_to_fork_exec: f64,
+    /// Median of the one-client paced cycle / median of the back-to-back fork+exec.
+    pub ratio_to_back_to_back_fork_exec: f64,
+    /// Median of the back-to-back cycle / median of the back-to-back fork+exec.
+    pub ratio_back_to_back: f64,
     pub phases: Vec<Phase>,
     /// The pool's state and counters after the cycles (`GET /v1/pools/{template}`).
     pub end: Pool,
@@ -70,6 +81,8 @@ pub struct Sizes {
     pub workers: usize,
     pub claim_rate: f64,
     pub claim_total: usize,
+    /// Whole cycles per second of the one-client paced phase.
+    pub cycle_rate: f64,
 }
 
 /// How a phase's cycles are driven.
@@ -145,7 +158,7 @@ async fn bench_inner(
     (f, claim): (&CycleFn, &CycleFn),
     report: &mut Report,
 ) -> anyhow::Result<PoolReport> {
-    let Sizes { iterations, total, workers, claim_rate, claim_total } = sizes;
+    let Sizes { iterations, total, workers, claim_rate, claim_total, cycle_rate } = sizes;
     let t = Instant::now();
     client.set_pool(template, min, max).await.context("setting the pool")?;
     wait_ready(client, template, min).await?;
@@ -154,17 +167,30 @@ async fn bench_inner(
 
     eprintln!("fork+exec /bin/echo hi (host): {iterations} sequential");
     let fe = tokio::task::spawn_blocking(move || {
-        fork_exec(iterations).map(|(lat, wall, cpu)| {
+        fork_exec(iterations, None).map(|(lat, wall, cpu)| {
             Summary::new("fork+exec `/bin/echo hi` (host, reference)", "sequential", 1, lat, wall).with_cpu(cpu)
         })
     })
     .await??;
     let (fe_median, fe_p95) = (fe.median_ms, fe.p95_ms);
     report.push(fe);
+    eprintln!("fork+exec /bin/echo hi (host): {iterations} at {cycle_rate}/s");
+    let fe_paced = tokio::task::spawn_blocking(move || {
+        fork_exec(iterations, Some(cycle_rate)).map(|(lat, wall, cpu)| {
+            let mode = format!("paced, {cycle_rate:.0}/s offered");
+            Summary::new("fork+exec `/bin/echo hi` (host, reference)", &mode, 1, lat, wall).with_cpu(cpu)
+        })
+    })
+    .await??;
+    let fe_paced_median = fe_paced.median_ms;
+    report.push(fe_paced);
 
     warm_up(iterations, f).await?;
     eprintln!("{name}: {iterations} sequential cycles");
     let (seq, seq_phase) = phase(client, template, min, "sequential", name, f, iterations, Load::Sequential).await?;
+    eprintln!("{name}: {iterations} cycles, one client paced at {cycle_rate}/s");
+    let load = Load::Paced(1, cycle_rate);
+    let (one, one_phase) = phase(client, template, min, "one client, paced", name, f, iterations, load).await?;
     // A burst no larger than the stock: what claims alone sustain.
     let stock = min as usize;
     eprintln!("{name}: a burst of {stock} cycles (the pool's min), {workers} at once");
@@ -175,8 +201,11 @@ async fn bench_inner(
     let load = Load::Paced(workers, claim_rate);
     let claims = "agentbox (API, warm pool): claim + destroy".to_string();
     let (paced, paced_phase) = phase(client, template, min, "paced claims", &claims, claim, claim_total, load).await?;
-    let ratio = seq.median_ms / fe_median.max(1e-9);
+    let ratio = one.median_ms / fe_paced_median.max(1e-9);
+    let ratio_to_back_to_back_fork_exec = one.median_ms / fe_median.max(1e-9);
+    let ratio_back_to_back = seq.median_ms / fe_median.max(1e-9);
     report.push(seq);
+    report.push(one);
     report.push(conc);
     report.push(paced);
 
@@ -192,16 +221,20 @@ async fn bench_inner(
         fill_ms: ms(fill),
         fork_exec_median_ms: fe_median,
         fork_exec_p95_ms: fe_p95,
+        fork_exec_paced_median_ms: fe_paced_median,
         ratio_to_fork_exec: ratio,
-        phases: vec![seq_phase, burst_phase, conc_phase, paced_phase],
+        ratio_to_back_to_back_fork_exec,
+        ratio_back_to_back,
+        phases: vec![seq_phase, one_phase, burst_phase, conc_phase, paced_phase],
         end,
         cold_create_ms_mean: cold,
     })
 }
 
-/// `n` fork+execs of `/bin/echo hi` (after up to 10 for warm-up), the wall time and the
-/// [`cpu_mark`] at the start.
-fn fork_exec(n: usize) -> anyhow::Result<(Vec<Duration>, Duration, Option<u64>)> {
+/// `n` fork+execs of `/bin/echo hi` (after up to 10 for warm-up), back to back or, with a
+/// rate, the k-th due k / rate seconds after the start; the wall time and the [`cpu_mark`]
+/// at the start.
+fn fork_exec(n: usize, rate: Option<f64>) -> anyhow::Result<(Vec<Duration>, Duration, Option<u64>)> {
     let once = || -> anyhow::Result<Duration> {
         let t = Instant::now();
         let out = std::process::Command::new("/bin/echo").arg("hi").output().context("run /bin/echo")?;
@@ -215,7 +248,15 @@ fn fork_exec(n: usize) -> anyhow::Result<(Vec<Duration>, Duration, Option<u64>)>
     }
     let cpu = cpu_mark();
     let t = Instant::now();
-    let lat = (0..n).map(|_| once()).collect::<anyhow::Result<Vec<_>>>()?;
+    let lat = (0..n)
+        .map(|k| {
+            if let Some(rate) = rate {
+                let due = t + Duration::from_secs_f64(k as f64 / rate);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            once()
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((lat, t.elapsed(), cpu))
 }
 
@@ -455,7 +496,7 @@ impl PoolReport {
             line(format!("Last boot error: {err}"));
         }
         line(String::new());
-        let [seq, burst, conc, paced] = &self.phases[..] else { return o };
+        let [seq, one, burst, conc, paced] = &self.phases[..] else { return o };
         let late = paced.late.unwrap_or(0);
         let offered = paced.offered_per_second.unwrap_or(0.0);
         // Sustained: the offered rate and the clients are the target's, and at most 1% of
@@ -463,17 +504,35 @@ impl PoolReport {
         let sustained = offered >= RATE_TARGET && paced.concurrency >= CLIENTS_TARGET && late * 100 <= paced.cycles;
         line("| issue 5 target | measured | verdict |".into());
         line("|---|---|---|".into());
+        let kept_up = one.hit_rate >= HIT_RATE_TARGET;
         line(format!(
-            "| claim + exec echo + destroy: median < {CLAIM_TARGET_MS} ms | {:.2} ms | {} |",
-            seq.median_ms,
-            verdict(seq.median_ms < CLAIM_TARGET_MS)
+            "| claim + exec echo + destroy: median < {CLAIM_TARGET_MS} ms (one client, {:.0} cycles/s offered, the pool keeping up: hit rate ≥ {:.0}%) | {:.2} ms (p95 {:.2}), hit rate {:.1}%, {} started over 5 ms late | {} |",
+            one.offered_per_second.unwrap_or(0.0),
+            HIT_RATE_TARGET * 100.0,
+            one.median_ms,
+            one.p95_ms,
+            one.hit_rate * 100.0,
+            one.late.unwrap_or(0),
+            verdict(one.median_ms < CLAIM_TARGET_MS && kept_up)
         ));
         line(format!(
-            "| about {FORK_EXEC_RATIO}× a plain fork+exec (ratio ≤ {FORK_EXEC_RATIO}) | fork+exec `/bin/echo hi` {:.2} ms (p95 {:.2}); ratio {:.2} | {} |",
+            "| about {FORK_EXEC_RATIO}× a plain fork+exec (ratio ≤ {FORK_EXEC_RATIO}; both one at a time at {:.0}/s) | fork+exec `/bin/echo hi` {:.2} ms at {:.0}/s, ratio {:.2}; back to back {:.2} ms (p95 {:.2}), ratio {:.2} | {} |",
+            one.offered_per_second.unwrap_or(0.0),
+            self.fork_exec_paced_median_ms,
+            one.offered_per_second.unwrap_or(0.0),
+            self.ratio_to_fork_exec,
             self.fork_exec_median_ms,
             self.fork_exec_p95_ms,
-            self.ratio_to_fork_exec,
-            verdict(self.ratio_to_fork_exec <= FORK_EXEC_RATIO)
+            self.ratio_to_back_to_back_fork_exec,
+            verdict(self.ratio_to_fork_exec <= FORK_EXEC_RATIO && kept_up)
+        ));
+        line(format!(
+            "| (the same cycle back to back, one client: every claim's replacement boots during the next cycles, so this runs at the machine's capacity) | {:.2} ms (p95 {:.2}), {:.0} cycles/s, hit rate {:.1}%; ratio to fork+exec {:.2} | |",
+            seq.median_ms,
+            seq.p95_ms,
+            seq.per_second,
+            seq.hit_rate * 100.0,
+            self.ratio_back_to_back
         ));
         line(format!(
             "| {RATE_TARGET:.0} claims/s sustained with {} concurrent clients (paced: {} claims offered at {offered:.0}/s, each destroyed at once) | {:.0} claims/s; {late} started over 5 ms behind the schedule (most {:.1} ms); claim median {:.2} ms, p95 {:.2} ms | {} |",
