@@ -19,8 +19,9 @@
 //! a quarter of its target ready refills only after [`QUIET`] without a claim; one at a
 //! quarter or less refills at once, up to the target, one boot at a time while claims
 //! keep coming and some are ready (two when quiet or empty). Claims that come faster than
-//! one boot at a time replaces them ([`PRESSED`]) make the pool refill at once, two boots
-//! at a time, however many it holds. When the template is rebuilt, pooled sandboxes of the old
+//! one boot at a time replaces them ([`PRESSED`]) make the pool refill at once, however
+//! many it holds, with as many boots at a time as the claim rate times the time of one
+//! boot asks for (two to four, [`Pool::boots_at_once`]). When the template is rebuilt, pooled sandboxes of the old
 //! layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -54,8 +55,11 @@ pub const SANDBOX_BYTES: u64 = 32 << 20;
 /// Claims per second times the time one boot takes at which one boot at a time no
 /// longer keeps up: the pool then refills at once and with [`FILL_PARALLEL`] boots.
 const PRESSED: f64 = 0.8;
-/// Boots in flight at once, over all pools.
+/// Boots in flight at once, over all pools, unless a pool is pressed.
 const FILL_PARALLEL: usize = 2;
+/// Boots in flight at once, over all pools, at most: a pressed pool boots as many as
+/// its claim rate times the time of one boot asks for ([`Pool::boots_at_once`]).
+const FILL_MOST: usize = 4;
 /// How long a readiness check may take to pass.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -175,6 +179,17 @@ impl Pool {
     fn pressed(&mut self, now: Instant) -> bool {
         let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
         self.rate(now).max(self.rate_within(now, REACTION)) * refill >= PRESSED
+    }
+
+    /// Boots a pressed pool runs at once: enough that they replace claims at the rate they
+    /// come with the margin of [`PRESSED`] (claims per second × the time of one boot
+    /// / [`PRESSED`]), at least [`FILL_PARALLEL`], at most [`FILL_MOST`]. One boot takes
+    /// longer when the host is busy, so a slower host gets more boots at once.
+    fn boots_at_once(&mut self, now: Instant) -> usize {
+        let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
+        let rate = self.rate(now).max(self.rate_within(now, REACTION));
+        let n = (rate * refill / PRESSED).ceil();
+        if n.is_finite() { (n as usize).clamp(FILL_PARALLEL, FILL_MOST) } else { FILL_PARALLEL }
     }
 
     /// What demand asks for, within min and max (before host bounds).
@@ -433,7 +448,7 @@ impl Manager {
             }
             let woken = self.pools.wake.notified();
             let this = self.clone();
-            let budget = FILL_PARALLEL.saturating_sub(inflight.load(Ordering::SeqCst));
+            let budget = FILL_MOST.saturating_sub(inflight.load(Ordering::SeqCst));
             let (actions, short) = tokio::task::spawn_blocking(move || {
                 let mut short = false;
                 let a = this.plan(budget, &mut short);
@@ -472,6 +487,8 @@ impl Manager {
         let free_slots = self.free_slots();
         let names: Vec<String> = self.pools.lock().keys().cloned().collect();
         let mut pooled_total: usize = self.pools.lock().values().map(|p| p.ready.len() + p.filling).sum();
+        // Boots in flight over all pools: beyond FILL_PARALLEL only for a pressed pool.
+        let mut filling_total: usize = self.pools.lock().values().map(|p| p.filling).sum();
         for name in names {
             let template = self.templates.get(&name);
             let mut pools = self.pools.lock();
@@ -527,15 +544,20 @@ impl Manager {
             p.refilling = true;
             // While claims keep coming and some are ready, one boot at a time (the other
             // core stays with the sandboxes being claimed and used), unless that is too few.
-            let cap = if !quiet && !pressed && !p.ready.is_empty() { 1 } else { FILL_PARALLEL };
+            let cap = match () {
+                _ if pressed => p.boots_at_once(now),
+                _ if !quiet && !p.ready.is_empty() => 1,
+                _ => FILL_PARALLEL,
+            };
             if !quiet {
                 *short = true;
             }
             let mut held = held;
-            while held < p.target && budget > 0 && p.filling < cap {
+            while held < p.target && budget > 0 && p.filling < cap && (pressed || filling_total < FILL_PARALLEL) {
                 p.filling += 1;
                 held += 1;
                 pooled_total += 1;
+                filling_total += 1;
                 budget -= 1;
                 actions.push(Action::Boot(Box::new(template.clone())));
             }
@@ -810,6 +832,26 @@ mod tests {
         // Slow boots make a moderate stream too much for one at a time: 40/s * 25 ms = 1.
         p.refill = Some(Duration::from_millis(25));
         assert!(p.pressed(now + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn a_pressed_pool_boots_more_at_once_when_boots_are_slow() {
+        let mut p = Pool::new(PoolConfig { template: "t".into(), min: 1, max: 100 });
+        let now = Instant::now();
+        for _ in 0..50 {
+            p.recent.push_back(now - Duration::from_millis(50));
+        }
+        // 500/s over the last 100 ms; 2.5 ms per boot: 1.25 / 0.8 -> 2 at once.
+        p.refill = Some(Duration::from_micros(2500));
+        assert_eq!(p.boots_at_once(now), 2);
+        // 4 ms per boot: 2 / 0.8 = 2.5 -> 3.
+        p.refill = Some(Duration::from_millis(4));
+        assert_eq!(p.boots_at_once(now), 3);
+        // Very slow boots: at most FILL_MOST.
+        p.refill = Some(Duration::from_millis(40));
+        assert_eq!(p.boots_at_once(now), FILL_MOST);
+        // No claims: the floor.
+        assert_eq!(p.boots_at_once(now + WINDOW * 2), FILL_PARALLEL);
     }
 
     #[test]
