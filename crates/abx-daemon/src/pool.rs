@@ -110,6 +110,15 @@ impl Histogram {
     }
 }
 
+/// A pool's claim rates at one moment (claims per second).
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    /// [`Pool::rate`]: the last [`WINDOW`], or the last [`BURST`] when higher.
+    window: f64,
+    /// The higher of `window` and the rate over the last [`REACTION`].
+    fast: f64,
+}
+
 #[derive(Debug)]
 struct Pool {
     cfg: PoolConfig,
@@ -173,29 +182,35 @@ impl Pool {
         n as f64 / span.as_secs_f64()
     }
 
+    /// The claim rates one round of decisions works from (the queue of recent claims is
+    /// walked once per pool and round).
+    fn rates(&mut self, now: Instant) -> Rates {
+        let window = self.rate(now);
+        Rates { window, fast: window.max(self.rate_within(now, REACTION)) }
+    }
+
     /// Whether claims come faster than one boot at a time replaces them: the higher of
     /// [`Pool::rate`] and the rate over the last [`REACTION`] (so a sudden stream counts
     /// at once), times the time one boot takes, reaches [`PRESSED`].
-    fn pressed(&mut self, now: Instant) -> bool {
+    fn pressed(&self, r: &Rates) -> bool {
         let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
-        self.rate(now).max(self.rate_within(now, REACTION)) * refill >= PRESSED
+        r.fast * refill >= PRESSED
     }
 
     /// Boots a pressed pool runs at once: enough that they replace claims at the rate they
     /// come with the margin of [`PRESSED`] (claims per second × the time of one boot
     /// / [`PRESSED`]), at least [`FILL_PARALLEL`], at most [`FILL_MOST`]. One boot takes
     /// longer when the host is busy, so a slower host gets more boots at once.
-    fn boots_at_once(&mut self, now: Instant) -> usize {
+    fn boots_at_once(&self, r: &Rates) -> usize {
         let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
-        let rate = self.rate(now).max(self.rate_within(now, REACTION));
-        let n = (rate * refill / PRESSED).ceil();
+        let n = (r.fast * refill / PRESSED).ceil();
         if n.is_finite() { (n as usize).clamp(FILL_PARALLEL, FILL_MOST) } else { FILL_PARALLEL }
     }
 
     /// What demand asks for, within min and max (before host bounds).
-    fn demand(&mut self, now: Instant) -> usize {
+    fn demand(&self, r: &Rates) -> usize {
         let refill = self.refill.unwrap_or(Duration::from_millis(50)) + REACTION;
-        let want = (self.rate(now) * refill.as_secs_f64() * 2.0).ceil() as usize;
+        let want = (r.window * refill.as_secs_f64() * 2.0).ceil() as usize;
         want.clamp(self.cfg.min as usize, self.cfg.max as usize)
     }
 
@@ -507,7 +522,8 @@ impl Manager {
             p.ready = keep;
             pooled_total -= doomed.len();
             actions.extend(doomed.into_iter().map(Action::Destroy));
-            let demand = p.demand(now);
+            let rates = p.rates(now);
+            let demand = p.demand(&rates);
             // Host bounds: memory, and one uid slot always left for a cold create.
             let room = (pooled_total + free_slots).saturating_sub(1).min(mem_cap);
             let held = p.ready.len() + p.filling;
@@ -535,7 +551,7 @@ impl Manager {
             let quiet = p.recent.back().is_none_or(|t| now.duration_since(*t) >= QUIET);
             // Claims come faster than one boot at a time replaces them: waiting for a pause
             // or booting one at a time would let the pool run dry.
-            let pressed = p.pressed(now);
+            let pressed = p.pressed(&rates);
             if !p.refilling && !quiet && !pressed && p.ready.len() * 4 > p.target {
                 // Healthy and busy: wait for a pause in the claims.
                 *short = true;
@@ -545,7 +561,7 @@ impl Manager {
             // While claims keep coming and some are ready, one boot at a time (the other
             // core stays with the sandboxes being claimed and used), unless that is too few.
             let cap = match () {
-                _ if pressed => p.boots_at_once(now),
+                _ if pressed => p.boots_at_once(&rates),
                 _ if !quiet && !p.ready.is_empty() => 1,
                 _ => FILL_PARALLEL,
             };
@@ -796,6 +812,21 @@ fn read_mem_available() -> Option<u64> {
 mod tests {
     use super::*;
 
+    impl Pool {
+        fn pressed_at(&mut self, now: Instant) -> bool {
+            let r = self.rates(now);
+            self.pressed(&r)
+        }
+        fn boots_at_once_at(&mut self, now: Instant) -> usize {
+            let r = self.rates(now);
+            self.boots_at_once(&r)
+        }
+        fn demand_at(&mut self, now: Instant) -> usize {
+            let r = self.rates(now);
+            self.demand(&r)
+        }
+    }
+
     #[test]
     fn histogram_is_cumulative() {
         let mut h = Histogram::default();
@@ -816,22 +847,22 @@ mod tests {
         let mut p = Pool::new(PoolConfig { template: "t".into(), min: 1, max: 20 });
         let now = Instant::now();
         p.refill = Some(Duration::from_millis(4));
-        assert!(!p.pressed(now), "no claims");
+        assert!(!p.pressed_at(now), "no claims");
         // 10 claims in the last 100 ms: 100/s * 4 ms = 0.4 of a boot at a time.
         for _ in 0..10 {
             p.recent.push_back(now - Duration::from_millis(50));
         }
-        assert!(!p.pressed(now));
+        assert!(!p.pressed_at(now));
         // 30 more: 400/s * 4 ms = 1.6, although the last second holds only 40 (40/s).
         for _ in 0..30 {
             p.recent.push_back(now - Duration::from_millis(10));
         }
-        assert!(p.pressed(now));
+        assert!(p.pressed_at(now));
         // The stream stopped half a second ago: 40/s over the last second, 0.16.
-        assert!(!p.pressed(now + Duration::from_millis(500)));
+        assert!(!p.pressed_at(now + Duration::from_millis(500)));
         // Slow boots make a moderate stream too much for one at a time: 40/s * 25 ms = 1.
         p.refill = Some(Duration::from_millis(25));
-        assert!(p.pressed(now + Duration::from_millis(500)));
+        assert!(p.pressed_at(now + Duration::from_millis(500)));
     }
 
     #[test]
@@ -843,38 +874,38 @@ mod tests {
         }
         // 500/s over the last 100 ms; 2.5 ms per boot: 1.25 / 0.8 -> 2 at once.
         p.refill = Some(Duration::from_micros(2500));
-        assert_eq!(p.boots_at_once(now), 2);
+        assert_eq!(p.boots_at_once_at(now), 2);
         // 4 ms per boot: 2 / 0.8 = 2.5 -> 3.
         p.refill = Some(Duration::from_millis(4));
-        assert_eq!(p.boots_at_once(now), 3);
+        assert_eq!(p.boots_at_once_at(now), 3);
         // Very slow boots: at most FILL_MOST.
         p.refill = Some(Duration::from_millis(40));
-        assert_eq!(p.boots_at_once(now), FILL_MOST);
+        assert_eq!(p.boots_at_once_at(now), FILL_MOST);
         // No claims: the floor.
-        assert_eq!(p.boots_at_once(now + WINDOW * 2), FILL_PARALLEL);
+        assert_eq!(p.boots_at_once_at(now + WINDOW * 2), FILL_PARALLEL);
     }
 
     #[test]
     fn demand_follows_claims_within_bounds() {
         let mut p = Pool::new(PoolConfig { template: "t".into(), min: 1, max: 20 });
         let now = Instant::now();
-        assert_eq!(p.demand(now), 1, "no claims: min");
+        assert_eq!(p.demand_at(now), 1, "no claims: min");
         p.refill = Some(Duration::from_millis(100));
         // 100 claims in the window (older than a second) = 10/s; 10/s * (0.1 + 0.1) s * 2 = 4.
         let earlier = now - Duration::from_secs(2);
         for _ in 0..100 {
             p.recent.push_back(earlier);
         }
-        assert_eq!(p.demand(now), 4);
+        assert_eq!(p.demand_at(now), 4);
         // A burst: 30 claims in the last second count as 30/s at once.
         for _ in 0..30 {
             p.recent.push_back(now);
         }
-        assert_eq!(p.demand(now), 12);
+        assert_eq!(p.demand_at(now), 12);
         for _ in 0..10_000 {
             p.recent.push_back(now);
         }
-        assert_eq!(p.demand(now), 20, "bounded by max");
-        assert_eq!(p.demand(now + WINDOW + Duration::from_secs(1)), 1, "old claims age out");
+        assert_eq!(p.demand_at(now), 20, "bounded by max");
+        assert_eq!(p.demand_at(now + WINDOW + Duration::from_secs(1)), 1, "old claims age out");
     }
 }
