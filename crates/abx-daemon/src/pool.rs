@@ -21,8 +21,8 @@
 //! keep coming and some are ready (two when quiet or empty). Claims that come faster than
 //! one boot at a time replaces them ([`PRESSED`]) make the pool refill at once, however
 //! many it holds, with as many boots at a time as the claim rate times the time of one
-//! boot asks for (two to four, [`Pool::boots_at_once`]). When the template is rebuilt, pooled sandboxes of the old
-//! layers are destroyed and replaced.
+//! boot asks for (two to four, [`Pool::boots_at_once`]). When the template is rebuilt,
+//! pooled sandboxes of the old layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -53,7 +53,7 @@ pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
 /// Memory assumed per pooled sandbox when bounding pools by host memory.
 pub const SANDBOX_BYTES: u64 = 32 << 20;
 /// Claims per second times the time one boot takes at which one boot at a time no
-/// longer keeps up: the pool then refills at once and with [`FILL_PARALLEL`] boots.
+/// longer keeps up: the pool then refills at once, with [`Pool::boots_at_once`] boots.
 const PRESSED: f64 = 0.8;
 /// Boots in flight at once, over all pools, unless a pool is pressed.
 const FILL_PARALLEL: usize = 2;
