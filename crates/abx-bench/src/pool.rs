@@ -9,10 +9,11 @@
 //! is judged on: back to back, every claim's replacement boots during the next cycles, so
 //! that phase runs at the machine's capacity rather than at a claim's latency; a burst of
 //! `min` cycles, what claims alone sustain; then `--total` at `--concurrency`, as many as
-//! the clients manage; then the paced phase: `--claim-total` claims, each destroyed at once, offered at
-//! `--claim-rate` per second by `--concurrency` clients on a fixed schedule, which is what
-//! "N claims/s sustained while the pool keeps up" means: a closed loop of clients that
-//! claim as fast as they can always outruns a pool, since a boot does more than a claim)
+//! the clients manage; then the paced phase: `--claim-total` claims, each destroyed at
+//! once, offered at `--claim-rate` per second by `--concurrency` clients on a fixed
+//! schedule, which is what "N claims/s sustained while the pool keeps up" means: a
+//! closed loop of clients that claim as fast as they can always outruns a pool, since a
+//! boot does more than a claim)
 //! starts with the pool holding at least `min` again, and reports the pool's hits and
 //! misses across it (`GET /v1/pools/{template}` before and after), the lowest `ready` seen
 //! while it ran (sampled every 20 ms) and the daemon's own claim time (the
