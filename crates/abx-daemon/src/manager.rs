@@ -660,11 +660,22 @@ impl Manager {
     }
 
     /// Prepares the slot, asks the spawner, waits for the agent's exec. The caller empties
-    /// the slot if this fails.
+    /// the slot if this fails. A pooled sandbox boots in the idle CPU class.
     pub(crate) fn start_blocking(
+        &self,
+        rec: Record,
+        policy: &crate::net::policy::Policy,
+    ) -> CoreResult<(Record, OwnedFd)> {
+        let idle = rec.pooled;
+        self.start_blocking_as(rec, policy, idle)
+    }
+
+    /// [`Manager::start_blocking`], in the idle CPU class or not as `idle` says.
+    pub(crate) fn start_blocking_as(
         &self,
         mut rec: Record,
         policy: &crate::net::policy::Policy,
+        idle: bool,
     ) -> CoreResult<(Record, OwnedFd)> {
         let t0 = std::time::Instant::now();
         let dirs = self.slot_dirs(rec.uid_slot);
@@ -672,9 +683,9 @@ impl Manager {
         let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
         self.ensure_slot(rec.uid_slot, rec.layers.len()).map_err(setup_err)?;
         self.set_slot_limits(rec.uid_slot, &rec.limits).map_err(setup_err)?;
-        match self.set_slot_idle(rec.uid_slot, rec.pooled) {
+        match self.set_slot_idle(rec.uid_slot, idle) {
             // A pooled boot at normal priority still works.
-            Err(e) if rec.pooled => {
+            Err(e) if idle => {
                 warn!(slot = rec.uid_slot, error = %e, "cannot put a pooled boot in the idle CPU class")
             }
             r => r.map_err(setup_err)?,

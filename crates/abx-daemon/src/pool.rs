@@ -21,7 +21,8 @@
 //! keep coming and some are ready (two when quiet or empty). Claims that come faster than
 //! one boot at a time replaces them ([`PRESSED`]) make the pool refill at once, however
 //! many it holds, with as many boots at a time as the claim rate times the time of one
-//! boot asks for (two to four, [`Pool::boots_at_once`]). When the template is rebuilt,
+//! boot asks for (two to four, [`Pool::boots_at_once`]); pooled boots run in the idle
+//! CPU class, except those of a pressed pool that has run low. When the template is rebuilt,
 //! pooled sandboxes of the old layers are destroyed and replaced.
 
 use std::collections::{HashMap, VecDeque};
@@ -376,7 +377,8 @@ pub struct Claim {
 
 /// Work the filler decided on.
 enum Action {
-    Boot(Box<abx_template::Template>),
+    /// Boot one sandbox of the template; in the idle CPU class unless `false`.
+    Boot(Box<abx_template::Template>, bool),
     Destroy(Arc<Sandbox>),
 }
 
@@ -474,13 +476,13 @@ impl Manager {
             for a in actions {
                 match a {
                     Action::Destroy(sb) => self.destroy_pooled(sb),
-                    Action::Boot(t) => {
+                    Action::Boot(t, idle) => {
                         inflight.fetch_add(1, Ordering::SeqCst);
                         let this = self.clone();
                         let inflight = inflight.clone();
                         tokio::spawn(async move {
                             let t0 = Instant::now();
-                            let res = this.boot_pooled(&t).await;
+                            let res = this.boot_pooled(&t, idle).await;
                             inflight.fetch_sub(1, Ordering::SeqCst);
                             this.booted(&t.name, res, t0.elapsed());
                             this.pools.wake.notify_one();
@@ -568,6 +570,10 @@ impl Manager {
             if !quiet {
                 *short = true;
             }
+            // A pressed pool that has run low boots at normal priority: in the idle class
+            // its boots would get only the CPU that the creates it cannot serve (cold, at
+            // normal priority) leave, and it would not catch up again.
+            let idle = !(pressed && p.ready.len() * 4 <= p.target);
             let mut held = held;
             while held < p.target && budget > 0 && p.filling < cap && (pressed || filling_total < FILL_PARALLEL) {
                 p.filling += 1;
@@ -575,7 +581,7 @@ impl Manager {
                 pooled_total += 1;
                 filling_total += 1;
                 budget -= 1;
-                actions.push(Action::Boot(Box::new(template.clone())));
+                actions.push(Action::Boot(Box::new(template.clone()), idle));
             }
         }
         actions
@@ -612,7 +618,7 @@ impl Manager {
     }
 
     /// Boots one sandbox of `template` for its pool.
-    async fn boot_pooled(self: &Arc<Self>, template: &abx_template::Template) -> CoreResult<Arc<Sandbox>> {
+    async fn boot_pooled(self: &Arc<Self>, template: &abx_template::Template, idle: bool) -> CoreResult<Arc<Sandbox>> {
         if self.closing.load(Ordering::SeqCst) {
             return Err(CoreError::Conflict("the daemon is shutting down".into()));
         }
@@ -620,7 +626,7 @@ impl Manager {
         let rec = Record { pooled: true, ..self.new_record(new_id(), template, slot, now()) };
         let this = self.clone();
         let started =
-            tokio::task::spawn_blocking(move || this.start_blocking(rec, &crate::net::policy::Policy::none()))
+            tokio::task::spawn_blocking(move || this.start_blocking_as(rec, &crate::net::policy::Policy::none(), idle))
                 .await
                 .map_err(|e| CoreError::internal("pool boot task", e.to_string()))?;
         self.refill();
