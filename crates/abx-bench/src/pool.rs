@@ -13,9 +13,8 @@
 //! once, offered at `--claim-rate` per second by `--concurrency` clients on a fixed
 //! schedule, which is what "N claims/s sustained while the pool keeps up" means: a
 //! closed loop of clients that claim as fast as they can always outruns a pool, since a
-//! boot does more than a claim)
-//! starts with the pool holding at least `min` again, and reports the pool's hits and
-//! misses across it (`GET /v1/pools/{template}` before and after), the lowest `ready` seen
+//! boot does more than a claim) starts with the pool holding at least `min` again, and
+//! reports the pool's hits and misses across it (`GET /v1/pools/{template}` before and after), the lowest `ready` seen
 //! while it ran (sampled every 20 ms) and the daemon's own claim time (the
 //! `agentbox_pool_claim_seconds` histogram of `GET /metrics`, before and after).
 //! Afterwards it reports the pool's counters and removes the pool, so that no other

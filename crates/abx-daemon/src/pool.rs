@@ -465,10 +465,10 @@ impl Manager {
             }
             let woken = self.pools.wake.notified();
             let this = self.clone();
-            let budget = FILL_MOST.saturating_sub(inflight.load(Ordering::SeqCst));
+            let booting = inflight.load(Ordering::SeqCst);
             let (actions, short) = tokio::task::spawn_blocking(move || {
                 let mut short = false;
-                let a = this.plan(budget, &mut short);
+                let a = this.plan(booting, &mut short);
                 (a, short)
             })
             .await
@@ -497,15 +497,15 @@ impl Manager {
     }
 
     /// One round of decisions: stale or dead sandboxes out, boots up to each target.
-    fn plan(&self, mut budget: usize, short: &mut bool) -> Vec<Action> {
+    /// `booting`: boots in flight over all pools (at most [`FILL_PARALLEL`], or
+    /// [`FILL_MOST`] for a pressed pool).
+    fn plan(&self, mut booting: usize, short: &mut bool) -> Vec<Action> {
         let now = Instant::now();
         let mut actions = Vec::new();
         let mem_cap = mem_available().map_or(usize::MAX, |m| (m / 2 / SANDBOX_BYTES) as usize);
         let free_slots = self.free_slots();
         let names: Vec<String> = self.pools.lock().keys().cloned().collect();
         let mut pooled_total: usize = self.pools.lock().values().map(|p| p.ready.len() + p.filling).sum();
-        // Boots in flight over all pools: beyond FILL_PARALLEL only for a pressed pool.
-        let mut filling_total: usize = self.pools.lock().values().map(|p| p.filling).sum();
         for name in names {
             let template = self.templates.get(&name);
             let mut pools = self.pools.lock();
@@ -562,10 +562,12 @@ impl Manager {
             p.refilling = true;
             // While claims keep coming and some are ready, one boot at a time (the other
             // core stays with the sandboxes being claimed and used), unless that is too few.
-            let cap = match () {
-                _ if pressed => p.boots_at_once(&rates),
-                _ if !quiet && !p.ready.is_empty() => 1,
-                _ => FILL_PARALLEL,
+            let cap = if pressed {
+                p.boots_at_once(&rates)
+            } else if !quiet && !p.ready.is_empty() {
+                1
+            } else {
+                FILL_PARALLEL
             };
             if !quiet {
                 *short = true;
@@ -575,12 +577,12 @@ impl Manager {
             // normal priority) leave, and it would not catch up again.
             let idle = !(pressed && p.ready.len() * 4 <= p.target);
             let mut held = held;
-            while held < p.target && budget > 0 && p.filling < cap && (pressed || filling_total < FILL_PARALLEL) {
+            let limit = if pressed { FILL_MOST } else { FILL_PARALLEL };
+            while held < p.target && booting < limit && p.filling < cap {
                 p.filling += 1;
                 held += 1;
                 pooled_total += 1;
-                filling_total += 1;
-                budget -= 1;
+                booting += 1;
                 actions.push(Action::Boot(Box::new(template.clone()), idle));
             }
         }
