@@ -118,6 +118,43 @@ async fn background_processes_can_be_listed_attached_fed_and_signalled() {
 }
 
 #[tokio::test]
+async fn commands_start_with_default_signals_whatever_the_daemon_inherited() {
+    // A daemon started as a shell script's background job (`agentbox daemon &`) ignores
+    // SIGINT and SIGQUIT, and a child inherits what its parent ignores.
+    let d = Daemon::start_as_background_job().await;
+    // (The daemon catches SIGINT itself, to shut down; SIGQUIT stays ignored.)
+    let daemon = std::fs::read_to_string(format!("/proc/{}/status", d.pid().unwrap())).unwrap();
+    let ignored = daemon.lines().find_map(|l| l.strip_prefix("SigIgn:\t")).unwrap();
+    let quit = 1 << (libc::SIGQUIT - 1);
+    assert_eq!(u64::from_str_radix(ignored, 16).unwrap() & quit, quit, "the daemon ignores SIGQUIT: {daemon}");
+    let id = d.mini(Limits::default()).await;
+    for tty in [None, Some(TtySize { rows: 24, cols: 80 })] {
+        let mut req = cmd(&["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]);
+        req.tty = tty;
+        let (out, _, code) = d.exec(&id, req).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("SigIgn:\t0000000000000000"), "nothing ignored (tty {}): {out}", tty.is_some());
+        assert!(out.contains("SigBlk:\t0000000000000000"), "nothing blocked (tty {}): {out}", tty.is_some());
+    }
+    // So an interrupt stops a command, which it would not with SIGINT ignored.
+    let pid = d.client.exec_background(&id, &cmd(&["sleep", "100"])).await.unwrap();
+    let mut s = d.client.attach(&id, pid).await.unwrap();
+    d.client.signal(&id, pid, "INT").await.unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.next().await.unwrap() {
+                Some(abx_client::OutputEvent::Exit(st)) => return st,
+                Some(_) => {}
+                None => panic!("no exit event"),
+            }
+        }
+    })
+    .await
+    .expect("sleep still running 10 s after SIGINT");
+    assert_eq!(st.signal, Some(libc::SIGINT));
+}
+
+#[tokio::test]
 async fn terminal_sessions_have_a_size_and_can_be_resized() {
     let d = Daemon::start().await;
     let id = d.mini(Limits::default()).await;

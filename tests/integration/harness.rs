@@ -83,6 +83,9 @@ pub struct Daemon {
     pub subnet: String,
     /// Named network namespace the daemon runs in (None: the host's).
     pub netns: Option<String>,
+    /// Started as a shell script's background job would be: with SIGINT and SIGQUIT
+    /// ignored, which its children inherit.
+    background_job: bool,
     child: Option<Child>,
     /// Set by [`Daemon::adopt_spawner`]: reap this pid after the daemon stops.
     spawner: Option<u32>,
@@ -111,6 +114,17 @@ impl Daemon {
 
     /// Starts a daemon inside the named network namespace `netns` (made by the test).
     pub async fn start_in(netns: Option<&str>, extra: &[&str]) -> Daemon {
+        Self::start_opts(netns, extra, false).await
+    }
+
+    /// Starts a daemon the way `agentbox daemon &` in a shell script does: SIGINT and
+    /// SIGQUIT ignored (a non-interactive shell's background job), inherited by its
+    /// children unless something resets them.
+    pub async fn start_as_background_job() -> Daemon {
+        Self::start_opts(None, &[], true).await
+    }
+
+    async fn start_opts(netns: Option<&str>, extra: &[&str], background_job: bool) -> Daemon {
         assert!(rustix::process::geteuid().is_root(), "integration tests need root");
         // 0700, like `mktemp -d` or /root: the directories above a state root need not be
         // searchable by the sandboxes' users.
@@ -128,6 +142,7 @@ impl Daemon {
         let mut d = Daemon {
             subnet,
             netns: netns.map(String::from),
+            background_job,
             client: Client::new(&format!("unix:{}", socket.display())).unwrap(),
             root,
             socket,
@@ -187,6 +202,12 @@ impl Daemon {
                 c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(agentbox_bin());
                 c
             }
+            None if self.background_job => {
+                // `trap '' SIG` ignores SIG, and exec keeps what is ignored.
+                let mut c = Command::new("sh");
+                c.args(["-c", "trap '' INT QUIT; exec \"$0\" \"$@\""]).arg(agentbox_bin());
+                c
+            }
             None => Command::new(agentbox_bin()),
         };
         let child = cmd
@@ -208,6 +229,11 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
+    }
+
+    /// The daemon's pid (None while it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -13,7 +13,8 @@
 //!    listening socket and the mount trees): run the plan (overlay root, /proc, /sys,
 //!    /dev, masks, pivot_root, hostname, resolv.conf, volumes) → rlimits → stdio to
 //!    /dev/null, listening socket to fd 3, everything else close-on-exec → new session →
-//!    drop capabilities → no_new_privs + seccomp → exec the agent.
+//!    default signal dispositions, nothing blocked → drop capabilities → no_new_privs +
+//!    seccomp → exec the agent.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -148,6 +149,10 @@ fn setup(go: &Go, io: &ShellIo) -> Result<Infallible, String> {
     set_limits(spec.nofile)?;
     arrange_fds(go)?;
     ctx("setsid", rustix::process::setsid())?;
+    // The agent, and through it every command, starts from default signal dispositions,
+    // whatever the daemon inherited (a daemon started as a shell's background job
+    // ignores SIGINT and SIGQUIT, which every command would otherwise inherit).
+    ctx("reset signals", abx_sys::process::reset_signals())?;
     ctx("drop capabilities", abx_sys::process::restrict_capabilities(&spec.capabilities))?;
     ctx("clear parent death signal", rustix::process::set_parent_process_death_signal(None))?;
     for (i, prog) in spec.seccomp.iter().enumerate() {

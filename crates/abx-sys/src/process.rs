@@ -84,6 +84,21 @@ pub fn unshare(namespaces: u64) -> io::Result<()> {
     cvt(unsafe { libc::unshare(namespaces as libc::c_int) } as libc::c_long).map(drop)
 }
 
+/// Every signal's disposition back to the default (but `SIGKILL`'s and `SIGSTOP`'s,
+/// which cannot change) and nothing blocked, as a process starts when nothing before it
+/// changed them. For a process about to exec something that must not inherit what its
+/// ancestors ignored (a daemon started as a shell's background job ignores `SIGINT` and
+/// `SIGQUIT`). Any handler of the caller is gone afterwards.
+pub fn reset_signals() -> io::Result<()> {
+    // SAFETY: raw rt_sigaction calls on a struct of their own; the caller accepts
+    // losing its handlers (documented above).
+    unsafe { crate::spawn::default_dispositions() };
+    let empty = crate::spawn::unsafe_zeroed_sigset();
+    // SAFETY: sets this thread's mask from an empty set that lives for the call.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    if r == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(r)) }
+}
+
 /// Executes the program open at `fd` (`execveat(fd, "", .., AT_EMPTY_PATH)`).
 /// Returns only on failure.
 pub fn exec_fd(fd: RawFd, argv: &[CString], envp: &[CString]) -> io::Error {
