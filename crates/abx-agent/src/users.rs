@@ -182,7 +182,10 @@ fn from_entry(e: &PasswdEntry) -> User {
 fn read_small(path: &str) -> String {
     let mut text = String::new();
     if let Ok(f) = std::fs::File::open(path) {
-        let mut bytes = Vec::new();
+        // Room for a usual passwd or group file at once: `Take` gives `read_to_end` no
+        // size hint, and from an empty vector it reads 32 bytes, then 32, 64, ... (seven
+        // reads for a stock passwd, on every exec).
+        let mut bytes = Vec::with_capacity(8192);
         let _ = f.take(MAX_DB_FILE).read_to_end(&mut bytes);
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
