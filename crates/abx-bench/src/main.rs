@@ -305,16 +305,16 @@ async fn run(a: Args) -> anyhow::Result<()> {
     if has("api") {
         subjects.push(("api", "agentbox (API)".into(), api.clone()));
     }
-    if has("run") {
+    // Also the pool subject's one-request phases.
+    let run_once: CycleFn = {
         let (c, t) = (client.clone(), a.template.clone());
-        subjects.push((
-            "run",
-            "agentbox (API, one request)".into(),
-            Arc::new(move || {
-                let (c, t) = (c.clone(), t.clone());
-                Box::pin(async move { run_once_cycle(&c, &t).await })
-            }),
-        ));
+        Arc::new(move || {
+            let (c, t) = (c.clone(), t.clone());
+            Box::pin(async move { run_once_cycle(&c, &t).await })
+        })
+    };
+    if has("run") {
+        subjects.push(("run", "agentbox (API, one request)".into(), run_once.clone()));
     }
     if has("cli") {
         let (cli, host, t) = (a.cli.clone(), a.host.clone(), a.template.clone());
@@ -361,7 +361,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
                 claim_total: a.claim_total,
                 cycle_rate: a.cycle_rate,
             };
-            let fs = (f, &claim);
+            let fs = (f, &claim, &run_once);
             report.pool = Some(pool::bench(&client, &a.template, (min, max), sizes, name, fs, &mut report).await?);
             continue;
         }

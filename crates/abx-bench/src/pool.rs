@@ -14,9 +14,12 @@
 //! schedule, which is what "N claims/s sustained while the pool keeps up" means: a
 //! closed loop of clients that claim as fast as they can always outruns a pool, since a
 //! boot does more than a claim) starts with the pool holding at least `min` again, and
-//! reports the pool's hits and misses across it (`GET /v1/pools/{template}` before and after), the lowest `ready` seen
-//! while it ran (sampled every 20 ms) and the daemon's own claim time (the
+//! reports the pool's hits and misses across it (`GET /v1/pools/{template}` before and
+//! after), the lowest `ready` seen while it ran (sampled every 20 ms) and the daemon's own claim time (the
 //! `agentbox_pool_claim_seconds` histogram of `GET /metrics`, before and after).
+//! After those phases the same claim, exec and destroy go through the one-request
+//! endpoint (`POST /v1/run`, what `agentbox run` uses for a one-shot command), back to
+//! back and paced like the one-client phase: one HTTP round trip instead of three.
 //! Afterwards it reports the pool's counters and removes the pool, so that no other
 //! subject meets it.
 
@@ -135,7 +138,7 @@ pub async fn bench(
     (min, max): (u32, u32),
     sizes: Sizes,
     name: &str,
-    fs: (&CycleFn, &CycleFn),
+    fs: (&CycleFn, &CycleFn, &CycleFn),
     report: &mut Report,
 ) -> anyhow::Result<PoolReport> {
     let res = bench_inner(client, template, (min, max), sizes, name, fs, report).await;
@@ -155,7 +158,7 @@ async fn bench_inner(
     (min, max): (u32, u32),
     sizes: Sizes,
     name: &str,
-    (f, claim): (&CycleFn, &CycleFn),
+    (f, claim, run): (&CycleFn, &CycleFn, &CycleFn),
     report: &mut Report,
 ) -> anyhow::Result<PoolReport> {
     let Sizes { iterations, total, workers, claim_rate, claim_total, cycle_rate } = sizes;
@@ -201,6 +204,15 @@ async fn bench_inner(
     let load = Load::Paced(workers, claim_rate);
     let claims = "agentbox (API, warm pool): claim + destroy".to_string();
     let (paced, paced_phase) = phase(client, template, min, "paced claims", &claims, claim, claim_total, load).await?;
+    let run_name = "agentbox (API, one request, warm pool)";
+    warm_up(iterations.min(10), run).await?;
+    eprintln!("{run_name}: {iterations} sequential cycles");
+    let (run_seq, run_seq_phase) =
+        phase(client, template, min, "one request, sequential", run_name, run, iterations, Load::Sequential).await?;
+    eprintln!("{run_name}: {iterations} cycles, one client paced at {cycle_rate}/s");
+    let load = Load::Paced(1, cycle_rate);
+    let (run_one, run_one_phase) =
+        phase(client, template, min, "one request, one client, paced", run_name, run, iterations, load).await?;
     let ratio = one.median_ms / fe_paced_median.max(1e-9);
     let ratio_to_back_to_back_fork_exec = one.median_ms / fe_median.max(1e-9);
     let ratio_back_to_back = seq.median_ms / fe_median.max(1e-9);
@@ -208,6 +220,8 @@ async fn bench_inner(
     report.push(one);
     report.push(conc);
     report.push(paced);
+    report.push(run_seq);
+    report.push(run_one);
 
     let end = client.pool(template).await.context("the pool's counters")?;
     let cold = match metrics(client).await {
@@ -225,7 +239,7 @@ async fn bench_inner(
         ratio_to_fork_exec: ratio,
         ratio_to_back_to_back_fork_exec,
         ratio_back_to_back,
-        phases: vec![seq_phase, one_phase, burst_phase, conc_phase, paced_phase],
+        phases: vec![seq_phase, one_phase, burst_phase, conc_phase, paced_phase, run_seq_phase, run_one_phase],
         end,
         cold_create_ms_mean: cold,
     })
@@ -496,7 +510,7 @@ impl PoolReport {
             line(format!("Last boot error: {err}"));
         }
         line(String::new());
-        let [seq, one, burst, conc, paced] = &self.phases[..] else { return o };
+        let [seq, one, burst, conc, paced, run_seq, run_one] = &self.phases[..] else { return o };
         let late = paced.late.unwrap_or(0);
         let offered = paced.offered_per_second.unwrap_or(0.0);
         // Sustained: the offered rate and the clients are the target's, and at most 1% of
@@ -525,6 +539,18 @@ impl PoolReport {
             self.fork_exec_p95_ms,
             self.ratio_to_back_to_back_fork_exec,
             verdict(self.ratio_to_fork_exec <= FORK_EXEC_RATIO && kept_up)
+        ));
+        line(format!(
+            "| (the same in one request, `POST /v1/run` as `agentbox run` sends it: one client, {:.0}/s offered; back to back) | {:.2} ms (p95 {:.2}), hit rate {:.1}%, ratio to fork+exec {:.2}; back to back {:.2} ms (p95 {:.2}), {:.0} cycles/s, hit rate {:.1}% | |",
+            run_one.offered_per_second.unwrap_or(0.0),
+            run_one.median_ms,
+            run_one.p95_ms,
+            run_one.hit_rate * 100.0,
+            run_one.median_ms / self.fork_exec_paced_median_ms.max(1e-9),
+            run_seq.median_ms,
+            run_seq.p95_ms,
+            run_seq.per_second,
+            run_seq.hit_rate * 100.0,
         ));
         line(format!(
             "| (the same cycle back to back, one client: every claim's replacement boots during the next cycles, so this runs at the machine's capacity) | {:.2} ms (p95 {:.2}), {:.0} cycles/s, hit rate {:.1}%; ratio to fork+exec {:.2} | |",

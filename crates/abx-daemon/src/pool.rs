@@ -183,6 +183,11 @@ impl Pool {
         n as f64 / span.as_secs_f64()
     }
 
+    /// How long one boot takes: the measured refill time, 50 ms until one was measured.
+    fn boot_time(&self) -> Duration {
+        self.refill.unwrap_or(Duration::from_millis(50))
+    }
+
     /// The claim rates one round of decisions works from (the queue of recent claims is
     /// walked once per pool and round).
     fn rates(&mut self, now: Instant) -> Rates {
@@ -194,8 +199,7 @@ impl Pool {
     /// [`Pool::rate`] and the rate over the last [`REACTION`] (so a sudden stream counts
     /// at once), times the time one boot takes, reaches [`PRESSED`].
     fn pressed(&self, r: &Rates) -> bool {
-        let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
-        r.fast * refill >= PRESSED
+        r.fast * self.boot_time().as_secs_f64() >= PRESSED
     }
 
     /// Boots a pressed pool runs at once: enough that they replace claims at the rate they
@@ -203,14 +207,13 @@ impl Pool {
     /// / [`PRESSED`]), at least [`FILL_PARALLEL`], at most [`FILL_MOST`]. One boot takes
     /// longer when the host is busy, so a slower host gets more boots at once.
     fn boots_at_once(&self, r: &Rates) -> usize {
-        let refill = self.refill.unwrap_or(Duration::from_millis(50)).as_secs_f64();
-        let n = (r.fast * refill / PRESSED).ceil();
+        let n = (r.fast * self.boot_time().as_secs_f64() / PRESSED).ceil();
         if n.is_finite() { (n as usize).clamp(FILL_PARALLEL, FILL_MOST) } else { FILL_PARALLEL }
     }
 
     /// What demand asks for, within min and max (before host bounds).
     fn demand(&self, r: &Rates) -> usize {
-        let refill = self.refill.unwrap_or(Duration::from_millis(50)) + REACTION;
+        let refill = self.boot_time() + REACTION;
         let want = (r.window * refill.as_secs_f64() * 2.0).ceil() as usize;
         want.clamp(self.cfg.min as usize, self.cfg.max as usize)
     }
