@@ -438,6 +438,23 @@ impl Daemon {
         (sb.uid_base - self.uid_start) / 65536
     }
 
+    /// Panics unless the slot is empty ([`Daemon::slot_leftovers`]) within 2 s: the
+    /// spawner replaces its prepared shells whenever a mount goes away on the host (other
+    /// tests unmount all the time), and a replaced shell, SIGKILLed and not waited for, is
+    /// still in the slot's cgroups for a moment after its memory is gone, when it no longer
+    /// looks like a shell. A real leftover stays.
+    pub fn assert_slot_empty(&self, slot: u32) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = self.slot_leftovers(slot);
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "slot {slot} still holds {left:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What is left in a slot: processes in its cgroups, files in its upper and work
     /// directories, an agent socket. Empty once a sandbox is gone.
     pub fn slot_leftovers(&self, slot: u32) -> Vec<String> {
@@ -448,9 +465,14 @@ impl Daemon {
             if let Ok(p) = std::fs::read_to_string(&procs) {
                 // A prepared shell (a fork of the spawner waiting for the next sandbox) is
                 // not a leftover.
-                left.extend(
-                    p.lines().filter(|pid| !is_shell(pid)).map(|pid| format!("process {pid} in {}", procs.display())),
-                );
+                left.extend(p.lines().filter(|pid| !is_shell(pid)).map(|pid| {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    let brief: Vec<&str> = status
+                        .lines()
+                        .filter(|l| ["Name:", "State:", "PPid:", "NSpid:"].iter().any(|k| l.starts_with(k)))
+                        .collect();
+                    format!("process {pid} ({}) in {}", brief.join(", "), procs.display())
+                }));
             }
         }
         let dir = self.slots.join(&name);

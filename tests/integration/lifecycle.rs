@@ -135,7 +135,7 @@ async fn failed_setup_leaves_nothing_behind() {
     assert!(e.to_string().contains("exec guest agent"), "{e}");
     let id = e.to_string().split_whitespace().nth(1).unwrap().to_string();
     assert_eq!(id.len(), 12, "the message names the sandbox: {e}");
-    assert!(d.slot_leftovers(0).is_empty(), "{:?}", d.slot_leftovers(0));
+    d.assert_slot_empty(0);
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
 }
 

@@ -95,5 +95,5 @@ async fn dead_sandboxes_are_cleaned_up_on_restart() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.spawn(&[]).await;
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
-    assert!(d.slot_leftovers(d.slot_of(&sb)).is_empty(), "{:?}", d.slot_leftovers(d.slot_of(&sb)));
+    d.assert_slot_empty(d.slot_of(&sb));
 }
