@@ -586,7 +586,7 @@ impl Core {
         if let Some(u) = &user {
             validate::user(u)?;
         }
-        Ok(user.or_else(|| self.manager.get(key).ok().and_then(|sb| sb.record().user)))
+        Ok(user.or_else(|| self.manager.get(key).ok().and_then(|sb| sb.read(|r| r.user.clone()))))
     }
 
     async fn call<T: serde::de::DeserializeOwned>(&self, key: &str, req: &Request) -> CoreResult<T> {
@@ -698,7 +698,7 @@ impl Core {
             memory_bytes: s.memory_current,
             memory_peak_bytes: s.memory_peak,
             memory_limit_bytes: s.memory_limit,
-            oom_kills: s.oom_kills.saturating_sub(sb.record().oom_kills_base),
+            oom_kills: s.oom_kills.saturating_sub(sb.read(|r| r.oom_kills_base)),
             pids: s.pids_current,
             pids_limit: s.pids_limit,
             cpu_usage_usec: s.cpu_usage_usec,

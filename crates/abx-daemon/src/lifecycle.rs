@@ -424,7 +424,7 @@ impl Manager {
         self.store().put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
         // Re-registered without a slot.
         let new = self.register(sb.record(), None);
-        self.release_after_stop(sb.record().uid_slot, &new.id).await;
+        self.release_after_stop(sb.read(|r| r.uid_slot), &new.id).await;
         info!(sandbox = %new.id, "stopped");
         Ok(new.record())
     }
@@ -497,7 +497,7 @@ impl Manager {
     /// What an expired timeout does.
     pub(crate) async fn on_timeout(self: &Arc<Self>, id: &str) {
         let Ok(sb) = self.get(id) else { return };
-        let action = sb.record().on_timeout;
+        let action = sb.read(|r| r.on_timeout);
         info!(sandbox = %id, ?action, "timeout expired");
         let res = match action {
             TimeoutAction::Stop => self.stop(id).await.map(drop),

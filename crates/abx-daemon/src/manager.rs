@@ -911,7 +911,7 @@ impl Manager {
         if let Some(h) = slot.take() {
             h.abort();
         }
-        let Some(at) = sb.record().expires_at else { return };
+        let Some(at) = sb.read(|r| r.expires_at) else { return };
         let wait = Duration::from_secs(at.saturating_sub(now()));
         let this = self.clone();
         let id = sb.id.clone();
@@ -1123,8 +1123,8 @@ impl Manager {
         let Some(net) = self.net.clone() else {
             return Ok(sb.record());
         };
-        let slot = sb.record().uid_slot;
-        if !matches!(sb.record().state, SandboxState::Running | SandboxState::Paused) {
+        let (slot, state) = sb.read(|r| (r.uid_slot, r.state));
+        if !matches!(state, SandboxState::Running | SandboxState::Paused) {
             return Err(CoreError::Conflict(format!("sandbox {} is not running", sb.id)));
         }
         tokio::task::spawn_blocking(move || net.set_policy(slot, &policy))
@@ -1216,7 +1216,7 @@ impl Manager {
                 warn!(sandbox = %sb.id, "PID 1 did not exit within 10 s of SIGKILL; cleaning up anyway");
             }
             // The slot is reused only once it is empty: no process, no files, no record.
-            let slot = sb.record().uid_slot;
+            let slot = sb.read(|r| r.uid_slot);
             let this2 = this.clone();
             let id = sb.id.clone();
             let res = tokio::task::spawn_blocking(move || {
@@ -1466,7 +1466,7 @@ impl crate::net::ingress::Router for IngressRouter {
             _ => return None,
         }
         sb.touch();
-        Some(m.net.as_ref()?.slot_addr(sb.record().uid_slot))
+        Some(m.net.as_ref()?.slot_addr(sb.read(|r| r.uid_slot)))
     }
 }
 

@@ -274,7 +274,7 @@ impl Pools {
         // Newest first: on this VM a process that has slept a while is slower to run
         // again, and a sandbox whose boot just ran has slept least (docs/design.md).
         while let Some(sb) = p.ready.pop_back() {
-            let ok = !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == layers;
+            let ok = !*sb.exited.borrow() && sb.read(|r| r.state == SandboxState::Running && r.layers == layers);
             if ok {
                 found = Some(sb);
                 break;
@@ -299,7 +299,7 @@ impl Pools {
 
     /// Layers under pooled sandboxes (kept by template garbage collection).
     pub fn layers(&self) -> Vec<String> {
-        self.lock().values().flat_map(|p| p.ready.iter().flat_map(|s| s.record().layers)).collect()
+        self.lock().values().flat_map(|p| p.ready.iter().flat_map(|s| s.read(|r| r.layers.clone()))).collect()
     }
 
     /// Every pool's state, sorted by template.
@@ -522,7 +522,7 @@ impl Manager {
                 }
             };
             let (keep, doomed): (VecDeque<_>, VecDeque<_>) = p.ready.drain(..).partition(|sb: &Arc<Sandbox>| {
-                !*sb.exited.borrow() && sb.state() == SandboxState::Running && sb.record().layers == template.layers
+                !*sb.exited.borrow() && sb.read(|r| r.state == SandboxState::Running && r.layers == template.layers)
             });
             p.ready = keep;
             pooled_total -= doomed.len();
@@ -696,11 +696,11 @@ impl Manager {
     }
 
     fn apply_claim(&self, sb: &Sandbox, c: &Claim) -> Result<(), String> {
-        let rec = sb.record();
-        self.set_slot_limits(rec.uid_slot, &c.limits)?;
-        self.set_slot_idle(rec.uid_slot, false)?;
+        let slot = sb.read(|r| r.uid_slot);
+        self.set_slot_limits(slot, &c.limits)?;
+        self.set_slot_idle(slot, false)?;
         if let Some(net) = &self.net {
-            net.attach(rec.uid_slot, &rec.id, &c.policy).map_err(|e| format!("network policy: {e}"))?;
+            net.attach(slot, &sb.id, &c.policy).map_err(|e| format!("network policy: {e}"))?;
         }
         let created_at = now();
         let rec = sb.update(|r| {

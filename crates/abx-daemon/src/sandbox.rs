@@ -147,6 +147,11 @@ impl Sandbox {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Reads the record in place (no copy): for a field or two of it.
+    pub fn read<R>(&self, f: impl FnOnce(&Record) -> R) -> R {
+        f(&self.record.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn update<R>(&self, f: impl FnOnce(&mut Record) -> R) -> R {
         f(&mut self.record.lock().unwrap_or_else(|e| e.into_inner()))
     }
