@@ -235,6 +235,20 @@ async fn inherited_descriptors_do_not_reach_sandboxes() {
     drop(stray);
 }
 
+/// A script for inside a sandbox: listens on `port` with `nc`, sends `word` to it over
+/// loopback once the listener answers, and prints what the listener received (waiting for
+/// each step up to 5 s, not a fixed time: a loaded host may be slow to start either side).
+/// The listener's input stays open: busybox `nc` shuts its sending side down when its
+/// input ends, and a client that sees that before it has read its own input exits without
+/// sending anything.
+fn talk_to_self(port: u16, word: &str) -> String {
+    format!(
+        "sleep 30 2>/dev/null | nc -l -p {port} > /tmp/got & \
+         for i in $(seq 50); do echo {word} | nc 127.0.0.1 {port} 2>/dev/null && break; sleep 0.1; done; \
+         for i in $(seq 50); do [ -s /tmp/got ] && break; sleep 0.1; done; cat /tmp/got"
+    )
+}
+
 /// Runs a shell script as root inside the sandbox.
 async fn root_sh(d: &Daemon, id: &str, script: &str) -> (String, String, i32) {
     let req = ExecRequest {
@@ -264,8 +278,7 @@ async fn the_network_namespace_cannot_be_reconfigured_but_serves_ordinary_use() 
     let (out, _, _) = root_sh(&d, &a, "ip -o link show lo").await;
     assert!(out.contains("UP"), "loopback stays up: {out}");
     // Ports below 1024 are open to the unprivileged default user.
-    let (out, err, code) =
-        d.sh(&a, "nc -l -p 80 > /tmp/got & sleep 0.3; echo ping | nc 127.0.0.1 80; sleep 0.2; cat /tmp/got").await;
+    let (out, err, code) = d.sh(&a, &talk_to_self(80, "ping")).await;
     assert_eq!((out.as_str(), code), ("ping\n", 0), "{err}");
     // A listener left behind dies with its sandbox: the next one on this slot finds the
     // port free and nothing answering.
@@ -276,8 +289,7 @@ async fn the_network_namespace_cannot_be_reconfigured_but_serves_ordinary_use() 
     assert_eq!(d.slot_of(&d.client.get_sandbox(&b).await.unwrap()), 0);
     let (_, _, code) = d.sh(&b, "echo x | nc -w 1 127.0.0.1 8080").await;
     assert_ne!(code, 0, "nothing listens on 8080 any more");
-    let (out, err, code) =
-        d.sh(&b, "nc -l -p 8080 > /tmp/got & sleep 0.3; echo again | nc 127.0.0.1 8080; sleep 0.2; cat /tmp/got").await;
+    let (out, err, code) = d.sh(&b, &talk_to_self(8080, "again")).await;
     assert_eq!((out.as_str(), code), ("again\n", 0), "{err}");
 }
 
@@ -320,8 +332,16 @@ async fn the_agent_cannot_be_signalled_from_inside_and_reaps_orphans() {
     assert_eq!(u64::from_str_radix(caught, 16).unwrap(), 1 << 16, "{out}");
     // Still serving, and orphans (a background child whose parent exited) are reaped:
     // none is left a zombie.
-    let (out, err, code) =
-        root_sh(&d, &id, "(sleep 0.2 &) ; sleep 0.5; grep -l '^State:.*Z' /proc/[0-9]*/status || true").await;
+    let (out, err, code) = root_sh(
+        &d,
+        &id,
+        // Looked at again for up to 5 s (a loaded host may reap late); one never reaped
+        // stays a zombie.
+        "(sleep 0.2 &) ; sleep 0.5; for i in $(seq 50); do \
+               z=$(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null); [ -z \"$z\" ] && break; sleep 0.1; \
+             done; echo $z",
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "", "zombies left: {out}");
     let (out, _, code) = d.sh(&id, "echo alive").await;
