@@ -109,8 +109,15 @@ async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<
 
 pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
     let sb = create_sandbox(client, &create_request(&a.create, a.name)).await?;
-    if a.create.net_test && !super::net::test_after_create(client, &sb.id).await? {
-        return Ok(1);
+    if a.create.net_test {
+        // A sandbox whose policy does not hold (or could not be tested) is not handed out.
+        let held = super::net::test_after_create(client, &sb.id).await;
+        if !matches!(held, Ok(true)) {
+            client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
+            eprintln!("sandbox {} destroyed", sb.id);
+            held?;
+            return Ok(super::EXIT_ERROR);
+        }
     }
     println!("{}", sb.id);
     Ok(0)
@@ -124,11 +131,15 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     if a.keep {
         eprintln!("{}", sb.id);
     }
-    if a.create.net_test && !super::net::test_after_create(client, &sb.id).await? {
-        if !a.keep {
-            client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
+    if a.create.net_test {
+        let held = super::net::test_after_create(client, &sb.id).await;
+        if !matches!(held, Ok(true)) {
+            if !a.keep {
+                client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
+            }
+            held?;
+            return Ok(super::EXIT_ERROR);
         }
-        return Ok(super::EXIT_ERROR);
     }
     let req = ExecRequest { cmd: a.cmd.clone(), ..Default::default() };
     let result = tokio::select! {

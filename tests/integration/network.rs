@@ -353,6 +353,14 @@ async fn net_test_from_the_cli_proves_the_policy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("github.com:0"));
     assert_eq!(w.d.client.list_sandboxes().await.unwrap().len(), before);
+    // A policy that does not hold (an allowed address where nothing answers) fails the
+    // create, and the sandbox is not left behind, as with `run --net-test`.
+    let out = w.d.cli(&["create", "-T", "mini", "--allow", "198.51.100.99:80", "--net-test"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(out.stdout.is_empty(), "no id is printed for a sandbox that is gone");
+    assert!(err.contains("198.51.100.99:80") && err.contains("destroyed"), "{err}");
+    assert_eq!(w.d.client.list_sandboxes().await.unwrap().len(), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,16 @@ async fn claims_are_isolated_never_reused_and_refilled() {
     let b = d.client.create_sandbox(&mini()).await.unwrap();
     let p = d.client.pool("mini").await.unwrap();
     assert_eq!((p.hits, p.misses), (2, 0), "both creates were claims: {p:?}");
+    // Creates the pool cannot serve are made cold and counted as misses.
+    let persistent = d.client.create_sandbox(&CreateSandbox { persist: true, ..mini() }).await.unwrap();
+    let mut other = mini();
+    other.limits.open_files = Some(100);
+    let other = d.client.create_sandbox(&other).await.unwrap();
+    let p = d.client.pool("mini").await.unwrap();
+    assert_eq!((p.hits, p.misses, p.hit_rate), (2, 2, 0.5), "{p:?}");
+    for id in [&persistent.id, &other.id] {
+        d.client.delete_sandbox(id, true).await.unwrap();
+    }
     assert_ne!(a.id, b.id);
     assert_eq!(a.state, SandboxState::Running);
 
@@ -152,6 +162,22 @@ async fn a_claim_applies_the_callers_settings() {
     // A name is unique across claims too.
     assert!(d.client.create_sandbox(&req).await.is_err());
     d.client.delete_sandbox(&sb.id, true).await.unwrap();
+}
+
+#[tokio::test]
+async fn lowering_max_gives_the_excess_back_at_once() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    d.client.set_pool("mini", 3, 3).await.unwrap();
+    ready(&d, 3).await;
+    d.client.set_pool("mini", 1, 1).await.unwrap();
+    // Not after the 30 s a pool above a target that fell with demand waits.
+    d.wait_for("the pool trimmed to its new max", Duration::from_secs(5), || async {
+        let p = d.client.pool("mini").await.unwrap();
+        p.ready + p.filling == 1
+    })
+    .await;
+    assert_eq!(d.client.pool("mini").await.unwrap().ready, 1);
 }
 
 #[tokio::test]

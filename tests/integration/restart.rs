@@ -97,3 +97,40 @@ async fn dead_sandboxes_are_cleaned_up_on_restart() {
     assert!(d.client.list_sandboxes().await.unwrap().is_empty());
     d.assert_slot_empty(d.slot_of(&sb));
 }
+
+/// A sandbox that lives for one request (a `run`, a RUN step of a template build) cannot be
+/// used or removed by anyone once its daemon is gone: the next daemon removes it instead of
+/// keeping it (a build step's sandbox has no timeout and would stay for good).
+#[tokio::test]
+async fn sandboxes_of_a_run_or_a_build_step_do_not_outlive_their_daemon() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let build = abx_client::BuildTemplate {
+        name: "slow".into(),
+        dockerfile: Some("FROM mini\nRUN sleep 1000\n".into()),
+        ..Default::default()
+    };
+    let building = d.client.build_template(&build).await.unwrap();
+    let run = abx_client::RunRequest {
+        sandbox: abx_client::CreateSandbox { template: Some("mini".into()), ..Default::default() },
+        exec: ExecRequest { cmd: vec!["sleep".into(), "1000".into()], ..Default::default() },
+    };
+    let running = d.client.run_once(&run).await.unwrap();
+    let kept = d.mini(Limits::default()).await;
+    d.wait_for("the build step's and the run's sandboxes", Duration::from_secs(30), || async {
+        d.client.list_sandboxes().await.unwrap().len() == 3
+    })
+    .await;
+    let doomed: Vec<_> = d.client.list_sandboxes().await.unwrap().into_iter().filter(|s| s.id != kept).collect();
+    assert!(doomed.iter().any(|s| s.metadata.contains_key("agentbox.build")), "{doomed:?}");
+
+    d.kill9();
+    drop((building, running));
+    d.spawn(&[]).await;
+    let left: Vec<String> = d.client.list_sandboxes().await.unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(left, std::slice::from_ref(&kept), "only the sandbox made by a create is adopted");
+    for sb in &doomed {
+        d.assert_slot_empty(d.slot_of(sb));
+    }
+    assert_eq!(d.sh(&kept, "echo still here").await.0, "still here\n");
+}

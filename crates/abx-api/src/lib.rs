@@ -244,8 +244,9 @@ pub struct RollbackRequest {
 /// the host, the daemon, other sandboxes or link-local and metadata addresses, and UDP
 /// port 443 (QUIC) is refused so that clients fall back to TCP.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "NetworkPolicyInput")]
 pub struct NetworkPolicy {
+    /// `none` when left out, or `allow` when left out and `allow` rules are given.
     #[serde(default)]
     pub mode: NetMode,
     /// Rules that allow more (with `allow`, the only things allowed): a domain
@@ -255,6 +256,23 @@ pub struct NetworkPolicy {
     /// naming them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+}
+
+/// [`NetworkPolicy`] as a client may send it: the mode may be left out.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkPolicyInput {
+    #[serde(default)]
+    mode: Option<NetMode>,
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+impl From<NetworkPolicyInput> for NetworkPolicy {
+    fn from(p: NetworkPolicyInput) -> Self {
+        let implied = if p.allow.is_empty() { NetMode::None } else { NetMode::Allow };
+        NetworkPolicy { mode: p.mode.unwrap_or(implied), allow: p.allow }
+    }
 }
 
 /// Egress modes.
@@ -779,4 +797,26 @@ pub struct DataInfo {
     /// Bytes used and still available on the data filesystem.
     pub used_bytes: u64,
     pub available_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_policy_without_a_mode_is_none_or_allow_by_its_rules() {
+        let p = |s: &str| serde_json::from_str::<NetworkPolicy>(s);
+        assert_eq!(p("{}").unwrap(), NetworkPolicy::default());
+        assert_eq!(
+            p(r#"{"allow":["x.com"]}"#).unwrap(),
+            NetworkPolicy { mode: NetMode::Allow, allow: vec!["x.com".into()] }
+        );
+        let public = p(r#"{"mode":"public","allow":["10.0.0.0/8"]}"#).unwrap();
+        assert_eq!(public.mode, NetMode::Public);
+        // An explicit `none` with rules stays what was asked for (and is refused later).
+        assert_eq!(p(r#"{"mode":"none","allow":["x.com"]}"#).unwrap().mode, NetMode::None);
+        assert!(p(r#"{"mode":"none","alow":[]}"#).unwrap_err().to_string().contains("alow"));
+        let round = serde_json::to_string(&public).unwrap();
+        assert_eq!(p(&round).unwrap(), public);
+    }
 }

@@ -369,7 +369,7 @@ impl Builder {
             metadata: BTreeMap::from([("agentbox.build".to_string(), self.name.clone())]),
             ..Default::default()
         };
-        let sb = self.m.create_on(req, Some(template)).await?;
+        let sb = self.m.create_on(req, Some(template), true).await?;
         let res = self.run_in(&sb, st, argv, env).await;
         let id = sb.id.clone();
         drop(sb);

@@ -408,7 +408,7 @@ impl Core {
         match cmd {
             Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.api(&m.create(req).await?.record()))),
             Command::Run(req) => {
-                let sb = m.create(req.sandbox).await?;
+                let sb = m.create_on(req.sandbox, None, true).await?;
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))

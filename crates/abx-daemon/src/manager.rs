@@ -418,15 +418,17 @@ impl Manager {
 
     /// Creates and starts a sandbox.
     pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> CoreResult<Arc<Sandbox>> {
-        self.create_on(req, None).await
+        self.create_on(req, None, false).await
     }
 
     /// Creates and starts a sandbox on `given` layers and configuration instead of a
-    /// stored template (the steps of a template build).
+    /// stored template (the steps of a template build). An `ephemeral` one lives for one
+    /// request: a restart removes it instead of adopting it.
     pub(crate) async fn create_on(
         self: &Arc<Self>,
         mut req: CreateSandbox,
         given: Option<abx_template::Template>,
+        ephemeral: bool,
     ) -> CoreResult<Arc<Sandbox>> {
         let snap = match &req.snapshot {
             Some(key) => {
@@ -497,12 +499,15 @@ impl Manager {
             None => self.cfg.default_timeout,
         };
         let t0 = std::time::Instant::now();
-        let poolable = snap.is_none()
+        let servable = snap.is_none()
             && req.volumes.is_empty()
             && !req.persist
-            && limits.open_files == self.cfg.default_limits.open_files
-            && self.pools.has(&template.name);
-        if poolable {
+            && limits.open_files == self.cfg.default_limits.open_files;
+        let poolable = self.pools.has(&template.name);
+        if poolable && !servable {
+            self.pools.miss_unservable(&template.name);
+        }
+        if poolable && servable {
             let claim = crate::pool::Claim {
                 name: req.name.clone(),
                 limits: limits.clone(),
@@ -514,6 +519,7 @@ impl Manager {
                 policy: policy.clone(),
                 timeout,
                 on_timeout: req.on_timeout.unwrap_or_default(),
+                ephemeral,
             };
             if let Some(sb) = self.claim(&template, claim).await? {
                 return Ok(sb);
@@ -542,6 +548,7 @@ impl Manager {
             }),
             volumes: req.volumes.clone(),
             snapshot: snap.as_ref().map(|s| s.id.clone()),
+            ephemeral,
             ..base
         };
         let this = self.clone();
@@ -608,6 +615,7 @@ impl Manager {
             volumes: Vec::new(),
             snapshot: None,
             pooled: false,
+            ephemeral: false,
         }
     }
 
@@ -1254,8 +1262,9 @@ impl Manager {
                     continue;
                 }
             };
-            if rec.pooled {
-                // Never handed out: not worth keeping.
+            if rec.pooled || rec.ephemeral {
+                // Never handed out, or its request is gone with the old daemon.
+                info!(sandbox = %rec.id, pooled = rec.pooled, "removing a sandbox nobody can use any more");
                 self.cleanup_dead(&rec);
             } else if rec.state == SandboxState::Stopped {
                 self.register(rec, None);

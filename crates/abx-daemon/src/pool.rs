@@ -15,7 +15,8 @@
 //! higher) times the time one refill takes plus [`REACTION`], doubled; never more than host memory allows (half of
 //! MemAvailable at [`SANDBOX_BYTES`] each) nor more than the free uid slots less one (so a
 //! cold create always finds a slot). A pool above its target for [`SHRINK_AFTER`] gives
-//! back one sandbox per tick, the longest idle; a claim takes the newest. Refills stay out of the way of claims: a pool with more than
+//! back one sandbox per [`SHRINK_EVERY`], the longest idle; a claim takes the newest. A
+//! pool above its `max` (lowered by `pool set`) gives back the excess at once. Refills stay out of the way of claims: a pool with more than
 //! a quarter of its target ready refills only after [`QUIET`] without a claim; one at a
 //! quarter or less refills at once, up to the target, one boot at a time while claims
 //! keep coming and some are ready (two when quiet or empty). Claims that come faster than
@@ -51,6 +52,8 @@ pub const QUIET: Duration = Duration::from_millis(50);
 pub const REACTION: Duration = Duration::from_millis(100);
 /// How long a pool stays above its target before it gives sandboxes back.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
+/// How often a pool above its target then gives one sandbox back.
+pub const SHRINK_EVERY: Duration = Duration::from_millis(500);
 /// Memory assumed per pooled sandbox when bounding pools by host memory.
 pub const SANDBOX_BYTES: u64 = 32 << 20;
 /// Claims per second times the time one boot takes at which one boot at a time no
@@ -141,6 +144,8 @@ struct Pool {
     backoff_until: Option<Instant>,
     /// Since when the pool holds more than its target.
     above_since: Option<Instant>,
+    /// When it last gave a sandbox back.
+    shrunk_at: Option<Instant>,
     /// Refilling up to the target (set when the pool fell to half of it or was quiet).
     refilling: bool,
 }
@@ -162,6 +167,7 @@ impl Pool {
             claim: Histogram::default(),
             backoff_until: None,
             above_since: None,
+            shrunk_at: None,
             refilling: false,
         }
     }
@@ -263,6 +269,15 @@ impl Pools {
         self.lock().contains_key(template)
     }
 
+    /// Counts a create of `template` that its pool cannot serve (a snapshot, volumes,
+    /// `persist`, another open-files limit) as a miss, if the template has a pool. It is
+    /// not demand the pool could meet, so it does not raise the pool's target.
+    pub fn miss_unservable(&self, template: &str) {
+        if let Some(p) = self.lock().get_mut(template) {
+            p.misses += 1;
+        }
+    }
+
     /// Takes a ready sandbox of `template` on `layers`, if there is one; counts the
     /// demand. Dead or stale sandboxes met on the way are returned for destruction.
     fn take(&self, template: &str, layers: &[String]) -> (Option<Arc<Sandbox>>, Vec<Arc<Sandbox>>) {
@@ -334,7 +349,11 @@ impl Pools {
         }
         let counters: [Series<u64>; 4] = [
             ("agentbox_pool_hits_total", "Creates served from the pool.", |p| p.hits),
-            ("agentbox_pool_misses_total", "Creates of a pooled template made cold (pool empty).", |p| p.misses),
+            (
+                "agentbox_pool_misses_total",
+                "Creates of a pooled template made cold (pool empty, or a create it cannot serve).",
+                |p| p.misses,
+            ),
             ("agentbox_pool_boots_total", "Sandboxes booted into the pool.", |p| p.boots),
             ("agentbox_pool_boot_failures_total", "Pool boots that failed.", |p| p.boot_failures),
         ];
@@ -376,6 +395,8 @@ pub struct Claim {
     pub policy: crate::net::policy::Policy,
     pub timeout: Option<Duration>,
     pub on_timeout: abx_api::TimeoutAction,
+    /// Lives for one request (see `Record::ephemeral`).
+    pub ephemeral: bool,
 }
 
 /// Work the filler decided on.
@@ -536,12 +557,18 @@ impl Manager {
             p.target = demand.min(room.saturating_sub(others));
             if held > p.target {
                 let since = *p.above_since.get_or_insert(now);
-                if now.duration_since(since) >= SHRINK_AFTER && !p.ready.is_empty() {
-                    p.above_since = Some(now);
-                    if let Some(sb) = p.ready.pop_front() {
-                        pooled_total -= 1;
-                        actions.push(Action::Destroy(sb));
-                    }
+                // Above `max` (lowered by `pool set`): the excess goes at once. Above a
+                // target that fell with demand or host room: after SHRINK_AFTER, one
+                // sandbox per SHRINK_EVERY, the longest idle first.
+                let over_max = held.saturating_sub(p.cfg.max as usize);
+                let due = now.duration_since(since) >= SHRINK_AFTER
+                    && p.shrunk_at.is_none_or(|t| now.duration_since(t) >= SHRINK_EVERY);
+                let give_back = if over_max > 0 { over_max } else { usize::from(due) };
+                for _ in 0..give_back {
+                    let Some(sb) = p.ready.pop_front() else { break };
+                    p.shrunk_at = Some(now);
+                    pooled_total -= 1;
+                    actions.push(Action::Destroy(sb));
                 }
                 continue;
             }
@@ -715,6 +742,7 @@ impl Manager {
             r.expires_at = c.timeout.map(|t| created_at + t.as_secs().max(1));
             r.on_timeout = c.on_timeout;
             r.pooled = false;
+            r.ephemeral = c.ephemeral;
             r.clone()
         });
         self.store().put(&rec).map_err(|e| format!("record sandbox: {e}"))

@@ -50,6 +50,10 @@ pub struct Record {
     /// Booted for a warm pool and not claimed yet: cleaned up, not adopted, after a restart.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
+    /// Lives for one request (a `run`, a step of a template build): removed, not adopted,
+    /// after a restart, since nobody is left to use or remove it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 impl Record {
@@ -105,6 +109,7 @@ impl Record {
             volumes: Vec::new(),
             snapshot: None,
             pooled: false,
+            ephemeral: false,
         }
     }
 }
