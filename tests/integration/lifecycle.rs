@@ -79,6 +79,12 @@ async fn timeout_destroys_the_sandbox_and_can_be_changed() {
     assert!(d.client.get_sandbox(&b.id).await.is_ok(), "the extended sandbox lives on");
     let none = d.client.set_timeout(&b.id, 0).await.unwrap();
     assert_eq!(none.expires_at, None);
+    // A timeout too long to count is refused, not wrapped around into the past.
+    let e = d.client.set_timeout(&b.id, u64::MAX).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_argument"), "{e}");
+    let e = d.client.create_sandbox(&CreateSandbox { timeout_secs: Some(u64::MAX), ..mini() }).await.unwrap_err();
+    assert!(e.to_string().contains("100 years"), "{e}");
+    assert!(d.client.get_sandbox(&b.id).await.is_ok());
 }
 
 #[tokio::test]

@@ -344,13 +344,29 @@ async fn a_timeout_can_snapshot_before_destroying() {
     let f = d.client.fork_snapshot(&snap.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
     assert_eq!(root(&d, &f.id, "cat /tmp/log").await, "evidence\n", "the files at expiry, for forensics");
 
-    // Stop on timeout keeps the sandbox.
-    let req = CreateSandbox { timeout_secs: Some(1), on_timeout: Some(TimeoutAction::Stop), ..mini() };
+    // The name `<id>-timeout` already taken: the snapshot gets another name; the latest
+    // files are not lost.
+    let req = CreateSandbox { timeout_secs: Some(3600), on_timeout: Some(TimeoutAction::Snapshot), ..mini() };
+    let sb = d.client.create_sandbox(&req).await.unwrap();
+    d.client.snapshot(&sb.id, Some(&format!("{}-timeout", sb.id))).await.unwrap();
+    root(&d, &sb.id, "echo latest > /tmp/log").await;
+    d.client.set_timeout(&sb.id, 1).await.unwrap();
+    d.wait_for("the timeout", Duration::from_secs(15), || async { d.client.get_sandbox(&sb.id).await.is_err() }).await;
+    let snap = d.client.get_snapshot(&format!("{}-timeout-2", sb.id)).await.unwrap();
+    let f = d.client.fork_snapshot(&snap.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert_eq!(root(&d, &f.id, "cat /tmp/log").await, "latest\n");
+
+    // Stop on timeout keeps the sandbox; a start gives it its timeout again, from then.
+    let req = CreateSandbox { timeout_secs: Some(2), on_timeout: Some(TimeoutAction::Stop), ..mini() };
     let s = d.client.create_sandbox(&req).await.unwrap();
-    d.wait_for("the timeout to stop it", Duration::from_secs(15), || async {
-        d.client.get_sandbox(&s.id).await.unwrap().state == SandboxState::Stopped
-    })
-    .await;
+    let stopped = || async { d.client.get_sandbox(&s.id).await.unwrap().state == SandboxState::Stopped };
+    d.wait_for("the timeout to stop it", Duration::from_secs(15), stopped).await;
+    let started = d.client.start(&s.id).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(started.expires_at.is_some_and(|e| e > now), "{started:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(d.client.get_sandbox(&s.id).await.unwrap().state, SandboxState::Running, "not stopped again at once");
+    d.wait_for("the renewed timeout to stop it", Duration::from_secs(15), stopped).await;
 }
 
 #[tokio::test]

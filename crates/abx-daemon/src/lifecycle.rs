@@ -444,10 +444,11 @@ impl Manager {
         match sb.state() {
             SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
             SandboxState::Exited => {
+                self.renew_expired_timeout(&sb);
                 self.end_processes(&sb).await;
                 return self.restart_in_slot(&sb, None).await;
             }
-            SandboxState::Stopped => {}
+            SandboxState::Stopped => self.renew_expired_timeout(&sb),
             s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
         }
         let slot = self.acquire_slot().await?;
@@ -494,6 +495,31 @@ impl Manager {
 
     // ---- timeouts ----
 
+    /// The snapshot `--on-timeout snapshot` takes: named `<id>-timeout`, or
+    /// `<id>-timeout-<n>` when an earlier expiry (after a `start`) or the user took that name.
+    async fn snapshot_on_timeout(self: &Arc<Self>, id: &str) -> CoreResult<()> {
+        let mut n = 1;
+        loop {
+            let name = if n == 1 { format!("{id}-timeout") } else { format!("{id}-timeout-{n}") };
+            match self.snapshot(id, Some(name)).await {
+                Err(CoreError::Conflict(m)) if m.contains("already exists") && n < 100 => n += 1,
+                r => return r.map(drop),
+            }
+        }
+    }
+
+    /// A sandbox started again after its timeout passed (which may be what stopped it) gets
+    /// the timeout again, from now: its length as last set, else the daemon's default.
+    fn renew_expired_timeout(&self, sb: &Sandbox) {
+        let now = crate::sandbox::now();
+        let default = self.cfg.default_timeout.map(|t| t.as_secs());
+        sb.update(|r| {
+            if r.expires_at.is_some_and(|e| e <= now) {
+                r.expires_at = r.timeout_secs.or(default).map(|secs| now + secs.max(1));
+            }
+        });
+    }
+
     /// What an expired timeout does.
     pub(crate) async fn on_timeout(self: &Arc<Self>, id: &str) {
         let Ok(sb) = self.get(id) else { return };
@@ -501,12 +527,14 @@ impl Manager {
         info!(sandbox = %id, ?action, "timeout expired");
         let res = match action {
             TimeoutAction::Stop => self.stop(id).await.map(drop),
-            TimeoutAction::Snapshot => {
-                if let Err(e) = self.snapshot(id, Some(format!("{id}-timeout"))).await {
-                    warn!(sandbox = %id, error = %e.full_message(), "snapshot on timeout failed; destroying anyway");
+            TimeoutAction::Snapshot => match self.snapshot_on_timeout(id).await {
+                Ok(()) => self.destroy_expired(id).await,
+                Err(e) => {
+                    // Destroying now would lose what the snapshot was for: keep the files.
+                    warn!(sandbox = %id, error = %e.full_message(), "snapshot on timeout failed; stopping the sandbox instead of destroying it");
+                    self.stop(id).await.map(drop)
                 }
-                self.destroy_expired(id).await
-            }
+            },
             TimeoutAction::Destroy => self.destroy_expired(id).await,
         };
         if let Err(e) = res {

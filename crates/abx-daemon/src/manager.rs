@@ -539,6 +539,7 @@ impl Manager {
             user: req.user.clone().or(base.user.clone()),
             metadata: req.metadata.clone(),
             expires_at: timeout.map(|t| created_at + t.as_secs().max(1)),
+            timeout_secs: timeout.map(|t| t.as_secs().max(1)),
             network,
             persist: req.persist,
             on_timeout: req.on_timeout.unwrap_or(if req.persist {
@@ -603,6 +604,7 @@ impl Manager {
             metadata: Default::default(),
             created_at,
             expires_at: None,
+            timeout_secs: None,
             pid: 0,
             pid_start: 0,
             uid_slot: slot,
@@ -936,8 +938,12 @@ impl Manager {
 
     /// Changes a sandbox's timeout (seconds from now; 0 removes it).
     pub fn set_timeout(self: &Arc<Self>, key: &str, secs: u64) -> CoreResult<Record> {
+        validate::timeout(secs)?;
         let sb = self.get(key)?;
-        sb.update(|r| r.expires_at = if secs == 0 { None } else { Some(now() + secs) });
+        sb.update(|r| {
+            r.expires_at = if secs == 0 { None } else { Some(now() + secs) };
+            r.timeout_secs = (secs != 0).then_some(secs);
+        });
         self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
         self.arm_timeout(&sb);
         Ok(sb.record())

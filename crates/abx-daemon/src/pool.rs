@@ -740,6 +740,7 @@ impl Manager {
             r.network = c.network.clone();
             r.created_at = created_at;
             r.expires_at = c.timeout.map(|t| created_at + t.as_secs().max(1));
+            r.timeout_secs = c.timeout.map(|t| t.as_secs().max(1));
             r.on_timeout = c.on_timeout;
             r.pooled = false;
             r.ephemeral = c.ephemeral;

@@ -24,6 +24,9 @@ pub struct Record {
     pub metadata: BTreeMap<String, String>,
     pub created_at: u64,
     pub expires_at: Option<u64>,
+    /// The timeout's length, which a start renews once it has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
     /// Host pid of PID 1 and its start time (clock ticks since boot), which together
     /// identify the process even if the pid is reused.
     pub pid: i32,
@@ -96,6 +99,7 @@ impl Record {
             metadata: BTreeMap::new(),
             created_at: 0,
             expires_at: None,
+            timeout_secs: None,
             pid: 1,
             pid_start: 1,
             uid_slot: 0,

@@ -61,10 +61,26 @@ pub fn create(req: &CreateSandbox) -> CoreResult<()> {
     if let Some(u) = &req.user {
         user(u)?;
     }
+    if let Some(t) = req.timeout_secs {
+        timeout(t)?;
+    }
     for (k, v) in &req.metadata {
         if k.is_empty() || k.len() > 128 || v.len() > 4096 {
             return Err(invalid(format!("metadata key '{k}' must be 1-128 bytes and its value at most 4096")));
         }
+    }
+    Ok(())
+}
+
+/// The longest timeout: 100 years.
+pub const MAX_TIMEOUT_SECS: u64 = 100 * 365 * 86_400;
+
+/// A timeout in seconds (0: none).
+pub fn timeout(secs: u64) -> CoreResult<()> {
+    if secs > MAX_TIMEOUT_SECS {
+        return Err(invalid(format!(
+            "timeout of {secs} s is more than {MAX_TIMEOUT_SECS} s (100 years); 0 means no timeout"
+        )));
     }
     Ok(())
 }

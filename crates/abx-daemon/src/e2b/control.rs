@@ -438,7 +438,7 @@ pub async fn refresh(State(core): State<Core>, _k: ApiKey, Path(id): Path<String
 
 /// Sets the timeout to `secs` from now unless it already ends later.
 async fn extend(core: &Core, sb: &abx_api::Sandbox, secs: u64) -> Result<()> {
-    let want = crate::sandbox::now() + secs;
+    let want = crate::sandbox::now().saturating_add(secs);
     if sb.expires_at.is_some_and(|e| e < want) {
         core.execute(Command::SetTimeout { id: sb.id.clone(), timeout_secs: secs.max(1) }).await?;
     }
