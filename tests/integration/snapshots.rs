@@ -139,6 +139,32 @@ async fn diff_since_a_snapshot_lists_exactly_the_later_changes() {
     assert_eq!(names, ["w/new", "w/edit"]);
     let out = d.cli(&["diff", &id, "--since", "base-line"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "D /etc/hostname\nC /w/edit\nD /w/gone\nA /w/new\n");
+
+    // Back to the template's state by a rollback: since the later snapshot, what it had
+    // changed or deleted in the template is back, and a FIFO is a change like any file.
+    let fresh = d.mini(Default::default()).await;
+    let start = d.client.snapshot(&fresh, Some("fresh-start")).await.unwrap();
+    root(&d, &fresh, "echo edited >> /etc/hosts && rm /etc/group && mkfifo /tmp/pipe").await;
+    d.client.snapshot(&fresh, Some("fresh-later")).await.unwrap();
+    let diff = d.client.diff_since(&fresh, Some("fresh-later")).await.unwrap();
+    assert!(diff.added.is_empty() && diff.changed.is_empty() && diff.deleted.is_empty(), "{diff:?}");
+    d.client.rollback(&fresh, &start.id).await.unwrap();
+    let diff = d.client.diff_since(&fresh, Some("fresh-later")).await.unwrap();
+    assert_eq!(paths(&diff.added), ["/etc/group"]);
+    assert_eq!(paths(&diff.changed), ["/etc/hosts"]);
+    assert_eq!(paths(&diff.deleted), ["/tmp/pipe"]);
+    let tar = d.client.diff_archive(&fresh).await;
+    assert!(tar.is_ok(), "{tar:?}");
+    root(&d, &fresh, "mkfifo /tmp/pipe2").await;
+    let tar = d.client.diff_archive(&fresh).await.unwrap();
+    let mut a = tar::Archive::new(&tar[..]);
+    let kinds: Vec<(String, tar::EntryType)> = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.path().unwrap().display().to_string(), e.header().entry_type()))
+        .collect();
+    assert!(kinds.contains(&("tmp/pipe2".into(), tar::EntryType::Fifo)), "{kinds:?}");
 }
 
 #[tokio::test]

@@ -91,7 +91,11 @@ fn unchanged(up: &Path, um: &std::fs::Metadata, low: &Path, lm: &std::fs::Metada
     if um.file_type().is_symlink() {
         return std::fs::read_link(up).ok() == std::fs::read_link(low).ok();
     }
-    um.file_type().is_file() && um.len() == lm.len() && same_content(up, low)
+    if um.file_type().is_file() {
+        return um.len() == lm.len() && same_content(up, low);
+    }
+    // A FIFO, socket or device node: the same kind of node (and device number).
+    um.file_type() == lm.file_type() && um.rdev() == lm.rdev()
 }
 
 fn entry(rel: &Path, m: &std::fs::Metadata) -> DiffEntry {
@@ -138,16 +142,19 @@ pub fn diff(upper: &Path, layers: &[PathBuf]) -> std::io::Result<Diff> {
 
 /// Compares `upper` with the view a snapshot gave: `snap_upper` (the snapshot's upper
 /// directory) over `layers` (top first). Both uppers start from the same template.
+///
+/// The two merged views are compared path by path, descending only into directories that
+/// one of the two uppers has (below anything else both views are the template's). So a
+/// path the sandbox no longer has in its upper (after a rollback to an earlier snapshot: a
+/// file back at the template's version, a deletion undone, an opaque directory gone) is
+/// compared too, not only what the upper holds now.
 pub fn diff_since(upper: &Path, snap_upper: &Path, layers: &[PathBuf]) -> std::io::Result<Diff> {
     let mut then = vec![snap_upper.to_path_buf()];
     then.extend_from_slice(layers);
-    let mut d = Diff::default();
-    walk(upper, Path::new(""), &then, &mut d)?;
-    // Paths the snapshot had that are gone now without a whiteout (a file created after
-    // the template and removed after the snapshot leaves nothing in the upper).
     let mut now = vec![upper.to_path_buf()];
     now.extend_from_slice(layers);
-    gone(snap_upper, Path::new(""), &now, &mut d.deleted)?;
+    let mut d = Diff::default();
+    compare(&then, &now, Path::new(""), &mut d);
     for v in [&mut d.added, &mut d.changed, &mut d.deleted] {
         v.sort_by(|a, b| a.path.cmp(&b.path));
         v.dedup_by(|a, b| a.path == b.path);
@@ -155,23 +162,59 @@ pub fn diff_since(upper: &Path, snap_upper: &Path, layers: &[PathBuf]) -> std::i
     Ok(d)
 }
 
-fn gone(snap: &Path, rel: &Path, now: &[PathBuf], out: &mut Vec<DiffEntry>) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(snap.join(rel))?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let r = rel.join(e.file_name());
-        let m = std::fs::symlink_metadata(e.path())?;
-        if is_whiteout(&m) {
-            continue;
-        }
-        if lower(now, &r).is_none() {
-            out.push(entry(&r, &m));
-        }
-        if m.is_dir() {
-            gone(snap, &r, now, out)?;
+/// Names in directory `rel` of any of `views`' layers.
+fn names(views: [&[PathBuf]; 2], rel: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    let mut names = std::collections::BTreeSet::new();
+    for layer in views.into_iter().flatten() {
+        if let Ok(rd) = std::fs::read_dir(layer.join(rel)) {
+            names.extend(rd.flatten().map(|e| e.file_name()));
         }
     }
-    Ok(())
+    names
+}
+
+/// Compares directory `rel` of the merged views `then` and `now` (each its upper first).
+fn compare(then: &[PathBuf], now: &[PathBuf], rel: &Path, d: &mut Diff) {
+    for name in names([then, now], rel) {
+        let r = rel.join(&name);
+        match (lower(then, &r), lower(now, &r)) {
+            (None, None) => {}
+            (None, Some((_, m))) => {
+                d.added.push(entry(&r, &m));
+                if m.is_dir() {
+                    lower_tree(now, &r, &|_| false, &mut d.added);
+                }
+            }
+            (Some((_, m)), None) => {
+                d.deleted.push(entry(&r, &m));
+                if m.is_dir() {
+                    lower_tree(then, &r, &|_| false, &mut d.deleted);
+                }
+            }
+            (Some((tp, tm)), Some((np, nm))) => match (tm.is_dir(), nm.is_dir()) {
+                (true, true) => {
+                    // Below a directory neither upper has, both views are the layers'.
+                    if [&then[0], &now[0]].iter().any(|u| std::fs::symlink_metadata(u.join(&r)).is_ok()) {
+                        compare(then, now, &r, d);
+                    }
+                }
+                (false, false) => {
+                    if !unchanged(&np, &nm, &tp, &tm) {
+                        d.changed.push(entry(&r, &nm));
+                    }
+                }
+                // A directory replaced by a file or the other way round.
+                (true, false) => {
+                    d.changed.push(entry(&r, &nm));
+                    lower_tree(then, &r, &|_| false, &mut d.deleted);
+                }
+                (false, true) => {
+                    d.changed.push(entry(&r, &nm));
+                    lower_tree(now, &r, &|_| false, &mut d.added);
+                }
+            },
+        }
+    }
 }
 
 fn walk(upper: &Path, rel: &Path, layers: &[PathBuf], d: &mut Diff) -> std::io::Result<()> {
@@ -226,13 +269,42 @@ pub fn archive(upper: &Path, d: &Diff, out: impl std::io::Write) -> std::io::Res
     for e in d.added.iter().chain(d.changed.iter()) {
         let rel = e.path.trim_start_matches('/');
         let src = upper.join(rel);
-        if e.kind == "dir" {
+        let m = std::fs::symlink_metadata(&src)?;
+        let t = m.file_type();
+        if t.is_dir() {
             b.append_dir(rel, &src)?;
-        } else {
+        } else if t.is_file() || t.is_symlink() {
             b.append_path_with_name(&src, rel)?;
+        } else if let Some(kind) = special_kind(&t) {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(m.mode() & 0o7777);
+            h.set_uid(m.uid().into());
+            h.set_gid(m.gid().into());
+            h.set_mtime(m.mtime().max(0) as u64);
+            h.set_size(0);
+            if !matches!(kind, tar::EntryType::Fifo) {
+                h.set_device_major(rustix::fs::major(m.rdev()))?;
+                h.set_device_minor(rustix::fs::minor(m.rdev()))?;
+            }
+            b.append_data(&mut h, rel, std::io::empty())?;
         }
+        // A socket has no tar form; it is listed in the diff but not archived.
     }
     b.finish()
+}
+
+/// The tar entry type of a FIFO or device node.
+fn special_kind(t: &std::fs::FileType) -> Option<tar::EntryType> {
+    if t.is_fifo() {
+        Some(tar::EntryType::Fifo)
+    } else if t.is_char_device() {
+        Some(tar::EntryType::Char)
+    } else if t.is_block_device() {
+        Some(tar::EntryType::Block)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -308,5 +380,76 @@ mod tests {
         assert_eq!(paths(&d.added), ["/work/c"]);
         assert!(d.changed.is_empty(), "{:?}", d.changed);
         assert_eq!(paths(&d.deleted), ["/work/b"]);
+    }
+
+    fn whiteout(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let (cwd, ft, mode) = (rustix::fs::CWD, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty());
+        rustix::fs::mknodat(cwd, p, ft, mode, 0).unwrap();
+    }
+
+    fn fifo(p: &Path) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, p, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o644), 0).unwrap();
+    }
+
+    /// After a rollback to the template's state, the sandbox's upper is empty: what the
+    /// snapshot had changed, deleted or hidden under an opaque directory is back.
+    #[test]
+    fn since_a_snapshot_sees_paths_gone_back_to_the_template() {
+        if !rustix::process::geteuid().is_root() {
+            return; // whiteouts are device nodes
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (lower, snap, upper) = (t.path().join("lower"), t.path().join("snap"), t.path().join("upper"));
+        write(&lower.join("etc/hosts"), "template");
+        write(&lower.join("etc/group"), "g");
+        write(&lower.join("home/user/.profile"), "p");
+        write(&lower.join("bin/tool"), "t");
+        write(&snap.join("etc/hosts"), "edited");
+        whiteout(&snap.join("etc/group"));
+        write(&snap.join("home/h"), "h");
+        rustix::fs::setxattr(snap.join("home"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        fifo(&snap.join("w/fifo"));
+        std::fs::create_dir_all(&upper).unwrap();
+        fifo(&upper.join("w/fifo"));
+        let d = diff_since(&upper, &snap, std::slice::from_ref(&lower)).unwrap();
+        let paths = |v: &[DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&d.added), ["/etc/group", "/home/user", "/home/user/.profile"]);
+        assert_eq!(paths(&d.changed), ["/etc/hosts"], "a FIFO in both is unchanged");
+        assert_eq!(paths(&d.deleted), ["/home/h"]);
+        // Unchanged since the snapshot: nothing, FIFO included.
+        let d = diff_since(&snap, &snap, std::slice::from_ref(&lower)).unwrap();
+        assert!(d.added.is_empty() && d.changed.is_empty() && d.deleted.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn special_files_are_archived() {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (lower, upper) = (t.path().join("lower"), t.path().join("upper"));
+        std::fs::create_dir_all(&lower).unwrap();
+        fifo(&upper.join("w/fifo"));
+        write(&upper.join("w/file"), "f");
+        let d = diff(&upper, &[lower]).unwrap();
+        let mut tar = Vec::new();
+        archive(&upper, &d, &mut tar).unwrap();
+        let mut a = tar::Archive::new(&tar[..]);
+        let entries: Vec<(String, tar::EntryType)> = a
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.path().unwrap().display().to_string(), e.header().entry_type()))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("w".to_string(), tar::EntryType::Directory),
+                ("w/fifo".to_string(), tar::EntryType::Fifo),
+                ("w/file".to_string(), tar::EntryType::Regular)
+            ]
+        );
     }
 }
