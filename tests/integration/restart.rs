@@ -134,3 +134,33 @@ async fn sandboxes_of_a_run_or_a_build_step_do_not_outlive_their_daemon() {
     }
     assert_eq!(d.sh(&kept, "echo still here").await.0, "still here\n");
 }
+
+/// A daemon killed in the middle of a rollback (its PID 1 killed, the new one not started
+/// or not recorded yet) leaves a sandbox the next daemon keeps, with its files, instead of
+/// a dead one it cleans up. Kills land at several moments of the rollback.
+#[tokio::test]
+async fn a_daemon_killed_during_a_rollback_loses_no_sandbox() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let id = d.mini(Limits::default()).await;
+    d.sh(&id, "echo v1 > /tmp/f").await;
+    let snap = d.client.snapshot(&id, Some("before")).await.unwrap();
+    for delay_us in [0, 500, 1000, 1500, 2000, 3000, 5000, 8000] {
+        d.sh(&id, "echo v2 > /tmp/f").await;
+        let client = d.client.clone();
+        let (sid, snap_id) = (id.clone(), snap.id.clone());
+        let rollback = tokio::spawn(async move { client.rollback(&sid, &snap_id).await });
+        tokio::time::sleep(Duration::from_micros(delay_us)).await;
+        d.kill9();
+        let _ = rollback.await;
+        d.spawn(&[]).await;
+        let sb = d.client.get_sandbox(&id).await.unwrap_or_else(|e| panic!("lost after a kill at {delay_us} µs: {e}"));
+        if sb.state != abx_client::SandboxState::Running {
+            assert_eq!(sb.state, abx_client::SandboxState::Exited, "{sb:?}");
+            let started = d.client.start(&id).await;
+            assert!(started.is_ok(), "start after a kill at {delay_us} µs: {started:?}\n{}", d.log());
+        }
+        let f = d.sh(&id, "cat /tmp/f").await.0;
+        assert!(f == "v1\n" || f == "v2\n", "files kept after a kill at {delay_us} µs: {f:?}");
+    }
+}

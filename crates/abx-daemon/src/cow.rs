@@ -118,19 +118,40 @@ pub fn snapshot(data: &Path, dest: &Path) -> Result<(), String> {
     made
 }
 
-/// Makes `data` (removed first if present) a writable copy of the snapshot `snap`, with an
-/// empty `work/`.
+/// Makes `data` a writable copy of the snapshot `snap`, with an empty `work/`. The copy is
+/// made beside it (`<data>.new`) and swapped in with one atomic exchange, so `data` holds
+/// either the old tree or the whole new one whenever the daemon dies; a stale `<data>.new`
+/// from such a death is removed first.
 pub fn clone_into(snap: &Path, data: &Path, cow: bool) -> Result<(), String> {
-    remove(data)?;
+    let mut staged = data.as_os_str().to_owned();
+    staged.push(".new");
+    let staged = std::path::PathBuf::from(staged);
+    remove(&staged)?;
+    let made = clone_to(snap, &staged, cow);
+    if made.is_err() {
+        let _ = remove(&staged);
+        return made;
+    }
+    if std::fs::symlink_metadata(data).is_err() {
+        return std::fs::rename(&staged, data).map_err(|e| err("move into place", data, e));
+    }
+    rustix::fs::renameat_with(rustix::fs::CWD, &staged, rustix::fs::CWD, data, rustix::fs::RenameFlags::EXCHANGE)
+        .map_err(|e| err("swap in", data, e))?;
+    // `staged` now holds the old tree.
+    remove(&staged)
+}
+
+/// A writable copy of the snapshot `snap` at `dest` (which must not exist).
+fn clone_to(snap: &Path, dest: &Path, cow: bool) -> Result<(), String> {
     if cow && abx_sys::btrfs::is_subvolume(snap) {
-        abx_sys::btrfs::snapshot(snap, data, false).map_err(|e| err("snapshot to", data, e))?;
-        let work = data.join("work");
+        abx_sys::btrfs::snapshot(snap, dest, false).map_err(|e| err("snapshot to", dest, e))?;
+        let work = dest.join("work");
         remove(&work)?;
         std::fs::create_dir(&work).map_err(|e| err("create", &work, e))?;
         return Ok(());
     }
-    make(data, cow)?;
-    let upper = data.join("upper");
+    make(dest, cow)?;
+    let upper = dest.join("upper");
     std::fs::remove_dir(&upper).map_err(|e| err("remove", &upper, e))?;
     copy_tree(&snap.join("upper"), &upper)
 }

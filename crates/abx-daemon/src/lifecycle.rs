@@ -306,6 +306,14 @@ impl Manager {
         let was_paused = sb.state() == SandboxState::Paused;
         // on_exit ignores an exit in this state.
         sb.update(|r| r.state = SandboxState::Creating);
+        // Recorded as exited before its processes go: a daemon that dies before the
+        // operation (a stop, a rollback, a restart) is recorded as done leaves a sandbox the
+        // next daemon keeps with its files, not a dead one it cleans up.
+        let mut gone = sb.record();
+        gone.state = SandboxState::Exited;
+        if let Err(e) = self.store().put(&gone) {
+            warn!(sandbox = %sb.id, error = %e, "recording the sandbox before ending its processes");
+        }
         if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
         }
@@ -455,6 +463,13 @@ impl Manager {
         let mut rec = sb.record();
         rec.uid_slot = slot;
         rec.uid_base = self.uid_base_of(slot);
+        // Recorded in its new slot before its files move there: a daemon that dies from here
+        // on leaves a record the next one can find them by (in `kept/` still, or the slot).
+        rec.state = SandboxState::Exited;
+        if let Err(e) = self.store().put(&rec) {
+            self.release_after_stop(slot, &sb.id).await;
+            return Err(CoreError::internal("record sandbox", e));
+        }
         rec.state = SandboxState::Creating;
         let this = self.clone();
         let started = tokio::task::spawn_blocking(move || {
@@ -487,6 +502,8 @@ impl Manager {
                 Ok(new.record())
             }
             Err(e) => {
+                // Its files are back in `kept/`: stopped, as before.
+                let _ = self.store().put(&sb.record());
                 self.release_after_stop(slot, &sb.id).await;
                 Err(e)
             }

@@ -1268,7 +1268,18 @@ impl Manager {
                     continue;
                 }
             };
-            if rec.pooled || rec.ephemeral {
+            if rec.state != SandboxState::Stopped && self.storage.kept().join(&rec.id).exists() {
+                // A stop that moved the files out, or a start that had not moved them back,
+                // when the daemon died: finish as stopped.
+                info!(sandbox = %rec.id, "finishing an interrupted stop");
+                let mut rec = rec;
+                let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
+                rec.state = SandboxState::Stopped;
+                rec.pid = 0;
+                rec.pid_start = 0;
+                let _ = self.store.put(&rec);
+                self.register(rec, None);
+            } else if rec.pooled || rec.ephemeral {
                 // Never handed out, or its request is gone with the old daemon.
                 info!(sandbox = %rec.id, pooled = rec.pooled, "removing a sandbox nobody can use any more");
                 self.cleanup_dead(&rec);
