@@ -72,7 +72,12 @@ pub struct PortArgs {
 pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
     match cmd {
         NetCmd::Set { id, policy } => {
-            let p = policy.policy().unwrap_or_default();
+            // No options would cut the sandbox off without saying so: ask for `--net none`.
+            let Some(p) = policy.policy() else {
+                anyhow::bail!(
+                    "give the new policy: --net none|public|allow and/or --allow RULE (see `agentbox net set --help`)"
+                );
+            };
             let sb = client.set_network(&id, &p).await?;
             println!("{}", describe(&sb.network));
             Ok(0)

@@ -221,6 +221,10 @@ async fn runtime_policy_changes_and_sandboxes_are_apart() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(w.reaches(&a, &format!("{WEB_B}:80")).await);
     assert!(w.reaches(&a, &format!("{PRIVATE}:80")).await, "explicit private rule");
+    // `net set` without a policy is refused rather than taken as `none`.
+    let out = w.d.cli(&["net", "set", &a]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--net none"));
+    assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::Public);
     // Two sandboxes cannot reach each other, even with public egress.
     serve(&w, &b, "sandbox-b").await;
     let b_addr = w.d.client.get_sandbox(&b).await.unwrap().address.unwrap();

@@ -171,6 +171,9 @@ async fn lowering_max_gives_the_excess_back_at_once() {
     d.client.set_pool("mini", 3, 3).await.unwrap();
     ready(&d, 3).await;
     d.client.set_pool("mini", 1, 1).await.unwrap();
+    // A pooled template is not removed from under its pool.
+    let e = d.client.delete_template("mini").await.unwrap_err();
+    assert!(e.to_string().contains("agentbox pool rm mini"), "{e}");
     // Not after the 30 s a pool above a target that fell with demand waits.
     d.wait_for("the pool trimmed to its new max", Duration::from_secs(5), || async {
         let p = d.client.pool("mini").await.unwrap();

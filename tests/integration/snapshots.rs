@@ -66,6 +66,8 @@ async fn snapshot_has_prior_writes_and_forks_are_independent() {
     assert_eq!(r.snapshot, None);
     for f in &r.sandboxes {
         assert_eq!(root(&d, &f.id, "cat /work/a /work/only0").await, "mine\nx\n");
+        let sb = d.client.get_sandbox(&f.id).await.unwrap();
+        assert_eq!(sb.snapshot, None, "a fork does not name the snapshot that is gone");
     }
     let listed: Vec<String> = d.client.snapshots(None).await.unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(listed, std::slice::from_ref(&snap.id), "the fork's own snapshot is not kept");

@@ -286,6 +286,11 @@ impl Manager {
         }
         if transient {
             let _ = self.delete_snapshot(&snap.id).await;
+            // The forks do not name a snapshot that is gone.
+            for sb in &made {
+                sb.update(|r| r.snapshot = None);
+                let _ = self.store().put(&sb.record());
+            }
         }
         if let Some(e) = first_err {
             for sb in &made {

@@ -784,7 +784,15 @@ impl Manager {
             .await
             {
                 Ok(st) if st.code == Some(0) => return Ok(()),
-                Ok(st) => last = format!("exit {:?}: {}", st.code, String::from_utf8_lossy(&out).trim()),
+                Ok(st) => {
+                    let how = match (st.code, st.signal) {
+                        (Some(c), _) => format!("exit status {c}"),
+                        (None, Some(s)) => format!("killed by signal {s}"),
+                        (None, None) => "ended".to_string(),
+                    };
+                    let said = String::from_utf8_lossy(&out);
+                    last = if said.trim().is_empty() { how } else { format!("{how}: {}", said.trim()) };
+                }
                 Err(e) => last = e.to_string(),
             }
             if Instant::now() >= deadline {

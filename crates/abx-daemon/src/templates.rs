@@ -85,9 +85,12 @@ pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
         }
         (None, r) => {
             let name = r.as_deref().unwrap_or(&req.name);
-            abx_template::Store::recipe_for(name).ok_or_else(|| CoreError::NotFound {
-                kind: "recipe",
-                id: format!("{name}' (embedded recipes: base, mini; or give from_dir"),
+            abx_template::Store::recipe_for(name).ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "there is no embedded recipe '{name}' (they are base and mini); to build a template from \
+                     something else give a Dockerfile (-f), a directory (--from-dir), a repository (--repo) \
+                     or a snapshot (template create --from-snapshot), or use template import or pull"
+                ))
             })?
         }
     };
@@ -130,6 +133,11 @@ fn from_snapshot(
 }
 
 pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
+    if m.pools.has(name) {
+        return Err(CoreError::Conflict(format!(
+            "template '{name}' has a warm pool; remove it first (agentbox pool rm {name}, DELETE /v1/pools/{name})"
+        )));
+    }
     let m = m.clone();
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {

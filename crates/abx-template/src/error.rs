@@ -96,7 +96,7 @@ pub enum Error {
 
     /// A layer tar entry refused during extraction (a path escaping the layer, a path
     /// through a symlink, a hardlink to nothing), or an entry that could not be written.
-    #[error("layer {layer}: entry '{entry}': {reason}")]
+    #[error("{layer}: entry '{entry}': {reason}")]
     LayerEntry { layer: String, entry: String, reason: String },
 
     /// A blob (or a layer's uncompressed content) whose SHA-256 is not the digest that
