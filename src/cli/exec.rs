@@ -107,17 +107,25 @@ async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<
     }
 }
 
+/// `--net-test` right after a create: whether the policy holds. A sandbox whose policy does
+/// not hold, or could not be tested (then the error is returned), is destroyed first unless
+/// `keep`.
+async fn net_test_or_destroy(client: &Client, id: &str, keep: bool) -> anyhow::Result<bool> {
+    let held = super::net::test_after_create(client, id).await;
+    if matches!(held, Ok(true)) {
+        return Ok(true);
+    }
+    if !keep {
+        client.delete_sandbox(id, true).await.with_context(|| format!("destroy sandbox {id}"))?;
+    }
+    held
+}
+
 pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
     let sb = create_sandbox(client, &create_request(&a.create, a.name)).await?;
-    if a.create.net_test {
-        // A sandbox whose policy does not hold (or could not be tested) is not handed out.
-        let held = super::net::test_after_create(client, &sb.id).await;
-        if !matches!(held, Ok(true)) {
-            client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
-            eprintln!("sandbox {} destroyed", sb.id);
-            held?;
-            return Ok(super::EXIT_ERROR);
-        }
+    if a.create.net_test && !net_test_or_destroy(client, &sb.id, false).await? {
+        eprintln!("sandbox {} destroyed", sb.id);
+        return Ok(super::EXIT_ERROR);
     }
     println!("{}", sb.id);
     Ok(0)
@@ -131,15 +139,8 @@ pub async fn run(client: &Client, a: RunArgs) -> anyhow::Result<i32> {
     if a.keep {
         eprintln!("{}", sb.id);
     }
-    if a.create.net_test {
-        let held = super::net::test_after_create(client, &sb.id).await;
-        if !matches!(held, Ok(true)) {
-            if !a.keep {
-                client.delete_sandbox(&sb.id, true).await.with_context(|| format!("destroy sandbox {}", sb.id))?;
-            }
-            held?;
-            return Ok(super::EXIT_ERROR);
-        }
+    if a.create.net_test && !net_test_or_destroy(client, &sb.id, a.keep).await? {
+        return Ok(super::EXIT_ERROR);
     }
     let req = ExecRequest { cmd: a.cmd.clone(), ..Default::default() };
     let result = tokio::select! {

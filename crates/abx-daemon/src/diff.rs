@@ -162,10 +162,10 @@ pub fn diff_since(upper: &Path, snap_upper: &Path, layers: &[PathBuf]) -> std::i
     Ok(d)
 }
 
-/// Names in directory `rel` of any of `views`' layers.
-fn names(views: [&[PathBuf]; 2], rel: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+/// Names in directory `rel` of any of `layers`.
+fn names<'a>(layers: impl Iterator<Item = &'a PathBuf>, rel: &Path) -> std::collections::BTreeSet<std::ffi::OsString> {
     let mut names = std::collections::BTreeSet::new();
-    for layer in views.into_iter().flatten() {
+    for layer in layers {
         if let Ok(rd) = std::fs::read_dir(layer.join(rel)) {
             names.extend(rd.flatten().map(|e| e.file_name()));
         }
@@ -175,7 +175,8 @@ fn names(views: [&[PathBuf]; 2], rel: &Path) -> std::collections::BTreeSet<std::
 
 /// Compares directory `rel` of the merged views `then` and `now` (each its upper first).
 fn compare(then: &[PathBuf], now: &[PathBuf], rel: &Path, d: &mut Diff) {
-    for name in names([then, now], rel) {
+    // The two views share their layers below the uppers: each directory is read once.
+    for name in names(then.iter().chain(&now[..1]), rel) {
         let r = rel.join(&name);
         match (lower(then, &r), lower(now, &r)) {
             (None, None) => {}
@@ -332,22 +333,8 @@ mod tests {
         write(&upper.join("etc/edit"), "new");
         write(&upper.join("touched"), "t");
         write(&upper.join("new/dir/file"), "n");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            upper.join("etc/gone"),
-            rustix::fs::FileType::CharacterDevice,
-            rustix::fs::Mode::empty(),
-            0,
-        )
-        .unwrap();
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            upper.join("old"),
-            rustix::fs::FileType::CharacterDevice,
-            rustix::fs::Mode::empty(),
-            0,
-        )
-        .unwrap();
+        whiteout(&upper.join("etc/gone"));
+        whiteout(&upper.join("old"));
         let d = diff(&upper, &[lower]).unwrap();
         let paths = |v: &[DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
         assert_eq!(paths(&d.added), ["/new", "/new/dir", "/new/dir/file"]);

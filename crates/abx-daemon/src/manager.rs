@@ -503,11 +503,11 @@ impl Manager {
             && req.volumes.is_empty()
             && !req.persist
             && limits.open_files == self.cfg.default_limits.open_files;
-        let poolable = self.pools.has(&template.name);
-        if poolable && !servable {
+        let has_pool = self.pools.has(&template.name);
+        if has_pool && !servable {
             self.pools.miss_unservable(&template.name);
         }
-        if poolable && servable {
+        if has_pool && servable {
             let claim = crate::pool::Claim {
                 name: req.name.clone(),
                 limits: limits.clone(),
@@ -1272,13 +1272,8 @@ impl Manager {
                 // A stop that moved the files out, or a start that had not moved them back,
                 // when the daemon died: finish as stopped.
                 info!(sandbox = %rec.id, "finishing an interrupted stop");
-                let mut rec = rec;
                 let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
-                rec.state = SandboxState::Stopped;
-                rec.pid = 0;
-                rec.pid_start = 0;
-                let _ = self.store.put(&rec);
-                self.register(rec, None);
+                self.register_stopped(rec);
             } else if rec.pooled || rec.ephemeral {
                 // Never handed out, or its request is gone with the old daemon.
                 info!(sandbox = %rec.id, pooled = rec.pooled, "removing a sandbox nobody can use any more");
@@ -1294,13 +1289,7 @@ impl Manager {
                 let kept = self.keep_data(&rec);
                 let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
                 match kept {
-                    Ok(()) => {
-                        rec.state = SandboxState::Stopped;
-                        rec.pid = 0;
-                        rec.pid_start = 0;
-                        let _ = self.store.put(&rec);
-                        self.register(rec, None);
-                    }
+                    Ok(()) => self.register_stopped(rec),
                     Err(e) => {
                         warn!(sandbox = %rec.id, error = %e, "keeping the files of a persistent sandbox failed");
                         rec.state = SandboxState::Exited;
@@ -1314,6 +1303,15 @@ impl Manager {
         }
         self.cleanup_orphans(&known);
         Ok(())
+    }
+
+    /// Records and registers a sandbox whose files are in `kept/` as stopped (no slot).
+    fn register_stopped(self: &Arc<Self>, mut rec: Record) {
+        rec.state = SandboxState::Stopped;
+        rec.pid = 0;
+        rec.pid_start = 0;
+        let _ = self.store.put(&rec);
+        self.register(rec, None);
     }
 
     /// Re-adopts one stored sandbox if it is still alive (or kept as exited).
