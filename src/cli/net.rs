@@ -136,7 +136,7 @@ pub async fn test_after_create(client: &Client, id: &str) -> anyhow::Result<bool
     if !report.passed {
         eprintln!("network test of sandbox {id} failed:");
         for c in report.checks.iter().filter(|c| !c.ok) {
-            eprintln!("  {}: expected {}, got {} ({}; {})", c.target, c.expected, c.observed, c.reason, c.detail);
+            eprintln!("  {}: expected {}, got {} ({}; {})", c.target, c.expected, observed(c), c.reason, c.detail);
         }
     }
     Ok(report.passed)
@@ -164,12 +164,17 @@ fn print_report(r: &NetTestReport) {
             if c.ok { "ok  " } else { "FAIL" },
             c.target,
             c.expected,
-            c.observed,
+            observed(c),
             c.reason,
             c.detail
         );
     }
     println!("{}", if r.passed { "policy holds" } else { "POLICY DOES NOT HOLD" });
+}
+
+/// What a check saw, in words.
+fn observed(c: &abx_client::NetCheck) -> &str {
+    if c.observed == "silent" { "no answer" } else { &c.observed }
 }
 
 fn time(ms: u64) -> String {

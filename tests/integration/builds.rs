@@ -434,3 +434,53 @@ async fn images_import_from_a_layout_and_a_docker_archive_and_tags_keep_versions
     let bad = d.client.tag_template("mini", "Bad:tag").await.unwrap_err();
     assert!(bad.to_string().contains("Bad:tag"), "{bad}");
 }
+
+/// An image of one static binary and nothing else (no /etc, as `FROM scratch` images often
+/// are) imports, and its sandboxes start with networking on: the resolver file the
+/// sandbox's setup writes needs an /etc, which the setup makes in the sandbox's upper layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_etc_runs_with_its_resolver() {
+    let d = Daemon::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "bin/", std::io::empty()).unwrap();
+    b.append_path_with_name("/bin/busybox", "bin/busybox").unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_link(&mut h, "bin/sh", "busybox").unwrap();
+    let layer = b.into_inner().unwrap();
+    let l = blob(&layout, "application/vnd.oci.image.layer.v1.tar", &layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]},
+    });
+    let c = blob(&layout, "application/vnd.oci.image.config.v1+json", config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": c, "layers": [l]});
+    let m = blob(&layout, "application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes());
+    std::fs::write(layout.join("index.json"), serde_json::json!({"schemaVersion": 2, "manifests": [m]}).to_string())
+        .unwrap();
+    let out = d.cli(&["template", "import", &layout.display().to_string(), "--name", "bare"]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.root.join("layers").join(&d.client.template("bare").await.unwrap().layers[0]).join("etc").exists());
+
+    let (out, code) = sh(&d, "bare", "/bin/busybox cat /etc/resolv.conf; /bin/busybox stat -c '%a %u' /etc").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("nameserver "), "the sandbox's resolver: {out}");
+    assert!(out.ends_with("755 0\n"), "/etc made by the setup: {out}");
+}

@@ -241,6 +241,24 @@ async fn runtime_policy_changes_and_sandboxes_are_apart() {
             .unwrap_err();
     assert!(err.to_string().contains("10.0.0.1/8"), "{err}");
     assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::None);
+    // Rules are recorded in their canonical text, each once.
+    let given = ["Allowed.TEST.", " allowed.test", "198.51.100.10/32:80/tcp", "*.PKG.test"].map(String::from);
+    let sb = w.d.client.set_network(&a, &NetworkPolicy { mode: NetMode::Allow, allow: given.to_vec() }).await.unwrap();
+    assert_eq!(sb.network.allow, ["allowed.test", "198.51.100.10:80/tcp", "*.pkg.test"]);
+    // A stopped sandbox's policy can be changed; it holds when the sandbox starts again.
+    // Its audit stays readable while it is stopped, and goes on after the start.
+    let before = w.d.client.network_log(&a).await.unwrap().events;
+    assert!(before.iter().any(|e| e.verdict == "deny" && e.destination == Some(WEB_B.to_string())), "{before:?}");
+    w.d.client.stop(&a).await.unwrap();
+    assert_eq!(w.d.client.network_log(&a).await.unwrap().events, before, "the audit of a stopped sandbox");
+    let out = w.d.cli(&["net", "set", &a, "--net", "public"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.d.client.start(&a).await.unwrap();
+    assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::Public);
+    assert!(w.reaches(&a, &format!("{WEB_B}:80")).await, "the policy set while stopped");
+    let after = w.d.client.network_log(&a).await.unwrap().events;
+    assert_eq!(after[..before.len()], before[..], "the audit goes on after the start");
+    assert!(after.len() > before.len() && after.last().unwrap().verdict == "allow", "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,6 +316,10 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     let mut w = World::new().await;
     let id = w.sandbox(NetMode::Allow, &["allowed.test"]).await;
     assert!(w.reaches(&id, "allowed.test:80").await);
+    // The audit is written out within 200 ms of each event.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let audit = w.d.client.network_log(&id).await.unwrap().events;
+    assert!(audit.iter().any(|e| e.kind == "dns" && e.name.as_deref() == Some("allowed.test")), "{audit:?}");
     w.d.kill9();
     // The table stays: the policy holds without the daemon.
     let id2 = id.clone();
@@ -320,6 +342,8 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     w.d.adopt_spawner().await;
     assert_eq!(w.d.client.get_sandbox(&id2).await.unwrap().network.allow, vec!["allowed.test".to_string()]);
     assert!(w.reaches(&id, "allowed.test:80").await, "allowed again after the restart");
+    let after = w.d.client.network_log(&id).await.unwrap().events;
+    assert_eq!(after[..audit.len()], audit[..], "the audit from before the daemon was killed");
     w.refused(&id, &format!("{WEB_B}:80")).await;
     w.unresolved(&id, "other.test").await;
 }

@@ -52,7 +52,7 @@ fn tcp(addr: SocketAddr, timeout: Duration) -> ProbeResult {
         }
         Err(e) if blocked_errno(&e) => result("blocked", e.to_string()),
         Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
-            result("blocked", format!("no answer within {} ms", timeout.as_millis()))
+            result("silent", format!("no answer within {} ms", timeout.as_millis()))
         }
         Err(e) => result("unknown", e.to_string()),
     }
@@ -74,7 +74,7 @@ fn udp(addr: SocketAddr, payload: &[u8], timeout: Duration) -> ProbeResult {
         }
         Err(e) if blocked_errno(&e) => result("blocked", e.to_string()),
         Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
-            result("unknown", format!("no answer within {} ms", timeout.as_millis()))
+            result("silent", format!("no answer within {} ms", timeout.as_millis()))
         }
         Err(e) => result("unknown", e.to_string()),
     }

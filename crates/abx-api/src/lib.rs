@@ -368,7 +368,8 @@ pub struct NetCheck {
     pub reason: String,
     /// `reachable` or `blocked`.
     pub expected: String,
-    /// `reachable`, `blocked`, or `unknown` (the probe could not tell).
+    /// `reachable`, `blocked` (refused by the firewall), `silent` (no answer: passes where
+    /// `blocked` is expected) or `unknown` (the probe could not tell).
     pub observed: String,
     pub ok: bool,
     /// What the probe saw (errno, DNS answer, ...).

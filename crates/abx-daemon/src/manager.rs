@@ -118,7 +118,9 @@ impl Manager {
         };
         let seccomp = abx_sandbox::seccomp::compile(&policy).map_err(|e| format!("{e}: {}", source_text(&e)))?;
         let net = match &cfg.network {
-            Some(n) => Some(Arc::new(crate::net::Network::open(n.clone(), &cfg.prefix)?)),
+            Some(n) => {
+                Some(Arc::new(crate::net::Network::open(n.clone(), &cfg.prefix, Some(cfg.root.join("net-audit")))?))
+            }
             None => None,
         };
         let spawner = SpawnerClient::new(&cfg.root, &cfg.exe, &cfg.agent);
@@ -490,8 +492,8 @@ impl Manager {
         }
         let limits = merge_limits(&req.limits, &self.cfg.default_limits);
         validate::limits(&limits)?;
-        let network = req.network.clone().unwrap_or_default();
-        let policy = self.check_policy(&network)?;
+        let policy = self.check_policy(&req.network.clone().unwrap_or_default())?;
+        let network = policy.to_api();
         let timeout = match req.timeout_secs {
             Some(0) => None,
             Some(s) => Some(Duration::from_secs(s)),
@@ -1122,6 +1124,7 @@ impl Manager {
     /// Checks a network policy from the API (an error names the bad rule).
     fn check_policy(&self, p: &abx_api::NetworkPolicy) -> CoreResult<crate::net::policy::Policy> {
         let policy = crate::net::policy::Policy::parse(p).map_err(CoreError::Invalid)?;
+        policy.check_reachable(self.net.as_ref().map(|n| &n.cfg.subnet)).map_err(CoreError::Invalid)?;
         if policy.mode != abx_api::NetMode::None && self.net.is_none() {
             return Err(CoreError::Invalid(
                 "this daemon runs without networking (--subnet none): only network mode 'none' is available".into(),
@@ -1130,7 +1133,8 @@ impl Manager {
         Ok(policy)
     }
 
-    /// Changes a running sandbox's egress policy; it applies to new connections at once.
+    /// Changes a sandbox's egress policy. A running (or paused) sandbox's applies to new
+    /// connections at once; a stopped one's is recorded and applied when it starts again.
     pub async fn set_network(self: &Arc<Self>, key: &str, p: abx_api::NetworkPolicy) -> CoreResult<Record> {
         let sb = self.get(key)?;
         let policy = self.check_policy(&p)?;
@@ -1138,14 +1142,24 @@ impl Manager {
             return Ok(sb.record());
         };
         let (slot, state) = sb.read(|r| (r.uid_slot, r.state));
-        if !matches!(state, SandboxState::Running | SandboxState::Paused) {
-            return Err(CoreError::Conflict(format!("sandbox {} is not running", sb.id)));
+        match state {
+            SandboxState::Running | SandboxState::Paused => {
+                let policy = policy.clone();
+                tokio::task::spawn_blocking(move || net.set_policy(slot, &policy))
+                    .await
+                    .map_err(|e| CoreError::internal("network policy task", e.to_string()))?
+                    .map_err(|e| CoreError::internal("apply the network policy", e))?;
+            }
+            SandboxState::Stopped | SandboxState::Exited => {}
+            s => {
+                return Err(CoreError::Conflict(format!(
+                    "sandbox {} is {}; try again when it is not",
+                    sb.id,
+                    crate::core::state_name(s)
+                )));
+            }
         }
-        tokio::task::spawn_blocking(move || net.set_policy(slot, &policy))
-            .await
-            .map_err(|e| CoreError::internal("network policy task", e.to_string()))?
-            .map_err(|e| CoreError::internal("apply the network policy", e))?;
-        sb.update(|r| r.network = p);
+        sb.update(|r| r.network = policy.to_api());
         self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
         Ok(sb.record())
     }
@@ -1175,7 +1189,7 @@ impl Manager {
                 if let Err(e) = crate::cow::remove(&this.storage.kept().join(&id)) {
                     warn!(sandbox = %id, error = %e, "removing the files of a stopped sandbox");
                 }
-                let _ = this.store.delete(&id);
+                this.forget_record(&id);
             });
             return Ok(());
         }
@@ -1235,7 +1249,7 @@ impl Manager {
             let id = sb.id.clone();
             let res = tokio::task::spawn_blocking(move || {
                 let res = this2.release_slot(slot, Some(&id));
-                let _ = this2.store.delete(&id);
+                this2.forget_record(&id);
                 res
             })
             .await;
@@ -1302,6 +1316,11 @@ impl Manager {
             }
         }
         self.cleanup_orphans(&known);
+        if let Some(net) = &self.net {
+            let ids: std::collections::HashSet<String> =
+                self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.id.clone()).collect();
+            net.forget_all_but(&ids);
+        }
         Ok(())
     }
 
@@ -1349,7 +1368,15 @@ impl Manager {
 
     fn cleanup_dead(&self, rec: &Record) {
         let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
-        let _ = self.store.delete(&rec.id);
+        self.forget_record(&rec.id);
+    }
+
+    /// Deletes a destroyed sandbox's record and its egress audit.
+    pub(crate) fn forget_record(&self, id: &str) {
+        let _ = self.store.delete(id);
+        if let Some(net) = &self.net {
+            net.forget(id);
+        }
     }
 
     /// Removes every slot directory and cgroup that no live sandbox holds (a crash can leave

@@ -19,6 +19,7 @@
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use abx_sys::process::ns;
@@ -239,7 +240,15 @@ fn run_step(step: &Step, trees: &[OwnedFd], resolv: Option<&OwnedFd>) -> std::io
                 Some(tree) if std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_file()) => {
                     abx_sys::mount::attach(tree, target)
                 }
-                _ => write_file(target, contents),
+                _ => {
+                    // A template without /etc (an image `FROM scratch` with one binary)
+                    // still gets its resolver: the directory is made in the upper layer.
+                    match std::fs::DirBuilder::new().mode(0o755).create("/etc") {
+                        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                        _ => {}
+                    }
+                    write_file(target, contents)
+                }
             }
         }
         Step::AttachVolume { index, target } => {

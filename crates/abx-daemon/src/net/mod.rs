@@ -140,8 +140,57 @@ struct SlotState {
 
 #[derive(Debug, Default)]
 struct Audit {
+    /// The newest events (at most [`AUDIT_CAPACITY`]), oldest first.
     events: VecDeque<NetEvent>,
+    /// Events older than those, no longer kept.
     dropped: u64,
+    /// Lines in the sandbox's audit file (rewritten from `events` when it has twice
+    /// the capacity).
+    written: usize,
+    /// Flows logged lately, so that one connection's retransmitted first packets (a SYN
+    /// sent again after a second) count once: (key, time in ms).
+    recent: VecDeque<(Flow, u64)>,
+}
+
+impl Audit {
+    /// Whether `flow` was not seen in the [`FLOW_MEMORY_MS`] before `now` (remembering it).
+    fn new_flow(&mut self, flow: Flow, now: u64) -> bool {
+        if self.recent.iter().any(|(f, t)| *f == flow && now.saturating_sub(*t) < FLOW_MEMORY_MS) {
+            return false;
+        }
+        if self.recent.len() >= FLOW_MEMORY {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((flow, now));
+        true
+    }
+}
+
+/// What makes packets one flow for the audit: protocol, source port, destination,
+/// destination port, and whether it was allowed.
+type Flow = (u8, Option<u16>, Ipv4Addr, Option<u16>, bool);
+
+/// How long a flow's packets count as the same decision (TCP gives up on a SYN after
+/// about a minute and a half of retransmits).
+const FLOW_MEMORY_MS: u64 = 100_000;
+
+/// Flows remembered per sandbox.
+const FLOW_MEMORY: usize = 64;
+
+/// What the audit writer does with one sandbox's file.
+enum AuditWrite {
+    Append(String),
+    Rewrite(String),
+}
+
+/// Reads a sandbox's audit file: the newest [`AUDIT_CAPACITY`] events and the number of
+/// lines (a torn last line, from a daemon killed while writing, is skipped).
+fn read_audit_file(path: &std::path::Path) -> Audit {
+    let Ok(text) = std::fs::read_to_string(path) else { return Audit::default() };
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(AUDIT_CAPACITY);
+    let events: VecDeque<NetEvent> = lines[start..].iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    Audit { events, dropped: start as u64, written: lines.len(), recent: VecDeque::new() }
 }
 
 /// Counters for `/metrics`.
@@ -173,6 +222,12 @@ pub struct Network {
     /// `nft` (or alone), never the other way round.
     dns_clean: Mutex<std::collections::HashSet<u32>>,
     audit: Mutex<HashMap<String, Audit>>,
+    /// Where each sandbox's audit is kept as JSON lines, `<id>.jsonl` (None: in memory
+    /// only), and the lines not written yet.
+    audit_dir: Option<std::path::PathBuf>,
+    audit_pending: Mutex<Vec<(String, String)>>,
+    /// Held while audit files are written or removed.
+    audit_io: Mutex<()>,
     pub counters: Counters,
     /// Forwarding was switched on on the uplink (done at the first policy with egress).
     uplink_forwarding: AtomicBool,
@@ -221,7 +276,10 @@ fn bind_log_group(prefix: &str) -> Result<(abx_sys::nflog::Nflog, u16), String> 
 impl Network {
     /// Builds the table (replacing any earlier one of this prefix) and binds the audit's
     /// NFLOG group. Blocking.
-    pub fn open(cfg: NetConfig, prefix: &str) -> Result<Network, String> {
+    pub fn open(cfg: NetConfig, prefix: &str, audit_dir: Option<std::path::PathBuf>) -> Result<Network, String> {
+        if let Some(dir) = &audit_dir {
+            std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
         if let Some(other) = subnet_user(&cfg.subnet, prefix) {
             return Err(format!(
                 "--subnet {} is already routed through interface {other} (another daemon or network of this host); \
@@ -248,6 +306,9 @@ impl Network {
             nft: Mutex::new(Some(nft)),
             dns_clean: Mutex::new(Default::default()),
             audit: Mutex::new(HashMap::new()),
+            audit_dir,
+            audit_pending: Mutex::new(Vec::new()),
+            audit_io: Mutex::new(()),
             counters: Counters::default(),
             uplink_forwarding: AtomicBool::new(false),
             nflog: Mutex::new(Some(nflog)),
@@ -307,6 +368,7 @@ impl Network {
             stop.store(true, Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        self.flush_audit();
         if !sandboxes_left && let Err(e) = firewall::apply(&firewall::delete_table_script(&self.table.table)) {
             warn!(error = %e, "removing the nftables table");
         }
@@ -340,7 +402,9 @@ impl Network {
 
     /// Gives slot `slot` to sandbox `id` with `policy` (blocking: may run nft).
     pub fn attach(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
-        self.audit.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), Audit::default());
+        // A sandbox started again (or adopted after a restart) goes on with its audit.
+        let earlier = self.audit_file(id).map(|f| read_audit_file(&f)).unwrap_or_default();
+        self.audit.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), earlier);
         if let Err(e) = self.apply_policy(slot, policy, true) {
             self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
             return Err(e);
@@ -365,6 +429,8 @@ impl Network {
 
     /// Takes slot `slot` back from its sandbox: no egress, no allowed addresses.
     pub fn detach(&self, slot: u32, id: &str) {
+        // What it recorded last is written out before it leaves memory.
+        self.flush_audit();
         self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let Some(state) = slots.get_mut(&slot) else { return };
@@ -516,13 +582,109 @@ impl Network {
             a.events.pop_front();
             a.dropped += 1;
         }
+        if self.audit_dir.is_some()
+            && let Ok(line) = serde_json::to_string(&event)
+        {
+            self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push((id.to_string(), line));
+        }
         a.events.push_back(event);
     }
 
-    /// A sandbox's audit log (oldest first) and how many events were dropped.
+    fn audit_file(&self, id: &str) -> Option<std::path::PathBuf> {
+        self.audit_dir.as_ref().map(|d| d.join(format!("{id}.jsonl")))
+    }
+
+    /// Writes the audit events recorded since the last call to their sandboxes' files
+    /// (the audit thread calls it at least every 200 ms, and `stop` at the end).
+    pub fn flush_audit(&self) {
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut *self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if pending.is_empty() {
+            return;
+        }
+        let mut work: Vec<(String, AuditWrite)> = Vec::new();
+        {
+            let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+            let mut by_id: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (id, line) in pending {
+                by_id.entry(id).or_default().push(line);
+            }
+            for (id, lines) in by_id {
+                // A sandbox destroyed since: its file is gone and stays gone.
+                let Some(a) = audit.get_mut(&id) else { continue };
+                if a.written + lines.len() > 2 * AUDIT_CAPACITY {
+                    let mut all = String::new();
+                    for e in &a.events {
+                        if let Ok(l) = serde_json::to_string(e) {
+                            all.push_str(&l);
+                            all.push('\n');
+                        }
+                    }
+                    a.written = a.events.len();
+                    work.push((id, AuditWrite::Rewrite(all)));
+                } else {
+                    a.written += lines.len();
+                    work.push((id, AuditWrite::Append(lines.join("\n") + "\n")));
+                }
+            }
+        }
+        for (id, w) in work {
+            let Some(path) = self.audit_file(&id) else { continue };
+            let res = match w {
+                AuditWrite::Append(text) => {
+                    use std::io::Write;
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .and_then(|mut f| f.write_all(text.as_bytes()))
+                }
+                AuditWrite::Rewrite(text) => {
+                    let tmp = path.with_extension("jsonl.new");
+                    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path))
+                }
+            };
+            if let Err(e) = res {
+                warn!(sandbox = %id, error = %e, "writing the egress audit");
+            }
+        }
+    }
+
+    /// Removes a sandbox's audit (it was destroyed).
+    pub fn forget(&self, id: &str) {
+        self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| i != id);
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = self.audit_file(id) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Removes the audit files of sandboxes that no longer exist.
+    pub fn forget_all_but(&self, known: &std::collections::HashSet<String>) {
+        let Some(dir) = &self.audit_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".jsonl").or_else(|| name.strip_suffix(".jsonl.new")).unwrap_or(&name);
+            if !known.contains(id) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// A sandbox's audit log (oldest first) and how many older events were dropped: from
+    /// memory while it runs, from its file while it is stopped.
     pub fn log(&self, id: &str) -> (Vec<NetEvent>, u64) {
         let audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
-        audit.get(id).map(|a| (a.events.iter().cloned().collect(), a.dropped)).unwrap_or_default()
+        if let Some(a) = audit.get(id) {
+            return (a.events.iter().cloned().collect(), a.dropped);
+        }
+        drop(audit);
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        let a = self.audit_file(id).map(|f| read_audit_file(&f)).unwrap_or_default();
+        (a.events.into(), a.dropped)
     }
 
     /// Prometheus text lines for `/metrics`.
@@ -617,7 +779,13 @@ fn read_audit(sock: abx_sys::nflog::Nflog, net: std::sync::Weak<Network>, stop: 
         let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
         let wait = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
         match rustix::event::poll(&mut fds, Some(&wait)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(0) | Err(rustix::io::Errno::INTR) => {
+                // DNS answers are recorded by the proxy; this thread writes them out too.
+                if let Some(net) = net.upgrade() {
+                    net.flush_audit();
+                }
+                continue;
+            }
             Ok(_) => {}
             Err(e) => {
                 warn!(error = %e, "egress audit stopped");
@@ -637,21 +805,40 @@ fn read_audit(sock: abx_sys::nflog::Nflog, net: std::sync::Weak<Network>, stop: 
         for e in entries {
             net.audit_entry(&e);
         }
+        net.flush_audit();
     }
 }
 
 impl Network {
+    /// Whether `flow` of sandbox `id` was not logged in the last [`FLOW_MEMORY_MS`] (and
+    /// remembers it). Packets without a source port (ICMP) are always new.
+    fn new_flow(&self, id: &str, flow: Flow) -> bool {
+        if flow.1.is_none() {
+            return true;
+        }
+        let mut audit = self.audit.lock().unwrap_or_else(|e| e.into_inner());
+        audit.get_mut(id).is_none_or(|a| a.new_flow(flow, now_ms()))
+    }
+
     fn audit_entry(&self, e: &abx_sys::nflog::LogEntry) {
-        let verdict = if e.prefix.starts_with(firewall::LOG_ALLOW.trim_end()) {
-            self.counters.connections_allowed.fetch_add(1, Ordering::Relaxed);
-            "allow"
+        let allowed = if e.prefix.starts_with(firewall::LOG_ALLOW.trim_end()) {
+            true
         } else if e.prefix.starts_with(firewall::LOG_DENY.trim_end()) {
-            self.counters.connections_denied.fetch_add(1, Ordering::Relaxed);
-            "deny"
+            false
         } else {
             return;
         };
         let Some((_, id, _)) = self.sandbox_of(IpAddr::V4(e.src)) else { return };
+        if !self.new_flow(&id, (e.protocol, e.src_port, e.dst, e.dst_port, allowed)) {
+            return;
+        }
+        let verdict = if allowed {
+            self.counters.connections_allowed.fetch_add(1, Ordering::Relaxed);
+            "allow"
+        } else {
+            self.counters.connections_denied.fetch_add(1, Ordering::Relaxed);
+            "deny"
+        };
         let protocol = match e.protocol {
             1 => "icmp".to_string(),
             6 => "tcp".to_string(),
@@ -672,5 +859,55 @@ impl Network {
                 port: e.dst_port,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> NetEvent {
+        NetEvent {
+            time_ms: n,
+            kind: "connection".into(),
+            verdict: "deny".into(),
+            name: None,
+            qtype: None,
+            addresses: vec![],
+            protocol: Some("tcp".into()),
+            destination: Some("198.51.100.20".into()),
+            port: Some(80),
+        }
+    }
+
+    #[test]
+    fn a_flow_counts_once_while_it_retransmits() {
+        let mut a = Audit::default();
+        let syn = (6, Some(40000), Ipv4Addr::new(198, 51, 100, 20), Some(80), true);
+        assert!(a.new_flow(syn, 1_000));
+        assert!(!a.new_flow(syn, 2_000), "the SYN sent again after a second");
+        assert!(!a.new_flow(syn, 64_000));
+        assert!(a.new_flow((6, Some(40001), syn.2, syn.3, true), 2_000), "another source port: another connection");
+        assert!(a.new_flow((6, Some(40000), syn.2, syn.3, false), 2_000), "another verdict");
+        assert!(a.new_flow(syn, 1_000 + FLOW_MEMORY_MS), "the port reused much later");
+    }
+
+    #[test]
+    fn audit_files_give_back_the_newest_events_and_count_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let mut text = String::new();
+        for n in 0..(AUDIT_CAPACITY as u64 + 10) {
+            text.push_str(&serde_json::to_string(&event(n)).unwrap());
+            text.push('\n');
+        }
+        text.push_str("{\"time_ms\": 1, \"ki"); // torn by a daemon killed while writing
+        std::fs::write(&path, text).unwrap();
+        let a = read_audit_file(&path);
+        assert_eq!(a.written, AUDIT_CAPACITY + 11);
+        assert_eq!(a.dropped, 11);
+        assert_eq!(a.events.len(), AUDIT_CAPACITY - 1);
+        assert_eq!(a.events.back().unwrap().time_ms, AUDIT_CAPACITY as u64 + 9);
+        assert_eq!(read_audit_file(&dir.path().join("missing.jsonl")).events.len(), 0);
     }
 }

@@ -152,6 +152,36 @@ impl Rule {
     }
 }
 
+/// The canonical text of a rule: what `Rule::parse` reads back to the same rule
+/// (lowercase names without a trailing dot, networks at their first address).
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ports, proto) = match self {
+            Rule::Domain { name, wildcard, ports, proto } => {
+                write!(f, "{}{name}", if *wildcard { "*." } else { "" })?;
+                (ports, proto)
+            }
+            Rule::Net { cidr, ports, proto } => {
+                if cidr.len == 32 {
+                    write!(f, "{}", cidr.addr)?;
+                } else {
+                    write!(f, "{cidr}")?;
+                }
+                (ports, proto)
+            }
+        };
+        match ports {
+            Some((a, b)) if a == b => write!(f, ":{a}")?,
+            Some((a, b)) => write!(f, ":{a}-{b}")?,
+            None => {}
+        }
+        match proto {
+            Some(p) => write!(f, "/{}", p.as_str()),
+            None => Ok(()),
+        }
+    }
+}
+
 fn parse_ports(p: &str) -> Result<(u16, u16), String> {
     let port =
         |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("'{s}' is not a port (1-65535)"));
@@ -208,10 +238,50 @@ impl Policy {
         if p.mode == NetMode::None && !p.allow.is_empty() {
             return Err("network mode 'none' takes no allow rules; use mode 'allow' (or leave the mode out)".into());
         }
-        let rules = p.allow.iter().map(|r| Rule::parse(r)).collect::<Result<Vec<_>, _>>()?;
+        let mut rules: Vec<Rule> = Vec::with_capacity(p.allow.len());
+        for text in &p.allow {
+            let rule = Rule::parse(text)?;
+            if !rules.contains(&rule) {
+                rules.push(rule);
+            }
+        }
         let policy = Policy { mode: p.mode, rules };
         policy.ranges()?;
         Ok(policy)
+    }
+
+    /// Refuses address rules that could never take effect: wholly inside a range no
+    /// sandbox ever reaches (its own loopback, link-local and metadata, multicast,
+    /// reserved) or inside `sandboxes`, the daemon's sandbox pool (the host's side of each
+    /// sandbox and the other sandboxes). A broader rule is fine; those parts stay blocked.
+    pub fn check_reachable(&self, sandboxes: Option<&Cidr>) -> Result<(), String> {
+        for rule in &self.rules {
+            let Rule::Net { cidr, .. } = rule else { continue };
+            let inside = |range: &Cidr| range.len <= cidr.len && range.contains(cidr.addr);
+            if let Some(range) = NEVER.iter().filter_map(|r| r.parse::<Cidr>().ok()).find(inside) {
+                let what = match range.addr.octets()[0] {
+                    127 => "the sandbox's own loopback",
+                    169 => "link-local addresses and cloud metadata",
+                    0 => "'this network'",
+                    _ => "multicast and reserved addresses",
+                };
+                return Err(format!(
+                    "allow rule '{rule}' can never take effect: {range} ({what}) is never reachable through the network"
+                ));
+            }
+            if let Some(range) = sandboxes.filter(|r| inside(r)) {
+                return Err(format!(
+                    "allow rule '{rule}' can never take effect: {range} is the sandboxes' own address pool (the host and other sandboxes are never reachable)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy as the API shows and records it: every rule in its canonical text
+    /// (`GitHub.com.` is `github.com`), each once, in the order first given.
+    pub fn to_api(&self) -> NetworkPolicy {
+        NetworkPolicy { mode: self.mode, allow: self.rules.iter().map(|r| r.to_string()).collect() }
     }
 
     /// Whether a sandbox with this policy may resolve `name`.
@@ -399,6 +469,45 @@ mod tests {
             assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
         }
         assert!(Rule::parse("10.1.0.1/16").unwrap_err().contains("10.1.0.0/16"));
+    }
+
+    #[test]
+    fn rules_print_as_they_parse_and_policies_keep_each_once() {
+        for (given, canonical) in [
+            ("GitHub.com.", "github.com"),
+            ("*.PyPI.org:443/tcp", "*.pypi.org:443/tcp"),
+            ("10.1.0.0/16:5432", "10.1.0.0/16:5432"),
+            ("203.0.113.7/32:8000-8080/udp", "203.0.113.7:8000-8080/udp"),
+            ("198.51.100.0/24/tcp", "198.51.100.0/24/tcp"),
+            (" 1.2.3.4 ", "1.2.3.4"),
+        ] {
+            let rule = Rule::parse(given).unwrap();
+            assert_eq!(rule.to_string(), canonical);
+            assert_eq!(Rule::parse(canonical).unwrap(), rule, "{canonical} reads back");
+        }
+        let p = Policy::parse(&NetworkPolicy {
+            mode: NetMode::Allow,
+            allow: vec!["a.test".into(), "A.test.".into(), "1.2.3.4/32".into(), "1.2.3.4".into()],
+        })
+        .unwrap();
+        assert_eq!(p.to_api().allow, ["a.test", "1.2.3.4"]);
+    }
+
+    #[test]
+    fn rules_that_can_never_take_effect_are_refused() {
+        let pool: Cidr = "10.240.0.0/24".parse().unwrap();
+        let check = |rule: &str| {
+            Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec![rule.into()] })
+                .unwrap()
+                .check_reachable(Some(&pool))
+        };
+        assert!(check("127.0.0.1:8080").unwrap_err().contains("loopback"));
+        assert!(check("169.254.169.254").unwrap_err().contains("metadata"));
+        assert!(check("224.0.0.251:5353/udp").unwrap_err().contains("multicast"));
+        assert!(check("10.240.0.7:80").unwrap_err().contains("address pool"));
+        for fine in ["0.0.0.0/0", "10.0.0.0/8", "10.241.0.1", "198.51.100.0/24", "github.com"] {
+            assert!(check(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

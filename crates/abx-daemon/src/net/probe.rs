@@ -5,7 +5,8 @@
 //! Reachable means the network let the packets through: a connection, or a refusal by the
 //! peer itself (nothing listens on that port). Blocked means the host's firewall refused
 //! (a TCP reset with a deny in the sandbox's audit, or EHOSTUNREACH from ICMP
-//! "administratively prohibited"), or no answer came.
+//! "administratively prohibited"). Silent means no answer came: it passes where blocked is
+//! expected and fails where reachable is.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -204,8 +205,10 @@ pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestRepor
         .chain(second.iter().zip(results.iter()))
         .map(|(p, r)| {
             let expected = if p.reachable { "reachable" } else { "blocked" };
-            // Silence counts as blocked when blocked is expected.
-            let ok = r.outcome == expected || (!p.reachable && r.outcome == "unknown" && p.target.starts_with("udp"));
+            // Silence counts as blocked when blocked is expected (an agent of an older
+            // version says `unknown` for a silent UDP probe).
+            let silent = r.outcome == "silent" || (r.outcome == "unknown" && p.target.starts_with("udp"));
+            let ok = r.outcome == expected || (!p.reachable && silent);
             NetCheck {
                 target: p.target.clone(),
                 reason: p.reason.clone(),
