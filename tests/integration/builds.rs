@@ -484,3 +484,36 @@ async fn an_image_without_etc_runs_with_its_resolver() {
     assert!(out.starts_with("nameserver "), "the sandbox's resolver: {out}");
     assert!(out.ends_with("755 0\n"), "/etc made by the setup: {out}");
 }
+
+/// WORKDIR makes its missing directories for the build's current user (as BuildKit does),
+/// so that a RUN as that user can write there; directories that exist keep their owner.
+#[tokio::test]
+async fn workdir_directories_belong_to_the_current_user() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    let req = BuildTemplate {
+        name: "wd".into(),
+        dockerfile: Some(
+            "FROM mini\nUSER user\nWORKDIR /home/user/work/src\nRUN touch made-here\n\
+             USER 0\nWORKDIR /opt/rootdir\nUSER user\nWORKDIR /home/user/work/src\n"
+                .into(),
+        ),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    build(&d, &req).await.unwrap();
+    let (out, code) =
+        sh(&d, "wd", "stat -c '%u %a %n' /home/user /home/user/work /home/user/work/src/made-here /opt/rootdir /opt")
+            .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        "1000 755 /home/user\n1000 755 /home/user/work\n1000 644 /home/user/work/src/made-here\n\
+         0 755 /opt/rootdir\n0 755 /opt\n"
+    );
+    // A user the layers do not know is an error naming the line.
+    let bad = BuildTemplate { dockerfile: Some("FROM mini\nUSER nobody-here\nWORKDIR /w\n".into()), ..req.clone() };
+    let err = build(&d, &bad).await.unwrap_err();
+    assert!(err.contains("line 3") && err.contains("nobody-here"), "{err}");
+}

@@ -164,3 +164,51 @@ async fn a_daemon_killed_during_a_rollback_loses_no_sandbox() {
         assert!(f == "v1\n" || f == "v2\n", "files kept after a kill at {delay_us} µs: {f:?}");
     }
 }
+
+/// A fork is all or nothing even when the daemon dies in the middle: the forks are
+/// ephemeral until every one is made and they are recorded together, and the snapshot a
+/// fork of a running sandbox takes is removed by the next daemon.
+#[tokio::test]
+async fn a_daemon_killed_during_a_fork_leaves_all_or_none_of_the_forks() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let id = d.mini(Limits::default()).await;
+    d.sh(&id, "echo source > /tmp/f").await;
+    let snapshots = d.slots.parent().unwrap().join("snapshots");
+    let mut outcomes = Vec::new();
+    for (round, delay_ms) in [0u64, 2, 5, 10, 20, 40, 80, 400].into_iter().enumerate() {
+        let client = d.client.clone();
+        let sid = id.clone();
+        let tag = round.to_string();
+        let req = abx_client::ForkRequest {
+            count: Some(4),
+            metadata: [("round".to_string(), tag.clone())].into(),
+            ..Default::default()
+        };
+        let fork = tokio::spawn(async move { client.fork_sandbox(&sid, &req).await });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        d.kill9();
+        let answered = fork.await.unwrap().is_ok();
+        d.spawn(&[]).await;
+        let forks: Vec<String> = d
+            .client
+            .list_sandboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.metadata.get("round") == Some(&tag))
+            .map(|s| s.id)
+            .collect();
+        assert!(forks.is_empty() || forks.len() == 4, "round {round}: {} of 4 forks kept\n{}", forks.len(), d.log());
+        assert!(!answered || forks.len() == 4, "round {round}: the fork answered but its sandboxes are gone");
+        for f in &forks {
+            assert_eq!(d.sh(f, "cat /tmp/f").await.0, "source\n");
+            d.client.delete_sandbox(f, true).await.unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(&snapshots).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "round {round}: the fork's snapshot is left: {left:?}");
+        outcomes.push(forks.len());
+    }
+    eprintln!("forks kept per round: {outcomes:?}");
+    assert!(outcomes.contains(&4), "no round finished its fork: {outcomes:?}");
+}

@@ -1,6 +1,7 @@
 //! Time travel: snapshots, forks, rollback, diff since a snapshot, stop/start, persistent
 //! sandboxes, volumes and timeout actions, on a real daemon (btrfs data image).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use abx_client::{CreateSandbox, ExecRequest, ForkRequest, SandboxState, TimeoutAction, VolumeMount};
@@ -88,6 +89,46 @@ async fn snapshot_has_prior_writes_and_forks_are_independent() {
     assert_eq!(e.code(), Some("conflict"), "{e}");
     let e = d.client.snapshot(&id, Some("Bad Name")).await.unwrap_err();
     assert!(e.to_string().contains("Bad Name"), "{e}");
+}
+
+/// Unset settings of a fork come from its source: its environment, user, policy and also
+/// its labels, its timeout's length and a snapshot at expiry. Not `persist` (names are
+/// unique), nor `stop` at expiry, which is for persistent sandboxes.
+#[tokio::test]
+async fn forks_take_their_sources_labels_and_timeout() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let req = CreateSandbox {
+        metadata: BTreeMap::from([("team".to_string(), "a".to_string()), ("role".to_string(), "source".to_string())]),
+        timeout_secs: Some(3600),
+        on_timeout: Some(TimeoutAction::Snapshot),
+        ..mini()
+    };
+    let src = d.client.create_sandbox(&req).await.unwrap();
+    let over = ForkRequest {
+        count: Some(1),
+        metadata: BTreeMap::from([("role".into(), "fork".into())]),
+        ..Default::default()
+    };
+    let fork = d.client.fork_sandbox(&src.id, &over).await.unwrap().sandboxes.remove(0);
+    let want = BTreeMap::from([("team".to_string(), "a".to_string()), ("role".to_string(), "fork".to_string())]);
+    assert_eq!(fork.metadata, want, "labels merged, the request's win");
+    let left = fork.expires_at.unwrap() - fork.created_at;
+    assert!((3599..=3601).contains(&left), "the source's timeout: {left} s");
+    assert_eq!(fork.on_timeout, TimeoutAction::Snapshot);
+    // From a named snapshot too, and a timeout given with the fork wins.
+    let snap = d.client.snapshot(&src.id, Some("labelled")).await.unwrap();
+    let req = ForkRequest { count: Some(1), timeout_secs: Some(60), ..Default::default() };
+    let f2 = d.client.fork_snapshot(&snap.id, &req).await.unwrap().sandboxes.remove(0);
+    assert_eq!(f2.metadata.get("role").map(String::as_str), Some("source"));
+    assert!(f2.expires_at.unwrap() - f2.created_at <= 61);
+    // A persistent source: the forks are not persistent and do not stop at expiry.
+    let p =
+        d.client.create_sandbox(&CreateSandbox { name: Some("keeper".into()), persist: true, ..mini() }).await.unwrap();
+    assert_eq!(p.on_timeout, TimeoutAction::Stop);
+    let f3 = d.client.fork_sandbox(&p.id, &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert!(!f3.persist && f3.name.is_none());
+    assert_eq!(f3.on_timeout, TimeoutAction::Destroy);
 }
 
 #[tokio::test]
@@ -354,7 +395,12 @@ async fn volumes_outlive_sandboxes_and_mount_read_write_or_read_only() {
         assert!(e.to_string().contains(needle), "{e}");
         assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before);
     }
+    // A snapshot of a sandbox with the volume holds it too: its forks mount it.
+    let snap = d.client.snapshot(&b.id, Some("with-cache")).await.unwrap();
     d.client.delete_sandbox(&b.id, true).await.unwrap();
+    let e = d.client.delete_volume("cache").await.unwrap_err();
+    assert!(e.code() == Some("conflict") && e.to_string().contains("with-cache"), "{e}");
+    d.client.delete_snapshot(&snap.id).await.unwrap();
     d.client.delete_volume("cache").await.unwrap();
     assert!(d.client.volumes().await.unwrap().is_empty());
 }

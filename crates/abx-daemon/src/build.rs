@@ -248,15 +248,25 @@ impl Builder {
                 st.config.user = Some(user.clone());
                 st.key = hash(&[&st.key, text]);
             }
-            Step::Workdir { path, text, .. } => {
+            Step::Workdir { path, text, line } => {
                 self.out.stage("step", n, total, text.clone());
                 st.config.workdir = Some(path.clone());
-                let key = hash(&[&st.key, text]);
+                // The user is part of the key: the directories it makes are the user's.
+                let user = st.config.user.clone().unwrap_or_default();
+                let key = hash(&[&st.key, text, &user]);
                 let c = match self.cached(&key) {
                     Some(c) => c,
                     None => {
+                        let owner = match user.as_str() {
+                            "" | "0" | "root" | "0:0" | "root:root" => None,
+                            u => Some(resolve_owner(&self.m, &st.layers, u).map_err(|e| {
+                                invalid(format!(
+                                    "Dockerfile line {line}: {text}: the owner of the directory, user '{u}': {e}"
+                                ))
+                            })?),
+                        };
                         let (m, layers, path) = (self.m.clone(), st.layers.clone(), path.clone());
-                        let c = blocking(move || mkdir_layer(&m, &layers, &path)).await?;
+                        let c = blocking(move || mkdir_layer(&m, &layers, &path, owner)).await?;
                         self.m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
                         c
                     }
@@ -498,8 +508,10 @@ fn find_in_layers(m: &Manager, layers: &[String], path: &str) -> Option<PathBuf>
     None
 }
 
-/// A layer with directory `path` (and its missing parents), unless it exists.
-fn mkdir_layer(m: &Manager, layers: &[String], path: &str) -> CoreResult<Cached> {
+/// A layer with directory `path` (and its missing parents), unless it exists. The
+/// directories it makes belong to `owner` (the build's current user, as BuildKit does;
+/// None: root); those the layers below have keep their owner and mode.
+fn mkdir_layer(m: &Manager, layers: &[String], path: &str, owner: Option<(u32, u32)>) -> CoreResult<Cached> {
     if find_in_layers(m, layers, path).is_some_and(|p| p.is_dir()) {
         return Ok(Cached::Nothing);
     }
@@ -507,6 +519,18 @@ fn mkdir_layer(m: &Manager, layers: &[String], path: &str) -> CoreResult<Cached>
     let dir = scratch.path().join(path.trim_start_matches('/'));
     std::fs::create_dir_all(&dir).map_err(|e| CoreError::internal(format!("create {}", dir.display()), e))?;
     inherit_dirs(m, layers, scratch.path())?;
+    if let Some((uid, gid)) = owner {
+        let mut abs = String::new();
+        for name in path.split('/').filter(|n| !n.is_empty()) {
+            abs.push('/');
+            abs.push_str(name);
+            if find_in_layers(m, layers, &abs).is_none() {
+                let here = scratch.path().join(abs.trim_start_matches('/'));
+                std::os::unix::fs::lchown(&here, Some(uid), Some(gid))
+                    .map_err(|e| CoreError::internal(format!("set owner of {}", here.display()), e))?;
+            }
+        }
+    }
     let (d, _) = m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
     Ok(Cached::Layer(d))
 }
@@ -679,10 +703,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
     if git_ref.starts_with('-') || git_ref.is_empty() {
         return Err(invalid(format!("ref '{git_ref}' is not a branch, tag or commit")));
     }
-    let dest = req.dest.clone().unwrap_or_else(|| "/workspace".into());
-    if !dest.starts_with('/') || dest == "/" || dest.split('/').any(|c| c == "..") {
-        return Err(invalid(format!("dest must be an absolute directory other than /, got '{dest}'")));
-    }
+    let dest = repo_dest(req.dest.as_deref())?;
     for f in &req.lock_files {
         if f.starts_with('/') || f.split('/').any(|c| c == "..") {
             return Err(invalid(format!("lock file '{f}' must be a path inside the repository")));
@@ -800,6 +821,50 @@ fn fetch(m: &Manager, repo: &str, git_ref: &str) -> CoreResult<(PathBuf, String)
     let commit = git(&["rev-parse", "--verify", "--end-of-options", &format!("{git_ref}^{{commit}}")], Some(&mirror))
         .map_err(|_| invalid(format!("ref '{git_ref}' not found in {repo}")))?;
     Ok((mirror, commit))
+}
+
+/// Where a repository template puts the tree (default `/workspace`): an absolute path,
+/// not a system directory whose contents the tree would hide (the tree's directory is
+/// owned by the template's user).
+fn repo_dest(dest: Option<&str>) -> CoreResult<String> {
+    let given = dest.unwrap_or("/workspace");
+    let dest = given.trim_end_matches('/');
+    let bad = |why: &str| Err(invalid(format!("dest '{given}' {why}")));
+    if !given.starts_with('/') || given.split('/').any(|c| c == ".." || c == ".") {
+        return bad("must be an absolute path without '.' or '..'");
+    }
+    const SYSTEM: &[&str] = &[
+        "",
+        "/bin",
+        "/boot",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/opt",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/tmp",
+        "/usr",
+        "/var",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/sbin",
+        "/usr/share",
+        "/var/lib",
+    ];
+    if SYSTEM.contains(&dest) {
+        return bad("is a system directory; use a directory of its own such as /workspace or /srv/app");
+    }
+    if ["/proc", "/sys", "/dev"].iter().any(|p| dest == *p || dest.starts_with(&format!("{p}/"))) {
+        return bad("is inside /proc, /sys or /dev, which the sandbox mounts over");
+    }
+    Ok(dest.to_string())
 }
 
 /// The tree of `commit` at `dest`, files owned by `owner`, as a layer.
@@ -922,5 +987,23 @@ impl Drop for LowerView {
         if let Some((_scratch, target)) = &self.mounted {
             let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repository_goes_to_a_directory_of_its_own() {
+        assert_eq!(repo_dest(None).unwrap(), "/workspace");
+        assert_eq!(repo_dest(Some("/srv/app/")).unwrap(), "/srv/app");
+        assert_eq!(repo_dest(Some("/usr/src/app")).unwrap(), "/usr/src/app");
+        assert_eq!(repo_dest(Some("/home/agent/repo")).unwrap(), "/home/agent/repo");
+        for bad in ["/", "/etc", "/etc/", "/usr", "/proc/x", "/dev", "relative", "/a/../etc", "/a/./b"] {
+            assert!(repo_dest(Some(bad)).is_err(), "{bad}");
+        }
+        let CoreError::Invalid(e) = repo_dest(Some("/etc")).unwrap_err() else { panic!() };
+        assert!(e.contains("'/etc'") && e.contains("system directory"), "{e}");
     }
 }

@@ -49,6 +49,13 @@ pub struct SnapRecord {
     pub network: abx_api::NetworkPolicy,
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The source sandbox's timeout (its length, not what was left of it) and what it did.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: abx_api::TimeoutAction,
     /// Taken for a fork of a running sandbox and removed after it.
     #[serde(default)]
     pub transient: bool,
@@ -107,7 +114,7 @@ impl Manager {
         }
     }
 
-    fn snapshot_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.storage.snapshots().join(id)
     }
 
@@ -208,6 +215,9 @@ impl Manager {
             user: rec.user.clone(),
             network: rec.network.clone(),
             volumes: rec.volumes.clone(),
+            metadata: rec.metadata.clone(),
+            timeout_secs: rec.timeout_secs,
+            on_timeout: rec.on_timeout,
             transient,
         };
         if let Err(e) = self.store().put_in(Table::Snapshots, &id, &snap) {
@@ -251,7 +261,8 @@ impl Manager {
 
     /// `count` new sandboxes from a snapshot, or from a sandbox (through a snapshot taken
     /// now and removed afterwards). All or nothing: if one cannot be made, the others are
-    /// destroyed.
+    /// destroyed, and until all are made they are ephemeral (a daemon that dies in the
+    /// middle leaves none behind for the next one to adopt).
     pub async fn fork(self: &Arc<Self>, source: &str, req: ForkRequest) -> CoreResult<ForkResult> {
         let count = req.count.unwrap_or(1);
         if count == 0 || count > MAX_FORK {
@@ -271,7 +282,7 @@ impl Manager {
                 ..Default::default()
             };
             let this = self.clone();
-            async move { this.create(req).await }
+            async move { this.create_on(req, None, true).await }
         };
         let results = futures_util::future::join_all((0..count).map(make)).await;
         let mut made = Vec::new();
@@ -286,10 +297,34 @@ impl Manager {
         }
         if transient {
             let _ = self.delete_snapshot(&snap.id).await;
-            // The forks do not name a snapshot that is gone.
-            for sb in &made {
-                sb.update(|r| r.snapshot = None);
-                let _ = self.store().put(&sb.record());
+        }
+        if first_err.is_none() {
+            // Kept for good in one transaction: all of them, or (the daemon dying first)
+            // none.
+            let recs: Vec<_> = made
+                .iter()
+                .map(|sb| {
+                    let mut r = sb.record();
+                    r.ephemeral = false;
+                    // The forks do not name a snapshot that is gone.
+                    if transient {
+                        r.snapshot = None;
+                    }
+                    r
+                })
+                .collect();
+            match self.store().put_all(&recs) {
+                Ok(()) => {
+                    for sb in &made {
+                        sb.update(|r| {
+                            r.ephemeral = false;
+                            if transient {
+                                r.snapshot = None;
+                            }
+                        });
+                    }
+                }
+                Err(e) => first_err = Some(CoreError::internal("record the forks", e)),
             }
         }
         if let Some(e) = first_err {
@@ -638,6 +673,22 @@ impl Manager {
             return Err(CoreError::Conflict(format!(
                 "volume '{name}' is used by sandbox(es) {}; remove them first",
                 v.used_by.join(", ")
+            )));
+        }
+        // Sandboxes made from a snapshot mount the volumes its sandbox had: a snapshot
+        // that names this one would make only failing forks.
+        let snaps: Vec<String> = self
+            .store()
+            .all_in(Table::Snapshots)
+            .map_err(|e| CoreError::internal("read snapshots", e))?
+            .into_iter()
+            .filter(|s: &SnapRecord| s.volumes.iter().any(|m| m.name == name))
+            .map(|s| s.name.clone().unwrap_or(s.id))
+            .collect();
+        if !snaps.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "volume '{name}' is mounted by the sandboxes of snapshot(s) {}; remove them first (agentbox snapshot rm)",
+                snaps.join(", ")
             )));
         }
         self.store().delete_in(Table::Volumes, name).map_err(|e| CoreError::internal("delete volume", e))?;

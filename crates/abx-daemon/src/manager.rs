@@ -456,6 +456,17 @@ impl Manager {
                 if req.volumes.is_empty() {
                     req.volumes = s.volumes.clone();
                 }
+                let mut metadata = s.metadata.clone();
+                metadata.extend(std::mem::take(&mut req.metadata));
+                req.metadata = metadata;
+                // The source's timeout, when it had one (a persistent source's forks get
+                // the daemon's default: they are not persistent themselves), and a
+                // snapshot at expiry (forensics); stopping at expiry is for persistent
+                // sandboxes, which forks are not.
+                req.timeout_secs = req.timeout_secs.or(s.timeout_secs);
+                if s.on_timeout == abx_api::TimeoutAction::Snapshot {
+                    req.on_timeout = req.on_timeout.or(Some(s.on_timeout));
+                }
                 Some(s)
             }
             None => None,
@@ -1316,6 +1327,14 @@ impl Manager {
             }
         }
         self.cleanup_orphans(&known);
+        // The snapshot of a fork of a running sandbox that a dead daemon did not finish.
+        if let Ok(snaps) = self.store.all_in::<crate::lifecycle::SnapRecord>(crate::store::Table::Snapshots) {
+            for s in snaps.into_iter().filter(|s| s.transient) {
+                info!(snapshot = %s.id, "removing the snapshot of an unfinished fork");
+                let _ = self.store.delete_in(crate::store::Table::Snapshots, &s.id);
+                let _ = crate::cow::remove(&self.snapshot_dir(&s.id));
+            }
+        }
         if let Some(net) = &self.net {
             let ids: std::collections::HashSet<String> =
                 self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.id.clone()).collect();

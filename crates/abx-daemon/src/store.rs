@@ -82,6 +82,20 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts or replaces several sandbox records in one transaction: all or none.
+    pub fn put_all(&self, recs: &[Record]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for rec in recs {
+            let json =
+                serde_json::to_string(rec).map_err(|source| StoreError::Corrupt { id: rec.id.clone(), source })?;
+            tx.prepare_cached("INSERT OR REPLACE INTO sandboxes (id, record) VALUES (?1, ?2)")?
+                .execute(params![rec.id, json])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.conn().prepare_cached("DELETE FROM sandboxes WHERE id = ?1")?.execute(params![id])?;
         Ok(())
