@@ -500,3 +500,76 @@ async fn without_btrfs_snapshots_forks_and_rollback_work_by_copying() {
     d.client.start(&id).await.unwrap();
     assert_eq!(root(&d, &id, "cat /tmp/a").await, "v1\n");
 }
+
+/// A request that comes in while a rollback restarts the sandbox waits for it instead of
+/// failing with "is creating": here an exec, sent once the rollback is seen under way (the
+/// template's start command makes the restart take half a second before it is ready).
+#[tokio::test]
+async fn an_exec_during_a_rollback_waits_for_it() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    let req = abx_client::BuildTemplate {
+        name: "slow".into(),
+        dockerfile: Some(
+            "FROM mini\nCMD [\"sh\", \"-c\", \"sleep 0.5; touch /tmp/ready; exec sleep 99917\"]\n\
+             HEALTHCHECK CMD test -e /tmp/ready\n"
+                .into(),
+        ),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    crate::builds::build(&d, &req).await.unwrap();
+    let sb =
+        d.client.create_sandbox(&CreateSandbox { template: Some("slow".into()), ..Default::default() }).await.unwrap();
+    root(&d, &sb.id, "echo before > /home/f").await;
+    let snap = d.client.snapshot(&sb.id, None).await.unwrap();
+    root(&d, &sb.id, "echo after > /home/f").await;
+    let client = d.client.clone();
+    let (id, snap_id) = (sb.id.clone(), snap.id.clone());
+    let rollback = tokio::spawn(async move { client.rollback(&id, &snap_id).await });
+    let t0 = std::time::Instant::now();
+    while d.client.get_sandbox(&sb.id).await.unwrap().state != SandboxState::Creating {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the rollback was never seen under way");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (out, code) = try_root(&d, &sb.id, "cat /home/f; test -e /tmp/ready && echo ready").await;
+    assert_eq!((out.as_str(), code), ("before\nready\n", 0), "the exec ran after the rollback");
+    rollback.await.unwrap().unwrap();
+
+    // A stop sent during a rollback runs after it, on the sandbox the rollback restarted.
+    let wait_creating = || async {
+        let t0 = std::time::Instant::now();
+        while d.client.get_sandbox(&sb.id).await.unwrap().state != SandboxState::Creating {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the operation was never seen under way");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let client = d.client.clone();
+    let (id, snap_id) = (sb.id.clone(), snap.id.clone());
+    let rollback = tokio::spawn(async move { client.rollback(&id, &snap_id).await });
+    wait_creating().await;
+    let stopped = d.client.stop(&sb.id).await.unwrap();
+    assert_eq!(stopped.state, SandboxState::Stopped);
+    rollback.await.unwrap().unwrap();
+    assert_eq!(d.client.get_sandbox(&sb.id).await.unwrap().state, SandboxState::Stopped);
+    // A destroy sent with a start removes the sandbox whichever runs first: before it
+    // (the start then finds nothing), or after it, the processes it started too.
+    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    for round in 0..6 {
+        let req = CreateSandbox { template: Some("slow".into()), ..Default::default() };
+        let id = d.client.create_sandbox(&req).await.unwrap().id;
+        d.client.stop(&id).await.unwrap();
+        let client = d.client.clone();
+        let sid = id.clone();
+        let start = tokio::spawn(async move { client.start(&sid).await });
+        tokio::time::sleep(Duration::from_micros(300 * round)).await;
+        d.client.delete_sandbox(&id, true).await.unwrap();
+        let _ = start.await.unwrap();
+        assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"), "round {round}");
+    }
+    d.wait_for("no process of a started and destroyed sandbox left", Duration::from_secs(10), || async {
+        crate::harness::host_processes("sleep 99917").is_empty()
+    })
+    .await;
+}

@@ -569,8 +569,16 @@ impl Core {
     /// The sandbox, running: a paused one is resumed first (any request to a sandbox
     /// resumes it).
     pub(crate) async fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
-        let sb = self.manager.get(key)?;
+        let mut sb = self.manager.get(key)?;
         sb.touch();
+        if sb.state() == abx_api::SandboxState::Creating {
+            // A rollback, restart, stop or start holds the sandbox's lock while it runs:
+            // wait for it to finish rather than fail a request that came in between.
+            let wait = std::time::Duration::from_secs(60);
+            if let Ok(locked) = tokio::time::timeout(wait, self.manager.lock_ops(key)).await {
+                sb = locked?.0;
+            }
+        }
         match sb.state() {
             abx_api::SandboxState::Running => Ok(sb),
             abx_api::SandboxState::Paused => {

@@ -155,14 +155,14 @@ impl Manager {
         name: Option<String>,
         transient: bool,
     ) -> CoreResult<SnapRecord> {
-        let sb = self.get(key)?;
+        self.get(key)?;
         if let Some(n) = &name {
             check_name("snapshot", n)?;
             if self.find_snapshot(n).is_ok() {
                 return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists")));
             }
         }
-        let _ops = sb.ops.lock().await;
+        let (sb, _ops) = self.lock_ops(key).await?;
         let rec = sb.record();
         if !matches!(
             rec.state,
@@ -413,8 +413,8 @@ impl Manager {
     /// Returns a sandbox's files to a snapshot: its processes are restarted, its id,
     /// settings, address and timeout stay. A stopped sandbox stays stopped.
     pub async fn rollback(self: &Arc<Self>, key: &str, snap_key: &str) -> CoreResult<Record> {
-        let sb = self.get(key)?;
         let snap = self.find_snapshot(snap_key)?;
+        let (sb, _ops) = self.lock_ops(key).await?;
         let rec = sb.record();
         if snap.layers != rec.layers {
             return Err(CoreError::Invalid(format!(
@@ -423,7 +423,6 @@ impl Manager {
                 snap.id, snap.template, rec.id, rec.template, snap.id
             )));
         }
-        let _ops = sb.ops.lock().await;
         match sb.state() {
             SandboxState::Stopped => {
                 let this = self.clone();
@@ -448,8 +447,7 @@ impl Manager {
     /// Ends a sandbox's processes and keeps its files (moved out of the slot, which is
     /// freed). Idempotent.
     pub async fn stop(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let sb = self.get(key)?;
-        let _ops = sb.ops.lock().await;
+        let (sb, _ops) = self.lock_ops(key).await?;
         match sb.state() {
             SandboxState::Stopped => return Ok(sb.record()),
             SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {}
@@ -487,8 +485,7 @@ impl Manager {
 
     /// Boots a stopped or exited sandbox again (same id, files as they were).
     pub async fn start(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let sb = self.get(key)?;
-        let _ops = sb.ops.lock().await;
+        let (sb, _ops) = self.lock_ops(key).await?;
         match sb.state() {
             SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
             SandboxState::Exited => {

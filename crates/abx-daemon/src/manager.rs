@@ -863,6 +863,16 @@ impl Manager {
     }
 
     /// Makes a started (or re-adopted) sandbox live: watcher and timeout tasks.
+    /// Takes sandbox `key`'s operation lock (snapshot, rollback, stop, start, destroy run
+    /// one at a time) and returns the sandbox as it is once the lock is held: an operation
+    /// that restarts it (rollback, start) registers it anew, with the same lock.
+    pub(crate) async fn lock_ops(&self, key: &str) -> CoreResult<(Arc<Sandbox>, tokio::sync::OwnedMutexGuard<()>)> {
+        let first = self.get(key)?;
+        let guard = first.ops.clone().lock_owned().await;
+        let now = self.get(&first.id)?;
+        Ok((now, guard))
+    }
+
     pub(crate) fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
         let sb = self.live(rec, pidfd);
         self.publish(sb.clone());
@@ -880,6 +890,15 @@ impl Manager {
     pub(crate) fn live(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
         let (tx, rx) = watch::channel(pidfd.is_none());
         let pidfd = pidfd.map(Arc::new);
+        // A sandbox registered anew (a rollback, a start) keeps its operation lock, which
+        // the operation that restarts it holds.
+        let ops = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rec.id)
+            .map(|s| s.ops.clone())
+            .unwrap_or_default();
         let sb = Arc::new(Sandbox {
             id: rec.id.clone(),
             dirs: self.slot_dirs(rec.uid_slot),
@@ -890,7 +909,7 @@ impl Manager {
             ttl: Mutex::new(None),
             activity: std::sync::atomic::AtomicU64::new(crate::sandbox::now_ms()),
             attached: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            ops: tokio::sync::Mutex::new(()),
+            ops,
         });
         if let Some(fd) = pidfd {
             let this = self.clone();
@@ -1183,10 +1202,8 @@ impl Manager {
     }
 
     async fn destroy_inner(self: &Arc<Self>, id: &str, force: bool, abort_ttl: bool) -> CoreResult<()> {
-        let sb = self.get(id)?;
         // Waits for a snapshot, stop or start in progress.
-        let held = sb.clone();
-        let _ops = held.ops.lock().await;
+        let (sb, _ops) = self.lock_ops(id).await?;
         if sb.state() == SandboxState::Stopped {
             // No slot: only its kept files and its record.
             sb.update(|r| r.state = SandboxState::Destroying);

@@ -138,7 +138,7 @@ pub struct Sandbox {
     pub attached: Arc<std::sync::atomic::AtomicUsize>,
     /// Held by operations that change what runs or what is on disk (snapshot, rollback,
     /// stop, start, destroy), so they do not interleave.
-    pub ops: tokio::sync::Mutex<()>,
+    pub ops: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Counts an attached exec session while it lives.
