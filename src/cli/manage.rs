@@ -156,7 +156,8 @@ pub async fn pause(client: &Client, a: IdArg, pause: bool) -> anyhow::Result<i32
 pub struct DiffArgs {
     /// Sandbox id or name.
     id: String,
-    /// Also write a tar of the added and changed paths to this file.
+    /// Also write a tar of the added and changed paths to this file (`-`: to standard
+    /// output, the list then goes to standard error).
     #[arg(long)]
     tar: Option<std::path::PathBuf>,
     /// Since this snapshot (id or name) instead of since the template.
@@ -170,8 +171,10 @@ pub struct DiffArgs {
 /// `diff`: `A /path`, `C /path`, `D /path` lines, sorted by path.
 pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
     let d = client.diff_since(&a.id, a.since.as_deref()).await?;
+    let to_stdout = a.tar.as_deref() == Some(std::path::Path::new("-"));
+    let mut listing = String::new();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        listing = serde_json::to_string_pretty(&d)? + "\n";
     } else {
         let mut lines: Vec<(String, char)> = Vec::new();
         lines.extend(d.added.iter().map(|e| (e.path.clone(), 'A')));
@@ -179,12 +182,23 @@ pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
         lines.extend(d.deleted.iter().map(|e| (e.path.clone(), 'D')));
         lines.sort();
         for (p, k) in lines {
-            println!("{k} {p}");
+            listing.push_str(&format!("{k} {p}\n"));
         }
+    }
+    if to_stdout {
+        eprint!("{listing}");
+    } else {
+        print!("{listing}");
     }
     if let Some(path) = a.tar {
         let tar = client.diff_archive_since(&a.id, a.since.as_deref()).await?;
-        std::fs::write(&path, tar).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+        if to_stdout {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&tar).and_then(|_| out.flush()).map_err(|e| anyhow::anyhow!("write the tar: {e}"))?;
+        } else {
+            std::fs::write(&path, tar).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+        }
     }
     Ok(0)
 }

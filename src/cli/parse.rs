@@ -27,11 +27,16 @@ pub fn size(s: &str) -> Result<u64, String> {
 /// Durations in seconds: `90`, `30s`, `10m`, `1h30m`, `2d`, `0`.
 pub fn duration(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration: use e.g. 30s, 10m, 1h30m (0 for none)".into());
+    }
     if let Ok(n) = t.parse::<u64>() {
         return Ok(n);
     }
     let mut total: u64 = 0;
     let mut num = String::new();
+    // Units from the largest down, each at most once: `1h30m`, not `30m1h` or `1h1h`.
+    let mut last = u64::MAX;
     for c in t.chars() {
         if c.is_ascii_digit() {
             num.push(c);
@@ -44,6 +49,10 @@ pub fn duration(s: &str) -> Result<u64, String> {
             'd' => 86400,
             _ => return Err(format!("invalid duration '{s}': use e.g. 30s, 10m, 1h30m")),
         };
+        if mult >= last {
+            return Err(format!("invalid duration '{s}': units go from the largest down, each once (e.g. 1h30m)"));
+        }
+        last = mult;
         let n: u64 = num.parse().map_err(|_| format!("invalid duration '{s}': use e.g. 30s, 10m, 1h30m"))?;
         total = total.saturating_add(n.saturating_mul(mult));
         num.clear();
@@ -111,6 +120,11 @@ mod tests {
         assert!(duration("10").is_ok());
         assert!(duration("5x").is_err());
         assert!(duration("1h5").is_err());
+        assert!(duration("").unwrap_err().contains("empty"));
+        assert!(duration(" ").is_err());
+        assert!(duration("1h1h").unwrap_err().contains("each once"));
+        assert!(duration("30m1h").is_err());
+        assert_eq!(duration("1d2h3m4s").unwrap(), 93784);
     }
 
     #[test]

@@ -380,4 +380,9 @@ async fn diff_lists_exactly_what_changed_since_the_template() {
         a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
     names.sort();
     assert_eq!(names, ["etc/passwd", "tmp/new.txt", "work", "work/sub", "work/sub/f"]);
+    // `--tar -`: the archive on standard output, the list on standard error.
+    let out = d.cli(&["diff", &id, "--tar", "-"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("A /tmp/new.txt\n"));
+    assert_eq!(out.stdout, bytes, "the same archive, on standard output");
+    assert!(!std::path::Path::new("-").exists());
 }
