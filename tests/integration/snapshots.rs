@@ -89,6 +89,11 @@ async fn snapshot_has_prior_writes_and_forks_are_independent() {
     assert_eq!(e.code(), Some("conflict"), "{e}");
     let e = d.client.snapshot(&id, Some("Bad Name")).await.unwrap_err();
     assert!(e.to_string().contains("Bad Name"), "{e}");
+    // One name never means both a sandbox and a snapshot (`fork` takes either).
+    let e = d.client.snapshot(&id, Some(&ids[1])).await.unwrap_err();
+    assert!(e.code() == Some("conflict") && e.to_string().contains("names a sandbox"), "{e}");
+    let e = d.client.create_sandbox(&CreateSandbox { name: Some("first".into()), ..mini() }).await.unwrap_err();
+    assert!(e.code() == Some("conflict") && e.to_string().contains("names a snapshot"), "{e}");
 }
 
 /// Unset settings of a fork come from its source: its environment, user, policy and also

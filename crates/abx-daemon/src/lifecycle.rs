@@ -161,6 +161,12 @@ impl Manager {
             if self.find_snapshot(n).is_ok() {
                 return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists")));
             }
+            // `fork` and `rollback` take either: one name must not mean both.
+            if self.get(n).is_ok() {
+                return Err(CoreError::Conflict(format!(
+                    "'{n}' already names a sandbox; give the snapshot another name"
+                )));
+            }
         }
         let (sb, _ops) = self.lock_ops(key).await?;
         let rec = sb.record();

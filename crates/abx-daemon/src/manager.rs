@@ -501,6 +501,13 @@ impl Manager {
         {
             return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists")));
         }
+        if let Some(name) = &req.name
+            && self.find_snapshot(name).is_ok()
+        {
+            return Err(CoreError::Conflict(format!(
+                "'{name}' already names a snapshot (fork takes either); give the sandbox another name"
+            )));
+        }
         let limits = merge_limits(&req.limits, &self.cfg.default_limits);
         validate::limits(&limits)?;
         let policy = self.check_policy(&req.network.clone().unwrap_or_default())?;
