@@ -445,24 +445,20 @@ async fn an_image_without_etc_runs_with_its_resolver() {
     let layout = work.path().join("layout");
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let header = |kind, mode| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    };
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_mode(0o755);
-    h.set_size(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    b.append_data(&mut h, "bin/", std::io::empty()).unwrap();
+    b.append_data(&mut header(tar::EntryType::Directory, 0o755), "bin/", std::io::empty()).unwrap();
     b.append_path_with_name("/bin/busybox", "bin/busybox").unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_mode(0o777);
-    h.set_size(0);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    b.append_link(&mut h, "bin/sh", "busybox").unwrap();
+    b.append_link(&mut header(tar::EntryType::Symlink, 0o777), "bin/sh", "busybox").unwrap();
     let layer = b.into_inner().unwrap();
     let l = blob(&layout, "application/vnd.oci.image.layer.v1.tar", &layer);
     let config = serde_json::json!({

@@ -114,7 +114,7 @@ impl Manager {
         }
     }
 
-    pub(crate) fn snapshot_dir(&self, id: &str) -> PathBuf {
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.storage.snapshots().join(id)
     }
 
@@ -305,31 +305,25 @@ impl Manager {
             let _ = self.delete_snapshot(&snap.id).await;
         }
         if first_err.is_none() {
+            let keep = |r: &mut crate::sandbox::Record| {
+                r.ephemeral = false;
+                // The forks do not name a snapshot that is gone.
+                if transient {
+                    r.snapshot = None;
+                }
+            };
             // Kept for good in one transaction: all of them, or (the daemon dying first)
             // none.
             let recs: Vec<_> = made
                 .iter()
                 .map(|sb| {
                     let mut r = sb.record();
-                    r.ephemeral = false;
-                    // The forks do not name a snapshot that is gone.
-                    if transient {
-                        r.snapshot = None;
-                    }
+                    keep(&mut r);
                     r
                 })
                 .collect();
             match self.store().put_all(&recs) {
-                Ok(()) => {
-                    for sb in &made {
-                        sb.update(|r| {
-                            r.ephemeral = false;
-                            if transient {
-                                r.snapshot = None;
-                            }
-                        });
-                    }
-                }
+                Ok(()) => made.iter().for_each(|sb| sb.update(keep)),
                 Err(e) => first_err = Some(CoreError::internal("record the forks", e)),
             }
         }

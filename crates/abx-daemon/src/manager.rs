@@ -1350,15 +1350,15 @@ impl Manager {
                 self.cleanup_dead(&rec);
             }
         }
-        self.cleanup_orphans(&known);
-        // The snapshot of a fork of a running sandbox that a dead daemon did not finish.
+        // The snapshot of a fork of a running sandbox that a dead daemon did not finish:
+        // its record goes here, its files with the other unrecorded ones just below.
         if let Ok(snaps) = self.store.all_in::<crate::lifecycle::SnapRecord>(crate::store::Table::Snapshots) {
             for s in snaps.into_iter().filter(|s| s.transient) {
                 info!(snapshot = %s.id, "removing the snapshot of an unfinished fork");
                 let _ = self.store.delete_in(crate::store::Table::Snapshots, &s.id);
-                let _ = crate::cow::remove(&self.snapshot_dir(&s.id));
             }
         }
+        self.cleanup_orphans(&known);
         if let Some(net) = &self.net {
             let ids: std::collections::HashSet<String> =
                 self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).values().map(|s| s.id.clone()).collect();
