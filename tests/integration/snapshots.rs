@@ -507,8 +507,13 @@ async fn without_btrfs_snapshots_forks_and_rollback_work_by_copying() {
 }
 
 /// A request that comes in while a rollback restarts the sandbox waits for it instead of
-/// failing with "is creating": here an exec, sent once the rollback is seen under way (the
-/// template's start command makes the restart take half a second before it is ready).
+/// failing with "is creating": here an exec, sent once the rollback is seen under way (state
+/// `starting`; the template's start command makes the restart take half a second before it
+/// is ready). The same for a start of a stopped sandbox.
+/// How many processes of the `slow` template's start command run (its shell, or the
+/// `sleep 99917` it becomes: the command lines that end with 99917).
+const START_COUNT: &str = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done | grep -c '99917 $'";
+
 #[tokio::test]
 async fn an_exec_during_a_rollback_waits_for_it() {
     let d = Daemon::start().await;
@@ -517,8 +522,10 @@ async fn an_exec_during_a_rollback_waits_for_it() {
     let req = abx_client::BuildTemplate {
         name: "slow".into(),
         dockerfile: Some(
-            "FROM mini\nCMD [\"sh\", \"-c\", \"sleep 0.5; touch /tmp/ready; exec sleep 99917\"]\n\
-             HEALTHCHECK CMD test -e /tmp/ready\n"
+            // Ready once this boot's start command wrote the start time of this boot's
+            // PID 1 (a rolled back or started sandbox has an older /tmp/ready in its files).
+            "FROM mini\nCMD [\"sh\", \"-c\", \"sleep 0.5; cut -d' ' -f22 /proc/1/stat > /tmp/ready; exec sleep 99917\"]\n\
+             HEALTHCHECK CMD test \"$(cat /tmp/ready)\" = \"$(cut -d' ' -f22 /proc/1/stat)\"\n"
                 .into(),
         ),
         context: Some(ctx.path().display().to_string()),
@@ -533,27 +540,41 @@ async fn an_exec_during_a_rollback_waits_for_it() {
     let client = d.client.clone();
     let (id, snap_id) = (sb.id.clone(), snap.id.clone());
     let rollback = tokio::spawn(async move { client.rollback(&id, &snap_id).await });
-    let t0 = std::time::Instant::now();
-    while d.client.get_sandbox(&sb.id).await.unwrap().state != SandboxState::Creating {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the rollback was never seen under way");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let (out, code) = try_root(&d, &sb.id, "cat /home/f; test -e /tmp/ready && echo ready").await;
-    assert_eq!((out.as_str(), code), ("before\nready\n", 0), "the exec ran after the rollback");
-    rollback.await.unwrap().unwrap();
-
-    // A stop sent during a rollback runs after it, on the sandbox the rollback restarted.
-    let wait_creating = || async {
+    let wait_starting = || async {
         let t0 = std::time::Instant::now();
-        while d.client.get_sandbox(&sb.id).await.unwrap().state != SandboxState::Creating {
+        while d.client.get_sandbox(&sb.id).await.unwrap().state != SandboxState::Starting {
             assert!(t0.elapsed() < Duration::from_secs(5), "the operation was never seen under way");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     };
+    wait_starting().await;
+    let (out, code) = try_root(&d, &sb.id, "cat /home/f; test -e /tmp/ready && echo ready").await;
+    assert_eq!((out.as_str(), code), ("before\nready\n", 0), "the exec ran after the rollback");
+    rollback.await.unwrap().unwrap();
+    assert_eq!(root(&d, &sb.id, START_COUNT).await, "1\n", "the start command runs once after a rollback");
+
+    // A start of a stopped sandbox shows `starting`; an exec and a timeout change sent
+    // meanwhile wait for it (before: "is stopped, not running", and a timeout recorded on
+    // the stopped record while the files moved to the new slot).
+    d.client.stop(&sb.id).await.unwrap();
+    let client = d.client.clone();
+    let id = sb.id.clone();
+    let start = tokio::spawn(async move { client.start(&id).await });
+    wait_starting().await;
+    let changed = d.client.set_timeout(&sb.id, 3600).await.unwrap();
+    assert_eq!(changed.state, SandboxState::Running, "the timeout change waited for the start");
+    let (out, code) = try_root(&d, &sb.id, "cat /home/f; test -e /tmp/ready && echo ready").await;
+    assert_eq!((out.as_str(), code), ("before\nready\n", 0), "the exec ran after the start");
+    start.await.unwrap().unwrap();
+    // The start ran the template's start command again (before: a started or rolled back
+    // sandbox ran none).
+    assert_eq!(root(&d, &sb.id, START_COUNT).await, "1\n", "the start command runs once after the start");
+
+    // A stop sent during a rollback runs after it, on the sandbox the rollback restarted.
     let client = d.client.clone();
     let (id, snap_id) = (sb.id.clone(), snap.id.clone());
     let rollback = tokio::spawn(async move { client.rollback(&id, &snap_id).await });
-    wait_creating().await;
+    wait_starting().await;
     let stopped = d.client.stop(&sb.id).await.unwrap();
     assert_eq!(stopped.state, SandboxState::Stopped);
     rollback.await.unwrap().unwrap();

@@ -422,6 +422,11 @@ pub enum SandboxState {
     /// Stopped on request (or by its timeout): no process, files kept; `start` boots it.
     Stopped,
     Destroying,
+    /// A stop is ending its processes and moving its files out of the slot.
+    Stopping,
+    /// A start, restart or rollback is booting it again (same id); exec and file requests
+    /// that come meanwhile wait for it.
+    Starting,
 }
 
 /// A sandbox.

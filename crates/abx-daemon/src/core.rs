@@ -416,7 +416,9 @@ impl Core {
             Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| m.api(r)).collect())),
             Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.api(&m.get(&id)?.record()))),
             Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),
-            Command::SetTimeout { id, timeout_secs } => Ok(Outcome::Sandbox(m.api(&m.set_timeout(&id, timeout_secs)?))),
+            Command::SetTimeout { id, timeout_secs } => {
+                Ok(Outcome::Sandbox(m.api(&m.set_timeout(&id, timeout_secs).await?)))
+            }
             Command::SandboxStats { id } => self.stats(&id).await.map(Outcome::Stats),
             Command::Exec { id, req } => self.exec(&id, req).await,
             Command::ListProcesses { id } => self.call(&id, &Request::ListProcesses).await.map(Outcome::Processes),
@@ -571,7 +573,10 @@ impl Core {
     pub(crate) async fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
         let mut sb = self.manager.get(key)?;
         sb.touch();
-        if sb.state() == abx_api::SandboxState::Creating {
+        if matches!(
+            sb.state(),
+            abx_api::SandboxState::Creating | abx_api::SandboxState::Starting | abx_api::SandboxState::Stopping
+        ) {
             // A rollback, restart, stop or start holds the sandbox's lock while it runs:
             // wait for it to finish rather than fail a request that came in between.
             let wait = std::time::Duration::from_secs(60);
@@ -763,6 +768,8 @@ pub fn state_name(s: abx_api::SandboxState) -> &'static str {
         abx_api::SandboxState::Exited => "exited",
         abx_api::SandboxState::Stopped => "stopped",
         abx_api::SandboxState::Destroying => "being destroyed",
+        abx_api::SandboxState::Stopping => "stopping",
+        abx_api::SandboxState::Starting => "starting",
     }
 }
 

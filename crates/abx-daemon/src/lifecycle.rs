@@ -342,10 +342,11 @@ impl Manager {
     // ---- rollback, stop, start ----
 
     /// Ends every process of a live sandbox and waits for PID 1 (the sandbox keeps its slot).
-    async fn end_processes(self: &Arc<Self>, sb: &Arc<Sandbox>) {
+    /// `shown` is the state callers see meanwhile: `Stopping` or `Starting`.
+    async fn end_processes(self: &Arc<Self>, sb: &Arc<Sandbox>, shown: SandboxState) {
         let was_paused = sb.state() == SandboxState::Paused;
         // on_exit ignores an exit in this state.
-        sb.update(|r| r.state = SandboxState::Creating);
+        sb.update(|r| r.state = shown);
         // Recorded as exited before its processes go: a daemon that dies before the
         // operation (a stop, a rollback, a restart) is recorded as done leaves a sandbox the
         // next daemon keeps with its files, not a dead one it cleans up.
@@ -395,10 +396,12 @@ impl Manager {
             this.start_existing(rec)
         })
         .await
-        .map_err(join_err("restart"))?;
+        .map_err(join_err("restart"))
+        .and_then(|r| r);
         match started {
             Ok((rec, pidfd)) => {
                 let new = self.register(rec, Some(pidfd));
+                self.rerun_start(&new).await?;
                 Ok(new.record())
             }
             Err(e) => {
@@ -437,7 +440,7 @@ impl Manager {
                 Ok(sb.record())
             }
             SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {
-                self.end_processes(&sb).await;
+                self.end_processes(&sb, SandboxState::Starting).await;
                 self.restart_in_slot(&sb, Some(snap)).await
             }
             s => Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
@@ -448,12 +451,45 @@ impl Manager {
     /// freed). Idempotent.
     pub async fn stop(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
         let (sb, _ops) = self.lock_ops(key).await?;
+        self.stop_locked(&sb).await
+    }
+
+    /// Runs the start command and readiness check of a sandbox a start, restart or
+    /// rollback just booted (the ones it was created with; a record from before they were
+    /// recorded uses its template's, if the template still has the same layers). If they
+    /// fail, the sandbox is stopped (its files kept) and the error says so. The caller
+    /// holds the sandbox's operation lock.
+    async fn rerun_start(self: &Arc<Self>, sb: &Arc<Sandbox>) -> CoreResult<()> {
+        let (start, ready, template, layers) =
+            sb.read(|r| (r.start.clone(), r.ready.clone(), r.template.clone(), r.layers.clone()));
+        let cfg = if start.is_empty() && ready.is_none() {
+            match self.template(&template) {
+                Ok(t) if t.layers == layers => t.config,
+                _ => return Ok(()),
+            }
+        } else {
+            abx_template::TemplateConfig { start, ready, ..Default::default() }
+        };
+        let Err(e) = self.run_start(sb, &cfg).await else { return Ok(()) };
+        let stopped = match self.stop_locked(sb).await {
+            Ok(_) => "it is stopped, its files kept",
+            Err(_) => "its processes were ended, its files kept",
+        };
+        Err(match e {
+            CoreError::Setup { id, message } => CoreError::Setup { id, message: format!("{message}; {stopped}") },
+            e => e,
+        })
+    }
+
+    /// [`Manager::stop`] for a caller that holds the sandbox's operation lock.
+    async fn stop_locked(self: &Arc<Self>, sb: &Arc<Sandbox>) -> CoreResult<Record> {
+        let sb = self.get(&sb.id)?;
         match sb.state() {
             SandboxState::Stopped => return Ok(sb.record()),
             SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {}
             s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
         }
-        self.end_processes(&sb).await;
+        self.end_processes(&sb, SandboxState::Stopping).await;
         let this = self.clone();
         let rec = sb.record();
         let moved = tokio::task::spawn_blocking(move || this.keep_data(&rec)).await.map_err(join_err("stop"))?;
@@ -490,13 +526,22 @@ impl Manager {
             SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
             SandboxState::Exited => {
                 self.renew_expired_timeout(&sb);
-                self.end_processes(&sb).await;
+                self.end_processes(&sb, SandboxState::Starting).await;
                 return self.restart_in_slot(&sb, None).await;
             }
             SandboxState::Stopped => self.renew_expired_timeout(&sb),
             s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
         }
-        let slot = self.acquire_slot().await?;
+        // Shown while it boots (it has no slot until it is running); `Stopped` again if the
+        // start fails. Only shown: what is stored says where its files are.
+        sb.update(|r| r.state = SandboxState::Starting);
+        let slot = match self.acquire_slot().await {
+            Ok(slot) => slot,
+            Err(e) => {
+                sb.update(|r| r.state = SandboxState::Stopped);
+                return Err(e);
+            }
+        };
         let mut rec = sb.record();
         rec.uid_slot = slot;
         rec.uid_base = self.uid_base_of(slot);
@@ -504,6 +549,7 @@ impl Manager {
         // on leaves a record the next one can find them by (in `kept/` still, or the slot).
         rec.state = SandboxState::Exited;
         if let Err(e) = self.store().put(&rec) {
+            sb.update(|r| r.state = SandboxState::Stopped);
             self.release_after_stop(slot, &sb.id).await;
             return Err(CoreError::internal("record sandbox", e));
         }
@@ -530,16 +576,19 @@ impl Manager {
             }
         })
         .await
-        .map_err(join_err("start"))?;
+        .map_err(join_err("start"))
+        .and_then(|r| r);
         match started {
             Ok((rec, pidfd)) => {
                 self.refill();
                 let new = self.register(rec, Some(pidfd));
+                self.rerun_start(&new).await?;
                 info!(sandbox = %new.id, "started");
                 Ok(new.record())
             }
             Err(e) => {
                 // Its files are back in `kept/`: stopped, as before.
+                sb.update(|r| r.state = SandboxState::Stopped);
                 let _ = self.store().put(&sb.record());
                 self.release_after_stop(slot, &sb.id).await;
                 Err(e)

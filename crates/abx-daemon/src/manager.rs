@@ -638,6 +638,8 @@ impl Manager {
             snapshot: None,
             pooled: false,
             ephemeral: false,
+            start: template.config.start.clone(),
+            ready: template.config.ready.clone(),
         }
     }
 
@@ -975,10 +977,11 @@ impl Manager {
         *slot = Some(task.abort_handle());
     }
 
-    /// Changes a sandbox's timeout (seconds from now; 0 removes it).
-    pub fn set_timeout(self: &Arc<Self>, key: &str, secs: u64) -> CoreResult<Record> {
+    /// Changes a sandbox's timeout (seconds from now; 0 removes it). Waits for a snapshot,
+    /// stop, start or rollback in progress, whose records say where the files are.
+    pub async fn set_timeout(self: &Arc<Self>, key: &str, secs: u64) -> CoreResult<Record> {
         validate::timeout(secs)?;
-        let sb = self.get(key)?;
+        let (sb, _ops) = self.lock_ops(key).await?;
         sb.update(|r| {
             r.expires_at = if secs == 0 { None } else { Some(now() + secs) };
             r.timeout_secs = (secs != 0).then_some(secs);
@@ -1043,8 +1046,15 @@ impl Manager {
     ) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
         let sb = self.get(key)?;
         let rec = sb.record();
-        if matches!(rec.state, SandboxState::Creating | SandboxState::Destroying) {
-            return Err(CoreError::Conflict(format!("sandbox {} is being created or destroyed", sb.id)));
+        if matches!(
+            rec.state,
+            SandboxState::Creating | SandboxState::Destroying | SandboxState::Starting | SandboxState::Stopping
+        ) {
+            return Err(CoreError::Conflict(format!(
+                "sandbox {} is {}; try again when it is not",
+                sb.id,
+                crate::core::state_name(rec.state)
+            )));
         }
         let since = match since {
             Some(k) => {
@@ -1173,8 +1183,9 @@ impl Manager {
     /// Changes a sandbox's egress policy. A running (or paused) sandbox's applies to new
     /// connections at once; a stopped one's is recorded and applied when it starts again.
     pub async fn set_network(self: &Arc<Self>, key: &str, p: abx_api::NetworkPolicy) -> CoreResult<Record> {
-        let sb = self.get(key)?;
         let policy = self.check_policy(&p)?;
+        // Waits for a stop, start or rollback in progress (see set_timeout).
+        let (sb, _ops) = self.lock_ops(key).await?;
         let Some(net) = self.net.clone() else {
             return Ok(sb.record());
         };
@@ -1230,9 +1241,18 @@ impl Manager {
         }
         let was_paused = sb.state() == SandboxState::Paused;
         let proceed = sb.update(|r| match r.state {
-            SandboxState::Running | SandboxState::Paused | SandboxState::Creating if !force => Err(
-                CoreError::Conflict(format!("sandbox {} is running; use force (agentbox rm -f) to destroy it", r.id)),
-            ),
+            SandboxState::Running
+            | SandboxState::Paused
+            | SandboxState::Creating
+            | SandboxState::Starting
+            | SandboxState::Stopping
+                if !force =>
+            {
+                Err(CoreError::Conflict(format!(
+                    "sandbox {} is running; use force (agentbox rm -f) to destroy it",
+                    r.id
+                )))
+            }
             SandboxState::Destroying => Ok(false),
             _ => {
                 r.state = SandboxState::Destroying;

@@ -57,6 +57,12 @@ pub struct Record {
     /// after a restart, since nobody is left to use or remove it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ephemeral: bool,
+    /// The template's start command and readiness check it was created with, which a
+    /// start, restart or rollback runs again (as `docker start` runs CMD again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub start: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
 }
 
 impl Record {
@@ -114,6 +120,8 @@ impl Record {
             snapshot: None,
             pooled: false,
             ephemeral: false,
+            start: Vec::new(),
+            ready: None,
         }
     }
 }

@@ -24,9 +24,9 @@ type Result<T> = std::result::Result<T, E2bError>;
 /// E2B's state of a sandbox; `None` for sandboxes E2B would not show (gone or dying).
 pub fn e2b_state(s: SandboxState) -> Option<&'static str> {
     match s {
-        SandboxState::Creating | SandboxState::Running => Some("running"),
+        SandboxState::Creating | SandboxState::Running | SandboxState::Starting => Some("running"),
         // A stopped sandbox is E2B's filesystem-only pause: resuming boots it again.
-        SandboxState::Paused | SandboxState::Stopped => Some("paused"),
+        SandboxState::Paused | SandboxState::Stopped | SandboxState::Stopping => Some("paused"),
         SandboxState::Exited | SandboxState::Destroying => None,
     }
 }

@@ -25,10 +25,10 @@ pub async fn health(State(core): State<Core>, headers: HeaderMap) -> Response {
             .into_response();
     }
     match core.execute(Command::GetSandbox { id: id.clone() }).await.and_then(|o| o.sandbox()) {
-        Ok(sb) if matches!(sb.state, SandboxState::Running | SandboxState::Creating) => {
+        Ok(sb) if matches!(sb.state, SandboxState::Running | SandboxState::Creating | SandboxState::Starting) => {
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(sb) if matches!(sb.state, SandboxState::Paused | SandboxState::Stopped) => {
+        Ok(sb) if matches!(sb.state, SandboxState::Paused | SandboxState::Stopped | SandboxState::Stopping) => {
             E2bError::new(StatusCode::BAD_GATEWAY, format!("The sandbox {id} is paused")).into_response()
         }
         _ => E2bError::sandbox_gone(&id).into_response(),
