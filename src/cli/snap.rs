@@ -295,7 +295,8 @@ pub async fn pool(client: &Client, c: PoolCmd) -> anyhow::Result<i32> {
 pub enum KeyCmd {
     /// Make an API key and print it (it is not shown again).
     Create {
-        /// Who the key is for.
+        /// Who the key is for: a label recorded on the sandboxes it creates (every key
+        /// reaches every sandbox of the daemon; tenants are not separated).
         #[arg(long)]
         tenant: Option<String>,
     },

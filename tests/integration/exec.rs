@@ -75,6 +75,10 @@ async fn timeout_kills_the_process_group() {
     assert!(out.status.timed_out && t.elapsed() < Duration::from_secs(10), "{:?}", out.status);
     let (ps, _, _) = d.sh(&id, "pgrep -x sleep | wc -l").await;
     assert_eq!(ps.trim(), "0", "the background sleep died with its group");
+    // A timeout under a millisecond is one, not none (before: rounded down to 0, no timeout).
+    req.timeout_secs = Some(1e-9);
+    let out = d.client.exec(&id, &req).await.unwrap().collect().await.unwrap();
+    assert!(out.status.timed_out, "{:?}", out.status);
 }
 
 #[tokio::test]

@@ -112,6 +112,12 @@ async fn bad_input_is_a_clear_error_and_creates_nothing() {
             "invalid_argument",
             "pids",
         ),
+        (
+            // Above what cgroups take: refused up front, not as a setup failure.
+            CreateSandbox { limits: Limits { memory_bytes: Some(u64::MAX), ..Default::default() }, ..mini() },
+            "invalid_argument",
+            "memory",
+        ),
         (CreateSandbox { name: Some("bad/name".into()), ..mini() }, "invalid_argument", "bad/name"),
         (CreateSandbox { workdir: Some("relative".into()), ..mini() }, "invalid_argument", "workdir"),
     ];
@@ -128,6 +134,45 @@ async fn bad_input_is_a_clear_error_and_creates_nothing() {
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 1);
     assert_eq!(d.client.get_sandbox("nope").await.unwrap_err().code(), Some("not_found"));
     assert_eq!(d.client.delete_sandbox("nope", true).await.unwrap_err().code(), Some("not_found"));
+}
+
+/// Requests that give one name at once: exactly one gets it (before: each create checked
+/// the name long before registering the sandbox, so several sandboxes shared a name and
+/// `rm NAME` removed any one of them; two volume creates could both succeed, or fail with
+/// an internal error).
+#[tokio::test]
+async fn one_name_is_given_once_however_many_ask_at_once() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let client = d.client.clone();
+        let req = CreateSandbox { name: Some("dup".into()), ..mini() };
+        tasks.push(tokio::spawn(async move { client.create_sandbox(&req).await }));
+    }
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(e) => assert_eq!(e.code(), Some("conflict"), "{e}"),
+        }
+    }
+    assert_eq!(made, 1);
+    let named = d.client.list_sandboxes().await.unwrap().into_iter().filter(|s| s.name.as_deref() == Some("dup"));
+    assert_eq!(named.count(), 1);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let client = d.client.clone();
+        tasks.push(tokio::spawn(async move { client.create_volume("vdup").await }));
+    }
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(e) => assert_eq!(e.code(), Some("conflict"), "{e}"),
+        }
+    }
+    assert_eq!(made, 1);
 }
 
 #[tokio::test]

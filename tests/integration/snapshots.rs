@@ -440,6 +440,11 @@ async fn a_timeout_can_snapshot_before_destroying() {
     let s = d.client.create_sandbox(&req).await.unwrap();
     let stopped = || async { d.client.get_sandbox(&s.id).await.unwrap().state == SandboxState::Stopped };
     d.wait_for("the timeout to stop it", Duration::from_secs(15), stopped).await;
+    // Once: the stop registered the sandbox anew, which armed the passed timeout again
+    // (before: a second expiry at once).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let expiries = d.log().lines().filter(|l| l.contains("timeout expired") && l.contains(&s.id)).count();
+    assert_eq!(expiries, 1, "{}", d.log());
     let started = d.client.start(&s.id).await.unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     assert!(started.expires_at.is_some_and(|e| e > now), "{started:?}");
@@ -556,7 +561,11 @@ async fn an_exec_during_a_rollback_waits_for_it() {
     // A start of a stopped sandbox shows `starting`; an exec and a timeout change sent
     // meanwhile wait for it (before: "is stopped, not running", and a timeout recorded on
     // the stopped record while the files moved to the new slot).
-    d.client.stop(&sb.id).await.unwrap();
+    let stopped = d.client.stop(&sb.id).await.unwrap();
+    // Stopped, it holds no slot: no address or uid range shown, no cgroup statistics
+    // (before: those of whichever sandbox took the slot next).
+    assert_eq!((stopped.address, stopped.uid_base), (None, 0));
+    assert_eq!(d.client.stats(&sb.id).await.unwrap_err().code(), Some("conflict"));
     let client = d.client.clone();
     let id = sb.id.clone();
     let start = tokio::spawn(async move { client.start(&id).await });

@@ -81,6 +81,9 @@ async def flow(session: ClientSession, full: bool) -> None:
 
     r = await s.call("run_command", {"sandbox": sid, "command": "echo hi"})
     assert r == {"exit_code": 0, "stdout": "hi\n", "stderr": ""}, r
+    # A size that overflows in bytes is an error, not a wrapped-around small limit.
+    msg = await s.fails("create_sandbox", {"template": "mini", "memory_mb": 17592186044928})
+    assert "too large" in msg, msg
 
     if full:
         r = await s.call("run_command", {"sandbox": f"mcp-{suffix}",

@@ -453,13 +453,15 @@ pub struct Sandbox {
     pub metadata: BTreeMap<String, String>,
     /// Host pid of the sandbox's PID 1 (the guest agent).
     pub pid: i32,
-    /// First host uid of the sandbox's private uid range (root inside maps to it).
+    /// First host uid of the sandbox's private uid range (root inside maps to it); 0 while
+    /// it is stopped (it has no range then).
     pub uid_base: u32,
     pub hostname: String,
     /// Egress policy.
     #[serde(default)]
     pub network: NetworkPolicy,
-    /// The sandbox's IPv4 address (none when the daemon runs without networking).
+    /// The sandbox's IPv4 address (none when the daemon runs without networking, and while
+    /// it is stopped: a start may give it another).
     #[serde(default)]
     pub address: Option<String>,
     #[serde(default)]

@@ -680,7 +680,8 @@ impl Core {
             Some(t) if !(t.is_finite() && t > 0.0) => {
                 return Err(CoreError::Invalid(format!("timeout_secs must be positive, got {t}")));
             }
-            Some(t) => Some((t * 1000.0) as u64),
+            // Rounded up: a timeout under a millisecond is one, not none.
+            Some(t) => Some(((t * 1000.0).ceil() as u64).max(1)),
             None => None,
         };
         let rec = sb.record();
@@ -701,6 +702,18 @@ impl Core {
 
     async fn stats(&self, key: &str) -> CoreResult<SandboxStats> {
         let sb = self.manager.get(key)?;
+        // Only a sandbox in its slot has cgroups; a stopped one's slot may be another's.
+        let state = sb.state();
+        if !matches!(
+            state,
+            abx_api::SandboxState::Running | abx_api::SandboxState::Paused | abx_api::SandboxState::Exited
+        ) {
+            return Err(CoreError::Conflict(format!(
+                "sandbox {} is {}: it has no processes to measure",
+                sb.id,
+                state_name(state)
+            )));
+        }
         let m = self.manager.clone();
         let cg = sb.cgroup.clone();
         let s = tokio::task::spawn_blocking(move || m.cgroups.stats(&cg))

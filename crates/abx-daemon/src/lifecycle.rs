@@ -156,8 +156,12 @@ impl Manager {
         transient: bool,
     ) -> CoreResult<SnapRecord> {
         self.get(key)?;
+        // Held until the snapshot is recorded (this function's end).
+        let _name = name
+            .as_deref()
+            .map(|n| check_name("snapshot", n).and_then(|_| self.reserve_name("name", n)))
+            .transpose()?;
         if let Some(n) = &name {
-            check_name("snapshot", n)?;
             if self.find_snapshot(n).is_ok() {
                 return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists")));
             }
@@ -666,6 +670,8 @@ impl Manager {
     /// may write) that outlives sandboxes.
     pub async fn create_volume(self: &Arc<Self>, name: &str) -> CoreResult<abx_api::Volume> {
         check_name("volume", name)?;
+        // Held until the volume is recorded (this function's end).
+        let _name = self.reserve_name("volume", name)?;
         if self.volume_records()?.iter().any(|v| v.name == name) {
             return Err(CoreError::Conflict(format!("a volume named '{name}' already exists")));
         }

@@ -98,6 +98,20 @@ pub struct Manager {
     pub auth: crate::auth::Auth,
     /// Networking (None with `--subnet none`: loopback only).
     pub net: Option<Arc<crate::net::Network>>,
+    /// Names being given by requests in progress (see [`Manager::reserve_name`]).
+    reserved: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A name a request in progress is giving; freed when dropped.
+pub(crate) struct Reserved {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
 }
 
 impl Manager {
@@ -148,7 +162,24 @@ impl Manager {
             pools: Default::default(),
             auth,
             net,
+            reserved: Default::default(),
         }))
+    }
+
+    /// Reserves a name while a request gives it: `kind` "name" for sandboxes and
+    /// snapshots (one name never means both), "volume" for volumes. Two requests for one
+    /// name at once (a check that found it free, then a slow create) would otherwise both
+    /// succeed; the second is refused as if the first had finished. The caller checks the
+    /// existing objects after reserving, and keeps the reservation until the object is
+    /// visible (registered or recorded).
+    pub(crate) fn reserve_name(&self, kind: &str, name: &str) -> CoreResult<Reserved> {
+        let key = format!("{kind}:{name}");
+        let mut set = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.insert(key.clone()) {
+            let what = if kind == "volume" { "volume" } else { "sandbox or snapshot" };
+            return Err(CoreError::Conflict(format!("a {what} named '{name}' is being created")));
+        }
+        Ok(Reserved { set: self.reserved.clone(), key })
     }
 
     /// The state store.
@@ -496,6 +527,8 @@ impl Manager {
         };
         validate::create(&req)?;
         self.volume_specs(&req.volumes)?;
+        // Held until the sandbox is registered under the name (this function's end).
+        let _name = req.name.as_deref().map(|n| self.reserve_name("name", n)).transpose()?;
         if let Some(name) = &req.name
             && self.get(name).is_ok()
         {
@@ -962,7 +995,15 @@ impl Manager {
         if let Some(h) = slot.take() {
             h.abort();
         }
-        let Some(at) = sb.read(|r| r.expires_at) else { return };
+        let (at, state, action) = sb.read(|r| (r.expires_at, r.state, r.on_timeout));
+        let Some(at) = at else { return };
+        if state == SandboxState::Stopped && at <= now() && action != abx_api::TimeoutAction::Destroy {
+            // Stopped by its timeout (`stop`, or `snapshot` that failed and stopped it
+            // instead): what was due is done. Armed again it fired at once (a second
+            // expiry; after a failed snapshot, a second try that could destroy the files
+            // kept instead). A start gives it its timeout again.
+            return;
+        }
         let wait = Duration::from_secs(at.saturating_sub(now()));
         let this = self.clone();
         let id = sb.id.clone();
@@ -994,7 +1035,13 @@ impl Manager {
     /// The API view of a sandbox record.
     pub fn api(&self, r: &Record) -> abx_api::Sandbox {
         let mut a = r.to_api();
-        a.address = self.net.as_ref().map(|n| n.slot_addr(r.uid_slot).to_string());
+        // A stopped sandbox holds no slot: the address and uid range it had are another
+        // sandbox's now (a start gives it a slot again).
+        if matches!(r.state, SandboxState::Stopped | SandboxState::Starting) {
+            a.uid_base = 0;
+        } else {
+            a.address = self.net.as_ref().map(|n| n.slot_addr(r.uid_slot).to_string());
+        }
         a
     }
 

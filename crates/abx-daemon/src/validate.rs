@@ -88,9 +88,9 @@ pub fn timeout(secs: u64) -> CoreResult<()> {
 /// Limits after defaults are applied.
 pub fn limits(l: &Limits) -> CoreResult<()> {
     if let Some(m) = l.memory_bytes
-        && m < 8 << 20
+        && !(8 << 20..=i64::MAX as u64).contains(&m)
     {
-        return Err(invalid(format!("memory limit {m} bytes is below the minimum of 8 MiB")));
+        return Err(invalid(format!("memory limit {m} bytes must be between 8 MiB and 2^63-1 bytes")));
     }
     if let Some(c) = l.cpus
         && !(c.is_finite() && (0.01..=1024.0).contains(&c))
@@ -127,6 +127,9 @@ mod tests {
     fn limits_name_the_bad_value() {
         let l = Limits { memory_bytes: Some(1024), ..Default::default() };
         assert!(limits(&l).unwrap_err().to_string().contains("1024"));
+        // Above what cgroups take: refused here (invalid argument), not at setup.
+        let l = Limits { memory_bytes: Some(u64::MAX), ..Default::default() };
+        assert!(limits(&l).unwrap_err().to_string().contains("2^63-1"));
         let l = Limits { cpus: Some(f64::NAN), ..Default::default() };
         assert!(limits(&l).is_err());
         let l = Limits { pids: Some(2), ..Default::default() };

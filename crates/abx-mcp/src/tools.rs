@@ -324,6 +324,11 @@ options it has no network access.",
                 Err(e) => return fail(e),
             },
         };
+        let memory_bytes = match p.memory_mb.map(|m| m.checked_mul(1 << 20)) {
+            Some(None) => return fail(format!("memory_mb {} is too large", p.memory_mb.unwrap_or_default())),
+            Some(Some(b)) => Some(b),
+            None => None,
+        };
         let req = CreateSandbox {
             template: if p.snapshot.is_some() { None } else { p.template },
             snapshot: p.snapshot,
@@ -332,7 +337,7 @@ options it has no network access.",
             env: p.env,
             workdir: p.workdir,
             user: p.user,
-            limits: Limits { memory_bytes: p.memory_mb.map(|m| m << 20), cpus: p.cpus, ..Default::default() },
+            limits: Limits { memory_bytes, cpus: p.cpus, ..Default::default() },
             network,
             ..Default::default()
         };
