@@ -2,6 +2,9 @@
 //! archives. Archives from a sandbox are untrusted: they are unpacked with the `tar`
 //! crate's `unpack_in`, which refuses entries escaping the destination (`..`, absolute
 //! paths, symlinked parents), into a fresh directory that is then renamed into place.
+//! What comes from a sandbox keeps only its rwx permission bits on the host (no setuid,
+//! setgid or sticky bit, on files or directories), and belongs to the user running the
+//! CLI. What goes into a sandbox keeps its mode (as the sandbox's user may set it).
 
 use std::path::{Path, PathBuf};
 
@@ -146,7 +149,9 @@ async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> anyhow::R
 fn unpack_safely(tar: &[u8], parent: &Path, top: &str, final_path: &Path) -> anyhow::Result<()> {
     let staging = tempfile::Builder::new().prefix(".agentbox-cp-").tempdir_in(parent)?;
     let mut archive = tar::Archive::new(tar);
-    archive.set_preserve_permissions(true);
+    // Only the rwx bits: a setuid, setgid or sticky bit from a sandbox never reaches the
+    // host (the CLI usually runs as root, so a setuid file would be setuid root).
+    archive.set_preserve_permissions(false);
     for entry in archive.entries()? {
         let mut entry = entry?;
         if !entry.unpack_in(staging.path())? {

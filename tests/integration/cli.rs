@@ -198,3 +198,38 @@ async fn streamed_output_to_a_reader_that_went_away_ends_quietly() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `agentbox cp ID:/dir ./local` (the CLI runs as root) must not create setuid, setgid or
+/// sticky files or directories on the host; the rwx bits stay, single files as
+/// directories. Uploads keep their rwx bits in the sandbox.
+#[tokio::test]
+async fn cp_from_a_sandbox_drops_setuid_setgid_and_sticky_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    let (_, err, code) = d
+        .sh(
+            &id,
+            "mkdir -p /home/user/out/sticky /home/user/out/sgid && cp /bin/busybox /home/user/out/tool \
+             && chmod 6755 /home/user/out/tool && chmod 1777 /home/user/out/sticky && chmod 2750 /home/user/out/sgid",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let out = tmp.path().join("out");
+    let o = d.cli(&["cp", &format!("{id}:/home/user/out"), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(mode(&out.join("tool")), 0o755);
+    assert_eq!(mode(&out.join("sticky")), 0o777);
+    assert_eq!(mode(&out.join("sgid")), 0o750);
+    let single = tmp.path().join("tool");
+    let o = d.cli(&["cp", &format!("{id}:/home/user/out/tool"), single.to_str().unwrap()]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(mode(&single), 0o755);
+    // Into a sandbox the rwx bits are kept.
+    std::fs::set_permissions(&single, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let o = d.cli(&["cp", single.to_str().unwrap(), &format!("{id}:/home/user/up")]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(d.sh(&id, "stat -c %a /home/user/up").await.0.trim(), "750");
+}
