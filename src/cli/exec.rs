@@ -338,12 +338,20 @@ async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool
                 Some(InteractiveEvent::Exit(st)) => return Ok(exit_code(&st)),
                 None => anyhow::bail!("the connection ended before the command exited"),
             },
-            n = stdin.read(&mut buf), if stdin_open => match n {
-                Ok(0) | Err(_) => { stdin_open = false; writer.close_stdin().await?; }
-                Ok(n) => writer.stdin(&buf[..n]).await?,
+            // Like a local pipe: input the command can no longer take (it exited, or the
+            // connection is closing after its exit) is dropped, and the exit code still
+            // comes from the Exit event; a connection really lost shows up on the reader.
+            n = stdin.read(&mut buf), if stdin_open => {
+                let sent = match n {
+                    Ok(0) | Err(_) => { stdin_open = false; writer.close_stdin().await }
+                    Ok(n) => writer.stdin(&buf[..n]).await,
+                };
+                if sent.is_err() {
+                    stdin_open = false;
+                }
             },
             _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
-                if tty { writer.resize(terminal_size()).await?; }
+                if tty { let _ = writer.resize(terminal_size()).await; }
             }
         }
     }

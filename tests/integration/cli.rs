@@ -233,3 +233,39 @@ async fn cp_from_a_sandbox_drops_setuid_setgid_and_sticky_bits() {
     assert!(o.status.success(), "{:?}", text(&o));
     assert_eq!(d.sh(&id, "stat -c %a /home/user/up").await.0.trim(), "750");
 }
+
+/// `yes | agentbox exec -i ID -- grep -q y` and the like: a command that exits before
+/// reading all its stdin gives its own exit code, not 125 for a write to a process that
+/// is gone (neither the CLI nor the daemon may give up on the exchange before the exit
+/// is forwarded); `exec -t` with stdin already at its end too.
+#[tokio::test]
+async fn exec_interactive_gives_the_exit_code_of_a_command_that_leaves_stdin_unread() {
+    use std::io::Write;
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    // Endless input, like `yes`: written until the reader goes away.
+    let endless = |args: &[&str]| {
+        let mut child = d
+            .cli_command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || while stdin.write_all(&[b'y', b'\n'].repeat(4096)).is_ok() {});
+        let o = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        o
+    };
+    for round in 0..5 {
+        let o = endless(&["exec", "-i", &id, "--", "grep", "-q", "y"]);
+        assert_eq!(o.status.code(), Some(0), "round {round}: {:?}", text(&o));
+        let o = endless(&["exec", "-i", &id, "--", "sh", "-c", "head -c 10 >/dev/null; exit 7"]);
+        assert_eq!(o.status.code(), Some(7), "round {round}: {:?}", text(&o));
+        let o = endless(&["exec", "-i", &id, "--", "head", "-c", "10"]);
+        assert_eq!((o.status.code(), o.stdout.len()), (Some(0), 10), "round {round}: {:?}", text(&o));
+        let o = d.cli(&["exec", "-t", &id, "--", "sh", "-c", "exit 42"]);
+        assert_eq!(o.status.code(), Some(42), "round {round}: {:?}", text(&o));
+    }
+}

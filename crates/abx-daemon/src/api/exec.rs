@@ -176,11 +176,14 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
 }
 
 /// Shuttles between a WebSocket and an attached process until the process exits or the
-/// client goes away. Frames from the agent are read by a separate task, so no read is ever
-/// cancelled half-way.
+/// client goes away. Frames from the agent are read by one task and the client's messages
+/// written to the agent by another, so no read is ever cancelled half-way and a process
+/// that does not read its stdin does not hold up its output. Like a local pipe, input the
+/// process can no longer take (it closed stdin or exited) is dropped: the exchange goes on
+/// until the exit is forwarded.
 async fn pump(mut socket: WebSocket, session: ExecSession) {
     let ExecSession { pid, conn, attached: _attached } = session;
-    let crate::agent::AgentConn { mut reader, mut writer } = conn;
+    let crate::agent::AgentConn { mut reader, writer } = conn;
     if !send_event(&mut socket, &ExecEvent::Started { pid }).await {
         return;
     }
@@ -194,6 +197,11 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
             }
         }
     });
+    let (input_tx, input_rx) = mpsc::channel::<Message>(16);
+    let writer_task = tokio::spawn(agent_input(writer, input_rx));
+    // Room in `input_tx` for the next client message: the socket is read only when there
+    // is (backpressure on a client sending faster than the process reads).
+    let mut room = None;
     loop {
         tokio::select! {
             frame = rx.recv() => {
@@ -207,12 +215,22 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
                     }
                 }
             }
-            msg = socket.recv() => {
+            permit = input_tx.reserve(), if room.is_none() => match permit {
+                Ok(p) => room = Some(p),
+                Err(_) => break,
+            },
+            msg = socket.recv(), if room.is_some() => {
                 let Some(Ok(msg)) = msg else { break };
-                if !handle_client(&mut writer, msg).await { break; }
+                if matches!(msg, Message::Close(_)) { break; }
+                if let Some(p) = room.take() { p.send(msg); }
             }
         }
     }
+    drop(room);
+    // Dropping the agent connection's write half tells the agent the client left (which
+    // kills a foreground process that has not exited); a write blocked on a process that
+    // does not read is cancelled with it.
+    writer_task.abort();
     reader_task.abort();
     let _ = socket.send(Message::Close(None)).await;
 }
@@ -240,7 +258,23 @@ async fn forward_frame(socket: &mut WebSocket, f: Frame) -> bool {
     }
 }
 
-/// Applies one client message; false when the client is done.
+/// Passes the client's messages to the agent until the pump drops its sender. After a
+/// failed write (the agent finished the process and closed its side) the rest is
+/// dropped: the exit is on its way from the agent. The write half stays open meanwhile,
+/// since its end would tell the agent that the client left.
+async fn agent_input(
+    mut writer: abx_proto::FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    let mut open = true;
+    while let Some(msg) = rx.recv().await {
+        if open {
+            open = handle_client(&mut writer, msg).await;
+        }
+    }
+}
+
+/// Applies one client message; false when the agent no longer takes input.
 async fn handle_client(writer: &mut abx_proto::FrameWriter<tokio::net::unix::OwnedWriteHalf>, msg: Message) -> bool {
     match msg {
         Message::Binary(b) => match b.first() {
@@ -252,7 +286,6 @@ async fn handle_client(writer: &mut abx_proto::FrameWriter<tokio::net::unix::Own
             Ok(c) => writer.json(&c).await.is_ok(),
             Err(_) => true,
         },
-        Message::Close(_) => false,
         _ => true,
     }
 }
