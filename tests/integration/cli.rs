@@ -269,3 +269,109 @@ async fn exec_interactive_gives_the_exit_code_of_a_command_that_leaves_stdin_unr
         assert_eq!(o.status.code(), Some(42), "round {round}: {:?}", text(&o));
     }
 }
+
+/// `agentbox cp` errors name what is wrong: a host destination directory that does not
+/// exist (not "Is a directory"), a sandbox path that is not absolute (not "one side must
+/// be in a sandbox"). A symlink given as the source in a sandbox is followed and copied
+/// under its own name (not "neither a file nor a directory"); links inside a copied
+/// directory stay links.
+#[tokio::test]
+async fn cp_names_bad_paths_and_follows_a_symlink_given_as_the_source() {
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    let (_, err, code) = d
+        .sh(
+            &id,
+            "mkdir -p /home/user/d/real && echo hi > /home/user/d/real/f && ln -s real /home/user/d/link \
+             && echo x > /home/user/d/file && ln -s /home/user/d/file /home/user/d/flink",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let o = d.cli(&["cp", &format!("{id}:/home/user/d/file"), &format!("{}/", at("nonexistdir"))]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains(&format!("directory {}/ does not exist", at("nonexistdir"))), "{:?}", text(&o));
+    let o = d.cli(&["cp", &format!("{id}:/home/user/d/file"), &at("nonexistdir/file")]);
+    assert!(text(&o).1.contains(&format!("directory {} does not exist", at("nonexistdir"))), "{:?}", text(&o));
+    std::fs::write(at("f.txt"), "up").unwrap();
+    let o = d.cli(&["cp", &at("f.txt"), &format!("{id}:relative")]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains(&format!("'{id}:relative': the path in sandbox {id} must be absolute")),
+        "{:?}",
+        text(&o)
+    );
+    // Links named as the source: to a directory, to a file into a directory.
+    let o = d.cli(&["cp", &format!("{id}:/home/user/d/link"), &at("x")]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(std::fs::read_to_string(at("x/f")).unwrap(), "hi\n");
+    let o = d.cli(&["cp", &format!("{id}:/home/user/d/flink"), &format!("{}/", tmp.path().display())]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(std::fs::symlink_metadata(at("flink")).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(at("flink")).unwrap(), "x\n");
+    let o = d.cli(&["cp", &format!("{id}:/home/user/d"), &at("whole")]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(std::fs::read_link(at("whole/link")).unwrap(), std::path::Path::new("real"));
+    assert!(!tmp.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".agentbox")));
+}
+
+/// The highest resident set (VmHWM, kB) of a running `agentbox` command, sampled until
+/// it exits (the last sample comes close to its peak, which only grows).
+fn peak_rss_kb(mut cmd: std::process::Command) -> (std::process::Output, u64) {
+    let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(&status_path).unwrap_or_default();
+                if let Some(kb) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak = peak.max(kb);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    (out, sampler.join().unwrap())
+}
+
+/// `agentbox cp` streams: copying a 200 MB file or a directory holding one, either way,
+/// keeps the CLI's memory far below the file's size (it used to hold it whole).
+#[tokio::test]
+async fn cp_streams_large_files_without_holding_them_in_memory() {
+    const SIZE: u64 = 200 << 20;
+    const LIMIT_KB: u64 = 80 << 10;
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    let (_, err, code) =
+        d.sh(&id, &format!("mkdir /home/user/bigdir && head -c {SIZE} /dev/zero > /home/user/bigdir/big")).await;
+    assert_eq!(code, 0, "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let size = |p: &str| std::fs::metadata(at(p)).unwrap().len();
+    let check = |args: &[&str]| {
+        let (o, kb) = peak_rss_kb(d.cli_command(args));
+        assert!(o.status.success(), "{args:?}: {:?}", text(&o));
+        assert!(kb > 0 && kb < LIMIT_KB, "{args:?}: peak RSS {kb} kB");
+    };
+    check(&["cp", &format!("{id}:/home/user/bigdir/big"), &at("big")]);
+    assert_eq!(size("big"), SIZE);
+    std::fs::remove_file(at("big")).unwrap();
+    check(&["cp", &format!("{id}:/home/user/bigdir"), &at("bigdir")]);
+    assert_eq!(size("bigdir/big"), SIZE);
+    let (_, err, code) = d.sh(&id, "rm -r /home/user/bigdir").await;
+    assert_eq!(code, 0, "{err}");
+    check(&["cp", &at("bigdir/big"), &format!("{id}:/home/user/up")]);
+    check(&["cp", &at("bigdir"), &format!("{id}:/home/user/updir")]);
+    assert_eq!(d.sh(&id, "stat -c %s /home/user/up /home/user/updir/big").await.0, format!("{SIZE}\n{SIZE}\n"));
+}

@@ -48,6 +48,17 @@ impl Client {
         self.json(rb).await
     }
 
+    /// Writes a file from a stream of chunks, without holding it in memory (creating
+    /// parent directories); `mode` as permission bits. An error from the stream aborts the
+    /// upload, and the request fails.
+    pub async fn write_file_stream<S, B>(&self, id: &str, path: &str, data: S, mode: Option<u32>) -> Result<FileInfo>
+    where
+        S: Stream<Item = std::io::Result<B>> + Send + 'static,
+        B: Into<bytes::Bytes> + 'static,
+    {
+        self.write_file(id, path, stream_body(data), mode).await
+    }
+
     pub async fn list_dir(&self, id: &str, path: &str, depth: u32) -> Result<Vec<FileInfo>> {
         let rb = self
             .file_request(Method::GET, paths::FILES_LIST, id)
@@ -92,4 +103,24 @@ impl Client {
         let rb = self.file_request(Method::PUT, paths::ARCHIVE, id).query(&[("path", path)]).body(tar);
         self.send(rb).await.map(drop)
     }
+
+    /// Extracts a tar archive, arriving as a stream of chunks, into directory `path`
+    /// without holding it in memory. An error from the stream aborts the upload, and the
+    /// request fails.
+    pub async fn upload_archive_stream<S, B>(&self, id: &str, path: &str, tar: S) -> Result<()>
+    where
+        S: Stream<Item = std::io::Result<B>> + Send + 'static,
+        B: Into<bytes::Bytes> + 'static,
+    {
+        self.upload_archive(id, path, stream_body(tar)).await
+    }
+}
+
+/// A request body sent as it is produced (chunked).
+fn stream_body<S, B>(data: S) -> reqwest::Body
+where
+    S: Stream<Item = std::io::Result<B>> + Send + 'static,
+    B: Into<bytes::Bytes> + 'static,
+{
+    reqwest::Body::wrap_stream(data.map(|r| r.map(Into::into)))
 }
