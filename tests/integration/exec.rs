@@ -212,3 +212,20 @@ async fn interactive_stdin_streams_and_closes() {
     }
     assert_eq!(seen.trim(), "8");
 }
+
+/// Guards that a working directory the user cannot enter is named as such (it used to be
+/// reported as "permission denied: pwd", as if the program could not be run).
+#[tokio::test]
+async fn an_unenterable_working_directory_is_named() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["sh", "-c", "mkdir -p /tmp/private && chmod 700 /tmp/private"]);
+    req.user = Some("root".into());
+    assert_eq!(d.exec(&id, req).await.2, 0);
+    let mut req = cmd(&["pwd"]);
+    req.cwd = Some("/tmp/private".into());
+    let e = d.client.exec(&id, &req).await.unwrap_err();
+    assert_eq!(e.code(), Some("permission_denied"), "{e}");
+    assert!(e.to_string().contains("cannot enter working directory /tmp/private: permission denied"), "{e}");
+}
+

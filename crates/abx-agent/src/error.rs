@@ -28,6 +28,9 @@ pub enum Error {
     SwitchUser { user: String, source: io::Error },
     #[error("working directory not found: {0}")]
     NoWorkdir(String),
+    /// The process could not enter its working directory (as its user).
+    #[error("cannot enter working directory {path}: {}", describe(.source))]
+    Workdir { path: String, source: io::Error },
     #[error("command not found: {0}")]
     CommandNotFound(String),
     #[error("permission denied: {0}")]
@@ -76,6 +79,7 @@ impl Error {
             | Error::SwitchUser { source, .. }
             | Error::Pty { source }
             | Error::Spawn { source, .. }
+            | Error::Workdir { source, .. }
             | Error::Signal { source, .. } => code_of(source),
             Error::UnknownUser(_) | Error::UnknownGroup(_) | Error::NoWorkdir(_) | Error::NoProcess(_) => {
                 ErrorCode::NotFound

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use abx_proto::{ExecSpec, ProcessInfo};
 use abx_sys::process::{Ids, PreExec};
-use abx_sys::spawn::Program;
+use abx_sys::spawn::{Program, SpawnError, Step};
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
 use tokio::net::unix::pipe;
@@ -85,12 +85,16 @@ fn launch(reaper: &Reaper, spec: &ExecSpec) -> Result<Launched, Error> {
         .map_err(|e| Error::Invalid(e.to_string()))?;
     let setup = pre_exec(&user, spec.tty.is_some());
     let spawn_err = |e| spawn_error(program, e);
+    let start_err = {
+        let cwd = cwd.clone();
+        move |e| start_error(program, &cwd, e)
+    };
     let launched = |pid, reaped, stdin, outputs, pty| Launched { pid, reaped, stdin, outputs, pty, cwd, user };
     match spec.tty {
         Some(size) => {
             let pty = pty::open(size).map_err(|source| Error::Pty { source })?;
             let slave = pty.slave.as_fd();
-            let (pid, reaped) = reaper.spawn(|| start.spawn([slave, slave, slave], &setup)).map_err(spawn_err)?;
+            let (pid, reaped) = reaper.spawn(|| start.spawn([slave, slave, slave], &setup)).map_err(start_err)?;
             // Close the agent's copy of the slave now, or reading the master would never
             // see the end of output.
             drop(pty.slave);
@@ -110,7 +114,7 @@ fn launch(reaper: &Reaper, spec: &ExecSpec) -> Result<Launched, Error> {
             let (stdout_r, stdout_w) = pipe()?;
             let (stderr_r, stderr_w) = pipe()?;
             let stdio = [stdin_r.as_fd(), stdout_w.as_fd(), stderr_w.as_fd()];
-            let (pid, reaped) = reaper.spawn(|| start.spawn(stdio, &setup)).map_err(spawn_err)?;
+            let (pid, reaped) = reaper.spawn(|| start.spawn(stdio, &setup)).map_err(start_err)?;
             // The child's ends are the child's alone now.
             drop((stdin_r, stdout_w, stderr_w));
             let ends = agent_ends(stdin_w, stdout_r, stderr_r).inspect_err(|_| kill_group(pid))?;
@@ -192,6 +196,15 @@ fn kill_group(pid: u32) {
     let _ = abx_sys::agent::kill(-(pid as i32), 9);
 }
 
+/// Maps a failed start onto what the client should hear: a working directory the user
+/// cannot enter is named as such, not taken for a program it cannot run.
+fn start_error(program: &str, cwd: &str, e: SpawnError) -> Error {
+    match e.step {
+        Step::Workdir => Error::Workdir { path: cwd.to_owned(), source: e.source },
+        _ => spawn_error(program, e.source),
+    }
+}
+
 /// Maps a failed spawn onto what the client should hear.
 pub fn spawn_error(program: &str, e: std::io::Error) -> Error {
     match e.raw_os_error().map(Errno::from_raw_os_error) {
@@ -269,5 +282,10 @@ mod tests {
         assert_eq!(e(Errno::ACCESS).code(), ErrorCode::PermissionDenied);
         assert_eq!(e(Errno::AGAIN).to_string(), "cannot start process: process limit reached");
         assert_eq!(e(Errno::AGAIN).code(), ErrorCode::ResourceExhausted);
+        let e = |step, errno: Errno| start_error("pwd", "/root", SpawnError { step, source: errno.into() });
+        let denied = e(Step::Workdir, Errno::ACCESS);
+        assert_eq!(denied.to_string(), "cannot enter working directory /root: permission denied");
+        assert_eq!(denied.code(), ErrorCode::PermissionDenied);
+        assert_eq!(e(Step::Exec, Errno::ACCESS).to_string(), "permission denied: pwd");
     }
 }

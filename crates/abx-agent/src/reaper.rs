@@ -63,7 +63,7 @@ impl Reaper {
     /// Starts a process with `start` (which returns its pid, having reaped it itself if
     /// it failed) and registers for its exit status. Call it on the runtime's thread and
     /// never wait for the pid elsewhere: the reaping task collects it.
-    pub fn spawn(&self, start: impl FnOnce() -> io::Result<u32>) -> io::Result<(u32, ExitWatch)> {
+    pub fn spawn<E>(&self, start: impl FnOnce() -> Result<u32, E>) -> Result<(u32, ExitWatch), E> {
         let pid = start()?;
         let (tx, rx) = watch::channel(None);
         lock(&self.waiters).insert(pid as i32, tx);
@@ -120,7 +120,7 @@ mod tests {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let program = Program::new(&argv, [("PATH", "/usr/bin:/bin")], "/")?;
         let null = std::fs::File::open("/dev/null")?;
-        reaper.spawn(|| program.spawn([null.as_fd(), null.as_fd(), null.as_fd()], &PreExec::default()))
+        Ok(reaper.spawn(|| program.spawn([null.as_fd(), null.as_fd(), null.as_fd()], &PreExec::default()))?)
     }
 
     /// One test, so one reaper per process even under `cargo test` (two would steal each

@@ -18,9 +18,10 @@
 //! not inherit what the caller ignores, nor what the caller's own parent ignored.
 
 use std::ffi::{CStr, CString};
+use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 use crate::process::PreExec;
 
@@ -35,6 +36,62 @@ pub struct Program {
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: CString,
+}
+
+/// The step of [`Program::spawn`] that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Creating the child (`clone`).
+    Clone,
+    /// Signals, stdio and the [`PreExec`] steps (session, terminal, ids).
+    Setup,
+    /// Entering the working directory (as the target user, after the ids changed).
+    Workdir,
+    /// Executing the program: every candidate path failed.
+    Exec,
+}
+
+impl Step {
+    fn from_u8(v: u8) -> Step {
+        match v {
+            1 => Step::Setup,
+            2 => Step::Workdir,
+            3 => Step::Exec,
+            _ => Step::Clone,
+        }
+    }
+}
+
+/// A failed [`Program::spawn`]: which step failed, with what OS error. Converts into
+/// that `io::Error` where the step does not matter.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub step: Step,
+    pub source: io::Error,
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.step {
+            Step::Clone => "cannot create the process",
+            Step::Setup => "cannot set up the process",
+            Step::Workdir => "cannot enter the working directory",
+            Step::Exec => "cannot execute the program",
+        };
+        f.write_str(what)
+    }
+}
+
+impl std::error::Error for SpawnError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl From<SpawnError> for io::Error {
+    fn from(e: SpawnError) -> io::Error {
+        e.source
+    }
 }
 
 /// `PATH` when the environment has none (musl's and glibc's `execvp` default).
@@ -90,7 +147,7 @@ impl Program {
     /// child has exited and been reaped (`waitpid`) before this returns the child's
     /// error: a caller that reaps children on another thread must keep that thread from
     /// reaping between the clone and this return (the agent's reaper gate does).
-    pub fn spawn(&self, stdio: [BorrowedFd<'_>; 3], setup: &PreExec) -> io::Result<u32> {
+    pub fn spawn(&self, stdio: [BorrowedFd<'_>; 3], setup: &PreExec) -> Result<u32, SpawnError> {
         let argv = null_terminated(&self.argv);
         let envp = null_terminated(&self.envp);
         let candidates: Vec<*const libc::c_char> = self.candidates.iter().map(|c| c.as_ptr()).collect();
@@ -104,6 +161,7 @@ impl Program {
             setup,
             adj,
             error: AtomicI32::new(0),
+            step: AtomicU8::new(Step::Clone as u8),
             old_mask: unsafe_zeroed_sigset(),
         };
         // Only the child writes it, through its stack pointer: no need to zero it first.
@@ -134,14 +192,15 @@ impl Program {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &ctx.old_mask, std::ptr::null_mut()) };
         drop(stack);
         if pid < 0 {
-            return Err(clone_error);
+            return Err(SpawnError { step: Step::Clone, source: clone_error });
         }
         let error = ctx.error.load(Ordering::Acquire);
         if error != 0 {
             let mut status = 0;
             // SAFETY: reaps our own child, which has exited; `status` lives for the call.
             unsafe { libc::waitpid(pid, &mut status, 0) };
-            return Err(io::Error::from_raw_os_error(error));
+            let step = Step::from_u8(ctx.step.load(Ordering::Acquire));
+            return Err(SpawnError { step, source: io::Error::from_raw_os_error(error) });
         }
         Ok(pid as u32)
     }
@@ -170,6 +229,8 @@ struct Child<'a> {
     adj: Adj,
     /// The child's errno when it gives up (0: it exec'd).
     error: AtomicI32,
+    /// The [`Step`] the child gave up at.
+    step: AtomicU8,
     /// The parent's signal mask before it blocked everything (restored after the clone).
     old_mask: libc::sigset_t,
 }
@@ -303,29 +364,30 @@ pub(crate) unsafe fn run_pre_exec(setup: &PreExec, adj: &Adj) -> Result<(), i32>
 }
 
 /// The child: resets signals, sets up stdio and the rest of [`PreExec`], enters the working
-/// directory and execs the first candidate that works. On failure it stores errno in
-/// `error` and exits with status 127.
+/// directory and execs the first candidate that works. On failure it stores the step in
+/// `step` and errno in `error` and exits with status 127.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's `Child`, alive while the parent is suspended.
     let c = unsafe { &*(arg as *const Child) };
     // SAFETY: only raw system calls on memory prepared by the parent (see above).
-    let errno = unsafe { child_steps(c) };
+    let (step, errno) = unsafe { child_steps(c) };
+    c.step.store(step as u8, Ordering::Release);
     c.error.store(errno.max(1), Ordering::Release);
     // SAFETY: exit_group ends the child without running anything of the parent's.
     unsafe { raw!(libc::SYS_exit_group, 127) };
     127
 }
 
-/// Returns the errno of the step that failed (exec returns only on failure).
+/// Returns the step that failed and its errno (exec returns only on failure).
 ///
 /// # Safety
 /// Only in the child of [`Program::spawn`], with the parent suspended.
-unsafe fn child_steps(c: &Child) -> i32 {
+unsafe fn child_steps(c: &Child) -> (Step, i32) {
     macro_rules! check {
-        ($e:expr) => {{
+        ($step:expr, $e:expr) => {{
             let r = $e;
             if r < 0 {
-                return (-r) as i32;
+                return ($step, (-r) as i32);
             }
             r
         }};
@@ -336,24 +398,24 @@ unsafe fn child_steps(c: &Child) -> i32 {
         // Signals: every one back to its default, then nothing blocked.
         default_dispositions();
         let empty: u64 = 0;
-        check!(raw!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0, 8));
+        check!(Step::Setup, raw!(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, &empty as *const u64, 0, 8));
 
         // Stdio: first move any source that sits on 0..2 out of the way, so that placing
         // one cannot clobber another.
         let mut src = c.stdio;
         for fd in src.iter_mut() {
             if *fd < 3 {
-                *fd = check!(raw!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, 3)) as RawFd;
+                *fd = check!(Step::Setup, raw!(libc::SYS_fcntl, *fd, libc::F_DUPFD_CLOEXEC, 3)) as RawFd;
             }
         }
         for (target, fd) in src.iter().enumerate() {
-            check!(raw!(libc::SYS_dup3, *fd, target, 0));
+            check!(Step::Setup, raw!(libc::SYS_dup3, *fd, target, 0));
         }
 
         if let Err(e) = run_pre_exec(c.setup, &c.adj) {
-            return e;
+            return (Step::Setup, e);
         }
-        check!(raw!(libc::SYS_chdir, c.cwd.as_ptr()));
+        check!(Step::Workdir, raw!(libc::SYS_chdir, c.cwd.as_ptr()));
 
         // execvp's search: EACCES is remembered and reported if nothing else works; a
         // missing file or directory moves on; any other error stops.
@@ -365,11 +427,11 @@ unsafe fn child_steps(c: &Child) -> i32 {
             match e {
                 libc::EACCES => denied = true,
                 libc::ENOENT | libc::ENOTDIR => {}
-                _ => return e,
+                _ => return (Step::Exec, e),
             }
             last = e;
         }
-        if denied { libc::EACCES } else { last }
+        (Step::Exec, if denied { libc::EACCES } else { last })
     }
 }
 
@@ -425,6 +487,27 @@ mod tests {
         // A directory is not executable: EACCES, reported as such.
         let err = run(&["tmp"], &[("PATH", "/")], "/", &PreExec::default()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    /// Guards that a working directory the user cannot enter is told apart from a
+    /// program it cannot execute (both are EACCES).
+    #[test]
+    fn names_the_step_that_failed() {
+        let dir = tempfile::tempdir().unwrap(); // owned by the (root) test user
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let cwd = dir.path().to_str().unwrap();
+        let nobody =
+            PreExec { ids: Some(crate::process::Ids { uid: 65534, gid: 65534, groups: vec![] }), ..Default::default() };
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let spawn = |argv: &[&str], cwd: &str, setup: &PreExec| {
+            let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            let p = Program::new(&argv, [("PATH", "/usr/bin:/bin")], cwd).unwrap();
+            p.spawn([devnull.as_fd(), devnull.as_fd(), devnull.as_fd()], setup).unwrap_err()
+        };
+        let err = spawn(&["true"], cwd, &nobody);
+        assert_eq!((err.step, err.source.kind()), (Step::Workdir, io::ErrorKind::PermissionDenied));
+        let err = spawn(&["no-such-program-abx"], "/", &nobody);
+        assert_eq!((err.step, err.source.kind()), (Step::Exec, io::ErrorKind::NotFound));
     }
 
     #[test]
