@@ -229,3 +229,31 @@ async fn an_unenterable_working_directory_is_named() {
     assert!(e.to_string().contains("cannot enter working directory /tmp/private: permission denied"), "{e}");
 }
 
+/// Guards that closing a terminal's input after a line without a newline ends the input
+/// (`printf hello | agentbox exec -i -t ID -- cat` used to hang: one end-of-file
+/// character only hands the unfinished line to the program).
+#[tokio::test]
+async fn terminal_input_closed_after_an_unfinished_line_ends() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["cat"]);
+    req.tty = Some(TtySize { rows: 24, cols: 80 });
+    let (mut w, mut r) = d.client.exec_interactive(&id, &req).await.unwrap().split();
+    w.stdin(b"hello").await.unwrap();
+    w.close_stdin().await.unwrap();
+    let mut seen = String::new();
+    let exit = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match r.next().await.unwrap() {
+                Some(InteractiveEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Some(InteractiveEvent::Exit(st)) => return st,
+                Some(_) => {}
+                None => panic!("ended: {seen}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("cat did not see the end of its input: {seen:?}"));
+    assert_eq!(exit.code, Some(0), "{seen}");
+    assert!(seen.contains("hello"), "{seen}");
+}

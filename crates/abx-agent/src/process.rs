@@ -65,6 +65,19 @@ pub enum InputSink {
 /// ASCII EOT: what "end of input" means on a terminal in canonical mode.
 const VEOF: u8 = 0x04;
 
+/// What closing a terminal's input writes. In canonical mode an end-of-file character
+/// on a non-empty line only hands that line to the reader; only one on an empty line
+/// makes its read return 0. So an unfinished line (`line_open`) needs two.
+fn end_of_input(line_open: bool) -> &'static [u8] {
+    if line_open { &[VEOF, VEOF] } else { &[VEOF] }
+}
+
+/// Whether `byte`, written to a terminal, ends the line in canonical mode (newline,
+/// return, which `ICRNL` turns into one, or end-of-file).
+fn ends_line(byte: u8) -> bool {
+    matches!(byte, b'\n' | b'\r' | VEOF)
+}
+
 /// A client's view of a process's output. The channel closes when the process finished
 /// (then [`Proc::exit`] is set) or when the client fell behind (`lagged`).
 #[derive(Debug)]
@@ -100,6 +113,8 @@ pub struct Proc {
     pub pid: u32,
     info: ProcessInfo,
     stdin: tokio::sync::Mutex<Option<InputSink>>,
+    /// Whether the last byte written to the terminal left a line unfinished.
+    line_open: AtomicBool,
     pty: Mutex<Option<Arc<Master>>>,
     reaped: ExitWatch,
     timed_out: AtomicBool,
@@ -126,6 +141,7 @@ impl Proc {
             pid: info.pid,
             info,
             stdin: tokio::sync::Mutex::new(stdin),
+            line_open: AtomicBool::new(false),
             pty: Mutex::new(pty),
             reaped,
             timed_out: AtomicBool::new(false),
@@ -219,7 +235,7 @@ impl Proc {
         let sink = stdin.as_mut().ok_or(Error::NoStdin(self.pid))?;
         let written = match sink {
             InputSink::Pipe(p) => p.write_all(data).await,
-            InputSink::Pty(m) => write_pty(m, data, close).await,
+            InputSink::Pty(m) => write_pty(m, data, close, &self.line_open).await,
         };
         if close || written.is_err() {
             stdin.take();
@@ -252,9 +268,16 @@ impl Proc {
     }
 }
 
-async fn write_pty(master: &Master, data: &[u8], close: bool) -> io::Result<()> {
+/// Writes `data` to the terminal, then, when `close`, the end of input.
+async fn write_pty(master: &Master, data: &[u8], close: bool, line_open: &AtomicBool) -> io::Result<()> {
     master.write_all(data).await?;
-    if close { master.write_all(&[VEOF]).await } else { Ok(()) }
+    if let Some(&last) = data.last() {
+        line_open.store(!ends_line(last), Ordering::Relaxed);
+    }
+    if !close {
+        return Ok(());
+    }
+    master.write_all(end_of_input(line_open.load(Ordering::Relaxed))).await
 }
 
 /// Accepts signal numbers 0 (existence check) to 64 (`SIGRTMAX`).
@@ -486,6 +509,16 @@ mod tests {
         assert!(e.to_string().starts_with("process 42 not found"), "{e}");
         t.insert(proc(42, false).0);
         assert_eq!(t.get(42).unwrap().pid, 42);
+    }
+
+    /// Guards that closing a terminal's input after a line without a newline ends the
+    /// input (one end-of-file would only flush the line).
+    #[test]
+    fn an_unfinished_line_gets_two_end_of_file_characters() {
+        assert_eq!(end_of_input(false), [VEOF]);
+        assert_eq!(end_of_input(true), [VEOF, VEOF]);
+        assert!(ends_line(b'\n') && ends_line(b'\r') && ends_line(VEOF));
+        assert!(!ends_line(b'o'));
     }
 
     #[test]
