@@ -94,3 +94,27 @@ async fn archives_copy_directory_trees() {
         "one\ntwo\n751\n"
     );
 }
+
+/// Guards that a directory download failing before its first byte (a file in it the
+/// user cannot read) answers 403 naming the file, where the connection used to be cut
+/// with an empty reply.
+#[tokio::test]
+async fn an_unreadable_file_in_a_downloaded_directory_is_a_clear_error() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let root = d.client.with_file_user("root");
+    root.write_file(&id, "/tmp/m2/secret", b"s\n".to_vec(), Some(0o600)).await.unwrap();
+    let e = match d.client.download_archive(&id, "/tmp/m2").await {
+        Ok(_) => panic!("an archive of a directory with an unreadable file"),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Some("permission_denied"), "{e}");
+    assert!(e.to_string().contains("/tmp/m2/secret"), "{e}");
+    // The acting user may read it all.
+    let mut s = root.download_archive(&id, "/tmp/m2").await.unwrap();
+    let mut tar = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut s).await {
+        tar.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(tar::Archive::new(tar.as_slice()).entries().unwrap().count(), 2);
+}

@@ -8,7 +8,9 @@
 //! never followed; entries are visited depth first in name order; sockets, FIFOs and
 //! devices are skipped; hard links are stored as separate files. The top entry is named
 //! after the last component of the path (`.` for `/`). A failure after the reply went out
-//! is reported as a JSON `Reply::Err` frame in place of `Eof`.
+//! is reported as a JSON `Reply::Err` frame in place of `Eof`; when no `Data` frame went
+//! out yet, what was encoded is dropped and that error is the first frame after the
+//! reply, so the daemon can still answer with an error status instead of a cut stream.
 //!
 //! Extraction runs on a short-lived thread (the `tar` crate reads synchronously while the
 //! data arrives asynchronously) that acts as the user for its whole life, so everything
@@ -56,6 +58,8 @@ struct Body {
 struct Out<'a> {
     conn: &'a mut Conn,
     buf: Vec<u8>,
+    /// Whether a `Data` frame went out.
+    sent: bool,
 }
 
 impl Out<'_> {
@@ -68,6 +72,7 @@ impl Out<'_> {
         if !self.buf.is_empty() {
             self.conn.writer.send_chunked(Kind::Data, &self.buf).await?;
             self.buf.clear();
+            self.sent = true;
         }
         Ok(())
     }
@@ -91,13 +96,15 @@ pub async fn read(agent: &Agent, mut conn: Conn, path: &str, user: Option<&str>)
         "/" => ".".to_owned(),
         name => name.to_owned(),
     };
-    let mut out = Out { conn: &mut conn, buf: Vec::with_capacity(2 * CHUNK) };
+    let mut out = Out { conn: &mut conn, buf: Vec::with_capacity(2 * CHUNK), sent: false };
     match stream(&agent.base, &user, Pending { fs_path: path, name: top }, &mut out).await? {
         Ok(()) => {
             out.push(&[0u8; 2 * BLOCK as usize]).await?;
             out.flush().await?;
             conn.writer.send(Kind::Eof, &[]).await
         }
+        // Before any data: the error alone (see the module docs).
+        Err(e) if !out.sent => conn.err(e).await,
         Err(e) => {
             out.flush().await?;
             conn.err(e).await

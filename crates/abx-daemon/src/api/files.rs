@@ -5,18 +5,19 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use abx_api::{ErrorBody, FileInfo, MkdirRequest, RenameRequest};
-use abx_proto::Kind;
+use abx_proto::{Kind, ProtoError, Reply};
 
 use super::{ApiError, Json, Path, Query};
-use crate::agent::AgentConn;
+use crate::agent::{AgentConn, CallError};
 use crate::core::{ByteStream, Command, Core};
+use crate::error::CoreError;
 
 pub fn routes() -> OpenApiRouter<Core> {
     OpenApiRouter::new()
@@ -77,7 +78,13 @@ fn body_stream(req: Request) -> ByteStream {
 
 /// Streams the `Data` frames of an agent connection as a response body.
 pub(crate) fn content_body(conn: AgentConn) -> Body {
-    let stream = futures_util::stream::unfold(Some(conn), |conn| async move {
+    Body::from_stream(content_stream(conn))
+}
+
+/// The `Data` frames of an agent connection, up to `Eof`; any other frame or a broken
+/// connection ends the stream with an error (the response is cut short).
+fn content_stream(conn: AgentConn) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
+    futures_util::stream::unfold(Some(conn), |conn| async move {
         let mut conn = conn?;
         match conn.next().await {
             Ok(Some(f)) if f.kind == Kind::Data => Some((Ok(bytes::Bytes::from(f.payload)), Some(conn))),
@@ -85,8 +92,28 @@ pub(crate) fn content_body(conn: AgentConn) -> Body {
             Ok(_) => Some((Err(std::io::Error::other("the sandbox's agent ended the transfer early")), None)),
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
-    });
-    Body::from_stream(stream)
+    })
+}
+
+/// Waits for the first frame of a transfer before answering, so that an error the agent
+/// reports before any byte (an unreadable file in a directory, say) gets its own status:
+/// once a 200 went out, an error can only cut the response short.
+async fn first_then_rest(mut conn: AgentConn) -> Result<Body, ApiError> {
+    let first = match conn.next().await.map_err(CoreError::from)? {
+        Some(f) if f.kind == Kind::Data => bytes::Bytes::from(f.payload),
+        Some(f) if f.kind == Kind::Eof => return Ok(Body::empty()),
+        Some(f) => {
+            let err = match f.json::<Reply<serde_json::Value>>() {
+                Ok(Reply::Err(e)) => CallError::Remote(e),
+                Ok(Reply::Ok(_)) => CallError::Protocol(ProtoError::Unexpected("a second reply in a transfer".into())),
+                Err(e) => CallError::Protocol(e),
+            };
+            return Err(CoreError::from(err).into());
+        }
+        None => return Err(CoreError::from(CallError::Protocol(ProtoError::Closed)).into()),
+    };
+    let rest = content_stream(conn);
+    Ok(Body::from_stream(futures_util::stream::once(async { Ok(first) }).chain(rest)))
 }
 
 fn parse_mode(mode: Option<&str>) -> Result<Option<u32>, ApiError> {
@@ -210,14 +237,15 @@ async fn rename(
 /// A tar archive of a file or directory (its top entry is the path's last component).
 #[utoipa::path(get, path = abx_api::paths::ARCHIVE, tag = "files",
     params(("id" = String, Path, description = "sandbox id or name"), PathQuery),
-    responses((status = 200, description = "tar archive", content_type = "application/x-tar"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "tar archive", content_type = "application/x-tar"),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn archive_read(
     State(core): State<Core>,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
     let (_, conn) = core.execute(Command::ArchiveRead { id, path: q.path, user: q.user }).await?.content()?;
-    let mut resp = content_body(conn).into_response();
+    let mut resp = first_then_rest(conn).await?.into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
     Ok(resp)
 }
