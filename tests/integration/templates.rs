@@ -33,3 +33,63 @@ async fn base_template_has_the_promised_tools_and_user() {
         assert!(out.contains(want), "missing {want:?} in {out}");
     }
 }
+
+/// Builds `req` and returns the template or the error message.
+async fn build(d: &Daemon, req: abx_client::BuildTemplate) -> Result<abx_client::Template, String> {
+    let mut s = d.client.build_template(&req).await.map_err(|e| e.to_string())?;
+    while let Some(ev) = s.next().await.map_err(|e| e.to_string())? {
+        match ev {
+            abx_client::BuildEvent::Done { template } => return Ok(template),
+            abx_client::BuildEvent::Error { message, .. } => return Err(message),
+            _ => {}
+        }
+    }
+    Err("no result".into())
+}
+
+/// `template build --from-dir DIR` copies DIR: editing a file of DIR afterwards, or making
+/// it setuid, changes neither the template nor the sandboxes made from it (the layer used
+/// to hardlink the user's files).
+#[tokio::test]
+async fn a_template_from_a_directory_stays_as_built_when_the_directory_changes() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let mini = d.client.template("mini").await.unwrap();
+    let src = tempfile::tempdir().unwrap(); // on the state root's filesystem, where a link could be made
+    let rootfs = src.path().join("rootfs");
+    let layer = d.root.join("layers").join(&mini.layers[0]);
+    assert!(std::process::Command::new("cp").arg("-a").arg(&layer).arg(&rootfs).status().unwrap().success());
+    std::fs::write(rootfs.join("app"), "built\n").unwrap();
+    let req = abx_client::BuildTemplate {
+        name: "fromdir".into(),
+        from_dir: Some(rootfs.display().to_string()),
+        ..Default::default()
+    };
+    build(&d, req).await.unwrap();
+    std::fs::write(rootfs.join("app"), "edited\n").unwrap();
+    std::fs::set_permissions(rootfs.join("app"), std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let sb = d
+        .client
+        .create_sandbox(&CreateSandbox { template: Some("fromdir".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let (out, err, code) = d.sh(&sb.id, "cat /app; ls -l /app | cut -c1-10").await;
+    assert_eq!((out.as_str(), code), ("built\n-rw-r--r--\n", 0), "{err}");
+}
+
+/// A directory holding the daemon's state root is refused before anything is copied (the
+/// import's scratch directory is under the root: it used to copy itself into itself until
+/// the disk was full), as is one inside the root.
+#[tokio::test]
+async fn a_template_from_a_directory_holding_the_state_root_is_refused() {
+    let d = Daemon::start().await;
+    let parent = d.root.parent().unwrap().display().to_string();
+    for dir in [parent.as_str(), &d.root.display().to_string(), &d.root.join("layers").display().to_string()] {
+        let req =
+            abx_client::BuildTemplate { name: "self".into(), from_dir: Some(dir.to_string()), ..Default::default() };
+        let e = build(&d, req).await.unwrap_err();
+        assert!(e.contains("cannot import") && e.contains("state root"), "{dir}: {e}");
+    }
+    assert!(d.client.templates().await.unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(d.root.join("tmp")).unwrap().count(), 0, "nothing was copied");
+}

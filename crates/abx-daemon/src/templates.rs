@@ -28,9 +28,12 @@ fn map_err(name: &str, e: abx_template::Error) -> CoreError {
     use abx_template::Error as E;
     match e {
         E::NotFound { .. } => CoreError::not_found("template", name),
-        e @ (E::InvalidName { .. } | E::InvalidRecipe { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
-            CoreError::Invalid(e.to_string())
-        }
+        e @ (E::InvalidName { .. }
+        | E::InvalidRecipe { .. }
+        | E::SourceMissing { .. }
+        | E::SourceNotDir { .. }
+        | E::SourceHoldsStore { .. }
+        | E::SourceInStore { .. }) => CoreError::Invalid(e.to_string()),
         e => CoreError::internal(format!("template '{name}'"), e),
     }
 }

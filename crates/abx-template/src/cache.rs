@@ -57,6 +57,11 @@ impl Cache {
         Cache { dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()) }
     }
 
+    /// Where the cache is.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The cached tree for `kind`/`key`, built first with `build` (which must create the
     /// rootfs directory it is given and return the package list) if absent. `inputs` (what
     /// `key` hashes) is recorded in the entry for people reading the cache.

@@ -56,6 +56,20 @@ pub enum Error {
     #[error("cannot import {}: not a directory", path.display())]
     SourceNotDir { path: PathBuf },
 
+    /// `Recipe::Dir` source that holds the daemon's state root or build cache (an import
+    /// into the store would copy itself into itself), or lies inside the state root.
+    #[error(
+        "cannot import {}: it holds {}, the daemon's own data; give a directory that does not contain the \
+         daemon's state root or build cache",
+        path.display(),
+        inner.display()
+    )]
+    SourceHoldsStore { path: PathBuf, inner: PathBuf },
+
+    /// `Recipe::Dir` source inside the daemon's state root.
+    #[error("cannot import {}: it is inside the daemon's state root {}", path.display(), root.display())]
+    SourceInStore { path: PathBuf, root: PathBuf },
+
     /// `/proc`, `/sys`, `/dev` or `/tmp` exists in a layer but is not a directory.
     #[error("{} must be a directory (it is a mount point)", path.display())]
     MountPointNotDir { path: PathBuf },

@@ -34,9 +34,10 @@
 //!   installed packages with versions, as does `<cache>/base/<key>/packages.txt`.
 //! - **mini**: a busybox-static rootfs for fast tests; built in milliseconds, same digest
 //!   every time.
-//! - **Dir**: an existing directory imported as one layer. Files are hardlinked when the
-//!   source is on the state root's filesystem, so the source must not be modified in place
-//!   afterwards (replacing files by rename is fine); they are copied otherwise.
+//! - **Dir**: an existing directory imported as one layer. Files are copied (holes kept;
+//!   a reflink where the filesystem can), never hardlinked, so later changes to the source
+//!   do not reach the template. A directory that holds the state root or the build cache,
+//!   or lies inside the state root, is refused before anything is copied.
 //! - **Images** (recipe `oci:<file or reference>`): [`Store::import_image`] reads a
 //!   `docker save` archive (old `<id>/layer.tar` layout or the newer one with an OCI layout
 //!   inside; `manifest.json` decides), an OCI image layout directory or an OCI archive (a tar

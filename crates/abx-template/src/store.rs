@@ -155,7 +155,7 @@ impl Store {
                 tree.publish(&layer)?;
             }
             StagedTree::Cached(rootfs) if !layer.exists() => {
-                self.import(&rootfs, progress)?.publish(&layer)?;
+                self.import(&rootfs, true, progress)?.publish(&layer)?;
             }
             StagedTree::Cached(_) => {}
         }
@@ -291,7 +291,8 @@ impl Store {
             Err(e) => return Err(e).at("inspect", source),
         }
         let source = fs::canonicalize(source).at("resolve", source)?;
-        let scratch = self.import(&source, progress)?;
+        self.check_source(&source)?;
+        let scratch = self.import(&source, false, progress)?;
         ensure_mount_points(scratch.path())?;
         progress(Progress::stage("digest", "hashing the tree"));
         let tree = digest_tree(scratch.path())?;
@@ -303,13 +304,38 @@ impl Store {
         })
     }
 
-    /// Hardlinks (or copies, across filesystems) `source` into a scratch tree.
-    fn import(&self, source: &Path, progress: &dyn Fn(Progress)) -> Result<Scratch> {
+    /// The state root (the parent of layers/).
+    fn root(&self) -> &Path {
+        self.layers.parent().unwrap_or(&self.layers)
+    }
+
+    /// Refuses a directory to import (resolved) that holds the state root or the build
+    /// cache, which the import would copy into itself, or that lies inside the state root.
+    fn check_source(&self, source: &Path) -> Result<()> {
+        let root = self.root();
+        if source.starts_with(root) {
+            return Err(Error::SourceInStore { path: source.to_path_buf(), root: root.to_path_buf() });
+        }
+        let cache = fs::canonicalize(self.cache.dir()).unwrap_or_else(|_| self.cache.dir().to_path_buf());
+        match [root, cache.as_path()].into_iter().find(|inner| inner.starts_with(source)) {
+            Some(inner) => Err(Error::SourceHoldsStore { path: source.to_path_buf(), inner: inner.to_path_buf() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Hardlinks (`link`; copies across filesystems) or copies `source` into a scratch tree.
+    /// A user's directory is copied: a layer is fixed once built, whatever happens to its
+    /// source later. Meeting the state root or the cache (a bind mount) fails the import.
+    fn import(&self, source: &Path, link: bool, progress: &dyn Fn(Progress)) -> Result<Scratch> {
         progress(Progress::stage("importing", format!("importing {}", source.display())));
         let scratch = self.scratch("import");
-        let mut importer = Importer::new(true);
+        let mut importer = Importer::new(link).refusing(&[self.root(), self.cache.dir()]);
         importer.import(source, scratch.path())?;
-        let how = if importer.linking() { "hardlinked" } else { "copied (different filesystem)" };
+        let how = match (link, importer.linking()) {
+            (true, true) => "hardlinked",
+            (true, false) => "copied (different filesystem)",
+            (false, _) => "copied",
+        };
         let skipped = importer.skipped();
         progress(Progress::stage("importing", format!("{how}; left out {skipped} device nodes and sockets")));
         Ok(scratch)

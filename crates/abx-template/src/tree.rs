@@ -85,6 +85,8 @@ pub fn make_dir(path: &Path, mode: u32, uid: u32, gid: u32) -> Result<()> {
 /// the rest of the tree when source and destination are on different filesystems, and for
 /// single files the kernel refuses to link). Ownership, modes, times, symlinks and fifos are
 /// preserved; device nodes and sockets are skipped. Hardlinks inside a copied tree stay links.
+/// A copied file shares no inode with its source (the kernel may share its extents, a
+/// reflink, which a later write to either does not affect) and keeps its holes.
 pub struct Importer {
     link: bool,
     copied: HashMap<(u64, u64), PathBuf>,
@@ -92,12 +94,26 @@ pub struct Importer {
     /// Keep overlayfs whiteouts (character devices 0:0) and opaque-directory markers (a
     /// layer made from an overlay's upper directory).
     overlay: bool,
+    /// Directories (device, inode) the source must not hold, with their paths: an import
+    /// that meets one (through a bind mount, say) fails.
+    refused: Vec<((u64, u64), PathBuf)>,
 }
 
 impl Importer {
     /// An importer that hardlinks (`link`) or copies.
     pub fn new(link: bool) -> Importer {
-        Importer { link, copied: HashMap::new(), skipped: 0, overlay: false }
+        Importer { link, copied: HashMap::new(), skipped: 0, overlay: false, refused: Vec::new() }
+    }
+
+    /// An importer that fails on meeting one of `dirs` (those that exist) in the source:
+    /// the store's own directories, which an import into the store would copy into itself.
+    pub fn refusing(mut self, dirs: &[&Path]) -> Importer {
+        for dir in dirs {
+            if let Ok(meta) = fs::metadata(dir) {
+                self.refused.push(((meta.dev(), meta.ino()), dir.to_path_buf()));
+            }
+        }
+        self
     }
 
     /// An importer that keeps overlayfs whiteouts and opaque markers.
@@ -138,6 +154,9 @@ impl Importer {
     }
 
     fn dir(&mut self, src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
+        if let Some((_, inner)) = self.refused.iter().find(|(id, _)| *id == (meta.dev(), meta.ino())) {
+            return Err(Error::SourceHoldsStore { path: src.to_path_buf(), inner: inner.clone() });
+        }
         fs::create_dir(dst).at("create directory", dst)?;
         if self.overlay && is_opaque(src) {
             rustix::fs::lsetxattr(dst, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
@@ -165,9 +184,47 @@ impl Importer {
             }
             self.copied.insert(key, dst.to_path_buf());
         }
-        fs::copy(src, dst).at("copy", src)?;
+        copy_file(src, dst, meta)?;
         apply_metadata(dst, meta)
     }
+}
+
+/// Copies a regular file's content to the new file `dst`. A file with holes (fewer blocks
+/// than its length needs) gets only its data ranges copied, so the copy has the same holes;
+/// others go through `fs::copy` (copy_file_range: a reflink where the filesystem can).
+fn copy_file(src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
+    if meta.blocks().saturating_mul(512) >= meta.len() {
+        return fs::copy(src, dst).map(drop).at("copy", src);
+    }
+    use std::os::unix::fs::FileExt;
+    let from = fs::File::open(src).at("open", src)?;
+    let to = fs::OpenOptions::new().write(true).create_new(true).open(dst).at("create", dst)?;
+    to.set_len(meta.len()).at("set the length of", dst)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < meta.len() {
+        let start = match rustix::fs::seek(&from, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(p) => p,
+            Err(rustix::io::Errno::NXIO) => break, // nothing but a hole up to the end
+            Err(e) => return Err(std::io::Error::from(e)).at("find data in", src),
+        };
+        let end = rustix::fs::seek(&from, rustix::fs::SeekFrom::Hole(start))
+            .map_err(std::io::Error::from)
+            .at("find a hole in", src)?
+            .min(meta.len());
+        pos = start;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as u64) as usize;
+            let n = from.read_at(&mut buf[..want], pos).at("read", src)?;
+            if n == 0 {
+                break; // the file shrank meanwhile
+            }
+            to.write_all_at(&buf[..n], pos).at("write", dst)?;
+            pos += n as u64;
+        }
+        pos = pos.max(end);
+    }
+    Ok(())
 }
 
 fn symlink(src: &Path, dst: &Path, meta: &Metadata) -> Result<()> {
@@ -421,6 +478,43 @@ mod tests {
         assert!(importer.linking());
         let ino = |p: &Path| fs::metadata(p).unwrap().ino();
         assert_eq!(ino(&src.join("d/f")), ino(&dst.join("d/f")));
+    }
+
+    /// A copy import (how `template build --from-dir` imports) shares no inode with the
+    /// source: a later edit or chmod of the source does not change the layer.
+    #[test]
+    fn copy_import_is_independent_of_the_source_and_keeps_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), "before").unwrap();
+        fs::set_permissions(src.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+        let sparse = fs::File::create(src.join("sparse")).unwrap();
+        sparse.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", 32 << 20).unwrap();
+        drop(sparse);
+        let dst = dir.path().join("dst");
+        Importer::new(false).import(&src, &dst).unwrap();
+        fs::write(src.join("f"), "after!").unwrap();
+        fs::set_permissions(src.join("f"), fs::Permissions::from_mode(0o4755)).unwrap();
+        assert_eq!(fs::read_to_string(dst.join("f")).unwrap(), "before");
+        assert_eq!(fs::metadata(dst.join("f")).unwrap().mode() & 0o7777, 0o644);
+        let copy = fs::metadata(dst.join("sparse")).unwrap();
+        assert_eq!(copy.len(), 64 << 20);
+        assert!(copy.blocks() * 512 < 1 << 20, "holes kept: {} blocks", copy.blocks());
+        let bytes = fs::read(dst.join("sparse")).unwrap();
+        assert_eq!(&bytes[32 << 20..(32 << 20) + 6], b"middle");
+        assert!(bytes[..32 << 20].iter().all(|b| *b == 0));
+    }
+
+    /// An import that meets a refused directory (the store's own) fails instead of copying it.
+    #[test]
+    fn import_refuses_a_source_holding_a_refused_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("a/state")).unwrap();
+        let err = Importer::new(false).refusing(&[&src.join("a/state")]).import(&src, &dir.path().join("dst"));
+        assert!(matches!(err, Err(Error::SourceHoldsStore { ref inner, .. }) if inner.ends_with("a/state")), "{err:?}");
     }
 
     #[test]

@@ -174,8 +174,10 @@ impl FifoLike for fs::FileType {
     }
 }
 
+/// A directory is copied, never hardlinked: editing or chmodding the source afterwards
+/// leaves the template as built.
 #[test]
-fn import_dir_same_filesystem_hardlinks() {
+fn import_dir_copies_so_later_edits_of_the_source_do_not_change_it() {
     if !is_root() {
         return;
     }
@@ -186,11 +188,40 @@ fn import_dir_same_filesystem_hardlinks() {
     let layer = env.store.layer_path(&t.layers[0]);
     check_imported(&layer);
     let ino = |p: &Path| fs::metadata(p).unwrap().ino();
-    assert_eq!(ino(&src.path().join("app/main.py")), ino(&layer.join("app/main.py")), "hardlinked");
+    assert_ne!(ino(&src.path().join("app/main.py")), ino(&layer.join("app/main.py")), "not hardlinked");
+    fs::write(src.path().join("app/main.py"), "print('changed')\n").unwrap();
+    fs::set_permissions(src.path().join("app/main.py"), fs::Permissions::from_mode(0o4755)).unwrap();
+    assert_eq!(fs::read_to_string(layer.join("app/main.py")).unwrap(), "print('hi')\n");
+    assert_eq!(mode(&layer.join("app/main.py")) & 0o4000, 0);
     assert!(t.recipe.starts_with("dir:"));
     assert!(t.size_bytes >= 100_000 && t.size_bytes < 110_000, "{}", t.size_bytes);
     assert!(!src.path().join("proc").exists(), "mount points are added to the layer, not the source");
     assert!(tmp_is_empty(&env.root));
+}
+
+/// A directory holding the state root (or the cache) would be copied into itself (the
+/// import's scratch tree is under the root): refused before anything is copied, as is a
+/// directory inside the root.
+#[test]
+fn import_refuses_a_directory_holding_the_daemons_own_data() {
+    let env = env();
+    let parent = env.root.parent().unwrap().to_path_buf();
+    fs::write(parent.join("file"), "x").unwrap();
+    for (source, inner) in [(&parent, &env.root), (&env.root, &env.root)] {
+        let err = env.store.build(&Recipe::Dir(source.clone()), "x", &|_| {}).unwrap_err();
+        assert!(matches!(err, Error::SourceHoldsStore { .. } | Error::SourceInStore { .. }), "{err}");
+        assert!(err.to_string().contains(&*inner.to_string_lossy()), "{err}");
+    }
+    let err = env.store.build(&Recipe::Dir(env.root.join("layers")), "x", &|_| {}).unwrap_err();
+    assert!(matches!(err, Error::SourceInStore { .. }), "{err}");
+    // The cache, elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("a/state"), &dir.path().join("b/cache")).unwrap();
+    fs::create_dir_all(dir.path().join("b/cache")).unwrap();
+    let err = store.build(&Recipe::Dir(dir.path().join("b")), "x", &|_| {}).unwrap_err();
+    assert!(matches!(err, Error::SourceHoldsStore { .. }) && err.to_string().contains("b/cache"), "{err}");
+    assert!(tmp_is_empty(&env.root) && tmp_is_empty(&dir.path().join("a/state")));
+    assert!(env.store.layers().unwrap().is_empty() && env.store.list().unwrap().is_empty());
 }
 
 #[test]
