@@ -175,12 +175,17 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                     std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?
                 };
                 req.dockerfile = Some(text);
-                let context = match context {
-                    Some(c) => c.into(),
-                    None if f.as_os_str() == "-" => std::env::current_dir()?,
-                    None => f.parent().filter(|p| !p.as_os_str().is_empty()).map_or(".".into(), |p| p.to_path_buf()),
+                let context: Option<std::path::PathBuf> = match context {
+                    Some(c) => Some(c.into()),
+                    // A daemon over TCP takes no host path: no implicit context (COPY then
+                    // says it needs one; an explicit one is refused with the reason).
+                    None if matches!(client.host(), abx_client::Host::Http(_)) => None,
+                    None if f.as_os_str() == "-" => Some(std::env::current_dir()?),
+                    None => {
+                        Some(f.parent().filter(|p| !p.as_os_str().is_empty()).map_or(".".into(), |p| p.to_path_buf()))
+                    }
                 };
-                req.context = Some(abs(&context)?);
+                req.context = context.as_deref().map(abs).transpose()?;
             }
             if let Some(r) = a.repo {
                 let local = std::path::Path::new(&r);

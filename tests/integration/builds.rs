@@ -513,3 +513,70 @@ async fn workdir_directories_belong_to_the_current_user() {
     let err = build(&d, &bad).await.unwrap_err();
     assert!(err.contains("line 3") && err.contains("nobody-here"), "{err}");
 }
+
+/// Over a TCP listener (any API key) no build request may name a path on the daemon's
+/// host, which the daemon would read as root: from_dir, a Dockerfile's context, a
+/// repository path (plain or file://), an image archive to import and a registry auth
+/// file are refused with 403 and the reason, and nothing is built. An inline Dockerfile
+/// without a context still builds over TCP; the unix socket still takes host paths.
+#[tokio::test]
+async fn builds_over_tcp_refuse_every_host_path() {
+    let (d, url, key) = Daemon::start_tcp().await;
+    d.template("mini").await;
+    let remote = abx_client::Client::new(&url).unwrap().with_api_key(key);
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(secret.path().join("secret"), "root only\n").unwrap();
+    let dir = secret.path().display().to_string();
+    let file = secret.path().join("secret").display().to_string();
+    let req = |f: &dyn Fn(&mut BuildTemplate)| {
+        let mut r = BuildTemplate { name: "stolen".into(), ..Default::default() };
+        f(&mut r);
+        r
+    };
+    let refused = [
+        ("from_dir", req(&|r| r.from_dir = Some(dir.clone()))),
+        (
+            "context",
+            req(&|r| {
+                r.dockerfile = Some("FROM mini\nCOPY secret /s\n".into());
+                r.context = Some(dir.clone());
+            }),
+        ),
+        ("repo", req(&|r| r.repo = Some(dir.clone()))),
+        ("repo", req(&|r| r.repo = Some(format!("file://{dir}")))),
+        ("repo", req(&|r| r.repo = Some("relative/repo".into()))),
+        ("import", req(&|r| r.import = Some(file.clone()))),
+        (
+            "registry_auth.auth_file",
+            req(&|r| {
+                r.pull = Some("127.0.0.1:1/x:latest".into());
+                r.registry_auth =
+                    Some(abx_client::RegistryAuth { auth_file: Some(file.clone()), ..Default::default() });
+            }),
+        ),
+    ];
+    for (field, r) in &refused {
+        match remote.build_template(r).await {
+            Err(abx_client::Error::Api { status, message, .. }) => {
+                assert_eq!(status, 403, "{field}: {message}");
+                assert!(message.contains(field) && message.contains("unix socket"), "{field}: {message}");
+            }
+            Err(e) => panic!("{field}: {e}"),
+            Ok(_) => panic!("{field}: a host path was accepted over TCP"),
+        }
+    }
+    let names: Vec<String> = d.client.templates().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["mini"], "nothing was built");
+
+    // What names no host path builds over TCP; the socket takes host paths.
+    let inline = req(&|r| r.dockerfile = Some("FROM mini\nENV FROM_TCP=1\n".into()));
+    let mut s = remote.build_template(&inline).await.unwrap();
+    while let Some(ev) = s.next().await.unwrap() {
+        if let BuildEvent::Error { message, .. } = ev {
+            panic!("inline Dockerfile over TCP: {message}");
+        }
+    }
+    assert_eq!(d.client.template("stolen").await.unwrap().env.get("FROM_TCP").map(String::as_str), Some("1"));
+    let (t, _) = build(&d, &refused[1].1).await.unwrap();
+    assert_eq!(t.name, "stolen");
+}

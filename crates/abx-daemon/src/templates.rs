@@ -47,6 +47,35 @@ pub fn get(m: &Manager, name: &str) -> CoreResult<abx_api::Template> {
     m.templates.get(name).map(to_api).map_err(|e| map_err(name, e))
 }
 
+/// The fields of a build request that name a path on the daemon's host: `from_dir`,
+/// `context`, `import`, `registry_auth.auth_file`, and `repo` unless it is a network URL.
+/// They are accepted only on the unix socket, whose callers are root; over TCP the daemon
+/// would read any host file on a key holder's behalf.
+pub fn host_path_fields(req: &BuildTemplate) -> Vec<&'static str> {
+    let auth_file = req.registry_auth.as_ref().is_some_and(|a| a.auth_file.is_some());
+    let repo = req.repo.as_deref().is_some_and(|r| !is_network_url(r));
+    [
+        (req.from_dir.is_some(), "from_dir"),
+        (req.context.is_some(), "context"),
+        (repo, "repo"),
+        (req.import.is_some(), "import"),
+        (auth_file, "registry_auth.auth_file"),
+    ]
+    .into_iter()
+    .filter_map(|(named, field)| named.then_some(field))
+    .collect()
+}
+
+/// `https://`, `http://`, `ssh://` or `git://` with a host: a repository git fetches over
+/// the network (not `file://`, a plain path or the `host:path` form, which git reads from
+/// the host when such a path exists).
+fn is_network_url(repo: &str) -> bool {
+    let Some((scheme, rest)) = repo.split_once("://") else { return false };
+    ["https", "http", "ssh", "git"].contains(&scheme.to_ascii_lowercase().as_str())
+        && !rest.is_empty()
+        && !rest.starts_with(['/', '-'])
+}
+
 /// Starts a build; progress and the result arrive on the returned channel.
 pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
     let sources = [
@@ -170,4 +199,46 @@ pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
     })
     .await
     .map_err(|e| CoreError::internal("prune task", e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every build field that names a host path is found (what a TCP request may not give);
+    /// a repository is a host path unless it is a network URL.
+    #[test]
+    fn host_paths_of_a_build_request() {
+        let none = BuildTemplate { name: "t".into(), dockerfile: Some("FROM mini\n".into()), ..Default::default() };
+        assert!(host_path_fields(&none).is_empty());
+        let all = BuildTemplate {
+            from_dir: Some("/etc".into()),
+            context: Some("/root".into()),
+            repo: Some("/srv/repo".into()),
+            import: Some("/x.tar".into()),
+            registry_auth: Some(abx_api::RegistryAuth {
+                auth_file: Some("/root/.docker/config.json".into()),
+                ..Default::default()
+            }),
+            ..none.clone()
+        };
+        assert_eq!(host_path_fields(&all), ["from_dir", "context", "repo", "import", "registry_auth.auth_file"]);
+        for url in
+            ["https://github.com/a/b.git", "http://127.0.0.1:8080/r", "ssh://git@host/r", "git://host/r", "HTTPS://h/r"]
+        {
+            assert!(is_network_url(url), "{url}");
+        }
+        for path in [
+            "/srv/repo",
+            "repo",
+            "file:///etc",
+            "https:///etc",
+            "ssh://-oProxyCommand=x/r",
+            "host:path",
+            "ext::sh -c x",
+            "",
+        ] {
+            assert!(!is_network_url(path), "{path}");
+        }
+    }
 }

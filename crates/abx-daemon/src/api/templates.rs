@@ -1,3 +1,4 @@
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -7,6 +8,7 @@ use utoipa_axum::routes;
 use abx_api::{BuildEvent, BuildTemplate, ErrorBody, TagTemplate, Template};
 
 use super::{ApiError, Json, Path, ndjson};
+use crate::auth::Remote;
 use crate::core::{Command, Core};
 
 pub fn routes() -> OpenApiRouter<Core> {
@@ -25,13 +27,43 @@ async fn list(State(core): State<Core>) -> Result<Json<Vec<Template>>, ApiError>
 }
 
 /// Build a template; the response streams progress as NDJSON [`BuildEvent`]s and ends with
-/// `done` or `error`.
+/// `done` or `error`. Fields naming a host path (`from_dir`, `context`, `import`,
+/// `registry_auth.auth_file`, a `repo` that is not an `https://`, `http://`, `ssh://` or
+/// `git://` URL) are accepted on the unix socket only.
 #[utoipa::path(post, path = abx_api::paths::TEMPLATES, tag = "templates", request_body = BuildTemplate,
     responses((status = 200, description = "NDJSON stream of BuildEvent", body = BuildEvent, content_type = "application/x-ndjson"),
-        (status = 400, body = ErrorBody), (status = 404, description = "no such recipe", body = ErrorBody)))]
-async fn build(State(core): State<Core>, Json(req): Json<BuildTemplate>) -> Result<Response, ApiError> {
+        (status = 400, body = ErrorBody), (status = 403, description = "a host path over TCP", body = ErrorBody),
+        (status = 404, description = "no such recipe", body = ErrorBody)))]
+async fn build(
+    State(core): State<Core>,
+    remote: Option<Extension<Remote>>,
+    Json(req): Json<BuildTemplate>,
+) -> Result<Response, ApiError> {
+    if remote.is_some() {
+        no_host_paths(&req)?;
+    }
     let rx = core.execute(Command::BuildTemplate(req)).await?.build()?;
     Ok(ndjson(tokio_stream(rx)))
+}
+
+/// Refuses a request from a TCP listener that names a path on the daemon's host: the
+/// daemon reads it as root, and only the unix socket's callers are root.
+fn no_host_paths(req: &BuildTemplate) -> Result<(), ApiError> {
+    let fields = crate::templates::host_path_fields(req);
+    if fields.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "{} {} a path on the daemon's host, which is accepted only on the daemon's unix socket; \
+             over TCP build from a Dockerfile without a context, a repository URL (https://, http://, ssh:// \
+             or git://), an image to pull (without auth_file) or a snapshot",
+            fields.join(", "),
+            if fields.len() == 1 { "names" } else { "name" }
+        ),
+    ))
 }
 
 fn tokio_stream<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
