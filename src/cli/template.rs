@@ -254,10 +254,19 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             show(&build_request(client, req).await?);
         }
         TemplateCmd::Rm { names } => {
+            // Each name on its own, like `snapshot rm` and `volume rm`: an error is reported
+            // and the rest are still removed.
+            let mut code = 0;
             for n in names {
-                client.delete_template(&n).await?;
-                println!("{n}");
+                match client.delete_template(&n).await {
+                    Ok(()) => println!("{n}"),
+                    Err(e) => {
+                        eprintln!("agentbox: {e}");
+                        code = 1;
+                    }
+                }
             }
+            return Ok(code);
         }
         TemplateCmd::Tag { name, target } => show(&client.tag_template(&name, &target).await?),
         TemplateCmd::Prune => {

@@ -93,3 +93,20 @@ async fn a_template_from_a_directory_holding_the_state_root_is_refused() {
     assert!(d.client.templates().await.unwrap().is_empty());
     assert_eq!(std::fs::read_dir(d.root.join("tmp")).unwrap().count(), 0, "nothing was copied");
 }
+
+/// `template rm A nosuch B` removes A and B, reports nosuch and exits non-zero (like
+/// `snapshot rm` and `volume rm`); it used to stop at the first error.
+#[tokio::test]
+async fn template_rm_carries_on_past_an_error() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    d.client.tag_template("mini", "a").await.unwrap();
+    d.client.tag_template("mini", "b").await.unwrap();
+    let out = d.cli(&["template", "rm", "a", "nosuch", "b"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("'nosuch'"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\nb\n");
+    let names: Vec<String> = d.client.templates().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names, ["mini"]);
+}
