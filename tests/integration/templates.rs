@@ -94,6 +94,24 @@ async fn a_template_from_a_directory_holding_the_state_root_is_refused() {
     assert_eq!(std::fs::read_dir(d.root.join("tmp")).unwrap().count(), 0, "nothing was copied");
 }
 
+/// A template made from a snapshot whose template is gone has the size of its layers (it
+/// used to take the size of another template with the same layers, else 0: "5 B").
+#[tokio::test]
+async fn a_template_from_a_snapshot_has_the_size_of_its_layers() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    let (_, err, code) = d.sh(&id, "echo changed > /tmp/f").await;
+    assert_eq!(code, 0, "{err}");
+    let snap = d.client.snapshot(&id, Some("s")).await.unwrap();
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    let mini_size = d.client.template("mini").await.unwrap().size_bytes;
+    d.client.delete_template("mini").await.unwrap();
+    let out = d.cli(&["template", "create", "again", "--from-snapshot", &snap.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = d.client.template("again").await.unwrap();
+    assert!(t.size_bytes > mini_size, "{} vs mini's {mini_size}", t.size_bytes);
+}
+
 /// `template rm A nosuch B` removes A and B, reports nosuch and exits non-zero (like
 /// `snapshot rm` and `volume rm`); it used to stop at the first error.
 #[tokio::test]

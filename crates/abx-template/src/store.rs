@@ -189,8 +189,8 @@ impl Store {
         Importer::overlay(true).import(delta, scratch.path())?;
         progress(Progress::stage("digest", "hashing the layer"));
         let tree = digest_tree(scratch.path())?;
-        let base_size: u64 =
-            self.list()?.iter().filter(|t| t.layers.as_slice() == base_layers).map(|t| t.size_bytes).max().unwrap_or(0);
+        // Measured: the template the snapshot was taken from may be gone.
+        let base_size = self.layers_size(base_layers)?;
         let mut layers = base_layers.to_vec();
         layers.push(tree.digest.clone());
         let template = Template {
