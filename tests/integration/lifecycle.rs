@@ -136,6 +136,18 @@ async fn bad_input_is_a_clear_error_and_creates_nothing() {
     assert_eq!(d.client.delete_sandbox("nope", true).await.unwrap_err().code(), Some("not_found"));
 }
 
+/// How many of the requests succeeded; every other one must be a conflict.
+async fn successes<T>(tasks: Vec<tokio::task::JoinHandle<abx_client::Result<T>>>) -> usize {
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(e) => assert_eq!(e.code(), Some("conflict"), "{e}"),
+        }
+    }
+    made
+}
+
 /// Requests that give one name at once: exactly one gets it (before: each create checked
 /// the name long before registering the sandbox, so several sandboxes shared a name and
 /// `rm NAME` removed any one of them; two volume creates could both succeed, or fail with
@@ -150,14 +162,7 @@ async fn one_name_is_given_once_however_many_ask_at_once() {
         let req = CreateSandbox { name: Some("dup".into()), ..mini() };
         tasks.push(tokio::spawn(async move { client.create_sandbox(&req).await }));
     }
-    let mut made = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(_) => made += 1,
-            Err(e) => assert_eq!(e.code(), Some("conflict"), "{e}"),
-        }
-    }
-    assert_eq!(made, 1);
+    assert_eq!(successes(tasks).await, 1);
     let named = d.client.list_sandboxes().await.unwrap().into_iter().filter(|s| s.name.as_deref() == Some("dup"));
     assert_eq!(named.count(), 1);
     let mut tasks = Vec::new();
@@ -165,14 +170,7 @@ async fn one_name_is_given_once_however_many_ask_at_once() {
         let client = d.client.clone();
         tasks.push(tokio::spawn(async move { client.create_volume("vdup").await }));
     }
-    let mut made = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(_) => made += 1,
-            Err(e) => assert_eq!(e.code(), Some("conflict"), "{e}"),
-        }
-    }
-    assert_eq!(made, 1);
+    assert_eq!(successes(tasks).await, 1);
 }
 
 #[tokio::test]
