@@ -26,6 +26,11 @@ pub const WEB_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const WEB_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// files.pkg.test
 pub const WEB_C: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+/// cdnlong.test (TTL 90 s) and cdnshort.test (TTL 1 s): one address for two names, with
+/// HTTP on ports 80, 5432 and 9000.
+pub const CDN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 40);
+/// The TTL of cdnlong.test.
+pub const CDN_LONG_TTL: u32 = 90;
 /// The authoritative DNS server.
 pub const DNS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 /// private.test (a private address served by the fake internet).
@@ -73,6 +78,8 @@ fn zone() -> Catalog {
         a("other.test.", WEB_B),
         a("files.pkg.test.", WEB_C),
         a("private.test.", PRIVATE),
+        Record::from_rdata(name("cdnlong.test."), CDN_LONG_TTL, RData::A(A(CDN))),
+        Record::from_rdata(name("cdnshort.test."), 1, RData::A(A(CDN))),
     ] {
         assert!(zone.upsert_mut(r, 1));
     }
@@ -95,7 +102,7 @@ impl FakeNet {
         ip(&["-n", &i, "addr", "add", "203.0.113.1/24", "dev", "wan0"]);
         ip(&["-n", &i, "link", "set", "wan0", "up"]);
         ip(&["-n", &i, "link", "set", "lo", "up"]);
-        for a in [WEB_A, WEB_B, WEB_C, DNS, PRIVATE] {
+        for a in [WEB_A, WEB_B, WEB_C, DNS, PRIVATE, CDN] {
             ip(&["-n", &i, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -103,9 +110,10 @@ impl FakeNet {
         // Sockets are made in the internet's namespace, then served from any thread.
         let (webs, echo, echo2, dns_udp, dns_tcp) = in_netns(&i, || {
             let webs: Vec<(TcpListener, &'static str)> =
-                [(WEB_A, "web-a"), (WEB_B, "web-b"), (WEB_C, "web-c"), (PRIVATE, "private")]
+                [(WEB_A, 80, "web-a"), (WEB_B, 80, "web-b"), (WEB_C, 80, "web-c"), (PRIVATE, 80, "private")]
                     .into_iter()
-                    .map(|(a, n)| (TcpListener::bind((a, 80)).unwrap(), n))
+                    .chain([80, 5432, 9000].map(|p| (CDN, p, "cdn")))
+                    .map(|(a, p, n)| (TcpListener::bind((a, p)).unwrap(), n))
                     .collect();
             let echo = UdpSocket::bind((WEB_A, 443)).unwrap();
             let echo2 = UdpSocket::bind((WEB_A, 4443)).unwrap();

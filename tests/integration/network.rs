@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use abx_client::{CreateSandbox, NetMode, NetworkPolicy};
 use serde_json::Value;
 
-use crate::fakenet::{self, DNS, FakeNet, PRIVATE, WEB_A, WEB_B, WEB_C};
+use crate::fakenet::{self, CDN, CDN_LONG_TTL, DNS, FakeNet, PRIVATE, WEB_A, WEB_B, WEB_C};
 use crate::harness::{Daemon, random_hex};
 
 /// A daemon in a fake internet. Fields drop in order: the daemon first (its sandboxes
@@ -461,3 +461,179 @@ async fn resolv_conf_is_the_proxy_and_writes_to_it_stay_out_of_the_sandbox_layer
     assert_eq!(code, 0, "{err}");
     assert_eq!(now, format!("{original}644\n"));
 }
+
+/// A process of the sandbox in slot `slot` (host pid), found through the slot's cgroups:
+/// one in a network namespace other than the daemon's and the test's.
+fn sandbox_pid(w: &World, slot: u32) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let ns_of = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let outside = [ns_of(&format!("/run/netns/{}", w.net.daemon_ns)), ns_of("/proc/self/ns/net")];
+    let name = format!("{}-u{slot}", w.d.prefix);
+    for h in ["unified", "pids", "memory", ""] {
+        let procs = std::path::Path::new("/sys/fs/cgroup").join(h).join(&w.d.prefix).join(&name).join("cgroup.procs");
+        let Ok(text) = std::fs::read_to_string(&procs) else { continue };
+        for pid in text.lines() {
+            let ns = ns_of(&format!("/proc/{pid}/ns/net"));
+            if ns.is_some() && !outside.contains(&ns) {
+                return pid.parse().unwrap();
+            }
+        }
+    }
+    panic!("no process of slot {slot} in a network namespace of its own");
+}
+
+/// Makes every socket of the sandbox in `slot` that binds port 0 get `port` (the slot's
+/// network namespace has a one-port ephemeral range), so that two sandboxes send from the
+/// same source port.
+fn pin_source_port(w: &World, slot: u32, port: u16) {
+    let pid = sandbox_pid(w, slot);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["sysctl", "-w"])
+        .arg(format!("net.ipv4.ip_local_port_range={port} {port}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sysctl: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Guards against a sandbox inheriting the flows of the previous sandbox of its slot: it
+/// has the same address and interface, and the firewall passes established flows before
+/// any policy check, so UDP from the same source port to the same destination used to
+/// continue the old flow (with nothing in the audit). Also guards that `net set` to `none`
+/// ends the sandbox's open flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_does_not_inherit_the_flows_of_its_slot() {
+    // One slot: the second sandbox gets the first one's slot, address and interface.
+    let w = World::with(&["--uid-slots", "1"]).await;
+    let echo = format!("{WEB_A}:4443");
+    let rule = [format!("{echo}/udp")];
+    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+    let x = w.sandbox(NetMode::Allow, &rule).await;
+    let sx = w.d.client.get_sandbox(&x).await.unwrap();
+    pin_source_port(&w, w.d.slot_of(&sx), 40001);
+    let v = w.probe(&x, &["udp", &echo, "one"]).await;
+    assert_eq!(v["reply"], "one", "allowed UDP: {v}");
+    w.d.client.delete_sandbox(&x, true).await.unwrap();
+    w.d.wait_for("the slot to be free", std::time::Duration::from_secs(10), || async {
+        w.d.client.system().await.unwrap().sandboxes == 0
+    })
+    .await;
+    let y = w.sandbox(NetMode::None, &[]).await;
+    let sy = w.d.client.get_sandbox(&y).await.unwrap();
+    assert_eq!((w.d.slot_of(&sy), &sy.address), (w.d.slot_of(&sx), &sx.address), "the same slot");
+    pin_source_port(&w, w.d.slot_of(&sy), 40001);
+    let v = w.probe(&y, &["udp", &echo, "two"]).await;
+    assert_eq!(v["errno"], "EHOSTUNREACH", "policy none, yet the previous sandbox's flow passed: {v}\n{}", w.ruleset());
+    let log = w.d.client.network_log(&y).await.unwrap();
+    assert!(
+        log.events.iter().any(|e| e.kind == "connection" && e.verdict == "deny" && e.port == Some(4443)),
+        "{log:?}"
+    );
+    // Cut off at runtime: the open flow ends too, not only new ones.
+    let policy = NetworkPolicy { mode: NetMode::Allow, allow: vec![rule[0].to_string()] };
+    w.d.client.set_network(&y, &policy).await.unwrap();
+    let v = w.probe(&y, &["udp", &echo, "three"]).await;
+    assert_eq!(v["reply"], "three", "allowed UDP: {v}");
+    w.d.client.set_network(&y, &NetworkPolicy::default()).await.unwrap();
+    let v = w.probe(&y, &["udp", &echo, "four"]).await;
+    assert_eq!(v["errno"], "EHOSTUNREACH", "the flow survived net set none: {v}\n{}", w.ruleset());
+}
+
+/// Seconds left before each element of set `set` in the daemon's table expires
+/// (`nft -j list set`).
+fn set_expiries(w: &World, set: &str) -> Vec<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &w.net.daemon_ns, "nft", "-j", "list", "set", "ip", &w.d.prefix, set])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft list set {set}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    fn walk(v: &Value, out: &mut Vec<u64>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(e) = m.get("expires").and_then(Value::as_u64) {
+                    out.push(e);
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    walk(&v, &mut found);
+    found
+}
+
+/// Guards that a DNS answer never shortens how long an address stays allowed: cdnlong.test
+/// (TTL 90 s) and cdnshort.test (TTL 1 s, allowed for the minimum of 30 s) share an
+/// address; resolving cdnshort after cdnlong used to restart the address's expiry at 30 s,
+/// in the every-port set and in the port-limited one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_dns_answer_does_not_shorten_an_address() {
+    let w = World::new().await;
+    let any = w.sandbox(NetMode::Allow, &["cdnlong.test", "cdnshort.test"]).await;
+    let ports = w.sandbox(NetMode::Allow, &["cdnlong.test:80/tcp", "cdnshort.test:80/tcp"]).await;
+    for (id, set) in [(&any, "d"), (&ports, "p")] {
+        assert!(w.reaches(id, "cdnlong.test:80").await);
+        assert!(w.reaches(id, "cdnshort.test:80").await);
+        let slot = w.d.slot_of(&w.d.client.get_sandbox(id).await.unwrap());
+        let left = set_expiries(&w, &format!("{set}{slot}"));
+        assert!(!left.is_empty(), "no element in {set}{slot}:\n{}", w.ruleset());
+        assert!(
+            left.iter().all(|s| *s > u64::from(CDN_LONG_TTL) - 20),
+            "{CDN} expires in {left:?} s in {set}{slot}, not after cdnlong.test's TTL of {CDN_LONG_TTL} s"
+        );
+    }
+}
+
+/// Guards that port-limited domain rules whose names share an address all take effect:
+/// the second answer's port range overlapped the first's, the kernel refused it, and the
+/// error was ignored (cdnshort.test:5432 refused though `cdnshort.test:22-9000/tcp` allows
+/// it; with `80-90` and `85-9000`, port 9000 refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_limited_rules_sharing_an_address_all_hold() {
+    let w = World::new().await;
+    let a = w.sandbox(NetMode::Allow, &["cdnlong.test:9000/tcp", "cdnshort.test:22-9000/tcp"]).await;
+    assert!(w.reaches(&a, "cdnlong.test:9000").await);
+    assert!(w.reaches(&a, "cdnshort.test:5432").await, "the second rule's ports\n{}", w.ruleset());
+    assert!(w.reaches(&a, "cdnshort.test:9000").await);
+    assert!(w.reaches(&a, &format!("{CDN}:80")).await);
+    w.refused(&a, &format!("{CDN}:21")).await;
+    let b = w.sandbox(NetMode::Allow, &["cdnlong.test:80-90/tcp", "cdnshort.test:85-9000/tcp"]).await;
+    assert!(w.reaches(&b, "cdnlong.test:80").await);
+    assert!(w.reaches(&b, "cdnshort.test:9000").await, "partly overlapping ranges\n{}", w.ruleset());
+    assert!(w.reaches(&b, &format!("{CDN}:5432")).await);
+    w.refused(&b, &format!("{CDN}:79")).await;
+    // Nor does an answer of the first name take away the second's ports.
+    assert!(w.reaches(&b, "cdnlong.test:80").await);
+    assert!(w.reaches(&b, &format!("{CDN}:9000")).await);
+}
+
+/// Guards that an allowed DNS query that fails upstream (here the upstream refuses a zone
+/// it does not serve, and the proxy answers SERVFAIL) is in the audit and the metrics: the
+/// query left the host, so its name may have carried data out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_dns_queries_are_audited() {
+    let w = World::new().await;
+    let id = w.sandbox(NetMode::Allow, &["secret-data.nowhere.example"]).await;
+    // A queries only (an AAAA is answered by the proxy itself, empty).
+    let (_, _, code) = w.d.sh(&id, "nslookup -type=a secret-data.nowhere.example").await;
+    assert_ne!(code, 0, "the name does not resolve");
+    let log = w.d.client.network_log(&id).await.unwrap();
+    assert!(
+        log.events.iter().any(|e| e.kind == "dns"
+            && e.verdict == "allow"
+            && e.qtype.as_deref() == Some("A")
+            && e.name.as_deref() == Some("secret-data.nowhere.example")
+            && e.addresses.is_empty()),
+        "{log:?}"
+    );
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket", &w.d.socket.display().to_string(), "http://localhost/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(!metrics.contains("agentbox_dns_queries_total{verdict=\"allow\"} 0\n"), "{metrics}");
+}
+

@@ -10,6 +10,7 @@ pub mod agent;
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 pub mod btrfs;
+pub mod conntrack;
 pub mod fd;
 pub mod loopdev;
 pub mod mount;

@@ -20,8 +20,10 @@
 //!
 //! So every element with a timeout carries both attributes with the same value: a new
 //! element gets that timeout, an existing one gets that timeout and a fresh expiry of that
-//! length (also shorter than what was left, if the new timeout is shorter). No
-//! delete-then-add is needed (and a delete of an absent element would fail the batch).
+//! length, also when that is shorter than what was left: the kernel has no "extend only".
+//! A caller that must never shorten an element's life (agentbox's DNS answers) sends an
+//! existing element again only with a later expiry. No delete-then-add is needed (and a
+//! delete of an absent element would fail the batch).
 //! Kernels before 6.12 accept the re-add but leave the existing expiry unchanged; an
 //! element that exists without a timeout stays permanent on all kernels.
 
@@ -94,7 +96,8 @@ impl Nft {
     /// `EINVAL`). Adding an existing element succeeds; with `Some(timeout)` it also
     /// restarts the element's expiry at now + `timeout` (Linux 6.12+, see the module
     /// documentation). `None` sends no timeout: a new element gets the set's default
-    /// timeout, if any, and an existing element keeps its expiry. A timeout under 1 ms
+    /// timeout, if any, and an existing element keeps its expiry. A re-add with a shorter
+    /// timeout shortens the element's life. A timeout under 1 ms
     /// is sent as 1 ms, since the kernel reads 0 as "never expires". `ENOENT` if the
     /// table or set does not exist.
     ///

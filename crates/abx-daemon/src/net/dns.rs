@@ -10,7 +10,8 @@
 //!   that count down while they sit in the cache.
 //! - AAAA: an empty NOERROR without asking upstream (sandboxes have IPv4 only).
 //! - Other types: resolved upstream and passed on; no addresses are reported.
-//! - Upstream NXDOMAIN or NODATA: passed on with the SOA; upstream failure: SERVFAIL.
+//! - Upstream NXDOMAIN or NODATA: passed on with the SOA; upstream failure: SERVFAIL (the
+//!   policy hears of it too: the query did leave the host).
 //! - Denied names, unknown clients, other classes, zone transfers and names with labels
 //!   other than letters, digits, `-` and `_`: REFUSED.
 
@@ -72,6 +73,10 @@ pub trait DnsPolicy: Send + Sync + 'static {
     fn answered(&self, client: IpAddr, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]);
     /// Called for queries refused because the policy denied the name.
     fn refused(&self, client: IpAddr, name: &str, qtype: &str);
+    /// Called for allowed queries that got no answer from upstream (an error, SERVFAIL,
+    /// REFUSED or a timeout; the client gets SERVFAIL): the query left the host all the
+    /// same. `error` says what went wrong.
+    fn failed(&self, client: IpAddr, name: &str, qtype: &str, error: &str);
 }
 
 /// A running proxy, serving UDP and TCP on one address. Dropping it or calling
@@ -315,6 +320,7 @@ impl Handler {
             }
             Err(error) => {
                 debug!(%client, name, qtype = qtype_name, %error, "dns: upstream failed");
+                self.policy.failed(client, &name, qtype_name, &error.to_string());
                 Reply::Code(ResponseCode::ServFail)
             }
         }
@@ -395,6 +401,7 @@ mod tests {
     struct TestPolicy {
         answered: Mutex<Vec<Answer>>,
         refused: Mutex<Vec<(String, String)>>,
+        failed: Mutex<Vec<(String, String)>>,
     }
 
     impl DnsPolicy for TestPolicy {
@@ -414,6 +421,10 @@ mod tests {
 
         fn refused(&self, _: IpAddr, name: &str, qtype: &str) {
             self.refused.lock().unwrap().push((name.to_owned(), qtype.to_owned()));
+        }
+
+        fn failed(&self, _: IpAddr, name: &str, qtype: &str, _: &str) {
+            self.failed.lock().unwrap().push((name.to_owned(), qtype.to_owned()));
         }
     }
 
@@ -606,6 +617,7 @@ mod tests {
         // An allowed name in a zone the upstream does not serve: it refuses, we fail.
         let response = ask(&mut client, "allowed.example.", RecordType::A).await;
         assert_eq!(response.response_code, ResponseCode::ServFail);
+        assert_eq!(*setup.policy.failed.lock().unwrap(), [("allowed.example".to_owned(), "A".to_owned())]);
     }
 
     #[tokio::test]
@@ -649,6 +661,8 @@ mod tests {
         let response = ask(&mut client, "allowed.test.", RecordType::A).await;
         assert_eq!(response.response_code, ResponseCode::ServFail);
         assert!(policy.answered.lock().unwrap().is_empty());
+        // The query left the host: the policy hears of it (for the audit).
+        assert_eq!(*policy.failed.lock().unwrap(), [("allowed.test".to_owned(), "A".to_owned())]);
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //!   slot's chain `s<N>`; traffic towards a sandbox interface that is not a reply is
 //!   dropped (nothing outside may open connections into a sandbox; the ingress proxy runs
 //!   on the host and is not forwarded).
-//! - `s<N>` (one per slot, made once): first what is never allowed (other sandboxes,
+//! - `s<N>` (one per slot, made once): first the flow's conntrack mark is set to the
+//!   slot's address ([`slot_mark`]), so that the flows a sandbox opened can be removed
+//!   when it leaves the slot (its successor has the same address and interface and would
+//!   otherwise continue them past the policy: `ct state established` passes first). Then
+//!   what is never allowed (other sandboxes,
 //!   loopback, link-local and metadata, multicast, UDP 443), then the policy's address
 //!   rules (set `n<N>`: address . protocol . port ranges), then DNS to other resolvers and
 //!   private ranges are refused, then the addresses the DNS proxy answered to this sandbox
@@ -148,6 +152,7 @@ pub fn slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     let rule = |s: &mut String, body: &str| {
         let _ = writeln!(s, "add rule ip {name} {c} {body}");
     };
+    rule(&mut s, &format!("ct mark set {:#010x}", slot_mark(&t.subnet, n)));
     rule(&mut s, &format!("ip daddr {} goto deny", t.subnet));
     rule(&mut s, "ip daddr @never goto deny");
     rule(&mut s, "udp dport 443 goto deny");
@@ -160,6 +165,13 @@ pub fn slot_script(t: &TableSpec, n: u32, iface: &str) -> String {
     rule(&mut s, &format!("iifname @{PUBLIC_SET} goto allow"));
     rule(&mut s, "goto deny");
     s
+}
+
+/// The conntrack mark of slot `n`'s flows: its address as a number. Unique among the
+/// daemons of one network namespace (their subnets do not overlap) and the same across
+/// daemon restarts.
+pub fn slot_mark(subnet: &Cidr, n: u32) -> u32 {
+    u32::from(subnet.nth(2 + n))
 }
 
 /// A key of the `public` set: the interface name, NUL-padded to IFNAMSIZ.
@@ -267,6 +279,9 @@ mod tests {
         let lines: Vec<&str> = s.lines().collect();
         let pos =
             |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle} in {s}"));
+        let first = lines.iter().find(|l| l.starts_with("add rule")).unwrap();
+        assert_eq!(first.trim_end(), "add rule ip abxt s3 ct mark set 0x0afa0005", "the first rule marks the flow");
+        assert!(pos("ct mark set") < pos("10.250.0.0/24 goto deny"));
         assert!(pos("10.250.0.0/24 goto deny") < pos("@never"));
         assert!(pos("udp dport 443") < pos("@n3 goto allow"));
         assert!(pos("@n3 goto allow") < pos("th dport 53 goto deny"));

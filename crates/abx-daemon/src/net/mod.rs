@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use abx_api::{NetEvent, NetMode};
 use abx_sandbox::spec::SlotNetSpec;
@@ -136,6 +136,68 @@ struct SlotState {
     policy: Option<Policy>,
     /// The slot's chain and set exist in the table (since this daemon started).
     in_table: bool,
+    /// No conntrack entry of the slot's mark can exist: flushed since the slot last had
+    /// a policy with egress. False at first (entries may be left from before this daemon
+    /// started).
+    no_flows: bool,
+}
+
+/// A piece of a port-limited DNS answer in set `p<N>`: ports `lo..=hi` of one address and
+/// protocol, allowed until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    lo: u16,
+    hi: u16,
+    until: Instant,
+}
+
+/// What one slot's DNS sets hold, as the daemon put it there (the sets are changed by
+/// nothing else): the expiry of each address of `d<N>`, and the disjoint port pieces of
+/// each (address, protocol) of `p<N>`.
+#[derive(Debug, Default)]
+struct SlotAnswers {
+    any_port: HashMap<Ipv4Addr, Instant>,
+    ports: HashMap<(Ipv4Addr, u8), Vec<Piece>>,
+}
+
+impl SlotAnswers {
+    /// Forgets what has expired (the kernel removed it).
+    fn prune(&mut self, now: Instant) {
+        self.any_port.retain(|_, until| *until > now);
+        self.ports.retain(|_, pieces| {
+            pieces.retain(|p| p.until > now);
+            !pieces.is_empty()
+        });
+    }
+}
+
+/// The port pieces of one (address, protocol) once `ranges` are allowed until `until`,
+/// given the pieces `current`: disjoint, every port of either allowed until the latest
+/// expiry covering it (expired pieces dropped), neighbours with the same expiry joined. A
+/// piece of `current` that keeps its ports and expiry comes back unchanged.
+fn merge_pieces(current: &[Piece], ranges: &[(u16, u16)], until: Instant, now: Instant) -> Vec<Piece> {
+    let all: Vec<Piece> = current
+        .iter()
+        .copied()
+        .filter(|p| p.until > now)
+        .chain(ranges.iter().map(|&(lo, hi)| Piece { lo, hi, until }))
+        .collect();
+    // Every port where what covers it may change: each piece's start and the port after its end.
+    let mut cuts: Vec<u32> = all.iter().flat_map(|p| [u32::from(p.lo), u32::from(p.hi) + 1]).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<Piece> = Vec::new();
+    for w in cuts.windows(2) {
+        let (lo, hi) = (w[0], w[1] - 1);
+        let best = all.iter().filter(|p| u32::from(p.lo) <= lo && hi <= u32::from(p.hi)).map(|p| p.until).max();
+        let Some(best) = best else { continue };
+        let (lo, hi) = (lo as u16, hi as u16);
+        match out.last_mut() {
+            Some(last) if last.until == best && u32::from(last.hi) + 1 == u32::from(lo) => last.hi = hi,
+            _ => out.push(Piece { lo, hi, until: best }),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -217,10 +279,14 @@ pub struct Network {
     table: TableSpec,
     slots: Mutex<HashMap<u32, SlotState>>,
     nft: Mutex<Option<abx_sys::nft::Nft>>,
+    /// Removes the conntrack entries of a slot's flows (see [`Network::end_flows`]).
+    conntrack: Mutex<abx_sys::conntrack::Conntrack>,
     /// Slots whose DNS sets are known to be empty (flushed, and no answer added since), so
     /// that handing a slot over needs no netlink transaction. Taken only while holding
     /// `nft` (or alone), never the other way round.
     dns_clean: Mutex<std::collections::HashSet<u32>>,
+    /// What each slot's DNS sets hold. Taken only while holding `nft` (or alone).
+    answers: Mutex<HashMap<u32, SlotAnswers>>,
     audit: Mutex<HashMap<String, Audit>>,
     /// Where each sandbox's audit is kept as JSON lines, `<id>.jsonl` (None: in memory
     /// only), and the lines not written yet.
@@ -298,13 +364,16 @@ impl Network {
         };
         firewall::apply(&firewall::table_script(&table)).map_err(|e| format!("nftables table {prefix}: {e}"))?;
         let nft = abx_sys::nft::Nft::open().map_err(|e| format!("open nf_tables netlink: {e}"))?;
+        let conntrack = abx_sys::conntrack::Conntrack::open().map_err(|e| format!("open conntrack netlink: {e}"))?;
         Ok(Network {
             cfg,
             prefix: prefix.to_string(),
             table,
             slots: Mutex::new(HashMap::new()),
             nft: Mutex::new(Some(nft)),
+            conntrack: Mutex::new(conntrack),
             dns_clean: Mutex::new(Default::default()),
+            answers: Mutex::new(HashMap::new()),
             audit: Mutex::new(HashMap::new()),
             audit_dir,
             audit_pending: Mutex::new(Vec::new()),
@@ -422,12 +491,44 @@ impl Network {
 
     /// Changes the policy of the sandbox in `slot` (blocking). Addresses allowed by earlier
     /// DNS answers are forgotten: names still allowed are allowed again at their next lookup.
+    /// Established connections and flows continue, except with `none`, which ends them all.
     pub fn set_policy(&self, slot: u32, policy: &Policy) -> Result<(), String> {
         self.counters.policy_changes.fetch_add(1, Ordering::Relaxed);
-        self.apply_policy(slot, policy, true)
+        self.apply_policy(slot, policy, true)?;
+        if policy.mode == NetMode::None {
+            self.end_flows(slot)?;
+        }
+        Ok(())
     }
 
-    /// Takes slot `slot` back from its sandbox: no egress, no allowed addresses.
+    /// Removes the conntrack entries of the flows slot `slot` opened (its mark, see
+    /// [`firewall::slot_mark`]), unless none can exist. Their next packets are new flows,
+    /// checked against the slot's policy as it is now. Called with egress already closed,
+    /// so that no flow allowed by the earlier policy starts after the flush.
+    fn end_flows(&self, slot: u32) -> Result<(), String> {
+        let clean = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).is_some_and(|s| s.no_flows);
+        if clean {
+            return Ok(());
+        }
+        let mark = firewall::slot_mark(&self.cfg.subnet, slot);
+        self.conntrack
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_mark(mark, u32::MAX)
+            .map_err(|e| format!("remove the conntrack entries of slot {slot} (mark {mark:#x}): {e}"))?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let s = slots.entry(slot).or_default();
+        // A policy with egress given meanwhile may have let new flows in.
+        if s.policy.as_ref().is_none_or(|p| p.mode == NetMode::None) {
+            s.no_flows = true;
+        }
+        Ok(())
+    }
+
+    /// Takes slot `slot` back from its sandbox: no egress, no allowed addresses, and none
+    /// of its flows left in conntrack (the slot's next sandbox has the same address and
+    /// interface: a packet matching a flow left behind would pass as established,
+    /// whatever that sandbox's policy).
     pub fn detach(&self, slot: u32, id: &str) {
         // What it recorded last is written out before it leaves memory.
         self.flush_audit();
@@ -438,6 +539,7 @@ impl Network {
         let was_open = state.policy.as_ref().is_some_and(|p| p.mode != NetMode::None);
         drop(slots);
         let res = if was_open { self.apply_policy(slot, &Policy::none(), true) } else { self.flush_dns(slot) };
+        let res = res.and_then(|()| self.end_flows(slot));
         if let Err(e) = res {
             warn!(slot, error = %e, "resetting the slot's network policy");
             // Rebuilt from scratch at its next use.
@@ -445,6 +547,7 @@ impl Network {
                 s.in_table = false;
             }
             self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            self.answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
         }
     }
 
@@ -465,6 +568,7 @@ impl Network {
         ];
         nft.apply(abx_sys::nft::Family::Ip, &self.table.table, &ops)
             .map_err(|e| format!("flush the DNS sets of slot {slot}: {e}"))?;
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
         self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).insert(slot);
         Ok(())
     }
@@ -472,6 +576,8 @@ impl Network {
     fn apply_policy(&self, slot: u32, policy: &Policy, flush_dns: bool) -> Result<(), String> {
         if policy.mode != NetMode::None {
             self.enable_uplink_forwarding();
+            // Before the policy is in place: from then on flows may start.
+            self.slots.lock().unwrap_or_else(|e| e.into_inner()).entry(slot).or_default().no_flows = false;
         }
         let (in_table, current) = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -500,6 +606,9 @@ impl Network {
             let nft = nft.as_ref().ok_or("the nf_tables socket is closed")?;
             nft.apply(abx_sys::nft::Family::Ip, &self.table.table, &ops)
                 .map_err(|e| format!("apply the policy of slot {slot}: {e}"))?;
+            if flush_dns {
+                self.answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            }
         }
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.entry(slot).or_default().policy = Some(policy.clone());
@@ -524,7 +633,9 @@ impl Network {
     }
 
     /// Allows the addresses of a DNS answer for their TTL (at least [`MIN_ALLOW_SECS`]):
-    /// every port (`scope` None), or only the rules' protocols and ports.
+    /// every port (`scope` None), or only the rules' protocols and ports. An answer only
+    /// ever extends what is allowed: an address (or port) that an earlier answer allowed
+    /// for longer keeps its later expiry.
     fn allow_answer(
         &self,
         slot: u32,
@@ -532,38 +643,86 @@ impl Network {
         addrs: &[(Ipv4Addr, u32)],
     ) -> Result<(), String> {
         use abx_sys::nft::{Family, RawElem, SetOp};
-        let ttl = |t: u32| Some(Duration::from_secs(u64::from(t.max(MIN_ALLOW_SECS))));
+        let now = Instant::now();
+        let until = |t: u32| now + Duration::from_secs(u64::from(t.max(MIN_ALLOW_SECS)));
         let nft = self.nft.lock().unwrap_or_else(|e| e.into_inner());
         let Some(nft) = nft.as_ref() else { return Ok(()) };
         // Before the elements go in: even a failed transaction may have added some.
         self.dns_clean.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        let known = answers.entry(slot).or_default();
+        known.prune(now);
         let table = &self.table.table;
         match scope {
             None => {
-                let elems: Vec<(Ipv4Addr, Option<Duration>)> = addrs.iter().map(|(a, t)| (*a, ttl(*t))).collect();
-                nft.add_ipv4_elements(Family::Ip, table, &firewall::slot_set(slot), &elems).map_err(|e| e.to_string())
-            }
-            Some(boxes) => {
-                let set = firewall::slot_port_set(slot);
-                let mut last = Ok(());
-                // One element per transaction: a range that overlaps another name's (the
-                // kernel refuses overlaps) must not keep the others out.
+                // Re-adding an element with a timeout restarts its expiry (see abx_sys::nft):
+                // only addresses whose expiry moves later are sent.
+                let mut elems: Vec<(Ipv4Addr, Option<Duration>)> = Vec::new();
                 for (addr, t) in addrs {
-                    for (proto, port) in &boxes {
-                        let elem = RawElem {
-                            key: firewall::rule_key(*addr, proto.0, port.0),
-                            key_end: Some(firewall::rule_key(*addr, proto.1, port.1)),
-                            timeout: ttl(*t),
-                        };
-                        let op = SetOp::Add { set: set.clone(), elems: vec![elem] };
-                        if let Err(e) = nft.apply(Family::Ip, table, &[op])
-                            && e.raw_os_error() != Some(libc::EEXIST)
-                        {
-                            last = Err(e.to_string());
-                        }
+                    let u = until(*t);
+                    if known.any_port.get(addr).is_none_or(|old| *old < u) {
+                        elems.push((*addr, Some(u - now)));
                     }
                 }
-                last
+                let res = nft.add_ipv4_elements(Family::Ip, table, &firewall::slot_set(slot), &elems);
+                for (addr, t) in addrs {
+                    let u = until(*t);
+                    let e = known.any_port.entry(*addr).or_insert(u);
+                    *e = (*e).max(u);
+                }
+                res.map_err(|e| e.to_string())
+            }
+            Some(boxes) => {
+                // The kernel refuses overlapping intervals in one set: each (address,
+                // protocol) holds disjoint port pieces, each with the latest expiry of the
+                // answers covering it. The pieces that change are replaced in one
+                // transaction.
+                let set = firewall::slot_port_set(slot);
+                let elem = |addr: Ipv4Addr, proto: u8, p: &Piece| RawElem {
+                    key: firewall::rule_key(addr, proto, p.lo),
+                    key_end: Some(firewall::rule_key(addr, proto, p.hi)),
+                    timeout: Some(p.until.saturating_duration_since(now)),
+                };
+                let mut ops: Vec<SetOp> = Vec::new();
+                for (addr, t) in addrs {
+                    let protos: std::collections::BTreeSet<u8> = boxes.iter().flat_map(|b| b.0.0..=b.0.1).collect();
+                    for proto in protos {
+                        let ranges: Vec<(u16, u16)> =
+                            boxes.iter().filter(|b| (b.0.0..=b.0.1).contains(&proto)).map(|b| b.1).collect();
+                        let old = known.ports.remove(&(*addr, proto)).unwrap_or_default();
+                        let new = merge_pieces(&old, &ranges, until(*t), now);
+                        let gone: Vec<RawElem> = old
+                            .iter()
+                            .filter(|p| p.until > now && !new.contains(p))
+                            .map(|p| elem(*addr, proto, p))
+                            .collect();
+                        let added: Vec<RawElem> =
+                            new.iter().filter(|p| !old.contains(p)).map(|p| elem(*addr, proto, p)).collect();
+                        if !gone.is_empty() {
+                            ops.push(SetOp::Delete { set: set.clone(), elems: gone });
+                        }
+                        if !added.is_empty() {
+                            ops.push(SetOp::Add { set: set.clone(), elems: added });
+                        }
+                        known.ports.insert((*addr, proto), new);
+                    }
+                }
+                if ops.is_empty() || nft.apply(Family::Ip, table, &ops).is_ok() {
+                    return Ok(());
+                }
+                // A piece the kernel let expire a moment before the daemon thought (gone
+                // from the set, so its delete failed), or one it still held: the whole set
+                // again, from what the daemon knows.
+                let mut all: Vec<RawElem> = Vec::new();
+                for ((addr, proto), pieces) in &known.ports {
+                    all.extend(pieces.iter().filter(|p| p.until > now).map(|p| elem(*addr, *proto, p)));
+                }
+                let mut ops = vec![SetOp::Flush { set: set.clone() }];
+                ops.extend(all.chunks(256).map(|c| SetOp::Add { set: set.clone(), elems: c.to_vec() }));
+                nft.apply(Family::Ip, table, &ops).map_err(|e| {
+                    known.ports.clear();
+                    format!("rewrite the port-limited DNS answers of slot {slot}: {e}")
+                })
             }
         }
     }
@@ -760,6 +919,15 @@ impl dns::DnsPolicy for DnsGate {
         net.record(&id, dns_event("allow", name, qtype, addrs));
     }
 
+    fn failed(&self, client: IpAddr, name: &str, qtype: &str, error: &str) {
+        let Some(net) = self.0.upgrade() else { return };
+        let Some((_, id, _)) = net.sandbox_of(client) else { return };
+        net.counters.dns_allowed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(sandbox = %id, name, qtype, error, "allowed DNS query failed upstream");
+        // Allowed, and asked upstream: recorded as such, with no addresses.
+        net.record(&id, dns_event("allow", name, qtype, &[]));
+    }
+
     fn refused(&self, client: IpAddr, name: &str, qtype: &str) {
         let Some(net) = self.0.upgrade() else { return };
         let Some((_, id, _)) = net.sandbox_of(client) else { return };
@@ -878,6 +1046,35 @@ mod tests {
             destination: Some("198.51.100.20".into()),
             port: Some(80),
         }
+    }
+
+    /// Guards that port-limited answers sharing an address all take effect (the kernel
+    /// refuses overlapping intervals, and overlapping ones used to be dropped) and that an
+    /// answer never shortens what an earlier one allowed.
+    #[test]
+    fn port_pieces_cover_every_allowed_port_until_its_latest_expiry() {
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        let piece = |lo, hi, s| Piece { lo, hi, until: at(s) };
+        // cdnlong.test:9000/tcp for a day, then cdnshort.test:22-9000/tcp for 30 s.
+        let long = merge_pieces(&[], &[(9000, 9000)], at(86400), now);
+        assert_eq!(long, [piece(9000, 9000, 86400)]);
+        let both = merge_pieces(&long, &[(22, 9000)], at(30), now);
+        assert_eq!(both, [piece(22, 8999, 30), piece(9000, 9000, 86400)], "9000 keeps its day");
+        // Partly overlapping ranges: their union.
+        let a = merge_pieces(&[], &[(80, 90)], at(60), now);
+        let b = merge_pieces(&a, &[(85, 9000)], at(60), now);
+        assert_eq!(b, [piece(80, 9000, 60)]);
+        // A later answer for part of a range extends that part only.
+        let c = merge_pieces(&b, &[(100, 200)], at(120), now);
+        assert_eq!(c, [piece(80, 99, 60), piece(100, 200, 120), piece(201, 9000, 60)]);
+        // One answer with two overlapping ranges of its own, and the edges of the port space.
+        let d = merge_pieces(&[], &[(1, 10), (5, 65535)], at(30), now);
+        assert_eq!(d, [piece(1, 65535, 30)]);
+        // Expired pieces are gone; a shorter answer over a longer piece changes nothing.
+        let expired = [Piece { lo: 1, hi: 5, until: now }];
+        assert_eq!(merge_pieces(&expired, &[(3, 4)], at(30), now), [piece(3, 4, 30)]);
+        assert_eq!(merge_pieces(&long, &[(9000, 9000)], at(30), now), long);
     }
 
     #[test]
