@@ -80,6 +80,8 @@ fn zone() -> Catalog {
         a("private.test.", PRIVATE),
         Record::from_rdata(name("cdnlong.test."), CDN_LONG_TTL, RData::A(A(CDN))),
         Record::from_rdata(name("cdnshort.test."), 1, RData::A(A(CDN))),
+        // The cloud metadata address: never reachable, whatever the policy.
+        a("meta.test.", Ipv4Addr::new(169, 254, 169, 254)),
     ] {
         assert!(zone.upsert_mut(r, 1));
     }

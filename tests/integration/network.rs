@@ -637,3 +637,18 @@ async fn failed_dns_queries_are_audited() {
     assert!(!metrics.contains("agentbox_dns_queries_total{verdict=\"allow\"} 0\n"), "{metrics}");
 }
 
+/// Guards that the policy test expects a name answered with an address no rule can open
+/// (meta.test is 169.254.169.254, the metadata address) to be blocked: it used to expect it
+/// reachable, so `--net-test` failed the create of a policy that holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn net_test_expects_never_reachable_answers_blocked() {
+    let w = World::new().await;
+    let out = w.d.cli(&["create", "-T", "mini", "--allow", "meta.test", "--net-test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let report = w.d.client.network_test(&id).await.unwrap();
+    assert!(report.passed, "{:?}", report.checks.iter().filter(|c| !c.ok).collect::<Vec<_>>());
+    let check = report.checks.iter().find(|c| c.target.starts_with("tcp meta.test:443")).unwrap();
+    assert_eq!((check.expected.as_str(), check.observed.as_str()), ("blocked", "blocked"), "{check:?}");
+    assert!(check.reason.contains("169.254.169.254"), "{check:?}");
+}

@@ -85,15 +85,11 @@ pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestRepor
     let mut second: Vec<Plan> = Vec::new();
     for (name, addr, port) in &resolved {
         if let Some(port) = *port {
-            let private = policy::in_ranges(*addr, policy::PRIVATE) && !covered(&policy, *addr, port);
+            let (reason, reachable) = name_expectation(&policy, &net.cfg.subnet, name, *addr, port);
             second.push(Plan {
                 target: format!("tcp {name}:{port} ({addr})"),
-                reason: if private {
-                    format!("{name} resolves to a private address and no rule names it")
-                } else {
-                    format!("allowed by rule {name}")
-                },
-                reachable: !private,
+                reason,
+                reachable,
                 probe: tcp(*addr, port),
             });
         }
@@ -222,6 +218,33 @@ pub async fn run(m: &Arc<Manager>, sb: &Arc<Sandbox>) -> CoreResult<NetTestRepor
     Ok(NetTestReport { policy: rec.network.clone(), passed: checks.iter().all(|c| c.ok), checks })
 }
 
+/// What a connection to `addr`, the answer for allowed name `name`, on TCP `port` must
+/// meet, and why: blocked where no rule can open it (loopback, link-local and metadata,
+/// multicast and reserved, the sandboxes' own pool `sandboxes`) and in private ranges no
+/// address rule names; reachable otherwise.
+fn name_expectation(
+    policy: &Policy,
+    sandboxes: &policy::Cidr,
+    name: &str,
+    addr: Ipv4Addr,
+    port: u16,
+) -> (String, bool) {
+    if policy::in_ranges(addr, policy::NEVER) {
+        (
+            format!(
+                "{name} resolves to {addr}: loopback, link-local, metadata, multicast or reserved, never reachable"
+            ),
+            false,
+        )
+    } else if sandboxes.contains(addr) {
+        (format!("{name} resolves to {addr}, in the sandboxes' own address pool: never reachable"), false)
+    } else if policy::in_ranges(addr, policy::PRIVATE) && !covered(policy, addr, port) {
+        (format!("{name} resolves to a private address and no rule names it"), false)
+    } else {
+        (format!("allowed by rule {name}"), true)
+    }
+}
+
 /// Whether an address rule of the policy covers `addr` on TCP `port`.
 fn covered(policy: &Policy, addr: Ipv4Addr, port: u16) -> bool {
     policy.net_rules().any(|(c, ports, proto)| {
@@ -239,4 +262,32 @@ async fn agent_probes(sb: &Arc<Sandbox>, plans: &[Plan]) -> CoreResult<Vec<Probe
         return Err(CoreError::internal("network probes", "the agent answered a different number of probes"));
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abx_api::NetworkPolicy;
+
+    /// Guards that `net test` expects names answered with addresses the firewall never
+    /// opens (link-local metadata, loopback) to be blocked, not reachable: such a policy
+    /// used to fail its own test, and `--net-test` refused the create.
+    #[test]
+    fn names_resolving_to_never_reachable_addresses_are_expected_blocked() {
+        let policy = Policy::parse(&NetworkPolicy {
+            mode: NetMode::Allow,
+            allow: vec!["meta.test".into(), "db.test".into(), "10.1.0.0/16:5432".into()],
+        })
+        .unwrap();
+        let pool: policy::Cidr = "10.240.0.0/24".parse().unwrap();
+        let expect = |addr: &str, port| name_expectation(&policy, &pool, "meta.test", addr.parse().unwrap(), port);
+        let (why, reachable) = expect("169.254.169.254", 443);
+        assert!(!reachable && why.contains("never reachable"), "{why}");
+        assert!(!expect("127.0.0.1", 443).1);
+        assert!(!expect("224.0.0.251", 443).1);
+        assert!(!expect("10.240.0.5", 443).1, "another sandbox");
+        assert!(!expect("10.2.0.1", 443).1, "private, no rule");
+        assert!(expect("10.1.0.1", 5432).1, "private, named by a rule");
+        assert!(expect("198.51.100.10", 443).1);
+    }
 }
