@@ -102,18 +102,22 @@ impl Drop for Ingress {
     }
 }
 
-/// Parses `<port>-<id>.<domain>` (optionally with `:port` after it, case-insensitive) into (port, id).
-/// The id comes back in lower case, as browsers send host names.
+/// Parses `<port>-<id>.<domain>` (optionally with `:port` after it; the domain matches in
+/// any case) into (port, id). The id comes back as sent: a sandbox name may have capitals
+/// (browsers send host names in lower case: the proxy tries the id in lower case too).
 pub fn parse_host(host: &str, domain: &str) -> Option<(u16, String)> {
-    let host = host.to_ascii_lowercase();
     let domain = domain.trim_matches('.').to_ascii_lowercase();
     let name = match host.rsplit_once(':') {
         Some((name, port)) => parse_port(port).map(|_| name)?,
-        None => host.as_str(),
+        None => host,
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    let label = name.strip_suffix(domain.as_str())?.strip_suffix('.')?;
-    let (port, id) = label.split_once('-')?;
+    let cut = name.len().checked_sub(domain.len())?;
+    let (label, suffix) = (name.get(..cut)?, name.get(cut..)?);
+    if !suffix.eq_ignore_ascii_case(&domain) {
+        return None;
+    }
+    let (port, id) = label.strip_suffix('.')?.split_once('-')?;
     let port = parse_port(port)?;
     (!id.is_empty()).then(|| (port, id.to_string()))
 }
@@ -265,7 +269,7 @@ impl Shared {
             ));
         }
         let (port, id) = route(req.uri(), req.headers(), &self.domain)?;
-        let ip = self.router.lookup(&id).ok_or_else(|| ProxyError::NotFound(id.clone()))?;
+        let ip = lookup(self.router.as_ref(), &id).ok_or_else(|| ProxyError::NotFound(id.clone()))?;
         let target = Target { id, port };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let req = backend_request(req, peer, client_upgrade.is_some());
@@ -302,6 +306,15 @@ impl Shared {
         });
         Ok(sender)
     }
+}
+
+/// The address of sandbox `id` as the client wrote it, else in lower case (host names are
+/// case-insensitive; ids are lower case, names as their owner chose).
+fn lookup(router: &dyn Router, id: &str) -> Option<Ipv4Addr> {
+    router.lookup(id).or_else(|| {
+        let lower = id.to_ascii_lowercase();
+        if lower == id { None } else { router.lookup(&lower) }
+    })
 }
 
 /// The (port, id) a request is for: by the E2b-Sandbox-* headers, else by host name.
@@ -611,9 +624,25 @@ mod tests {
     }
 
     #[test]
-    fn parse_host_ignores_case() {
-        assert_eq!(parse_host("3000-ABC.AgentBox.LOCALHOST:80", DOMAIN), Some((3000, "abc".into())));
+    fn parse_host_ignores_the_case_of_the_domain_and_keeps_the_ids() {
+        assert_eq!(parse_host("3000-ABC.AgentBox.LOCALHOST:80", DOMAIN), Some((3000, "ABC".into())));
         assert_eq!(parse_host("3000-abc.agentbox.localhost", "AGENTBOX.localhost"), Some((3000, "abc".into())));
+        assert_eq!(parse_host("3000-abc.agentbox.localhost", "agentbox.localhost"), Some((3000, "abc".into())));
+        assert_eq!(parse_host("3000-é.agentbox.localhost", DOMAIN), Some((3000, "é".into())));
+        assert_eq!(parse_host("é.localhost", DOMAIN), None);
+    }
+
+    /// Guards that a sandbox named with capitals is reachable by host name: the id used
+    /// to be lowercased before the (case-sensitive) lookup, so `8000-MyBox.<domain>` got
+    /// 404 "no sandbox 'mybox'". Lower-case ids still work from a host name in capitals.
+    #[test]
+    fn names_with_capitals_are_found() {
+        let router = MapRouter(HashMap::from([("MyBox".to_string(), A_IP), (A.to_string(), B_IP)]));
+        let (_, id) = parse_host("8000-MyBox.agentbox.localhost", DOMAIN).unwrap();
+        assert_eq!(lookup(&router, &id), Some(A_IP));
+        let (_, id) = parse_host(&format!("8000-{}.agentbox.localhost", A.to_ascii_uppercase()), DOMAIN).unwrap();
+        assert_eq!(lookup(&router, &id), Some(B_IP));
+        assert_eq!(lookup(&router, "mybox"), None);
     }
 
     #[test]
