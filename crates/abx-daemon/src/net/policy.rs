@@ -111,14 +111,22 @@ impl Rule {
         }
         // CIDR or address first: they contain '/' and ':' of their own.
         let (body, proto) = match t.rsplit_once('/') {
-            Some((b, "tcp")) => (b, Some(Proto::Tcp)),
-            Some((b, "udp")) => (b, Some(Proto::Udp)),
+            Some((b, p)) if p.eq_ignore_ascii_case("tcp") => (b, Some(Proto::Tcp)),
+            Some((b, p)) if p.eq_ignore_ascii_case("udp") => (b, Some(Proto::Udp)),
             _ => (t, None),
         };
+        if is_ipv6(body) {
+            return Err(bad("IPv6 is not supported: sandboxes have IPv4 only".into()));
+        }
         let (host, ports) = match body.split_once(':') {
             Some((h, p)) => (h, Some(parse_ports(p).map_err(bad)?)),
             None => (body, None),
         };
+        if proto == Some(Proto::Udp) && ports == Some((443, 443)) {
+            return Err(bad(
+                "UDP port 443 (QUIC) is always refused, so that clients fall back to TCP; allow TCP 443 instead".into(),
+            ));
+        }
         if host.chars().next().is_some_and(|c| c.is_ascii_digit())
             && host.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '/')
         {
@@ -180,6 +188,14 @@ impl std::fmt::Display for Rule {
             None => Ok(()),
         }
     }
+}
+
+/// Whether `body` (a rule without its protocol) is an IPv6 address or network, plain or
+/// in brackets with a port (`[2001:db8::1]:443`).
+fn is_ipv6(body: &str) -> bool {
+    let addr = body.split('/').next().unwrap_or(body);
+    let bracketed = addr.strip_prefix('[').and_then(|a| a.split_once(']')).map(|(a, _)| a);
+    bracketed.unwrap_or(addr).parse::<std::net::Ipv6Addr>().is_ok()
 }
 
 fn parse_ports(p: &str) -> Result<(u16, u16), String> {
@@ -469,6 +485,25 @@ mod tests {
             assert!(Rule::parse(bad).is_err(), "{bad} should be refused");
         }
         assert!(Rule::parse("10.1.0.1/16").unwrap_err().contains("10.1.0.0/16"));
+    }
+
+    /// Guards the messages and spellings QA found wrong: IPv6 was "not a port", a protocol
+    /// in capitals was refused, and UDP 443 was accepted though it never works.
+    #[test]
+    fn rule_spellings_and_rules_that_cannot_work() {
+        assert_eq!(Rule::parse("a.test:80/TCP").unwrap(), Rule::parse("a.test:80/tcp").unwrap());
+        assert_eq!(Rule::parse("10.0.0.0/8/Udp").unwrap(), Rule::parse("10.0.0.0/8/udp").unwrap());
+        for v6 in ["2001:db8::1", "2001:db8::/32", "::1", "[2001:db8::1]:443", "2001:db8::1/tcp", "fe80::1"] {
+            let err = Rule::parse(v6).unwrap_err();
+            assert!(err.contains("IPv6 is not supported"), "{v6}: {err}");
+        }
+        for quic in ["198.51.100.10:443/udp", "a.test:443/UDP", "10.0.0.0/8:443/udp"] {
+            let err = Rule::parse(quic).unwrap_err();
+            assert!(err.contains("UDP port 443") && err.contains(quic), "{quic}: {err}");
+        }
+        // TCP and UDP on 443 still make sense (TCP works), and so does a range past 443.
+        assert!(Rule::parse("198.51.100.10:443").is_ok());
+        assert!(Rule::parse("198.51.100.10:400-500/udp").is_ok());
     }
 
     #[test]
