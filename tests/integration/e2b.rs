@@ -66,3 +66,15 @@ pub(crate) async fn run_sdk_script(mut cmd: Command, what: &'static str) {
     left.retain(|s| s.state != abx_client::SandboxState::Destroying);
     assert!(left.is_empty(), "sandboxes left behind: {:?}", left.iter().map(|s| &s.id).collect::<Vec<_>>());
 }
+
+/// Guards that `commands.run` delivers every byte of a large output (15 MB) with its exit
+/// code: it used to start every command in the background and attach, so output beyond
+/// the agent's 1 MiB buffer was lost, or a slow reader was dropped ("the sandbox went away
+/// before the process exited"). tests/e2b/output_test.py.
+#[tokio::test]
+async fn e2b_commands_deliver_all_of_a_large_output() {
+    let python = tokio::task::spawn_blocking(sdk_python).await.unwrap();
+    let mut cmd = Command::new(python);
+    cmd.arg(script().with_file_name("output_test.py")).env("PYTHONUNBUFFERED", "1");
+    run_sdk_script(cmd, "e2b large output").await;
+}

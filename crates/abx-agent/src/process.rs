@@ -11,7 +11,10 @@
 //! closed subscription tells the client to send `Event::Exit`.
 //!
 //! Finished foreground processes leave the table at once (their owner saw the exit);
-//! finished background ones stay listed until [`FINISHED_KEPT`] newer ones finished.
+//! finished background ones stay listed until [`FINISHED_KEPT`] newer ones finished. A
+//! foreground process whose owner sends `Control::Background` becomes a background one
+//! ([`Proc::make_background`]) and keeps its owner: the owner still gets every chunk,
+//! awaited, until it leaves, and its leaving no longer kills the process.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -112,6 +115,8 @@ struct State {
 pub struct Proc {
     pub pid: u32,
     info: ProcessInfo,
+    /// Whether the process outlives its owner (set at start or by [`Proc::make_background`]).
+    background: AtomicBool,
     stdin: tokio::sync::Mutex<Option<InputSink>>,
     /// Whether the last byte written to the terminal left a line unfinished.
     line_open: AtomicBool,
@@ -139,6 +144,7 @@ impl Proc {
         let state = State { ring: OutputRing::new(capacity), owner, attached: Vec::new(), exit: None };
         let proc = Proc {
             pid: info.pid,
+            background: AtomicBool::new(info.background),
             info,
             stdin: tokio::sync::Mutex::new(stdin),
             line_open: AtomicBool::new(false),
@@ -151,12 +157,22 @@ impl Proc {
     }
 
     pub fn background(&self) -> bool {
-        self.info.background
+        self.background.load(Ordering::Relaxed)
+    }
+
+    /// Turns a foreground process into a background one: it runs on when its owner
+    /// leaves, stays listed once finished, and from now on keeps its output for late
+    /// attachment. The owner keeps receiving everything while it stays.
+    pub fn make_background(&self) {
+        let mut state = lock(&self.state);
+        if !self.background.swap(true, Ordering::Relaxed) {
+            state.ring = OutputRing::new(OUTPUT_BUFFER);
+        }
     }
 
     /// The listing entry, with the exit status once finished.
     pub fn info(&self) -> ProcessInfo {
-        ProcessInfo { exit: self.exit(), ..self.info.clone() }
+        ProcessInfo { exit: self.exit(), background: self.background(), ..self.info.clone() }
     }
 
     /// The final status, set once output is drained.
@@ -467,6 +483,24 @@ mod tests {
         let (replay, sub) = p.attach(true);
         assert_eq!(replay.len(), 2);
         assert!(sub.is_none());
+    }
+
+    /// Guards the e2b facade's processes: a foreground process made a background one keeps
+    /// its owner, starts buffering output for attachment and stays listed once finished.
+    #[test]
+    fn a_foreground_process_can_become_a_background_one() {
+        let table = ProcessTable::default();
+        let (p, _owner) = proc(12, false);
+        table.insert(p.clone());
+        p.publish(&Chunk::new(Stream::Stdout, b"before"));
+        p.make_background();
+        assert!(p.background() && p.info().background);
+        assert!(p.publish(&Chunk::new(Stream::Stdout, b"after")).is_some(), "the owner stays");
+        let (replay, _) = p.attach(true);
+        assert_eq!(replay, vec![Chunk::new(Stream::Stdout, b"after")]);
+        p.finish(ExitStatus::default());
+        table.finished(&p);
+        assert!(table.get(12).is_ok(), "listed once finished");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! While attached a client may send `Stdin` frames, an `Eof` frame (closes stdin; on a
 //! terminal it types end-of-file, `^D`) and JSON [`Control`] frames (`signal` goes to the
-//! process itself, not its group). Any other frame ends the conversation like a
+//! process itself, not its group; `background` makes it a background process, see
+//! [`Proc::make_background`]). Any other frame ends the conversation like a
 //! disconnect. The end of the client's stream counts as a disconnect too, so a client must
 //! keep its write side open until it has read `Event::Exit`; the disconnect of a
 //! foreground process's owner SIGKILLs the process group, other clients merely detach.
@@ -90,7 +91,7 @@ async fn converse(conn: Conn, proc: Arc<Proc>, pending: Vec<u8>, hold: bool, sub
     let mut input = tokio::spawn(client_input(reader, proc.clone()));
     let outcome = deliver(&mut writer, &proc, pending, hold, sub, &mut input).await;
     input.abort();
-    if owner && outcome == Outcome::ClientGone {
+    if owner && outcome == Outcome::ClientGone && !proc.background() {
         proc.kill_group();
     }
 }
@@ -192,6 +193,7 @@ async fn client_input(mut reader: FrameReader<OwnedReadHalf>, proc: Arc<Proc>) {
             Kind::Json => match frame.json::<Control>() {
                 Ok(Control::Signal { signal }) => drop(proc.signal(signal, false)),
                 Ok(Control::Resize { size }) => drop(proc.resize(size)),
+                Ok(Control::Background) => proc.make_background(),
                 Err(_) => return,
             },
             Kind::Stdout | Kind::Stderr | Kind::Data => return,

@@ -12,7 +12,8 @@ pub enum Request {
     /// `background` is set, streams `Stdout`/`Stderr` frames and ends with `Event::Exit`.
     /// While attached the client may send `Stdin` frames, an `Eof` frame (close stdin) and
     /// JSON [`Control`] frames. Closing the connection of a foreground process kills its
-    /// process group. For a background process the reply is `Event::Started` only.
+    /// process group (unless [`Control::Background`] made it a background one first). For a
+    /// background process the reply is `Event::Started` only.
     Exec(ExecSpec),
     /// Attach to a running or finished process: replays its buffered output (background
     /// processes keep the last [`OUTPUT_BUFFER`] bytes), then streams like `Exec`.
@@ -204,8 +205,16 @@ pub struct TtySize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Control {
-    Signal { signal: i32 },
-    Resize { size: TtySize },
+    Signal {
+        signal: i32,
+    },
+    Resize {
+        size: TtySize,
+    },
+    /// Makes the process a background one from now on: it runs on when its owner (the
+    /// client that started it) leaves, stays listed after it ends and buffers its output
+    /// for late attachment. The owner still receives all of its output, awaited.
+    Background,
 }
 
 /// Process lifecycle events (JSON frames from the agent).

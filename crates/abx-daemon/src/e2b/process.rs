@@ -1,8 +1,11 @@
 //! envd's `process.Process` service.
 //!
-//! Every process is started as an agentbox background process (it outlives the request,
-//! as envd's processes do: `commands.list()` shows it and `commands.connect(pid)` attaches
-//! to it again), and the `Start` stream is an attach to it. The stream's deadline
+//! Every process is an agentbox background process (it outlives the request, as envd's
+//! processes do: `commands.list()` shows it and `commands.connect(pid)` attaches to it
+//! again). `Start` starts it in the foreground, so that its stream is the process's
+//! owner and gets every byte of output, in order (a slow client slows the process down,
+//! as with envd), and at once makes it a background process (`Control::Background`), so
+//! that a client that goes away leaves it running. The stream's deadline
 //! (`Connect-Timeout-Ms`, the SDK's `timeout`) becomes the process's timeout, after which
 //! it is killed, as envd does.
 
@@ -19,6 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use abx_api::{ExecRequest, TtySize};
+use abx_proto::Control;
 
 use super::Envd;
 use super::connect::{self, RpcError, RpcResult, b64, bool_field, bytes_field, field, int_field, str_field, unary};
@@ -89,7 +93,8 @@ fn pty_size(pty: &Value) -> RpcResult<TtySize> {
     Ok(TtySize { rows: dim("rows"), cols: dim("cols") })
 }
 
-/// `Start`: starts the process in the background, then attaches to it.
+/// `Start`: starts the process with this stream as its owner, then makes it a background
+/// process (see the module docs).
 async fn start(core: &Core, env: &Envd, headers: &HeaderMap, req: Value) -> RpcResult<(ExecSession, bool)> {
     let p = field(&req, "process", "process").ok_or_else(|| RpcError::invalid("process is required"))?;
     let cmd = str_field(p, "cmd", "cmd").unwrap_or("").to_string();
@@ -121,7 +126,7 @@ async fn start(core: &Core, env: &Envd, headers: &HeaderMap, req: Value) -> RpcR
         tty,
         interactive: stdin || tty.is_some(),
         timeout_secs: connect::timeout_ms(headers).map(|ms| ms as f64 / 1000.0),
-        background: true,
+        background: false,
         tag: str_field(&req, "tag", "tag").map(str::to_string),
         stdin: None,
     };
@@ -131,8 +136,10 @@ async fn start(core: &Core, env: &Envd, headers: &HeaderMap, req: Value) -> RpcR
         exec.cmd[0] = "/bin/sh".into();
         started = core.execute(Command::Exec { id: env.id.clone(), req: exec }).await;
     }
-    let pid = started?.started()?;
-    let session = core.execute(Command::Attach { id: env.id.clone(), pid }).await?.exec()?;
+    let mut session = started?.exec()?;
+    // A write that fails found the conversation over: the process already ended and its
+    // output and exit wait in the read half.
+    let _ = session.conn.writer.json(&Control::Background).await;
     Ok((session, tty.is_some()))
 }
 
