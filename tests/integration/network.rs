@@ -304,6 +304,19 @@ async fn ingress_routes_by_host_name_and_headers() {
     assert!(got.starts_with("HTTP/1.1 502") && got.contains("nothing listens on port 8001"), "{got}");
     let got = fakenet::http_get(&w.net.daemon_ns, ingress, "8000-nosuchsandbox.sandbox.test", &[]);
     assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+    // A name with capitals is reached by the lower-case host name a browser sends.
+    let req = CreateSandbox { template: Some("mini".into()), name: Some("TwoBox".into()), ..Default::default() };
+    w.d.client.create_sandbox(&req).await.unwrap();
+    serve(&w, "TwoBox", "three").await;
+    let mut got = String::new();
+    for _ in 0..50 {
+        got = fakenet::http_get(&w.net.daemon_ns, ingress, "8000-twobox.sandbox.test", &[]);
+        if got.contains("three") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("three\n"), "{got}");
     let out = w.d.cli(&["port", &ids[1], "8000"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

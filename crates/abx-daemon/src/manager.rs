@@ -247,6 +247,26 @@ impl Manager {
             .ok_or_else(|| CoreError::not_found("sandbox", key))
     }
 
+    /// The sandbox a host-name label names: as [`Manager::get`], else the one sandbox whose
+    /// name matches in any case (browsers send host names in lower case; a name may have
+    /// capitals). Two names that differ only in case match neither way.
+    pub fn get_by_host_label(&self, label: &str) -> Option<Arc<Sandbox>> {
+        if let Ok(sb) = self.get(label) {
+            return Some(sb);
+        }
+        let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
+        let mut found = map.values().filter(|sb| {
+            sb.record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(label))
+        });
+        let first = found.next()?;
+        found.next().is_none().then(|| first.clone())
+    }
+
     pub fn list(&self) -> Vec<Record> {
         let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<Record> = map.values().map(|s| s.record()).collect();
@@ -414,13 +434,15 @@ impl Manager {
     /// and work directory, no agent socket. Returns the first failure, after trying all.
     pub(crate) fn release_slot(&self, uid_slot: u32, id: Option<&str>) -> Result<(), String> {
         let mut first: Option<String> = None;
-        if let Some(net) = &self.net {
-            net.detach(uid_slot, id.unwrap_or(""));
-        }
         if let Err(e) = self.cgroups.kill(&self.slot_name(uid_slot))
             && !matches!(e, abx_cgroup::Error::NotFound { .. })
         {
             first.get_or_insert(cgroup_text(&e));
+        }
+        // After the kill, so no process of this sandbox opens a flow after its flows are
+        // flushed (the next sandbox of the slot would inherit it).
+        if let Some(net) = &self.net {
+            net.detach(uid_slot, id.unwrap_or(""));
         }
         let dirs = self.slot_dirs(uid_slot);
         // Most sandboxes wrote a few files (`/etc/resolv.conf` at least), which `empty`
@@ -1618,7 +1640,7 @@ pub struct IngressRouter(pub std::sync::Weak<Manager>);
 impl crate::net::ingress::Router for IngressRouter {
     fn lookup(&self, id: &str) -> Option<std::net::Ipv4Addr> {
         let m = self.0.upgrade()?;
-        let sb = m.get(id).ok()?;
+        let sb = m.get_by_host_label(id)?;
         match sb.state() {
             SandboxState::Running => {}
             // A request through the ingress resumes a paused sandbox (a thaw is a few file
