@@ -74,10 +74,10 @@ pub enum Command {
     Fork(snap::ForkArgs),
     /// Return a sandbox's files to a snapshot (its processes restart, its id stays).
     Rollback(snap::RollbackArgs),
-    /// End a sandbox's processes and keep its files.
+    /// End a sandbox's processes (SIGTERM, then SIGKILL after --time) and keep its files.
     Stop(snap::StopArgs),
     /// Boot a stopped sandbox again.
-    Start(snap::StopArgs),
+    Start(snap::StartArgs),
     /// Named volumes that outlive sandboxes.
     #[command(subcommand)]
     Volume(snap::VolumeCmd),
@@ -207,8 +207,8 @@ pub fn run(cli: Cli) -> i32 {
             Command::Snapshot(a) => snap::snapshot(&client(host)?, a).await,
             Command::Fork(a) => snap::fork(&client(host)?, a).await,
             Command::Rollback(a) => snap::rollback(&client(host)?, a).await,
-            Command::Stop(a) => snap::stop_start(&client(host)?, a, true).await,
-            Command::Start(a) => snap::stop_start(&client(host)?, a, false).await,
+            Command::Stop(a) => snap::stop(&client(host)?, a).await,
+            Command::Start(a) => snap::start(&client(host)?, a).await,
             Command::Volume(c) => snap::volume(&client(host)?, c).await,
             Command::Pool(c) => snap::pool(&client(host)?, c).await,
             Command::Key(c) => snap::key(&client(host)?, c).await,

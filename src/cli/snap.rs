@@ -140,17 +140,47 @@ pub async fn rollback(client: &Client, a: RollbackArgs) -> anyhow::Result<i32> {
 }
 
 #[derive(Debug, Args)]
-pub struct StopArgs {
+pub struct StartArgs {
     /// Sandbox ids or names.
     #[arg(required = true)]
     ids: Vec<String>,
 }
 
-/// `stop` and `start`: print each sandbox's new state.
-pub async fn stop_start(client: &Client, a: StopArgs, stop: bool) -> anyhow::Result<i32> {
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Sandbox ids or names.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Seconds the processes get to exit after SIGTERM before those left are killed
+    /// (default 10; 0 kills at once).
+    #[arg(short = 't', long = "time", value_name = "SECONDS")]
+    time: Option<f64>,
+}
+
+/// `stop`: print each sandbox's new state.
+pub async fn stop(client: &Client, a: StopArgs) -> anyhow::Result<i32> {
     let mut code = 0;
     for id in a.ids {
-        let r = if stop { client.stop(&id).await } else { client.start(&id).await };
+        let r = match a.time {
+            Some(t) => client.stop_with_grace(&id, t).await,
+            None => client.stop(&id).await,
+        };
+        match r {
+            Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
+            Err(e) => {
+                eprintln!("agentbox: {e}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// `start`: print each sandbox's new state.
+pub async fn start(client: &Client, a: StartArgs) -> anyhow::Result<i32> {
+    let mut code = 0;
+    for id in a.ids {
+        let r = client.start(&id).await;
         match r {
             Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
             Err(e) => {

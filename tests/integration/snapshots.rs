@@ -317,6 +317,55 @@ async fn stop_keeps_files_frees_the_slot_and_start_boots_again() {
     assert_eq!(d.client.get_sandbox(&id).await.unwrap_err().code(), Some("not_found"));
 }
 
+/// Starts `script` in the background in sandbox `id` and waits until it has made
+/// `/root/ready` (its traps are set by then).
+async fn background_ready(d: &Daemon, id: &str, script: &str) {
+    let cmd = vec!["sh".into(), "-c".into(), script.to_string()];
+    d.client.exec_background(id, &ExecRequest { cmd, ..Default::default() }).await.unwrap();
+    for _ in 0..200 {
+        if root(d, id, "test -e /root/ready && echo yes").await == "yes\n" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{script} did not start");
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_and_waits_the_grace_period_before_killing() {
+    let d = Daemon::start().await;
+    const CLEAN_EXIT: &str =
+        "mkdir -p /root; trap 'echo bye > /root/term; exit 0' TERM; touch /root/ready; while :; do sleep 0.05; done";
+    // A process that cleans up on SIGTERM gets to do it.
+    let id = d.mini(Default::default()).await;
+    background_ready(&d, &id, CLEAN_EXIT).await;
+    assert_eq!(d.client.stop(&id).await.unwrap().state, SandboxState::Stopped);
+    d.client.start(&id).await.unwrap();
+    assert_eq!(root(&d, &id, "cat /root/term").await, "bye\n", "the TERM trap ran before the stop ended it");
+    // A grace period of 0 kills at once: the trap never runs.
+    root(&d, &id, "rm -f /root/term /root/ready").await;
+    background_ready(&d, &id, CLEAN_EXIT).await;
+    d.client.stop_with_grace(&id, 0.0).await.unwrap();
+    d.client.start(&id).await.unwrap();
+    assert_eq!(root(&d, &id, "test -e /root/term && echo ran || echo killed").await, "killed\n");
+    // A process that ignores SIGTERM is killed once the grace period is over, not before.
+    root(&d, &id, "rm -f /root/ready").await;
+    background_ready(&d, &id, "mkdir -p /root; trap '' TERM; touch /root/ready; while :; do sleep 0.05; done").await;
+    let t = std::time::Instant::now();
+    assert_eq!(d.client.stop_with_grace(&id, 0.6).await.unwrap().state, SandboxState::Stopped);
+    assert!(t.elapsed() >= Duration::from_millis(600), "stopped after {:?}", t.elapsed());
+    // The CLI passes --time; a grace period out of range is refused, naming it.
+    d.client.start(&id).await.unwrap();
+    let out = d.cli(&["stop", "--time=-1", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("grace_secs"), "{err}");
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, SandboxState::Running, "nothing stopped");
+    let out = d.cli(&["stop", "--time", "0", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, SandboxState::Stopped);
+}
+
 #[tokio::test]
 async fn a_persistent_sandbox_survives_daemon_sigkill_and_a_reboot() {
     let mut d = Daemon::start().await;

@@ -232,6 +232,16 @@ pub struct ForkResult {
     pub sandboxes: Vec<Sandbox>,
 }
 
+/// `POST /v1/sandboxes/{id}/stop` (the body may be empty).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the sandbox's processes get to exit after SIGTERM before every one left is
+    /// killed (0 to 3600; default 10). 0 kills at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_secs: Option<f64>,
+}
+
 /// `POST /v1/sandboxes/{id}/rollback`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

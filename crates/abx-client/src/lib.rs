@@ -342,8 +342,16 @@ impl Client {
     // --- snapshots, forks, rollback, stop/start ---
 
     /// Ends a sandbox's processes and keeps its files.
+    /// Its processes get SIGTERM and the daemon's default grace period (10 s) to exit.
     pub async fn stop(&self, id: &str) -> Result<Sandbox> {
         self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_STOP, &[("id", id)]))).await
+    }
+
+    /// [`Client::stop`] with `grace_secs` seconds between SIGTERM and SIGKILL (0: SIGKILL at
+    /// once).
+    pub async fn stop_with_grace(&self, id: &str, grace_secs: f64) -> Result<Sandbox> {
+        let req = abx_api::StopRequest { grace_secs: Some(grace_secs) };
+        self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_STOP, &[("id", id)])).json(&req)).await
     }
 
     /// Boots a stopped sandbox again.

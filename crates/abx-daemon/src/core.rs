@@ -142,6 +142,8 @@ pub enum Command {
     },
     Stop {
         id: String,
+        /// Between SIGTERM and SIGKILL.
+        grace: std::time::Duration,
     },
     Start {
         id: String,
@@ -487,7 +489,7 @@ impl Core {
                 let (d, tar) = m.diff(&id, archive, since.as_deref()).await?;
                 Ok(Outcome::Diff(d, tar))
             }
-            Command::Stop { id } => Ok(Outcome::Sandbox(m.api(&m.stop(&id).await?))),
+            Command::Stop { id, grace } => Ok(Outcome::Sandbox(m.api(&m.stop(&id, grace).await?))),
             Command::Start { id } => Ok(Outcome::Sandbox(m.api(&m.start(&id).await?))),
             Command::CreateSnapshot { id, req } => Ok(Outcome::Snapshot(m.snapshot(&id, req.name).await?.to_api())),
             Command::ListSnapshots { sandbox } => {

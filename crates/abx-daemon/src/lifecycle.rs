@@ -25,6 +25,10 @@ use crate::store::Table;
 
 /// Most sandboxes one fork makes.
 pub const MAX_FORK: u32 = 100;
+
+/// How long a stop waits, by default, for the processes to exit after SIGTERM before it
+/// kills those left (as `docker stop`).
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Most volumes one sandbox mounts.
 pub const MAX_VOLUMES: usize = 16;
 
@@ -347,8 +351,9 @@ impl Manager {
 
     /// Ends every process of a live sandbox and waits for PID 1 (the sandbox keeps its slot).
     /// `shown` is the state callers see meanwhile: `Stopping` or `Starting`.
-    async fn end_processes(self: &Arc<Self>, sb: &Arc<Sandbox>, shown: SandboxState) {
-        let was_paused = sb.state() == SandboxState::Paused;
+    async fn end_processes(self: &Arc<Self>, sb: &Arc<Sandbox>, shown: SandboxState, grace: Duration) {
+        let was = sb.state();
+        let mut was_paused = was == SandboxState::Paused;
         // on_exit ignores an exit in this state.
         sb.update(|r| r.state = shown);
         // Recorded as exited before its processes go: a daemon that dies before the
@@ -361,6 +366,17 @@ impl Manager {
         }
         if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
+        }
+        if !grace.is_zero() && matches!(was, SandboxState::Running | SandboxState::Paused) {
+            if was_paused {
+                let this = self.clone();
+                let cg = sb.cgroup.clone();
+                let thawed = tokio::task::spawn_blocking(move || this.cgroups.thaw(&cg)).await;
+                was_paused = !matches!(thawed, Ok(Ok(())));
+            }
+            if !was_paused {
+                self.terminate(sb, grace).await;
+            }
         }
         if let Some(fd) = &sb.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd.as_ref(), rustix::process::Signal::KILL);
@@ -380,6 +396,41 @@ impl Manager {
         let this = self.clone();
         let cg = sb.cgroup.clone();
         let _ = tokio::task::spawn_blocking(move || this.cgroups.kill(&cg)).await;
+    }
+
+    /// Sends SIGTERM to every process of a running sandbox but its agent and waits until
+    /// they are gone or `grace` is over (the caller kills what is left). Asked of the
+    /// agent, which is the sandbox's PID 1: `kill(-1, …)` from there reaches exactly the
+    /// sandbox's processes, and it counts those left (`/proc` of its pid namespace).
+    async fn terminate(&self, sb: &Sandbox, grace: Duration) {
+        use abx_proto::Request;
+        let socket = sb.dirs.agent_socket();
+        let deadline = tokio::time::Instant::now() + grace;
+        let ask = |signal| {
+            let socket = socket.clone();
+            async move {
+                let req = Request::KillAll { signal };
+                tokio::time::timeout_at(deadline, crate::agent::call::<u32>(&socket, &req)).await.ok()?.ok()
+            }
+        };
+        match ask(libc::SIGTERM).await {
+            None => return, // no agent to ask: the kill follows
+            Some(0) => return,
+            Some(n) => info!(sandbox = %sb.id, processes = n, grace_ms = grace.as_millis() as u64, "SIGTERM sent"),
+        }
+        let mut pause = Duration::from_millis(2);
+        loop {
+            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
+            match ask(0).await {
+                Some(0) => return,
+                Some(n) if tokio::time::Instant::now() >= deadline => {
+                    info!(sandbox = %sb.id, processes = n, "processes left after the grace period are killed");
+                    return;
+                }
+                Some(_) => pause = (pause * 2).min(Duration::from_millis(50)),
+                None => return,
+            }
+        }
     }
 
     /// Boots a sandbox again in its slot (same id), optionally on a copy of `seed`.
@@ -444,7 +495,7 @@ impl Manager {
                 Ok(sb.record())
             }
             SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {
-                self.end_processes(&sb, SandboxState::Starting).await;
+                self.end_processes(&sb, SandboxState::Starting, Duration::ZERO).await;
                 self.restart_in_slot(&sb, Some(snap)).await
             }
             s => Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
@@ -453,9 +504,10 @@ impl Manager {
 
     /// Ends a sandbox's processes and keeps its files (moved out of the slot, which is
     /// freed). Idempotent.
-    pub async fn stop(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
+    /// Its processes get SIGTERM and `grace` to exit first.
+    pub async fn stop(self: &Arc<Self>, key: &str, grace: Duration) -> CoreResult<Record> {
         let (sb, _ops) = self.lock_ops(key).await?;
-        self.stop_locked(&sb).await
+        self.stop_locked(&sb, grace).await
     }
 
     /// Runs the start command and readiness check of a sandbox a start, restart or
@@ -475,7 +527,7 @@ impl Manager {
             abx_template::TemplateConfig { start, ready, ..Default::default() }
         };
         let Err(e) = self.run_start(sb, &cfg).await else { return Ok(()) };
-        let stopped = match self.stop_locked(sb).await {
+        let stopped = match self.stop_locked(sb, Duration::ZERO).await {
             Ok(_) => "it is stopped, its files kept",
             Err(_) => "its processes were ended, its files kept",
         };
@@ -486,14 +538,14 @@ impl Manager {
     }
 
     /// [`Manager::stop`] for a caller that holds the sandbox's operation lock.
-    async fn stop_locked(self: &Arc<Self>, sb: &Arc<Sandbox>) -> CoreResult<Record> {
+    async fn stop_locked(self: &Arc<Self>, sb: &Arc<Sandbox>, grace: Duration) -> CoreResult<Record> {
         let sb = self.get(&sb.id)?;
         match sb.state() {
             SandboxState::Stopped => return Ok(sb.record()),
             SandboxState::Running | SandboxState::Paused | SandboxState::Exited => {}
             s => return Err(CoreError::Conflict(format!("sandbox {} is {}", sb.id, crate::core::state_name(s)))),
         }
-        self.end_processes(&sb, SandboxState::Stopping).await;
+        self.end_processes(&sb, SandboxState::Stopping, grace).await;
         let this = self.clone();
         let rec = sb.record();
         let moved = tokio::task::spawn_blocking(move || this.keep_data(&rec)).await.map_err(join_err("stop"))?;
@@ -530,7 +582,7 @@ impl Manager {
             SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
             SandboxState::Exited => {
                 self.renew_expired_timeout(&sb);
-                self.end_processes(&sb, SandboxState::Starting).await;
+                self.end_processes(&sb, SandboxState::Starting, Duration::ZERO).await;
                 return self.restart_in_slot(&sb, None).await;
             }
             SandboxState::Stopped => self.renew_expired_timeout(&sb),
@@ -633,13 +685,13 @@ impl Manager {
         let action = sb.read(|r| r.on_timeout);
         info!(sandbox = %id, ?action, "timeout expired");
         let res = match action {
-            TimeoutAction::Stop => self.stop(id).await.map(drop),
+            TimeoutAction::Stop => self.stop(id, STOP_GRACE).await.map(drop),
             TimeoutAction::Snapshot => match self.snapshot_on_timeout(id).await {
                 Ok(()) => self.destroy_expired(id).await,
                 Err(e) => {
                     // Destroying now would lose what the snapshot was for: keep the files.
                     warn!(sandbox = %id, error = %e.full_message(), "snapshot on timeout failed; stopping the sandbox instead of destroying it");
-                    self.stop(id).await.map(drop)
+                    self.stop(id, STOP_GRACE).await.map(drop)
                 }
             },
             TimeoutAction::Destroy => self.destroy_expired(id).await,

@@ -85,6 +85,20 @@ pub fn timeout(secs: u64) -> CoreResult<()> {
     Ok(())
 }
 
+/// The longest grace period of a stop: an hour.
+pub const MAX_STOP_GRACE_SECS: f64 = 3600.0;
+
+/// A stop's `grace_secs` (`None`: [`crate::lifecycle::STOP_GRACE`]).
+pub fn stop_grace(secs: Option<f64>) -> CoreResult<std::time::Duration> {
+    match secs {
+        None => Ok(crate::lifecycle::STOP_GRACE),
+        Some(s) if s.is_finite() && (0.0..=MAX_STOP_GRACE_SECS).contains(&s) => {
+            Ok(std::time::Duration::from_secs_f64(s))
+        }
+        Some(s) => Err(invalid(format!("grace_secs {s} is not a number of seconds from 0 to {MAX_STOP_GRACE_SECS}"))),
+    }
+}
+
 /// Limits after defaults are applied.
 pub fn limits(l: &Limits) -> CoreResult<()> {
     if let Some(m) = l.memory_bytes

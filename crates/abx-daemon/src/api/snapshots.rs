@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 
 use abx_api::{
     CreateSnapshot, CreateVolume, ErrorBody, ForkRequest, ForkResult, Pool, RollbackRequest, Sandbox, SetPool,
-    Snapshot, Volume,
+    Snapshot, StopRequest, Volume,
 };
 
 use super::{ApiError, Json, Path, Query};
@@ -40,12 +40,20 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Resul
 }
 
 /// End every process of the sandbox and keep its files (its slot is freed); `start` boots
-/// it again with the same id.
-#[utoipa::path(post, path = abx_api::paths::SANDBOX_STOP, tag = "snapshots",
+/// it again with the same id. The processes get SIGTERM first, and `grace_secs` (default
+/// 10) to exit before those left are killed.
+#[utoipa::path(post, path = abx_api::paths::SANDBOX_STOP, tag = "snapshots", request_body = StopRequest,
     params(("id" = String, Path, description = "sandbox id or name")),
-    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn stop(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
-    Ok(Json(core.execute(Command::Stop { id }).await?.sandbox()?))
+    responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn stop(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Sandbox>, ApiError> {
+    let req: StopRequest = optional_json(&body)?;
+    let grace = crate::validate::stop_grace(req.grace_secs)?;
+    Ok(Json(core.execute(Command::Stop { id, grace }).await?.sandbox()?))
 }
 
 /// Boot a stopped (or exited) sandbox again, with its files as they were.

@@ -464,7 +464,11 @@ pub async fn pause(State(core): State<Core>, _k: ApiKey, Path(id): Path<String>,
     if e2b_state(sb.state) == Some("paused") {
         return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {} is already paused", sb.id)));
     }
-    let cmd = if b.memory == Some(false) { Command::Stop { id: sb.id } } else { Command::Pause { id: sb.id } };
+    let cmd = if b.memory == Some(false) {
+        Command::Stop { id: sb.id, grace: crate::lifecycle::STOP_GRACE }
+    } else {
+        Command::Pause { id: sb.id }
+    };
     core.execute(cmd).await?;
     Ok(StatusCode::NO_CONTENT)
 }
