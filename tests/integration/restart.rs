@@ -212,3 +212,28 @@ async fn a_daemon_killed_during_a_fork_leaves_all_or_none_of_the_forks() {
     eprintln!("forks kept per round: {outcomes:?}");
     assert!(outcomes.contains(&4), "no round finished its fork: {outcomes:?}");
 }
+
+#[tokio::test]
+async fn a_killed_spawner_is_replaced_and_the_system_shows_the_new_one() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let old = d.client.system().await.unwrap().spawner_pid;
+    assert!(old > 0);
+    rustix::process::kill_process(rustix::process::Pid::from_raw(old as i32).unwrap(), rustix::process::Signal::KILL)
+        .unwrap();
+    let gone = std::path::PathBuf::from(format!("/proc/{old}/cmdline"));
+    for _ in 0..100 {
+        if std::fs::read(&gone).map_or(true, |c| c.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next create starts a new spawner; the old sandbox still answers.
+    let new_id = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&new_id, "echo new").await.0, "new\n");
+    assert_eq!(d.sh(&id, "echo old").await.0, "old\n");
+    let new = d.client.system().await.unwrap().spawner_pid;
+    assert_ne!(new, old, "the pid of the replaced spawner is not shown");
+    let cmdline = std::fs::read(format!("/proc/{new}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("__spawner"), "{new} is the spawner");
+}

@@ -65,6 +65,17 @@ impl SpawnerClient {
         }
     }
 
+    /// Connects again (to the running spawner, or a new one) and learns its pid.
+    fn reopen(&self, conn: &mut Option<OwnedFd>) -> Result<()> {
+        *conn = Some(self.open()?);
+        let hello = request(conn.as_ref().map(|c| c.as_fd()), &SpawnerRequest::Hello, &[]);
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner()) = match hello {
+            Ok((SpawnReply::Hello { pid, .. }, _)) => Some(pid),
+            _ => None,
+        };
+        Ok(())
+    }
+
     fn open(&self) -> Result<OwnedFd> {
         let path = socket_path(&self.root);
         if let Ok(c) = dial(&path) {
@@ -131,7 +142,7 @@ impl SpawnerClient {
         let reply = match request(conn.as_ref().map(|c| c.as_fd()), &req, &[listener, status]) {
             Err(Error::SpawnerIo(_)) | Err(Error::SpawnerUnavailable { .. }) => {
                 // The spawner went away (or was never reached): start over once.
-                *conn = Some(self.open()?);
+                self.reopen(&mut conn)?;
                 request(conn.as_ref().map(|c| c.as_fd()), &req, &[listener, status])?
             }
             r => r?,
