@@ -430,6 +430,12 @@ def test_auth():
         check(r.status_code == 401, "a sandbox header does not open the daemon's own API")
         r = httpx.get(url + "/v2/sandboxes", headers=h)
         check(r.status_code == 401, "nor the control plane")
+        # Another port of the sandbox (get_host(port) or the headers) is the ingress proxy's:
+        # a 502 that says so, on any path, not a 401 asking for an API key.
+        other = {"E2b-Sandbox-Id": a.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        for path, headers in [("/", other), ("/index.html", {"Host": f"8000-{a.sandbox_id}.e2b.test"}), ("/health", other)]:
+            r = httpx.get(url + path, headers=headers)
+            check(r.status_code == 502 and "ingress" in r.json().get("message", ""), f"port 8000 at {path}: {r.status_code} {r.text}")
         r = httpx.get(url + f"/sandboxes/{a.sandbox_id}", headers={"X-API-Key": "e2b_" + "1" * 40})
         check(r.status_code == 401 and r.json().get("code") == 401, "a wrong API key: 401 in E2B's error shape")
     finally:

@@ -101,6 +101,12 @@ async fn require_key(
     if crate::e2b::is_envd_request(req.uri(), req.headers()) {
         return next.run(req).await;
     }
+    // A request for another port of a sandbox (the e2b SDK's `get_host(port)` form, or its
+    // headers) is the ingress proxy's; whatever its path, it gets the envd router's 502
+    // that says so, not a demand for an API key it was never meant to carry.
+    if let Some(resp) = crate::e2b::other_port(req.headers()) {
+        return resp;
+    }
     match crate::auth::key_of(req.headers()).and_then(|k| core.manager.auth.check(k)) {
         Some(key) => {
             req.extensions_mut().insert(crate::auth::Remote { key });

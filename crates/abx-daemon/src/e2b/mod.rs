@@ -201,6 +201,23 @@ impl Envd {
     }
 }
 
+/// The 502 for a request that names a sandbox port other than envd's (by the
+/// `E2b-Sandbox-*` headers or a `<port>-<id>.<domain>` host): such ports are served by the
+/// ingress proxy, not this listener.
+pub fn other_port(headers: &HeaderMap) -> Option<Response> {
+    let (id, port) = envd_target(headers)?;
+    (port != ENVD_PORT).then(|| other_port_error(&id, port).into_response())
+}
+
+fn other_port_error(id: &str, port: u16) -> E2bError {
+    E2bError::new(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "port {port} of sandbox {id}: ports other than envd's ({ENVD_PORT}) are served by the ingress proxy (`agentbox port`)"
+        ),
+    )
+}
+
 /// The sandbox of an envd request, if it exists and runs (or is paused: any request
 /// resumes it). 502 like E2B's proxy otherwise.
 async fn live_sandbox(core: &Core, headers: &HeaderMap) -> Result<abx_api::Sandbox, E2bError> {
@@ -210,12 +227,7 @@ async fn live_sandbox(core: &Core, headers: &HeaderMap) -> Result<abx_api::Sandb
         ));
     };
     if port != ENVD_PORT {
-        return Err(E2bError::new(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "port {port} of sandbox {id}: ports other than envd's ({ENVD_PORT}) are served by the ingress proxy (`agentbox port`)"
-            ),
-        ));
+        return Err(other_port_error(&id, port));
     }
     match core.execute(Command::GetSandbox { id: id.clone() }).await.and_then(|o| o.sandbox()) {
         Ok(sb) if control::e2b_state(sb.state).is_some() => Ok(sb),
