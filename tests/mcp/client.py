@@ -124,6 +124,8 @@ async def flow(session: ClientSession, full: bool) -> None:
         assert r["encoding"] == "base64" and base64.b64decode(r["content"]) == blob, r
         r = await s.call("read_file", {"sandbox": sid, "path": notes, "max_bytes": 5})
         assert (r["content"], r.get("truncated")) == ("first", True), r
+        r = await s.call("read_file", {"sandbox": sid, "path": notes, "max_bytes": 0})
+        assert (r["content"], r["bytes"], r.get("truncated")) == ("", 0, True), r
         ls = await s.call("list_files", {"sandbox": sid, "path": DIR, "depth": 2})
         assert {e["path"] for e in ls["entries"]} == {notes, f"{DIR}/bin", f"{DIR}/bin/blob"}, ls
         await s.call("run_command", {"sandbox": sid, "argv": ["rm", "-r", f"{DIR}/bin"]})

@@ -302,7 +302,7 @@ fn file_entry(f: &FileInfo) -> Value {
 }
 
 fn limit(asked: Option<usize>) -> usize {
-    asked.unwrap_or(MAX_OUTPUT).clamp(1, MAX_OUTPUT)
+    asked.unwrap_or(MAX_OUTPUT).min(MAX_OUTPUT)
 }
 
 // --- tools ---
