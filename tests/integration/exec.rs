@@ -62,6 +62,13 @@ async fn bad_commands_are_clear_errors() {
     req.user = Some("nobody-here".into());
     let e = d.client.exec(&id, &req).await.unwrap_err();
     assert!(e.to_string().contains("nobody-here"), "{e}");
+    // A uid or gid past the sandbox's 65536 is named as such (it was a bare EINVAL).
+    for (user, what) in [("70000", "uid 70000"), ("1000:99999", "gid 99999")] {
+        req.user = Some(user.into());
+        let e = d.client.exec(&id, &req).await.unwrap_err();
+        assert_eq!(e.code(), Some("invalid_argument"), "{e}");
+        assert!(e.to_string().contains(&format!("{what} does not exist in this sandbox")), "{e}");
+    }
 }
 
 #[tokio::test]

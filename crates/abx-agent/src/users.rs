@@ -125,6 +125,17 @@ impl Db {
         if let Some(g) = group_part {
             user.gid = self.group_id(g)?;
         }
+        // Sandboxes map 65536 ids: only a larger one can be unmapped (then setuid would
+        // fail with a bare EINVAL), so only then are the maps read.
+        for (what, id, map) in [("uid", user.uid, "/proc/self/uid_map"), ("gid", user.gid, "/proc/self/gid_map")] {
+            if id > u16::MAX as u32
+                && let Some(highest) = unmapped(map, id)
+            {
+                return Err(Error::Invalid(format!(
+                    "user '{spec}': {what} {id} does not exist in this sandbox (its {what}s are 0 to {highest})"
+                )));
+            }
+        }
         user.groups = self.groups_of(&user.name, user.gid);
         Ok(user)
     }
@@ -190,6 +201,28 @@ fn read_small(path: &str) -> String {
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
     text
+}
+
+/// `Some(highest mapped id)` if `id` is not mapped in the id map file `map` (the user
+/// namespace's `uid_map` or `gid_map`); `None` if it is, or the map cannot be read.
+fn unmapped(map: &str, id: u32) -> Option<u64> {
+    unmapped_in(&std::fs::read_to_string(map).ok()?, id)
+}
+
+fn unmapped_in(text: &str, id: u32) -> Option<u64> {
+    let mut highest = None;
+    for line in text.lines() {
+        let mut f = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(inside)), Some(Ok(_)), Some(Ok(len))) = (f.next(), f.next(), f.next()) else { continue };
+        if len == 0 {
+            continue;
+        }
+        if (inside..inside + len).contains(&u64::from(id)) {
+            return None;
+        }
+        highest = Some(highest.unwrap_or(0).max(inside + len - 1));
+    }
+    highest
 }
 
 #[cfg(test)]
@@ -266,5 +299,15 @@ nogroup:x:65534:
     fn unknown_names_are_not_found() {
         assert_eq!(db().resolve(Some("mallory")).unwrap_err().to_string(), "user 'mallory' not found");
         assert_eq!(db().resolve(Some("alice:wheel")).unwrap_err().to_string(), "group 'wheel' not found");
+    }
+
+    #[test]
+    fn ids_outside_the_user_namespace_map_are_found() {
+        let sandbox = "         0    1000000      65536\n";
+        assert_eq!(unmapped_in(sandbox, 65535), None);
+        assert_eq!(unmapped_in(sandbox, 65536), Some(65535));
+        assert_eq!(unmapped_in("0 0 4294967295\n", 4_000_000_000), None, "the host's map has every id");
+        assert_eq!(unmapped_in("0 100 10\n1000 200 1\n", 1000), None);
+        assert_eq!(unmapped_in("0 100 10\n1000 200 1\n", 2000), Some(1000));
     }
 }
