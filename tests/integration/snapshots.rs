@@ -321,9 +321,9 @@ async fn stop_keeps_files_frees_the_slot_and_start_boots_again() {
 /// `/root/ready` (its traps are set by then).
 async fn background_ready(d: &Daemon, id: &str, script: &str) {
     let cmd = vec!["sh".into(), "-c".into(), script.to_string()];
-    d.client.exec_background(id, &ExecRequest { cmd, ..Default::default() }).await.unwrap();
+    d.client.exec_background(id, &ExecRequest { cmd, user: Some("0".into()), ..Default::default() }).await.unwrap();
     for _ in 0..200 {
-        if root(d, id, "test -e /root/ready && echo yes").await == "yes\n" {
+        if root(d, id, "test -e /root/ready && echo yes || true").await == "yes\n" {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -98,14 +98,14 @@ async fn require_key(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if crate::e2b::is_envd_request(req.uri(), req.headers()) {
-        return next.run(req).await;
-    }
     // A request for another port of a sandbox (the e2b SDK's `get_host(port)` form, or its
     // headers) is the ingress proxy's; whatever its path, it gets the envd router's 502
-    // that says so, not a demand for an API key it was never meant to carry.
+    // that says so, not a demand for a key or token it was never meant to carry.
     if let Some(resp) = crate::e2b::other_port(req.headers()) {
         return resp;
+    }
+    if crate::e2b::is_envd_request(req.uri(), req.headers()) {
+        return next.run(req).await;
     }
     match crate::auth::key_of(req.headers()).and_then(|k| core.manager.auth.check(k)) {
         Some(key) => {
