@@ -325,8 +325,9 @@ pub async fn pool(client: &Client, c: PoolCmd) -> anyhow::Result<i32> {
 pub enum KeyCmd {
     /// Make an API key and print it (it is not shown again).
     Create {
-        /// Who the key is for: a label recorded on the sandboxes it creates (every key
-        /// reaches every sandbox of the daemon; tenants are not separated).
+        /// Who the key is for: it reaches only that tenant's sandboxes, snapshots and
+        /// volumes, and may use but not change templates and pools. Without a tenant, a key
+        /// reaches everything, as the unix socket does.
         #[arg(long)]
         tenant: Option<String>,
     },

@@ -129,3 +129,96 @@ async fn tcp_listener_needs_an_api_key_and_keys_are_managed_locally() {
     assert!(d.cli(&["key", "rm", &keys[0].id]).status.success());
     assert_eq!(status(http.get(format!("{url}/v1/system")).bearer_auth(&key).send().await.unwrap()), 401);
 }
+
+/// Keys of a tenant reach only that tenant's sandboxes, snapshots and volumes (another
+/// tenant's are not found); templates and pools are shared, to use but not to change;
+/// untenanted keys and the unix socket reach everything.
+#[tokio::test]
+async fn tenants_reach_only_their_own_sandboxes_snapshots_and_volumes() {
+    use abx_client::{Client, CreateSandbox, ExecRequest, ForkRequest, VolumeMount};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let d = crate::harness::Daemon::start_with(&["+--listen", &tcp]).await;
+    d.template("mini").await;
+    let url = format!("http://127.0.0.1:{port}");
+    let key = |tenant: Option<&str>| {
+        let mut args = vec!["key", "create"];
+        args.extend(tenant.map(|t| ["--tenant", t]).into_iter().flatten());
+        let o = d.cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let b_key = key(Some("team-b"));
+    let client = |k: String| Client::new(&url).unwrap().with_api_key(k);
+    let (a, b, admin) = (client(key(Some("team-a"))), client(b_key.clone()), client(key(None)));
+    let mini = || CreateSandbox { template: Some("mini".into()), ..Default::default() };
+    let not_found = |e: abx_client::Error| assert_eq!(e.code(), Some("not_found"), "{e}");
+
+    let sa = a.create_sandbox(&CreateSandbox { name: Some("alpha".into()), ..mini() }).await.unwrap();
+    assert_eq!(sa.tenant.as_deref(), Some("team-a"));
+    let sb = b.create_sandbox(&mini()).await.unwrap();
+    let ids = |v: Vec<abx_client::Sandbox>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(ids(a.list_sandboxes().await.unwrap()), [sa.id.as_str()]);
+    assert_eq!(ids(b.list_sandboxes().await.unwrap()), [sb.id.as_str()]);
+    assert_eq!(admin.list_sandboxes().await.unwrap().len(), 2, "a key without a tenant sees all");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 2, "so does the unix socket");
+
+    // Another tenant's sandbox does not exist for b, by id or by name, whatever the request.
+    for key in [sa.id.as_str(), "alpha"] {
+        not_found(b.get_sandbox(key).await.unwrap_err());
+        not_found(b.run(key, &["true"]).await.unwrap_err());
+        not_found(b.read_file(key, "/etc/hostname").await.unwrap_err());
+        not_found(b.snapshot(key, None).await.unwrap_err());
+        not_found(b.fork_sandbox(key, &ForkRequest::default()).await.unwrap_err());
+        not_found(b.stop(key).await.unwrap_err());
+        not_found(b.delete_sandbox(key, true).await.unwrap_err());
+    }
+    let req = ExecRequest { cmd: vec!["true".into()], ..Default::default() };
+    assert!(b.exec_interactive(&sa.id, &req).await.is_err(), "nor over the WebSocket");
+    // The owner's WebSocket exec works (the upgraded connection keeps its caller).
+    let (_w, mut r) = a.exec_interactive(&sa.id, &req).await.unwrap().split();
+    loop {
+        match r.next().await.unwrap() {
+            Some(abx_client::InteractiveEvent::Exit(st)) => break assert_eq!(st.code, Some(0)),
+            Some(_) => {}
+            None => panic!("no exit"),
+        }
+    }
+
+    // Snapshots belong to their sandbox's tenant.
+    let snap = a.snapshot(&sa.id, Some("a-snap")).await.unwrap();
+    assert_eq!(snap.tenant.as_deref(), Some("team-a"));
+    assert!(b.snapshots(None).await.unwrap().is_empty());
+    not_found(b.get_snapshot("a-snap").await.unwrap_err());
+    not_found(b.fork_snapshot("a-snap", &ForkRequest::default()).await.unwrap_err());
+    not_found(b.rollback(&sb.id, "a-snap").await.unwrap_err());
+    not_found(b.delete_snapshot("a-snap").await.unwrap_err());
+    let fork = a.fork_snapshot("a-snap", &ForkRequest::default()).await.unwrap().sandboxes.remove(0);
+    assert_eq!(fork.tenant.as_deref(), Some("team-a"), "a fork is its maker's");
+
+    // Volumes too: b can neither see nor mount a's.
+    a.create_volume("a-vol").await.unwrap();
+    assert!(b.volumes().await.unwrap().is_empty());
+    not_found(b.volume("a-vol").await.unwrap_err());
+    let mount = VolumeMount { name: "a-vol".into(), path: "/data".into(), read_only: false };
+    let e = b.create_sandbox(&CreateSandbox { volumes: vec![mount.clone()], ..mini() }).await.unwrap_err();
+    not_found(e);
+    assert_eq!(b.list_sandboxes().await.unwrap().len(), 1, "nothing half-made");
+    a.create_sandbox(&CreateSandbox { volumes: vec![mount], ..mini() }).await.unwrap();
+    assert_eq!(admin.volumes().await.unwrap().len(), 1);
+
+    // Templates and pools are shared: listed and used, not changed.
+    assert!(b.templates().await.unwrap().iter().any(|t| t.name == "mini"));
+    let e = b.set_pool("mini", 1, 2).await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e}");
+    let e = b.delete_template("mini").await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e}");
+    assert!(d.client.template("mini").await.is_ok(), "the template is still there");
+    // MCP over TCP acts for everyone: not for a tenant's key.
+    let r = reqwest::Client::new().post(format!("{url}/mcp")).bearer_auth(&b_key).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+
+    // The owner removes what is its own.
+    a.delete_sandbox("alpha", true).await.unwrap();
+    b.delete_sandbox(&sb.id, true).await.unwrap();
+}

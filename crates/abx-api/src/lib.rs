@@ -128,6 +128,9 @@ pub struct CreateVolume {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Volume {
     pub name: String,
+    /// The tenant of the key that made it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
     /// Bytes its files take on disk (allocated blocks).
@@ -197,6 +200,10 @@ pub struct Snapshot {
     pub id: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// The tenant of the key that made it (none when made on the unix socket or with a
+    /// key without a tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// The sandbox it was taken from (which may be gone).
     pub sandbox: String,
     pub template: String,
@@ -445,6 +452,10 @@ pub struct Sandbox {
     pub id: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// The tenant of the key that made it (none when made on the unix socket or with a
+    /// key without a tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub template: String,
     pub state: SandboxState,
     /// Unix seconds.

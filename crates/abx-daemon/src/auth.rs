@@ -166,6 +166,84 @@ pub fn key_of(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Whom a request acts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The unix socket (root on the host) or an API key without a tenant: everything.
+    Admin,
+    /// An API key of this tenant: the tenant's own sandboxes, snapshots and volumes; the
+    /// templates and pools, which are shared, to use but not to change.
+    Tenant(String),
+}
+
+impl Caller {
+    /// The caller an API key acts as.
+    pub fn of_key(key: &KeyRecord) -> Caller {
+        key.tenant.clone().map_or(Caller::Admin, Caller::Tenant)
+    }
+}
+
+tokio::task_local! {
+    static CALLER: Caller;
+}
+
+/// Runs `f` (a request's handling) as `caller`; [`caller`] tells it within.
+pub async fn acting_as<F: std::future::Future>(caller: Caller, f: F) -> F::Output {
+    CALLER.scope(caller, f).await
+}
+
+/// Serves a request as `caller`: its handler, and the streaming of its response body
+/// (which runs after the handler returned, and may call into the core).
+pub async fn serve_as(
+    caller: Caller,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let resp = acting_as(caller.clone(), next.run(req)).await;
+    resp.map(|inner| axum::body::Body::new(ScopedBody { caller, inner }))
+}
+
+/// A response body polled as its request's caller.
+struct ScopedBody {
+    caller: Caller,
+    inner: axum::body::Body,
+}
+
+impl http_body::Body for ScopedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        CALLER.sync_scope(this.caller.clone(), || std::pin::Pin::new(&mut this.inner).poll_frame(cx))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whom the current request acts for; `None` outside a request (every listener sets one,
+/// and a task spawned from a request must carry it over with [`acting_as`]).
+pub fn caller() -> Option<Caller> {
+    CALLER.try_with(Caller::clone).ok()
+}
+
+/// The tenant the current request acts for, if it is a tenant's.
+pub fn tenant() -> Option<String> {
+    match caller() {
+        Some(Caller::Tenant(t)) => Some(t),
+        _ => None,
+    }
+}
+
 /// Who a request came from: set by the TCP listener's key check (absent on the unix socket).
 #[derive(Debug, Clone)]
 pub struct Remote {

@@ -17,6 +17,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::agent::{self, AgentConn, CallError};
+use crate::auth::Caller;
 use crate::error::{CoreError, CoreResult};
 use crate::manager::Manager;
 use crate::sandbox::Sandbox;
@@ -404,8 +405,117 @@ impl Core {
         Core { manager }
     }
 
-    /// Runs one command.
+    /// Runs one command for the caller of the current request ([`crate::auth::caller`]):
+    /// a tenant's key reaches only that tenant's sandboxes, snapshots and volumes.
     pub async fn execute(&self, cmd: Command) -> CoreResult<Outcome> {
+        let tenant = match crate::auth::caller() {
+            Some(Caller::Admin) => None,
+            Some(Caller::Tenant(t)) => Some(t),
+            // Every listener says whom a request acts for; a task that lost it acts for
+            // nobody rather than for everyone.
+            None => return Err(CoreError::Forbidden("a request that acts for nobody (an internal error)".into())),
+        };
+        let Some(tenant) = tenant else { return self.dispatch(cmd).await };
+        self.authorize(&tenant, &cmd)?;
+        let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());
+        Ok(match self.dispatch(cmd).await? {
+            Outcome::Sandboxes(v) => Outcome::Sandboxes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+            Outcome::Snapshots(v) => Outcome::Snapshots(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+            Outcome::Volumes(v) => Outcome::Volumes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+            o => o,
+        })
+    }
+
+    /// What a tenant's key may do: anything with its own sandboxes, snapshots and volumes
+    /// (another tenant's are "not found", as if they did not exist); templates and warm
+    /// pools, which every tenant shares, only to use; keys not at all.
+    fn authorize(&self, tenant: &str, cmd: &Command) -> CoreResult<()> {
+        use Command as C;
+        let m = &self.manager;
+        let own = |t: Option<&str>| t == Some(tenant);
+        let sandbox = |key: &str| match m.get(key) {
+            Ok(sb) if sb.read(|r| own(r.tenant.as_deref())) => Ok(()),
+            _ => Err(CoreError::not_found("sandbox", key)),
+        };
+        let snapshot = |key: &str| match m.find_snapshot(key) {
+            Ok(s) if own(s.tenant.as_deref()) => Ok(()),
+            _ => Err(CoreError::not_found("snapshot", key)),
+        };
+        let volume = |name: &str| match m.volume_records()?.into_iter().find(|v| v.name == name) {
+            Some(v) if own(v.tenant.as_deref()) => Ok(()),
+            _ => Err(CoreError::not_found("volume", name)),
+        };
+        let volumes = |req: &CreateSandbox| req.volumes.iter().try_for_each(|v| volume(&v.name));
+        let shared = |what: &str| {
+            Err(CoreError::Forbidden(format!(
+                "{what} are shared by every tenant: a tenant's key may use them but not change them \
+                 (use a key without a tenant, or the unix socket)"
+            )))
+        };
+        match cmd {
+            C::CreateSandbox(req) => volumes(req),
+            C::Run(req) => volumes(&req.sandbox),
+            C::ListSandboxes
+            | C::ListSnapshots { sandbox: None }
+            | C::CreateVolume(_)
+            | C::ListVolumes
+            | C::ListTemplates
+            | C::GetTemplate { .. }
+            | C::ListPools
+            | C::GetPool { .. }
+            | C::SystemInfo
+            | C::Metrics => Ok(()),
+            C::ListSnapshots { sandbox: Some(id) }
+            | C::GetSandbox { id }
+            | C::DeleteSandbox { id, .. }
+            | C::SetTimeout { id, .. }
+            | C::SandboxStats { id }
+            | C::Exec { id, .. }
+            | C::ListProcesses { id }
+            | C::Signal { id, .. }
+            | C::Stdin { id, .. }
+            | C::Resize { id, .. }
+            | C::Attach { id, .. }
+            | C::ReadFile { id, .. }
+            | C::WriteFile { id, .. }
+            | C::ListDir { id, .. }
+            | C::Stat { id, .. }
+            | C::Mkdir { id, .. }
+            | C::Remove { id, .. }
+            | C::Rename { id, .. }
+            | C::ArchiveRead { id, .. }
+            | C::ArchiveWrite { id, .. }
+            | C::Pause { id }
+            | C::Resume { id }
+            | C::Stop { id, .. }
+            | C::Start { id }
+            | C::CreateSnapshot { id, .. }
+            | C::SetNetwork { id, .. }
+            | C::NetworkLog { id }
+            | C::NetworkTest { id }
+            | C::PortUrl { id, .. } => sandbox(id),
+            C::Diff { id, since, .. } => sandbox(id).and_then(|()| since.as_deref().map_or(Ok(()), snapshot)),
+            C::Rollback { id, snapshot: snap } => sandbox(id).and_then(|()| snapshot(snap)),
+            C::GetSnapshot { id } | C::DeleteSnapshot { id } => snapshot(id),
+            C::Fork { source, .. } => match m.get(source) {
+                Ok(_) => sandbox(source),
+                Err(_) => snapshot(source).map_err(|_| CoreError::not_found("sandbox or snapshot", source.as_str())),
+            },
+            C::GetVolume { name } | C::DeleteVolume { name } => volume(name),
+            C::BuildTemplate(_)
+            | C::DeleteTemplate { .. }
+            | C::RefreshTemplate { .. }
+            | C::TagTemplate { .. }
+            | C::PruneBuildCache => shared("templates"),
+            C::SetPool { .. } | C::DeletePool { .. } => shared("warm pools"),
+            C::CreateKey(_) | C::ListKeys | C::DeleteKey { .. } => {
+                Err(CoreError::Forbidden("API keys are managed on the unix socket only".into()))
+            }
+        }
+    }
+
+    /// Runs one command, unchecked.
+    async fn dispatch(&self, cmd: Command) -> CoreResult<Outcome> {
         let m = &self.manager;
         match cmd {
             Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.api(&m.create(req).await?.record()))),

@@ -12,6 +12,9 @@ pub enum CoreError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
+    /// Not allowed for this caller (a tenant's key).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Exhausted(String),
     #[error("sandbox {id} could not be set up: {message}")]
@@ -54,6 +57,7 @@ impl CoreError {
             CoreError::NotFound { .. } => ("not_found", 404),
             CoreError::Invalid(_) => ("invalid_argument", 400),
             CoreError::Conflict(_) => ("conflict", 409),
+            CoreError::Forbidden(_) => ("forbidden", 403),
             CoreError::Exhausted(_) => ("resource_exhausted", 503),
             CoreError::Setup { .. } => ("sandbox_setup_failed", 500),
             CoreError::Internal { .. } => ("internal", 500),

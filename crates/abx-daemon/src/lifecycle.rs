@@ -37,6 +37,9 @@ pub const MAX_VOLUMES: usize = 16;
 pub struct SnapRecord {
     pub id: String,
     pub name: Option<String>,
+    /// The tenant of its sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub sandbox: String,
     pub template: String,
     /// The template layers below it, bottom first.
@@ -70,6 +73,7 @@ impl SnapRecord {
         abx_api::Snapshot {
             id: self.id.clone(),
             name: self.name.clone(),
+            tenant: self.tenant.clone(),
             sandbox: self.sandbox.clone(),
             template: self.template.clone(),
             created_at: self.created_at,
@@ -84,6 +88,9 @@ impl SnapRecord {
 pub struct VolRecord {
     pub name: String,
     pub created_at: u64,
+    /// The tenant of the key that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 fn join_err(what: &str) -> impl FnOnce(tokio::task::JoinError) -> CoreError + '_ {
@@ -217,6 +224,7 @@ impl Manager {
         let snap = SnapRecord {
             id: id.clone(),
             name,
+            tenant: rec.tenant.clone(),
             sandbox: rec.id.clone(),
             template: rec.template.clone(),
             layers: rec.layers.clone(),
@@ -707,7 +715,7 @@ impl Manager {
         self.storage.volumes().join(name)
     }
 
-    fn volume_records(&self) -> CoreResult<Vec<VolRecord>> {
+    pub(crate) fn volume_records(&self) -> CoreResult<Vec<VolRecord>> {
         self.store().all_in(Table::Volumes).map_err(|e| CoreError::internal("read volumes", e))
     }
 
@@ -715,7 +723,14 @@ impl Manager {
         let (size_bytes, entries) = crate::cow::usage(&self.volume_dir(&v.name), true);
         let used_by =
             self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == v.name)).map(|r| r.id).collect();
-        abx_api::Volume { name: v.name.clone(), created_at: v.created_at, size_bytes, entries, used_by }
+        abx_api::Volume {
+            name: v.name.clone(),
+            tenant: v.tenant.clone(),
+            created_at: v.created_at,
+            size_bytes,
+            entries,
+            used_by,
+        }
     }
 
     /// Creates a named volume: an empty directory (mode 0777: every user of every sandbox
@@ -744,7 +759,7 @@ impl Manager {
         .await
         .map_err(join_err("volume"))?
         .map_err(|e| CoreError::internal(format!("create volume {name}"), e))?;
-        let rec = VolRecord { name: name.to_string(), created_at: now() };
+        let rec = VolRecord { name: name.to_string(), created_at: now(), tenant: crate::auth::tenant() };
         if let Err(e) = self.store().put_in(Table::Volumes, name, &rec) {
             let _ = crate::cow::remove(&dir);
             return Err(CoreError::internal("record volume", e));

@@ -585,6 +585,7 @@ impl Manager {
         if has_pool && servable {
             let claim = crate::pool::Claim {
                 name: req.name.clone(),
+                tenant: crate::auth::tenant(),
                 limits: limits.clone(),
                 env: req.env.clone(),
                 workdir: req.workdir.clone(),
@@ -608,6 +609,7 @@ impl Manager {
         let base = self.new_record(id, &template, slot, created_at);
         let rec = Record {
             name: req.name.clone(),
+            tenant: crate::auth::tenant(),
             limits,
             env,
             workdir: req.workdir.clone().or(base.workdir.clone()),
@@ -670,6 +672,7 @@ impl Manager {
             hostname: id.clone(),
             id,
             name: None,
+            tenant: None,
             template: template.name.clone(),
             layers: template.layers.clone(),
             limits: merge_limits(&Limits::default(), &self.cfg.default_limits),

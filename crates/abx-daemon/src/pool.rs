@@ -386,6 +386,7 @@ type Series<T> = (&'static str, &'static str, fn(&abx_api::Pool) -> T);
 /// What a claim applies to a pooled sandbox.
 pub struct Claim {
     pub name: Option<String>,
+    pub tenant: Option<String>,
     pub limits: Limits,
     pub env: std::collections::BTreeMap<String, String>,
     pub workdir: Option<String>,
@@ -732,6 +733,7 @@ impl Manager {
         let created_at = now();
         let rec = sb.update(|r| {
             r.name = c.name.clone();
+            r.tenant = c.tenant.clone();
             r.limits = c.limits.clone();
             r.env.extend(c.env.clone());
             r.workdir = c.workdir.clone().or(r.workdir.take());

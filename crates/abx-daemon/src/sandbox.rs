@@ -14,6 +14,10 @@ use tokio::sync::watch;
 pub struct Record {
     pub id: String,
     pub name: Option<String>,
+    /// The tenant of the API key that made it: only keys of that tenant (and untenanted
+    /// ones, and the unix socket) reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub template: String,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
@@ -70,6 +74,7 @@ impl Record {
         abx_api::Sandbox {
             id: self.id.clone(),
             name: self.name.clone(),
+            tenant: self.tenant.clone(),
             template: self.template.clone(),
             state: self.state,
             created_at: self.created_at,
@@ -96,6 +101,7 @@ impl Record {
         Record {
             id: id.into(),
             name: None,
+            tenant: None,
             template: "mini".into(),
             layers: vec![],
             limits: Limits::default(),

@@ -50,7 +50,12 @@ pub async fn serve(
             Listen::Unix(path) => {
                 let listener = bind_unix(path)?;
                 info!(socket = %path.display(), "listening");
-                let app = app.clone();
+                // Root on the host: acts for everyone.
+                let app = app.clone().layer(axum::middleware::from_fn(
+                    |req: axum::extract::Request, next: axum::middleware::Next| {
+                        crate::auth::serve_as(crate::auth::Caller::Admin, req, next)
+                    },
+                ));
                 let mut rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
                     let _ = axum::serve(listener, app)
@@ -105,12 +110,21 @@ async fn require_key(
         return resp;
     }
     if crate::e2b::is_envd_request(req.uri(), req.headers()) {
-        return next.run(req).await;
+        // The facade checks the sandbox's access token and acts on that sandbox alone.
+        return crate::auth::serve_as(crate::auth::Caller::Admin, req, next).await;
     }
     match crate::auth::key_of(req.headers()).and_then(|k| core.manager.auth.check(k)) {
         Some(key) => {
+            let caller = crate::auth::Caller::of_key(&key);
+            // The MCP tools are clients of the unix socket, which acts for everyone.
+            if caller != crate::auth::Caller::Admin && req.uri().path().starts_with(abx_mcp::HTTP_PATH) {
+                let message = "MCP over TCP needs a key without a tenant (its tools act for every tenant); \
+                               a tenant's agents can use the API or the e2b SDK with their key";
+                let body = serde_json::json!({"error": {"code": "forbidden", "message": message}});
+                return (axum::http::StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+            }
             req.extensions_mut().insert(crate::auth::Remote { key });
-            next.run(req).await
+            crate::auth::serve_as(caller, req, next).await
         }
         None => {
             // `error` for agentbox's clients; `code` and `message` at the top for the e2b SDKs.

@@ -135,26 +135,38 @@ fn output_event(out: crate::core::ExecOutput) -> ExecEvent {
     }
 }
 
+/// Runs `f` as `caller` (none: as nobody, which [`Core::execute`] refuses).
+async fn as_caller<F: std::future::Future<Output = ()>>(caller: Option<crate::auth::Caller>, f: F) {
+    match caller {
+        Some(c) => crate::auth::acting_as(c, f).await,
+        None => f.await,
+    }
+}
+
 /// Interactive exec over a WebSocket (stdin, signals, terminal resize); see the module docs
 /// for the message format.
 #[utoipa::path(get, path = abx_api::paths::EXEC_WS, tag = "exec",
     params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 101, description = "switching to the WebSocket protocol"), (status = 400, body = ErrorBody)))]
 async fn exec_ws(State(core): State<Core>, Path(id): Path<String>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| async move {
-        let mut socket = socket;
-        let req = match first_request(&mut socket).await {
-            Ok(r) => r,
-            Err(msg) => return send_error(&mut socket, "invalid_argument", &msg).await,
-        };
-        let req = ExecRequest { interactive: true, background: false, ..req };
-        match core.execute(Command::Exec { id, req }).await.and_then(|o| o.exec()) {
-            Ok(session) => pump(socket, session).await,
-            Err(e) => {
-                let (code, _) = e.code();
-                send_error(&mut socket, code, &e.full_message()).await
+    // The upgraded connection is served by a task of its own: it acts for the same caller.
+    let caller = crate::auth::caller();
+    ws.on_upgrade(move |socket| {
+        as_caller(caller, async move {
+            let mut socket = socket;
+            let req = match first_request(&mut socket).await {
+                Ok(r) => r,
+                Err(msg) => return send_error(&mut socket, "invalid_argument", &msg).await,
+            };
+            let req = ExecRequest { interactive: true, background: false, ..req };
+            match core.execute(Command::Exec { id, req }).await.and_then(|o| o.exec()) {
+                Ok(session) => pump(socket, session).await,
+                Err(e) => {
+                    let (code, _) = e.code();
+                    send_error(&mut socket, code, &e.full_message()).await
+                }
             }
-        }
+        })
     })
 }
 
@@ -358,13 +370,16 @@ async fn output(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>) 
     params(("id" = String, Path, description = "sandbox id or name"), ("pid" = u32, Path, description = "process id inside the sandbox")),
     responses((status = 101, description = "switching to the WebSocket protocol")))]
 async fn attach_ws(State(core): State<Core>, Path((id, pid)): Path<(String, u32)>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |mut socket| async move {
-        match core.execute(Command::Attach { id, pid }).await.and_then(|o| o.exec()) {
-            Ok(session) => pump(socket, session).await,
-            Err(e) => {
-                let (code, _) = e.code();
-                send_error(&mut socket, code, &e.full_message()).await
+    let caller = crate::auth::caller();
+    ws.on_upgrade(move |mut socket| {
+        as_caller(caller, async move {
+            match core.execute(Command::Attach { id, pid }).await.and_then(|o| o.exec()) {
+                Ok(session) => pump(socket, session).await,
+                Err(e) => {
+                    let (code, _) = e.code();
+                    send_error(&mut socket, code, &e.full_message()).await
+                }
             }
-        }
+        })
     })
 }
