@@ -62,3 +62,34 @@ async fn mcp_streamable_http_session() {
     server.abort();
     assert!(d.client.list_sandboxes().await.unwrap().is_empty(), "the session destroyed what it made");
 }
+
+/// A line that is not JSON gets JSON-RPC's parse error (-32700, id null) and the session
+/// goes on; the SDK's transport used to drop it without an answer.
+#[tokio::test]
+async fn mcp_stdio_answers_a_line_that_is_not_json_with_a_parse_error() {
+    use std::io::Write;
+    let d = Daemon::start().await;
+    let host = format!("unix:{}", d.socket.display());
+    let mut child = std::process::Command::new(agentbox_bin())
+        .args(["--host", &host, "mcp"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-03-26","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    writeln!(stdin, "{init}").unwrap();
+    writeln!(stdin, r#"{{"jsonrpc":"2.0","method":"notifications/initialized"}}"#).unwrap();
+    writeln!(stdin, "this is not json").unwrap();
+    writeln!(stdin, r#"{{"jsonrpc":"2.0","id":2,"method":"ping"}}"#).unwrap();
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    let answers: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // In any order: the parse error does not wait for the server's answers.
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers.iter().any(|a| a["id"] == 0 && a["result"]["serverInfo"]["name"] == "agentbox"), "{answers:?}");
+    assert!(answers.iter().any(|a| a["id"].is_null() && a["error"]["code"] == -32700), "{answers:?}");
+    assert!(answers.iter().any(|a| a["id"] == 2 && a["result"] == serde_json::json!({})), "{answers:?}");
+}

@@ -28,10 +28,67 @@ pub use tools::AgentboxMcp;
 pub const HTTP_PATH: &str = "/mcp";
 
 /// Serves MCP on this process's stdin and stdout until the client closes them.
+///
+/// A line that is not JSON at all is answered with JSON-RPC's parse error (-32700, id
+/// null), which the SDK's transport would drop without a word: the server reads the lines
+/// that are JSON, and one writer puts its answers and those errors on stdout whole.
 pub async fn serve_stdio(client: abx_client::Client) -> anyhow::Result<()> {
-    let running = AgentboxMcp::new(client).serve(rmcp::transport::io::stdio_pipes()).await?;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (stdin, mut stdout) = rmcp::transport::io::stdio_pipes();
+    let (server_in, mut feed) = tokio::io::duplex(1 << 16);
+    let (server_out, answers) = tokio::io::duplex(1 << 16);
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let errors = lines_tx.clone();
+    tokio::spawn(async move {
+        let mut input = tokio::io::BufReader::new(stdin).split(b'\n');
+        while let Ok(Some(line)) = input.next_segment().await {
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_ok() {
+                if feed.write_all(&line).await.is_err() || feed.write_all(b"\n").await.is_err() {
+                    return;
+                }
+            } else if errors.send(parse_error(&line)).await.is_err() {
+                return;
+            }
+        }
+        // End of input: the server sees it when `feed` is dropped here.
+    });
+    tokio::spawn(async move {
+        let mut out = tokio::io::BufReader::new(answers).split(b'\n');
+        while let Ok(Some(mut line)) = out.next_segment().await {
+            line.push(b'\n');
+            if lines_tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            if stdout.write_all(&line).await.is_err() || stdout.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let running = AgentboxMcp::new(client).serve((server_in, server_out)).await?;
     running.waiting().await?;
+    // What is still queued goes out (the channel closes once both feeders are done).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
     Ok(())
+}
+
+/// JSON-RPC's answer to a message that is not JSON.
+fn parse_error(line: &[u8]) -> Vec<u8> {
+    let err = serde_json::from_slice::<serde::de::IgnoredAny>(line).err().map(|e| e.to_string()).unwrap_or_default();
+    let msg = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": { "code": -32700, "message": format!("Parse error: {err}") },
+    });
+    let mut v = serde_json::to_vec(&msg).unwrap_or_default();
+    v.push(b'\n');
+    v
 }
 
 /// Options of the streamable HTTP endpoint.
