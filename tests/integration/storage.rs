@@ -80,3 +80,19 @@ async fn the_data_mode_does_not_change_under_live_sandboxes() {
     let id = d.mini(Limits::default()).await;
     assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
 }
+
+/// A sandbox that filled the btrfs image and was removed leaves its data chunks allocated
+/// until btrfs' cleaner frees them (up to 30 s), so every create failed with ENOSPC in
+/// between; the daemon now frees them on ENOSPC and tries the create again.
+#[tokio::test]
+async fn a_create_right_after_a_sandbox_filled_the_disk_succeeds() {
+    let d = Daemon::start_with(&["--data", "image", "--data-size", "1G"]).await;
+    let id = d.mini(Limits { memory_bytes: Some(512 << 20), ..Default::default() }).await;
+    let (out, _, _) = d.sh(&id, "dd if=/dev/zero of=/tmp/big bs=1M count=2000 2>&1 | tail -1; df -k / | tail -1").await;
+    let full = out.lines().last().and_then(|l| l.split_whitespace().nth(3)).and_then(|a| a.parse::<u64>().ok());
+    assert!(full.is_some_and(|avail| avail < 20 << 10), "the image is full: {out}");
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    let again = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&again, "echo room").await.0, "room\n");
+    assert!(d.log().contains("freed the empty chunks"), "the space came back through the reclaim");
+}

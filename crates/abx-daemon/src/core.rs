@@ -518,9 +518,18 @@ impl Core {
     async fn dispatch(&self, cmd: Command) -> CoreResult<Outcome> {
         let m = &self.manager;
         match cmd {
-            Command::CreateSandbox(req) => Ok(Outcome::Sandbox(m.api(&m.create(req).await?.record()))),
+            Command::CreateSandbox(req) => {
+                let sb = match m.create(req.clone()).await {
+                    Err(e) if m.reclaim_after(&e).await => m.create(req).await?,
+                    r => r?,
+                };
+                Ok(Outcome::Sandbox(m.api(&sb.record())))
+            }
             Command::Run(req) => {
-                let sb = m.create_on(req.sandbox, None, true).await?;
+                let sb = match m.create_on(req.sandbox.clone(), None, true).await {
+                    Err(e) if m.reclaim_after(&e).await => m.create_on(req.sandbox, None, true).await?,
+                    r => r?,
+                };
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))

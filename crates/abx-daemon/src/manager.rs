@@ -267,6 +267,23 @@ impl Manager {
         found.next().is_none().then(|| first.clone())
     }
 
+    /// After a create failed with ENOSPC on btrfs: frees emptied data chunks
+    /// ([`crate::storage::Storage::reclaim`]) and says whether to try once more (a failed
+    /// create leaves nothing behind).
+    pub async fn reclaim_after(&self, e: &CoreError) -> bool {
+        let text = e.full_message();
+        if !self.storage.cow || !(text.contains("os error 28") || text.contains("No space left on device")) {
+            return false;
+        }
+        // Space that destroys are about to free counts: their cleanups finish first.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.pending_frees.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || storage.reclaim()).await.unwrap_or(false)
+    }
+
     pub fn list(&self) -> Vec<Record> {
         let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<Record> = map.values().map(|s| s.record()).collect();
@@ -454,7 +471,14 @@ impl Manager {
         {
             first.get_or_insert(e);
         }
-        if let Err(e) = dirs.empty() {
+        // A sandbox that filled the disk leaves btrfs no room to allocate metadata even
+        // after its files are gone (their chunks stay allocated until the cleaner runs):
+        // free the emptied chunks and finish.
+        let emptied = match dirs.empty() {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull && self.storage.reclaim() => dirs.empty(),
+            r => r,
+        };
+        if let Err(e) = emptied {
             first.get_or_insert(format!("empty slot {}: {e}", self.slot_name(uid_slot)));
         }
         // Statistics start from zero for the next sandbox; done here, off its create.
