@@ -83,7 +83,8 @@ async fn the_data_mode_does_not_change_under_live_sandboxes() {
 
 /// A sandbox that filled the btrfs image and was removed leaves its data chunks allocated
 /// until btrfs' cleaner frees them (up to 30 s), so every create failed with ENOSPC in
-/// between; the daemon now frees them on ENOSPC and tries the create again.
+/// between; the daemon now frees them on ENOSPC and tries the create again. A sandbox that
+/// fills the disk can also be stopped with its files (the stop failed, leaving it exited).
 #[tokio::test]
 async fn a_create_right_after_a_sandbox_filled_the_disk_succeeds() {
     let d = Daemon::start_with(&["--data", "image", "--data-size", "1G"]).await;
@@ -92,7 +93,28 @@ async fn a_create_right_after_a_sandbox_filled_the_disk_succeeds() {
     let full = out.lines().last().and_then(|l| l.split_whitespace().nth(3)).and_then(|a| a.parse::<u64>().ok());
     assert!(full.is_some_and(|avail| avail < 20 << 10), "the image is full: {out}");
     d.client.delete_sandbox(&id, true).await.unwrap();
-    let again = d.mini(Limits::default()).await;
+    let again = d.mini(Limits { memory_bytes: Some(512 << 20), ..Default::default() }).await;
     assert_eq!(d.sh(&again, "echo room").await.0, "room\n");
     assert!(d.log().contains("freed the empty chunks"), "the space came back through the reclaim");
+    // A sandbox that filled the disk stops with its files (the stop used to fail making
+    // the slot's next data tree, leaving the sandbox exited), and starts again.
+    let (out, _, _) = d.sh(&again, "dd if=/dev/zero of=/tmp/big bs=1M count=2000 2>/dev/null; wc -c < /tmp/big").await;
+    let size = out.trim().to_string();
+    assert!(size.parse::<u64>().is_ok_and(|n| n > 500 << 20), "{out}");
+    assert_eq!(d.client.stop(&again).await.unwrap().state, abx_client::SandboxState::Stopped);
+    // With its own files filling the disk it cannot boot again (its slot has no room for
+    // a few bytes of setup), but that fails cleanly: it stays stopped, its files kept.
+    match d.client.start(&again).await {
+        Ok(sb) => assert_eq!(d.sh(&sb.id, "wc -c < /tmp/big").await.0.trim(), size),
+        Err(e) => {
+            assert!(e.to_string().contains("No space left"), "{e}");
+            assert_eq!(d.client.get_sandbox(&again).await.unwrap().state, abx_client::SandboxState::Stopped);
+            let diff = d.client.diff(&again).await.unwrap();
+            assert!(diff.added.iter().any(|f| f.path == "/tmp/big"), "{diff:?}");
+        }
+    }
+    d.client.delete_sandbox(&again, true).await.unwrap();
+    // Then the space is there again for new sandboxes.
+    let third = d.mini(Limits::default()).await;
+    assert_eq!(d.sh(&third, "echo room").await.0, "room\n");
 }

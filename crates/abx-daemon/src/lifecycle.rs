@@ -580,7 +580,13 @@ impl Manager {
     pub(crate) fn keep_data(&self, rec: &Record) -> Result<(), String> {
         let data = self.slot_dirs(rec.uid_slot).data();
         crate::cow::rename(&data, &self.storage.kept().join(&rec.id))?;
-        crate::cow::make(&data, self.storage.cow)
+        // The files are kept once moved. A fresh tree that cannot be made now (a full
+        // disk: the sandbox's own files fill it) is made when the slot is next prepared.
+        if let Err(e) = crate::cow::make(&data, self.storage.cow) {
+            warn!(sandbox = %rec.id, error = %e, "the slot gets a fresh data tree when it is next used");
+            self.forget_slot_state(rec.uid_slot);
+        }
+        Ok(())
     }
 
     /// Boots a stopped or exited sandbox again (same id, files as they were).

@@ -416,6 +416,12 @@ impl Manager {
         self.prepared.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
+    /// Makes the next use of a slot prepare it from scratch (its directories, data tree
+    /// and cgroups).
+    pub(crate) fn forget_slot_state(&self, uid_slot: u32) {
+        self.cache().remove(&uid_slot);
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u32, SlotCache>> {
         self.slot_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
