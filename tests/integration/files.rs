@@ -43,6 +43,17 @@ async fn permissions_follow_the_acting_user() {
     assert_eq!(e.code(), Some("permission_denied"), "{e}");
     assert_eq!(root.read_file(&id, "/root/secret").await.unwrap(), b"x");
     assert_eq!(root.stat(&id, "/root/secret").await.unwrap().uid, 0);
+    // The mode asked for is the mode a user's upload gets, setuid and setgid included
+    // (writing the content cleared them after the chmod).
+    let info = d.client.write_file(&id, "/tmp/tool", b"#!/bin/sh\n".to_vec(), Some(0o6755)).await.unwrap();
+    assert_eq!((info.mode, info.uid), (0o6755, 1000), "{info:?}");
+    assert_eq!(d.client.stat(&id, "/tmp/tool").await.unwrap().mode, 0o6755);
+    // Never more than the user may: setuid on a file of root's that the user can write
+    // (world-writable) is refused, as the user's own chmod is.
+    root.write_file(&id, "/tmp/roots", b"x".to_vec(), Some(0o666)).await.unwrap();
+    let e = d.client.write_file(&id, "/tmp/roots", b"y".to_vec(), Some(0o4777)).await.unwrap_err();
+    assert_eq!(e.code(), Some("permission_denied"), "{e}");
+    assert_eq!(root.stat(&id, "/tmp/roots").await.unwrap().mode & 0o7000, 0, "no setuid-root file");
 }
 
 #[tokio::test]

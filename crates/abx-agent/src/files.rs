@@ -151,6 +151,18 @@ pub async fn write_file(agent: &Agent, mut conn: Conn, req: WriteRequest<'_>) ->
             other => return conn.err(Error::Invalid(format!("unexpected {other:?} frame in file data"))).await,
         }
     }
+    // A write by a user without CAP_FSETID clears the setuid and setgid bits the mode set
+    // before it: they are set again once the content is there.
+    // Done as the writing user, as the first one was (never with more rights than theirs).
+    if let Some(mode) = check_mode(req.mode).ok().flatten().filter(|m| m & 0o6000 != 0) {
+        let again = resolve_user(req.user).and_then(|user| {
+            let _as = agent.base.enter(&user)?;
+            rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(mode)).map_err(|e| Error::path(&path, e.into()))
+        });
+        if let Err(e) = again {
+            return conn.err(e).await;
+        }
+    }
     match file.metadata() {
         Ok(meta) => conn.ok(&file_info(&path, &meta, None)).await,
         Err(e) => conn.err(Error::path(&path, e)).await,
