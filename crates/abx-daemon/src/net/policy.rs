@@ -137,6 +137,12 @@ impl Rule {
         let lower = lower.strip_suffix('.').unwrap_or(&lower);
         if let Some(rest) = lower.strip_prefix("*.") {
             check_domain(rest).map_err(bad)?;
+            if !rest.contains('.') && !PRIVATE_TLDS.contains(&rest) {
+                return Err(bad(format!(
+                    "'*.{rest}' would allow every name of the top-level domain '{rest}'; allow the domains \
+                     themselves (such as '*.example.{rest}'), or use --net public"
+                )));
+            }
             return Ok(Rule::Domain { name: rest.to_string(), wildcard: true, ports, proto });
         }
         if lower == "*" {
@@ -215,6 +221,11 @@ fn parse_ports(p: &str) -> Result<(u16, u16), String> {
         }
     }
 }
+
+/// Top-level names for private and special use (RFC 2606, RFC 6761, RFC 6762, ICANN's
+/// `internal`, and the common LAN ones), under which a wildcard does not open the internet.
+const PRIVATE_TLDS: &[&str] =
+    &["test", "example", "invalid", "localhost", "local", "internal", "lan", "home", "corp", "intranet", "private"];
 
 fn check_domain(d: &str) -> Result<(), String> {
     if d.len() > 253 || d.is_empty() {
@@ -574,6 +585,13 @@ mod tests {
         assert!(Policy::parse(&p).unwrap_err().contains("'x:0'"));
         let p = Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.test".into()] }).unwrap();
         assert!(p.allows_name("a.test") && !p.allows_name("test"));
+        // A wildcard over a public top-level domain is the internet, refused with a reason.
+        for tld in ["*.com", "*.IO", "*.org."] {
+            let e = Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec![tld.into()] }).unwrap_err();
+            assert!(e.contains("top-level domain"), "{tld}: {e}");
+        }
+        assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.co.uk".into()] }).is_ok());
+        assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Allow, allow: vec!["*.internal".into()] }).is_ok());
         assert!(Policy::parse(&NetworkPolicy { mode: NetMode::Public, allow: vec![] }).unwrap().allows_name("x"));
     }
 
