@@ -118,3 +118,27 @@ async fn a_create_right_after_a_sandbox_filled_the_disk_succeeds() {
     let third = d.mini(Limits::default()).await;
     assert_eq!(d.sh(&third, "echo room").await.0, "room\n");
 }
+
+/// A data image the kernel turned read-only (btrfs does after a failed write, as when the
+/// host disk holding the image is full) is reported, and creates say why they fail.
+#[tokio::test]
+async fn a_read_only_data_filesystem_is_reported_and_named_in_errors() {
+    let d = Daemon::start_with(&["--data", "image"]).await;
+    d.template("mini").await;
+    let mountpoint = d.root.join(format!("{}-data", d.prefix));
+    assert!(!d.client.system().await.unwrap().data.read_only);
+    let remount = |opt: &str| {
+        let st = std::process::Command::new("mount").args(["-o", &format!("remount,{opt}")]).arg(&mountpoint).status();
+        assert!(st.unwrap().success(), "remount {opt}");
+    };
+    remount("ro");
+    assert!(d.client.system().await.unwrap().data.read_only);
+    let req = abx_client::CreateSandbox { template: Some("mini".into()), ..Default::default() };
+    let e = d.client.create_sandbox(&req).await.unwrap_err();
+    assert_eq!(e.code(), Some("resource_exhausted"), "{e}");
+    assert!(e.to_string().contains("is read-only") && e.to_string().contains("host filesystem"), "{e}");
+    remount("rw");
+    assert!(!d.client.system().await.unwrap().data.read_only);
+    let id = d.client.create_sandbox(&req).await.unwrap().id;
+    assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
+}

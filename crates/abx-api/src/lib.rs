@@ -826,6 +826,11 @@ pub struct DataInfo {
     /// Bytes used and still available on the data filesystem.
     pub used_bytes: u64,
     pub available_bytes: u64,
+    /// The data filesystem is read-only: btrfs turns itself read-only after a failed
+    /// write (for an image, most often a full host disk). Nothing can be created until
+    /// that is fixed and the daemon restarted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 #[cfg(test)]

@@ -520,16 +520,18 @@ impl Core {
         match cmd {
             Command::CreateSandbox(req) => {
                 let sb = match m.create(req.clone()).await {
-                    Err(e) if m.reclaim_after(&e).await => m.create(req).await?,
-                    r => r?,
-                };
+                    Err(e) if m.reclaim_after(&e).await => m.create(req).await,
+                    r => r,
+                }
+                .map_err(|e| m.explain_create_error(e))?;
                 Ok(Outcome::Sandbox(m.api(&sb.record())))
             }
             Command::Run(req) => {
                 let sb = match m.create_on(req.sandbox.clone(), None, true).await {
-                    Err(e) if m.reclaim_after(&e).await => m.create_on(req.sandbox, None, true).await?,
-                    r => r?,
-                };
+                    Err(e) if m.reclaim_after(&e).await => m.create_on(req.sandbox, None, true).await,
+                    r => r,
+                }
+                .map_err(|e| m.explain_create_error(e))?;
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))
@@ -871,6 +873,7 @@ impl Core {
                     image: m.storage.image.as_ref().map(|i| i.file.display().to_string()),
                     used_bytes: used,
                     available_bytes: available,
+                    read_only: m.storage.read_only(),
                 }
             },
         }

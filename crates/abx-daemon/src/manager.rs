@@ -270,6 +270,15 @@ impl Manager {
     /// After a create failed with ENOSPC on btrfs: frees emptied data chunks
     /// ([`crate::storage::Storage::reclaim`]) and says whether to try once more (a failed
     /// create leaves nothing behind).
+    /// A create's error, or the read-only data filesystem that caused it.
+    pub fn explain_create_error(&self, e: CoreError) -> CoreError {
+        let text = e.full_message();
+        if (text.contains("os error 30") || text.contains("Read-only file system")) && self.storage.read_only() {
+            return CoreError::Exhausted(self.storage.read_only_error());
+        }
+        e
+    }
+
     pub async fn reclaim_after(&self, e: &CoreError) -> bool {
         let text = e.full_message();
         if !self.storage.cow || !(text.contains("os error 28") || text.contains("No space left on device")) {

@@ -236,6 +236,29 @@ impl Storage {
         available
     }
 
+    /// Whether the data filesystem is mounted read-only (btrfs and ext4 with
+    /// `errors=remount-ro` turn themselves read-only after a failed write).
+    pub fn read_only(&self) -> bool {
+        let dir = self.image.as_ref().map_or(self.base(), |i| i.mountpoint.as_path());
+        rustix::fs::statvfs(dir).is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    }
+
+    /// The error for a failure caused by a read-only data filesystem, naming the likely
+    /// cause and the way out.
+    pub fn read_only_error(&self) -> String {
+        let dir = self.image.as_ref().map_or(self.base(), |i| i.mountpoint.as_path());
+        match &self.image {
+            Some(img) => format!(
+                "the sandbox data filesystem {} is read-only: the kernel turned it read-only after a failed write, \
+                 most often because the host filesystem holding its image {} is full; free space there, then \
+                 restart the daemon (which mounts the image again)",
+                dir.display(),
+                img.file.display()
+            ),
+            None => format!("the sandbox data directory {} is on a read-only filesystem", dir.display()),
+        }
+    }
+
     /// Bytes used and available on the data filesystem.
     pub fn usage(&self) -> Option<(u64, u64)> {
         let dir = self.image.as_ref().map_or(self.slots.parent().unwrap_or(&self.slots), |i| &i.mountpoint);
