@@ -104,6 +104,24 @@ async fn archives_copy_directory_trees() {
         d.sh(&id, "cat /home/user/copy/t/a/1 /home/user/copy/t/2; stat -c %a /home/user/copy/t/a").await.0,
         "one\ntwo\n751\n"
     );
+    // A FIFO in an upload is made as a FIFO (it was an empty regular file); a device node
+    // stops the extraction with an error naming it.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Fifo);
+    h.set_mode(0o640);
+    h.set_size(0);
+    b.append_data(&mut h, "q/pipe", std::io::empty()).unwrap();
+    d.client.upload_archive(&id, "/tmp/up", b.into_inner().unwrap()).await.unwrap();
+    assert_eq!(d.sh(&id, "stat -c '%F %a' /tmp/up/q/pipe").await.0, "fifo 640\n");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Char);
+    h.set_mode(0o666);
+    h.set_size(0);
+    b.append_data(&mut h, "null", std::io::empty()).unwrap();
+    let e = d.client.upload_archive(&id, "/tmp/up", b.into_inner().unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("device node"), "{e}");
 }
 
 /// Guards that a directory download failing before its first byte (a file in it the

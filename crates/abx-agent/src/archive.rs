@@ -15,7 +15,8 @@
 //! Extraction runs on a short-lived thread (the `tar` crate reads synchronously while the
 //! data arrives asynchronously) that acts as the user for its whole life, so everything
 //! it creates belongs to the user. Modes and modification times are preserved, ownership
-//! in the archive is ignored. The `tar` crate refuses to write through symlinks out of the
+//! in the archive is ignored. FIFOs are made as FIFOs; a device node stops the extraction
+//! with an error (a sandbox cannot create one). The `tar` crate refuses to write through symlinks out of the
 //! target; the agent additionally rejects, with an error, any entry whose path is
 //! absolute or contains `..` (extraction stops there; earlier entries stay).
 
@@ -298,9 +299,23 @@ fn unpack(base: &Base, user: &User, dir: &str, reader: impl Read) -> Result<(), 
     for entry in archive.entries().map_err(|source| Error::Archive { source })? {
         let mut entry = entry.map_err(|source| Error::Archive { source })?;
         let name = checked_name(&entry.path().map_err(|source| Error::Archive { source })?)?;
-        if entry.header().entry_type() == EntryType::Directory {
-            dirs.push(entry);
-            continue;
+        match entry.header().entry_type() {
+            EntryType::Directory => {
+                dirs.push(entry);
+                continue;
+            }
+            // The `tar` crate would write these as empty regular files.
+            EntryType::Fifo => {
+                let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
+                make_fifo(dir, &name, mode)?;
+                continue;
+            }
+            EntryType::Char | EntryType::Block => {
+                return Err(Error::Invalid(format!(
+                    "{name}: a device node cannot be created in a sandbox (the archive stops there)"
+                )));
+            }
+            _ => {}
         }
         entry.unpack_in(dir).map_err(|e| unpack_error(dir, &name, e))?;
     }
@@ -310,6 +325,29 @@ fn unpack(base: &Base, user: &User, dir: &str, reader: impl Read) -> Result<(), 
         entry.unpack_in(dir).map_err(|e| unpack_error(dir, &name, e))?;
     }
     Ok(())
+}
+
+/// Makes the FIFO `name` of an archive under `dir` (its parents as needed), replacing
+/// what is there unless it is a directory.
+fn make_fifo(dir: &str, name: &str, mode: u32) -> Result<(), Error> {
+    let target = paths::join(dir, name.trim_end_matches('/'));
+    if let Some(parent) = paths::parent(&target) {
+        create_dirs(parent, 0o755)?;
+    }
+    if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(&target).map_err(|e| Error::path(&target, e))?;
+    }
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        target.as_str(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(mode),
+        0,
+    )
+    .map_err(|e| Error::path(&target, e.into()))?;
+    // The umask may have taken bits away.
+    rustix::fs::chmod(target.as_str(), rustix::fs::Mode::from_raw_mode(mode))
+        .map_err(|e| Error::path(&target, e.into()))
 }
 
 /// Rejects absolute entry paths and `..`; returns the path for messages.
