@@ -159,29 +159,26 @@ pub struct StopArgs {
 
 /// `stop`: print each sandbox's new state.
 pub async fn stop(client: &Client, a: StopArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    for id in a.ids {
-        let r = match a.time {
-            Some(t) => client.stop_with_grace(&id, t).await,
-            None => client.stop(&id).await,
-        };
-        match r {
-            Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
-            Err(e) => {
-                eprintln!("agentbox: {e}");
-                code = 1;
-            }
-        }
-    }
-    Ok(code)
+    each_state(a.ids, async |id| match a.time {
+        Some(t) => client.stop_with_grace(id, t).await,
+        None => client.stop(id).await,
+    })
+    .await
 }
 
 /// `start`: print each sandbox's new state.
 pub async fn start(client: &Client, a: StartArgs) -> anyhow::Result<i32> {
+    each_state(a.ids, async |id| client.start(id).await).await
+}
+
+/// Runs `op` on each sandbox and prints its new state; carries on past errors (exit 1).
+async fn each_state(
+    ids: Vec<String>,
+    mut op: impl AsyncFnMut(&str) -> abx_client::Result<abx_client::Sandbox>,
+) -> anyhow::Result<i32> {
     let mut code = 0;
-    for id in a.ids {
-        let r = client.start(&id).await;
-        match r {
+    for id in ids {
+        match op(&id).await {
             Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
             Err(e) => {
                 eprintln!("agentbox: {e}");

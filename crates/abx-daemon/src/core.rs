@@ -519,19 +519,11 @@ impl Core {
         let m = &self.manager;
         match cmd {
             Command::CreateSandbox(req) => {
-                let sb = match m.create(req.clone()).await {
-                    Err(e) if m.reclaim_after(&e).await => m.create(req).await,
-                    r => r,
-                }
-                .map_err(|e| m.explain_create_error(e))?;
+                let sb = m.create_for_request(req, false).await?;
                 Ok(Outcome::Sandbox(m.api(&sb.record())))
             }
             Command::Run(req) => {
-                let sb = match m.create_on(req.sandbox.clone(), None, true).await {
-                    Err(e) if m.reclaim_after(&e).await => m.create_on(req.sandbox, None, true).await,
-                    r => r,
-                }
-                .map_err(|e| m.explain_create_error(e))?;
+                let sb = m.create_for_request(req.sandbox, true).await?;
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))

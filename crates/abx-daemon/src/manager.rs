@@ -267,11 +267,19 @@ impl Manager {
         found.next().is_none().then(|| first.clone())
     }
 
-    /// After a create failed with ENOSPC on btrfs: frees emptied data chunks
-    /// ([`crate::storage::Storage::reclaim`]) and says whether to try once more (a failed
-    /// create leaves nothing behind).
+    /// [`Manager::create_on`] for a request (without a seed): once more after freeing
+    /// emptied btrfs chunks if it failed with ENOSPC, and a read-only data filesystem
+    /// named as the cause of a failure.
+    pub async fn create_for_request(self: &Arc<Self>, req: CreateSandbox, ephemeral: bool) -> CoreResult<Arc<Sandbox>> {
+        match self.create_on(req.clone(), None, ephemeral).await {
+            Err(e) if self.reclaim_after(&e).await => self.create_on(req, None, ephemeral).await,
+            r => r,
+        }
+        .map_err(|e| self.explain_create_error(e))
+    }
+
     /// A create's error, or the read-only data filesystem that caused it.
-    pub fn explain_create_error(&self, e: CoreError) -> CoreError {
+    fn explain_create_error(&self, e: CoreError) -> CoreError {
         let text = e.full_message();
         if (text.contains("os error 30") || text.contains("Read-only file system")) && self.storage.read_only() {
             return CoreError::Exhausted(self.storage.read_only_error());
@@ -279,7 +287,10 @@ impl Manager {
         e
     }
 
-    pub async fn reclaim_after(&self, e: &CoreError) -> bool {
+    /// After a create failed with ENOSPC on btrfs: frees emptied data chunks
+    /// ([`crate::storage::Storage::reclaim`]) and says whether to try once more (a failed
+    /// create leaves nothing behind).
+    async fn reclaim_after(&self, e: &CoreError) -> bool {
         let text = e.full_message();
         if !self.storage.cow || !(text.contains("os error 28") || text.contains("No space left on device")) {
             return false;
