@@ -537,11 +537,19 @@ async fn a_sandbox_does_not_inherit_the_flows_of_its_slot() {
     pin_source_port(&w, w.d.slot_of(&sy), 40001);
     let v = w.probe(&y, &["udp", &echo, "two"]).await;
     assert_eq!(v["errno"], "EHOSTUNREACH", "policy none, yet the previous sandbox's flow passed: {v}\n{}", w.ruleset());
-    let log = w.d.client.network_log(&y).await.unwrap();
-    assert!(
-        log.events.iter().any(|e| e.kind == "connection" && e.verdict == "deny" && e.port == Some(4443)),
-        "{log:?}"
-    );
+    // The audit is written out asynchronously (within ~200 ms of the event).
+    let denied = |log: &abx_client::NetLog| {
+        log.events.iter().any(|e| e.kind == "connection" && e.verdict == "deny" && e.port == Some(4443))
+    };
+    let mut log = w.d.client.network_log(&y).await.unwrap();
+    for _ in 0..50 {
+        if denied(&log) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        log = w.d.client.network_log(&y).await.unwrap();
+    }
+    assert!(denied(&log), "{log:?}");
     // Cut off at runtime: the open flow ends too, not only new ones.
     let policy = NetworkPolicy { mode: NetMode::Allow, allow: vec![rule[0].to_string()] };
     w.d.client.set_network(&y, &policy).await.unwrap();
