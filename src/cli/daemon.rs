@@ -73,6 +73,11 @@ pub struct DaemonArgs {
     /// Domain of ingress host names, `<port>-<id>.<domain>`.
     #[arg(long, default_value = "agentbox.localhost")]
     domain: String,
+    /// Who may reach the ports of sandboxes that do not choose at create (`--ingress`):
+    /// `public` (anyone who reaches the proxy) or `token` (requests must carry the
+    /// sandbox's token in the header E2b-Traffic-Access-Token).
+    #[arg(long, default_value = "public")]
+    ingress_access: abx_api::IngressAccess,
     /// Pause running sandboxes after this long without a request to them (exec, files,
     /// ingress, ...) or an attached exec session, e.g. 10m (0: never). They resume on the
     /// next request.
@@ -116,6 +121,9 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     cfg.prewarm = a.prewarm;
     cfg.idle_pause = (a.idle_pause > 0).then(|| std::time::Duration::from_secs(a.idle_pause));
     cfg.network = network(&a.subnet, &a.uplink, &a.dns_upstream, &a.ingress, &a.domain)?;
+    if let Some(n) = cfg.network.as_mut() {
+        n.ingress_access = a.ingress_access;
+    }
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;
     Ok(cfg)

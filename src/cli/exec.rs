@@ -92,6 +92,7 @@ fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
         persist: a.persist,
         on_timeout: a.on_timeout,
         volumes: a.volumes.clone(),
+        ingress: a.ingress,
     }
 }
 

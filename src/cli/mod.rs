@@ -165,6 +165,11 @@ pub struct CreateArgs {
     /// After creating, probe the network policy from inside and fail if it does not hold.
     #[arg(long)]
     pub net_test: bool,
+    /// Who may reach the sandbox's ports through the ingress proxy: public, or token
+    /// (requests need the sandbox's token; `agentbox port` prints it). Default: the
+    /// daemon's --ingress-access.
+    #[arg(long)]
+    pub ingress: Option<abx_client::IngressAccess>,
 }
 
 fn parse_timeout_action(s: &str) -> Result<abx_client::TimeoutAction, String> {

@@ -145,6 +145,10 @@ pub async fn test_after_create(client: &Client, id: &str) -> anyhow::Result<bool
 pub async fn port(client: &Client, a: PortArgs) -> anyhow::Result<i32> {
     let p = client.port_url(&a.id, a.port).await?;
     println!("{}", p.url);
+    // The URL alone stays the only line on stdout (scripts use `$(agentbox port ...)`).
+    if let Some(token) = &p.token {
+        eprintln!("send the header: E2b-Traffic-Access-Token: {token}");
+    }
     Ok(0)
 }
 

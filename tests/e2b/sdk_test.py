@@ -438,6 +438,17 @@ def test_auth():
             check(r.status_code == 502 and "ingress" in r.json().get("message", ""), f"port 8000 at {path}: {r.status_code} {r.text}")
         r = httpx.get(url + f"/sandboxes/{a.sandbox_id}", headers={"X-API-Key": "e2b_" + "1" * 40})
         check(r.status_code == 401 and r.json().get("code") == 401, "a wrong API key: 401 in E2B's error shape")
+        # allow_public_traffic=False: the sandbox's ports need its traffic access token.
+        check(a.traffic_access_token is None, "ports are public by default: no traffic token")
+        c = new(network={"allow_public_traffic": False})
+        try:
+            tok = c.traffic_access_token
+            check(tok and len(tok) == 40 and tok != a.traffic_access_token, f"a traffic access token: {tok}")
+            r = httpx.get(url + f"/sandboxes/{c.sandbox_id}", headers={"X-API-Key": os.environ["E2B_API_KEY"]})
+            net = r.json().get("network", {})
+            check(net.get("allowPublicTraffic") is False and r.json().get("trafficAccessToken") == tok, f"detail: {r.text}")
+        finally:
+            c.kill()
     finally:
         a.kill()
         b.kill()

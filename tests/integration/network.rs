@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use abx_client::{CreateSandbox, NetMode, NetworkPolicy};
+use abx_client::{CreateSandbox, IngressAccess, NetMode, NetworkPolicy};
 use serde_json::Value;
 
 use crate::fakenet::{self, CDN, CDN_LONG_TTL, DNS, FakeNet, PRIVATE, WEB_A, WEB_B, WEB_C};
@@ -322,6 +322,75 @@ async fn ingress_routes_by_host_name_and_headers() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("http://8000-{}.sandbox.test:{}", ids[1], ingress.port())
     );
+}
+
+/// Guards ingress access tokens: before them, anyone who reached the ingress proxy reached
+/// every sandbox's ports, whoever owned the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_that_need_a_token_are_reached_only_with_it() {
+    let w = World::with(&["--ingress-access", "token"]).await;
+    // The daemon's default: a token of its own for each sandbox.
+    let a = w.sandbox(NetMode::None, &[]).await;
+    serve(&w, &a, "private").await;
+    let sb = w.d.client.get_sandbox(&a).await.unwrap();
+    assert_eq!(sb.ingress, IngressAccess::Token);
+    let token = sb.ingress_token.expect("a token-protected sandbox shows its token");
+    assert!(token.len() == 40 && token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    let url = w.d.client.port_url(&a, 8000).await.unwrap();
+    assert_eq!(url.token.as_deref(), Some(token.as_str()));
+    let ingress: SocketAddr = url.ingress.parse().unwrap();
+    let get = |host: &str, headers: &[(&str, &str)]| fakenet::http_get(&w.net.daemon_ns, ingress, host, headers);
+    let mut got = String::new();
+    for _ in 0..50 {
+        got = get(&url.host, &[("E2b-Traffic-Access-Token", &token)]);
+        if got.contains("private") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("private\n"), "{got}");
+    let wrong = "0".repeat(40);
+    for headers in [vec![], vec![("E2b-Traffic-Access-Token", wrong.as_str())]] {
+        let got = get(&url.host, &headers);
+        assert!(got.starts_with("HTTP/1.1 401") && got.contains("E2b-Traffic-Access-Token"), "{got}");
+        let by_headers = [headers.as_slice(), &[("E2b-Sandbox-Id", a.as_str()), ("E2b-Sandbox-Port", "8000")]].concat();
+        assert!(get("anything", &by_headers).starts_with("HTTP/1.1 401"));
+    }
+    // A request without the token does not wake a paused sandbox; one with it does.
+    w.d.client.pause(&a).await.unwrap();
+    assert!(get(&url.host, &[]).starts_with("HTTP/1.1 401"));
+    assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().state, abx_client::SandboxState::Paused);
+    let got = get(&url.host, &[("E2b-Traffic-Access-Token", &token)]);
+    assert!(got.contains("private\n"), "{got}");
+    assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().state, abx_client::SandboxState::Running);
+    // `agentbox port` prints the URL alone on stdout and the header on stderr.
+    let out = w.d.cli(&["port", &a, "8000"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), url.url);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&token), "{}", String::from_utf8_lossy(&out.stderr));
+    // A sandbox may choose public ports.
+    let out = w.d.cli(&["create", "-T", "mini", "--ingress", "public"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let sb = w.d.client.get_sandbox(&b).await.unwrap();
+    assert_eq!((sb.ingress, sb.ingress_token), (IngressAccess::Public, None));
+    serve(&w, &b, "public").await;
+    let host_b = format!("8000-{b}.sandbox.test");
+    let mut got = String::new();
+    for _ in 0..50 {
+        got = get(&host_b, &[]);
+        if got.contains("public") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("public\n"), "{got}");
+    let out = w.d.cli(&["create", "-T", "mini", "--ingress", "open"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("use public or token"));
+    // Forks keep the source's choice, each with a token of its own.
+    let forks = w.d.client.fork_sandbox(&a, &abx_client::ForkRequest::default()).await.unwrap();
+    let fork = w.d.client.get_sandbox(&forks.sandboxes[0].id).await.unwrap();
+    assert_eq!(fork.ingress, IngressAccess::Token);
+    assert!(fork.ingress_token.as_ref().is_some_and(|t| *t != token), "{:?}", fork.ingress_token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,7 @@ async fn a_claim_applies_the_callers_settings() {
         metadata: BTreeMap::from([("team".to_string(), "infra".to_string())]),
         limits: Limits { memory_bytes: Some(200 << 20), pids: Some(77), ..Default::default() },
         timeout_secs: Some(600),
+        ingress: Some(abx_client::IngressAccess::Token),
         ..mini()
     };
     let idle_before = idle_slots(&d);
@@ -153,6 +154,8 @@ async fn a_claim_applies_the_callers_settings() {
     assert_eq!(sb.name.as_deref(), Some("claimed"));
     assert_eq!(sb.metadata.get("team").map(String::as_str), Some("infra"));
     assert!(sb.expires_at.is_some_and(|e| e >= sb.created_at + 599));
+    assert_eq!(sb.ingress, abx_client::IngressAccess::Token);
+    assert!(sb.ingress_token.as_ref().is_some_and(|t| t.len() == 40), "{:?}", sb.ingress_token);
     let (out, _, code) = d.sh("claimed", "echo $TASK; pwd; id -u").await;
     assert_eq!(code, 0);
     assert_eq!(out, "t-42\n/tmp\n0\n");

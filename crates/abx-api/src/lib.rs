@@ -89,6 +89,42 @@ pub struct CreateSandbox {
     /// Volumes to mount.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// Who may reach the sandbox's ports through the ingress proxy (default: the daemon's
+    /// `--ingress-access`; a fork or a create from a snapshot: its source's).
+    #[serde(default)]
+    pub ingress: Option<IngressAccess>,
+}
+
+/// Who may reach a sandbox's ports through the ingress proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IngressAccess {
+    /// Anyone who can reach the proxy.
+    #[default]
+    Public,
+    /// Only requests that carry the sandbox's `ingress_token` in the header
+    /// `E2b-Traffic-Access-Token` (the e2b SDK's name for it).
+    Token,
+}
+
+impl IngressAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressAccess::Public => "public",
+            IngressAccess::Token => "token",
+        }
+    }
+}
+
+impl std::str::FromStr for IngressAccess {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "public" => Ok(IngressAccess::Public),
+            "token" => Ok(IngressAccess::Token),
+            _ => Err(format!("invalid ingress access '{s}': use public or token")),
+        }
+    }
 }
 
 /// What happens when a sandbox's timeout expires.
@@ -403,6 +439,10 @@ pub struct PortUrl {
     /// `E2b-Sandbox-Id` and `E2b-Sandbox-Port`.
     pub ingress: String,
     pub host: String,
+    /// When the sandbox's ports need its token (`ingress: token`): the value of the header
+    /// `E2b-Traffic-Access-Token` to send with every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// One changed path (absolute, inside the sandbox).
@@ -494,6 +534,13 @@ pub struct Sandbox {
     /// The snapshot its files started from (create from a snapshot, fork, rollback).
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Who may reach its ports through the ingress proxy.
+    #[serde(default)]
+    pub ingress: IngressAccess,
+    /// With `ingress: token`: the value of the header `E2b-Traffic-Access-Token` that
+    /// requests to its ports must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_token: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec` and the first message of the exec WebSocket.

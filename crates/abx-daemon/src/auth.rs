@@ -53,6 +53,16 @@ fn random_hex(n: usize) -> String {
     hex(&b)
 }
 
+/// A secret for one sandbox (its ingress token): 40 random hex digits.
+pub fn random_token() -> String {
+    random_hex(20)
+}
+
+/// Whether `given` equals `expected`, in time that does not depend on where they differ.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 impl Auth {
     /// Loads (making at first start) the pepper and the keys.
     pub fn open(root: &Path, store: &Store) -> Result<Auth, String> {
@@ -149,8 +159,7 @@ impl Auth {
 
     /// Whether `token` is the access token of `sandbox_id` (constant time).
     pub fn check_sandbox_token(&self, sandbox_id: &str, token: &str) -> bool {
-        let want = self.sandbox_token(sandbox_id);
-        want.len() == token.len() && want.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        same_secret(token.as_bytes(), self.sandbox_token(sandbox_id).as_bytes())
     }
 }
 

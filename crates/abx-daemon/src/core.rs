@@ -660,6 +660,7 @@ impl Core {
                     url: format!("http://{host}:{}", ingress.port()),
                     ingress: ingress.to_string(),
                     host,
+                    token: sb.read(|r| r.ingress_token.clone()),
                 }))
             }
             Command::Metrics => Ok(Outcome::Text(self.metrics())),

@@ -63,6 +63,9 @@ pub struct SnapRecord {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub on_timeout: abx_api::TimeoutAction,
+    /// Whether the source sandbox's ports needed a token (forks get tokens of their own).
+    #[serde(default)]
+    pub ingress: abx_api::IngressAccess,
     /// Taken for a fork of a running sandbox and removed after it.
     #[serde(default)]
     pub transient: bool,
@@ -240,6 +243,7 @@ impl Manager {
             metadata: rec.metadata.clone(),
             timeout_secs: rec.timeout_secs,
             on_timeout: rec.on_timeout,
+            ingress: rec.ingress_access(),
             transient,
         };
         if let Err(e) = self.store().put_in(Table::Snapshots, &id, &snap) {

@@ -570,6 +570,7 @@ impl Manager {
                 if s.on_timeout == abx_api::TimeoutAction::Snapshot {
                     req.on_timeout = req.on_timeout.or(Some(s.on_timeout));
                 }
+                req.ingress = req.ingress.or(Some(s.ingress));
                 Some(s)
             }
             None => None,
@@ -645,6 +646,7 @@ impl Manager {
                 policy: policy.clone(),
                 timeout,
                 on_timeout: req.on_timeout.unwrap_or_default(),
+                ingress_token: self.new_ingress_token(req.ingress),
                 ephemeral,
             };
             if let Some(sb) = self.claim(&template, claim).await? {
@@ -677,6 +679,7 @@ impl Manager {
             volumes: req.volumes.clone(),
             snapshot: snap.as_ref().map(|s| s.id.clone()),
             ephemeral,
+            ingress_token: self.new_ingress_token(req.ingress),
             ..base
         };
         let this = self.clone();
@@ -748,7 +751,15 @@ impl Manager {
             ephemeral: false,
             start: template.config.start.clone(),
             ready: template.config.ready.clone(),
+            ingress_token: None,
         }
+    }
+
+    /// A sandbox's ingress token for the access it asked for (None: the daemon's default),
+    /// or None when its ports are public.
+    pub(crate) fn new_ingress_token(&self, access: Option<abx_api::IngressAccess>) -> Option<String> {
+        let access = access.unwrap_or_else(|| self.net.as_ref().map(|n| n.cfg.ingress_access).unwrap_or_default());
+        (access == abx_api::IngressAccess::Token).then(crate::auth::random_token)
     }
 
     /// Uid slots neither used nor prepared.
@@ -1686,23 +1697,35 @@ fn cgroup_limits(l: &Limits) -> abx_cgroup::Limits {
     abx_cgroup::Limits { memory_bytes: l.memory_bytes, cpus: l.cpus, pids: l.pids }
 }
 
+use crate::net::ingress::Refusal;
+
 /// Finds the address of a running sandbox for the ingress proxy.
 #[derive(Debug)]
 pub struct IngressRouter(pub std::sync::Weak<Manager>);
 
 impl crate::net::ingress::Router for IngressRouter {
-    fn lookup(&self, id: &str) -> Option<std::net::Ipv4Addr> {
-        let m = self.0.upgrade()?;
-        let sb = m.get_by_host_label(id)?;
+    fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<std::net::Ipv4Addr, Refusal> {
+        let m = self.0.upgrade().ok_or(Refusal::NotFound)?;
+        let sb = m.get_by_host_label(id).ok_or(Refusal::NotFound)?;
+        let (slot, pooled, want) = sb.read(|r| (r.uid_slot, r.pooled, r.ingress_token.clone()));
+        // A sandbox waiting in a warm pool belongs to nobody yet.
+        if pooled {
+            return Err(Refusal::NotFound);
+        }
+        if let Some(want) = want
+            && !token.is_some_and(|t| crate::auth::same_secret(t, want.as_bytes()))
+        {
+            return Err(Refusal::Unauthorized);
+        }
         match sb.state() {
             SandboxState::Running => {}
             // A request through the ingress resumes a paused sandbox (a thaw is a few file
             // writes, done here).
-            SandboxState::Paused => m.resume_blocking(&sb).ok()?,
-            _ => return None,
+            SandboxState::Paused => m.resume_blocking(&sb).map_err(|_| Refusal::NotFound)?,
+            _ => return Err(Refusal::NotFound),
         }
         sb.touch();
-        Some(m.net.as_ref()?.slot_addr(sb.read(|r| r.uid_slot)))
+        Ok(m.net.as_ref().ok_or(Refusal::NotFound)?.slot_addr(slot))
     }
 }
 

@@ -396,6 +396,8 @@ pub struct Claim {
     pub policy: crate::net::policy::Policy,
     pub timeout: Option<Duration>,
     pub on_timeout: abx_api::TimeoutAction,
+    /// See `Record::ingress_token`.
+    pub ingress_token: Option<String>,
     /// Lives for one request (see `Record::ephemeral`).
     pub ephemeral: bool,
 }
@@ -744,6 +746,7 @@ impl Manager {
             r.expires_at = c.timeout.map(|t| created_at + t.as_secs().max(1));
             r.timeout_secs = c.timeout.map(|t| t.as_secs().max(1));
             r.on_timeout = c.on_timeout;
+            r.ingress_token = c.ingress_token.clone();
             r.pooled = false;
             r.ephemeral = c.ephemeral;
             r.clone()

@@ -67,6 +67,10 @@ pub struct Record {
     pub start: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
+    /// Set when its ports need a token (`ingress: token`): the token requests through the
+    /// ingress proxy must carry. None: its ports are public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_token: Option<String>,
 }
 
 impl Record {
@@ -93,6 +97,15 @@ impl Record {
             on_timeout: self.on_timeout,
             volumes: self.volumes.clone(),
             snapshot: self.snapshot.clone(),
+            ingress: self.ingress_access(),
+            ingress_token: self.ingress_token.clone(),
+        }
+    }
+
+    pub fn ingress_access(&self) -> abx_api::IngressAccess {
+        match self.ingress_token {
+            Some(_) => abx_api::IngressAccess::Token,
+            None => abx_api::IngressAccess::Public,
         }
     }
 
@@ -128,6 +141,7 @@ impl Record {
             ephemeral: false,
             start: Vec::new(),
             ready: None,
+            ingress_token: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use abx_api::{NetMode, NetworkPolicy, SandboxState, TimeoutAction};
+use abx_api::{IngressAccess, NetMode, NetworkPolicy, SandboxState, TimeoutAction};
 
 use super::time::{parse_rfc3339, rfc3339};
 use super::{
@@ -60,6 +60,7 @@ fn created(core: &Core, sb: &abx_api::Sandbox) -> Value {
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": sandbox_token(core, &sb.id),
+        "trafficAccessToken": sb.ingress_token,
         "domain": null,
     })
 }
@@ -117,9 +118,11 @@ fn end_at(sb: &abx_api::Sandbox) -> u64 {
 fn detail(core: &Core, sb: &abx_api::Sandbox) -> Value {
     let mut v = listed(sb);
     v["envdAccessToken"] = json!(sandbox_token(core, &sb.id));
+    v["trafficAccessToken"] = json!(sb.ingress_token);
     v["domain"] = Value::Null;
     v["allowInternetAccess"] = json!(sb.network.mode != NetMode::None);
     v["network"] = network_info(&sb.network);
+    v["network"]["allowPublicTraffic"] = json!(sb.ingress == IngressAccess::Public);
     v
 }
 
@@ -168,7 +171,6 @@ fn policy(allow_internet: Option<bool>, net: Option<&NetworkConfig>) -> Result<N
                 "network.dnsServers is not supported: sandboxes use agentbox's DNS proxy",
             ));
         }
-        let _ = n.allow_public_traffic;
     }
     let deny_all = allow_internet == Some(false) || deny.iter().any(|d| d == "0.0.0.0/0");
     if let Some(d) = deny.iter().find(|d| *d != "0.0.0.0/0") {
@@ -181,6 +183,11 @@ fn policy(allow_internet: Option<bool>, net: Option<&NetworkConfig>) -> Result<N
     } else {
         NetworkPolicy { mode: NetMode::Public, allow }
     })
+}
+
+/// E2B's `allowPublicTraffic` as who may reach the sandbox's ports (None: the default).
+fn ingress_access(net: &NetworkConfig) -> Option<IngressAccess> {
+    net.allow_public_traffic.map(|public| if public { IngressAccess::Public } else { IngressAccess::Token })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +236,7 @@ pub async fn create(State(core): State<Core>, _k: ApiKey, bytes: Bytes) -> Resul
         return Err(E2bError::bad_request("workload identity (iam) is not supported by agentbox"));
     }
     let network = policy(req.allow_internet_access, req.network.as_ref())?;
+    let ingress = req.network.as_ref().and_then(ingress_access);
     let (template, snapshot) = resolve_template(&core, &req.template_id).await?;
     let create = abx_api::CreateSandbox {
         template,
@@ -244,6 +252,7 @@ pub async fn create(State(core): State<Core>, _k: ApiKey, bytes: Bytes) -> Resul
             .into_iter()
             .map(|v| abx_api::VolumeMount { name: v.name, path: v.path, read_only: false })
             .collect(),
+        ingress,
         ..Default::default()
     };
     let sb = core.execute(Command::CreateSandbox(create)).await?.sandbox()?;
@@ -550,6 +559,11 @@ pub async fn network(State(core): State<Core>, _k: ApiKey, Path(id): Path<String
     let cfg: NetworkConfig = body(&bytes)?;
     let p = policy(None, Some(&cfg))?;
     let sb = sandbox(&core, &id).await?;
+    if ingress_access(&cfg).is_some_and(|a| a != sb.ingress) {
+        return Err(E2bError::bad_request(
+            "network.allowPublicTraffic is set when the sandbox is created and cannot change afterwards",
+        ));
+    }
     core.execute(Command::SetNetwork { id: sb.id, policy: p }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

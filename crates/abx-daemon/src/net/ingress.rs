@@ -5,6 +5,10 @@
 //! 2. a host name `<port>-<id>.<domain>`, e.g. `3000-mybox.agentbox.localhost`
 //!    (browsers resolve `*.localhost` to loopback, so no DNS set-up is needed).
 //!
+//! A sandbox whose ports are not public (`ingress: token`) is reached only by requests
+//! that carry its token in the header `E2b-Traffic-Access-Token` (the e2b SDK's name);
+//! the header is removed before the request goes on to the sandbox.
+//!
 //! Each request gets its own connection to the sandbox; bodies stream both ways without
 //! being buffered whole. An upgrade (WebSocket) that the sandbox accepts with
 //! `101 Switching Protocols` becomes a byte tunnel between the two connections.
@@ -38,6 +42,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 const SANDBOX_ID: HeaderName = HeaderName::from_static("e2b-sandbox-id");
 const SANDBOX_PORT: HeaderName = HeaderName::from_static("e2b-sandbox-port");
+/// The header that carries a sandbox's ingress token.
+pub const ACCESS_TOKEN: HeaderName = HeaderName::from_static("e2b-traffic-access-token");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -59,10 +65,21 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Bodies sent to clients: a sandbox's streamed body or a message of the proxy's own.
 type Body = Either<Incoming, Full<Bytes>>;
 
+/// Why the proxy does not reach a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No running or paused sandbox has that id or name.
+    NotFound,
+    /// Its ports need its token, and the request carried none or another.
+    Unauthorized,
+}
+
 /// Finds sandboxes for the proxy.
 pub trait Router: Send + Sync + 'static {
-    /// The address of sandbox `id` (a sandbox id or name as given by the client), or None if there is no such sandbox.
-    fn lookup(&self, id: &str) -> Option<Ipv4Addr>;
+    /// The address of sandbox `id` (a sandbox id or name as given by the client), for a
+    /// request that carried `token` (the value of `E2b-Traffic-Access-Token`). Nothing
+    /// about the sandbox changes (a paused one is not resumed) unless the token fits.
+    fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal>;
 }
 
 /// A running ingress proxy. Dropping it stops it too, without waiting.
@@ -171,6 +188,11 @@ enum ProxyError {
     BadRequest(String),
     #[error("no sandbox '{0}'; `agentbox ls` lists sandboxes")]
     NotFound(String),
+    #[error(
+        "the ports of sandbox '{0}' need its token: send it in the header E2b-Traffic-Access-Token \
+         (`agentbox port` prints it; it is the sandbox's `ingress_token`)"
+    )]
+    Unauthorized(String),
     #[error("nothing listens on {0}")]
     Refused(Target),
     #[error("cannot connect to {target}")]
@@ -196,6 +218,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ProxyError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             _ => (StatusCode::BAD_GATEWAY, "bad_gateway"),
         }
     }
@@ -269,7 +292,11 @@ impl Shared {
             ));
         }
         let (port, id) = route(req.uri(), req.headers(), &self.domain)?;
-        let ip = lookup(self.router.as_ref(), &id).ok_or_else(|| ProxyError::NotFound(id.clone()))?;
+        let token = req.headers().get(ACCESS_TOKEN).map(|v| v.as_bytes());
+        let ip = lookup(self.router.as_ref(), &id, token).map_err(|r| match r {
+            Refusal::NotFound => ProxyError::NotFound(id.clone()),
+            Refusal::Unauthorized => ProxyError::Unauthorized(id.clone()),
+        })?;
         let target = Target { id, port };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let req = backend_request(req, peer, client_upgrade.is_some());
@@ -310,11 +337,13 @@ impl Shared {
 
 /// The address of sandbox `id` as the client wrote it, else in lower case (host names are
 /// case-insensitive; ids are lower case, names as their owner chose).
-fn lookup(router: &dyn Router, id: &str) -> Option<Ipv4Addr> {
-    router.lookup(id).or_else(|| {
-        let lower = id.to_ascii_lowercase();
-        if lower == id { None } else { router.lookup(&lower) }
-    })
+fn lookup(router: &dyn Router, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
+    match router.lookup(id, token) {
+        Err(Refusal::NotFound) if id.bytes().any(|b| b.is_ascii_uppercase()) => {
+            router.lookup(&id.to_ascii_lowercase(), token)
+        }
+        found => found,
+    }
 }
 
 /// The (port, id) a request is for: by the E2b-Sandbox-* headers, else by host name.
@@ -413,6 +442,7 @@ fn backend_request(req: Request<Incoming>, peer: SocketAddr, upgrade: bool) -> R
     strip_hop_by_hop(headers);
     headers.remove(SANDBOX_ID);
     headers.remove(SANDBOX_PORT);
+    headers.remove(ACCESS_TOKEN);
     // This proxy already answered any `Expect: 100-continue` itself by reading the body.
     headers.remove(header::EXPECT);
     restore_upgrade(headers, upgrade);
@@ -491,13 +521,20 @@ mod tests {
     const B: &str = "bbbbbbbbbbbb";
     const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
     const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+    /// Sandbox B's ports need this token (A's are public).
+    const B_TOKEN: &str = "0123456789abcdef0123456789abcdef01234567";
     const PATIENCE: Duration = Duration::from_secs(10);
 
-    struct MapRouter(HashMap<String, Ipv4Addr>);
+    /// Sandboxes by id, and the tokens of those whose ports need one.
+    struct MapRouter(HashMap<String, Ipv4Addr>, HashMap<String, &'static str>);
 
     impl Router for MapRouter {
-        fn lookup(&self, id: &str) -> Option<Ipv4Addr> {
-            self.0.get(id).copied()
+        fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
+            let ip = self.0.get(id).copied().ok_or(Refusal::NotFound)?;
+            match self.1.get(id) {
+                Some(want) if token != Some(want.as_bytes()) => Err(Refusal::Unauthorized),
+                _ => Ok(ip),
+            }
         }
     }
 
@@ -553,8 +590,13 @@ mod tests {
 
     /// Backends and a proxy in front of them; returns the proxy and the backends' port.
     async fn setup() -> (Ingress, u16) {
+        setup_with_tokens(HashMap::new()).await
+    }
+
+    /// The same, with the ports of the sandboxes in `tokens` needing those tokens.
+    async fn setup_with_tokens(tokens: HashMap<String, &'static str>) -> (Ingress, u16) {
         let port = start_backends().await;
-        let router = MapRouter(HashMap::from([(A.to_string(), A_IP), (B.to_string(), B_IP)]));
+        let router = MapRouter(HashMap::from([(A.to_string(), A_IP), (B.to_string(), B_IP)]), tokens);
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         (Ingress::start(listener, DOMAIN.to_string(), Arc::new(router)), port)
     }
@@ -637,12 +679,12 @@ mod tests {
     /// 404 "no sandbox 'mybox'". Lower-case ids still work from a host name in capitals.
     #[test]
     fn names_with_capitals_are_found() {
-        let router = MapRouter(HashMap::from([("MyBox".to_string(), A_IP), (A.to_string(), B_IP)]));
+        let router = MapRouter(HashMap::from([("MyBox".to_string(), A_IP), (A.to_string(), B_IP)]), HashMap::new());
         let (_, id) = parse_host("8000-MyBox.agentbox.localhost", DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id), Some(A_IP));
+        assert_eq!(lookup(&router, &id, None), Ok(A_IP));
         let (_, id) = parse_host(&format!("8000-{}.agentbox.localhost", A.to_ascii_uppercase()), DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id), Some(B_IP));
-        assert_eq!(lookup(&router, "mybox"), None);
+        assert_eq!(lookup(&router, &id, None), Ok(B_IP));
+        assert_eq!(lookup(&router, "mybox", None), Err(Refusal::NotFound));
     }
 
     #[test]
@@ -708,6 +750,45 @@ mod tests {
         }
         let host = format!("{port}-{}.AgentBox.Localhost:{}", B.to_uppercase(), addr.port());
         assert_eq!(get(addr, "/", &[("host", &host)]).await.json()["backend"], "b");
+        proxy.shutdown().await;
+    }
+
+    /// Guards the ingress token: without it, anyone who reached the proxy reached every
+    /// sandbox's ports, whoever owned the sandbox.
+    #[tokio::test]
+    async fn a_sandbox_whose_ports_need_a_token_is_reached_only_with_it() {
+        let (proxy, port) = setup_with_tokens(HashMap::from([(B.to_string(), B_TOKEN)])).await;
+        let addr = proxy.local_addr();
+        let host_b = format!("{port}-{B}.{DOMAIN}");
+        let port = port.to_string();
+        let by_headers = [("E2b-Sandbox-Id", B), ("E2b-Sandbox-Port", port.as_str())];
+        let wrong = &B_TOKEN[1..];
+        for headers in [
+            vec![("host", host_b.as_str())],
+            vec![("host", host_b.as_str()), ("E2b-Traffic-Access-Token", "")],
+            vec![("host", host_b.as_str()), ("E2b-Traffic-Access-Token", wrong)],
+            by_headers.to_vec(),
+        ] {
+            let answer = get(addr, "/", &headers).await;
+            assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+            let msg = answer.error("unauthorized");
+            assert!(msg.contains("E2b-Traffic-Access-Token") && msg.contains(B), "{msg}");
+        }
+        for headers in [
+            vec![("host", host_b.as_str()), ("E2b-Traffic-Access-Token", B_TOKEN)],
+            [by_headers.as_slice(), &[("e2b-traffic-access-token", B_TOKEN)]].concat(),
+        ] {
+            let answer = get(addr, "/", &headers).await;
+            assert_eq!(answer.status, StatusCode::OK, "{headers:?}");
+            let json = answer.json();
+            assert_eq!(json["backend"], "b");
+            assert!(json["headers"].get("e2b-traffic-access-token").is_none(), "the token reached the sandbox: {json}");
+        }
+        // Public ports need nothing, and a token sent along is not passed on either.
+        let host_a = format!("{port}-{A}.{DOMAIN}");
+        let answer = get(addr, "/", &[("host", &host_a), ("E2b-Traffic-Access-Token", B_TOKEN)]).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.json()["headers"].get("e2b-traffic-access-token").is_none());
         proxy.shutdown().await;
     }
 

@@ -41,6 +41,8 @@ pub struct NetConfig {
     pub ingress: Option<SocketAddr>,
     /// Host-name suffix of ingress URLs: `<port>-<id>.<domain>`.
     pub domain: String,
+    /// Who may reach the ports of sandboxes that do not say (`ingress` at create).
+    pub ingress_access: abx_api::IngressAccess,
 }
 
 impl NetConfig {
@@ -54,6 +56,7 @@ impl NetConfig {
             dns_upstream: system_resolver(),
             ingress: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
             domain: "agentbox.localhost".into(),
+            ingress_access: abx_api::IngressAccess::Public,
         }
     }
 
@@ -401,7 +404,14 @@ impl Network {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("ingress proxy on {addr}: {e}"))?;
             let ing = ingress::Ingress::start(listener, self.cfg.domain.clone(), router);
-            info!(address = %ing.local_addr(), domain = %self.cfg.domain, "ingress proxy listening");
+            info!(address = %ing.local_addr(), domain = %self.cfg.domain, access = self.cfg.ingress_access.as_str(), "ingress proxy listening");
+            if !addr.ip().is_loopback() && self.cfg.ingress_access == abx_api::IngressAccess::Public {
+                warn!(
+                    address = %addr,
+                    "the ingress proxy listens beyond loopback and sandbox ports are public by default: anyone \
+                     who reaches it reaches every sandbox that did not ask for a token (--ingress-access token)"
+                );
+            }
             services.ingress = Some(ing);
         }
         if let Some(sock) = self.nflog.lock().unwrap_or_else(|e| e.into_inner()).take() {
