@@ -64,6 +64,15 @@ pub fn duration(s: &str) -> Result<u64, String> {
 }
 
 /// `KEY=VALUE`.
+/// A stop's grace time: a finite number of seconds from 0 to 3600 (`nan` and `inf`,
+/// which Rust parses as numbers, would reach the daemon as null: its default).
+pub fn grace_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && (0.0..=3600.0).contains(&t) => Ok(t),
+        _ => Err(format!("'{s}' is not a number of seconds from 0 to 3600")),
+    }
+}
+
 pub fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -132,5 +141,15 @@ mod tests {
         assert_eq!(key_value("A=b=c").unwrap(), ("A".into(), "b=c".into()));
         assert!(key_value("=x").is_err());
         assert!(key_value("noequals").is_err());
+    }
+
+    #[test]
+    fn grace_times_are_finite_and_in_range() {
+        assert_eq!(grace_secs("0").unwrap(), 0.0);
+        assert_eq!(grace_secs("2.5").unwrap(), 2.5);
+        assert_eq!(grace_secs("3600").unwrap(), 3600.0);
+        for bad in ["nan", "NaN", "inf", "-inf", "infinity", "-1", "3601", "", "ten"] {
+            assert!(grace_secs(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -74,7 +74,7 @@ pub async fn snapshot(client: &Client, a: SnapshotArgs) -> anyhow::Result<i32> {
             for id in ids {
                 if let Err(e) = client.delete_snapshot(&id).await {
                     eprintln!("agentbox: {e}");
-                    code = 1;
+                    code = super::EXIT_ERROR;
                 }
             }
             Ok(code)
@@ -110,11 +110,9 @@ pub struct ForkArgs {
 /// `fork`: prints the new ids, one per line.
 pub async fn fork(client: &Client, a: ForkArgs) -> anyhow::Result<i32> {
     let req = ForkRequest { count: Some(a.count), timeout_secs: a.timeout, ..Default::default() };
-    // A sandbox first, then a snapshot of that name.
-    let r = match client.get_sandbox(&a.source).await {
-        Ok(sb) => client.fork_sandbox(&sb.id, &req).await?,
-        Err(_) => client.fork_snapshot(&a.source, &req).await?,
-    };
+    // The daemon looks for a sandbox first, then a snapshot of that name, and names both
+    // when neither exists.
+    let r = client.fork_sandbox(&a.source, &req).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -153,7 +151,7 @@ pub struct StopArgs {
     ids: Vec<String>,
     /// Seconds the processes get to exit after SIGTERM before those left are killed
     /// (default 10; 0 kills at once).
-    #[arg(short = 't', long = "time", value_name = "SECONDS")]
+    #[arg(short = 't', long = "time", value_name = "SECONDS", value_parser = super::parse::grace_secs)]
     time: Option<f64>,
 }
 
@@ -182,7 +180,7 @@ async fn each_state(
             Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
             Err(e) => {
                 eprintln!("agentbox: {e}");
-                code = 1;
+                code = super::EXIT_ERROR;
             }
         }
     }
@@ -237,7 +235,7 @@ pub async fn volume(client: &Client, c: VolumeCmd) -> anyhow::Result<i32> {
             for n in names {
                 if let Err(e) = client.delete_volume(&n).await {
                     eprintln!("agentbox: {e}");
-                    code = 1;
+                    code = super::EXIT_ERROR;
                 }
             }
             Ok(code)
@@ -310,7 +308,7 @@ pub async fn pool(client: &Client, c: PoolCmd) -> anyhow::Result<i32> {
             for t in templates {
                 if let Err(e) = client.delete_pool(&t).await {
                     eprintln!("agentbox: {e}");
-                    code = 1;
+                    code = super::EXIT_ERROR;
                 }
             }
             Ok(code)
@@ -363,7 +361,7 @@ pub async fn key(client: &Client, c: KeyCmd) -> anyhow::Result<i32> {
             for id in ids {
                 if let Err(e) = client.delete_key(&id).await {
                     eprintln!("agentbox: {e}");
-                    code = 1;
+                    code = super::EXIT_ERROR;
                 }
             }
             Ok(code)

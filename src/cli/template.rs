@@ -262,7 +262,7 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                     Ok(()) => println!("{n}"),
                     Err(e) => {
                         eprintln!("agentbox: {e}");
-                        code = 1;
+                        code = super::EXIT_ERROR;
                     }
                 }
             }

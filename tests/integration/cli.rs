@@ -99,8 +99,13 @@ async fn templates_and_system_from_the_cli() {
     let sys: serde_json::Value = serde_json::from_str(&text(&d.cli(&["system"])).0).unwrap();
     assert_eq!(sys["prefix"], d.prefix);
     let o = d.cli(&["template", "rm", "nosuch"]);
-    // 1, as `snapshot rm` and `volume rm` when a name was not removed.
-    assert_eq!(o.status.code(), Some(1));
+    // 125 (agentbox's own failure), as `snapshot rm`, `volume rm` and `rm` when a name
+    // was not removed.
+    assert_eq!(o.status.code(), Some(125));
+    for args in [&["snapshot", "rm", "nosuch"][..], &["volume", "rm", "nosuch"], &["stop", "nosuch"], &["rm", "nosuch"]]
+    {
+        assert_eq!(d.cli(args).status.code(), Some(125), "{args:?}");
+    }
     assert!(d.cli(&["template", "rm", "mini"]).status.success());
     assert!(!text(&d.cli(&["template", "ls"])).0.contains("mini"));
 }

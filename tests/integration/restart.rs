@@ -165,6 +165,44 @@ async fn a_daemon_killed_during_a_rollback_loses_no_sandbox() {
     }
 }
 
+/// Guards a stop cut short: the daemon records a sandbox as exited before ending its
+/// processes, so one killed during a stop's grace period left them running under a
+/// sandbox shown as exited, and nothing ever ended them.
+#[tokio::test]
+async fn a_daemon_killed_during_a_stop_leaves_no_process_running() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let id = d.mini(Limits::default()).await;
+    let cmd = ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"].map(String::from).to_vec();
+    d.client.exec_background(&id, &abx_client::ExecRequest { cmd, ..Default::default() }).await.unwrap();
+    let pid1 = d.client.get_sandbox(&id).await.unwrap().pid;
+    let client = d.client.clone();
+    let sid = id.clone();
+    let stop = tokio::spawn(async move { client.stop_with_grace(&sid, 60.0).await });
+    for _ in 0..100 {
+        if d.client.get_sandbox(&id).await.unwrap().state == abx_client::SandboxState::Stopping {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Stopping);
+    d.kill9();
+    let _ = stop.await;
+    d.spawn(&[]).await;
+    let sb = d.client.get_sandbox(&id).await.unwrap();
+    assert_eq!(sb.state, abx_client::SandboxState::Exited, "{sb:?}");
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    for _ in 0..100 {
+        if !alive(pid1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alive(pid1), "the sandbox's PID 1 ({pid1}) outlived its stop\n{}", d.log());
+    d.client.start(&id).await.unwrap();
+    assert_eq!(d.sh(&id, "echo up").await.0, "up\n");
+}
+
 /// A fork is all or nothing even when the daemon dies in the middle: the forks are
 /// ephemeral until every one is made and they are recorded together, and the snapshot a
 /// fork of a running sandbox takes is removed by the next daemon.

@@ -356,10 +356,15 @@ async fn stop_sends_sigterm_and_waits_the_grace_period_before_killing() {
     assert!(t.elapsed() >= Duration::from_millis(600), "stopped after {:?}", t.elapsed());
     // The CLI passes --time; a grace period out of range is refused, naming it.
     d.client.start(&id).await.unwrap();
-    let out = d.cli(&["stop", "--time=-1", &id]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("grace_secs"), "{err}");
+    for bad in ["-1", "nan", "inf"] {
+        let out = d.cli(&["stop", &format!("--time={bad}"), &id]);
+        assert_eq!(out.status.code(), Some(2), "a usage error for --time {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("from 0 to 3600"), "{err}");
+    }
+    assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, SandboxState::Running);
+    let e = d.client.stop_with_grace(&id, -1.0).await.unwrap_err().to_string();
+    assert!(e.contains("grace_secs"), "{e}");
     assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, SandboxState::Running, "nothing stopped");
     let out = d.cli(&["stop", "--time", "0", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -656,4 +661,59 @@ async fn an_exec_during_a_rollback_waits_for_it() {
         crate::harness::host_processes("sleep 99917").is_empty()
     })
     .await;
+}
+
+/// Guards the pins of a create in flight (`pins.rs`): a `template rm` racing a create
+/// from that template used to delete the layers the new sandbox had just mounted (its
+/// files gone, and it could never start again), and a `volume rm` racing a create that
+/// mounts the volume let both succeed (a sandbox with a deleted volume).
+#[tokio::test]
+async fn a_removal_racing_a_create_never_takes_what_the_create_uses() {
+    let d = Daemon::start().await;
+    let src = d.mini(Default::default()).await;
+    for i in 0..8 {
+        root(&d, &src, &format!("echo {i} > /etc/marker{i}")).await;
+        let snap = d.client.snapshot(&src, None).await.unwrap();
+        let name = format!("race{i}");
+        let req = abx_client::BuildTemplate {
+            name: name.clone(),
+            from_snapshot: Some(snap.id.clone()),
+            ..Default::default()
+        };
+        let mut s = d.client.build_template(&req).await.unwrap();
+        while s.next().await.unwrap().is_some() {}
+        let create = CreateSandbox { template: Some(name.clone()), ..Default::default() };
+        let (rm, made) = tokio::join!(d.client.delete_template(&name), d.client.create_sandbox(&create));
+        if let Ok(sb) = made {
+            assert_eq!(
+                try_root(&d, &sb.id, &format!("cat /etc/marker{i}")).await,
+                (format!("{i}\n"), 0),
+                "round {i}: the template's top layer is gone (rm: {rm:?})"
+            );
+            d.client.stop(&sb.id).await.unwrap();
+            d.client.start(&sb.id).await.unwrap_or_else(|e| panic!("round {i}: start after the race: {e}"));
+            d.client.delete_sandbox(&sb.id, true).await.unwrap();
+        }
+        let _ = d.client.delete_snapshot(&snap.id).await;
+        let _ = d.client.delete_template(&name).await;
+    }
+    for i in 0..12 {
+        let name = format!("rv{i}");
+        d.client.create_volume(&name).await.unwrap();
+        let create = CreateSandbox {
+            volumes: vec![VolumeMount { name: name.clone(), path: "/d".into(), read_only: false }],
+            ..mini()
+        };
+        let (rm, made) = tokio::join!(d.client.delete_volume(&name), d.client.create_sandbox(&create));
+        match (&rm, &made) {
+            (Ok(()), Ok(sb)) => panic!("round {i}: volume {name} removed while {} was made with it", sb.id),
+            (Err(_), Ok(sb)) => {
+                assert_eq!(try_root(&d, &sb.id, "echo hi > /d/f && cat /d/f").await, ("hi\n".into(), 0));
+                d.client.delete_sandbox(&sb.id, true).await.unwrap();
+                d.client.delete_volume(&name).await.unwrap();
+            }
+            (Ok(()), Err(e)) => assert!(e.to_string().contains("not found"), "round {i}: {e}"),
+            (Err(a), Err(b)) => panic!("round {i}: both failed: {a} / {b}"),
+        }
+    }
 }

@@ -247,7 +247,8 @@ pub struct Snapshot {
     pub created_at: u64,
     /// Milliseconds the sandbox was frozen for it (0 when it was not running).
     pub frozen_ms: f64,
-    /// Apparent size of the files changed since the template.
+    /// Bytes the files changed since the template take on disk (allocated blocks, as for
+    /// volumes: a sparse file counts what it holds).
     pub size_bytes: u64,
 }
 

@@ -190,19 +190,18 @@ pub fn has_entries(dir: &Path, n: usize) -> bool {
     seen >= n
 }
 
-/// Apparent size of the regular files and symlinks under `dir` and the number of entries
-/// (`du`-like in allocated bytes when `allocated`).
-pub fn usage(dir: &Path, allocated: bool) -> (u64, u64) {
+/// Bytes the files under `dir` take on disk (allocated blocks, like `du`: a sparse file
+/// counts what it holds, a file with several hard links once) and the number of entries.
+pub fn usage(dir: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut bytes = 0;
     let mut entries = 0;
+    let mut linked = std::collections::HashSet::new();
     walk(dir, |e| {
         let Ok(m) = e.metadata() else { return ControlFlow::Continue(()) };
         entries += 1;
-        if allocated && !m.is_dir() {
+        if !m.is_dir() && (m.nlink() < 2 || linked.insert((m.dev(), m.ino()))) {
             bytes += m.blocks() * 512;
-        } else if !allocated && (m.is_file() || m.file_type().is_symlink()) {
-            bytes += m.len();
         }
         ControlFlow::Continue(())
     });
@@ -248,7 +247,22 @@ mod tests {
         assert_eq!(rustix::fs::getxattr(fork.join("upper/d").as_path(), "user.overlay.opaque", &mut buf).unwrap(), 1);
         remove(&fork).unwrap();
         assert!(!fork.exists());
-        assert_eq!(usage(&snap, false), (3, 3));
+        assert_eq!(usage(&snap).1, 3);
+    }
+
+    /// Guards the size of volumes and snapshots: a hard-linked file counted once per link,
+    /// and a sparse file by its length, not by what it takes.
+    #[test]
+    fn usage_counts_allocated_blocks_and_hard_links_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![7u8; 1 << 20]).unwrap();
+        let (one, _) = usage(dir.path());
+        assert!(one >= 1 << 20, "{one}");
+        std::fs::hard_link(&a, dir.path().join("b")).unwrap();
+        let sparse = std::fs::File::create(dir.path().join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
+        assert_eq!(usage(dir.path()), (one, 3));
     }
 
     #[test]

@@ -264,13 +264,20 @@ fn walk(upper: &Path, rel: &Path, layers: &[PathBuf], d: &mut Diff) -> std::io::
 }
 
 /// A tar of the added and changed paths, read from `upper` (owners as inside the sandbox).
-pub fn archive(upper: &Path, d: &Diff, out: impl std::io::Write) -> std::io::Result<()> {
+pub fn archive(upper: &Path, layers: &[PathBuf], d: &Diff, out: impl std::io::Write) -> std::io::Result<()> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     for e in d.added.iter().chain(d.changed.iter()) {
         let rel = e.path.trim_start_matches('/');
-        let src = upper.join(rel);
-        let m = std::fs::symlink_metadata(&src)?;
+        // A diff since a snapshot also lists paths that are back at the template's
+        // version (after a rollback): those are in the layers, not in the upper.
+        let (src, m) = match std::fs::symlink_metadata(upper.join(rel)) {
+            Ok(m) => (upper.join(rel), m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => lower(layers, Path::new(rel)).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("{rel} is in neither the upper nor a layer"))
+            })?,
+            Err(e) => return Err(e),
+        };
         let t = m.file_type();
         if t.is_dir() {
             b.append_dir(rel, &src)?;
@@ -335,13 +342,13 @@ mod tests {
         write(&upper.join("new/dir/file"), "n");
         whiteout(&upper.join("etc/gone"));
         whiteout(&upper.join("old"));
-        let d = diff(&upper, &[lower]).unwrap();
+        let d = diff(&upper, std::slice::from_ref(&lower)).unwrap();
         let paths = |v: &[DiffEntry]| v.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
         assert_eq!(paths(&d.added), ["/new", "/new/dir", "/new/dir/file"]);
         assert_eq!(paths(&d.changed), ["/etc/edit"]);
         assert_eq!(paths(&d.deleted), ["/etc/gone", "/old", "/old/a"]);
         let mut tar = Vec::new();
-        archive(&upper, &d, &mut tar).unwrap();
+        archive(&upper, &[lower], &d, &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let names: Vec<String> =
             a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
@@ -405,6 +412,19 @@ mod tests {
         assert_eq!(paths(&d.added), ["/etc/group", "/home/user", "/home/user/.profile"]);
         assert_eq!(paths(&d.changed), ["/etc/hosts"], "a FIFO in both is unchanged");
         assert_eq!(paths(&d.deleted), ["/home/h"]);
+        // Its archive holds those paths as the template has them (it used to fail: they
+        // are not in the upper).
+        let mut tar = Vec::new();
+        archive(&upper, std::slice::from_ref(&lower), &d, &mut tar).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        for e in tar::Archive::new(&tar[..]).entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            got.insert(e.path().unwrap().display().to_string(), text);
+        }
+        let want = [("etc/group", "g"), ("etc/hosts", "template"), ("home/user", ""), ("home/user/.profile", "p")];
+        assert_eq!(got, want.map(|(p, t)| (p.to_string(), t.to_string())).into_iter().collect());
         // Unchanged since the snapshot: nothing, FIFO included.
         let d = diff_since(&snap, &snap, std::slice::from_ref(&lower)).unwrap();
         assert!(d.added.is_empty() && d.changed.is_empty() && d.deleted.is_empty(), "{d:?}");
@@ -420,9 +440,9 @@ mod tests {
         std::fs::create_dir_all(&lower).unwrap();
         fifo(&upper.join("w/fifo"));
         write(&upper.join("w/file"), "f");
-        let d = diff(&upper, &[lower]).unwrap();
+        let d = diff(&upper, std::slice::from_ref(&lower)).unwrap();
         let mut tar = Vec::new();
-        archive(&upper, &d, &mut tar).unwrap();
+        archive(&upper, &[lower], &d, &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let entries: Vec<(String, tar::EntryType)> = a
             .entries()

@@ -14,6 +14,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod manager;
 pub mod net;
+pub mod pins;
 pub mod pool;
 pub mod sandbox;
 pub mod server;

@@ -256,7 +256,7 @@ impl Manager {
             let this = self.clone();
             let mut s = snap.clone();
             tokio::task::spawn_blocking(move || {
-                s.size_bytes = crate::cow::usage(&this.snapshot_dir(&s.id).join("upper"), false).0;
+                s.size_bytes = crate::cow::usage(&this.snapshot_dir(&s.id).join("upper")).0;
                 if this.find_snapshot(&s.id).is_ok() {
                     let _ = this.store().put_in(Table::Snapshots, &s.id, &s);
                 }
@@ -348,10 +348,16 @@ impl Manager {
             }
         }
         if let Some(e) = first_err {
+            let got = made.len();
             for sb in &made {
                 let _ = self.destroy(&sb.id, true).await;
             }
-            return Err(e);
+            return Err(match e {
+                CoreError::Exhausted(m) if count > 1 => CoreError::Exhausted(format!(
+                    "a fork of {count} needs {count} free sandbox uid ranges and got {got} ({m}); none was kept"
+                )),
+                e => e,
+            });
         }
         Ok(ForkResult {
             snapshot: (!transient).then(|| snap.id.clone()),
@@ -596,6 +602,14 @@ impl Manager {
     /// Boots a stopped or exited sandbox again (same id, files as they were).
     pub async fn start(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
         let (sb, _ops) = self.lock_ops(key).await?;
+        // A start that fails leaves the sandbox stopped as it was, expiry included.
+        let expires_before = sb.read(|r| r.expires_at);
+        let stopped_again = |sb: &Sandbox| {
+            sb.update(|r| {
+                r.state = SandboxState::Stopped;
+                r.expires_at = expires_before;
+            })
+        };
         match sb.state() {
             SandboxState::Running | SandboxState::Paused => return Ok(sb.record()),
             SandboxState::Exited => {
@@ -612,7 +626,7 @@ impl Manager {
         let slot = match self.acquire_slot().await {
             Ok(slot) => slot,
             Err(e) => {
-                sb.update(|r| r.state = SandboxState::Stopped);
+                stopped_again(&sb);
                 return Err(e);
             }
         };
@@ -623,7 +637,7 @@ impl Manager {
         // on leaves a record the next one can find them by (in `kept/` still, or the slot).
         rec.state = SandboxState::Exited;
         if let Err(e) = self.store().put(&rec) {
-            sb.update(|r| r.state = SandboxState::Stopped);
+            stopped_again(&sb);
             self.release_after_stop(slot, &sb.id).await;
             return Err(CoreError::internal("record sandbox", e));
         }
@@ -662,7 +676,7 @@ impl Manager {
             }
             Err(e) => {
                 // Its files are back in `kept/`: stopped, as before.
-                sb.update(|r| r.state = SandboxState::Stopped);
+                stopped_again(&sb);
                 let _ = self.store().put(&sb.record());
                 self.release_after_stop(slot, &sb.id).await;
                 Err(e)
@@ -730,7 +744,7 @@ impl Manager {
     }
 
     fn volume_api(&self, v: &VolRecord) -> abx_api::Volume {
-        let (size_bytes, entries) = crate::cow::usage(&self.volume_dir(&v.name), true);
+        let (size_bytes, entries) = crate::cow::usage(&self.volume_dir(&v.name));
         let used_by =
             self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == v.name)).map(|r| r.id).collect();
         abx_api::Volume {
@@ -797,11 +811,22 @@ impl Manager {
 
     /// Removes a volume and its files; refused while a sandbox (even a stopped one) uses it.
     pub async fn delete_volume(self: &Arc<Self>, name: &str) -> CoreResult<()> {
-        let v = self.volume(name).await?;
-        if !v.used_by.is_empty() {
+        // Checked and unrecorded with no create resolving volumes (see `pins.rs`).
+        let gate = self.pins.removing();
+        if !self.volume_records()?.iter().any(|v| v.name == name) {
+            return Err(CoreError::not_found("volume", name));
+        }
+        let used_by: Vec<String> =
+            self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == name)).map(|r| r.id).collect();
+        if !used_by.is_empty() {
             return Err(CoreError::Conflict(format!(
                 "volume '{name}' is used by sandbox(es) {}; remove them first",
-                v.used_by.join(", ")
+                used_by.join(", ")
+            )));
+        }
+        if self.pins.has_volume(name) {
+            return Err(CoreError::Conflict(format!(
+                "volume '{name}' is being mounted by a sandbox that is being created; remove that sandbox first"
             )));
         }
         // Sandboxes made from a snapshot mount the volumes its sandbox had: a snapshot
@@ -821,6 +846,7 @@ impl Manager {
             )));
         }
         self.store().delete_in(Table::Volumes, name).map_err(|e| CoreError::internal("delete volume", e))?;
+        drop(gate);
         let dir = self.volume_dir(name);
         tokio::task::spawn_blocking(move || crate::cow::remove(&dir))
             .await

@@ -94,6 +94,8 @@ pub struct Manager {
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Warm pools (see `pool.rs`).
     pub(crate) pools: crate::pool::Pools,
+    /// Layers and volumes that creates in flight are about to use (see `pins.rs`).
+    pub(crate) pins: crate::pins::Pins,
     /// API keys and sandbox access tokens.
     pub auth: crate::auth::Auth,
     /// Networking (None with `--subnet none`: loopback only).
@@ -158,6 +160,7 @@ impl Manager {
             preparing: AtomicUsize::new(0),
             slot_cache: Mutex::new(HashMap::new()),
             resolv_files: Mutex::new(HashMap::new()),
+            pins: Default::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
             pools: Default::default(),
             auth,
@@ -575,6 +578,9 @@ impl Manager {
             }
             None => None,
         };
+        // Resolved and pinned under the gate: a removal of the template's layers or of a
+        // volume either finished before or sees the pin (see `pins.rs`).
+        let gate = self.pins.resolving();
         let template = match &snap {
             // The template may have been rebuilt or removed since: the snapshot's layers
             // (kept by garbage collection while a snapshot uses them) are what counts.
@@ -600,6 +606,14 @@ impl Manager {
         };
         validate::create(&req)?;
         self.volume_specs(&req.volumes)?;
+        let _pinned = self.pins.pin(
+            template
+                .layers
+                .iter()
+                .map(|l| crate::pins::Pin::Layer(l.clone()))
+                .chain(req.volumes.iter().map(|v| crate::pins::Pin::Volume(v.name.clone()))),
+        );
+        drop(gate);
         // Held until the sandbox is registered under the name (this function's end).
         let _name = req.name.as_deref().map(|n| self.reserve_name("name", n)).transpose()?;
         if let Some(name) = &req.name
@@ -1224,7 +1238,7 @@ impl Manager {
                     )));
                 }
                 let mut buf = Vec::new();
-                crate::diff::archive(&upper, &d, &mut buf)
+                crate::diff::archive(&upper, &layers, &d, &mut buf)
                     .map_err(|e| CoreError::internal(format!("archive the changes of sandbox {id}"), e))?;
                 Some(buf)
             } else {
@@ -1382,8 +1396,9 @@ impl Manager {
                 if !force =>
             {
                 Err(CoreError::Conflict(format!(
-                    "sandbox {} is running; use force (agentbox rm -f) to destroy it",
-                    r.id
+                    "sandbox {} is {}; stop it first or use force (agentbox rm -f) to destroy it",
+                    r.id,
+                    crate::core::state_name(r.state)
                 )))
             }
             SandboxState::Destroying => Ok(false),
@@ -1534,6 +1549,15 @@ impl Manager {
         match rec.state {
             SandboxState::Exited => {
                 self.claim_uid_slot(rec.uid_slot);
+                // Recorded as exited before its processes were ended (a stop, rollback or
+                // restart): a daemon that died in between, say during a stop's grace
+                // period, left them running. The operation is finished here.
+                if rec.pid > 0 && process_start_time(rec.pid) == Some(rec.pid_start) {
+                    info!(sandbox = %rec.id, pid = rec.pid, "ending the processes of a sandbox whose stop was cut short");
+                    if let Err(e) = self.cgroups.kill(&self.slot_name(rec.uid_slot)) {
+                        warn!(sandbox = %rec.id, error = %e, "ending the processes of an exited sandbox");
+                    }
+                }
                 self.register(rec, None);
                 true
             }
@@ -1642,6 +1666,7 @@ impl Manager {
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
         let mut used: std::collections::HashSet<String> = self.list().into_iter().flat_map(|r| r.layers).collect();
         used.extend(self.pools.layers());
+        used.extend(self.pins.layers());
         if let Ok(snaps) = self.store.all_in::<crate::lifecycle::SnapRecord>(crate::store::Table::Snapshots) {
             used.extend(snaps.into_iter().flat_map(|s| s.layers));
         }

@@ -173,6 +173,8 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
     let m = m.clone();
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
+        // No create may resolve the template meanwhile (see `pins.rs`).
+        let _gate = m.pins.removing();
         let in_use = m.layers_in_use();
         m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))?;
         crate::build::forget_source(&m, &name);
@@ -194,6 +196,7 @@ pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Templat
 pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
+        let _gate = m.pins.removing();
         let in_use = m.layers_in_use();
         m.templates.prune_build_cache(&in_use).map_err(|e| map_err("*", e))
     })
