@@ -370,6 +370,8 @@ async fn paused_sandboxes_make_no_progress_and_resume_with_memory_intact() {
     assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Running);
     // A paused sandbox can be destroyed, and a destroyed one cannot be paused.
     d.client.pause(&id).await.unwrap();
+    let e = d.client.delete_sandbox(&id, false).await.unwrap_err().to_string();
+    assert!(e.contains("is paused"), "a removal without force names the real state: {e}");
     d.client.delete_sandbox(&id, true).await.unwrap();
     assert!(d.client.pause(&id).await.is_err());
 }

@@ -717,3 +717,31 @@ async fn a_removal_racing_a_create_never_takes_what_the_create_uses() {
         }
     }
 }
+
+/// Guards a failed start: it renewed the expiry of a sandbox whose timeout had passed
+/// although the sandbox stayed stopped.
+#[tokio::test]
+async fn a_start_that_fails_leaves_the_sandbox_as_it_was() {
+    let d = Daemon::start_with(&["--uid-slots", "2", "--prewarm", "0"]).await;
+    d.template("mini").await;
+    let req = CreateSandbox {
+        name: Some("sleeper".into()),
+        persist: true,
+        timeout_secs: Some(1),
+        on_timeout: Some(TimeoutAction::Stop),
+        ..mini()
+    };
+    let id = d.client.create_sandbox(&req).await.unwrap().id;
+    d.wait_for("the timeout to stop it", Duration::from_secs(10), || async {
+        d.client.get_sandbox(&id).await.unwrap().state == SandboxState::Stopped
+    })
+    .await;
+    let before = d.client.get_sandbox(&id).await.unwrap();
+    // Both uid ranges taken: the start cannot get one.
+    d.mini(Default::default()).await;
+    d.mini(Default::default()).await;
+    let e = d.client.start(&id).await.unwrap_err().to_string();
+    assert!(e.contains("uid ranges are in use"), "{e}");
+    let after = d.client.get_sandbox(&id).await.unwrap();
+    assert_eq!((after.state, after.expires_at), (SandboxState::Stopped, before.expires_at));
+}
