@@ -17,7 +17,9 @@
 //! The setup layer is keyed by the setup command, the lock files' content and the layers
 //! below, not by the commit: when the ref moves but no lock file changed, a refresh
 //! replaces only the tree layer. Setup runs once, in a sandbox holding the tree of the ref
-//! it was first built at, as the template's user in the repository's directory.
+//! it was first built at, as the template's user in the repository's directory; its layer
+//! leaves out the repository's paths (the tree layer above has the commit's own, and a file
+//! a later commit deleted must not show through from the setup layer).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -345,7 +347,7 @@ impl Builder {
                     }
                     None => {
                         self.out.stage("step", n, total, text.clone());
-                        let c = self.run(&st, command, env).await.map_err(|e| match e {
+                        let c = self.run(&st, command, env, None).await.map_err(|e| match e {
                             CoreError::Invalid(m) => invalid(format!("Dockerfile line {line}: {text}: {m}")),
                             e => e,
                         })?;
@@ -359,8 +361,15 @@ impl Builder {
         Ok(st)
     }
 
-    /// Runs `argv` in a sandbox on the state's layers; its changes become the layer.
-    async fn run(&self, st: &State, argv: &[String], env: &BTreeMap<String, String>) -> CoreResult<Cached> {
+    /// Runs `argv` in a sandbox on the state's layers; its changes become the layer, less
+    /// those to the paths the layer `without` has (`Store::layer_from_delta_without`).
+    async fn run(
+        &self,
+        st: &State,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        without: Option<&str>,
+    ) -> CoreResult<Cached> {
         if st.layers.is_empty() {
             return Err(invalid("RUN needs a root filesystem (FROM scratch has none)"));
         }
@@ -380,7 +389,7 @@ impl Builder {
             ..Default::default()
         };
         let sb = self.m.create_on(req, Some(template), true).await?;
-        let res = self.run_in(&sb, st, argv, env).await;
+        let res = self.run_in(&sb, st, argv, env, without).await;
         let id = sb.id.clone();
         drop(sb);
         let _ = self.m.destroy(&id, true).await;
@@ -393,6 +402,7 @@ impl Builder {
         st: &State,
         argv: &[String],
         env: &BTreeMap<String, String>,
+        without: Option<&str>,
     ) -> CoreResult<Cached> {
         let mut all_env = st.config.env.clone();
         all_env.extend(env.clone());
@@ -452,9 +462,16 @@ impl Builder {
                 let _ = std::fs::remove_file(&p);
             }
         }
-        blocking(move || match m.templates.layer_from_delta(&upper).map_err(|e| tmpl_err("import the changes", e))? {
-            Some((d, _)) => Ok(Cached::Layer(d)),
-            None => Ok(Cached::Nothing),
+        let without = without.map(|d| self.m.templates.layer_path(d));
+        blocking(move || {
+            let layer = match &without {
+                Some(tree) => m.templates.layer_from_delta_without(&upper, tree),
+                None => m.templates.layer_from_delta(&upper),
+            };
+            match layer.map_err(|e| tmpl_err("import the changes", e))? {
+                Some((d, _)) => Ok(Cached::Layer(d)),
+                None => Ok(Cached::Nothing),
+            }
         })
         .await
     }
@@ -750,7 +767,8 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
             let (mm, t, d, lf) = (m.clone(), tree.clone(), dest.clone(), req.lock_files.clone());
             let locks = blocking(move || lock_digest(&mm, &t, &d, &lf)).await?;
             let net = serde_json::to_string(&b.network).unwrap_or_default();
-            let key = hash(&["repo-setup", &base.key, setup, &locks.0, &dest, &net]);
+            // "-2": setup layers before it kept their copies of the repository's files.
+            let key = hash(&["repo-setup-2", &base.key, setup, &locks.0, &dest, &net]);
             let c = match b.cached(&key) {
                 Some(c) => {
                     b.out.stage(
@@ -766,7 +784,9 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
                     let mut st = State { layers: base.layers.clone(), config: config.clone(), key: String::new() };
                     st.layers.push(tree.clone());
                     let argv = vec!["/bin/sh".to_string(), "-c".to_string(), setup.clone()];
-                    let c = b.run(&st, &argv, &BTreeMap::new()).await.map_err(|e| match e {
+                    // Its copies of the repository's files are left out: the tree layer
+                    // on top has the commit's, and a later commit may not have them.
+                    let c = b.run(&st, &argv, &BTreeMap::new(), Some(&tree)).await.map_err(|e| match e {
                         CoreError::Invalid(msg) => invalid(format!("setup `{setup}`: {msg}")),
                         e => e,
                     })?;
