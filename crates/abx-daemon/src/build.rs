@@ -661,24 +661,71 @@ fn image_err(name: &str, e: abx_template::Error) -> CoreError {
     }
 }
 
-/// Where the request that built a template is kept, for `refresh`.
-fn source_path(m: &Manager, name: &str) -> PathBuf {
-    m.cfg.root.join("build-sources").join(format!("{name}.json"))
+/// Where the request that built a template is kept, for `refresh`: `<name>.json` in
+/// `<root>/build-sources/`, or, for a name `template tag` wrote, `<name>.tag` holding the
+/// name of the template whose build source counts (a kept version is not rebuilt).
+fn source_path(root: &Path, name: &str, ext: &str) -> PathBuf {
+    root.join("build-sources").join(format!("{name}.{ext}"))
 }
 
 fn save_source(m: &Manager, name: &str, req: &BuildTemplate) {
-    let path = source_path(m, name);
+    save_source_at(&m.cfg.root, name, req)
+}
+
+fn save_source_at(root: &Path, name: &str, req: &BuildTemplate) {
+    let path = source_path(root, name, "json");
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Ok(bytes) = serde_json::to_vec_pretty(req) {
         let _ = abx_template::write_atomic(&path, &bytes);
     }
+    let _ = std::fs::remove_file(source_path(root, name, "tag"));
 }
 
 /// Forgets how a removed template was built.
 pub fn forget_source(m: &Manager, name: &str) {
-    let _ = std::fs::remove_file(source_path(m, name));
+    for ext in ["json", "tag"] {
+        let _ = std::fs::remove_file(source_path(&m.cfg.root, name, ext));
+    }
+}
+
+/// Records that `target` was just saved as a copy of `source` (`template tag`): whatever
+/// built an earlier `target` no longer describes it, and a kept version is not refreshed.
+pub fn tagged(m: &Manager, source: &str, target: &str) {
+    tagged_at(&m.cfg.root, source, target)
+}
+
+fn tagged_at(root: &Path, source: &str, target: &str) {
+    if source == target {
+        return;
+    }
+    let _ = std::fs::remove_file(source_path(root, target, "json"));
+    // A tag of a tag names the template the first one was taken from.
+    let origin = std::fs::read_to_string(source_path(root, source, "tag")).unwrap_or_else(|_| source.to_string());
+    let path = source_path(root, target, "tag");
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = abx_template::write_atomic(&path, origin.trim().as_bytes());
+}
+
+/// The request that built template `name` (`recipe`: its recipe label, for the message
+/// when there is none).
+fn source_of(root: &Path, name: &str, recipe: &str) -> CoreResult<BuildTemplate> {
+    if let Ok(origin) = std::fs::read_to_string(source_path(root, name, "tag")) {
+        let origin = origin.trim();
+        return Err(invalid(format!(
+            "template '{name}' is a tag of '{origin}' (a kept version, made by `template tag`) and cannot be \
+             refreshed; refresh '{origin}' instead, or build '{name}' again"
+        )));
+    }
+    let bytes = std::fs::read(source_path(root, name, "json")).map_err(|_| {
+        invalid(format!(
+            "template '{name}' was not built from a Dockerfile, a repository or an image (recipe: {recipe}); build it again instead"
+        ))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))
 }
 
 /// Builds a template again from the request that made it: with the build cache, only
@@ -688,14 +735,7 @@ pub fn refresh(m: &Arc<Manager>, name: &str) -> CoreResult<mpsc::Receiver<BuildE
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
         e => tmpl_err(&format!("template '{name}'"), e),
     })?;
-    let bytes = std::fs::read(source_path(m, name)).map_err(|_| {
-        invalid(format!(
-            "template '{name}' was not built from a Dockerfile, a repository or an image (recipe: {}); build it again instead",
-            before.recipe
-        ))
-    })?;
-    let req: BuildTemplate =
-        serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))?;
+    let req = source_of(&m.cfg.root, name, &before.recipe)?;
     if let (Some(reference), Some(auth)) = (&req.pull, &req.registry_auth)
         && auth.username.is_some()
         && auth.auth_file.is_none()
@@ -1013,6 +1053,40 @@ impl Drop for LowerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `template tag SRC NAME` over a built NAME drops NAME's build source (refresh rebuilt
+    /// the old NAME, not what inspect showed), and refreshing a tag says it is one; a build
+    /// of the name afterwards makes it refreshable again.
+    #[test]
+    fn a_tag_replaces_the_build_source_of_its_name() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let req = |ctx: &str| BuildTemplate {
+            name: "x".into(),
+            dockerfile: Some("FROM mini\n".into()),
+            context: Some(ctx.into()),
+            ..Default::default()
+        };
+        save_source_at(root, "app", &req("/ctx1"));
+        save_source_at(root, "feat", &req("/ctx5"));
+        assert_eq!(source_of(root, "app", "-").unwrap().context.as_deref(), Some("/ctx1"));
+        tagged_at(root, "feat", "app");
+        let CoreError::Invalid(e) = source_of(root, "app", "-").unwrap_err() else { panic!() };
+        assert!(e.contains("'app' is a tag of 'feat'") && e.contains("refresh 'feat'"), "{e}");
+        assert_eq!(source_of(root, "feat", "-").unwrap().context.as_deref(), Some("/ctx5"));
+        // A tag of a tag names the first source; tagging a name onto itself changes nothing.
+        tagged_at(root, "app", "app:v1");
+        let CoreError::Invalid(e) = source_of(root, "app:v1", "-").unwrap_err() else { panic!() };
+        assert!(e.contains("'app:v1' is a tag of 'feat'"), "{e}");
+        tagged_at(root, "feat", "feat");
+        assert!(source_of(root, "feat", "-").is_ok());
+        // Built again: refreshable again.
+        save_source_at(root, "app", &req("/ctx1"));
+        assert_eq!(source_of(root, "app", "-").unwrap().context.as_deref(), Some("/ctx1"));
+        // Never built nor tagged: the old message.
+        let CoreError::Invalid(e) = source_of(root, "mini", "mini").unwrap_err() else { panic!() };
+        assert!(e.contains("was not built from a Dockerfile"), "{e}");
+    }
 
     #[test]
     fn a_repository_goes_to_a_directory_of_its_own() {

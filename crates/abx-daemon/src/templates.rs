@@ -183,11 +183,14 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
 }
 
 /// Keeps template `name` under `target` as well (`NAME:TAG`).
+/// What built an earlier `target` no longer describes it: refresh refuses a tag.
 pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Template> {
-    m.templates.tag(name, target).map(to_api).map_err(|e| match e {
+    let t = m.templates.tag(name, target).map_err(|e| match e {
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
         e => map_err(target, e),
-    })
+    })?;
+    crate::build::tagged(m, name, target);
+    Ok(to_api(t))
 }
 
 /// Empties the build cache and collects garbage; returns the removed layers.

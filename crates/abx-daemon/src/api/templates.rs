@@ -99,7 +99,8 @@ async fn refresh(State(core): State<Core>, Path(name): Path<String>) -> Result<R
 }
 
 /// Keep a template under another name too, typically `NAME:TAG` (a version that stays
-/// while NAME is rebuilt); the layers are shared.
+/// while NAME is rebuilt); the layers are shared. The target is a tag: a template it
+/// replaces loses its build source, and refresh of the target is refused.
 #[utoipa::path(post, path = abx_api::paths::TEMPLATE_TAG, tag = "templates", request_body = TagTemplate,
     params(("name" = String, Path, description = "template name")),
     responses((status = 200, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
