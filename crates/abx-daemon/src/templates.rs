@@ -78,6 +78,8 @@ fn is_network_url(repo: &str) -> bool {
 
 /// Starts a build; progress and the result arrive on the returned channel.
 pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    // Before the stream starts, whatever the source: a 400, not an `error` event.
+    abx_template::validate_name(&req.name).map_err(|e| map_err(&req.name, e))?;
     let sources = [
         req.recipe.is_some(),
         req.from_dir.is_some(),
