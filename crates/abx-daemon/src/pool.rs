@@ -172,6 +172,13 @@ impl Pool {
         }
     }
 
+    /// New sizes (`pool set`): the target moves within them at once, so the answer shows
+    /// the target the filler works towards (the next round also bounds it by host room).
+    fn reconfigure(&mut self, cfg: PoolConfig) {
+        self.target = self.target.clamp(cfg.min as usize, cfg.max as usize);
+        self.cfg = cfg;
+    }
+
     /// Claims per second: the higher of the last [`WINDOW`] and the last [`BURST`], so a
     /// burst raises the target at once and a lull lowers it slowly.
     fn rate(&mut self, now: Instant) -> f64 {
@@ -435,7 +442,7 @@ impl Manager {
         {
             let mut pools = self.pools.lock();
             match pools.get_mut(template) {
-                Some(p) => p.cfg = cfg,
+                Some(p) => p.reconfigure(cfg),
                 None => {
                     pools.insert(template.to_string(), Pool::new(cfg));
                 }
@@ -916,6 +923,22 @@ mod tests {
         // Slow boots make a moderate stream too much for one at a time: 40/s * 25 ms = 1.
         p.refill = Some(Duration::from_millis(25));
         assert!(p.pressed_at(now + Duration::from_millis(500)));
+    }
+
+    /// The answer to `pool set` shows the target within the new sizes (it showed the old
+    /// one, even above the new max, until the filler's next round).
+    #[test]
+    fn new_sizes_bound_the_target_at_once() {
+        let cfg = |min, max| PoolConfig { template: "t".into(), min, max };
+        let mut p = Pool::new(cfg(3, 3));
+        assert_eq!(p.target, 3);
+        p.reconfigure(cfg(0, 1));
+        assert_eq!(p.snapshot(Instant::now()).target, 1);
+        p.reconfigure(cfg(2, 4));
+        assert_eq!(p.snapshot(Instant::now()).target, 2);
+        p.target = 3;
+        p.reconfigure(cfg(1, 5));
+        assert_eq!((p.target, p.cfg.min, p.cfg.max), (3, 1, 5), "within the sizes: kept");
     }
 
     #[test]
