@@ -317,6 +317,41 @@ async fn a_deleted_repository_file_stays_deleted_with_a_cached_setup() {
     assert!(cached.contains("cat: can't open 'app.txt'") || cached.contains("No such file"), "{cached}");
 }
 
+/// A client that goes away during a build (Ctrl-C of `template build`, a killed curl)
+/// cancels it: the RUN step's sandbox is destroyed at once and nothing is published, so
+/// the template keeps its old version (the build used to run on and replace it).
+#[tokio::test]
+async fn a_build_whose_client_went_away_is_cancelled() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    let req = |df: &str| BuildTemplate {
+        name: "app".into(),
+        dockerfile: Some(df.into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    let (good, _) = build(&d, &req("FROM mini\nRUN echo good > /tmp/v\n")).await.unwrap();
+    let mut s = d.client.build_template(&req("FROM mini\nRUN sleep 5; echo WRONG > /tmp/wrong\n")).await.unwrap();
+    while let Some(ev) = s.next().await.unwrap() {
+        if matches!(&ev, BuildEvent::Progress { message, .. } if message.starts_with("RUN sleep")) {
+            break;
+        }
+    }
+    d.wait_for("the build sandbox", Duration::from_secs(10), || async {
+        !d.client.list_sandboxes().await.unwrap().is_empty()
+    })
+    .await;
+    drop(s);
+    d.wait_for("the build sandbox to go", Duration::from_secs(3), || async {
+        d.client.list_sandboxes().await.unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(d.client.template("app").await.unwrap().layers, good.layers, "nothing was published");
+    assert_eq!(sh(&d, "app", "cat /tmp/v; test -e /tmp/wrong || echo no-wrong").await.0, "good\nno-wrong\n");
+}
+
 #[tokio::test]
 async fn pooled_template_runs_its_start_command_before_the_claim() {
     let d = Daemon::start().await;

@@ -59,9 +59,10 @@ pub const LOCK_FILES: [&str; 22] = [
     "pom.xml",
 ];
 
-/// Progress and log lines of a build, sent to the client in order.
+/// Progress and log lines of a build, sent to the client in order; and whether that
+/// client is still there (its response stream not dropped).
 #[derive(Clone)]
-pub struct Out(mpsc::UnboundedSender<BuildEvent>);
+pub struct Out(mpsc::UnboundedSender<BuildEvent>, mpsc::Sender<BuildEvent>);
 
 impl Out {
     pub fn stage(&self, stage: &str, done: u64, total: u64, message: impl Into<String>) {
@@ -81,6 +82,21 @@ impl Out {
     fn log(&self, line: &str) {
         let _ = self.0.send(BuildEvent::Progress { stage: "log".into(), done: 0, total: None, message: line.into() });
     }
+
+    /// Resolves once the client went away (Ctrl-C of `template build`, a killed curl).
+    async fn gone(&self) {
+        self.1.closed().await
+    }
+
+    /// An error when the client went away: a build nobody waits for is cancelled, as with
+    /// `docker build`, rather than replacing the template behind the user's back.
+    fn check(&self) -> CoreResult<()> {
+        if self.1.is_closed() { Err(cancelled()) } else { Ok(()) }
+    }
+}
+
+fn cancelled() -> CoreError {
+    CoreError::Conflict("the client went away: build cancelled, nothing published".into())
 }
 
 /// Runs an asynchronous build in the background; its events, then `done` or `error`,
@@ -92,6 +108,7 @@ where
 {
     let (utx, mut urx) = mpsc::unbounded_channel();
     let (tx, rx) = mpsc::channel(256);
+    let client = tx.clone();
     tokio::spawn(async move {
         while let Some(ev) = urx.recv().await {
             if tx.send(ev).await.is_err() {
@@ -100,11 +117,14 @@ where
         }
     });
     let m = m.clone();
-    let out = Out(utx.clone());
+    let out = Out(utx.clone(), client);
     tokio::spawn(async move {
         let ev = match build(m, out).await {
             Ok(t) => BuildEvent::Done { template: crate::templates::to_api(t) },
-            Err(e) => BuildEvent::Error { code: e.code().0.into(), message: e.full_message() },
+            Err(e) => {
+                tracing::info!(error = %e.full_message(), "template build failed");
+                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
+            }
         };
         let _ = utx.send(ev);
     });
@@ -197,6 +217,7 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
         let total = plan.steps.len() as u64 + 1;
         b.out.stage("step", 1, total, format!("FROM {}", plan.from));
         for (i, step) in plan.steps.iter().enumerate() {
+            b.out.check()?;
             st = b.step(st, step, context.as_deref(), i as u64 + 2, total).await?;
         }
         let mut config = st.config;
@@ -420,7 +441,10 @@ impl Builder {
         let mut pending = Vec::new();
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let out = self.out.clone();
-        let status = crate::agent::run(&sb.dirs.agent_socket(), spec, |_, data| {
+        // The client going away ends the command (its exec connection is dropped, which
+        // kills it); the caller destroys the sandbox.
+        let socket = sb.dirs.agent_socket();
+        let running = crate::agent::run(&socket, spec, |_, data| {
             pending.extend_from_slice(data);
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
@@ -431,9 +455,11 @@ impl Builder {
                     tail.pop_front();
                 }
             }
-        })
-        .await
-        .map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?;
+        });
+        let status = tokio::select! {
+            status = running => status.map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?,
+            () = self.out.gone() => return Err(cancelled()),
+        };
         if !pending.is_empty() {
             let line = String::from_utf8_lossy(&pending).into_owned();
             out.log(&line);
@@ -486,6 +512,7 @@ impl Builder {
         req: &BuildTemplate,
     ) -> CoreResult<Template> {
         let (m, name, req) = (self.m.clone(), self.name.clone(), req.clone());
+        self.out.check()?;
         self.out.stage("publishing", 0, 0, format!("template '{name}'"));
         blocking(move || {
             let size = m.templates.layers_size(&layers).map_err(|e| tmpl_err("template size", e))?;
@@ -776,6 +803,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
         b.out.stage("fetch", 1, 4, format!("fetching {repo}"));
         let (mm, r, gr) = (m.clone(), repo.clone(), git_ref.clone());
         let (mirror, commit) = blocking(move || fetch(&mm, &r, &gr)).await?;
+        b.out.check()?;
         b.out.stage("fetch", 1, 4, format!("{git_ref} is {commit}"));
         let owner_spec = base.config.user.clone().unwrap_or_else(|| "0".into());
         let owner =
@@ -799,6 +827,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
             }
         };
 
+        b.out.check()?;
         // Setup, keyed by its inputs: lock files, command, layers below, policy.
         let mut layers = base.layers.clone();
         let mut config = base.config.clone();
