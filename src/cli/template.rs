@@ -65,7 +65,8 @@ pub enum TemplateCmd {
     /// Empty the build cache and remove the layers nothing uses any more.
     Prune,
     /// Keep a template under another name too, typically NAME:TAG (a version that stays
-    /// while NAME is rebuilt; `-T NAME:TAG` uses it).
+    /// while NAME is rebuilt; `-T NAME:TAG` uses it). A tag is not refreshed; tagging over
+    /// an existing name replaces it, and refresh then refuses that name too.
     Tag { name: String, target: String },
     /// Show a template as JSON.
     Inspect { name: String },

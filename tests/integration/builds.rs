@@ -269,6 +269,89 @@ async fn repository_template_at_a_ref_with_cached_setup_and_refresh() {
     assert!(d.client.template("proj-bad").await.is_err(), "nothing half-made");
 }
 
+/// A file the repository deletes does not come back from a cached setup layer made when it
+/// was there (setup's layer used to keep its copy, which showed through the new tree): the
+/// cached build equals a `--no-cache` one.
+#[tokio::test]
+async fn a_deleted_repository_file_stays_deleted_with_a_cached_setup() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path();
+    git(r, &["init", "-q"]);
+    std::fs::write(r.join("package-lock.json"), "{\"lock\":1}\n").unwrap();
+    std::fs::write(r.join("app.txt"), "v1\n").unwrap();
+    std::fs::create_dir(r.join("old")).unwrap();
+    std::fs::write(r.join("old/x.txt"), "x\n").unwrap();
+    git(r, &["add", "."]);
+    git(r, &["commit", "-qm", "one"]);
+    // Setup changes repository files and makes its own.
+    let setup = "if [ -f app.txt ]; then echo changed > app.txt; echo changed > old/x.txt; fi; \
+                 mkdir -p node_modules old/gen && echo dep > node_modules/dep && echo g > old/gen/g";
+    let req = BuildTemplate {
+        name: "proj".into(),
+        repo: Some(r.display().to_string()),
+        git_ref: Some("main".into()),
+        setup: Some(setup.into()),
+        from: Some("mini".into()),
+        ..Default::default()
+    };
+    build(&d, &req).await.unwrap();
+    let look = "cat app.txt old/x.txt node_modules/dep old/gen/g; ls -a . | tr '\\n' ' '";
+    assert_eq!(sh(&d, "proj", look).await.0, "v1\nx\ndep\ng\n. .. app.txt node_modules old package-lock.json ");
+
+    // The next commit deletes app.txt and old/x.txt; the lock file is unchanged.
+    git(r, &["rm", "-q", "app.txt", "old/x.txt"]);
+    std::fs::write(r.join("new.txt"), "new\n").unwrap();
+    git(r, &["add", "."]);
+    git(r, &["commit", "-qm", "two"]);
+    let (_, log) = build(&d, &req).await.unwrap();
+    assert!(log.iter().any(|l| l.starts_with("setup: ") && l.contains("cached")), "{log:#?}");
+    let clean = BuildTemplate { name: "proj-clean".into(), no_cache: true, ..req.clone() };
+    build(&d, &clean).await.unwrap();
+    let look = "ls -a . | tr '\\n' ' '; ls -a old 2>&1 | tr '\\n' ' '; cat app.txt 2>&1";
+    let (cached, _) = sh(&d, "proj", look).await;
+    let (fresh, _) = sh(&d, "proj-clean", look).await;
+    assert_eq!(cached, fresh, "a cached build equals a clean one");
+    assert!(cached.starts_with(". .. new.txt node_modules old package-lock.json "), "{cached}");
+    assert!(cached.contains("cat: can't open 'app.txt'") || cached.contains("No such file"), "{cached}");
+}
+
+/// A client that goes away during a build (Ctrl-C of `template build`, a killed curl)
+/// cancels it: the RUN step's sandbox is destroyed at once and nothing is published, so
+/// the template keeps its old version (the build used to run on and replace it).
+#[tokio::test]
+async fn a_build_whose_client_went_away_is_cancelled() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    let req = |df: &str| BuildTemplate {
+        name: "app".into(),
+        dockerfile: Some(df.into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    let (good, _) = build(&d, &req("FROM mini\nRUN echo good > /tmp/v\n")).await.unwrap();
+    let mut s = d.client.build_template(&req("FROM mini\nRUN sleep 5; echo WRONG > /tmp/wrong\n")).await.unwrap();
+    while let Some(ev) = s.next().await.unwrap() {
+        if matches!(&ev, BuildEvent::Progress { message, .. } if message.starts_with("RUN sleep")) {
+            break;
+        }
+    }
+    d.wait_for("the build sandbox", Duration::from_secs(10), || async {
+        !d.client.list_sandboxes().await.unwrap().is_empty()
+    })
+    .await;
+    drop(s);
+    d.wait_for("the build sandbox to go", Duration::from_secs(3), || async {
+        d.client.list_sandboxes().await.unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(d.client.template("app").await.unwrap().layers, good.layers, "nothing was published");
+    assert_eq!(sh(&d, "app", "cat /tmp/v; test -e /tmp/wrong || echo no-wrong").await.0, "good\nno-wrong\n");
+}
+
 #[tokio::test]
 async fn pooled_template_runs_its_start_command_before_the_claim() {
     let d = Daemon::start().await;

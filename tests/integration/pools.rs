@@ -253,3 +253,70 @@ async fn build_from_dir(d: &Daemon, name: &str, dir: &std::path::Path) {
         }
     }
 }
+
+/// A template's start command runs as the template's user, with its environment, in its
+/// directory, whether the create is cold or a claim (a cold create used to run it with the
+/// caller's). A user or directory the sandbox lacks fails both alike, with a 400 naming it
+/// and nothing left (a claim used to hand out a sandbox on which every exec failed).
+#[tokio::test]
+async fn the_start_command_runs_alike_cold_and_claimed() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let df = "FROM mini\nENV FOO=tmpl\n\
+              CMD [\"sh\", \"-c\", \"echo $FOO $X > /tmp/startenv; id -u > /tmp/startid; pwd > /tmp/startpwd; \
+              exec sleep 100000\"]\nHEALTHCHECK CMD test -f /tmp/startpwd\n";
+    let ctx = tempfile::tempdir().unwrap();
+    let req = abx_client::BuildTemplate {
+        name: "senv".into(),
+        dockerfile: Some(df.into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    crate::builds::build(&d, &req).await.unwrap();
+    let t = d.client.template("senv").await.unwrap();
+    let expected = format!("tmpl\n1000\n{}\n", t.workdir.as_deref().unwrap_or("/"));
+    let asks = CreateSandbox {
+        template: Some("senv".into()),
+        env: BTreeMap::from([("FOO".to_string(), "caller".to_string()), ("X".to_string(), "1".to_string())]),
+        user: Some("root".into()),
+        workdir: Some("/tmp".into()),
+        ..Default::default()
+    };
+    let look = "cat /tmp/startenv /tmp/startid /tmp/startpwd; echo $FOO $X; id -u; pwd";
+    let caller = "caller 1\n0\n/tmp\n";
+    let cold = d.client.create_sandbox(&asks).await.unwrap();
+    assert_eq!(d.sh(&cold.id, look).await.0, format!("{expected}{caller}"), "cold");
+    d.client.delete_sandbox(&cold.id, true).await.unwrap();
+
+    let bad: [(CreateSandbox, &str); 3] = [
+        (CreateSandbox { user: Some("nosuchuser".into()), ..asks.clone() }, "user 'nosuchuser'"),
+        (CreateSandbox { workdir: Some("/nonexistent/dir".into()), ..asks.clone() }, "workdir '/nonexistent/dir'"),
+        (CreateSandbox { workdir: Some("/etc/passwd".into()), ..asks.clone() }, "workdir '/etc/passwd'"),
+    ];
+    let before = d.client.list_sandboxes().await.unwrap().len();
+    let mut cold_errors = Vec::new();
+    for (req, named) in &bad {
+        let e = d.client.create_sandbox(req).await.unwrap_err();
+        assert_eq!(e.code(), Some("invalid_argument"), "cold, {named}: {e}");
+        assert!(e.to_string().contains(named), "cold: {e}");
+        cold_errors.push(e.to_string());
+    }
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before, "nothing left");
+
+    d.client.set_pool("senv", 1, 1).await.unwrap();
+    let pool_ready = || async { d.client.pool("senv").await.unwrap().ready == 1 };
+    d.wait_for("a ready pool", Duration::from_secs(30), pool_ready).await;
+    for ((req, named), cold) in bad.iter().zip(&cold_errors) {
+        let e = d.client.create_sandbox(req).await.unwrap_err();
+        assert_eq!(e.code(), Some("invalid_argument"), "claim, {named}: {e}");
+        assert_eq!(&e.to_string(), cold, "a claim fails as a cold create does");
+        let p = d.client.pool("senv").await.unwrap();
+        assert_eq!((p.hits, p.ready), (0, 1), "the sandbox went back to the pool: {p:?}");
+    }
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before, "nothing left");
+    let warm = d.client.create_sandbox(&asks).await.unwrap();
+    assert_eq!(d.client.pool("senv").await.unwrap().hits, 1);
+    assert_eq!(d.sh(&warm.id, look).await.0, format!("{expected}{caller}"), "claimed");
+    d.client.delete_sandbox(&warm.id, true).await.unwrap();
+    d.client.delete_pool("senv").await.unwrap();
+}

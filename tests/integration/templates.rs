@@ -128,3 +128,37 @@ async fn template_rm_carries_on_past_an_error() {
     let names: Vec<String> = d.client.templates().await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, ["mini"]);
 }
+
+/// A template name that fails validation is a 400 `invalid_argument` before the stream
+/// starts, whatever the source (an embedded recipe's build used to answer 200 and then an
+/// `error` event, unlike every other validation error).
+#[tokio::test]
+async fn an_invalid_template_name_is_refused_before_the_build_streams() {
+    let d = Daemon::start().await;
+    let long = "a".repeat(64);
+    for name in ["Bad", "a/b", "-x", "x:", "a:b:c", long.as_str()] {
+        for req in [
+            abx_client::BuildTemplate { name: name.into(), recipe: Some("mini".into()), ..Default::default() },
+            abx_client::BuildTemplate {
+                name: name.into(),
+                from_dir: Some("/nonexistent".into()),
+                ..Default::default()
+            },
+            abx_client::BuildTemplate {
+                name: name.into(),
+                dockerfile: Some("FROM mini\n".into()),
+                ..Default::default()
+            },
+        ] {
+            match d.client.build_template(&req).await {
+                Err(abx_client::Error::Api { status, code, message }) => {
+                    assert_eq!((status, code.as_str()), (400, "invalid_argument"), "{name}: {message}");
+                    assert!(message.contains("invalid template name"), "{name}: {message}");
+                }
+                Err(e) => panic!("{name}: {e}"),
+                Ok(_) => panic!("{name}: the build started"),
+            }
+        }
+    }
+    assert!(d.client.templates().await.unwrap().is_empty());
+}

@@ -17,7 +17,9 @@
 //! The setup layer is keyed by the setup command, the lock files' content and the layers
 //! below, not by the commit: when the ref moves but no lock file changed, a refresh
 //! replaces only the tree layer. Setup runs once, in a sandbox holding the tree of the ref
-//! it was first built at, as the template's user in the repository's directory.
+//! it was first built at, as the template's user in the repository's directory; its layer
+//! leaves out the repository's paths (the tree layer above has the commit's own, and a file
+//! a later commit deleted must not show through from the setup layer).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,9 +59,10 @@ pub const LOCK_FILES: [&str; 22] = [
     "pom.xml",
 ];
 
-/// Progress and log lines of a build, sent to the client in order.
+/// Progress and log lines of a build, sent to the client in order; and whether that
+/// client is still there (its response stream not dropped).
 #[derive(Clone)]
-pub struct Out(mpsc::UnboundedSender<BuildEvent>);
+pub struct Out(mpsc::UnboundedSender<BuildEvent>, mpsc::Sender<BuildEvent>);
 
 impl Out {
     pub fn stage(&self, stage: &str, done: u64, total: u64, message: impl Into<String>) {
@@ -79,6 +82,21 @@ impl Out {
     fn log(&self, line: &str) {
         let _ = self.0.send(BuildEvent::Progress { stage: "log".into(), done: 0, total: None, message: line.into() });
     }
+
+    /// Resolves once the client went away (Ctrl-C of `template build`, a killed curl).
+    async fn gone(&self) {
+        self.1.closed().await
+    }
+
+    /// An error when the client went away: a build nobody waits for is cancelled, as with
+    /// `docker build`, rather than replacing the template behind the user's back.
+    fn check(&self) -> CoreResult<()> {
+        if self.1.is_closed() { Err(cancelled()) } else { Ok(()) }
+    }
+}
+
+fn cancelled() -> CoreError {
+    CoreError::Conflict("the client went away: build cancelled, nothing published".into())
 }
 
 /// Runs an asynchronous build in the background; its events, then `done` or `error`,
@@ -90,6 +108,7 @@ where
 {
     let (utx, mut urx) = mpsc::unbounded_channel();
     let (tx, rx) = mpsc::channel(256);
+    let client = tx.clone();
     tokio::spawn(async move {
         while let Some(ev) = urx.recv().await {
             if tx.send(ev).await.is_err() {
@@ -98,11 +117,14 @@ where
         }
     });
     let m = m.clone();
-    let out = Out(utx.clone());
+    let out = Out(utx.clone(), client);
     tokio::spawn(async move {
         let ev = match build(m, out).await {
             Ok(t) => BuildEvent::Done { template: crate::templates::to_api(t) },
-            Err(e) => BuildEvent::Error { code: e.code().0.into(), message: e.full_message() },
+            Err(e) => {
+                tracing::info!(error = %e.full_message(), "template build failed");
+                BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
+            }
         };
         let _ = utx.send(ev);
     });
@@ -195,6 +217,7 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
         let total = plan.steps.len() as u64 + 1;
         b.out.stage("step", 1, total, format!("FROM {}", plan.from));
         for (i, step) in plan.steps.iter().enumerate() {
+            b.out.check()?;
             st = b.step(st, step, context.as_deref(), i as u64 + 2, total).await?;
         }
         let mut config = st.config;
@@ -345,7 +368,7 @@ impl Builder {
                     }
                     None => {
                         self.out.stage("step", n, total, text.clone());
-                        let c = self.run(&st, command, env).await.map_err(|e| match e {
+                        let c = self.run(&st, command, env, None).await.map_err(|e| match e {
                             CoreError::Invalid(m) => invalid(format!("Dockerfile line {line}: {text}: {m}")),
                             e => e,
                         })?;
@@ -359,8 +382,15 @@ impl Builder {
         Ok(st)
     }
 
-    /// Runs `argv` in a sandbox on the state's layers; its changes become the layer.
-    async fn run(&self, st: &State, argv: &[String], env: &BTreeMap<String, String>) -> CoreResult<Cached> {
+    /// Runs `argv` in a sandbox on the state's layers; its changes become the layer, less
+    /// those to the paths the layer `without` has (`Store::layer_from_delta_without`).
+    async fn run(
+        &self,
+        st: &State,
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        without: Option<&str>,
+    ) -> CoreResult<Cached> {
         if st.layers.is_empty() {
             return Err(invalid("RUN needs a root filesystem (FROM scratch has none)"));
         }
@@ -380,7 +410,7 @@ impl Builder {
             ..Default::default()
         };
         let sb = self.m.create_on(req, Some(template), true).await?;
-        let res = self.run_in(&sb, st, argv, env).await;
+        let res = self.run_in(&sb, st, argv, env, without).await;
         let id = sb.id.clone();
         drop(sb);
         let _ = self.m.destroy(&id, true).await;
@@ -393,6 +423,7 @@ impl Builder {
         st: &State,
         argv: &[String],
         env: &BTreeMap<String, String>,
+        without: Option<&str>,
     ) -> CoreResult<Cached> {
         let mut all_env = st.config.env.clone();
         all_env.extend(env.clone());
@@ -410,7 +441,10 @@ impl Builder {
         let mut pending = Vec::new();
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let out = self.out.clone();
-        let status = crate::agent::run(&sb.dirs.agent_socket(), spec, |_, data| {
+        // The client going away ends the command (its exec connection is dropped, which
+        // kills it); the caller destroys the sandbox.
+        let socket = sb.dirs.agent_socket();
+        let running = crate::agent::run(&socket, spec, |_, data| {
             pending.extend_from_slice(data);
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
@@ -421,9 +455,11 @@ impl Builder {
                     tail.pop_front();
                 }
             }
-        })
-        .await
-        .map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?;
+        });
+        let status = tokio::select! {
+            status = running => status.map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?,
+            () = self.out.gone() => return Err(cancelled()),
+        };
         if !pending.is_empty() {
             let line = String::from_utf8_lossy(&pending).into_owned();
             out.log(&line);
@@ -452,9 +488,16 @@ impl Builder {
                 let _ = std::fs::remove_file(&p);
             }
         }
-        blocking(move || match m.templates.layer_from_delta(&upper).map_err(|e| tmpl_err("import the changes", e))? {
-            Some((d, _)) => Ok(Cached::Layer(d)),
-            None => Ok(Cached::Nothing),
+        let without = without.map(|d| self.m.templates.layer_path(d));
+        blocking(move || {
+            let layer = match &without {
+                Some(tree) => m.templates.layer_from_delta_without(&upper, tree),
+                None => m.templates.layer_from_delta(&upper),
+            };
+            match layer.map_err(|e| tmpl_err("import the changes", e))? {
+                Some((d, _)) => Ok(Cached::Layer(d)),
+                None => Ok(Cached::Nothing),
+            }
         })
         .await
     }
@@ -469,6 +512,7 @@ impl Builder {
         req: &BuildTemplate,
     ) -> CoreResult<Template> {
         let (m, name, req) = (self.m.clone(), self.name.clone(), req.clone());
+        self.out.check()?;
         self.out.stage("publishing", 0, 0, format!("template '{name}'"));
         blocking(move || {
             let size = m.templates.layers_size(&layers).map_err(|e| tmpl_err("template size", e))?;
@@ -644,24 +688,71 @@ fn image_err(name: &str, e: abx_template::Error) -> CoreError {
     }
 }
 
-/// Where the request that built a template is kept, for `refresh`.
-fn source_path(m: &Manager, name: &str) -> PathBuf {
-    m.cfg.root.join("build-sources").join(format!("{name}.json"))
+/// Where the request that built a template is kept, for `refresh`: `<name>.json` in
+/// `<root>/build-sources/`, or, for a name `template tag` wrote, `<name>.tag` holding the
+/// name of the template whose build source counts (a kept version is not rebuilt).
+fn source_path(root: &Path, name: &str, ext: &str) -> PathBuf {
+    root.join("build-sources").join(format!("{name}.{ext}"))
 }
 
 fn save_source(m: &Manager, name: &str, req: &BuildTemplate) {
-    let path = source_path(m, name);
+    save_source_at(&m.cfg.root, name, req)
+}
+
+fn save_source_at(root: &Path, name: &str, req: &BuildTemplate) {
+    let path = source_path(root, name, "json");
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     if let Ok(bytes) = serde_json::to_vec_pretty(req) {
         let _ = abx_template::write_atomic(&path, &bytes);
     }
+    let _ = std::fs::remove_file(source_path(root, name, "tag"));
 }
 
 /// Forgets how a removed template was built.
 pub fn forget_source(m: &Manager, name: &str) {
-    let _ = std::fs::remove_file(source_path(m, name));
+    for ext in ["json", "tag"] {
+        let _ = std::fs::remove_file(source_path(&m.cfg.root, name, ext));
+    }
+}
+
+/// Records that `target` was just saved as a copy of `source` (`template tag`): whatever
+/// built an earlier `target` no longer describes it, and a kept version is not refreshed.
+pub fn tagged(m: &Manager, source: &str, target: &str) {
+    tagged_at(&m.cfg.root, source, target)
+}
+
+fn tagged_at(root: &Path, source: &str, target: &str) {
+    if source == target {
+        return;
+    }
+    let _ = std::fs::remove_file(source_path(root, target, "json"));
+    // A tag of a tag names the template the first one was taken from.
+    let origin = std::fs::read_to_string(source_path(root, source, "tag")).unwrap_or_else(|_| source.to_string());
+    let path = source_path(root, target, "tag");
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = abx_template::write_atomic(&path, origin.trim().as_bytes());
+}
+
+/// The request that built template `name` (`recipe`: its recipe label, for the message
+/// when there is none).
+fn source_of(root: &Path, name: &str, recipe: &str) -> CoreResult<BuildTemplate> {
+    if let Ok(origin) = std::fs::read_to_string(source_path(root, name, "tag")) {
+        let origin = origin.trim();
+        return Err(invalid(format!(
+            "template '{name}' is a tag of '{origin}' (a kept version, made by `template tag`) and cannot be \
+             refreshed; refresh '{origin}' instead, or build '{name}' again"
+        )));
+    }
+    let bytes = std::fs::read(source_path(root, name, "json")).map_err(|_| {
+        invalid(format!(
+            "template '{name}' was not built from a Dockerfile, a repository or an image (recipe: {recipe}); build it again instead"
+        ))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))
 }
 
 /// Builds a template again from the request that made it: with the build cache, only
@@ -671,14 +762,7 @@ pub fn refresh(m: &Arc<Manager>, name: &str) -> CoreResult<mpsc::Receiver<BuildE
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
         e => tmpl_err(&format!("template '{name}'"), e),
     })?;
-    let bytes = std::fs::read(source_path(m, name)).map_err(|_| {
-        invalid(format!(
-            "template '{name}' was not built from a Dockerfile, a repository or an image (recipe: {}); build it again instead",
-            before.recipe
-        ))
-    })?;
-    let req: BuildTemplate =
-        serde_json::from_slice(&bytes).map_err(|e| CoreError::internal(format!("read how '{name}' was built"), e))?;
+    let req = source_of(&m.cfg.root, name, &before.recipe)?;
     if let (Some(reference), Some(auth)) = (&req.pull, &req.registry_auth)
         && auth.username.is_some()
         && auth.auth_file.is_none()
@@ -719,6 +803,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
         b.out.stage("fetch", 1, 4, format!("fetching {repo}"));
         let (mm, r, gr) = (m.clone(), repo.clone(), git_ref.clone());
         let (mirror, commit) = blocking(move || fetch(&mm, &r, &gr)).await?;
+        b.out.check()?;
         b.out.stage("fetch", 1, 4, format!("{git_ref} is {commit}"));
         let owner_spec = base.config.user.clone().unwrap_or_else(|| "0".into());
         let owner =
@@ -742,6 +827,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
             }
         };
 
+        b.out.check()?;
         // Setup, keyed by its inputs: lock files, command, layers below, policy.
         let mut layers = base.layers.clone();
         let mut config = base.config.clone();
@@ -750,7 +836,8 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
             let (mm, t, d, lf) = (m.clone(), tree.clone(), dest.clone(), req.lock_files.clone());
             let locks = blocking(move || lock_digest(&mm, &t, &d, &lf)).await?;
             let net = serde_json::to_string(&b.network).unwrap_or_default();
-            let key = hash(&["repo-setup", &base.key, setup, &locks.0, &dest, &net]);
+            // "-2": setup layers before it kept their copies of the repository's files.
+            let key = hash(&["repo-setup-2", &base.key, setup, &locks.0, &dest, &net]);
             let c = match b.cached(&key) {
                 Some(c) => {
                     b.out.stage(
@@ -766,7 +853,9 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
                     let mut st = State { layers: base.layers.clone(), config: config.clone(), key: String::new() };
                     st.layers.push(tree.clone());
                     let argv = vec!["/bin/sh".to_string(), "-c".to_string(), setup.clone()];
-                    let c = b.run(&st, &argv, &BTreeMap::new()).await.map_err(|e| match e {
+                    // Its copies of the repository's files are left out: the tree layer
+                    // on top has the commit's, and a later commit may not have them.
+                    let c = b.run(&st, &argv, &BTreeMap::new(), Some(&tree)).await.map_err(|e| match e {
                         CoreError::Invalid(msg) => invalid(format!("setup `{setup}`: {msg}")),
                         e => e,
                     })?;
@@ -993,6 +1082,40 @@ impl Drop for LowerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `template tag SRC NAME` over a built NAME drops NAME's build source (refresh rebuilt
+    /// the old NAME, not what inspect showed), and refreshing a tag says it is one; a build
+    /// of the name afterwards makes it refreshable again.
+    #[test]
+    fn a_tag_replaces_the_build_source_of_its_name() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let req = |ctx: &str| BuildTemplate {
+            name: "x".into(),
+            dockerfile: Some("FROM mini\n".into()),
+            context: Some(ctx.into()),
+            ..Default::default()
+        };
+        save_source_at(root, "app", &req("/ctx1"));
+        save_source_at(root, "feat", &req("/ctx5"));
+        assert_eq!(source_of(root, "app", "-").unwrap().context.as_deref(), Some("/ctx1"));
+        tagged_at(root, "feat", "app");
+        let CoreError::Invalid(e) = source_of(root, "app", "-").unwrap_err() else { panic!() };
+        assert!(e.contains("'app' is a tag of 'feat'") && e.contains("refresh 'feat'"), "{e}");
+        assert_eq!(source_of(root, "feat", "-").unwrap().context.as_deref(), Some("/ctx5"));
+        // A tag of a tag names the first source; tagging a name onto itself changes nothing.
+        tagged_at(root, "app", "app:v1");
+        let CoreError::Invalid(e) = source_of(root, "app:v1", "-").unwrap_err() else { panic!() };
+        assert!(e.contains("'app:v1' is a tag of 'feat'"), "{e}");
+        tagged_at(root, "feat", "feat");
+        assert!(source_of(root, "feat", "-").is_ok());
+        // Built again: refreshable again.
+        save_source_at(root, "app", &req("/ctx1"));
+        assert_eq!(source_of(root, "app", "-").unwrap().context.as_deref(), Some("/ctx1"));
+        // Never built nor tagged: the old message.
+        let CoreError::Invalid(e) = source_of(root, "mini", "mini").unwrap_err() else { panic!() };
+        assert!(e.contains("was not built from a Dockerfile"), "{e}");
+    }
 
     #[test]
     fn a_repository_goes_to_a_directory_of_its_own() {

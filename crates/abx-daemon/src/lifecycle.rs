@@ -534,15 +534,24 @@ impl Manager {
     /// fail, the sandbox is stopped (its files kept) and the error says so. The caller
     /// holds the sandbox's operation lock.
     async fn rerun_start(self: &Arc<Self>, sb: &Arc<Sandbox>) -> CoreResult<()> {
-        let (start, ready, template, layers) =
-            sb.read(|r| (r.start.clone(), r.ready.clone(), r.template.clone(), r.layers.clone()));
-        let cfg = if start.is_empty() && ready.is_none() {
-            match self.template(&template) {
-                Ok(t) if t.layers == layers => t.config,
+        let rec = sb.record();
+        let cfg = if rec.start.is_empty() && rec.ready.is_none() {
+            match self.template(&rec.template) {
+                Ok(t) if t.layers == rec.layers => t.config,
                 _ => return Ok(()),
             }
         } else {
-            abx_template::TemplateConfig { start, ready, ..Default::default() }
+            // A record from before the context was kept: the sandbox's own, as then.
+            let ctx =
+                rec.start_as.unwrap_or(crate::sandbox::StartAs { env: rec.env, user: rec.user, workdir: rec.workdir });
+            abx_template::TemplateConfig {
+                start: rec.start,
+                ready: rec.ready,
+                env: ctx.env,
+                user: ctx.user,
+                workdir: ctx.workdir,
+                ..Default::default()
+            }
         };
         let Err(e) = self.run_start(sb, &cfg).await else { return Ok(()) };
         let stopped = match self.stop_locked(sb, Duration::ZERO).await {

@@ -538,6 +538,8 @@ impl Manager {
         given: Option<abx_template::Template>,
         ephemeral: bool,
     ) -> CoreResult<Arc<Sandbox>> {
+        // What the caller gave (a snapshot's are known to work): checked once booted.
+        let (asked_user, asked_workdir) = (req.user.clone(), req.workdir.clone());
         let snap = match &req.snapshot {
             Some(key) => {
                 let s = self.find_snapshot(key)?;
@@ -711,6 +713,12 @@ impl Manager {
         match started {
             Ok((rec, pidfd)) => {
                 let sb = self.register(rec, Some(pidfd));
+                let checked =
+                    self.check_user_workdir(&sb, &template.name, asked_user.as_deref(), asked_workdir.as_deref()).await;
+                if let Err(e) = checked {
+                    let _ = self.destroy(&sb.id, true).await;
+                    return Err(e);
+                }
                 if let Err(e) = self.run_start(&sb, &template.config).await {
                     let _ = self.destroy(&sb.id, true).await;
                     return Err(e);
@@ -724,6 +732,37 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Checks, through the agent of a sandbox just booted, that the user and working
+    /// directory a create asked for exist there: a sandbox without them would take no exec
+    /// at all. The same check serves a claim and a cold create, so both fail alike: 400,
+    /// naming the user or directory.
+    pub(crate) async fn check_user_workdir(
+        &self,
+        sb: &Sandbox,
+        template: &str,
+        user: Option<&str>,
+        workdir: Option<&str>,
+    ) -> CoreResult<()> {
+        use abx_proto::{FileInfo, FileKind, Request};
+        let socket = sb.dirs.agent_socket();
+        if let Some(u) = user {
+            let stat = Request::Stat { path: "/".into(), user: Some(u.into()) };
+            crate::agent::call::<FileInfo>(&socket, &stat)
+                .await
+                .map_err(|e| unusable(&sb.id, template, &format!("user '{u}'"), e))?;
+        }
+        if let Some(w) = workdir {
+            let stat = Request::Stat { path: w.into(), user: Some("0".into()) };
+            let info = crate::agent::call::<FileInfo>(&socket, &stat)
+                .await
+                .map_err(|e| unusable(&sb.id, template, &format!("workdir '{w}'"), e))?;
+            if matches!(info.kind, FileKind::File | FileKind::Other) {
+                return Err(CoreError::Invalid(format!("workdir '{w}' is not a directory in template '{template}'")));
+            }
+        }
+        Ok(())
     }
 
     /// The record of a sandbox about to start in `slot` on `template`, with the template's
@@ -765,6 +804,13 @@ impl Manager {
             ephemeral: false,
             start: template.config.start.clone(),
             ready: template.config.ready.clone(),
+            start_as: (!template.config.start.is_empty() || template.config.ready.is_some()).then(|| {
+                crate::sandbox::StartAs {
+                    env: template.config.env.clone(),
+                    user: template.config.user.clone(),
+                    workdir: template.config.workdir.clone(),
+                }
+            }),
             ingress_token: None,
         }
     }
@@ -1707,6 +1753,24 @@ fn cgroup_text(e: &abx_cgroup::Error) -> String {
         s.push_str(&format!(": {src}"));
     }
     s
+}
+
+/// What a create asked for (`what`: "user 'x'", "workdir '/x'") that the sandbox's agent
+/// could not find or use: the caller's to fix (400), unless the agent did not answer.
+fn unusable(id: &str, template: &str, what: &str, e: crate::agent::CallError) -> CoreError {
+    use abx_proto::ErrorCode;
+    match e {
+        crate::agent::CallError::Remote(e) if e.code == ErrorCode::NotFound && what.starts_with("user") => {
+            CoreError::Invalid(format!(
+                "{what} does not exist in template '{template}' ({e}); give a user its /etc/passwd has, a uid, or none"
+            ))
+        }
+        crate::agent::CallError::Remote(e) if e.code == ErrorCode::NotFound => {
+            CoreError::Invalid(format!("{what} does not exist in template '{template}'"))
+        }
+        crate::agent::CallError::Remote(e) => CoreError::Invalid(format!("{what}: {e}")),
+        e => CoreError::Setup { id: id.to_string(), message: format!("checking {what}: {e}") },
+    }
 }
 
 fn merge_limits(req: &Limits, defaults: &Limits) -> Limits {

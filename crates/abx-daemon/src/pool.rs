@@ -172,6 +172,13 @@ impl Pool {
         }
     }
 
+    /// New sizes (`pool set`): the target moves within them at once, so the answer shows
+    /// the target the filler works towards (the next round also bounds it by host room).
+    fn reconfigure(&mut self, cfg: PoolConfig) {
+        self.target = self.target.clamp(cfg.min as usize, cfg.max as usize);
+        self.cfg = cfg;
+    }
+
     /// Claims per second: the higher of the last [`WINDOW`] and the last [`BURST`], so a
     /// burst raises the target at once and a lull lowers it slowly.
     fn rate(&mut self, now: Instant) -> f64 {
@@ -299,6 +306,18 @@ impl Pools {
         drop(pools);
         self.wake.notify_one();
         (found, doomed)
+    }
+
+    /// Puts a ready sandbox a claim took but did not use back on top of its pool; returns
+    /// it when the pool is gone.
+    fn give_back(&self, template: &str, sb: Arc<Sandbox>) -> Option<Arc<Sandbox>> {
+        match self.lock().get_mut(template) {
+            Some(p) => {
+                p.ready.push_back(sb);
+                None
+            }
+            None => Some(sb),
+        }
     }
 
     fn count(&self, template: &str, hit: bool, d: Duration) {
@@ -435,7 +454,7 @@ impl Manager {
         {
             let mut pools = self.pools.lock();
             match pools.get_mut(template) {
-                Some(p) => p.cfg = cfg,
+                Some(p) => p.reconfigure(cfg),
                 None => {
                     pools.insert(template.to_string(), Pool::new(cfg));
                 }
@@ -705,6 +724,23 @@ impl Manager {
             self.pools.count(&template.name, false, t0.elapsed());
             return Ok(None);
         };
+        // A user or directory the sandbox lacks fails the create as a cold one would; the
+        // sandbox, untouched, goes back to the pool.
+        match self.check_user_workdir(&sb, &template.name, c.user.as_deref(), c.workdir.as_deref()).await {
+            Ok(()) => {}
+            Err(e @ CoreError::Invalid(_)) => {
+                if let Some(sb) = self.pools.give_back(&template.name, sb) {
+                    self.destroy_pooled(sb);
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                warn!(sandbox = %sb.id, error = %e.full_message(), "claiming a pooled sandbox failed; creating one");
+                self.destroy_pooled(sb);
+                self.pools.count(&template.name, false, t0.elapsed());
+                return Ok(None);
+            }
+        }
         let this = self.clone();
         let sb2 = sb.clone();
         let res = tokio::task::spawn_blocking(move || this.apply_claim(&sb2, &c))
@@ -755,15 +791,17 @@ impl Manager {
     }
 
     /// Runs the template's start command in the background and waits for its readiness
-    /// check to pass.
+    /// check to pass, both as `cfg`'s user, with its environment, in its directory (the
+    /// template's: a pooled sandbox runs them before it is claimed, and a cold create must
+    /// not differ).
     pub(crate) async fn run_start(&self, sb: &Sandbox, cfg: &abx_template::TemplateConfig) -> CoreResult<()> {
-        let rec = sb.record();
+        let id = sb.id.clone();
         let socket = sb.dirs.agent_socket();
         let spec = |argv: Vec<String>, background: bool| abx_proto::ExecSpec {
             argv,
-            env: rec.env.clone(),
-            cwd: rec.workdir.clone(),
-            user: rec.user.clone(),
+            env: cfg.env.clone(),
+            cwd: cfg.workdir.clone(),
+            user: cfg.user.clone(),
             tty: None,
             stdin: false,
             timeout_ms: if background { None } else { Some(10_000) },
@@ -772,7 +810,7 @@ impl Manager {
         };
         if !cfg.start.is_empty() {
             crate::agent::run(&socket, spec(cfg.start.clone(), true), |_, _| {}).await.map_err(|e| {
-                CoreError::Setup { id: rec.id.clone(), message: format!("start command {:?}: {e}", cfg.start) }
+                CoreError::Setup { id: id.clone(), message: format!("start command {:?}: {e}", cfg.start) }
             })?;
         }
         let Some(check) = &cfg.ready else { return Ok(()) };
@@ -802,7 +840,7 @@ impl Manager {
             }
             if Instant::now() >= deadline {
                 return Err(CoreError::Setup {
-                    id: rec.id.clone(),
+                    id: id.clone(),
                     message: format!(
                         "readiness check `{check}` did not pass within {}s (last: {last})",
                         READY_TIMEOUT.as_secs()
@@ -878,6 +916,22 @@ mod tests {
             let r = self.rates(now);
             self.demand(&r)
         }
+    }
+
+    /// The answer to `pool set` shows the target within the new sizes (it showed the old
+    /// one, even above the new max, until the filler's next round).
+    #[test]
+    fn new_sizes_bound_the_target_at_once() {
+        let cfg = |min, max| PoolConfig { template: "t".into(), min, max };
+        let mut p = Pool::new(cfg(3, 3));
+        assert_eq!(p.target, 3);
+        p.reconfigure(cfg(0, 1));
+        assert_eq!(p.snapshot(Instant::now()).target, 1);
+        p.reconfigure(cfg(2, 4));
+        assert_eq!(p.snapshot(Instant::now()).target, 2);
+        p.target = 3;
+        p.reconfigure(cfg(1, 5));
+        assert_eq!((p.target, p.cfg.min, p.cfg.max), (3, 1, 5), "within the sizes: kept");
     }
 
     #[test]

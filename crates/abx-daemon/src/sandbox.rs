@@ -67,10 +67,26 @@ pub struct Record {
     pub start: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
+    /// The user, environment and directory those run with: the template's, whatever the
+    /// create asked for (a pooled sandbox runs them before any claim, and a cold create
+    /// does the same). None in records from before it was kept: the sandbox's own then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_as: Option<StartAs>,
     /// Set when its ports need a token (`ingress: token`): the token requests through the
     /// ingress proxy must carry. None: its ports are public.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_token: Option<String>,
+}
+
+/// The context of a template's start command and readiness check (see `Record::start_as`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartAs {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
 }
 
 impl Record {
@@ -141,6 +157,7 @@ impl Record {
             ephemeral: false,
             start: Vec::new(),
             ready: None,
+            start_as: None,
             ingress_token: None,
         }
     }

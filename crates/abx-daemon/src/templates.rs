@@ -78,6 +78,8 @@ fn is_network_url(repo: &str) -> bool {
 
 /// Starts a build; progress and the result arrive on the returned channel.
 pub fn build(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<BuildEvent>> {
+    // Before the stream starts, whatever the source: a 400, not an `error` event.
+    abx_template::validate_name(&req.name).map_err(|e| map_err(&req.name, e))?;
     let sources = [
         req.recipe.is_some(),
         req.from_dir.is_some(),
@@ -185,11 +187,14 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
 }
 
 /// Keeps template `name` under `target` as well (`NAME:TAG`).
+/// What built an earlier `target` no longer describes it: refresh refuses a tag.
 pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Template> {
-    m.templates.tag(name, target).map(to_api).map_err(|e| match e {
+    let t = m.templates.tag(name, target).map_err(|e| match e {
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
         e => map_err(target, e),
-    })
+    })?;
+    crate::build::tagged(m, name, target);
+    Ok(to_api(t))
 }
 
 /// Empties the build cache and collects garbage; returns the removed layers.

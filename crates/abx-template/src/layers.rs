@@ -61,6 +61,21 @@ impl Store {
         self.publish_layer(scratch).map(Some)
     }
 
+    /// [`Store::layer_from_delta`] without what the delta holds of the paths `tree` (a
+    /// layer, typically a repository's tree) has: see [`without_paths_of`].
+    pub fn layer_from_delta_without(&self, delta: &Path, tree: &Path) -> Result<Option<(String, u64)>> {
+        if sorted_children(delta)?.is_empty() {
+            return Ok(None);
+        }
+        let scratch = self.scratch("delta");
+        Importer::overlay(true).import(delta, scratch.path())?;
+        without_paths_of(scratch.path(), tree)?;
+        if sorted_children(scratch.path())?.is_empty() {
+            return Ok(None);
+        }
+        self.publish_layer(scratch).map(Some)
+    }
+
     /// The build cache's entry for `key` whose layer is still present.
     pub fn cache_get(&self, key: &str) -> Option<Cached> {
         let text = fs::read_to_string(self.build_cache_dir().join(key)).ok()?;
@@ -142,6 +157,36 @@ impl Store {
     }
 }
 
+/// Removes from the layer directory `layer` every entry `tree` (another layer) has at the
+/// same path, other than a directory of both, whose entries are gone through the same way;
+/// such a directory left empty goes too. What remains is what `layer` adds beside `tree`.
+///
+/// A repository build's setup layer lies below the tree layer but was made in a sandbox
+/// holding the tree of some commit: its copies of the repository's files (changed, deleted
+/// by a whiteout or merely copied up) would show through under the tree layer of a later
+/// commit that no longer has them, and a cached build would then differ from a clean one.
+/// Above the setup layer the tree layer wins for every path it has anyway.
+pub fn without_paths_of(layer: &Path, tree: &Path) -> Result<()> {
+    for name in sorted_children(layer)? {
+        let (here, there) = (layer.join(&name), tree.join(&name));
+        let there = match fs::symlink_metadata(&there) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).at("inspect", &there),
+        };
+        let meta = fs::symlink_metadata(&here).at("inspect", &here)?;
+        if meta.is_dir() && there.is_dir() {
+            without_paths_of(&here, &tree.join(&name))?;
+            if sorted_children(&here)?.is_empty() {
+                fs::remove_dir(&here).at("remove", &here)?;
+            }
+        } else {
+            crate::tree::remove_tree(&here)?;
+        }
+    }
+    Ok(())
+}
+
 /// Apparent size of the regular files and symlinks under `dir`, each inode counted once.
 fn tree_size(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -159,4 +204,64 @@ fn tree_size(dir: &Path, seen: &mut HashSet<(u64, u64)>) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What setup left of the repository's paths goes (files, a whiteout's stand-in, a
+    /// directory emptied that way); what it made beside them stays, inside repository
+    /// directories too.
+    #[test]
+    fn a_layer_without_the_paths_of_a_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layer, tree) = (dir.path().join("layer"), dir.path().join("tree"));
+        for d in ["workspace/src", "workspace/docs"] {
+            fs::create_dir_all(tree.join(d)).unwrap();
+        }
+        for f in ["workspace/app.txt", "workspace/src/a.js", "workspace/docs/x.md", "workspace/gone"] {
+            fs::write(tree.join(f), "repo\n").unwrap();
+        }
+        for d in ["workspace/src", "workspace/docs", "workspace/node_modules/m", "tmp"] {
+            fs::create_dir_all(layer.join(d)).unwrap();
+        }
+        for f in [
+            "workspace/app.txt",
+            "workspace/src/a.js",
+            "workspace/src/generated.js",
+            "workspace/docs/x.md",
+            "workspace/node_modules/m/index.js",
+            "tmp/log",
+        ] {
+            fs::write(layer.join(f), "setup\n").unwrap();
+        }
+        std::os::unix::fs::symlink("elsewhere", layer.join("workspace/gone")).unwrap();
+        without_paths_of(&layer, &tree).unwrap();
+        let mut left = Vec::new();
+        let mut stack = vec![layer.clone()];
+        while let Some(d) = stack.pop() {
+            for n in sorted_children(&d).unwrap() {
+                let p = d.join(n);
+                left.push(p.strip_prefix(&layer).unwrap().display().to_string());
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "tmp",
+                "tmp/log",
+                "workspace",
+                "workspace/node_modules",
+                "workspace/node_modules/m",
+                "workspace/node_modules/m/index.js",
+                "workspace/src",
+                "workspace/src/generated.js",
+            ]
+        );
+    }
 }

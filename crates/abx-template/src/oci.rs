@@ -734,8 +734,9 @@ impl Store {
     /// `org.opencontainers.image.ref.name` annotation (`debian` matches
     /// `docker.io/library/debian:latest`). Indexes resolve to this machine's platform
     /// (linux/amd64 here) or to their only image. Each image layer becomes one layer (see
-    /// the crate docs), plus a last layer holding the mount points. Every blob is checked
-    /// against its digest and every layer against its diff_id.
+    /// the crate docs), plus a last layer holding the mount points and the image's working
+    /// directory when no layer has it. Every blob is checked against its digest and every
+    /// layer against its diff_id.
     pub fn import_image(
         &self,
         source: &Path,
@@ -838,9 +839,20 @@ impl Store {
                 chain_id: Some(chain_hex),
             });
         }
+        let config = plan.config.template_config(plan.description.clone());
         let mounts = self.scratch("oci-mounts");
         make_dir(mounts.path(), 0o755, 0, 0)?;
         ensure_mount_points(mounts.path())?;
+        if let Some(workdir) = &config.workdir {
+            let below: Vec<PathBuf> = staged
+                .iter()
+                .map(|l| match &l.scratch {
+                    Some(scratch) => scratch.path().to_path_buf(),
+                    None => self.layer_path(&l.digest),
+                })
+                .collect();
+            make_workdir(mounts.path(), &below, workdir)?;
+        }
         let tree = digest_tree(mounts.path())?;
         staged.push(StagedLayer { digest: tree.digest, size_bytes: 0, scratch: Some(mounts), chain_id: None });
 
@@ -856,7 +868,7 @@ impl Store {
         let template = Template {
             name: name.to_string(),
             layers: unique.iter().map(|s| s.digest.clone()).collect(),
-            config: plan.config.template_config(plan.description.clone()),
+            config,
             size_bytes: unique.iter().map(|s| s.size_bytes).sum(),
             created_at: unix_now(),
             recipe: plan.recipe.clone(),
@@ -912,6 +924,71 @@ impl Store {
             }
         }
     }
+}
+
+/// What the union of layers (bottom first) has at a path, resolved the way overlayfs does.
+#[derive(Debug, PartialEq, Eq)]
+enum UnionEntry {
+    /// A directory, with its uid, gid and mode.
+    Dir(u32, u32, u32),
+    /// Nothing (never there, or hidden by a whiteout or an opaque directory above).
+    Missing,
+    /// Something else: a file, a symlink, or a non-directory on the way.
+    Other,
+}
+
+fn union_entry(layers: &[PathBuf], comps: &[&str]) -> UnionEntry {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    'layers: for root in layers.iter().rev() {
+        let mut path = root.clone();
+        for (i, comp) in comps.iter().enumerate() {
+            path.push(comp);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() && i + 1 == comps.len() => {
+                    return UnionEntry::Dir(m.uid(), m.gid(), m.mode() & 0o7777);
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => return UnionEntry::Missing,
+                Ok(_) => return UnionEntry::Other,
+                // Not in this layer: the layers below show through unless a directory of
+                // this one on the way is opaque.
+                Err(_) if (1..=i).any(|n| is_opaque(&root.join(comps[..n].join("/")))) => {
+                    return UnionEntry::Missing;
+                }
+                Err(_) => continue 'layers,
+            }
+        }
+    }
+    UnionEntry::Missing
+}
+
+/// Makes the image's working directory in `top` (the mount-point layer) when the layers
+/// below do not have it, as docker and runc make a missing one at container start (else
+/// every exec would fail in a directory that does not exist): new directories are 0755
+/// root's, as docker makes them; those on the way that the layers have keep their owner
+/// and mode. A path through a symlink or a file is left alone.
+fn make_workdir(top: &Path, below: &[PathBuf], workdir: &str) -> Result<()> {
+    let comps: Vec<&str> = workdir.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    if !workdir.starts_with('/') || comps.is_empty() || comps.contains(&"..") {
+        return Ok(());
+    }
+    if union_entry(below, &comps) != UnionEntry::Missing {
+        return Ok(());
+    }
+    let mut path = top.to_path_buf();
+    for n in 1..=comps.len() {
+        path.push(comps[n - 1]);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let (uid, gid, mode) = match union_entry(below, &comps[..n]) {
+            UnionEntry::Dir(uid, gid, mode) => (uid, gid, mode),
+            UnionEntry::Missing => (0, 0, 0o755),
+            UnionEntry::Other => return Ok(()),
+        };
+        make_dir(&path, mode, uid, gid)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1958,6 +2035,57 @@ mod tests {
             .file(&config_name, 0o644, (0, 0), config.as_bytes())
             .file("manifest.json", 0o644, (0, 0), manifest.as_bytes())
             .bytes()
+    }
+
+    /// An image whose WorkingDir no layer has gets it in its last layer (docker and runc
+    /// make it at container start), 0755 root's, its parents that the image has keeping
+    /// their owner and mode; a WorkingDir the image has, or one through a symlink, adds
+    /// nothing.
+    #[test]
+    fn a_missing_working_directory_is_made() {
+        if !is_root() {
+            return;
+        }
+        let layer = Layer::new()
+            .dir("opt", 0o750, (5, 6))
+            .dir("srv", 0o755, (0, 0))
+            .symlink("link", "srv")
+            .file("etc/hostname", 0o644, (0, 0), b"box\n")
+            .bytes();
+        let diff_id = sha256_of(&layer);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), &dir.path().join("cache")).unwrap();
+        let import = |workdir: &str| {
+            let config = format!(
+                r#"{{"os":"linux","config":{{"WorkingDir":"{workdir}"}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+            );
+            let config_name = format!("{}.json", &sha256_of(config.as_bytes())[7..]);
+            let manifest = format!(r#"[{{"Config":"{config_name}","Layers":["l0/layer.tar"]}}]"#);
+            let archive = Layer::new()
+                .file("l0/layer.tar", 0o644, (0, 0), &layer)
+                .file(&config_name, 0o644, (0, 0), config.as_bytes())
+                .file("manifest.json", 0o644, (0, 0), manifest.as_bytes())
+                .bytes();
+            let path = dir.path().join("image.tar");
+            fs::write(&path, &archive).unwrap();
+            let t = store.import_image(&path, None, "wd", &|_| {}).unwrap();
+            assert_eq!(t.config.workdir.as_deref(), Some(workdir));
+            store.layer_path(t.layers.last().unwrap())
+        };
+        let top = import("/opt/new/dir");
+        assert_eq!(owner_mode(&top.join("opt")), (5, 6, 0o750), "the image's /opt as it was");
+        assert_eq!(owner_mode(&top.join("opt/new")), (0, 0, 0o755));
+        assert_eq!(owner_mode(&top.join("opt/new/dir")), (0, 0, 0o755));
+        let top = import("/tmp/work");
+        assert_eq!(owner_mode(&top.join("tmp")).2, 0o1777, "the mount point stays as it is");
+        assert!(top.join("tmp/work").is_dir());
+        for present in ["/srv", "/etc", "/link/sub", "/etc/hostname/x"] {
+            let top = import(present);
+            let mut names: Vec<String> =
+                fs::read_dir(&top).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            assert_eq!(names, ["dev", "proc", "sys", "tmp"], "{present}: nothing added");
+        }
     }
 
     fn owner_mode(path: &Path) -> (u32, u32, u32) {

@@ -29,7 +29,8 @@ async fn list(State(core): State<Core>) -> Result<Json<Vec<Template>>, ApiError>
 /// Build a template; the response streams progress as NDJSON [`BuildEvent`]s and ends with
 /// `done` or `error`. Fields naming a host path (`from_dir`, `context`, `import`,
 /// `registry_auth.auth_file`, a `repo` that is not an `https://`, `http://`, `ssh://` or
-/// `git://` URL) are accepted on the unix socket only.
+/// `git://` URL) are accepted on the unix socket only. Closing the connection cancels a
+/// Dockerfile or repository build: nothing is published.
 #[utoipa::path(post, path = abx_api::paths::TEMPLATES, tag = "templates", request_body = BuildTemplate,
     responses((status = 200, description = "NDJSON stream of BuildEvent", body = BuildEvent, content_type = "application/x-ndjson"),
         (status = 400, body = ErrorBody), (status = 403, description = "a host path over TCP", body = ErrorBody),
@@ -99,7 +100,8 @@ async fn refresh(State(core): State<Core>, Path(name): Path<String>) -> Result<R
 }
 
 /// Keep a template under another name too, typically `NAME:TAG` (a version that stays
-/// while NAME is rebuilt); the layers are shared.
+/// while NAME is rebuilt); the layers are shared. The target is a tag: a template it
+/// replaces loses its build source, and refresh of the target is refused.
 #[utoipa::path(post, path = abx_api::paths::TEMPLATE_TAG, tag = "templates", request_body = TagTemplate,
     params(("name" = String, Path, description = "template name")),
     responses((status = 200, body = Template), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
