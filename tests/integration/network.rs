@@ -283,12 +283,19 @@ async fn ingress_routes_by_host_name_and_headers() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(got.starts_with("HTTP/1.1 200") && got.contains("one\n"), "{got}");
-    let got = fakenet::http_get(
-        &w.net.daemon_ns,
-        ingress,
-        "anything",
-        &[("E2b-Sandbox-Id", &ids[1]), ("E2b-Sandbox-Port", "8000")],
-    );
+    // The second server may not listen yet either.
+    for _ in 0..50 {
+        got = fakenet::http_get(
+            &w.net.daemon_ns,
+            ingress,
+            "anything",
+            &[("E2b-Sandbox-Id", &ids[1]), ("E2b-Sandbox-Port", "8000")],
+        );
+        if got.contains("two") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(got.contains("two\n"), "{got}");
     // A request through the ingress resumes a paused sandbox.
     w.d.client.pause(&ids[1]).await.unwrap();
