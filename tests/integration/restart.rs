@@ -186,6 +186,9 @@ async fn a_daemon_killed_during_a_stop_leaves_no_process_running() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Stopping);
+    // `stopping` shows just before the record is stored as exited and SIGTERM goes out;
+    // the grace period (60 s) is still running long after this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     d.kill9();
     let _ = stop.await;
     d.spawn(&[]).await;
