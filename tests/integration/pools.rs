@@ -310,8 +310,10 @@ async fn the_start_command_runs_alike_cold_and_claimed() {
         let e = d.client.create_sandbox(req).await.unwrap_err();
         assert_eq!(e.code(), Some("invalid_argument"), "claim, {named}: {e}");
         assert_eq!(&e.to_string(), cold, "a claim fails as a cold create does");
-        let p = d.client.pool("senv").await.unwrap();
-        assert_eq!((p.hits, p.ready), (0, 1), "the sandbox went back to the pool: {p:?}");
+        assert_eq!(d.client.pool("senv").await.unwrap().hits, 0, "no claim was counted");
+        // The sandbox goes back to the pool; a refill the claim started may replace it
+        // (the pool keeps ready + booting within max): either way one is ready again.
+        d.wait_for("a ready pool again", Duration::from_secs(30), pool_ready).await;
     }
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before, "nothing left");
     let warm = d.client.create_sandbox(&asks).await.unwrap();
