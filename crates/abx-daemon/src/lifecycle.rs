@@ -752,10 +752,14 @@ impl Manager {
         self.store().all_in(Table::Volumes).map_err(|e| CoreError::internal("read volumes", e))
     }
 
+    /// The sandboxes (even stopped ones) that mount volume `name`.
+    fn volume_users(&self, name: &str) -> Vec<String> {
+        self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == name)).map(|r| r.id).collect()
+    }
+
     fn volume_api(&self, v: &VolRecord) -> abx_api::Volume {
         let (size_bytes, entries) = crate::cow::usage(&self.volume_dir(&v.name));
-        let used_by =
-            self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == v.name)).map(|r| r.id).collect();
+        let used_by = self.volume_users(&v.name);
         abx_api::Volume {
             name: v.name.clone(),
             tenant: v.tenant.clone(),
@@ -825,8 +829,7 @@ impl Manager {
         if !self.volume_records()?.iter().any(|v| v.name == name) {
             return Err(CoreError::not_found("volume", name));
         }
-        let used_by: Vec<String> =
-            self.list().into_iter().filter(|r| r.volumes.iter().any(|m| m.name == name)).map(|r| r.id).collect();
+        let used_by = self.volume_users(name);
         if !used_by.is_empty() {
             return Err(CoreError::Conflict(format!(
                 "volume '{name}' is used by sandbox(es) {}; remove them first",

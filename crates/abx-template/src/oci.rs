@@ -722,6 +722,17 @@ fn chain_id(below: Option<&str>, diff_id: &str) -> String {
 pub(crate) type OpenBlob<'a> = dyn FnMut(&LayerBlob) -> Result<Box<dyn Read>> + 'a;
 
 impl Store {
+    /// Where each staged layer's files are now (its scratch, or the store), bottom first.
+    fn staged_dirs(&self, staged: &[StagedLayer]) -> Vec<PathBuf> {
+        staged
+            .iter()
+            .map(|l| match &l.scratch {
+                Some(scratch) => scratch.path().to_path_buf(),
+                None => self.layer_path(&l.digest),
+            })
+            .collect()
+    }
+
     /// Imports a container image from a file or directory on this machine as template
     /// `name` (replacing a template of that name):
     ///
@@ -816,13 +827,7 @@ impl Store {
             };
             let check = LayerCheck { blob: blob.digest.as_deref(), size: blob.size, diff_id: diff_id.as_str() };
             // The layers below, bottom first: implicit directories take their attributes.
-            let below: Vec<PathBuf> = staged
-                .iter()
-                .map(|l| match &l.scratch {
-                    Some(scratch) => scratch.path().to_path_buf(),
-                    None => self.layer_path(&l.digest),
-                })
-                .collect();
+            let below = self.staged_dirs(&staged);
             let stats = unpack_layer(reader, scratch.path(), &blob.label, &check, &below, &report)?;
             if stats.skipped_devices > 0 {
                 progress(Progress::stage(
@@ -844,13 +849,7 @@ impl Store {
         make_dir(mounts.path(), 0o755, 0, 0)?;
         ensure_mount_points(mounts.path())?;
         if let Some(workdir) = &config.workdir {
-            let below: Vec<PathBuf> = staged
-                .iter()
-                .map(|l| match &l.scratch {
-                    Some(scratch) => scratch.path().to_path_buf(),
-                    None => self.layer_path(&l.digest),
-                })
-                .collect();
+            let below = self.staged_dirs(&staged);
             make_workdir(mounts.path(), &below, workdir)?;
         }
         let tree = digest_tree(mounts.path())?;
