@@ -388,20 +388,25 @@ impl Manager {
                 while !this.closing.load(Ordering::SeqCst)
                     && this.prepared.lock().unwrap_or_else(|e| e.into_inner()).len() < this.cfg.prewarm
                 {
-                    let Ok(slot) = this.alloc_uid_slot() else { break };
+                    // Counted as preparing before the slot is taken and until it is either
+                    // prepared or free again, so that a create that finds no free slot
+                    // meanwhile waits for it instead of failing.
                     this.preparing.fetch_add(1, Ordering::SeqCst);
+                    let Ok(slot) = this.alloc_uid_slot() else {
+                        this.preparing.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    };
                     let res = this.prepare_slot(slot);
-                    if res.is_ok() {
-                        this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
-                    }
-                    this.preparing.fetch_sub(1, Ordering::SeqCst);
                     if let Err(e) = res {
                         warn!(slot, error = %e, "preparing a slot failed");
                         let _ = this.release_slot(slot, None);
                         this.free_uid_slot(slot);
+                        this.preparing.fetch_sub(1, Ordering::SeqCst);
                         this.refilling.store(false, Ordering::SeqCst);
                         return;
                     }
+                    this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+                    this.preparing.fetch_sub(1, Ordering::SeqCst);
                     // Wake creates waiting for a slot.
                     this.uid_freed.notify_waiters();
                 }
