@@ -19,7 +19,7 @@ pub enum TemplateCmd {
     Import {
         /// The archive or layout directory.
         file: std::path::PathBuf,
-        /// Template name (default: from the file name).
+        /// Template name (default: the file name without .tar, .tar.gz, .tgz, .oci).
         #[arg(long)]
         name: Option<String>,
         /// Which image of an archive holding several (a tag or reference name).
@@ -29,7 +29,8 @@ pub enum TemplateCmd {
     /// Pull an image from an OCI registry (`host[:port]/repo[:tag|@sha256:...]`).
     Pull {
         reference: String,
-        /// Template name (default: the repository's last path component).
+        /// Template name (default: the repository's last path component and its tag, as
+        /// `python:3.12`; a `latest` tag or a digest gives just `python`).
         #[arg(long)]
         name: Option<String>,
         /// Registry user name (the password is read from standard input or --password-env).
@@ -131,6 +132,43 @@ fn name_from(s: &str) -> String {
     if n.is_empty() { "image".into() } else { n }
 }
 
+/// An archive's file name without the extensions of image archives (`alpine-3.19.tar`
+/// gives `alpine-3.19`).
+fn archive_stem(file_name: &str) -> &str {
+    for ext in [".tar.gz", ".tar.zst", ".tar.xz", ".tgz", ".tar", ".oci"] {
+        if let Some(stem) = file_name.strip_suffix(ext).filter(|s| !s.is_empty()) {
+            return stem;
+        }
+    }
+    file_name
+}
+
+/// The default template name of a pulled image: the repository's last path component,
+/// with the image's tag as the template's tag unless it is `latest`
+/// (`registry:5000/library/python:3.12` gives `python:3.12`, so that two versions of an
+/// image do not replace each other).
+fn name_of_reference(reference: &str) -> String {
+    let repo = reference.split('@').next().unwrap_or(reference);
+    let last = repo.rsplit('/').next().unwrap_or(repo);
+    let (base, tag) = match last.split_once(':') {
+        Some((base, tag)) => (base, Some(tag)),
+        None => (last, None),
+    };
+    let base = name_from(base);
+    match tag.filter(|t| *t != "latest" && !t.is_empty()) {
+        Some(tag) => {
+            let tag: String = tag
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
+                .take(64)
+                .collect();
+            let tag = if tag.starts_with(['.', '-']) { format!("_{}", &tag[..tag.len().min(63)]) } else { tag };
+            format!("{base}:{tag}")
+        }
+        None => base,
+    }
+}
+
 pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
     let show = |t: &abx_client::Template| {
         println!("{} ({} layer(s), {})", t.name, t.layers.len(), parse::human_size(t.size_bytes));
@@ -200,10 +238,9 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             show(&build_request(client, req).await?);
         }
         TemplateCmd::Import { file, name, image } => {
-            let stem = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            let stem = stem.split('.').next().unwrap_or_default().to_string();
+            let file_name = file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             let req = BuildTemplate {
-                name: name.unwrap_or_else(|| name_from(&stem)),
+                name: name.unwrap_or_else(|| name_from(archive_stem(&file_name))),
                 import: Some(abs(&file)?),
                 image,
                 ..Default::default()
@@ -222,9 +259,6 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                     Some(p.trim_end_matches(['\r', '\n']).to_string())
                 }
             };
-            let repo = reference.split('@').next().unwrap_or(&reference);
-            let last = repo.rsplit('/').next().unwrap_or(repo);
-            let last = last.split(':').next().unwrap_or(last);
             let auth_file = auth_file.as_deref().map(abs).transpose()?;
             let auth = (username.is_some() || auth_file.is_some()).then_some(abx_client::RegistryAuth {
                 username,
@@ -232,7 +266,7 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
                 auth_file,
             });
             let req = BuildTemplate {
-                name: name.unwrap_or_else(|| name_from(last)),
+                name: name.unwrap_or_else(|| name_of_reference(&reference)),
                 pull: Some(reference),
                 registry_auth: auth,
                 insecure,
@@ -347,4 +381,30 @@ async fn follow(mut stream: abx_client::NdjsonStream<BuildEvent>, name: &str) ->
     }
     bar.finish_and_clear();
     bail!("the daemon ended the build of {name} without a result")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pulled_image_is_named_with_its_tag() {
+        assert_eq!(name_of_reference("127.0.0.1:5000/library/python:3.12"), "python:3.12");
+        assert_eq!(name_of_reference("127.0.0.1:5000/library/python"), "python");
+        assert_eq!(name_of_reference("localhost:5000/team/App:latest"), "app");
+        assert_eq!(name_of_reference("reg:5000/alpine@sha256:0123abcd"), "alpine");
+        assert_eq!(name_of_reference("reg:5000/alpine:3.19@sha256:0123abcd"), "alpine:3.19");
+        // Tags the daemon would refuse (it wants `[A-Za-z0-9_][A-Za-z0-9._-]{0,63}`) are mended.
+        assert_eq!(name_of_reference("reg/x:.hidden"), "x:_.hidden");
+        assert_eq!(name_of_reference("reg/x:-rc"), "x:_-rc");
+        assert_eq!(name_of_reference(&format!("reg/x:{}", "a".repeat(80))), format!("x:{}", "a".repeat(64)));
+    }
+
+    #[test]
+    fn an_imported_archive_is_named_after_its_file_without_extensions() {
+        assert_eq!(name_from(archive_stem("alpine-3.19.tar")), "alpine-3.19");
+        assert_eq!(name_from(archive_stem("app.tar.gz")), "app");
+        assert_eq!(name_from(archive_stem("layout")), "layout");
+        assert_eq!(name_from(archive_stem(".tar")), "tar");
+    }
 }

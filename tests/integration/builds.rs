@@ -186,7 +186,7 @@ async fn dockerfile_build_runs_steps_in_sandboxes_and_caches_them() {
 
     // Build sandboxes are gone.
     d.wait_for("build sandboxes destroyed", Duration::from_secs(10), || async {
-        d.client.list_sandboxes().await.unwrap().is_empty()
+        d.client.system().await.unwrap().sandboxes == 0
     })
     .await;
 }
@@ -319,7 +319,9 @@ async fn a_deleted_repository_file_stays_deleted_with_a_cached_setup() {
 
 /// A client that goes away during a build (Ctrl-C of `template build`, a killed curl)
 /// cancels it: the RUN step's sandbox is destroyed at once and nothing is published, so
-/// the template keeps its old version (the build used to run on and replace it).
+/// the template keeps its old version (the build used to run on and replace it). Until
+/// then the step's sandbox is the build's alone: not listed, and not found by id (it was
+/// listed, and a `rm` of it broke the build).
 #[tokio::test]
 async fn a_build_whose_client_went_away_is_cancelled() {
     let d = Daemon::start().await;
@@ -332,19 +334,46 @@ async fn a_build_whose_client_went_away_is_cancelled() {
         ..Default::default()
     };
     let (good, _) = build(&d, &req("FROM mini\nRUN echo good > /tmp/v\n")).await.unwrap();
-    let mut s = d.client.build_template(&req("FROM mini\nRUN sleep 5; echo WRONG > /tmp/wrong\n")).await.unwrap();
+    let mut s = d.client.build_template(&req("FROM mini\nRUN sleep 5.0417; echo WRONG > /tmp/wrong\n")).await.unwrap();
     while let Some(ev) = s.next().await.unwrap() {
         if matches!(&ev, BuildEvent::Progress { message, .. } if message.starts_with("RUN sleep")) {
             break;
         }
     }
     d.wait_for("the build sandbox", Duration::from_secs(10), || async {
-        !d.client.list_sandboxes().await.unwrap().is_empty()
+        d.client.system().await.unwrap().build_steps == 1
     })
     .await;
+    assert!(d.client.list_sandboxes().await.unwrap().is_empty(), "a build's sandbox is not listed");
+    // Its id is its host name: ask the step's process.
+    let mut id = String::new();
+    d.wait_for("the step's command", Duration::from_secs(10), || {
+        let found = crate::harness::host_processes("sleep 5.0417")
+            .first()
+            .and_then(|p| p.split(':').next().map(str::to_string));
+        if let Some(pid) = found {
+            let out = std::process::Command::new("nsenter").args(["-t", &pid, "-u", "hostname"]).output().unwrap();
+            id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        let ok = !id.is_empty();
+        async move { ok }
+    })
+    .await;
+    for e in [
+        d.client.get_sandbox(&id).await.map(drop).unwrap_err(),
+        d.client.delete_sandbox(&id, true).await.unwrap_err(),
+        d.client
+            .exec(&id, &abx_client::ExecRequest { cmd: vec!["true".into()], ..Default::default() })
+            .await
+            .map(drop)
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Some("not_found"), "{id}: {e}");
+    }
+    assert_eq!(d.client.system().await.unwrap().build_steps, 1, "the step runs on");
     drop(s);
     d.wait_for("the build sandbox to go", Duration::from_secs(3), || async {
-        d.client.list_sandboxes().await.unwrap().is_empty()
+        d.client.system().await.unwrap().sandboxes == 0
     })
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -368,6 +397,28 @@ async fn pooled_template_runs_its_start_command_before_the_claim() {
     build(&d, &req).await.unwrap();
     // Cold: the create waits for readiness.
     assert_eq!(sh(&d, "svc", "cat /tmp/ready").await.0, "ready\n");
+    // Meanwhile the sandbox shows `starting` (it showed `running`), and a request to it
+    // waits for readiness instead of running before the service is up.
+    let slow =
+        BuildTemplate { name: "slow".into(), dockerfile: Some(df.replace("sleep 0.3", "sleep 1.5")), ..req.clone() };
+    build(&d, &slow).await.unwrap();
+    let client = d.client.clone();
+    let create = tokio::spawn(async move {
+        client.create_sandbox(&CreateSandbox { template: Some("slow".into()), ..Default::default() }).await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        if let Some(sb) = d.client.list_sandboxes().await.unwrap().into_iter().next() {
+            break sb;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sandbox was never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed.state, abx_client::SandboxState::Starting, "{listed:?}");
+    assert_eq!(run(&d, &listed.id, "cat /tmp/ready", None).await.0, "ready\n", "the exec waited");
+    let made = create.await.unwrap().unwrap();
+    assert_eq!((made.id.as_str(), made.state), (listed.id.as_str(), abx_client::SandboxState::Running));
+    d.client.delete_sandbox(&made.id, true).await.unwrap();
     // Pooled: the claim gets a sandbox whose service is already up.
     d.client.set_pool("svc", 1, 1).await.unwrap();
     d.wait_for("a ready pool", Duration::from_secs(20), || async { d.client.pool("svc").await.unwrap().ready == 1 })

@@ -219,7 +219,7 @@ async fn pull_from_an_authenticated_registry_then_build_from_it_and_refresh() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("app: unchanged ({} layer(s))\n", t.layers.len()));
 
     d.wait_for("no sandboxes left", Duration::from_secs(10), || async {
-        d.client.list_sandboxes().await.unwrap().is_empty()
+        d.client.system().await.unwrap().sandboxes == 0
     })
     .await;
     drop(registry);

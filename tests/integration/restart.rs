@@ -107,7 +107,7 @@ async fn sandboxes_of_a_run_or_a_build_step_do_not_outlive_their_daemon() {
     d.template("mini").await;
     let build = abx_client::BuildTemplate {
         name: "slow".into(),
-        dockerfile: Some("FROM mini\nRUN sleep 1000\n".into()),
+        dockerfile: Some("FROM mini\nRUN sleep 1001\n".into()),
         ..Default::default()
     };
     let building = d.client.build_template(&build).await.unwrap();
@@ -118,19 +118,39 @@ async fn sandboxes_of_a_run_or_a_build_step_do_not_outlive_their_daemon() {
     let running = d.client.run_once(&run).await.unwrap();
     let kept = d.mini(Limits::default()).await;
     d.wait_for("the build step's and the run's sandboxes", Duration::from_secs(30), || async {
-        d.client.list_sandboxes().await.unwrap().len() == 3
+        let sys = d.client.system().await.unwrap();
+        sys.sandboxes == 3 && sys.build_steps == 1
     })
     .await;
     let doomed: Vec<_> = d.client.list_sandboxes().await.unwrap().into_iter().filter(|s| s.id != kept).collect();
-    assert!(doomed.iter().any(|s| s.metadata.contains_key("agentbox.build")), "{doomed:?}");
+    assert_eq!(doomed.len(), 1, "the run's (the build step's is not listed): {doomed:?}");
+    let mut slots: Vec<u32> = doomed.iter().map(|sb| d.slot_of(sb)).collect();
+    // The build step's slot, from the host uid of its command.
+    d.wait_for("the build step's command", Duration::from_secs(10), || async {
+        !crate::harness::host_processes("sleep 1001").is_empty()
+    })
+    .await;
+    let pid = crate::harness::host_processes("sleep 1001")[0].split(':').next().unwrap().to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    slots.push((uid - d.uid_start) / 65536);
 
     d.kill9();
     drop((building, running));
     d.spawn(&[]).await;
     let left: Vec<String> = d.client.list_sandboxes().await.unwrap().into_iter().map(|s| s.id).collect();
     assert_eq!(left, std::slice::from_ref(&kept), "only the sandbox made by a create is adopted");
-    for sb in &doomed {
-        d.assert_slot_empty(d.slot_of(sb));
+    assert_eq!(d.client.system().await.unwrap().sandboxes, 1);
+    for slot in slots {
+        d.assert_slot_empty(slot);
     }
     assert_eq!(d.sh(&kept, "echo still here").await.0, "still here\n");
 }

@@ -162,3 +162,21 @@ async fn an_invalid_template_name_is_refused_before_the_build_streams() {
     }
     assert!(d.client.templates().await.unwrap().is_empty());
 }
+
+/// Layers of a removed template that a sandbox or a snapshot still used are removed once
+/// the last of them goes away (they used to stay until the next `template rm` or
+/// `template prune`).
+#[tokio::test]
+async fn layers_of_a_removed_template_go_with_their_last_user() {
+    let d = Daemon::start().await;
+    let id = d.mini(Default::default()).await;
+    let layer = d.root.join("layers").join(&d.client.template("mini").await.unwrap().layers[0]);
+    let snap = d.client.snapshot(&id, Some("keep")).await.unwrap();
+    d.client.delete_template("mini").await.unwrap();
+    assert!(layer.is_dir(), "kept while the sandbox and the snapshot use it");
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(layer.is_dir(), "kept while the snapshot uses it");
+    d.client.delete_snapshot(&snap.id).await.unwrap();
+    d.wait_for("the layer to go", std::time::Duration::from_secs(5), || async { !layer.exists() }).await;
+}

@@ -853,7 +853,11 @@ pub struct SystemInfo {
     pub prefix: String,
     /// `v1`, `hybrid` or `v2`.
     pub cgroup: String,
+    /// Sandboxes on this daemon, those running a template build's steps included.
     pub sandboxes: usize,
+    /// Of them, those running a step of a template build (not listed, not addressable).
+    #[serde(default)]
+    pub build_steps: usize,
     pub spawner_pid: u32,
     pub daemon_pid: u32,
     /// Slots with their namespaces made ahead of demand (`--prewarm`).

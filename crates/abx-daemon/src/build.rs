@@ -118,6 +118,7 @@ where
     });
     let m = m.clone();
     let out = Out(utx.clone(), client);
+    let building = Building::start(&m);
     tokio::spawn(async move {
         let ev = match build(m, out).await {
             Ok(t) => BuildEvent::Done { template: crate::templates::to_api(t) },
@@ -126,9 +127,26 @@ where
                 BuildEvent::Error { code: e.code().0.into(), message: e.full_message() }
             }
         };
+        drop(building);
         let _ = utx.send(ev);
     });
     rx
+}
+
+/// Counts a build in progress (`Manager::builds`) until dropped.
+struct Building(Arc<Manager>);
+
+impl Building {
+    fn start(m: &Arc<Manager>) -> Building {
+        m.builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Building(m.clone())
+    }
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        self.0.builds.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The layers and configuration a build has reached, and the cache key of that state.
@@ -166,19 +184,32 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> CoreResult<T> + Send + 
     tokio::task::spawn_blocking(f).await.map_err(|e| CoreError::internal("build task", e.to_string()))?
 }
 
+/// What to say when the template a build starts from does not exist: an embedded recipe
+/// is built with `template build NAME`, anything else is built, imported or pulled.
+fn missing_base(from: &str, said: &str) -> String {
+    if abx_template::Store::recipe_for(from).is_some() {
+        format!(
+            "{said}: no template named '{from}' yet; build it first from its embedded recipe: `agentbox template build {from}`"
+        )
+    } else {
+        format!(
+            "{said}: no template named '{from}' (build it, or import or pull the image first: \
+             `agentbox template pull REF --name {from}`)"
+        )
+    }
+}
+
 /// The starting point of a build (a template of this daemon, or `scratch`), and the
 /// template's whole configuration (its start command and readiness check too, which build
 /// steps do not run with).
-fn from_template(m: &Manager, from: &str) -> CoreResult<(State, TemplateConfig)> {
+/// `said` is how the request named it (`FROM x`, `--from x`).
+fn from_template(m: &Manager, from: &str, said: &str) -> CoreResult<(State, TemplateConfig)> {
     if from == "scratch" {
         let st = State { layers: Vec::new(), config: TemplateConfig::default(), key: hash(&["from", "scratch"]) };
         return Ok((st, TemplateConfig::default()));
     }
     let t = m.templates.get(from).map_err(|e| match e {
-        abx_template::Error::NotFound { .. } => invalid(format!(
-            "FROM {from}: no template named '{from}' (build it, or import or pull the image first: \
-             `agentbox template pull REF --name {from}`)"
-        )),
+        abx_template::Error::NotFound { .. } => invalid(missing_base(from, said)),
         e => tmpl_err(&format!("template '{from}'"), e),
     })?;
     let config = TemplateConfig { start: Vec::new(), ready: None, description: String::new(), ..t.config.clone() };
@@ -204,7 +235,7 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
     let name = req.name.clone();
     Ok(spawn(m, move |m, out| async move {
         let mut b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
-        let (mut st, base_config) = from_template(&m, &plan.from)?;
+        let (mut st, base_config) = from_template(&m, &plan.from, &format!("FROM {}", plan.from))?;
         // Again on the base's configuration: its environment is visible to expansions.
         let plan = abx_template::dockerfile::parse_with_base(&text, &req.build_args, &base_config)
             .map_err(|e| invalid(e.to_string()))?;
@@ -680,11 +711,12 @@ pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
 }
 
 /// An image that cannot be imported or pulled is the caller's to fix (its file, reference,
-/// credentials or registry): a client error naming what is wrong.
+/// credentials or registry): a client error naming what is wrong, down to the cause (a
+/// refused connection, a truncated archive).
 fn image_err(name: &str, e: abx_template::Error) -> CoreError {
     match e {
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
-        e => CoreError::Invalid(e.to_string()),
+        e => CoreError::Invalid(crate::error::chain_text(&e)),
     }
 }
 
@@ -796,7 +828,7 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
     let network = req.network.clone().unwrap_or_default();
     crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
     let from = req.from.clone().unwrap_or_else(|| "base".into());
-    let (base, _) = from_template(m, &from)?;
+    let (base, _) = from_template(m, &from, &format!("--from {from}"))?;
     let name = req.name.clone();
     Ok(spawn(m, move |m, out| async move {
         let b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
@@ -888,11 +920,46 @@ fn git(args: &[&str], dir: Option<&Path>) -> CoreResult<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Where the mirror of `repo` is kept.
+fn mirror_path(root: &Path, repo: &str) -> PathBuf {
+    root.join("repos").join(format!("{}.git", &hash(&[repo])[..16]))
+}
+
+/// Removes the repository mirrors no template's build source names any more (after a
+/// template removal; a mirror is what `template refresh` fetches into). Skipped while a
+/// build runs, whose mirror has no build source yet: a later removal catches up.
+pub fn prune_mirrors(m: &Manager) {
+    if m.builds.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        return;
+    }
+    prune_mirrors_at(&m.cfg.root);
+}
+
+fn prune_mirrors_at(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root.join("repos")) else { return };
+    let mut wanted = std::collections::HashSet::new();
+    for e in std::fs::read_dir(root.join("build-sources")).into_iter().flatten().flatten() {
+        let Ok(bytes) = std::fs::read(e.path()) else { continue };
+        if let Ok(BuildTemplate { repo: Some(repo), .. }) = serde_json::from_slice(&bytes) {
+            wanted.insert(mirror_path(root, &repo));
+        }
+    }
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "git") && !wanted.contains(&path) {
+            tracing::info!(mirror = %path.display(), "removing a repository mirror no template uses");
+            if let Err(err) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(mirror = %path.display(), error = %err, "removing a repository mirror");
+            }
+        }
+    }
+}
+
 /// Mirrors the repository under `<root>/repos/` and resolves the ref to a commit.
 fn fetch(m: &Manager, repo: &str, git_ref: &str) -> CoreResult<(PathBuf, String)> {
     let dir = m.cfg.root.join("repos");
     std::fs::create_dir_all(&dir).map_err(|e| CoreError::internal("create repos directory", e))?;
-    let mirror = dir.join(format!("{}.git", &hash(&[repo])[..16]));
+    let mirror = mirror_path(&m.cfg.root, repo);
     if mirror.join("HEAD").exists() {
         git(&["fetch", "--prune", "--force", "origin", "+refs/*:refs/*"], Some(&mirror))?;
     } else {
@@ -1082,6 +1149,37 @@ impl Drop for LowerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing embedded recipe's template is built with `template build NAME` (the
+    /// message suggested pulling an image named `base`).
+    #[test]
+    fn a_missing_base_says_how_to_make_it() {
+        let m = missing_base("base", "--from base");
+        assert!(m.starts_with("--from base: ") && m.contains("`agentbox template build base`"), "{m}");
+        let m = missing_base("python", "FROM python");
+        assert!(m.starts_with("FROM python: ") && m.contains("template pull REF --name python"), "{m}");
+    }
+
+    /// Mirrors of repositories that no build source names any more are removed (they
+    /// stayed forever); the others, and anything that is not a mirror, stay.
+    #[test]
+    fn mirrors_no_template_uses_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let req = |repo: &str| BuildTemplate { name: "x".into(), repo: Some(repo.into()), ..Default::default() };
+        save_source_at(root, "app", &req("/srv/app"));
+        save_source_at(root, "gone", &req("https://example.com/gone.git"));
+        let (kept, gone) = (mirror_path(root, "/srv/app"), mirror_path(root, "https://example.com/gone.git"));
+        for d in [&kept, &gone, &root.join("repos/.tmp-1-x")] {
+            std::fs::create_dir_all(d.join("objects")).unwrap();
+        }
+        prune_mirrors_at(root);
+        assert!(kept.is_dir() && gone.is_dir());
+        std::fs::remove_file(source_path(root, "gone", "json")).unwrap();
+        prune_mirrors_at(root);
+        assert!(kept.is_dir() && !gone.exists());
+        assert!(root.join("repos/.tmp-1-x").is_dir(), "a clone in progress is not a mirror");
+    }
 
     /// `template tag SRC NAME` over a built NAME drops NAME's build source (refresh rebuilt
     /// the old NAME, not what inspect showed), and refreshing a tag says it is one; a build

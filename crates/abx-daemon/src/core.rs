@@ -394,6 +394,47 @@ impl ExecSession {
     }
 }
 
+/// The sandbox a command acts on, by id or name (a fork's source may be a snapshot
+/// instead).
+fn addressed_sandbox(cmd: &Command) -> Option<&str> {
+    use Command as C;
+    match cmd {
+        C::ListSnapshots { sandbox: Some(id) }
+        | C::GetSandbox { id }
+        | C::DeleteSandbox { id, .. }
+        | C::SetTimeout { id, .. }
+        | C::SandboxStats { id }
+        | C::Exec { id, .. }
+        | C::ListProcesses { id }
+        | C::Signal { id, .. }
+        | C::Stdin { id, .. }
+        | C::Resize { id, .. }
+        | C::Attach { id, .. }
+        | C::ReadFile { id, .. }
+        | C::WriteFile { id, .. }
+        | C::ListDir { id, .. }
+        | C::Stat { id, .. }
+        | C::Mkdir { id, .. }
+        | C::Remove { id, .. }
+        | C::Rename { id, .. }
+        | C::ArchiveRead { id, .. }
+        | C::ArchiveWrite { id, .. }
+        | C::Pause { id }
+        | C::Resume { id }
+        | C::Stop { id, .. }
+        | C::Start { id }
+        | C::CreateSnapshot { id, .. }
+        | C::SetNetwork { id, .. }
+        | C::NetworkLog { id }
+        | C::NetworkTest { id }
+        | C::PortUrl { id, .. }
+        | C::Diff { id, .. }
+        | C::Rollback { id, .. } => Some(id),
+        C::Fork { source, .. } => Some(source),
+        _ => None,
+    }
+}
+
 /// The daemon core.
 #[derive(Debug, Clone)]
 pub struct Core {
@@ -415,6 +456,12 @@ impl Core {
             // nobody rather than for everyone.
             None => return Err(CoreError::Forbidden("a request that acts for nobody (an internal error)".into())),
         };
+        // A build's step sandboxes are the build's alone: not found by anyone.
+        if let Some(key) = addressed_sandbox(&cmd)
+            && self.manager.get(key).is_ok_and(|sb| sb.read(|r| r.build_step))
+        {
+            return Err(CoreError::not_found("sandbox", key));
+        }
         let Some(tenant) = tenant else { return self.dispatch(cmd).await };
         self.authorize(&tenant, &cmd)?;
         let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());
@@ -465,37 +512,6 @@ impl Core {
             | C::GetPool { .. }
             | C::SystemInfo
             | C::Metrics => Ok(()),
-            C::ListSnapshots { sandbox: Some(id) }
-            | C::GetSandbox { id }
-            | C::DeleteSandbox { id, .. }
-            | C::SetTimeout { id, .. }
-            | C::SandboxStats { id }
-            | C::Exec { id, .. }
-            | C::ListProcesses { id }
-            | C::Signal { id, .. }
-            | C::Stdin { id, .. }
-            | C::Resize { id, .. }
-            | C::Attach { id, .. }
-            | C::ReadFile { id, .. }
-            | C::WriteFile { id, .. }
-            | C::ListDir { id, .. }
-            | C::Stat { id, .. }
-            | C::Mkdir { id, .. }
-            | C::Remove { id, .. }
-            | C::Rename { id, .. }
-            | C::ArchiveRead { id, .. }
-            | C::ArchiveWrite { id, .. }
-            | C::Pause { id }
-            | C::Resume { id }
-            | C::Stop { id, .. }
-            | C::Start { id }
-            | C::CreateSnapshot { id, .. }
-            | C::SetNetwork { id, .. }
-            | C::NetworkLog { id }
-            | C::NetworkTest { id }
-            | C::PortUrl { id, .. } => sandbox(id),
-            C::Diff { id, since, .. } => sandbox(id).and_then(|()| since.as_deref().map_or(Ok(()), snapshot)),
-            C::Rollback { id, snapshot: snap } => sandbox(id).and_then(|()| snapshot(snap)),
             C::GetSnapshot { id } | C::DeleteSnapshot { id } => snapshot(id),
             C::Fork { source, .. } => match m.get(source) {
                 Ok(_) => sandbox(source),
@@ -511,6 +527,14 @@ impl Core {
             C::CreateKey(_) | C::ListKeys | C::DeleteKey { .. } => {
                 Err(CoreError::Forbidden("API keys are managed on the unix socket only".into()))
             }
+            C::Diff { id, since: Some(s), .. } | C::Rollback { id, snapshot: s } => {
+                sandbox(id).and_then(|()| snapshot(s))
+            }
+            // The rest act on one sandbox; a command that named none would be refused.
+            _ => match addressed_sandbox(cmd) {
+                Some(key) => sandbox(key),
+                None => Err(CoreError::Forbidden("this request is not open to a tenant's key".into())),
+            },
         }
     }
 
@@ -528,7 +552,9 @@ impl Core {
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))
             }
-            Command::ListSandboxes => Ok(Outcome::Sandboxes(m.list().iter().map(|r| m.api(r)).collect())),
+            Command::ListSandboxes => {
+                Ok(Outcome::Sandboxes(m.list().iter().filter(|r| !r.build_step).map(|r| m.api(r)).collect()))
+            }
             Command::GetSandbox { id } => Ok(Outcome::Sandbox(m.api(&m.get(&id)?.record()))),
             Command::DeleteSandbox { id, force } => m.destroy(&id, force).await.map(|_| Outcome::Done),
             Command::SetTimeout { id, timeout_secs } => {
@@ -855,6 +881,7 @@ impl Core {
             prefix: m.cfg.prefix.clone(),
             cgroup: format!("{:?}", m.cgroups.kind()).to_lowercase(),
             sandboxes: m.count(),
+            build_steps: m.list().iter().filter(|r| r.build_step).count(),
             spawner_pid: m.spawner.pid().unwrap_or(0),
             daemon_pid: std::process::id(),
             prepared: m.prepared(),

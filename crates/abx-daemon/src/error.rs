@@ -80,18 +80,25 @@ impl CoreError {
 
     /// The message with its chain of causes, for the API and logs.
     pub fn full_message(&self) -> String {
-        let mut msg = self.to_string();
-        let mut src = std::error::Error::source(self);
-        while let Some(s) = src {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            src = s.source();
-        }
-        msg
+        chain_text(self)
     }
+}
+
+/// An error's message followed by those of its causes (each once: a cause whose text the
+/// message already holds is left out), as "request failed: tcp connect error: Connection
+/// refused (os error 111)".
+pub fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

@@ -274,7 +274,9 @@ impl Manager {
         tokio::task::spawn_blocking(move || crate::cow::remove(&dir))
             .await
             .map_err(join_err("snapshot removal"))?
-            .map_err(|e| CoreError::internal(format!("remove snapshot {}", snap.id), e))
+            .map_err(|e| CoreError::internal(format!("remove snapshot {}", snap.id), e))?;
+        self.collect_layers_if_due();
+        Ok(())
     }
 
     /// Gives slot `slot` a writable copy of `snap` as its data tree (before a create).

@@ -96,6 +96,13 @@ pub struct Manager {
     pub(crate) pools: crate::pool::Pools,
     /// Layers and volumes that creates in flight are about to use (see `pins.rs`).
     pub(crate) pins: crate::pins::Pins,
+    /// Set when layers that no template references may be kept only by sandboxes or
+    /// snapshots (after a template removal, and at start): the next destroy or snapshot
+    /// removal collects what it freed (see [`Manager::collect_layers_if_due`]).
+    pub(crate) layers_held: std::sync::atomic::AtomicBool,
+    /// Template builds in progress (their new layers are not referenced until they are
+    /// in the build cache or published: no automatic collection meanwhile).
+    pub(crate) builds: AtomicUsize,
     /// API keys and sandbox access tokens.
     pub auth: crate::auth::Auth,
     /// Networking (None with `--subnet none`: loopback only).
@@ -161,6 +168,8 @@ impl Manager {
             slot_cache: Mutex::new(HashMap::new()),
             resolv_files: Mutex::new(HashMap::new()),
             pins: Default::default(),
+            layers_held: std::sync::atomic::AtomicBool::new(true),
+            builds: AtomicUsize::new(0),
             closing: std::sync::atomic::AtomicBool::new(false),
             pools: Default::default(),
             auth,
@@ -549,6 +558,8 @@ impl Manager {
         given: Option<abx_template::Template>,
         ephemeral: bool,
     ) -> CoreResult<Arc<Sandbox>> {
+        // Only a template build gives its own layers: its step sandboxes are its own.
+        let build_step = given.is_some();
         // What the caller gave (a snapshot's are known to work): checked once booted.
         let (asked_user, asked_workdir) = (req.user.clone(), req.workdir.clone());
         let snap = match &req.snapshot {
@@ -706,6 +717,7 @@ impl Manager {
             volumes: req.volumes.clone(),
             snapshot: snap.as_ref().map(|s| s.id.clone()),
             ephemeral,
+            build_step,
             ingress_token: self.new_ingress_token(req.ingress),
             ..base
         };
@@ -723,14 +735,31 @@ impl Manager {
         self.refill();
         match started {
             Ok((rec, pidfd)) => {
-                let sb = self.register(rec, Some(pidfd));
-                let checked =
+                let sb = self.live(rec, Some(pidfd));
+                // Until its readiness check passes it shows `starting`, and requests to it
+                // wait (as during a start), holding its operation lock meanwhile.
+                let readying = template.config.ready.is_some();
+                let ops = if readying {
+                    sb.update(|r| r.state = SandboxState::Starting);
+                    Some(sb.ops.clone().lock_owned().await)
+                } else {
+                    None
+                };
+                self.publish(sb.clone());
+                let mut res =
                     self.check_user_workdir(&sb, &template.name, asked_user.as_deref(), asked_workdir.as_deref()).await;
-                if let Err(e) = checked {
-                    let _ = self.destroy(&sb.id, true).await;
-                    return Err(e);
+                if res.is_ok() {
+                    res = self.run_start(&sb, &template.config).await;
                 }
-                if let Err(e) = self.run_start(&sb, &template.config).await {
+                if readying {
+                    sb.update(|r| {
+                        if r.state == SandboxState::Starting {
+                            r.state = SandboxState::Running;
+                        }
+                    });
+                }
+                drop(ops);
+                if let Err(e) = res {
                     let _ = self.destroy(&sb.id, true).await;
                     return Err(e);
                 }
@@ -813,6 +842,7 @@ impl Manager {
             snapshot: None,
             pooled: false,
             ephemeral: false,
+            build_step: false,
             start: template.config.start.clone(),
             ready: template.config.ready.clone(),
             start_as: (!template.config.start.is_empty() || template.config.ready.is_some()).then(|| {
@@ -1440,6 +1470,7 @@ impl Manager {
                     warn!(sandbox = %id, error = %e, "removing the files of a stopped sandbox");
                 }
                 this.forget_record(&id);
+                this.collect_layers_if_due();
             });
             return Ok(());
         }
@@ -1519,6 +1550,7 @@ impl Manager {
             this.free_uid_slot(slot);
             this.pending_frees.fetch_sub(1, Ordering::SeqCst);
             this.refill();
+            this.collect_layers_if_due();
         });
     }
 
@@ -1719,6 +1751,33 @@ impl Manager {
         }
     }
 
+    /// After a sandbox or snapshot that may have been the last user of layers no template
+    /// references went away: removes such layers, in the background, unless a build is in
+    /// progress (its new layers are not referenced yet; the next destroy after it
+    /// collects). Costs one atomic read when no template removal left layers behind.
+    pub(crate) fn collect_layers_if_due(self: &Arc<Self>) {
+        if !self.layers_held.load(Ordering::SeqCst) || self.builds.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let this = self.clone();
+        self.cleanups.spawn_blocking(move || {
+            let _gate = this.pins.removing();
+            if this.builds.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            let in_use = this.layers_in_use();
+            match this.templates.gc(&in_use) {
+                Ok(removed) if !removed.is_empty() => {
+                    info!(layers = removed.len(), "removed layers that only destroyed sandboxes or snapshots used")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "collecting unused layers"),
+            }
+            let held = this.templates.unreferenced().map_or(true, |left| !left.is_empty());
+            this.layers_held.store(held, Ordering::SeqCst);
+        });
+    }
+
     /// Digests of layers used by live sandboxes (kept by template garbage collection).
     pub fn layers_in_use(&self) -> std::collections::HashSet<String> {
         let mut used: std::collections::HashSet<String> = self.list().into_iter().flat_map(|r| r.layers).collect();
@@ -1807,9 +1866,9 @@ impl crate::net::ingress::Router for IngressRouter {
     fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<std::net::Ipv4Addr, Refusal> {
         let m = self.0.upgrade().ok_or(Refusal::NotFound)?;
         let sb = m.get_by_host_label(id).ok_or(Refusal::NotFound)?;
-        let (slot, pooled, want) = sb.read(|r| (r.uid_slot, r.pooled, r.ingress_token.clone()));
-        // A sandbox waiting in a warm pool belongs to nobody yet.
-        if pooled {
+        let (slot, hidden, want) = sb.read(|r| (r.uid_slot, r.pooled || r.build_step, r.ingress_token.clone()));
+        // A sandbox waiting in a warm pool belongs to nobody yet; a build's is the build's.
+        if hidden {
             return Err(Refusal::NotFound);
         }
         if let Some(want) = want

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use abx_api::{Limits, SandboxState};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{CoreError, CoreResult};
 use crate::manager::{Manager, new_id};
@@ -64,6 +64,8 @@ const FILL_PARALLEL: usize = 2;
 /// Boots in flight at once, over all pools, at most: a pressed pool boots as many as
 /// its claim rate times the time of one boot asks for ([`Pool::boots_at_once`]).
 const FILL_MOST: usize = 4;
+/// The longest wait between boots of a pool whose boots keep failing.
+pub const BACKOFF_MOST: Duration = Duration::from_secs(300);
 /// How long a readiness check may take to pass.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -142,6 +144,10 @@ struct Pool {
     claim: Histogram,
     /// No boots before this (after a failure).
     backoff_until: Option<Instant>,
+    /// Boots that failed since the last one that worked (the backoff doubles with each).
+    failed_in_a_row: u32,
+    /// The layers of the template whose boot failed: a rebuilt template is tried at once.
+    failed_layers: Vec<String>,
     /// Since when the pool holds more than its target.
     above_since: Option<Instant>,
     /// When it last gave a sandbox back.
@@ -166,6 +172,8 @@ impl Pool {
             refill: None,
             claim: Histogram::default(),
             backoff_until: None,
+            failed_in_a_row: 0,
+            failed_layers: Vec::new(),
             above_since: None,
             shrunk_at: None,
             refilling: false,
@@ -177,6 +185,29 @@ impl Pool {
     fn reconfigure(&mut self, cfg: PoolConfig) {
         self.target = self.target.clamp(cfg.min as usize, cfg.max as usize);
         self.cfg = cfg;
+        // Setting the pool again is the operator's way to say "try now".
+        self.backoff_until = None;
+    }
+
+    /// A boot failed: no boot for 2 s, doubling with each failure in a row up to
+    /// [`BACKOFF_MOST`], so that a template that cannot boot costs little. Returns whether
+    /// this failure is worth a warning (the first of a run, or a new error).
+    fn boot_failed(&mut self, layers: Vec<String>, msg: String, now: Instant) -> bool {
+        self.failures += 1;
+        self.failed_in_a_row = self.failed_in_a_row.saturating_add(1);
+        let wait = Duration::from_secs(2).saturating_mul(1 << (self.failed_in_a_row - 1).min(16)).min(BACKOFF_MOST);
+        self.backoff_until = Some(now + wait);
+        let new = self.failed_in_a_row == 1 || self.last_error.as_deref() != Some(msg.as_str());
+        self.failed_layers = layers;
+        self.last_error = Some(msg);
+        new
+    }
+
+    /// A boot worked: the backoff is over.
+    fn boot_worked(&mut self) {
+        self.boots += 1;
+        self.backoff_until = None;
+        self.failed_in_a_row = 0;
     }
 
     /// Claims per second: the higher of the last [`WINDOW`] and the last [`BURST`], so a
@@ -530,7 +561,7 @@ impl Manager {
                             let t0 = Instant::now();
                             let res = this.boot_pooled(&t, idle).await;
                             inflight.fetch_sub(1, Ordering::SeqCst);
-                            this.booted(&t.name, res, t0.elapsed());
+                            this.booted(&t, res, t0.elapsed());
                             this.pools.wake.notify_one();
                         });
                     }
@@ -600,7 +631,11 @@ impl Manager {
                 continue;
             }
             if p.backoff_until.is_some_and(|t| now < t) {
-                continue;
+                if p.failed_layers == template.layers {
+                    continue;
+                }
+                // The template changed since its boot failed: try the new one at once.
+                p.backoff_until = None;
             }
             let quiet = p.recent.back().is_none_or(|t| now.duration_since(*t) >= QUIET);
             // Claims come faster than one boot at a time replaces them: waiting for a pause
@@ -641,7 +676,8 @@ impl Manager {
         actions
     }
 
-    fn booted(self: &Arc<Self>, template: &str, res: CoreResult<Arc<Sandbox>>, took: Duration) {
+    fn booted(self: &Arc<Self>, t: &abx_template::Template, res: CoreResult<Arc<Sandbox>>, took: Duration) {
+        let template = t.name.as_str();
         let mut pools = self.pools.lock();
         let Some(p) = pools.get_mut(template) else {
             drop(pools);
@@ -653,8 +689,7 @@ impl Manager {
         p.filling = p.filling.saturating_sub(1);
         match res {
             Ok(sb) => {
-                p.boots += 1;
-                p.backoff_until = None;
+                p.boot_worked();
                 p.refill = Some(match p.refill {
                     Some(avg) => avg.mul_f64(0.8) + took.mul_f64(0.2),
                     None => took,
@@ -662,11 +697,13 @@ impl Manager {
                 p.ready.push_back(sb);
             }
             Err(e) => {
-                p.failures += 1;
                 let msg = e.full_message();
-                warn!(template, error = %msg, "booting a pooled sandbox failed");
-                p.last_error = Some(msg);
-                p.backoff_until = Some(Instant::now() + Duration::from_secs(2));
+                let in_a_row = p.failed_in_a_row + 1;
+                if p.boot_failed(t.layers.clone(), msg.clone(), Instant::now()) {
+                    warn!(template, error = %msg, "booting a pooled sandbox failed; retrying later, less often while it keeps failing");
+                } else {
+                    debug!(template, error = %msg, in_a_row, "booting a pooled sandbox failed again");
+                }
             }
         }
     }
@@ -932,6 +969,32 @@ mod tests {
         p.target = 3;
         p.reconfigure(cfg(1, 5));
         assert_eq!((p.target, p.cfg.min, p.cfg.max), (3, 1, 5), "within the sizes: kept");
+    }
+
+    /// A template that cannot boot is tried less and less often (it was tried every 2 s
+    /// forever), warned about once per run of the same error, and at once again after a
+    /// boot worked or the pool was set again.
+    #[test]
+    fn failing_boots_back_off_and_warn_once() {
+        let cfg = PoolConfig { template: "t".into(), min: 1, max: 1 };
+        let mut p = Pool::new(cfg.clone());
+        let t0 = Instant::now();
+        let layers = vec!["l1".to_string()];
+        let mut waits = Vec::new();
+        let mut warned = Vec::new();
+        for _ in 0..10 {
+            warned.push(p.boot_failed(layers.clone(), "no /bin/sh".into(), t0));
+            waits.push(p.backoff_until.unwrap().duration_since(t0).as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(warned.iter().filter(|w| **w).count(), 1, "{warned:?}");
+        assert!(p.boot_failed(layers.clone(), "another error".into(), t0), "a new error is warned about");
+        assert_eq!((p.failures, p.failed_layers.clone()), (11, layers.clone()));
+        p.boot_worked();
+        p.boot_failed(layers.clone(), "another error".into(), t0);
+        assert_eq!(p.backoff_until, Some(t0 + Duration::from_secs(2)), "a run of failures starts over");
+        p.reconfigure(cfg);
+        assert_eq!(p.backoff_until, None, "pool set tries at once");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct Record {
     /// after a restart, since nobody is left to use or remove it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ephemeral: bool,
+    /// Runs a step of a template build: the build alone uses and destroys it, so it is
+    /// neither listed nor found through the API or the ingress (see `Core::execute`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub build_step: bool,
     /// The template's start command and readiness check it was created with, which a
     /// start, restart or rollback runs again (as `docker start` runs CMD again).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -155,6 +159,7 @@ impl Record {
             snapshot: None,
             pooled: false,
             ephemeral: false,
+            build_step: false,
             start: Vec::new(),
             ready: None,
             start_as: None,

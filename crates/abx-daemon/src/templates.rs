@@ -179,7 +179,11 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
         let _gate = m.pins.removing();
         let in_use = m.layers_in_use();
         m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))?;
+        if !in_use.is_empty() {
+            m.layers_held.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         crate::build::forget_source(&m, &name);
+        crate::build::prune_mirrors(&m);
         Ok(())
     })
     .await
@@ -203,7 +207,12 @@ pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
     tokio::task::spawn_blocking(move || {
         let _gate = m.pins.removing();
         let in_use = m.layers_in_use();
-        m.templates.prune_build_cache(&in_use).map_err(|e| map_err("*", e))
+        if !in_use.is_empty() {
+            m.layers_held.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let removed = m.templates.prune_build_cache(&in_use).map_err(|e| map_err("*", e))?;
+        crate::build::prune_mirrors(&m);
+        Ok(removed)
     })
     .await
     .map_err(|e| CoreError::internal("prune task", e.to_string()))?

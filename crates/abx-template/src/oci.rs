@@ -216,6 +216,9 @@ impl ImageConfig {
     }
 }
 
+/// What a truncated archive's error adds.
+const CUT_SHORT: &str = "the archive is cut short: copy or save it again";
+
 fn format_error(what: &str, reason: impl ToString) -> Error {
     Error::ImageFormat { what: what.to_string(), reason: reason.to_string() }
 }
@@ -455,9 +458,20 @@ impl Archive {
         file.rewind().at("read", &path)?;
         let mut tar = tar::Archive::new(file);
         let mut members = HashMap::new();
-        let read_error = |e: io::Error| format_error(&path.display().to_string(), format!("not a readable tar: {e}"));
+        let read_error = |e: io::Error| {
+            let reason = if e.to_string().contains("failed to read entire block") {
+                format!("not a readable tar: it ends in the middle of a header ({CUT_SHORT})")
+            } else {
+                format!("not a readable tar: {e}")
+            };
+            format_error(&path.display().to_string(), reason)
+        };
+        // Where the last entry's data ends: beyond the file's end, the archive was cut
+        // short (the tar reader takes an end of file between entries for the end).
+        let mut end = 0u64;
         for entry in tar.entries_with_seek().map_err(read_error)? {
             let entry = entry.map_err(read_error)?;
+            end = end.max(entry.raw_file_position() + entry.size().div_ceil(512) * 512);
             let Some(name) = clean_member(&String::from_utf8_lossy(&entry.path_bytes())) else { continue };
             let link = entry.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned());
             let member = match (entry.header().entry_type(), link) {
@@ -475,6 +489,10 @@ impl Archive {
                 _ => continue,
             };
             members.insert(name, member);
+        }
+        if end > meta.len() {
+            let reason = format!("its entries run to byte {end} but the file has {} ({CUT_SHORT})", meta.len());
+            return Err(format_error(&path.display().to_string(), reason));
         }
         Ok(Archive::Tar { path, members })
     }
@@ -2017,6 +2035,39 @@ mod tests {
         fs::write(&path, &tampered).unwrap();
         let err = store.import_image(&path, None, "bad", &|_| {}).unwrap_err();
         assert!(matches!(err, Error::BlobMismatch { .. }), "{err}");
+    }
+
+    /// A truncated archive (a copy cut short) is named as such, with its file, in the
+    /// error or its causes, whichever part the cut falls in.
+    #[test]
+    fn a_truncated_archive_says_so() {
+        if !is_root() {
+            return;
+        }
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let layer = Layer::new().file("etc/data", 0o644, (0, 0), &big).bytes();
+        let archive = docker_archive(&[&layer]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), &dir.path().join("cache")).unwrap();
+        for keep in [archive.len() / 4, archive.len() / 2, archive.len() - 700] {
+            let path = dir.path().join("cut.tar");
+            fs::write(&path, &archive[..keep]).unwrap();
+            let err = store.import_image(&path, None, "cut", &|_| {}).unwrap_err();
+            let mut text = err.to_string();
+            let mut src = std::error::Error::source(&err);
+            while let Some(s) = src {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                src = s.source();
+            }
+            assert!(
+                text.contains("cut short") && text.contains("cut.tar"),
+                "cut at {keep} of {}: {text}",
+                archive.len()
+            );
+        }
+        fs::write(dir.path().join("whole.tar"), &archive).unwrap();
+        store.import_image(&dir.path().join("whole.tar"), None, "whole", &|_| {}).unwrap();
     }
 
     /// A docker-save archive (old layout) of an image with these layer tars.

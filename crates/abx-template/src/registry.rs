@@ -731,4 +731,28 @@ mod tests {
         assert!(matches!(err, Error::RegistryStatus { status: 404, .. }), "{err}");
         server.join().unwrap();
     }
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(x) = src {
+            s.push_str(" :: ");
+            s.push_str(&x.to_string());
+            src = x.source();
+        }
+        s
+    }
+
+    /// A registry that is not listening is named as such down the error's causes (the
+    /// daemon shows them; it showed only "request to URL failed").
+    #[test]
+    fn a_closed_port_says_connection_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let reference = parse(&format!("127.0.0.1:{port}/a/b"));
+        let err = Client::connect(&reference, &PullOptions::default(), None)
+            .and_then(|mut c| c.get("/v2/", None).map(|_| ()))
+            .unwrap_err();
+        let text = chain(&err);
+        assert!(text.contains("Connection refused"), "{text}");
+    }
 }

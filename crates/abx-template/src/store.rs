@@ -237,16 +237,27 @@ impl Store {
     }
 
     fn gc_locked(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
-        let mut referenced: HashSet<String> = self.list()?.into_iter().flat_map(|t| t.layers).collect();
-        referenced.extend(self.cache_layers());
         let mut removed = Vec::new();
-        for digest in self.layers()? {
-            if !referenced.contains(&digest) && !layers_in_use.contains(&digest) {
+        for digest in self.unreferenced_locked()? {
+            if !layers_in_use.contains(&digest) {
                 self.delete_layer(&digest)?;
                 removed.push(digest);
             }
         }
         Ok(removed)
+    }
+
+    /// Layers that no template and no build cache entry references: those [`Store::gc`]
+    /// removes unless they are in use.
+    pub fn unreferenced(&self) -> Result<Vec<String>> {
+        let _guard = self.guard();
+        self.unreferenced_locked()
+    }
+
+    fn unreferenced_locked(&self) -> Result<Vec<String>> {
+        let mut referenced: HashSet<String> = self.list()?.into_iter().flat_map(|t| t.layers).collect();
+        referenced.extend(self.cache_layers());
+        Ok(self.layers()?.into_iter().filter(|d| !referenced.contains(d)).collect())
     }
 
     /// Moves the layer out of layers/ (atomically) and then deletes it, so a crash never
