@@ -298,3 +298,37 @@ async fn a_killed_spawner_is_replaced_and_the_system_shows_the_new_one() {
     let cmdline = std::fs::read(format!("/proc/{new}/cmdline")).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains("__spawner"), "{new} is the spawner");
 }
+
+/// A daemon stopped (SIGTERM) in the middle of a build tells the build's client why the
+/// build ends, instead of the stream just stopping; nothing is published, and the step's
+/// sandbox does not outlive the daemon.
+#[tokio::test]
+async fn a_build_cut_short_by_a_daemon_stop_says_so() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let req = abx_client::BuildTemplate {
+        name: "slow".into(),
+        dockerfile: Some("FROM mini\nRUN sleep 1002\n".into()),
+        ..Default::default()
+    };
+    let mut s = d.client.build_template(&req).await.unwrap();
+    d.wait_for("the build step", Duration::from_secs(30), || async {
+        d.client.system().await.unwrap().build_steps == 1
+    })
+    .await;
+    d.stop();
+    let mut last = None;
+    while let Ok(Some(ev)) = s.next().await {
+        last = Some(ev);
+    }
+    match last {
+        Some(abx_client::BuildEvent::Error { message, .. }) => {
+            assert!(message.contains("shutting down") && message.contains("nothing published"), "{message}")
+        }
+        other => panic!("the stream ended with {other:?}"),
+    }
+    d.spawn(&[]).await;
+    assert!(d.client.template("slow").await.is_err(), "nothing was published");
+    assert_eq!(d.client.system().await.unwrap().sandboxes, 0);
+    assert!(crate::harness::host_processes("sleep 1002").is_empty());
+}

@@ -62,7 +62,7 @@ pub const LOCK_FILES: [&str; 22] = [
 /// Progress and log lines of a build, sent to the client in order; and whether that
 /// client is still there (its response stream not dropped).
 #[derive(Clone)]
-pub struct Out(mpsc::UnboundedSender<BuildEvent>, mpsc::Sender<BuildEvent>);
+pub struct Out(mpsc::UnboundedSender<BuildEvent>, mpsc::Sender<BuildEvent>, tokio_util::sync::CancellationToken);
 
 impl Out {
     pub fn stage(&self, stage: &str, done: u64, total: u64, message: impl Into<String>) {
@@ -83,20 +83,32 @@ impl Out {
         let _ = self.0.send(BuildEvent::Progress { stage: "log".into(), done: 0, total: None, message: line.into() });
     }
 
-    /// Resolves once the client went away (Ctrl-C of `template build`, a killed curl).
+    /// Resolves once the client went away (Ctrl-C of `template build`, a killed curl) or
+    /// the daemon began to shut down; then [`Out::check`] says which.
     async fn gone(&self) {
-        self.1.closed().await
+        tokio::select! {
+            () = self.1.closed() => {}
+            () = self.2.cancelled() => {}
+        }
     }
 
     /// An error when the client went away: a build nobody waits for is cancelled, as with
-    /// `docker build`, rather than replacing the template behind the user's back.
+    /// `docker build`, rather than replacing the template behind the user's back. A
+    /// daemon shutting down cancels it too, and says so to the client (which used to see
+    /// its stream end without a word).
     fn check(&self) -> CoreResult<()> {
-        if self.1.is_closed() { Err(cancelled()) } else { Ok(()) }
+        if self.2.is_cancelled() {
+            Err(CoreError::Conflict(
+                "the daemon is shutting down: build cancelled, nothing published; run it again when the daemon is back \
+                 (finished steps are cached)"
+                    .into(),
+            ))
+        } else if self.1.is_closed() {
+            Err(CoreError::Conflict("the client went away: build cancelled, nothing published".into()))
+        } else {
+            Ok(())
+        }
     }
-}
-
-fn cancelled() -> CoreError {
-    CoreError::Conflict("the client went away: build cancelled, nothing published".into())
 }
 
 /// Runs an asynchronous build in the background; its events, then `done` or `error`,
@@ -117,7 +129,7 @@ where
         }
     });
     let m = m.clone();
-    let out = Out(utx.clone(), client);
+    let out = Out(utx.clone(), client, m.stopping.clone());
     let building = Building::start(&m);
     tokio::spawn(async move {
         let ev = match build(m, out).await {
@@ -489,7 +501,7 @@ impl Builder {
         });
         let status = tokio::select! {
             status = running => status.map_err(|e| CoreError::Invalid(format!("could not run it: {e}")))?,
-            () = self.out.gone() => return Err(cancelled()),
+            () = self.out.gone() => return Err(self.out.check().err().unwrap_or_else(|| CoreError::Conflict("build cancelled".into()))),
         };
         if !pending.is_empty() {
             let line = String::from_utf8_lossy(&pending).into_owned();

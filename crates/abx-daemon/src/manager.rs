@@ -100,6 +100,9 @@ pub struct Manager {
     /// snapshots (after a template removal, and at start): the next destroy or snapshot
     /// removal collects what it freed (see [`Manager::collect_layers_if_due`]).
     pub(crate) layers_held: std::sync::atomic::AtomicBool,
+    /// Cancelled when the daemon begins to shut down: builds in progress end with an
+    /// error event saying so.
+    pub stopping: tokio_util::sync::CancellationToken,
     /// Template builds in progress (their new layers are not referenced until they are
     /// in the build cache or published: no automatic collection meanwhile).
     pub(crate) builds: AtomicUsize,
@@ -170,6 +173,7 @@ impl Manager {
             pins: Default::default(),
             layers_held: std::sync::atomic::AtomicBool::new(true),
             builds: AtomicUsize::new(0),
+            stopping: Default::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
             pools: Default::default(),
             auth,

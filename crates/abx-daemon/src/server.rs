@@ -86,6 +86,8 @@ pub async fn serve(
         }
     }
     shutdown.await;
+    // Builds streaming to clients end with an error event before the listeners close.
+    core.manager.stopping.cancel();
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
