@@ -1765,7 +1765,7 @@ impl Manager {
         }
         let this = self.clone();
         self.cleanups.spawn_blocking(move || {
-            let _gate = this.pins.removing();
+            let gate = this.pins.removing();
             if this.builds.load(Ordering::SeqCst) > 0 {
                 return;
             }
@@ -1779,6 +1779,8 @@ impl Manager {
             }
             let held = this.templates.unreferenced().map_or(true, |left| !left.is_empty());
             this.layers_held.store(held, Ordering::SeqCst);
+            drop(gate);
+            this.templates.finish_removals();
         });
     }
 

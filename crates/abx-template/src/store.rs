@@ -36,6 +36,10 @@ pub struct Store {
     /// Templates read lately, by name, with the identity of the file they came from: a
     /// daemon asks for the same template on every create and pool decision.
     loaded: Mutex<std::collections::HashMap<String, (FileStamp, Template)>>,
+    /// Layers garbage collection moved out of `layers/`, deleted by
+    /// [`Store::finish_removals`] (or when the store is dropped): the caller may hold a
+    /// lock that creates wait for, and deleting a large tree takes a while.
+    doomed: Mutex<Vec<Scratch>>,
 }
 
 /// A layer tree built (or found) and not yet published.
@@ -70,6 +74,7 @@ impl Store {
             cache: Cache::new(cache_dir),
             lock: Mutex::new(()),
             loaded: Mutex::new(Default::default()),
+            doomed: Mutex::new(Vec::new()),
         };
         for dir in [&store.layers, &store.templates, &store.tmp] {
             fs::create_dir_all(dir).at("create directory", dir)?;
@@ -260,14 +265,21 @@ impl Store {
         Ok(self.layers()?.into_iter().filter(|d| !referenced.contains(d)).collect())
     }
 
-    /// Moves the layer out of layers/ (atomically) and then deletes it, so a crash never
-    /// leaves part of a layer under layers/.
+    /// Moves the layer out of layers/ (atomically), so a crash never leaves part of a
+    /// layer under layers/; [`Store::finish_removals`] deletes it.
     fn delete_layer(&self, digest: &str) -> Result<()> {
         let doomed = self.scratch("gc");
         let path = self.layer_path(digest);
         fs::rename(&path, doomed.path()).at("move away", &path)?;
-        drop(doomed);
+        self.doomed.lock().unwrap_or_else(|e| e.into_inner()).push(doomed);
         Ok(())
+    }
+
+    /// Deletes the trees of the layers removed so far (see [`Store::gc`]). Call it once
+    /// no lock that others wait for is held.
+    pub fn finish_removals(&self) {
+        let doomed = std::mem::take(&mut *self.doomed.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(doomed);
     }
 
     fn stage_base(&self, base: BaseRecipe<'_>, progress: &dyn Fn(Progress)) -> Result<Staged> {

@@ -344,6 +344,7 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
 
 /// A directory being built: removed (with [`remove_tree`]) when dropped, unless it was moved
 /// into place with [`Scratch::publish`]. A failed build therefore leaves nothing behind.
+#[derive(Debug)]
 pub struct Scratch {
     path: PathBuf,
 }

@@ -282,11 +282,16 @@ fn remove_collects_unreferenced_layers() {
     let in_use = HashSet::from([dir_layer.clone()]);
     assert_eq!(env.store.remove("c", &in_use).unwrap(), Vec::<String>::new(), "used by a sandbox");
     assert!(env.store.layer_path(&dir_layer).is_dir());
+    assert_eq!(env.store.unreferenced().unwrap(), vec![dir_layer.clone()], "kept only by the sandbox");
     assert_eq!(env.store.gc(&none).unwrap(), vec![dir_layer.clone()], "no longer in use");
     assert!(!env.store.layer_path(&dir_layer).exists());
 
     assert_eq!(env.store.remove("b", &none).unwrap(), vec![mini]);
     assert!(env.store.layers().unwrap().is_empty());
+    assert!(env.store.unreferenced().unwrap().is_empty());
+    // The removed layers' files go when the caller says so (after its own locks).
+    assert!(!tmp_is_empty(&env.root), "moved aside, not deleted yet");
+    env.store.finish_removals();
     assert!(tmp_is_empty(&env.root));
     let err = env.store.remove("b", &none).unwrap_err();
     assert_eq!(err.to_string(), "template 'b' not found");
