@@ -44,6 +44,10 @@ const SANDBOX_ID: HeaderName = HeaderName::from_static("e2b-sandbox-id");
 const SANDBOX_PORT: HeaderName = HeaderName::from_static("e2b-sandbox-port");
 /// The header that carries a sandbox's ingress token.
 pub const ACCESS_TOKEN: HeaderName = HeaderName::from_static("e2b-traffic-access-token");
+
+/// The browser form of the token: a query parameter of that name is turned into a cookie
+/// of that name (a browser cannot send a header), which later requests carry.
+pub const TOKEN_PARAM: &str = "agentbox_token";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -189,8 +193,9 @@ enum ProxyError {
     #[error("no sandbox '{0}'; `agentbox ls` lists sandboxes")]
     NotFound(String),
     #[error(
-        "the ports of sandbox '{0}' need its token: send it in the header E2b-Traffic-Access-Token \
-         (`agentbox port` prints it; it is the sandbox's `ingress_token`)"
+        "the ports of sandbox '{0}' need its token: send it in the header E2b-Traffic-Access-Token, \
+         or open the URL once with ?agentbox_token=TOKEN in a browser (`agentbox port` prints it; it \
+         is the sandbox's `ingress_token`)"
     )]
     Unauthorized(String),
     #[error("nothing listens on {0}")]
@@ -292,11 +297,21 @@ impl Shared {
             ));
         }
         let (port, id) = route(req.uri(), req.headers(), &self.domain)?;
-        let token = req.headers().get(ACCESS_TOKEN).map(|v| v.as_bytes());
-        let ip = lookup(self.router.as_ref(), &id, token).map_err(|r| match r {
+        let refused = |r| match r {
             Refusal::NotFound => ProxyError::NotFound(id.clone()),
             Refusal::Unauthorized => ProxyError::Unauthorized(id.clone()),
-        })?;
+        };
+        // A token in the query (a link opened in a browser) becomes a cookie of the host
+        // (`<port>-<id>.<domain>`): checked, then the same URL without it, once.
+        if !req.headers().contains_key(ACCESS_TOKEN)
+            && let Some((token, rest)) = query_token(req.uri())
+        {
+            lookup(self.router.as_ref(), &id, Some(token.as_bytes())).map_err(refused)?;
+            return Ok(token_redirect(&token, &rest));
+        }
+        let cookie = if req.headers().contains_key(ACCESS_TOKEN) { None } else { cookie_token(req.headers()) };
+        let token = req.headers().get(ACCESS_TOKEN).map(|v| v.as_bytes()).or(cookie.as_deref().map(str::as_bytes));
+        let ip = lookup(self.router.as_ref(), &id, token).map_err(refused)?;
         let target = Target { id, port };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let req = backend_request(req, peer, client_upgrade.is_some());
@@ -443,6 +458,7 @@ fn backend_request(req: Request<Incoming>, peer: SocketAddr, upgrade: bool) -> R
     headers.remove(SANDBOX_ID);
     headers.remove(SANDBOX_PORT);
     headers.remove(ACCESS_TOKEN);
+    strip_token_cookie(headers);
     // This proxy already answered any `Expect: 100-continue` itself by reading the body.
     headers.remove(header::EXPECT);
     restore_upgrade(headers, upgrade);
@@ -455,6 +471,67 @@ fn backend_request(req: Request<Incoming>, peer: SocketAddr, upgrade: bool) -> R
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     Request::from_parts(parts, body)
+}
+
+/// The token in the query (`?agentbox_token=T`), and the path and query without it.
+fn query_token(uri: &Uri) -> Option<(String, String)> {
+    let query = uri.query()?;
+    let mut token = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((TOKEN_PARAM, value)) if token.is_none() => token = Some(value.to_string()),
+            _ => rest.push(pair),
+        }
+    }
+    let token = token.filter(|t| !t.is_empty())?;
+    let path = if uri.path().is_empty() { "/" } else { uri.path() };
+    Some((token, if rest.is_empty() { path.to_string() } else { format!("{path}?{}", rest.join("&")) }))
+}
+
+/// 303 to `location` setting the token cookie (HttpOnly; the ingress speaks plain HTTP, so
+/// not Secure; SameSite=Lax: sent when a link to the host is followed).
+fn token_redirect(token: &str, location: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::from(Bytes::new())));
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    let cookie = format!("{TOKEN_PARAM}={token}; Path=/; HttpOnly; SameSite=Lax");
+    if let (Ok(cookie), Ok(location)) = (HeaderValue::from_str(&cookie), HeaderValue::from_str(location)) {
+        resp.headers_mut().insert(header::SET_COOKIE, cookie);
+        resp.headers_mut().insert(header::LOCATION, location);
+    }
+    resp
+}
+
+/// The token cookie's value, if the request has one.
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(TOKEN_PARAM)?.strip_prefix('=').map(str::to_string))
+}
+
+/// Removes the token cookie from what the sandbox receives (other cookies stay).
+fn strip_token_cookie(headers: &mut HeaderMap) {
+    if cookie_token(headers).is_none() {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{TOKEN_PARAM}=")))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// X-Forwarded-For: the client's address appended to what earlier proxies recorded.
@@ -784,6 +861,23 @@ mod tests {
             assert_eq!(json["backend"], "b");
             assert!(json["headers"].get("e2b-traffic-access-token").is_none(), "the token reached the sandbox: {json}");
         }
+        // A browser: the token in the query once (checked, then a cookie of the host and
+        // the same URL without it), then the cookie, which the sandbox does not see.
+        let answer = get(addr, &format!("/app?x=1&{TOKEN_PARAM}={wrong}"), &[("host", &host_b)]).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "a wrong token in the query");
+        let answer = get(addr, &format!("/app?x=1&{TOKEN_PARAM}={B_TOKEN}&y=2"), &[("host", &host_b)]).await;
+        assert_eq!(answer.status, StatusCode::SEE_OTHER);
+        assert_eq!(answer.headers[header::LOCATION], "/app?x=1&y=2");
+        let cookie = answer.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+        assert!(cookie.starts_with(&format!("{TOKEN_PARAM}={B_TOKEN};")) && cookie.contains("HttpOnly"), "{cookie}");
+        let jar = format!("theme=dark; {TOKEN_PARAM}={B_TOKEN}; lang=en");
+        let answer = get(addr, "/app?x=1&y=2", &[("host", &host_b), ("cookie", &jar)]).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let json = answer.json();
+        assert_eq!((json["backend"].as_str(), json["path"].as_str()), (Some("b"), Some("/app?x=1&y=2")));
+        assert_eq!(json["headers"]["cookie"], "theme=dark; lang=en", "the token cookie is not passed on: {json}");
+        let stale = format!("{TOKEN_PARAM}={wrong}");
+        assert_eq!(get(addr, "/", &[("host", &host_b), ("cookie", &stale)]).await.status, StatusCode::UNAUTHORIZED);
         // Public ports need nothing, and a token sent along is not passed on either.
         let host_a = format!("{port}-{A}.{DOMAIN}");
         let answer = get(addr, "/", &[("host", &host_a), ("E2b-Traffic-Access-Token", B_TOKEN)]).await;
