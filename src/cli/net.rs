@@ -148,6 +148,9 @@ pub async fn port(client: &Client, a: PortArgs) -> anyhow::Result<i32> {
     // The URL alone stays the only line on stdout (scripts use `$(agentbox port ...)`).
     if let Some(token) = &p.token {
         eprintln!("send the header: E2b-Traffic-Access-Token: {token}");
+        // A browser cannot: the proxy turns the token in a first URL into a cookie.
+        let sep = if p.url.contains('?') { '&' } else { '?' };
+        eprintln!("or open in a browser: {}{sep}agentbox_token={token}", p.url);
     }
     Ok(0)
 }

@@ -370,10 +370,17 @@ async fn ports_that_need_a_token_are_reached_only_with_it() {
     let got = get(&url.host, &[("E2b-Traffic-Access-Token", &token)]);
     assert!(got.contains("private\n"), "{got}");
     assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().state, abx_client::SandboxState::Running);
-    // `agentbox port` prints the URL alone on stdout and the header on stderr.
+    // A browser's cookie (set by a first URL with ?agentbox_token=) does as the header.
+    let got = get(&url.host, &[("Cookie", &format!("agentbox_token={token}"))]);
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains("private\n"), "{got}");
+    assert!(get(&url.host, &[("Cookie", &format!("agentbox_token={wrong}"))]).starts_with("HTTP/1.1 401"));
+    // `agentbox port` prints the URL alone on stdout, and the header and the browser URL
+    // on stderr.
     let out = w.d.cli(&["port", &a, "8000"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), url.url);
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&token), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("E2b-Traffic-Access-Token: {token}")), "{stderr}");
+    assert!(stderr.contains(&format!("{}?agentbox_token={token}", url.url)), "{stderr}");
     // A sandbox may choose public ports.
     let out = w.d.cli(&["create", "-T", "mini", "--ingress", "public"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
