@@ -120,13 +120,14 @@ fn abs(p: &std::path::Path) -> anyhow::Result<String> {
     Ok(std::fs::canonicalize(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?.display().to_string())
 }
 
+/// `c` if template names and tags allow it, else `-`.
+fn name_char(c: char) -> char {
+    if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' }
+}
+
 /// A template name made from a file or repository name.
 fn name_from(s: &str) -> String {
-    let mut n: String = s
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
-        .collect();
+    let mut n: String = s.to_ascii_lowercase().chars().map(name_char).collect();
     n = n.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
     n.truncate(63);
     if n.is_empty() { "image".into() } else { n }
@@ -157,11 +158,7 @@ fn name_of_reference(reference: &str) -> String {
     let base = name_from(base);
     match tag.filter(|t| *t != "latest" && !t.is_empty()) {
         Some(tag) => {
-            let tag: String = tag
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '-' })
-                .take(64)
-                .collect();
+            let tag: String = tag.chars().map(name_char).take(64).collect();
             let tag = if tag.starts_with(['.', '-']) { format!("_{}", &tag[..tag.len().min(63)]) } else { tag };
             format!("{base}:{tag}")
         }

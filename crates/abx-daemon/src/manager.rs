@@ -1765,23 +1765,32 @@ impl Manager {
         }
         let this = self.clone();
         self.cleanups.spawn_blocking(move || {
-            let gate = this.pins.removing();
-            if this.builds.load(Ordering::SeqCst) > 0 {
-                return;
-            }
-            let in_use = this.layers_in_use();
-            match this.templates.gc(&in_use) {
+            let collected = this.collecting(|in_use| {
+                if this.builds.load(Ordering::SeqCst) > 0 { Ok(Vec::new()) } else { this.templates.gc(in_use) }
+            });
+            match collected {
                 Ok(removed) if !removed.is_empty() => {
                     info!(layers = removed.len(), "removed layers that only destroyed sandboxes or snapshots used")
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "collecting unused layers"),
             }
-            let held = this.templates.unreferenced().map_or(true, |left| !left.is_empty());
-            this.layers_held.store(held, Ordering::SeqCst);
-            drop(gate);
-            this.templates.finish_removals();
         });
+    }
+
+    /// Runs `collect`, a store operation that removes unused layers (`template rm`,
+    /// `template prune`, [`Manager::collect_layers_if_due`]), with the layers in use and
+    /// under the removal gate (see `pins.rs`). Then records whether unreferenced layers
+    /// are left for a later destroy to collect (`layers_held`), and deletes the removed
+    /// layers' files once the gate is released, so that creates do not wait for that.
+    pub(crate) fn collecting<T>(&self, collect: impl FnOnce(&std::collections::HashSet<String>) -> T) -> T {
+        let gate = self.pins.removing();
+        let done = collect(&self.layers_in_use());
+        let held = self.templates.unreferenced().map_or(true, |left| !left.is_empty());
+        self.layers_held.store(held, Ordering::SeqCst);
+        drop(gate);
+        self.templates.finish_removals();
+        done
     }
 
     /// Digests of layers used by live sandboxes (kept by template garbage collection).

@@ -176,16 +176,8 @@ pub async fn remove(m: &Arc<Manager>, name: &str) -> CoreResult<()> {
     let name = name.to_string();
     tokio::task::spawn_blocking(move || {
         // No create may resolve the template meanwhile (see `pins.rs`).
-        let gate = m.pins.removing();
-        let in_use = m.layers_in_use();
-        m.templates.remove(&name, &in_use).map(drop).map_err(|e| map_err(&name, e))?;
-        if !in_use.is_empty() {
-            m.layers_held.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+        m.collecting(|in_use| m.templates.remove(&name, in_use)).map_err(|e| map_err(&name, e))?;
         crate::build::forget_source(&m, &name);
-        // Creates go on while the removed layers' files are deleted.
-        drop(gate);
-        m.templates.finish_removals();
         crate::build::prune_mirrors(&m);
         Ok(())
     })
@@ -208,14 +200,7 @@ pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Templat
 pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
-        let gate = m.pins.removing();
-        let in_use = m.layers_in_use();
-        if !in_use.is_empty() {
-            m.layers_held.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        let removed = m.templates.prune_build_cache(&in_use).map_err(|e| map_err("*", e));
-        drop(gate);
-        m.templates.finish_removals();
+        let removed = m.collecting(|in_use| m.templates.prune_build_cache(in_use)).map_err(|e| map_err("*", e));
         crate::build::prune_mirrors(&m);
         removed
     })

@@ -176,3 +176,16 @@ impl<T> IoContext<T> for rustix::io::Result<T> {
         self.map_err(|e| Error::Io { op, path: path.to_path_buf(), source: e.into() })
     }
 }
+
+/// An error's message and those of its causes, for tests that look for a cause.
+#[cfg(test)]
+pub(crate) fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    text
+}

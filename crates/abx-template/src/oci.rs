@@ -2053,13 +2053,7 @@ mod tests {
             let path = dir.path().join("cut.tar");
             fs::write(&path, &archive[..keep]).unwrap();
             let err = store.import_image(&path, None, "cut", &|_| {}).unwrap_err();
-            let mut text = err.to_string();
-            let mut src = std::error::Error::source(&err);
-            while let Some(s) = src {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                src = s.source();
-            }
+            let text = crate::error::chain_text(&err);
             assert!(
                 text.contains("cut short") && text.contains("cut.tar"),
                 "cut at {keep} of {}: {text}",

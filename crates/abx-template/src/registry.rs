@@ -732,17 +732,6 @@ mod tests {
         server.join().unwrap();
     }
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut src = e.source();
-        while let Some(x) = src {
-            s.push_str(" :: ");
-            s.push_str(&x.to_string());
-            src = x.source();
-        }
-        s
-    }
-
     /// A registry that is not listening is named as such down the error's causes (the
     /// daemon shows them; it showed only "request to URL failed").
     #[test]
@@ -752,7 +741,7 @@ mod tests {
         let err = Client::connect(&reference, &PullOptions::default(), None)
             .and_then(|mut c| c.get("/v2/", None).map(|_| ()))
             .unwrap_err();
-        let text = chain(&err);
+        let text = crate::error::chain_text(&err);
         assert!(text.contains("Connection refused"), "{text}");
     }
 }

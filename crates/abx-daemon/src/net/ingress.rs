@@ -230,17 +230,7 @@ impl ProxyError {
 
     /// The message with its chain of causes.
     fn message(&self) -> String {
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            source = s.source();
-        }
-        msg
+        crate::error::chain_text(self)
     }
 
     fn into_response(self) -> Response<Body> {
