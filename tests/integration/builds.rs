@@ -381,6 +381,62 @@ async fn a_build_whose_client_went_away_is_cancelled() {
     assert_eq!(sh(&d, "app", "cat /tmp/v; test -e /tmp/wrong || echo no-wrong").await.0, "good\nno-wrong\n");
 }
 
+/// A `template rm` of a build's base and a `template prune` while the build runs do not
+/// take the layers it made or starts from: the build holds them until its template
+/// references them. (Before, the step layers went with the emptied cache, the base's with
+/// its template, and the build failed saving a template whose layers were gone.)
+#[tokio::test]
+async fn layers_a_build_made_survive_a_prune_during_it() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("base.txt"), "base\n").unwrap();
+    std::fs::write(ctx.path().join("a.txt"), "a\n").unwrap();
+    // Enough files that copying them takes a while: the prune comes in meanwhile.
+    std::fs::create_dir_all(ctx.path().join("many")).unwrap();
+    for i in 0..6000 {
+        std::fs::write(ctx.path().join(format!("many/f{i}")), format!("{i}\n")).unwrap();
+    }
+    let req = |name: &str, df: &str| BuildTemplate {
+        name: name.into(),
+        dockerfile: Some(df.into()),
+        context: Some(ctx.path().display().to_string()),
+        ..Default::default()
+    };
+    let (base, _) = build(&d, &req("base0", "FROM mini\nCOPY base.txt /base.txt\n")).await.unwrap();
+    let df = "FROM base0\nCOPY a.txt /a.txt\nUSER 0\nRUN echo ran > /ran.txt\nCOPY many/ /many/\n";
+    let mut s = d.client.build_template(&req("app", df)).await.unwrap();
+    let mut log = Vec::new();
+    while let Some(ev) = s.next().await.unwrap() {
+        match ev {
+            BuildEvent::Progress { message, .. } if message.starts_with("COPY many/") => break,
+            BuildEvent::Progress { message, .. } => log.push(message),
+            other => panic!("the build ended before its last step: {other:?} after {log:?}"),
+        }
+    }
+    d.client.delete_template("base0").await.unwrap();
+    let removed = d.client.prune_templates().await.unwrap();
+    assert!(
+        d.client.template("app").await.is_err(),
+        "the build was still copying when the prune ran (otherwise this test proves nothing)"
+    );
+    for l in &base.layers {
+        assert!(!removed.contains(l), "the base's layer {l} was removed during the build");
+    }
+    let (app, _) = follow(&mut s).await.expect("the build finishes with its layers");
+    for l in &app.layers {
+        assert!(d.root.join("layers").join(l).is_dir(), "layer {l} of the new template is there");
+    }
+    assert_eq!(sh(&d, "app", "cat /base.txt /a.txt /ran.txt; ls /many | wc -l").await.0, "base\na\nran\n6000\n");
+    // Once the build is over, what nothing references goes.
+    d.client.delete_template("app").await.unwrap();
+    d.client.prune_templates().await.unwrap();
+    let mini = d.client.template("mini").await.unwrap().layers;
+    for l in app.layers.iter().filter(|l| !mini.contains(l)) {
+        assert!(!d.root.join("layers").join(l).exists(), "layer {l} is collected after the build");
+    }
+}
+
 #[tokio::test]
 async fn pooled_template_runs_its_start_command_before_the_claim() {
     let d = Daemon::start().await;

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use abx_api::{BuildEvent, BuildTemplate, CreateSandbox, NetworkPolicy};
-use abx_template::{Cached, Template, TemplateConfig};
+use abx_template::{Cached, Hold, Template, TemplateConfig};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -214,14 +214,21 @@ fn missing_base(from: &str, said: &str) -> String {
 /// The starting point of a build (a template of this daemon, or `scratch`), and the
 /// template's whole configuration (its start command and readiness check too, which build
 /// steps do not run with).
-/// `said` is how the request named it (`FROM x`, `--from x`).
-fn from_template(m: &Manager, from: &str, said: &str) -> CoreResult<(State, TemplateConfig)> {
+/// `said` is how the request named it (`FROM x`, `--from x`). Its layers join the build's
+/// `hold`, so a `template rm` of the base during the build does not take them away.
+fn from_template(m: &Manager, from: &str, said: &str, hold: &Hold) -> CoreResult<(State, TemplateConfig)> {
     if from == "scratch" {
         let st = State { layers: Vec::new(), config: TemplateConfig::default(), key: hash(&["from", "scratch"]) };
         return Ok((st, TemplateConfig::default()));
     }
     let t = m.templates.get(from).map_err(|e| match e {
         abx_template::Error::NotFound { .. } => invalid(missing_base(from, said)),
+        e => tmpl_err(&format!("template '{from}'"), e),
+    })?;
+    m.templates.keep(hold, &t.layers).map_err(|e| match e {
+        abx_template::Error::LayerGone { .. } => {
+            CoreError::Conflict(format!("{said}: template '{from}' was removed as the build started ({e})"))
+        }
         e => tmpl_err(&format!("template '{from}'"), e),
     })?;
     let config = TemplateConfig { start: Vec::new(), ready: None, description: String::new(), ..t.config.clone() };
@@ -246,8 +253,9 @@ pub fn dockerfile(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Rece
     crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
     let name = req.name.clone();
     Ok(spawn(m, move |m, out| async move {
-        let mut b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
-        let (mut st, base_config) = from_template(&m, &plan.from, &format!("FROM {}", plan.from))?;
+        let hold = m.templates.hold();
+        let (mut st, base_config) = from_template(&m, &plan.from, &format!("FROM {}", plan.from), &hold)?;
+        let mut b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache, hold };
         // Again on the base's configuration: its environment is visible to expansions.
         let plan = abx_template::dockerfile::parse_with_base(&text, &req.build_args, &base_config)
             .map_err(|e| invalid(e.to_string()))?;
@@ -278,11 +286,15 @@ struct Builder {
     name: String,
     network: NetworkPolicy,
     no_cache: bool,
+    /// The layers this build made, found in its cache or starts from: kept by garbage
+    /// collection (`template rm`, `template prune`) until the build ends and its template
+    /// references them.
+    hold: Hold,
 }
 
 impl Builder {
     fn cached(&self, key: &str) -> Option<Cached> {
-        if self.no_cache { None } else { self.m.templates.cache_get(key) }
+        if self.no_cache { None } else { self.m.templates.cache_get(key, &self.hold) }
     }
 
     fn apply(st: &mut State, key: String, c: Cached) {
@@ -331,8 +343,9 @@ impl Builder {
                                 ))
                             })?),
                         };
-                        let (m, layers, path) = (self.m.clone(), st.layers.clone(), path.clone());
-                        let c = blocking(move || mkdir_layer(&m, &layers, &path, owner)).await?;
+                        let (m, layers, path, hold) =
+                            (self.m.clone(), st.layers.clone(), path.clone(), self.hold.clone());
+                        let c = blocking(move || mkdir_layer(&m, &layers, &path, owner, &hold)).await?;
                         self.m.templates.cache_put(&key, &c).map_err(|e| tmpl_err("build cache", e))?;
                         c
                     }
@@ -372,6 +385,7 @@ impl Builder {
                             None => None,
                         };
                         let (m, layers, dest, extract) = (self.m.clone(), st.layers.clone(), dest.clone(), *extract);
+                        let hold = self.hold.clone();
                         let c = blocking(move || {
                             let scratch = m.templates.new_scratch("copy");
                             std::fs::create_dir_all(scratch.path())
@@ -390,7 +404,7 @@ impl Builder {
                             drop(view);
                             inherit_dirs(&m, &layers, scratch.path())?;
                             let (d, _) =
-                                m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+                                m.templates.publish_layer(scratch, &hold).map_err(|e| tmpl_err("publish layer", e))?;
                             Ok(Cached::Layer(d))
                         })
                         .await?;
@@ -532,10 +546,11 @@ impl Builder {
             }
         }
         let without = without.map(|d| self.m.templates.layer_path(d));
+        let hold = self.hold.clone();
         blocking(move || {
             let layer = match &without {
-                Some(tree) => m.templates.layer_from_delta_without(&upper, tree),
-                None => m.templates.layer_from_delta(&upper),
+                Some(tree) => m.templates.layer_from_delta_without(&upper, tree, &hold),
+                None => m.templates.layer_from_delta(&upper, &hold),
             };
             match layer.map_err(|e| tmpl_err("import the changes", e))? {
                 Some((d, _)) => Ok(Cached::Layer(d)),
@@ -598,7 +613,13 @@ fn find_in_layers(m: &Manager, layers: &[String], path: &str) -> Option<PathBuf>
 /// A layer with directory `path` (and its missing parents), unless it exists. The
 /// directories it makes belong to `owner` (the build's current user, as BuildKit does;
 /// None: root); those the layers below have keep their owner and mode.
-fn mkdir_layer(m: &Manager, layers: &[String], path: &str, owner: Option<(u32, u32)>) -> CoreResult<Cached> {
+fn mkdir_layer(
+    m: &Manager,
+    layers: &[String],
+    path: &str,
+    owner: Option<(u32, u32)>,
+    hold: &Hold,
+) -> CoreResult<Cached> {
     if find_in_layers(m, layers, path).is_some_and(|p| p.is_dir()) {
         return Ok(Cached::Nothing);
     }
@@ -618,7 +639,7 @@ fn mkdir_layer(m: &Manager, layers: &[String], path: &str, owner: Option<(u32, u
             }
         }
     }
-    let (d, _) = m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+    let (d, _) = m.templates.publish_layer(scratch, hold).map_err(|e| tmpl_err("publish layer", e))?;
     Ok(Cached::Layer(d))
 }
 
@@ -840,10 +861,11 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
     let network = req.network.clone().unwrap_or_default();
     crate::net::policy::Policy::parse(&network).map_err(|e| invalid(format!("network: {e}")))?;
     let from = req.from.clone().unwrap_or_else(|| "base".into());
-    let (base, _) = from_template(m, &from, &format!("--from {from}"))?;
+    let hold = m.templates.hold();
+    let (base, _) = from_template(m, &from, &format!("--from {from}"), &hold)?;
     let name = req.name.clone();
     Ok(spawn(m, move |m, out| async move {
-        let b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache };
+        let b = Builder { m: m.clone(), out, name: name.clone(), network, no_cache: req.no_cache, hold };
         b.out.stage("fetch", 1, 4, format!("fetching {repo}"));
         let (mm, r, gr) = (m.clone(), repo.clone(), git_ref.clone());
         let (mirror, commit) = blocking(move || fetch(&mm, &r, &gr)).await?;
@@ -863,7 +885,8 @@ pub fn repo(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<B
             _ => {
                 b.out.stage("tree", 2, 4, format!("exporting the tree of {commit} to {dest}"));
                 let (mm, layers, c, d) = (m.clone(), base.layers.clone(), commit.clone(), dest.clone());
-                let digest = blocking(move || export_tree(&mm, &layers, &mirror, &c, &d, owner)).await?;
+                let hold = b.hold.clone();
+                let digest = blocking(move || export_tree(&mm, &layers, &mirror, &c, &d, owner, &hold)).await?;
                 m.templates
                     .cache_put(&tree_key, &Cached::Layer(digest.clone()))
                     .map_err(|e| tmpl_err("build cache", e))?;
@@ -1043,6 +1066,7 @@ fn export_tree(
     commit: &str,
     dest: &str,
     owner: (u32, u32),
+    hold: &Hold,
 ) -> CoreResult<String> {
     let scratch = m.templates.new_scratch("repo");
     let target = scratch.path().join(dest.trim_start_matches('/'));
@@ -1071,7 +1095,7 @@ fn export_tree(
     // unless the layers had it).
     std::os::unix::fs::lchown(&target, Some(owner.0), Some(owner.1))
         .map_err(|e| CoreError::internal("set owner of the tree", e))?;
-    let (d, _) = m.templates.publish_layer(scratch).map_err(|e| tmpl_err("publish layer", e))?;
+    let (d, _) = m.templates.publish_layer(scratch, hold).map_err(|e| tmpl_err("publish layer", e))?;
     Ok(d)
 }
 

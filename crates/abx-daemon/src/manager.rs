@@ -103,8 +103,8 @@ pub struct Manager {
     /// Cancelled when the daemon begins to shut down: builds in progress end with an
     /// error event saying so.
     pub stopping: tokio_util::sync::CancellationToken,
-    /// Template builds in progress (their new layers are not referenced until they are
-    /// in the build cache or published: no automatic collection meanwhile).
+    /// Template builds, imports and pulls in progress (repository mirrors are not
+    /// pruned meanwhile: a build may be about to name one).
     pub(crate) builds: AtomicUsize,
     /// API keys and sandbox access tokens.
     pub auth: crate::auth::Auth,
@@ -1756,18 +1756,16 @@ impl Manager {
     }
 
     /// After a sandbox or snapshot that may have been the last user of layers no template
-    /// references went away: removes such layers, in the background, unless a build is in
-    /// progress (its new layers are not referenced yet; the next destroy after it
-    /// collects). Costs one atomic read when no template removal left layers behind.
+    /// references went away: removes such layers, in the background (a build in progress
+    /// holds the layers it made, `abx_template::Hold`). Costs one atomic read when no
+    /// template removal left layers behind.
     pub(crate) fn collect_layers_if_due(self: &Arc<Self>) {
-        if !self.layers_held.load(Ordering::SeqCst) || self.builds.load(Ordering::SeqCst) > 0 {
+        if !self.layers_held.load(Ordering::SeqCst) {
             return;
         }
         let this = self.clone();
         self.cleanups.spawn_blocking(move || {
-            let collected = this.collecting(|in_use| {
-                if this.builds.load(Ordering::SeqCst) > 0 { Ok(Vec::new()) } else { this.templates.gc(in_use) }
-            });
+            let collected = this.collecting(|in_use| this.templates.gc(in_use));
             match collected {
                 Ok(removed) if !removed.is_empty() => {
                     info!(layers = removed.len(), "removed layers that only destroyed sandboxes or snapshots used")

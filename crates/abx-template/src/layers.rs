@@ -8,10 +8,15 @@
 //! the steps before it, its instruction, the content of the files it copies, the egress
 //! policy it ran under). Layers the cache names are kept by garbage collection until
 //! [`Store::prune_build_cache`].
+//!
+//! A **hold** ([`Hold`]) covers the layers a build in progress made or builds on: until
+//! the build saves its template, no template references them, and a build cache entry
+//! may go with `template prune`. Garbage collection keeps every layer a live hold names.
 
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::digest::digest_tree;
 use crate::error::{IoContext, Result};
@@ -29,7 +34,61 @@ pub enum Cached {
     Nothing,
 }
 
+/// Layers kept from garbage collection while a clone of this lives (see the module's
+/// documentation). Made by [`Store::hold`]; layers join it only under the store's lock,
+/// where they are known to be present, so a collection either ran before (and the layer
+/// is gone: an error, not a broken template) or sees them held.
+#[derive(Debug, Clone, Default)]
+pub struct Hold(Arc<Mutex<HashSet<String>>>);
+
+impl Hold {
+    fn add(&self, digest: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string());
+    }
+
+    /// The layers held now.
+    pub fn layers(&self) -> HashSet<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 impl Store {
+    /// A new, empty hold, which garbage collection heeds until its last clone is dropped.
+    pub fn hold(&self) -> Hold {
+        let hold = Hold::default();
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        holds.retain(|w| w.strong_count() > 0);
+        holds.push(Arc::downgrade(&hold.0));
+        hold
+    }
+
+    /// The layers of every live hold.
+    pub(crate) fn held(&self) -> HashSet<String> {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        holds.retain(|w| w.strong_count() > 0);
+        holds
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .flat_map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    /// Adds `layers` to `hold`, checking under the store's lock that each is present
+    /// ([`crate::Error::LayerGone`] names the first that is not).
+    pub fn keep(&self, hold: &Hold, layers: &[String]) -> Result<()> {
+        let _guard = self.guard();
+        for d in layers {
+            validate_digest(d)?;
+            if !self.layer_path(d).is_dir() {
+                return Err(crate::error::Error::LayerGone { digest: d.clone() });
+            }
+        }
+        for d in layers {
+            hold.add(d);
+        }
+        Ok(())
+    }
+
     fn build_cache_dir(&self) -> PathBuf {
         self.templates_dir().parent().unwrap_or(Path::new("/")).join("build-cache")
     }
@@ -39,31 +98,33 @@ impl Store {
         self.scratch(kind)
     }
 
-    /// Publishes a tree as a layer (unless that layer exists); returns its digest and size.
-    pub fn publish_layer(&self, tree: Scratch) -> Result<(String, u64)> {
+    /// Publishes a tree as a layer (unless that layer exists) and adds it to `hold`;
+    /// returns its digest and size.
+    pub fn publish_layer(&self, tree: Scratch, hold: &Hold) -> Result<(String, u64)> {
         let d = digest_tree(tree.path())?;
         let _guard = self.guard();
         let layer = self.layer_path(&d.digest);
         if !layer.exists() {
             tree.publish(&layer)?;
         }
+        hold.add(&d.digest);
         Ok((d.digest, d.size_bytes))
     }
 
     /// A layer from an overlay upper directory (whiteouts and opaque markers kept), or
-    /// `None` when it holds nothing.
-    pub fn layer_from_delta(&self, delta: &Path) -> Result<Option<(String, u64)>> {
+    /// `None` when it holds nothing. The layer joins `hold`.
+    pub fn layer_from_delta(&self, delta: &Path, hold: &Hold) -> Result<Option<(String, u64)>> {
         if sorted_children(delta)?.is_empty() {
             return Ok(None);
         }
         let scratch = self.scratch("delta");
         Importer::overlay(true).import(delta, scratch.path())?;
-        self.publish_layer(scratch).map(Some)
+        self.publish_layer(scratch, hold).map(Some)
     }
 
     /// [`Store::layer_from_delta`] without what the delta holds of the paths `tree` (a
     /// layer, typically a repository's tree) has: see [`without_paths_of`].
-    pub fn layer_from_delta_without(&self, delta: &Path, tree: &Path) -> Result<Option<(String, u64)>> {
+    pub fn layer_from_delta_without(&self, delta: &Path, tree: &Path, hold: &Hold) -> Result<Option<(String, u64)>> {
         if sorted_children(delta)?.is_empty() {
             return Ok(None);
         }
@@ -73,18 +134,23 @@ impl Store {
         if sorted_children(scratch.path())?.is_empty() {
             return Ok(None);
         }
-        self.publish_layer(scratch).map(Some)
+        self.publish_layer(scratch, hold).map(Some)
     }
 
-    /// The build cache's entry for `key` whose layer is still present.
-    pub fn cache_get(&self, key: &str) -> Option<Cached> {
+    /// The build cache's entry for `key` whose layer is still present; the layer joins
+    /// `hold`.
+    pub fn cache_get(&self, key: &str, hold: &Hold) -> Option<Cached> {
         let text = fs::read_to_string(self.build_cache_dir().join(key)).ok()?;
         let text = text.trim();
         if text == "-" {
             return Some(Cached::Nothing);
         }
         validate_digest(text).ok()?;
-        self.layer_path(text).is_dir().then(|| Cached::Layer(text.to_string()))
+        let _guard = self.guard();
+        self.layer_path(text).is_dir().then(|| {
+            hold.add(text);
+            Cached::Layer(text.to_string())
+        })
     }
 
     /// Records what the step `key` produced.

@@ -108,7 +108,7 @@ pub use cache::CacheEntry;
 pub use digest::{TreeDigest, digest_tree};
 pub use dockerfile::{DockerfileError, Plan, Step};
 pub use error::{Error, Result};
-pub use layers::Cached;
+pub use layers::{Cached, Hold};
 pub use meta::{FileStamp, Template, TemplateConfig, write_atomic};
 pub use name::{MAX_NAME_LEN, validate_digest, validate_name};
 pub use progress::Progress;

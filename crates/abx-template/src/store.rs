@@ -40,6 +40,8 @@ pub struct Store {
     /// [`Store::finish_removals`] (or when the store is dropped): the caller may hold a
     /// lock that creates wait for, and deleting a large tree takes a while.
     doomed: Mutex<Vec<Scratch>>,
+    /// The layer sets of [`crate::Hold`]s, kept by garbage collection while they live.
+    pub(crate) holds: Mutex<Vec<std::sync::Weak<Mutex<HashSet<String>>>>>,
 }
 
 /// A layer tree built (or found) and not yet published.
@@ -75,6 +77,7 @@ impl Store {
             lock: Mutex::new(()),
             loaded: Mutex::new(Default::default()),
             doomed: Mutex::new(Vec::new()),
+            holds: Mutex::new(Vec::new()),
         };
         for dir in [&store.layers, &store.templates, &store.tmp] {
             fs::create_dir_all(dir).at("create directory", dir)?;
@@ -233,8 +236,9 @@ impl Store {
         self.gc_locked(layers_in_use)
     }
 
-    /// Deletes every layer that no template references and that is not in `layers_in_use`
-    /// (layers under running sandboxes, which the caller knows). Returns the removed digests.
+    /// Deletes every layer that no template references, that is not in `layers_in_use`
+    /// (layers under running sandboxes, which the caller knows) and that no build holds
+    /// ([`crate::Hold`]). Returns the removed digests.
     /// If any template's metadata cannot be read, nothing is deleted.
     pub fn gc(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
         let _guard = self.guard();
@@ -243,8 +247,9 @@ impl Store {
 
     fn gc_locked(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
         let mut removed = Vec::new();
+        let held = self.held();
         for digest in self.unreferenced_locked()? {
-            if !layers_in_use.contains(&digest) {
+            if !layers_in_use.contains(&digest) && !held.contains(&digest) {
                 self.delete_layer(&digest)?;
                 removed.push(digest);
             }

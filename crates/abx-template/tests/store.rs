@@ -297,6 +297,47 @@ fn remove_collects_unreferenced_layers() {
     assert_eq!(err.to_string(), "template 'b' not found");
 }
 
+/// What a build made or found in its cache stays while the build holds it, though no
+/// template references it yet and `template prune` empties the cache; a layer gone before
+/// the build took it is an error naming it.
+#[test]
+fn layers_a_build_holds_are_kept_until_it_ends() {
+    if !is_root() {
+        return;
+    }
+    let env = env();
+    let none = HashSet::new();
+    let hold = env.store.hold();
+    let tree = env.store.new_scratch("step");
+    fs::create_dir_all(tree.path().join("app")).unwrap();
+    fs::write(tree.path().join("app/f"), "step\n").unwrap();
+    let (step, _) = env.store.publish_layer(tree, &hold).unwrap();
+    env.store.cache_put("k1", &abx_template::Cached::Layer(step.clone())).unwrap();
+    assert_eq!(env.store.prune_build_cache(&none).unwrap(), Vec::<String>::new(), "held by the build");
+    assert!(env.store.layer_path(&step).is_dir());
+    assert_eq!(env.store.cache_get("k1", &hold), None, "the cache entry went with prune");
+
+    // A second build finds a cached layer and holds it from then on.
+    env.store.cache_put("k2", &abx_template::Cached::Layer(step.clone())).unwrap();
+    let other = env.store.hold();
+    assert_eq!(env.store.cache_get("k2", &other), Some(abx_template::Cached::Layer(step.clone())));
+    drop(hold);
+    assert_eq!(env.store.prune_build_cache(&none).unwrap(), Vec::<String>::new(), "the second build holds it");
+    let base = build(&env.store, &Recipe::Mini, "base").layers[0].clone();
+    env.store.keep(&other, std::slice::from_ref(&base)).unwrap();
+    assert_eq!(env.store.remove("base", &none).unwrap(), Vec::<String>::new(), "a build starts from it");
+    drop(other);
+    let mut removed = env.store.gc(&none).unwrap();
+    removed.sort();
+    let mut both = vec![step.clone(), base.clone()];
+    both.sort();
+    assert_eq!(removed, both, "collected once no build holds them");
+
+    let err = env.store.keep(&env.store.hold(), std::slice::from_ref(&base)).unwrap_err();
+    assert!(matches!(err, Error::LayerGone { ref digest } if *digest == base), "{err}");
+    env.store.finish_removals();
+}
+
 #[test]
 fn gc_refuses_when_metadata_is_unreadable() {
     if !is_root() {
