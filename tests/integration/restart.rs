@@ -332,3 +332,47 @@ async fn a_build_cut_short_by_a_daemon_stop_says_so() {
     assert_eq!(d.client.system().await.unwrap().sandboxes, 0);
     assert!(crate::harness::host_processes("sleep 1002").is_empty());
 }
+
+/// A pull cannot be stopped midway: a daemon shutting down tells its client it was
+/// abandoned (not a bare end of stream) and publishes nothing of it afterwards, and the
+/// daemon does not wait for it to exit. The "registry" here accepts and never answers.
+#[tokio::test]
+async fn a_pull_cut_short_by_a_daemon_stop_says_so() {
+    let mut d = Daemon::start().await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for c in silent.incoming().flatten() {
+            keep.lock().unwrap().push(c);
+        }
+    });
+    let req = abx_client::BuildTemplate {
+        name: "stuck".into(),
+        pull: Some(format!("127.0.0.1:{port}/library/stuck:1")),
+        insecure: true,
+        ..Default::default()
+    };
+    let mut s = d.client.build_template(&req).await.unwrap();
+    d.wait_for("the pull to connect", Duration::from_secs(10), || {
+        let n = held.lock().unwrap().len();
+        async move { n > 0 }
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    d.stop();
+    assert!(stopping.elapsed() < Duration::from_secs(10), "the daemon waited {:?} for the pull", stopping.elapsed());
+    let mut last = None;
+    while let Ok(Some(ev)) = s.next().await {
+        last = Some(ev);
+    }
+    match last {
+        Some(abx_client::BuildEvent::Error { message, .. }) => {
+            assert!(message.contains("shutting down") && message.contains("nothing published"), "{message}")
+        }
+        other => panic!("the stream ended with {other:?}"),
+    }
+    d.spawn(&[]).await;
+    assert!(d.client.template("stuck").await.is_err(), "nothing was published");
+}

@@ -111,6 +111,10 @@ impl Out {
     }
 }
 
+/// How long a build may go on once the daemon began to shut down before its client is
+/// told it was abandoned: within the 5 s the server gives open responses to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs an asynchronous build in the background; its events, then `done` or `error`,
 /// arrive on the returned channel.
 pub fn spawn<F, Fut>(m: &Arc<Manager>, build: F) -> mpsc::Receiver<BuildEvent>
@@ -132,7 +136,26 @@ where
     let out = Out(utx.clone(), client, m.stopping.clone());
     let building = Building::start(&m);
     tokio::spawn(async move {
-        let ev = match build(m, out).await {
+        let stopping = m.stopping.clone();
+        let build = build(m, out);
+        // A daemon shutting down cancels Dockerfile and repository builds, which then say
+        // so themselves; an import, pull or recipe cannot be stopped midway (it runs in a
+        // blocking task) and is abandoned after a grace, while the server still answers.
+        // Its store is closed by then, so it cannot publish after the client was told.
+        let abandoned = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let res = tokio::select! {
+            biased;
+            res = build => res,
+            () = abandoned => Err(CoreError::Conflict(
+                "the daemon is shutting down: the build was abandoned, nothing published; run it again when the \
+                 daemon is back"
+                    .into(),
+            )),
+        };
+        let ev = match res {
             Ok(t) => BuildEvent::Done { template: crate::templates::to_api(t) },
             Err(e) => {
                 tracing::info!(error = %e.full_message(), "template build failed");
@@ -188,6 +211,7 @@ fn tmpl_err(context: &str, e: abx_template::Error) -> CoreError {
         e @ (E::InvalidName { .. } | E::NotFound { .. } | E::SourceMissing { .. } | E::SourceNotDir { .. }) => {
             CoreError::Invalid(format!("{context}: {e}"))
         }
+        e @ E::Closed => CoreError::Conflict(format!("{context}: {e}")),
         e => CoreError::internal(context.to_string(), e),
     }
 }
@@ -749,6 +773,7 @@ pub fn image(m: &Arc<Manager>, req: BuildTemplate) -> CoreResult<mpsc::Receiver<
 fn image_err(name: &str, e: abx_template::Error) -> CoreError {
     match e {
         abx_template::Error::NotFound { .. } => CoreError::not_found("template", name),
+        e @ abx_template::Error::Closed => CoreError::Conflict(e.to_string()),
         e => CoreError::Invalid(crate::error::chain_text(&e)),
     }
 }

@@ -88,6 +88,9 @@ pub async fn serve(
     shutdown.await;
     // Builds streaming to clients end with an error event before the listeners close.
     core.manager.stopping.cancel();
+    // Imports, pulls and recipes still running cannot publish any more (`build::spawn`
+    // tells their clients they were abandoned).
+    core.manager.templates.close();
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;

@@ -34,6 +34,7 @@ fn map_err(name: &str, e: abx_template::Error) -> CoreError {
         | E::SourceNotDir { .. }
         | E::SourceHoldsStore { .. }
         | E::SourceInStore { .. }) => CoreError::Invalid(e.to_string()),
+        e @ E::Closed => CoreError::Conflict(e.to_string()),
         e => CoreError::internal(format!("template '{name}'"), e),
     }
 }

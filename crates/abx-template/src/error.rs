@@ -148,6 +148,11 @@ pub enum Error {
     #[error("layer {digest} disappeared while the template was being written; try again")]
     LayerGone { digest: String },
 
+    /// The store was closed ([`crate::Store::close`]: its daemon is shutting down) before
+    /// this could be published.
+    #[error("the template store is closed (its daemon is shutting down): nothing was published")]
+    Closed,
+
     /// A Dockerfile that cannot be built, with the line to blame (see `dockerfile`).
     #[error(transparent)]
     Dockerfile(#[from] crate::dockerfile::DockerfileError),

@@ -102,7 +102,7 @@ impl Store {
     /// returns its digest and size.
     pub fn publish_layer(&self, tree: Scratch, hold: &Hold) -> Result<(String, u64)> {
         let d = digest_tree(tree.path())?;
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         let layer = self.layer_path(&d.digest);
         if !layer.exists() {
             tree.publish(&layer)?;
@@ -204,7 +204,7 @@ impl Store {
         validate_name(target)?;
         let mut t = self.get(source)?;
         t.name = target.to_string();
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         t.save(self.templates_dir())?;
         Ok(t)
     }
@@ -212,7 +212,7 @@ impl Store {
     /// Saves a template made of layers already in the store (replacing one of that name).
     pub fn save_template(&self, template: &Template) -> Result<()> {
         validate_name(&template.name)?;
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         for d in &template.layers {
             validate_digest(d)?;
             if !self.layer_path(d).is_dir() {

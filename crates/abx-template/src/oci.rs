@@ -891,7 +891,7 @@ impl Store {
             recipe: plan.recipe.clone(),
             packages: Vec::new(),
         };
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         let publishing = |digest: &str| staged.iter().any(|l| l.digest == digest && l.scratch.is_some());
         let gone = staged.iter().find(|l| !publishing(&l.digest) && !self.layer_path(&l.digest).is_dir());
         if let Some(gone) = gone {

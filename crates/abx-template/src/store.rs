@@ -42,6 +42,8 @@ pub struct Store {
     doomed: Mutex<Vec<Scratch>>,
     /// The layer sets of [`crate::Hold`]s, kept by garbage collection while they live.
     pub(crate) holds: Mutex<Vec<std::sync::Weak<Mutex<HashSet<String>>>>>,
+    /// Set by [`Store::close`].
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A layer tree built (or found) and not yet published.
@@ -78,6 +80,7 @@ impl Store {
             loaded: Mutex::new(Default::default()),
             doomed: Mutex::new(Vec::new()),
             holds: Mutex::new(Vec::new()),
+            closed: Default::default(),
         };
         for dir in [&store.layers, &store.templates, &store.tmp] {
             fs::create_dir_all(dir).at("create directory", dir)?;
@@ -156,7 +159,7 @@ impl Store {
             recipe: recipe.label(),
             packages: staged.packages,
         };
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         let layer = self.layer_path(&staged.digest);
         match staged.tree {
             StagedTree::Built(tree) => {
@@ -210,7 +213,7 @@ impl Store {
             recipe,
             packages: Vec::new(),
         };
-        let _guard = self.guard();
+        let _guard = self.publishing()?;
         let layer = self.layer_path(&tree.digest);
         if !layer.exists() {
             scratch.publish(&layer)?;
@@ -406,6 +409,24 @@ impl Store {
 
     pub(crate) fn guard(&self) -> MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The store's lock, for publishing a layer or saving a template: refused
+    /// ([`Error::Closed`]) once [`Store::close`] was called.
+    pub(crate) fn publishing(&self) -> Result<MutexGuard<'_, ()>> {
+        let guard = self.guard();
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(guard)
+    }
+
+    /// Refuses every later publication (layers, templates, tags), so that an import, pull
+    /// or recipe its caller abandons (a daemon shutting down) cannot publish after its
+    /// client was told that nothing was. Reading and removing go on.
+    pub fn close(&self) {
+        let _guard = self.guard();
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

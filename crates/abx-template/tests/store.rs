@@ -338,6 +338,28 @@ fn layers_a_build_holds_are_kept_until_it_ends() {
     env.store.finish_removals();
 }
 
+/// A closed store (its daemon shutting down) publishes nothing more; reading and garbage
+/// collection go on.
+#[test]
+fn a_closed_store_publishes_nothing() {
+    if !is_root() {
+        return;
+    }
+    let env = env();
+    let mini = build(&env.store, &Recipe::Mini, "a");
+    env.store.close();
+    let tree = env.store.new_scratch("late");
+    fs::create_dir_all(tree.path()).unwrap();
+    fs::write(tree.path().join("f"), "x").unwrap();
+    assert!(matches!(env.store.publish_layer(tree, &env.store.hold()), Err(Error::Closed)));
+    assert!(matches!(env.store.build(&Recipe::Mini, "b", &|_| {}), Err(Error::Closed)));
+    assert!(matches!(env.store.tag("a", "a:1"), Err(Error::Closed)));
+    assert_eq!(env.store.list().unwrap().len(), 1);
+    assert_eq!(env.store.remove("a", &HashSet::new()).unwrap(), mini.layers);
+    env.store.finish_removals();
+    assert!(tmp_is_empty(&env.root), "the refused trees went too");
+}
+
 #[test]
 fn gc_refuses_when_metadata_is_unreadable() {
     if !is_root() {
