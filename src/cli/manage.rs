@@ -163,6 +163,11 @@ pub struct DiffArgs {
     /// Since this snapshot (id or name) instead of since the template.
     #[arg(long)]
     since: Option<String>,
+    /// With --tar: the deletions in the tar too, as OCI whiteouts (`.wh.NAME`), so that
+    /// the tar is a layer that recreates the sandbox's files over its template (or the
+    /// snapshot).
+    #[arg(long, requires = "tar")]
+    whiteouts: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -191,7 +196,7 @@ pub async fn diff(client: &Client, a: DiffArgs) -> anyhow::Result<i32> {
         print!("{listing}");
     }
     if let Some(path) = a.tar {
-        let tar = client.diff_archive_since(&a.id, a.since.as_deref()).await?;
+        let tar = client.diff_layer(&a.id, a.since.as_deref(), a.whiteouts).await?;
         if to_stdout {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

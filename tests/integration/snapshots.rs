@@ -187,6 +187,17 @@ async fn diff_since_a_snapshot_lists_exactly_the_later_changes() {
     assert_eq!(names, ["w/new", "w/edit"]);
     let out = d.cli(&["diff", &id, "--since", "base-line"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "D /etc/hostname\nC /w/edit\nD /w/gone\nA /w/new\n");
+    // As a layer: the deletions as OCI whiteouts too.
+    let layer = tempfile::NamedTempFile::new().unwrap();
+    let out = d.cli(&["diff", &id, "--since", "base-line", "--tar", layer.path().to_str().unwrap(), "--whiteouts"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tar = std::fs::read(layer.path()).unwrap();
+    let names: Vec<String> = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["w/new", "w/edit", "etc/.wh.hostname", "w/.wh.gone"]);
 
     // Back to the template's state by a rollback: since the later snapshot, what it had
     // changed or deleted in the template is back, and a FIFO is a change like any file.

@@ -331,9 +331,18 @@ impl Client {
 
     /// A tar of the paths a sandbox added or changed since a snapshot (or its template).
     pub async fn diff_archive_since(&self, id: &str, since: Option<&str>) -> Result<Vec<u8>> {
+        self.diff_layer(id, since, false).await
+    }
+
+    /// [`Client::diff_archive_since`], with the deletions as OCI whiteouts when
+    /// `whiteouts` (the tar is then a layer recreating the sandbox's files over the base).
+    pub async fn diff_layer(&self, id: &str, since: Option<&str>, whiteouts: bool) -> Result<Vec<u8>> {
         let mut rb = self.request(Method::GET, &Self::path(paths::DIFF_ARCHIVE, &[("id", id)]));
         if let Some(s) = since {
             rb = rb.query(&[("since", s)]);
+        }
+        if whiteouts {
+            rb = rb.query(&[("whiteouts", "true")]);
         }
         let resp = self.send(rb).await?;
         Ok(resp.bytes().await?.to_vec())

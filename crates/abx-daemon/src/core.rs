@@ -140,6 +140,8 @@ pub enum Command {
         archive: bool,
         /// Since this snapshot instead of since the template.
         since: Option<String>,
+        /// Deletions in the archive as OCI whiteout files.
+        whiteouts: bool,
     },
     Stop {
         id: String,
@@ -624,8 +626,8 @@ impl Core {
             Command::BuildTemplate(req) => crate::templates::build(m, req).map(Outcome::Build),
             Command::DeleteTemplate { name } => crate::templates::remove(m, &name).await.map(|_| Outcome::Done),
             Command::SystemInfo => Ok(Outcome::System(self.system_info())),
-            Command::Diff { id, archive, since } => {
-                let (d, tar) = m.diff(&id, archive, since.as_deref()).await?;
+            Command::Diff { id, archive, since, whiteouts } => {
+                let (d, tar) = m.diff(&id, archive.then_some(whiteouts), since.as_deref()).await?;
                 Ok(Outcome::Diff(d, tar))
             }
             Command::Stop { id, grace } => Ok(Outcome::Sandbox(m.api(&m.stop(&id, grace).await?))),

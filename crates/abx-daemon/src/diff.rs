@@ -264,7 +264,17 @@ fn walk(upper: &Path, rel: &Path, layers: &[PathBuf], d: &mut Diff) -> std::io::
 }
 
 /// A tar of the added and changed paths, read from `upper` (owners as inside the sandbox).
-pub fn archive(upper: &Path, layers: &[PathBuf], d: &Diff, out: impl std::io::Write) -> std::io::Result<()> {
+/// With `whiteouts`, each deletion too, as the OCI image format writes it in a layer: an
+/// empty file `.wh.NAME` beside the deleted `NAME`, only for the topmost deleted path of a
+/// deleted tree. The tar is then a layer that turns the files it was taken against (the
+/// template, or the snapshot) into the sandbox's.
+pub fn archive(
+    upper: &Path,
+    layers: &[PathBuf],
+    d: &Diff,
+    whiteouts: bool,
+    out: impl std::io::Write,
+) -> std::io::Result<()> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     for e in d.added.iter().chain(d.changed.iter()) {
@@ -298,6 +308,25 @@ pub fn archive(upper: &Path, layers: &[PathBuf], d: &Diff, out: impl std::io::Wr
             b.append_data(&mut h, rel, std::io::empty())?;
         }
         // A socket has no tar form; it is listed in the diff but not archived.
+    }
+    if whiteouts {
+        let deleted: std::collections::BTreeSet<&str> =
+            d.deleted.iter().map(|e| e.path.trim_start_matches('/')).collect();
+        for rel in &deleted {
+            let under_another = Path::new(rel).ancestors().skip(1).any(|a| deleted.contains(a.to_str().unwrap_or("")));
+            if under_another {
+                continue;
+            }
+            let p = Path::new(rel);
+            let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else { continue };
+            let mut wh = std::ffi::OsString::from(".wh.");
+            wh.push(name);
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(0);
+            b.append_data(&mut h, parent.join(wh), std::io::empty())?;
+        }
     }
     b.finish()
 }
@@ -348,11 +377,57 @@ mod tests {
         assert_eq!(paths(&d.changed), ["/etc/edit"]);
         assert_eq!(paths(&d.deleted), ["/etc/gone", "/old", "/old/a"]);
         let mut tar = Vec::new();
-        archive(&upper, &[lower], &d, &mut tar).unwrap();
+        archive(&upper, std::slice::from_ref(&lower), &d, false, &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let names: Vec<String> =
             a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
         assert_eq!(names, ["new", "new/dir", "new/dir/file", "etc/edit"]);
+
+        // With whiteouts: a layer that, applied over the lower tree the way OCI tools do,
+        // gives the sandbox's files.
+        let mut tar = Vec::new();
+        archive(&upper, std::slice::from_ref(&lower), &d, true, &mut tar).unwrap();
+        let names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["new", "new/dir", "new/dir/file", "etc/edit", "etc/.wh.gone", ".wh.old"]);
+        let applied = t.path().join("applied");
+        assert!(std::process::Command::new("cp").arg("-a").arg(&lower).arg(&applied).status().unwrap().success());
+        for e in tar::Archive::new(&tar[..]).entries().unwrap() {
+            let mut e = e.unwrap();
+            let rel = e.path().unwrap().into_owned();
+            let name = rel.file_name().unwrap().to_str().unwrap().to_string();
+            match name.strip_prefix(".wh.") {
+                Some(gone) => {
+                    let target = applied.join(rel.parent().unwrap()).join(gone);
+                    if target.is_dir() {
+                        std::fs::remove_dir_all(target).unwrap()
+                    } else {
+                        std::fs::remove_file(target).unwrap()
+                    }
+                }
+                None => {
+                    e.unpack_in(&applied).unwrap();
+                }
+            }
+        }
+        let mut files = Vec::new();
+        let mut stack = vec![applied.clone()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p.strip_prefix(&applied).unwrap().display().to_string();
+                    files.push(format!("{rel}={}", std::fs::read_to_string(&p).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        assert_eq!(files, ["etc/edit=new", "etc/keep=same", "new/dir/file=n", "touched=t"]);
     }
 
     #[test]
@@ -415,7 +490,7 @@ mod tests {
         // Its archive holds those paths as the template has them (it used to fail: they
         // are not in the upper).
         let mut tar = Vec::new();
-        archive(&upper, std::slice::from_ref(&lower), &d, &mut tar).unwrap();
+        archive(&upper, std::slice::from_ref(&lower), &d, false, &mut tar).unwrap();
         let mut got = std::collections::BTreeMap::new();
         for e in tar::Archive::new(&tar[..]).entries().unwrap() {
             let mut e = e.unwrap();
@@ -442,7 +517,7 @@ mod tests {
         write(&upper.join("w/file"), "f");
         let d = diff(&upper, std::slice::from_ref(&lower)).unwrap();
         let mut tar = Vec::new();
-        archive(&upper, &[lower], &d, &mut tar).unwrap();
+        archive(&upper, &[lower], &d, false, &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let entries: Vec<(String, tar::EntryType)> = a
             .entries()

@@ -1275,11 +1275,12 @@ impl Manager {
     }
 
     /// What a sandbox changed since its template (read on the host; a paused sandbox stays
-    /// paused). With `archive`, also a tar of the added and changed paths.
+    /// paused). With `archive`, also a tar of the added and changed paths, and with
+    /// `archive: Some(true)` of the deletions as OCI whiteouts ([`crate::diff::archive`]).
     pub async fn diff(
         self: &Arc<Self>,
         key: &str,
-        archive: bool,
+        archive: Option<bool>,
         since: Option<&str>,
     ) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
         let sb = self.get(key)?;
@@ -1321,7 +1322,7 @@ impl Manager {
                 v.retain(|e| e.path != "/etc/resolv.conf");
             }
             let total: u64 = d.added.iter().chain(d.changed.iter()).map(|e| e.size).sum();
-            let tar = if archive {
+            let tar = if let Some(whiteouts) = archive {
                 if total > DIFF_ARCHIVE_MAX {
                     return Err(CoreError::Invalid(format!(
                         "the changes of sandbox {id} are {total} bytes, more than the {DIFF_ARCHIVE_MAX} an archive may hold; \
@@ -1329,7 +1330,7 @@ impl Manager {
                     )));
                 }
                 let mut buf = Vec::new();
-                crate::diff::archive(&upper, &layers, &d, &mut buf)
+                crate::diff::archive(&upper, &layers, &d, whiteouts, &mut buf)
                     .map_err(|e| CoreError::internal(format!("archive the changes of sandbox {id}"), e))?;
                 Some(buf)
             } else {

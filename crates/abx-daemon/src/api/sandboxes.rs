@@ -27,6 +27,11 @@ struct DiffQuery {
     /// Since this snapshot (id or name) instead of since the template.
     #[serde(default)]
     since: Option<String>,
+    /// Archive only: deletions as OCI whiteout files (an empty `.wh.NAME` beside each
+    /// deleted path, for the topmost deleted path of a tree), so that the tar is a layer
+    /// that recreates the sandbox's files when applied over its template (or the snapshot).
+    #[serde(default)]
+    whiteouts: bool,
 }
 
 /// What the sandbox added, changed and deleted in its filesystem since its template (or
@@ -39,11 +44,12 @@ async fn diff(
     Path(id): Path<String>,
     Query(q): Query<DiffQuery>,
 ) -> Result<Json<abx_api::Diff>, ApiError> {
-    Ok(Json(core.execute(Command::Diff { id, archive: false, since: q.since }).await?.diff()?.0))
+    Ok(Json(core.execute(Command::Diff { id, archive: false, since: q.since, whiteouts: false }).await?.diff()?.0))
 }
 
 /// A tar of the paths the sandbox added or changed since its template (owners as inside
-/// the sandbox; deletions are listed by the diff, not in the tar).
+/// the sandbox). Deletions are listed by the diff; with `whiteouts=true` they are in the
+/// tar too, as OCI whiteouts.
 #[utoipa::path(get, path = abx_api::paths::DIFF_ARCHIVE, tag = "sandboxes",
     params(("id" = String, Path, description = "sandbox id or name"), DiffQuery),
     responses((status = 200, description = "tar archive", content_type = "application/x-tar"),
@@ -53,7 +59,8 @@ async fn diff_archive(
     Path(id): Path<String>,
     Query(q): Query<DiffQuery>,
 ) -> Result<([(axum::http::header::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
-    let (_, tar) = core.execute(Command::Diff { id, archive: true, since: q.since }).await?.diff()?;
+    let (_, tar) =
+        core.execute(Command::Diff { id, archive: true, since: q.since, whiteouts: q.whiteouts }).await?.diff()?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-tar")], tar.unwrap_or_default()))
 }
 
