@@ -79,8 +79,8 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "public")]
     ingress_access: abx_api::IngressAccess,
     /// Pause running sandboxes after this long without a request to them (exec, files,
-    /// ingress, ...) or an attached exec session, e.g. 10m (0: never). They resume on the
-    /// next request.
+    /// ingress, ...), an attached exec session or network traffic of their own, e.g. 10m
+    /// (0: never). They resume on the next request.
     #[arg(long, default_value = "0", value_parser = parse::duration)]
     idle_pause: u64,
     /// Log filter (error, warn, info, debug, or tracing directives).

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use abx_client::{CreateSandbox, Limits};
+use abx_client::{CreateSandbox, ExecRequest, Limits};
 
 use crate::harness::Daemon;
 
@@ -391,6 +391,31 @@ async fn idle_sandboxes_are_paused_and_wake_on_the_next_request() {
     let (out, _, code) = d.sh(&id, "echo back").await;
     assert_eq!((out.as_str(), code), ("back\n", 0));
     assert_eq!(d.client.get_sandbox(&id).await.unwrap().state, abx_client::SandboxState::Running);
+    // Network traffic of its own processes is activity too: a background loop knocking on
+    // the gateway's DNS port over TCP (refused at once: this daemon has no upstream) keeps
+    // it running; once it stops, the sandbox is paused again.
+    let traffic = ExecRequest {
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            "gw=$(ip route | awk '/default/ {print $3}'); \
+             while [ ! -e /tmp/stop ]; do nc -w 1 $gw 53 </dev/null 2>/dev/null; sleep 0.2; done"
+                .into(),
+        ],
+        ..Default::default()
+    };
+    d.client.exec_background(&id, &traffic).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        d.client.get_sandbox(&id).await.unwrap().state,
+        abx_client::SandboxState::Running,
+        "paused while its processes talked on the network"
+    );
+    d.sh(&id, "touch /tmp/stop").await;
+    d.wait_for("the quiet sandbox to be paused", Duration::from_secs(5), || async {
+        d.client.get_sandbox(&id).await.unwrap().state == abx_client::SandboxState::Paused
+    })
+    .await;
 }
 
 #[tokio::test]

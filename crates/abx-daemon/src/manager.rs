@@ -1142,6 +1142,7 @@ impl Manager {
             ttl: Mutex::new(None),
             activity: std::sync::atomic::AtomicU64::new(crate::sandbox::now_ms()),
             attached: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            packets: std::sync::atomic::AtomicU64::new(u64::MAX),
             ops,
         });
         if let Some(fd) = pidfd {
@@ -1249,14 +1250,26 @@ impl Manager {
                 if m.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                let idle_ones: Vec<String> = m
+                let running: Vec<Arc<Sandbox>> = m
                     .sandboxes
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .values()
-                    .filter(|sb| sb.state() == SandboxState::Running && sb.idle_for(idle))
-                    .map(|sb| sb.id.clone())
+                    .filter(|sb| sb.state() == SandboxState::Running)
+                    .cloned()
                     .collect();
+                // Traffic of the sandbox's own processes (a download, a dev server's
+                // connections) is activity: the packets its veth counted.
+                if let Some(net) = &m.net {
+                    for sb in &running {
+                        if let Some(n) = net.packets(sb.read(|r| r.uid_slot)) {
+                            sb.note_packets(n);
+                        }
+                    }
+                }
+                let idle_ones: Vec<String> =
+                    running.iter().filter(|sb| sb.idle_for(idle)).map(|sb| sb.id.clone()).collect();
+                drop(running);
                 for id in idle_ones {
                     match m.pause(&id).await {
                         Ok(_) => info!(sandbox = %id, idle = ?idle, "paused after being idle"),

@@ -186,6 +186,9 @@ pub struct Sandbox {
     pub activity: std::sync::atomic::AtomicU64,
     /// Exec sessions attached right now (a sandbox streaming to a client is not idle).
     pub attached: Arc<std::sync::atomic::AtomicUsize>,
+    /// Packets through its veth when idle auto-pause last looked (`u64::MAX`: not yet):
+    /// traffic of its own processes is activity too.
+    pub packets: std::sync::atomic::AtomicU64,
     /// Held by operations that change what runs or what is on disk (snapshot, rollback,
     /// stop, start, destroy), so they do not interleave.
     pub ops: Arc<tokio::sync::Mutex<()>>,
@@ -228,6 +231,15 @@ impl Sandbox {
     pub fn attach(&self) -> Attached {
         self.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Attached(self.attached.clone())
+    }
+
+    /// Records activity if `packets`, the count of packets through the sandbox's veth,
+    /// moved since the last call.
+    pub fn note_packets(&self, packets: u64) {
+        let before = self.packets.swap(packets, std::sync::atomic::Ordering::SeqCst);
+        if before != u64::MAX && before != packets {
+            self.touch();
+        }
     }
 
     /// Whether nothing happened for `idle` and no session is attached.

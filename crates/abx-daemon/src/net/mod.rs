@@ -461,6 +461,14 @@ impl Network {
         format!("{}{slot}", self.prefix)
     }
 
+    /// Packets received and sent by the host end of slot `slot`'s veth (sysfs counters;
+    /// None if it has none).
+    pub fn packets(&self, slot: u32) -> Option<u64> {
+        let dir = format!("/sys/class/net/{}/statistics", self.slot_iface(slot));
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok()?.trim().parse::<u64>().ok();
+        Some(read("rx_packets")? + read("tx_packets")?)
+    }
+
     fn slot_of(&self, ip: IpAddr) -> Option<u32> {
         let IpAddr::V4(ip) = ip else { return None };
         if !self.cfg.subnet.contains(ip) {
