@@ -59,6 +59,17 @@ pub enum NetCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change who may reach a sandbox's ports through the ingress proxy: public, or token
+    /// (requests need the token printed; `agentbox port` shows how to send it).
+    Ingress {
+        /// Sandbox id or name.
+        id: String,
+        /// public or token.
+        access: abx_client::IngressAccess,
+        /// With token: a new token even if the sandbox has one (the old one stops working).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +137,17 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
                 print_report(&report);
             }
             Ok(if report.passed { 0 } else { 1 })
+        }
+        NetCmd::Ingress { id, access, rotate } => {
+            if rotate && access == abx_client::IngressAccess::Public {
+                anyhow::bail!("--rotate makes a new token: it goes with `token`, not `public`");
+            }
+            let sb = client.set_ingress(&id, &abx_client::SetIngress { access, rotate }).await?;
+            println!("ingress {}", sb.ingress.as_str());
+            if let Some(t) = sb.ingress_token {
+                println!("token {t}");
+            }
+            Ok(0)
         }
     }
 }

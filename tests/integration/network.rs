@@ -398,6 +398,30 @@ async fn ports_that_need_a_token_are_reached_only_with_it() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(got.starts_with("HTTP/1.1 200") && got.contains("public\n"), "{got}");
+    // Changed at runtime: locked with a token, the token rotated, opened again.
+    let out = w.d.cli(&["net", "ingress", &b, "token"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let first = text.strip_prefix("ingress token\ntoken ").map(|t| t.trim().to_string()).expect(&text);
+    assert!(get(&host_b, &[]).starts_with("HTTP/1.1 401"), "locked at once");
+    assert!(get(&host_b, &[("E2b-Traffic-Access-Token", &first)]).contains("public\n"));
+    let again =
+        w.d.client.set_ingress(&b, &abx_client::SetIngress { access: IngressAccess::Token, rotate: false }).await;
+    assert_eq!(again.unwrap().ingress_token.as_deref(), Some(first.as_str()), "kept unless rotated");
+    let rotated =
+        w.d.client.set_ingress(&b, &abx_client::SetIngress { access: IngressAccess::Token, rotate: true }).await;
+    let second = rotated.unwrap().ingress_token.unwrap();
+    assert_ne!(second, first);
+    assert!(get(&host_b, &[("E2b-Traffic-Access-Token", &first)]).starts_with("HTTP/1.1 401"), "the old token");
+    assert!(get(&host_b, &[("Cookie", &format!("agentbox_token={first}"))]).starts_with("HTTP/1.1 401"));
+    assert!(get(&host_b, &[("E2b-Traffic-Access-Token", &second)]).contains("public\n"));
+    let out = w.d.cli(&["net", "ingress", &b, "public"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ingress public\n");
+    assert!(get(&host_b, &[]).contains("public\n"), "open again");
+    let sb = w.d.client.get_sandbox(&b).await.unwrap();
+    assert_eq!((sb.ingress, sb.ingress_token), (IngressAccess::Public, None));
+    let out = w.d.cli(&["net", "ingress", &b, "public", "--rotate"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("goes with `token`"));
     let out = w.d.cli(&["create", "-T", "mini", "--ingress", "open"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("use public or token"));
     // Forks keep the source's choice, each with a token of its own.

@@ -127,6 +127,16 @@ impl std::str::FromStr for IngressAccess {
     }
 }
 
+/// `PUT /v1/sandboxes/{id}/ingress`: who may reach the sandbox's ports from now on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SetIngress {
+    pub access: IngressAccess,
+    /// With `token`: a new token even if the sandbox has one (the old one, and browser
+    /// cookies made from it, stop working). Switching from `public` always makes one.
+    #[serde(default)]
+    pub rotate: bool,
+}
+
 /// What happens when a sandbox's timeout expires.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -44,6 +44,7 @@ pub const NETWORK: &str = "/v1/sandboxes/{id}/network";
 pub const NETWORK_LOG: &str = "/v1/sandboxes/{id}/network/log";
 pub const NETWORK_TEST: &str = "/v1/sandboxes/{id}/network/test";
 pub const PORT: &str = "/v1/sandboxes/{id}/ports/{port}";
+pub const INGRESS: &str = "/v1/sandboxes/{id}/ingress";
 pub const METRICS: &str = "/metrics";
 pub const TEMPLATES: &str = "/v1/templates";
 pub const TEMPLATE: &str = "/v1/templates/{name}";
@@ -96,6 +97,7 @@ pub const ALL: &[&str] = &[
     NETWORK_LOG,
     NETWORK_TEST,
     PORT,
+    INGRESS,
     TEMPLATES,
     TEMPLATE,
     TEMPLATE_REFRESH,

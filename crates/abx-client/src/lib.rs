@@ -484,6 +484,12 @@ impl Client {
         self.json(self.request(Method::PUT, &Self::path(paths::NETWORK, &[("id", id)])).json(policy)).await
     }
 
+    /// Changes who may reach a sandbox's ports through the ingress proxy (see
+    /// [`SetIngress`]); the answer has the new `ingress_token`.
+    pub async fn set_ingress(&self, id: &str, req: &SetIngress) -> Result<Sandbox> {
+        self.json(self.request(Method::PUT, &Self::path(paths::INGRESS, &[("id", id)])).json(req)).await
+    }
+
     /// A sandbox's egress audit.
     pub async fn network_log(&self, id: &str) -> Result<NetLog> {
         self.json(self.request(Method::GET, &Self::path(paths::NETWORK_LOG, &[("id", id)]))).await

@@ -213,6 +213,10 @@ pub enum Command {
         id: String,
         policy: abx_api::NetworkPolicy,
     },
+    SetIngress {
+        id: String,
+        req: abx_api::SetIngress,
+    },
     NetworkLog {
         id: String,
     },
@@ -427,6 +431,7 @@ fn addressed_sandbox(cmd: &Command) -> Option<&str> {
         | C::Start { id }
         | C::CreateSnapshot { id, .. }
         | C::SetNetwork { id, .. }
+        | C::SetIngress { id, .. }
         | C::NetworkLog { id }
         | C::NetworkTest { id }
         | C::PortUrl { id, .. }
@@ -664,6 +669,7 @@ impl Core {
             Command::Pause { id } => Ok(Outcome::Sandbox(m.api(&m.pause(&id).await?))),
             Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
+            Command::SetIngress { id, req } => Ok(Outcome::Sandbox(m.api(&m.set_ingress(&id, req).await?))),
             Command::NetworkLog { id } => {
                 let sb = m.get(&id)?;
                 let (events, dropped) = m.net.as_ref().map(|n| n.log(&sb.id)).unwrap_or_default();

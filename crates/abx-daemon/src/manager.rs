@@ -1464,6 +1464,31 @@ impl Manager {
         Ok(sb.record())
     }
 
+    /// Changes who may reach the sandbox's ports through the ingress proxy: `public` drops
+    /// its token; `token` makes one unless it has one (or `rotate` asks for a new one).
+    /// The proxy checks each request against the record, so it applies to the next
+    /// request, on open connections too.
+    pub async fn set_ingress(self: &Arc<Self>, key: &str, req: abx_api::SetIngress) -> CoreResult<Record> {
+        let (sb, _ops) = self.lock_ops(key).await?;
+        if matches!(sb.state(), SandboxState::Creating | SandboxState::Destroying) {
+            return Err(CoreError::Conflict(format!(
+                "sandbox {} is {}; try again when it is not",
+                sb.id,
+                crate::core::state_name(sb.state())
+            )));
+        }
+        let token = match req.access {
+            abx_api::IngressAccess::Public => None,
+            abx_api::IngressAccess::Token => match sb.read(|r| r.ingress_token.clone()) {
+                Some(t) if !req.rotate => Some(t),
+                _ => self.new_ingress_token(Some(abx_api::IngressAccess::Token)),
+            },
+        };
+        sb.update(|r| r.ingress_token = token);
+        self.store.put(&sb.record()).map_err(|e| CoreError::internal("record sandbox", e))?;
+        Ok(sb.record())
+    }
+
     /// Destroys a sandbox: kills every process, removes cgroups and files, forgets it.
     /// A running sandbox needs `force`.
     pub async fn destroy(self: &Arc<Self>, key: &str, force: bool) -> CoreResult<()> {

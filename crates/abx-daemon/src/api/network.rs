@@ -15,6 +15,20 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(log))
         .routes(routes!(test))
         .routes(routes!(port))
+        .routes(routes!(set_ingress))
+}
+
+/// Change who may reach the sandbox's ports through the ingress proxy (`public`, or
+/// `token`: requests need its `ingress_token`); applies to the next request.
+#[utoipa::path(put, path = abx_api::paths::INGRESS, tag = "network", request_body = abx_api::SetIngress,
+    params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn set_ingress(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    Json(req): Json<abx_api::SetIngress>,
+) -> Result<Json<Sandbox>, ApiError> {
+    Ok(Json(core.execute(Command::SetIngress { id, req }).await?.sandbox()?))
 }
 
 /// The sandbox's egress policy.
