@@ -399,7 +399,7 @@ async fn idle_sandboxes_are_paused_and_wake_on_the_next_request() {
             "sh".into(),
             "-c".into(),
             "gw=$(ip route | awk '/default/ {print $3}'); \
-             while [ ! -e /tmp/stop ]; do nc -w 1 $gw 53 </dev/null 2>/dev/null; sleep 0.2; done"
+             while [ ! -e /tmp/stop ]; do nc -w 1 $gw 53 </dev/null 2>/dev/null; sleep 0.05; done"
                 .into(),
         ],
         ..Default::default()
