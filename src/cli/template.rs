@@ -64,7 +64,11 @@ pub enum TemplateCmd {
         names: Vec<String>,
     },
     /// Empty the build cache and remove the layers nothing uses any more.
-    Prune,
+    Prune {
+        /// Only the cache entries no build made or used for this long, e.g. 7d.
+        #[arg(long, value_parser = super::parse::duration)]
+        unused_for: Option<u64>,
+    },
     /// Keep a template under another name too, typically NAME:TAG (a version that stays
     /// while NAME is rebuilt; `-T NAME:TAG` uses it). A tag is not refreshed; tagging over
     /// an existing name replaces it, and refresh then refuses that name too.
@@ -301,8 +305,8 @@ pub async fn main(client: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
             return Ok(code);
         }
         TemplateCmd::Tag { name, target } => show(&client.tag_template(&name, &target).await?),
-        TemplateCmd::Prune => {
-            let removed = client.prune_templates().await?;
+        TemplateCmd::Prune { unused_for } => {
+            let removed = client.prune_build_cache(unused_for.map(std::time::Duration::from_secs)).await?;
             println!("removed {} layer(s)", removed.len());
         }
         TemplateCmd::Inspect { name } => println!("{}", serde_json::to_string_pretty(&client.template(&name).await?)?),

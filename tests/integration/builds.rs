@@ -428,8 +428,18 @@ async fn layers_a_build_made_survive_a_prune_during_it() {
         assert!(d.root.join("layers").join(l).is_dir(), "layer {l} of the new template is there");
     }
     assert_eq!(sh(&d, "app", "cat /base.txt /a.txt /ran.txt; ls /many | wc -l").await.0, "base\na\nran\n6000\n");
-    // Once the build is over, what nothing references goes.
+    // Once the build is over, what nothing references goes; but a prune of what was unused
+    // for an hour keeps what the cache names (the build just made or used it).
     d.client.delete_template("app").await.unwrap();
+    let out = d.cli(&["template", "prune", "--unused-for", "1h"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "removed 0 layer(s)\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = app.layers.last().unwrap();
+    assert!(d.root.join("layers").join(last).is_dir(), "cached a moment ago: kept");
     d.client.prune_templates().await.unwrap();
     let mini = d.client.template("mini").await.unwrap().layers;
     for l in app.layers.iter().filter(|l| !mini.contains(l)) {

@@ -537,7 +537,17 @@ impl Client {
 
     /// Empties the build cache and removes unused layers; returns their digests.
     pub async fn prune_templates(&self) -> Result<Vec<String>> {
-        self.json(self.request(Method::POST, paths::BUILD_CACHE_PRUNE)).await
+        self.prune_build_cache(None).await
+    }
+
+    /// [`Client::prune_templates`], with `unused_for`: only the cache entries no build
+    /// made or used for that long.
+    pub async fn prune_build_cache(&self, unused_for: Option<std::time::Duration>) -> Result<Vec<String>> {
+        let mut rb = self.request(Method::POST, paths::BUILD_CACHE_PRUNE);
+        if let Some(d) = unused_for {
+            rb = rb.query(&[("unused_for", d.as_secs())]);
+        }
+        self.json(rb).await
     }
 
     pub async fn delete_template(&self, name: &str) -> Result<()> {

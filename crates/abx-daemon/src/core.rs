@@ -194,7 +194,10 @@ pub enum Command {
         name: String,
         target: String,
     },
-    PruneBuildCache,
+    PruneBuildCache {
+        /// Only the entries no build made or used for this many seconds.
+        unused_for_secs: Option<u64>,
+    },
     SetPool {
         template: String,
         req: abx_api::SetPool,
@@ -529,7 +532,7 @@ impl Core {
             | C::DeleteTemplate { .. }
             | C::RefreshTemplate { .. }
             | C::TagTemplate { .. }
-            | C::PruneBuildCache => shared("templates"),
+            | C::PruneBuildCache { .. } => shared("templates"),
             C::SetPool { .. } | C::DeletePool { .. } => shared("warm pools"),
             C::CreateKey(_) | C::ListKeys | C::DeleteKey { .. } => {
                 Err(CoreError::Forbidden("API keys are managed on the unix socket only".into()))
@@ -661,7 +664,11 @@ impl Core {
             Command::ListKeys => Ok(Outcome::Keys(m.auth.list().into_iter().map(|k| key_api(k, None)).collect())),
             Command::DeleteKey { id } => m.auth.delete(m.store(), &id).map(|_| Outcome::Done),
             Command::RefreshTemplate { name } => crate::build::refresh(m, &name).map(Outcome::Build),
-            Command::PruneBuildCache => crate::templates::prune(m).await.map(Outcome::Strings),
+            Command::PruneBuildCache { unused_for_secs } => {
+                crate::templates::prune(m, unused_for_secs.map(std::time::Duration::from_secs))
+                    .await
+                    .map(Outcome::Strings)
+            }
             Command::SetPool { template, req } => m.set_pool(&template, req.min, req.max).await.map(Outcome::Pool),
             Command::ListPools => Ok(Outcome::Pools(m.pools.list())),
             Command::GetPool { template } => m.pool(&template).map(Outcome::Pool),

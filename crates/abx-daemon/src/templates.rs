@@ -197,11 +197,13 @@ pub fn tag(m: &Manager, name: &str, target: &str) -> CoreResult<abx_api::Templat
     Ok(to_api(t))
 }
 
-/// Empties the build cache and collects garbage; returns the removed layers.
-pub async fn prune(m: &Arc<Manager>) -> CoreResult<Vec<String>> {
+/// Empties the build cache (with `unused_for`: of the entries no build made or used for
+/// that long) and collects garbage; returns the removed layers.
+pub async fn prune(m: &Arc<Manager>, unused_for: Option<std::time::Duration>) -> CoreResult<Vec<String>> {
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
-        let removed = m.collecting(|in_use| m.templates.prune_build_cache(in_use)).map_err(|e| map_err("*", e));
+        let removed =
+            m.collecting(|in_use| m.templates.prune_build_cache(in_use, unused_for)).map_err(|e| map_err("*", e));
         crate::build::prune_mirrors(&m);
         removed
     })

@@ -138,10 +138,13 @@ impl Store {
     }
 
     /// The build cache's entry for `key` whose layer is still present; the layer joins
-    /// `hold`.
+    /// `hold`. A hit marks the entry used now (its file's modification time), which
+    /// [`Store::prune_build_cache`] with an age goes by.
     pub fn cache_get(&self, key: &str, hold: &Hold) -> Option<Cached> {
-        let text = fs::read_to_string(self.build_cache_dir().join(key)).ok()?;
+        let path = self.build_cache_dir().join(key);
+        let text = fs::read_to_string(&path).ok()?;
         let text = text.trim();
+        let _ = fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         if text == "-" {
             return Some(Cached::Nothing);
         }
@@ -176,12 +179,24 @@ impl Store {
             .collect()
     }
 
-    /// Empties the build cache, then collects garbage. Returns the removed layers.
-    pub fn prune_build_cache(&self, layers_in_use: &HashSet<String>) -> Result<Vec<String>> {
+    /// Empties the build cache, or with `unused_for` removes only the entries no build
+    /// made or used for that long, then collects garbage. Returns the removed layers.
+    pub fn prune_build_cache(
+        &self,
+        layers_in_use: &HashSet<String>,
+        unused_for: Option<std::time::Duration>,
+    ) -> Result<Vec<String>> {
         let dir = self.build_cache_dir();
+        let cutoff = unused_for.map(|d| std::time::SystemTime::now().checked_sub(d).unwrap_or(std::time::UNIX_EPOCH));
         if dir.exists() {
             for n in sorted_children(&dir)? {
                 let p = dir.join(&n);
+                if let Some(cutoff) = cutoff {
+                    let used = fs::metadata(&p).and_then(|m| m.modified()).at("read", &p)?;
+                    if used > cutoff {
+                        continue;
+                    }
+                }
                 fs::remove_file(&p).at("remove", &p)?;
             }
         }

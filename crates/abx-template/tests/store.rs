@@ -313,7 +313,7 @@ fn layers_a_build_holds_are_kept_until_it_ends() {
     fs::write(tree.path().join("app/f"), "step\n").unwrap();
     let (step, _) = env.store.publish_layer(tree, &hold).unwrap();
     env.store.cache_put("k1", &abx_template::Cached::Layer(step.clone())).unwrap();
-    assert_eq!(env.store.prune_build_cache(&none).unwrap(), Vec::<String>::new(), "held by the build");
+    assert_eq!(env.store.prune_build_cache(&none, None).unwrap(), Vec::<String>::new(), "held by the build");
     assert!(env.store.layer_path(&step).is_dir());
     assert_eq!(env.store.cache_get("k1", &hold), None, "the cache entry went with prune");
 
@@ -322,7 +322,7 @@ fn layers_a_build_holds_are_kept_until_it_ends() {
     let other = env.store.hold();
     assert_eq!(env.store.cache_get("k2", &other), Some(abx_template::Cached::Layer(step.clone())));
     drop(hold);
-    assert_eq!(env.store.prune_build_cache(&none).unwrap(), Vec::<String>::new(), "the second build holds it");
+    assert_eq!(env.store.prune_build_cache(&none, None).unwrap(), Vec::<String>::new(), "the second build holds it");
     let base = build(&env.store, &Recipe::Mini, "base").layers[0].clone();
     env.store.keep(&other, std::slice::from_ref(&base)).unwrap();
     assert_eq!(env.store.remove("base", &none).unwrap(), Vec::<String>::new(), "a build starts from it");
@@ -358,6 +358,45 @@ fn a_closed_store_publishes_nothing() {
     assert_eq!(env.store.remove("a", &HashSet::new()).unwrap(), mini.layers);
     env.store.finish_removals();
     assert!(tmp_is_empty(&env.root), "the refused trees went too");
+}
+
+/// `template prune --unused-for AGE` removes only the cache entries no build made or hit
+/// for that long (a hit renews an entry), and then the layers only they kept.
+#[test]
+fn prune_by_age_keeps_what_builds_used_lately() {
+    if !is_root() {
+        return;
+    }
+    let env = env();
+    let none = HashSet::new();
+    let layer = |content: &str| {
+        let tree = env.store.new_scratch("step");
+        fs::create_dir_all(tree.path()).unwrap();
+        fs::write(tree.path().join("f"), content).unwrap();
+        env.store.publish_layer(tree, &env.store.hold()).unwrap().0
+    };
+    let (old, hit, new) = (layer("old"), layer("hit"), layer("new"));
+    for (k, l) in [("old", &old), ("hit", &hit), ("new", &new)] {
+        env.store.cache_put(k, &abx_template::Cached::Layer(l.clone())).unwrap();
+    }
+    let ten_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(10 * 86400);
+    for k in ["old", "hit"] {
+        let f = fs::File::options().write(true).open(env.root.join("build-cache").join(k)).unwrap();
+        f.set_modified(ten_days_ago).unwrap();
+    }
+    assert!(env.store.cache_get("hit", &env.store.hold()).is_some(), "a build uses it now");
+    let week = std::time::Duration::from_secs(7 * 86400);
+    assert_eq!(env.store.prune_build_cache(&none, Some(week)).unwrap(), vec![old.clone()]);
+    assert!(env.store.cache_get("old", &env.store.hold()).is_none());
+    for (k, l) in [("hit", &hit), ("new", &new)] {
+        assert_eq!(env.store.cache_get(k, &env.store.hold()), Some(abx_template::Cached::Layer(l.clone())), "{k}");
+    }
+    let mut all = env.store.prune_build_cache(&none, None).unwrap();
+    all.sort();
+    let mut both = vec![hit, new];
+    both.sort();
+    assert_eq!(all, both, "without an age: everything");
+    env.store.finish_removals();
 }
 
 #[test]

@@ -7,7 +7,7 @@ use utoipa_axum::routes;
 
 use abx_api::{BuildEvent, BuildTemplate, ErrorBody, TagTemplate, Template};
 
-use super::{ApiError, Json, Path, ndjson};
+use super::{ApiError, Json, Path, Query, ndjson};
 use crate::auth::Remote;
 use crate::core::{Command, Core};
 
@@ -113,9 +113,18 @@ async fn tag(
     Ok(Json(core.execute(Command::TagTemplate { name, target: req.target }).await?.template()?))
 }
 
-/// Empty the build cache and delete the layers nothing uses any more; returns their digests.
-#[utoipa::path(post, path = abx_api::paths::BUILD_CACHE_PRUNE, tag = "templates",
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct PruneQuery {
+    /// Remove only the cache entries no build made or used for this many seconds
+    /// (default: all of them).
+    #[serde(default)]
+    unused_for: Option<u64>,
+}
+
+/// Empty the build cache (or the part of it unused for `unused_for` seconds) and delete the
+/// layers nothing uses any more; returns their digests.
+#[utoipa::path(post, path = abx_api::paths::BUILD_CACHE_PRUNE, tag = "templates", params(PruneQuery),
     responses((status = 200, body = Vec<String>)))]
-async fn prune(State(core): State<Core>) -> Result<Json<Vec<String>>, ApiError> {
-    Ok(Json(core.execute(Command::PruneBuildCache).await?.strings()?))
+async fn prune(State(core): State<Core>, Query(q): Query<PruneQuery>) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(core.execute(Command::PruneBuildCache { unused_for_secs: q.unused_for }).await?.strings()?))
 }
