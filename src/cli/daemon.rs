@@ -83,6 +83,11 @@ pub struct DaemonArgs {
     /// (0: never). They resume on the next request.
     #[arg(long, default_value = "0", value_parser = parse::duration)]
     idle_pause: u64,
+    /// How long the egress audit of a removed sandbox stays readable (`agentbox net log
+    /// ID`, `net audits`), e.g. 90d; 0 removes it with the sandbox. Only sandboxes that
+    /// recorded network activity leave one.
+    #[arg(long, default_value = "7d", value_parser = parse::duration)]
+    audit_retention: u64,
     /// Log filter (error, warn, info, debug, or tracing directives).
     #[arg(long, default_value = "info,hickory_server=warn,rmcp=warn", env = "AGENTBOX_LOG")]
     log: String,
@@ -123,6 +128,7 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     cfg.network = network(&a.subnet, &a.uplink, &a.dns_upstream, &a.ingress, &a.domain)?;
     if let Some(n) = cfg.network.as_mut() {
         n.ingress_access = a.ingress_access;
+        n.audit_retention = std::time::Duration::from_secs(a.audit_retention);
     }
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;

@@ -43,10 +43,20 @@ pub enum NetCmd {
         /// Sandbox id or name.
         id: String,
     },
-    /// Show a sandbox's egress audit: DNS answers and allowed and denied connections.
+    /// Show a sandbox's egress audit: DNS answers and allowed and denied connections (also
+    /// of a removed sandbox, for the daemon's --audit-retention).
     Log {
-        /// Sandbox id or name.
+        /// Sandbox id or name (of a removed sandbox: the name it had).
         id: String,
+        /// Only the denied queries and connections.
+        #[arg(long)]
+        denied: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List removed sandboxes whose egress audit is kept (read one with `net log ID`).
+    Audits {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -101,11 +111,17 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        NetCmd::Log { id, json } => {
-            let log = client.network_log(&id).await?;
+        NetCmd::Log { id, denied, json } => {
+            let mut log = client.network_log(&id).await?;
+            if denied {
+                log.events.retain(|e| e.verdict != "allow");
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&log)?);
                 return Ok(0);
+            }
+            if let Some(at) = log.removed_at {
+                eprintln!("sandbox {id} was removed {} (its audit is kept)", super::parse::relative(at));
             }
             if log.dropped > 0 {
                 println!("({} older events dropped)", log.dropped);
@@ -126,6 +142,25 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
                     ),
                 };
                 println!("{} {:<5} {what}", time(e.time_ms), e.verdict);
+            }
+            Ok(0)
+        }
+        NetCmd::Audits { json } => {
+            let kept = client.kept_audits().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&kept)?);
+                return Ok(0);
+            }
+            println!("{:<26} {:<20} {:<16} {:<10} {:>7}", "ID", "NAME", "TEMPLATE", "REMOVED", "EVENTS");
+            for k in kept {
+                println!(
+                    "{:<26} {:<20} {:<16} {:<10} {:>7}",
+                    k.id,
+                    k.name.unwrap_or_else(|| "-".into()),
+                    k.template,
+                    super::parse::relative(k.removed_at),
+                    k.events
+                );
             }
             Ok(0)
         }

@@ -219,6 +219,27 @@ async fn tenants_reach_only_their_own_sandboxes_snapshots_and_volumes() {
     assert_eq!(r.status().as_u16(), 403);
 
     // The owner removes what is its own.
+    // A connection to the host, refused: an event in its audit.
+    d.sh(&sa.id, "nc -w 1 $(awk '/nameserver/ {print $2}' /etc/resolv.conf) 9 </dev/null").await;
     a.delete_sandbox("alpha", true).await.unwrap();
     b.delete_sandbox(&sb.id, true).await.unwrap();
+    // The audit a removed sandbox leaves stays its tenant's.
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        kept = admin.kept_audits().await.unwrap();
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        kept.iter().map(|k| (k.id.as_str(), k.tenant.as_deref())).collect::<Vec<_>>(),
+        [(sa.id.as_str(), Some("team-a"))]
+    );
+    assert_eq!(a.kept_audits().await.unwrap().len(), 1);
+    assert!(b.kept_audits().await.unwrap().is_empty());
+    assert!(a.network_log("alpha").await.unwrap().removed_at.is_some());
+    for key in [sa.id.as_str(), "alpha"] {
+        not_found(b.network_log(key).await.unwrap_err());
+    }
 }

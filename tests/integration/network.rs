@@ -780,3 +780,95 @@ async fn net_test_expects_never_reachable_answers_blocked() {
     assert_eq!((check.expected.as_str(), check.observed.as_str()), ("blocked", "blocked"), "{check:?}");
     assert!(check.reason.contains("169.254.169.254"), "{check:?}");
 }
+
+/// The egress audit of a removed sandbox stays readable, by id at once and by the name
+/// it had, for `--audit-retention` (default 7 days), and is listed by `net audits`; a
+/// sandbox that recorded nothing leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_of_a_removed_sandbox_is_kept() {
+    let w = World::new().await;
+    let req = CreateSandbox {
+        template: Some("mini".into()),
+        name: Some("auditee".into()),
+        network: Some(NetworkPolicy { mode: NetMode::Allow, allow: vec!["allowed.test".into()] }),
+        ..Default::default()
+    };
+    let id = w.d.client.create_sandbox(&req).await.unwrap().id;
+    w.d.sh(&id, "nslookup -type=a allowed.test; nslookup -type=a other.test").await;
+    let quiet = w.d.mini(Default::default()).await;
+    let live = w.d.client.network_log(&id).await.unwrap();
+    assert!(live.removed_at.is_none());
+    let dns = |log: &abx_client::NetLog, verdict: &str, name: &str| {
+        log.events.iter().any(|e| e.kind == "dns" && e.verdict == verdict && e.name.as_deref() == Some(name))
+    };
+    assert!(dns(&live, "allow", "allowed.test") && dns(&live, "deny", "other.test"), "{live:?}");
+
+    w.d.client.delete_sandbox(&id, true).await.unwrap();
+    // At once, by id (the removal finishes in the background).
+    let log = w.d.client.network_log(&id).await.unwrap();
+    assert!(log.removed_at.is_some(), "{log:?}");
+    assert_eq!(log.events, live.events);
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        kept = w.d.client.kept_audits().await.unwrap();
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        (kept[0].id.as_str(), kept[0].name.as_deref(), kept[0].template.as_str()),
+        (id.as_str(), Some("auditee"), "mini")
+    );
+    assert_eq!(kept[0].events, live.events.len() as u64);
+    // By the name it had, also from the CLI, which can show the denied events alone.
+    assert_eq!(w.d.client.network_log("auditee").await.unwrap().events, live.events);
+    let out = w.d.cli(&["net", "log", "auditee", "--denied"]);
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && err.contains("was removed"), "{err}");
+    assert!(text.contains("deny  dns A other.test") && !text.contains("allowed.test"), "{text}");
+    let out = w.d.cli(&["net", "audits"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "{}", String::from_utf8_lossy(&out.stdout));
+    // The name's new sandbox is the live one.
+    let again = w.d.client.create_sandbox(&req).await.unwrap().id;
+    let log = w.d.client.network_log("auditee").await.unwrap();
+    assert!(log.removed_at.is_none() && log.events.is_empty(), "{log:?}");
+    w.d.client.delete_sandbox(&again, true).await.unwrap();
+
+    // A sandbox with no network activity: nothing is kept once its removal is done.
+    w.d.client.delete_sandbox(&quiet, true).await.unwrap();
+    let mut gone = None;
+    for _ in 0..100 {
+        match w.d.client.network_log(&quiet).await {
+            Err(e) => {
+                gone = Some(e);
+                break;
+            }
+            Ok(log) => assert!(log.events.is_empty()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gone.expect("the quiet sandbox's audit went").code(), Some("not_found"));
+    assert_eq!(w.d.client.kept_audits().await.unwrap().len(), 1);
+}
+
+/// With `--audit-retention 0` a sandbox's audit goes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_retention_the_audit_goes_with_the_sandbox() {
+    let w = World::with(&["--audit-retention", "0"]).await;
+    let id = w.sandbox(NetMode::Allow, &["allowed.test"]).await;
+    w.d.sh(&id, "nslookup -type=a allowed.test").await;
+    assert!(!w.d.client.network_log(&id).await.unwrap().events.is_empty());
+    w.d.client.delete_sandbox(&id, true).await.unwrap();
+    let mut gone = None;
+    for _ in 0..100 {
+        if let Err(e) = w.d.client.network_log(&id).await {
+            gone = Some(e);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gone.expect("the audit went with the sandbox").code(), Some("not_found"));
+    assert!(w.d.client.kept_audits().await.unwrap().is_empty());
+}

@@ -412,6 +412,29 @@ pub struct NetLog {
     pub events: Vec<NetEvent>,
     /// Events dropped because the log is bounded (oldest go first).
     pub dropped: u64,
+    /// Set when the sandbox no longer exists: when it was removed (Unix seconds). Its
+    /// audit is kept for the daemon's `--audit-retention` after that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<u64>,
+}
+
+/// `GET /v1/network/audits`: a removed sandbox whose egress audit is kept (read it with
+/// `GET /v1/sandboxes/{id}/network/log`, by id or by the name it had).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeptAudit {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The tenant of the sandbox, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub template: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub removed_at: u64,
+    /// Events in the kept log.
+    pub events: u64,
 }
 
 /// `POST /v1/sandboxes/{id}/network/test`: probes made from inside the sandbox.

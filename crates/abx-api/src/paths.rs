@@ -43,6 +43,7 @@ pub const ARCHIVE: &str = "/v1/sandboxes/{id}/archive";
 pub const NETWORK: &str = "/v1/sandboxes/{id}/network";
 pub const NETWORK_LOG: &str = "/v1/sandboxes/{id}/network/log";
 pub const NETWORK_TEST: &str = "/v1/sandboxes/{id}/network/test";
+pub const NETWORK_AUDITS: &str = "/v1/network/audits";
 pub const PORT: &str = "/v1/sandboxes/{id}/ports/{port}";
 pub const INGRESS: &str = "/v1/sandboxes/{id}/ingress";
 pub const METRICS: &str = "/metrics";
@@ -96,6 +97,7 @@ pub const ALL: &[&str] = &[
     NETWORK,
     NETWORK_LOG,
     NETWORK_TEST,
+    NETWORK_AUDITS,
     PORT,
     INGRESS,
     TEMPLATES,

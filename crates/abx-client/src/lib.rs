@@ -495,6 +495,11 @@ impl Client {
         self.json(self.request(Method::GET, &Self::path(paths::NETWORK_LOG, &[("id", id)]))).await
     }
 
+    /// Removed sandboxes whose egress audit the daemon keeps (`--audit-retention`).
+    pub async fn kept_audits(&self) -> Result<Vec<KeptAudit>> {
+        self.json(self.request(Method::GET, paths::NETWORK_AUDITS)).await
+    }
+
     /// Probes a sandbox's policy from inside it.
     pub async fn network_test(&self, id: &str) -> Result<NetTestReport> {
         self.json(self.request(Method::POST, &Self::path(paths::NETWORK_TEST, &[("id", id)]))).await

@@ -226,6 +226,8 @@ pub enum Command {
     NetworkTest {
         id: String,
     },
+    /// The kept egress audits of removed sandboxes.
+    KeptAudits,
     PortUrl {
         id: String,
         port: u16,
@@ -255,6 +257,7 @@ pub enum Outcome {
     Build(mpsc::Receiver<BuildEvent>),
     System(SystemInfo),
     NetLog(abx_api::NetLog),
+    KeptAudits(Vec<abx_api::KeptAudit>),
     NetTest(abx_api::NetTestReport),
     PortUrl(abx_api::PortUrl),
     Text(String),
@@ -297,6 +300,7 @@ impl Outcome {
     accessor!(build, Build, mpsc::Receiver<BuildEvent>);
     accessor!(system, System, SystemInfo);
     accessor!(net_log, NetLog, abx_api::NetLog);
+    accessor!(kept_audits, KeptAudits, Vec<abx_api::KeptAudit>);
     accessor!(net_test, NetTest, abx_api::NetTestReport);
     accessor!(port_url, PortUrl, abx_api::PortUrl);
     accessor!(text, Text, String);
@@ -479,6 +483,7 @@ impl Core {
             Outcome::Sandboxes(v) => Outcome::Sandboxes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
             Outcome::Snapshots(v) => Outcome::Snapshots(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
             Outcome::Volumes(v) => Outcome::Volumes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+            Outcome::KeptAudits(v) => Outcome::KeptAudits(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
             o => o,
         })
     }
@@ -521,6 +526,7 @@ impl Core {
             | C::ListPools
             | C::GetPool { .. }
             | C::SystemInfo
+            | C::KeptAudits
             | C::Metrics => Ok(()),
             C::GetSnapshot { id } | C::DeleteSnapshot { id } => snapshot(id),
             C::Fork { source, .. } => match m.get(source) {
@@ -528,6 +534,11 @@ impl Core {
                 Err(_) => snapshot(source).map_err(|_| CoreError::not_found("sandbox or snapshot", source.as_str())),
             },
             C::GetVolume { name } | C::DeleteVolume { name } => volume(name),
+            // The audit of a removed sandbox is its tenant's, as the sandbox was.
+            C::NetworkLog { id } if m.get(id).is_err() => match m.net.as_ref().and_then(|n| n.kept_log(id)) {
+                Some((kept, _, _)) if own(kept.tenant.as_deref()) => Ok(()),
+                _ => Err(CoreError::not_found("sandbox", id.as_str())),
+            },
             C::BuildTemplate(_)
             | C::DeleteTemplate { .. }
             | C::RefreshTemplate { .. }
@@ -677,11 +688,20 @@ impl Core {
             Command::Resume { id } => Ok(Outcome::Sandbox(m.api(&m.resume(&id).await?))),
             Command::SetNetwork { id, policy } => Ok(Outcome::Sandbox(m.api(&m.set_network(&id, policy).await?))),
             Command::SetIngress { id, req } => Ok(Outcome::Sandbox(m.api(&m.set_ingress(&id, req).await?))),
-            Command::NetworkLog { id } => {
-                let sb = m.get(&id)?;
-                let (events, dropped) = m.net.as_ref().map(|n| n.log(&sb.id)).unwrap_or_default();
-                Ok(Outcome::NetLog(abx_api::NetLog { events, dropped }))
-            }
+            Command::NetworkLog { id } => match m.get(&id) {
+                Ok(sb) => {
+                    let (events, dropped) = m.net.as_ref().map(|n| n.log(&sb.id)).unwrap_or_default();
+                    Ok(Outcome::NetLog(abx_api::NetLog { events, dropped, removed_at: None }))
+                }
+                // A removed sandbox's audit, while it is kept.
+                Err(e) => match m.net.as_ref().and_then(|n| n.kept_log(&id)) {
+                    Some((kept, events, dropped)) => {
+                        Ok(Outcome::NetLog(abx_api::NetLog { events, dropped, removed_at: Some(kept.removed_at) }))
+                    }
+                    None => Err(e),
+                },
+            },
+            Command::KeptAudits => Ok(Outcome::KeptAudits(m.net.as_ref().map(|n| n.kept_audits()).unwrap_or_default())),
             Command::NetworkTest { id } => {
                 let sb = self.running(&id).await?;
                 crate::net::probe::run(m, &sb).await.map(Outcome::NetTest)

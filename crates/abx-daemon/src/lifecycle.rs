@@ -555,7 +555,21 @@ impl Manager {
                 ..Default::default()
             }
         };
-        let Err(e) = self.run_start(sb, &cfg).await else { return Ok(()) };
+        // Until its readiness check passes it shows `starting`, as after a create (the
+        // caller holds its operation lock, so requests to it wait meanwhile).
+        let readying = cfg.ready.is_some();
+        if readying {
+            sb.update(|r| r.state = SandboxState::Starting);
+        }
+        let res = self.run_start(sb, &cfg).await;
+        if readying {
+            sb.update(|r| {
+                if r.state == SandboxState::Starting {
+                    r.state = SandboxState::Running;
+                }
+            });
+        }
+        let Err(e) = res else { return Ok(()) };
         let stopped = match self.stop_locked(sb, Duration::ZERO).await {
             Ok(_) => "it is stopped, its files kept",
             Err(_) => "its processes were ended, its files kept",

@@ -1505,6 +1505,7 @@ impl Manager {
             if let Some(h) = sb.ttl.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 h.abort();
             }
+            self.note_removal(&sb.record());
             self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
             let this = self.clone();
             let id = id.to_string();
@@ -1562,6 +1563,7 @@ impl Manager {
                 let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
             }
         }
+        self.note_removal(&sb.record());
         self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         self.finish_destroy(sb);
         Ok(())
@@ -1720,7 +1722,24 @@ impl Manager {
 
     fn cleanup_dead(&self, rec: &Record) {
         let _ = self.release_slot(rec.uid_slot, Some(&rec.id));
+        self.note_removal(rec);
         self.forget_record(&rec.id);
+    }
+
+    /// Tells the network that sandbox `rec` is being removed, so that its egress audit is
+    /// kept (`--audit-retention`) when [`Manager::forget_record`] ends it.
+    fn note_removal(&self, rec: &Record) {
+        if let Some(net) = &self.net {
+            net.removing(abx_api::KeptAudit {
+                id: rec.id.clone(),
+                name: rec.name.clone(),
+                tenant: rec.tenant.clone(),
+                template: rec.template.clone(),
+                created_at: rec.created_at,
+                removed_at: crate::sandbox::now(),
+                events: 0,
+            });
+        }
     }
 
     /// Deletes a destroyed sandbox's record and its egress audit.

@@ -4,7 +4,7 @@ use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use abx_api::{ErrorBody, NetLog, NetTestReport, NetworkPolicy, PortUrl, Sandbox};
+use abx_api::{ErrorBody, KeptAudit, NetLog, NetTestReport, NetworkPolicy, PortUrl, Sandbox};
 
 use super::{ApiError, Json, Path};
 use crate::core::{Command, Core};
@@ -13,6 +13,7 @@ pub fn routes() -> OpenApiRouter<Core> {
     OpenApiRouter::new()
         .routes(routes!(get_network, set_network))
         .routes(routes!(log))
+        .routes(routes!(kept_audits))
         .routes(routes!(test))
         .routes(routes!(port))
         .routes(routes!(set_ingress))
@@ -54,6 +55,8 @@ async fn set_network(
 }
 
 /// The sandbox's egress audit: every DNS query and every allowed or denied connection.
+/// Also answers for a removed sandbox whose audit is kept (`removed_at` set), by id or by
+/// the name it had.
 #[utoipa::path(get, path = abx_api::paths::NETWORK_LOG, tag = "network",
     params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = NetLog), (status = 404, body = ErrorBody)))]
@@ -76,4 +79,13 @@ async fn test(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<N
     responses((status = 200, body = PortUrl), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn port(State(core): State<Core>, Path((id, port)): Path<(String, u16)>) -> Result<Json<PortUrl>, ApiError> {
     Ok(Json(core.execute(Command::PortUrl { id, port }).await?.port_url()?))
+}
+
+/// Removed sandboxes whose egress audit is kept (for the daemon's `--audit-retention`,
+/// if they recorded anything), oldest removal first; read one with
+/// `GET /v1/sandboxes/{id}/network/log`.
+#[utoipa::path(get, path = abx_api::paths::NETWORK_AUDITS, tag = "network",
+    responses((status = 200, body = Vec<KeptAudit>)))]
+async fn kept_audits(State(core): State<Core>) -> Result<Json<Vec<KeptAudit>>, ApiError> {
+    Ok(Json(core.execute(Command::KeptAudits).await?.kept_audits()?))
 }

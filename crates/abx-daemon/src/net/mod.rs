@@ -10,6 +10,7 @@
 pub mod dns;
 pub mod firewall;
 pub mod ingress;
+pub mod kept;
 pub mod policy;
 pub mod probe;
 
@@ -43,6 +44,8 @@ pub struct NetConfig {
     pub domain: String,
     /// Who may reach the ports of sandboxes that do not say (`ingress` at create).
     pub ingress_access: abx_api::IngressAccess,
+    /// How long the egress audit of a removed sandbox is kept (zero: removed with it).
+    pub audit_retention: Duration,
 }
 
 impl NetConfig {
@@ -57,6 +60,7 @@ impl NetConfig {
             ingress: Some(SocketAddr::from(([127, 0, 0, 1], 7480))),
             domain: "agentbox.localhost".into(),
             ingress_access: abx_api::IngressAccess::Public,
+            audit_retention: DEFAULT_AUDIT_RETENTION,
         }
     }
 
@@ -124,6 +128,12 @@ pub fn system_resolver() -> Option<SocketAddr> {
         })
         .map(|ip| SocketAddr::from((ip, 53)))
 }
+
+/// How long the audit of a removed sandbox is kept unless `--audit-retention` says.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(7 * 86400);
+
+/// How often the audit thread removes kept audits past their retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Most audit events kept per sandbox (older ones are dropped and counted).
 pub const AUDIT_CAPACITY: usize = 4096;
@@ -297,6 +307,9 @@ pub struct Network {
     audit_pending: Mutex<Vec<(String, String)>>,
     /// Held while audit files are written or removed.
     audit_io: Mutex<()>,
+    /// Sandboxes being removed (no longer listed, their log not yet moved to the kept
+    /// audits): what to record with the log.
+    removing: Mutex<HashMap<String, abx_api::KeptAudit>>,
     pub counters: Counters,
     /// Forwarding was switched on on the uplink (done at the first policy with egress).
     uplink_forwarding: AtomicBool,
@@ -381,6 +394,7 @@ impl Network {
             audit_dir,
             audit_pending: Mutex::new(Vec::new()),
             audit_io: Mutex::new(()),
+            removing: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             uplink_forwarding: AtomicBool::new(false),
             nflog: Mutex::new(Some(nflog)),
@@ -827,13 +841,78 @@ impl Network {
         }
     }
 
-    /// Removes a sandbox's audit (it was destroyed).
+    /// Notes that sandbox `meta.id` is being removed, before it stops being listed: until
+    /// [`Network::forget`] its log is read as a removed sandbox's.
+    pub fn removing(&self, meta: abx_api::KeptAudit) {
+        if self.audit_dir.is_some() {
+            self.removing.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.id.clone(), meta);
+        }
+    }
+
+    /// Ends a destroyed sandbox's audit: its log goes to the kept audits (when it recorded
+    /// anything, it was announced with [`Network::removing`] and `--audit-retention` is
+    /// not zero) or is removed.
     pub fn forget(&self, id: &str) {
         self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
         self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| i != id);
         let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = self.audit_file(id) {
-            let _ = std::fs::remove_file(path);
+        let meta = self.removing.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let (Some(dir), Some(path)) = (&self.audit_dir, self.audit_file(id)) else { return };
+        match meta {
+            Some(mut meta) if !self.cfg.audit_retention.is_zero() => {
+                meta.removed_at = crate::sandbox::now();
+                if let Err(e) = kept::keep(&kept::dir(dir), &path, meta) {
+                    warn!(sandbox = %id, error = %e, "keeping the egress audit of a removed sandbox");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            _ => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// The kept audit of a removed sandbox, by id or by the name it had (the last one
+    /// removed with it), with its events and how many older ones were dropped. A sandbox
+    /// in the middle of its removal is found by id.
+    pub fn kept_log(&self, key: &str) -> Option<(abx_api::KeptAudit, Vec<NetEvent>, u64)> {
+        let dir = kept::dir(self.audit_dir.as_ref()?);
+        let read = |p: &std::path::Path| -> (Vec<NetEvent>, u64) {
+            let a = read_audit_file(p);
+            (a.events.into(), a.dropped)
+        };
+        let going = self.removing.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
+        if let Some(meta) = &going {
+            // In memory until its slot is let go, then in its live file (unless it was
+            // moved to the kept audits just now).
+            let (events, dropped) = self.log(key);
+            if !events.is_empty() {
+                let meta = abx_api::KeptAudit { events: events.len() as u64 + dropped, ..meta.clone() };
+                return Some((meta, events, dropped));
+            }
+        }
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(meta) = kept::find(&dir, key) else {
+            return going.map(|meta| (meta, Vec::new(), 0));
+        };
+        let (events, dropped) = kept::events(&dir, &meta.id, read);
+        Some((meta, events, dropped))
+    }
+
+    /// Every kept audit of a removed sandbox, oldest removal first.
+    pub fn kept_audits(&self) -> Vec<abx_api::KeptAudit> {
+        let Some(dir) = &self.audit_dir else { return Vec::new() };
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        kept::list(&kept::dir(dir))
+    }
+
+    /// Removes the kept audits older than `--audit-retention`.
+    pub fn prune_kept_audits(&self) {
+        let Some(dir) = &self.audit_dir else { return };
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = kept::prune(&kept::dir(dir), crate::sandbox::now(), self.cfg.audit_retention.as_secs());
+        if gone > 0 {
+            info!(audits = gone, "removed the egress audits of sandboxes removed longer ago than --audit-retention");
         }
     }
 
@@ -843,6 +922,10 @@ impl Network {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
         let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
         for e in entries.flatten() {
+            // The kept audits of removed sandboxes have their own retention.
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
             let name = e.file_name().to_string_lossy().into_owned();
             let id = name.strip_suffix(".jsonl").or_else(|| name.strip_suffix(".jsonl.new")).unwrap_or(&name);
             if !known.contains(id) {
@@ -960,7 +1043,14 @@ fn read_audit(sock: abx_sys::nflog::Nflog, net: std::sync::Weak<Network>, stop: 
     use std::os::fd::AsFd;
     let _ = sock.set_nonblocking(true);
     let mut buf = vec![0u8; 256 * 1024];
+    let mut pruned: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            pruned = Some(Instant::now());
+            if let Some(net) = net.upgrade() {
+                net.prune_kept_audits();
+            }
+        }
         let fd = sock.as_fd();
         let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
         let wait = rustix::event::Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
