@@ -51,6 +51,10 @@ pub enum NetCmd {
         /// Only the denied queries and connections.
         #[arg(long)]
         denied: bool,
+        /// Keep printing new events as they come (every 0.5 s) until the sandbox is
+        /// removed; with --json, one event per line.
+        #[arg(long, short)]
+        follow: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -111,7 +115,10 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        NetCmd::Log { id, denied, json } => {
+        NetCmd::Log { id, denied, json, follow } => {
+            if follow {
+                return follow_log(client, &id, denied, json).await;
+            }
             let mut log = client.network_log(&id).await?;
             if denied {
                 log.events.retain(|e| e.verdict != "allow");
@@ -126,22 +133,8 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
             if log.dropped > 0 {
                 println!("({} older events dropped)", log.dropped);
             }
-            for e in log.events {
-                let what = match e.kind.as_str() {
-                    "dns" => format!(
-                        "dns {} {}{}",
-                        e.qtype.unwrap_or_default(),
-                        e.name.unwrap_or_default(),
-                        if e.addresses.is_empty() { String::new() } else { format!(" -> {}", e.addresses.join(", ")) }
-                    ),
-                    _ => format!(
-                        "{} {}{}",
-                        e.protocol.unwrap_or_default(),
-                        e.destination.unwrap_or_default(),
-                        e.port.map(|p| format!(":{p}")).unwrap_or_default()
-                    ),
-                };
-                println!("{} {:<5} {what}", time(e.time_ms), e.verdict);
+            for e in &log.events {
+                println!("{}", event_line(e));
             }
             Ok(0)
         }
@@ -185,6 +178,64 @@ pub async fn main(client: &Client, cmd: NetCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `net log --follow`: prints the events it has not printed yet every 0.5 s, until the
+/// sandbox is removed (or its audit is gone).
+async fn follow_log(client: &Client, key: &str, denied: bool, json: bool) -> anyhow::Result<i32> {
+    // By id from here on: a later sandbox given the same name is another's log.
+    let id = client.get_sandbox(key).await.map(|s| s.id).unwrap_or_else(|_| key.to_string());
+    let id = id.as_str();
+    // Events are numbered from the first one the sandbox recorded: `dropped` counts those
+    // before the log's first.
+    let mut next: u64 = 0;
+    let mut first = true;
+    loop {
+        let log = match client.network_log(id).await {
+            Ok(log) => log,
+            // Removed without a kept audit, after it was followed.
+            Err(e) if !first && e.code() == Some("not_found") => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        if log.dropped > next && !first {
+            eprintln!("({} events dropped before they were shown)", log.dropped - next);
+        }
+        let skip = next.saturating_sub(log.dropped) as usize;
+        for e in log.events.iter().skip(skip).filter(|e| !denied || e.verdict != "allow") {
+            if json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                println!("{}", event_line(e));
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        next = log.dropped + log.events.len() as u64;
+        first = false;
+        if log.removed_at.is_some() {
+            return Ok(0);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// One audit event as `net log` prints it.
+fn event_line(e: &abx_client::NetEvent) -> String {
+    let what = match e.kind.as_str() {
+        "dns" => format!(
+            "dns {} {}{}",
+            e.qtype.as_deref().unwrap_or_default(),
+            e.name.as_deref().unwrap_or_default(),
+            if e.addresses.is_empty() { String::new() } else { format!(" -> {}", e.addresses.join(", ")) }
+        ),
+        _ => format!(
+            "{} {}{}",
+            e.protocol.as_deref().unwrap_or_default(),
+            e.destination.as_deref().unwrap_or_default(),
+            e.port.map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+    };
+    format!("{} {:<5} {what}", time(e.time_ms), e.verdict)
 }
 
 /// `--net-test`: runs the test and prints the report on stderr; false if it failed.

@@ -794,7 +794,28 @@ async fn the_audit_of_a_removed_sandbox_is_kept() {
         ..Default::default()
     };
     let id = w.d.client.create_sandbox(&req).await.unwrap().id;
+    // `net log --follow`, started before anything happened, prints the events as they come
+    // and ends when the sandbox is removed.
+    let mut follower =
+        w.d.cli_command(&["net", "log", "auditee", "--follow"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     w.d.sh(&id, "nslookup -type=a allowed.test; nslookup -type=a other.test").await;
+    let mut followed = String::new();
+    while !(followed.contains("allow dns A allowed.test -> 198.51.100.10")
+        && followed.contains("deny  dns A other.test"))
+    {
+        let line = lines.recv_timeout(std::time::Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}: {followed}"));
+        followed.push_str(&line);
+        followed.push('\n');
+    }
     let quiet = w.d.mini(Default::default()).await;
     let live = w.d.client.network_log(&id).await.unwrap();
     assert!(live.removed_at.is_none());
@@ -804,6 +825,20 @@ async fn the_audit_of_a_removed_sandbox_is_kept() {
     assert!(dns(&live, "allow", "allowed.test") && dns(&live, "deny", "other.test"), "{live:?}");
 
     w.d.client.delete_sandbox(&id, true).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = follower.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "net log --follow did not end with the sandbox");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    while let Ok(line) = lines.recv_timeout(std::time::Duration::from_secs(2)) {
+        followed.push_str(&line);
+        followed.push('\n');
+    }
+    assert_eq!(followed.lines().count(), 2, "each event once: {followed}");
     // At once, by id (the removal finishes in the background).
     let log = w.d.client.network_log(&id).await.unwrap();
     assert!(log.removed_at.is_some(), "{log:?}");
