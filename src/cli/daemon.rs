@@ -88,6 +88,11 @@ pub struct DaemonArgs {
     /// recorded network activity leave one.
     #[arg(long, default_value = "7d", value_parser = parse::duration)]
     audit_retention: u64,
+    /// Also append every sandbox's egress audit events to this file, one JSON object per
+    /// line with `sandbox` (id), `sandbox_name` and `tenant`, for a log shipper (reopened
+    /// every 200 ms, so rotation by renaming works).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, or tracing directives).
     #[arg(long, default_value = "info,hickory_server=warn,rmcp=warn", env = "AGENTBOX_LOG")]
     log: String,
@@ -129,6 +134,10 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     if let Some(n) = cfg.network.as_mut() {
         n.ingress_access = a.ingress_access;
         n.audit_retention = std::time::Duration::from_secs(a.audit_retention);
+        n.audit_log = match a.audit_log {
+            Some(p) => Some(std::path::absolute(&p).with_context(|| format!("--audit-log {}", p.display()))?),
+            None => None,
+        };
     }
     cfg.default_timeout = (a.default_timeout > 0).then(|| std::time::Duration::from_secs(a.default_timeout));
     cfg.validate().map_err(anyhow::Error::msg)?;

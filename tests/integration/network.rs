@@ -888,13 +888,42 @@ async fn the_audit_of_a_removed_sandbox_is_kept() {
     assert_eq!(w.d.client.kept_audits().await.unwrap().len(), 1);
 }
 
-/// With `--audit-retention 0` a sandbox's audit goes with it.
+/// With `--audit-retention 0` a sandbox's audit goes with it, and `--audit-log` has every
+/// sandbox's events in one file, each naming its sandbox, which outlives them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_retention_the_audit_goes_with_the_sandbox() {
-    let w = World::with(&["--audit-retention", "0"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("egress.jsonl");
+    let w = World::with(&["--audit-retention", "0", "--audit-log", &wide.display().to_string()]).await;
     let id = w.sandbox(NetMode::Allow, &["allowed.test"]).await;
+    let req = CreateSandbox { template: Some("mini".into()), name: Some("other".into()), ..Default::default() };
+    let other = w.d.client.create_sandbox(&req).await.unwrap().id;
     w.d.sh(&id, "nslookup -type=a allowed.test").await;
+    w.d.sh(&other, "nslookup -type=a secret.test").await;
     assert!(!w.d.client.network_log(&id).await.unwrap().events.is_empty());
+    let mut lines: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&wide).unwrap_or_default();
+        lines = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let find = |name: &str| lines.iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name}: {lines:?}"));
+    let a = find("allowed.test");
+    assert_eq!(
+        (a["sandbox"].as_str(), a["verdict"].as_str(), a["kind"].as_str()),
+        (Some(id.as_str()), Some("allow"), Some("dns"))
+    );
+    assert!(a.get("sandbox_name").is_none(), "{a}");
+    let b = find("secret.test");
+    assert_eq!(
+        (b["sandbox"].as_str(), b["sandbox_name"].as_str(), b["verdict"].as_str()),
+        (Some(other.as_str()), Some("other"), Some("deny"))
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&wide).unwrap().permissions().mode() & 0o777, 0o600);
     w.d.client.delete_sandbox(&id, true).await.unwrap();
     let mut gone = None;
     for _ in 0..100 {
@@ -906,4 +935,5 @@ async fn without_retention_the_audit_goes_with_the_sandbox() {
     }
     assert_eq!(gone.expect("the audit went with the sandbox").code(), Some("not_found"));
     assert!(w.d.client.kept_audits().await.unwrap().is_empty());
+    assert!(std::fs::read_to_string(&wide).unwrap().contains(&id), "the file keeps what it had");
 }

@@ -803,7 +803,13 @@ impl Manager {
         self.set_slot_limits(slot, &c.limits)?;
         self.set_slot_idle(slot, false)?;
         if let Some(net) = &self.net {
-            net.attach(slot, &sb.id, &c.policy).map_err(|e| format!("network policy: {e}"))?;
+            net.attach(
+                slot,
+                &sb.id,
+                crate::net::AuditOwner { name: c.name.clone(), tenant: c.tenant.clone() },
+                &c.policy,
+            )
+            .map_err(|e| format!("network policy: {e}"))?;
         }
         let created_at = now();
         let rec = sb.update(|r| {

@@ -125,7 +125,7 @@ mod tests {
             name: name.map(Into::into),
             tenant: None,
             template: "mini".into(),
-            created_at: removed_at - 10,
+            created_at: removed_at.saturating_sub(10),
             removed_at,
             events: 0,
         }

@@ -46,6 +46,9 @@ pub struct NetConfig {
     pub ingress_access: abx_api::IngressAccess,
     /// How long the egress audit of a removed sandbox is kept (zero: removed with it).
     pub audit_retention: Duration,
+    /// A file every sandbox's audit events are also appended to, as JSON lines naming
+    /// their sandbox (for log shippers).
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl NetConfig {
@@ -61,6 +64,7 @@ impl NetConfig {
             domain: "agentbox.localhost".into(),
             ingress_access: abx_api::IngressAccess::Public,
             audit_retention: DEFAULT_AUDIT_RETENTION,
+            audit_log: None,
         }
     }
 
@@ -101,6 +105,11 @@ impl NetConfig {
                 "interface names '{prefix}<slot>' would be up to {} characters (at most 15): use a shorter --prefix",
                 longest.len()
             ));
+        }
+        if let Some(log) = &self.audit_log
+            && !log.parent().is_some_and(|d| d.is_dir())
+        {
+            return Err(format!("--audit-log {}: its directory does not exist", log.display()));
         }
         if self.domain.is_empty() || self.domain.starts_with('.') || self.domain.contains(['/', ':', ' ']) {
             return Err(format!("invalid --domain '{}': a DNS name such as agentbox.localhost", self.domain));
@@ -225,6 +234,15 @@ struct Audit {
     /// Flows logged lately, so that one connection's retransmitted first packets (a SYN
     /// sent again after a second) count once: (key, time in ms).
     recent: VecDeque<(Flow, u64)>,
+    /// Whose sandbox it is, for `--audit-log`.
+    owner: AuditOwner,
+}
+
+/// The name and tenant of a sandbox, written with its events to `--audit-log`.
+#[derive(Debug, Default, Clone)]
+pub struct AuditOwner {
+    pub name: Option<String>,
+    pub tenant: Option<String>,
 }
 
 impl Audit {
@@ -265,7 +283,7 @@ fn read_audit_file(path: &std::path::Path) -> Audit {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.len().saturating_sub(AUDIT_CAPACITY);
     let events: VecDeque<NetEvent> = lines[start..].iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    Audit { events, dropped: start as u64, written: lines.len(), recent: VecDeque::new() }
+    Audit { events, dropped: start as u64, written: lines.len(), ..Default::default() }
 }
 
 /// Counters for `/metrics`.
@@ -305,6 +323,8 @@ pub struct Network {
     /// only), and the lines not written yet.
     audit_dir: Option<std::path::PathBuf>,
     audit_pending: Mutex<Vec<(String, String)>>,
+    /// Lines for `--audit-log` not written yet.
+    wide_pending: Mutex<Vec<String>>,
     /// Held while audit files are written or removed.
     audit_io: Mutex<()>,
     /// Sandboxes being removed (no longer listed, their log not yet moved to the kept
@@ -393,6 +413,7 @@ impl Network {
             audit: Mutex::new(HashMap::new()),
             audit_dir,
             audit_pending: Mutex::new(Vec::new()),
+            wide_pending: Mutex::new(Vec::new()),
             audit_io: Mutex::new(()),
             removing: Mutex::new(HashMap::new()),
             counters: Counters::default(),
@@ -502,9 +523,10 @@ impl Network {
     }
 
     /// Gives slot `slot` to sandbox `id` with `policy` (blocking: may run nft).
-    pub fn attach(&self, slot: u32, id: &str, policy: &Policy) -> Result<(), String> {
+    pub fn attach(&self, slot: u32, id: &str, owner: AuditOwner, policy: &Policy) -> Result<(), String> {
         // A sandbox started again (or adopted after a restart) goes on with its audit.
-        let earlier = self.audit_file(id).map(|f| read_audit_file(&f)).unwrap_or_default();
+        let mut earlier = self.audit_file(id).map(|f| read_audit_file(&f)).unwrap_or_default();
+        earlier.owner = owner;
         self.audit.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), earlier);
         if let Err(e) = self.apply_policy(slot, policy, true) {
             self.audit.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
@@ -778,6 +800,22 @@ impl Network {
         {
             self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()).push((id.to_string(), line));
         }
+        if self.cfg.audit_log.is_some()
+            && let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&event)
+        {
+            let mut line = serde_json::Map::new();
+            line.insert("sandbox".into(), id.into());
+            if let Some(n) = &a.owner.name {
+                line.insert("sandbox_name".into(), n.as_str().into());
+            }
+            if let Some(t) = &a.owner.tenant {
+                line.insert("tenant".into(), t.as_str().into());
+            }
+            line.extend(fields);
+            if let Ok(text) = serde_json::to_string(&line) {
+                self.wide_pending.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+            }
+        }
         a.events.push_back(event);
     }
 
@@ -789,6 +827,7 @@ impl Network {
     /// (the audit thread calls it at least every 200 ms, and `stop` at the end).
     pub fn flush_audit(&self) {
         let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_audit_log();
         let pending = std::mem::take(&mut *self.audit_pending.lock().unwrap_or_else(|e| e.into_inner()));
         if pending.is_empty() {
             return;
@@ -838,6 +877,29 @@ impl Network {
             if let Err(e) = res {
                 warn!(sandbox = %id, error = %e, "writing the egress audit");
             }
+        }
+    }
+
+    /// Appends the events recorded since the last call to `--audit-log` (opened anew each
+    /// time, so that a log rotated by renaming is followed). Called holding `audit_io`.
+    fn flush_audit_log(&self) {
+        let Some(path) = &self.cfg.audit_log else { return };
+        let lines = std::mem::take(&mut *self.wide_pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if lines.is_empty() {
+            return;
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+        if let Err(e) = res {
+            warn!(path = %path.display(), error = %e, events = lines.len(), "writing the egress audit log");
         }
     }
 
