@@ -228,6 +228,12 @@ fn event_line(e: &abx_client::NetEvent) -> String {
             e.name.as_deref().unwrap_or_default(),
             if e.addresses.is_empty() { String::new() } else { format!(" -> {}", e.addresses.join(", ")) }
         ),
+        "ingress" => format!(
+            "ingress {} :{} from {}",
+            e.protocol.as_deref().unwrap_or_default(),
+            e.port.unwrap_or_default(),
+            e.source.as_deref().unwrap_or("?")
+        ),
         _ => format!(
             "{} {}{}",
             e.protocol.as_deref().unwrap_or_default(),

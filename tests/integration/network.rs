@@ -420,6 +420,15 @@ async fn ports_that_need_a_token_are_reached_only_with_it() {
     assert!(get(&host_b, &[]).contains("public\n"), "open again");
     let sb = w.d.client.get_sandbox(&b).await.unwrap();
     assert_eq!((sb.ingress, sb.ingress_token), (IngressAccess::Public, None));
+    // Each client connection is in the sandbox's audit, allowed or denied.
+    let log = w.d.client.network_log(&b).await.unwrap();
+    let ingress = |verdict: &str| {
+        log.events.iter().filter(|e| e.kind == "ingress" && e.verdict == verdict && e.port == Some(8000)).count()
+    };
+    assert!(ingress("deny") >= 3 && ingress("allow") >= 3, "{log:?}");
+    assert!(log.events.iter().filter(|e| e.kind == "ingress").all(|e| e.source.is_some()), "{log:?}");
+    let out = w.d.cli(&["net", "log", &b, "--denied"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deny  ingress http :8000 from "));
     let out = w.d.cli(&["net", "ingress", &b, "public", "--rotate"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("goes with `token`"));
     let out = w.d.cli(&["create", "-T", "mini", "--ingress", "open"]);

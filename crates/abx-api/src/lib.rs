@@ -380,8 +380,9 @@ impl std::str::FromStr for NetMode {
 pub struct NetEvent {
     /// Unix time in milliseconds.
     pub time_ms: u64,
-    /// `dns` (a query to the sandbox's resolver) or `connection` (the first packet of a
-    /// connection or flow leaving the sandbox).
+    /// `dns` (a query to the sandbox's resolver), `connection` (the first packet of a
+    /// connection or flow leaving the sandbox) or `ingress` (a client connection to one
+    /// of its ports through the ingress proxy: denied when it lacked the sandbox's token).
     pub kind: String,
     /// `allow` or `deny`.
     pub verdict: String,
@@ -400,9 +401,12 @@ pub struct NetEvent {
     /// Connection: destination address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
-    /// Connection: destination port (TCP and UDP).
+    /// Connection: destination port (TCP and UDP). Ingress: the sandbox's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Ingress: the client's address and port, as the proxy saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// `GET /v1/sandboxes/{id}/network/log`.

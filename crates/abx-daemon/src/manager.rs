@@ -1945,8 +1945,15 @@ use crate::net::ingress::Refusal;
 pub struct IngressRouter(pub std::sync::Weak<Manager>);
 
 impl crate::net::ingress::Router for IngressRouter {
-    fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<std::net::Ipv4Addr, Refusal> {
+    fn lookup(
+        &self,
+        id: &str,
+        port: u16,
+        peer: std::net::SocketAddr,
+        token: Option<&[u8]>,
+    ) -> Result<std::net::Ipv4Addr, Refusal> {
         let m = self.0.upgrade().ok_or(Refusal::NotFound)?;
+        let net = m.net.as_ref().ok_or(Refusal::NotFound)?;
         let sb = m.get_by_host_label(id).ok_or(Refusal::NotFound)?;
         let (slot, hidden, want) = sb.read(|r| (r.uid_slot, r.pooled || r.build_step, r.ingress_token.clone()));
         // A sandbox waiting in a warm pool belongs to nobody yet; a build's is the build's.
@@ -1956,6 +1963,7 @@ impl crate::net::ingress::Router for IngressRouter {
         if let Some(want) = want
             && !token.is_some_and(|t| crate::auth::same_secret(t, want.as_bytes()))
         {
+            net.record_ingress(&sb.id, port, peer, false);
             return Err(Refusal::Unauthorized);
         }
         match sb.state() {
@@ -1965,8 +1973,9 @@ impl crate::net::ingress::Router for IngressRouter {
             SandboxState::Paused => m.resume_blocking(&sb).map_err(|_| Refusal::NotFound)?,
             _ => return Err(Refusal::NotFound),
         }
+        net.record_ingress(&sb.id, port, peer, true);
         sb.touch();
-        Ok(m.net.as_ref().ok_or(Refusal::NotFound)?.slot_addr(slot))
+        Ok(net.slot_addr(slot))
     }
 }
 

@@ -81,9 +81,10 @@ pub enum Refusal {
 /// Finds sandboxes for the proxy.
 pub trait Router: Send + Sync + 'static {
     /// The address of sandbox `id` (a sandbox id or name as given by the client), for a
-    /// request that carried `token` (the value of `E2b-Traffic-Access-Token`). Nothing
-    /// about the sandbox changes (a paused one is not resumed) unless the token fits.
-    fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal>;
+    /// request from `peer` to its `port` that carried `token` (the value of
+    /// `E2b-Traffic-Access-Token`). Nothing about the sandbox changes (a paused one is not
+    /// resumed) unless the token fits; a sandbox found is told of the visit (its audit).
+    fn lookup(&self, id: &str, port: u16, peer: SocketAddr, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal>;
 }
 
 /// A running ingress proxy. Dropping it stops it too, without waiting.
@@ -296,12 +297,12 @@ impl Shared {
         if !req.headers().contains_key(ACCESS_TOKEN)
             && let Some((token, rest)) = query_token(req.uri())
         {
-            lookup(self.router.as_ref(), &id, Some(token.as_bytes())).map_err(refused)?;
+            lookup(self.router.as_ref(), &id, (port, peer), Some(token.as_bytes())).map_err(refused)?;
             return Ok(token_redirect(&token, &rest));
         }
         let cookie = if req.headers().contains_key(ACCESS_TOKEN) { None } else { cookie_token(req.headers()) };
         let token = req.headers().get(ACCESS_TOKEN).map(|v| v.as_bytes()).or(cookie.as_deref().map(str::as_bytes));
-        let ip = lookup(self.router.as_ref(), &id, token).map_err(refused)?;
+        let ip = lookup(self.router.as_ref(), &id, (port, peer), token).map_err(refused)?;
         let target = Target { id, port };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let req = backend_request(req, peer, client_upgrade.is_some());
@@ -342,10 +343,10 @@ impl Shared {
 
 /// The address of sandbox `id` as the client wrote it, else in lower case (host names are
 /// case-insensitive; ids are lower case, names as their owner chose).
-fn lookup(router: &dyn Router, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
-    match router.lookup(id, token) {
+fn lookup(router: &dyn Router, id: &str, to: (u16, SocketAddr), token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
+    match router.lookup(id, to.0, to.1, token) {
         Err(Refusal::NotFound) if id.bytes().any(|b| b.is_ascii_uppercase()) => {
-            router.lookup(&id.to_ascii_lowercase(), token)
+            router.lookup(&id.to_ascii_lowercase(), to.0, to.1, token)
         }
         found => found,
     }
@@ -596,7 +597,7 @@ mod tests {
     struct MapRouter(HashMap<String, Ipv4Addr>, HashMap<String, &'static str>);
 
     impl Router for MapRouter {
-        fn lookup(&self, id: &str, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
+        fn lookup(&self, id: &str, _: u16, _: SocketAddr, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
             let ip = self.0.get(id).copied().ok_or(Refusal::NotFound)?;
             match self.1.get(id) {
                 Some(want) if token != Some(want.as_bytes()) => Err(Refusal::Unauthorized),
@@ -747,11 +748,12 @@ mod tests {
     #[test]
     fn names_with_capitals_are_found() {
         let router = MapRouter(HashMap::from([("MyBox".to_string(), A_IP), (A.to_string(), B_IP)]), HashMap::new());
+        let to = (8000, SocketAddr::from(([127, 0, 0, 1], 40000)));
         let (_, id) = parse_host("8000-MyBox.agentbox.localhost", DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id, None), Ok(A_IP));
+        assert_eq!(lookup(&router, &id, to, None), Ok(A_IP));
         let (_, id) = parse_host(&format!("8000-{}.agentbox.localhost", A.to_ascii_uppercase()), DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id, None), Ok(B_IP));
-        assert_eq!(lookup(&router, "mybox", None), Err(Refusal::NotFound));
+        assert_eq!(lookup(&router, &id, to, None), Ok(B_IP));
+        assert_eq!(lookup(&router, "mybox", to, None), Err(Refusal::NotFound));
     }
 
     #[test]

@@ -294,6 +294,8 @@ pub struct Counters {
     pub connections_allowed: AtomicU64,
     pub connections_denied: AtomicU64,
     pub policy_changes: AtomicU64,
+    pub ingress_allowed: AtomicU64,
+    pub ingress_denied: AtomicU64,
 }
 
 /// The running services (started once the runtime is up).
@@ -1035,6 +1037,21 @@ impl Network {
         let _ = writeln!(out, "# HELP agentbox_network_policy_changes_total Runtime network policy changes.");
         let _ = writeln!(out, "# TYPE agentbox_network_policy_changes_total counter");
         let _ = writeln!(out, "agentbox_network_policy_changes_total {}", c.policy_changes.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP agentbox_ingress_connections_total Client connections to sandbox ports through the ingress proxy, by verdict."
+        );
+        let _ = writeln!(out, "# TYPE agentbox_ingress_connections_total counter");
+        let _ = writeln!(
+            out,
+            "agentbox_ingress_connections_total{{verdict=\"allow\"}} {}",
+            c.ingress_allowed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "agentbox_ingress_connections_total{{verdict=\"deny\"}} {}",
+            c.ingress_denied.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -1053,6 +1070,7 @@ fn dns_event(verdict: &str, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]) 
         protocol: None,
         destination: None,
         port: None,
+        source: None,
     }
 }
 
@@ -1195,6 +1213,43 @@ impl Network {
                 protocol: Some(protocol),
                 destination: Some(e.dst.to_string()),
                 port: e.dst_port,
+                source: None,
+            },
+        );
+    }
+
+    /// Records a client connection through the ingress proxy to `port` of sandbox `id`,
+    /// once per client connection (its requests after the first are not recorded).
+    pub fn record_ingress(&self, id: &str, port: u16, peer: std::net::SocketAddr, allowed: bool) {
+        // Protocol 0 (not an IP protocol number a packet in the egress audit carries)
+        // keeps these apart from connections in the flow memory.
+        let ip = match peer.ip() {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => a.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        };
+        if !self.new_flow(id, (0, Some(peer.port()), ip, Some(port), allowed)) {
+            return;
+        }
+        let verdict = if allowed {
+            self.counters.ingress_allowed.fetch_add(1, Ordering::Relaxed);
+            "allow"
+        } else {
+            self.counters.ingress_denied.fetch_add(1, Ordering::Relaxed);
+            "deny"
+        };
+        self.record(
+            id,
+            NetEvent {
+                time_ms: now_ms(),
+                kind: "ingress".into(),
+                verdict: verdict.into(),
+                name: None,
+                qtype: None,
+                addresses: vec![],
+                protocol: Some("http".into()),
+                destination: None,
+                port: Some(port),
+                source: Some(peer.to_string()),
             },
         );
     }
@@ -1215,6 +1270,7 @@ mod tests {
             protocol: Some("tcp".into()),
             destination: Some("198.51.100.20".into()),
             port: Some(80),
+            source: None,
         }
     }
 
