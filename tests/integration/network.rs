@@ -449,6 +449,15 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let audit = w.d.client.network_log(&id).await.unwrap().events;
     assert!(audit.iter().any(|e| e.kind == "dns" && e.name.as_deref() == Some("allowed.test")), "{audit:?}");
+    // A removed sandbox's kept audit outlives the daemon too.
+    let gone = w.sandbox(NetMode::None, &[]).await;
+    w.d.sh(&gone, "nslookup -type=a other.test").await;
+    w.d.client.delete_sandbox(&gone, true).await.unwrap();
+    w.d.wait_for("the removed sandbox's audit kept", std::time::Duration::from_secs(10), || async {
+        !w.d.client.kept_audits().await.unwrap().is_empty()
+    })
+    .await;
+    let gone_log = w.d.client.network_log(&gone).await.unwrap();
     w.d.kill9();
     // The table stays: the policy holds without the daemon.
     let id2 = id.clone();
@@ -473,6 +482,9 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     assert!(w.reaches(&id, "allowed.test:80").await, "allowed again after the restart");
     let after = w.d.client.network_log(&id).await.unwrap().events;
     assert_eq!(after[..audit.len()], audit[..], "the audit from before the daemon was killed");
+    let kept = w.d.client.network_log(&gone).await.unwrap();
+    assert!(kept.removed_at.is_some() && !kept.events.is_empty(), "{kept:?}");
+    assert_eq!(kept.events, gone_log.events);
     w.refused(&id, &format!("{WEB_B}:80")).await;
     w.unresolved(&id, "other.test").await;
 }
