@@ -535,8 +535,8 @@ impl Core {
             },
             C::GetVolume { name } | C::DeleteVolume { name } => volume(name),
             // The audit of a removed sandbox is its tenant's, as the sandbox was.
-            C::NetworkLog { id } if m.get(id).is_err() => match m.net.as_ref().and_then(|n| n.kept_log(id)) {
-                Some((kept, _, _)) if own(kept.tenant.as_deref()) => Ok(()),
+            C::NetworkLog { id } if m.get(id).is_err() => match m.net.as_ref().and_then(|n| n.kept_sandbox(id)) {
+                Some(kept) if own(kept.tenant.as_deref()) => Ok(()),
                 _ => Err(CoreError::not_found("sandbox", id.as_str())),
             },
             C::BuildTemplate(_)

@@ -959,13 +959,8 @@ impl Manager {
             c.oom_base = None;
         }
         if let Some(net) = &self.net {
-            net.attach(
-                rec.uid_slot,
-                &rec.id,
-                crate::net::AuditOwner { name: rec.name.clone(), tenant: rec.tenant.clone() },
-                policy,
-            )
-            .map_err(|e| setup_err(format!("network policy: {e}")))?;
+            net.attach(rec.uid_slot, &rec.id, crate::net::AuditOwner::from(&rec), policy)
+                .map_err(|e| setup_err(format!("network policy: {e}")))?;
         }
         let t_cg = t0.elapsed();
         // A prepared shell killed just before it took the sandbox looks, on the status
@@ -1715,12 +1710,7 @@ impl Manager {
                 if let Some(net) = &self.net {
                     let policy = crate::net::policy::Policy::parse(&rec.network)
                         .unwrap_or_else(|_| crate::net::policy::Policy::none());
-                    if let Err(e) = net.attach(
-                        rec.uid_slot,
-                        &rec.id,
-                        crate::net::AuditOwner { name: rec.name.clone(), tenant: rec.tenant.clone() },
-                        &policy,
-                    ) {
+                    if let Err(e) = net.attach(rec.uid_slot, &rec.id, crate::net::AuditOwner::from(&rec), &policy) {
                         warn!(sandbox = %rec.id, error = %e, "restoring the network policy");
                     }
                 }

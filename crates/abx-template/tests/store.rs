@@ -46,6 +46,15 @@ fn build(store: &Store, recipe: &Recipe, name: &str) -> Template {
     store.build(recipe, name, &|_| {}).unwrap()
 }
 
+/// A scratch tree of `store` holding the one file `file` with `content`, to publish.
+fn scratch_with(store: &Store, kind: &str, file: &str, content: &str) -> abx_template::Scratch {
+    let tree = store.new_scratch(kind);
+    let path = tree.path().join(file);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, content).unwrap();
+    tree
+}
+
 fn mode(path: &Path) -> u32 {
     fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }
@@ -308,10 +317,7 @@ fn layers_a_build_holds_are_kept_until_it_ends() {
     let env = env();
     let none = HashSet::new();
     let hold = env.store.hold();
-    let tree = env.store.new_scratch("step");
-    fs::create_dir_all(tree.path().join("app")).unwrap();
-    fs::write(tree.path().join("app/f"), "step\n").unwrap();
-    let (step, _) = env.store.publish_layer(tree, &hold).unwrap();
+    let (step, _) = env.store.publish_layer(scratch_with(&env.store, "step", "app/f", "step\n"), &hold).unwrap();
     env.store.cache_put("k1", &abx_template::Cached::Layer(step.clone())).unwrap();
     assert_eq!(env.store.prune_build_cache(&none, None).unwrap(), Vec::<String>::new(), "held by the build");
     assert!(env.store.layer_path(&step).is_dir());
@@ -348,9 +354,7 @@ fn a_closed_store_publishes_nothing() {
     let env = env();
     let mini = build(&env.store, &Recipe::Mini, "a");
     env.store.close();
-    let tree = env.store.new_scratch("late");
-    fs::create_dir_all(tree.path()).unwrap();
-    fs::write(tree.path().join("f"), "x").unwrap();
+    let tree = scratch_with(&env.store, "late", "f", "x");
     assert!(matches!(env.store.publish_layer(tree, &env.store.hold()), Err(Error::Closed)));
     assert!(matches!(env.store.build(&Recipe::Mini, "b", &|_| {}), Err(Error::Closed)));
     assert!(matches!(env.store.tag("a", "a:1"), Err(Error::Closed)));
@@ -370,10 +374,7 @@ fn prune_by_age_keeps_what_builds_used_lately() {
     let env = env();
     let none = HashSet::new();
     let layer = |content: &str| {
-        let tree = env.store.new_scratch("step");
-        fs::create_dir_all(tree.path()).unwrap();
-        fs::write(tree.path().join("f"), content).unwrap();
-        env.store.publish_layer(tree, &env.store.hold()).unwrap().0
+        env.store.publish_layer(scratch_with(&env.store, "step", "f", content), &env.store.hold()).unwrap().0
     };
     let (old, hit, new) = (layer("old"), layer("hit"), layer("new"));
     for (k, l) in [("old", &old), ("hit", &hit), ("new", &new)] {

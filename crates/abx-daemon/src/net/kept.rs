@@ -76,11 +76,12 @@ pub fn find(dir: &Path, key: &str) -> Option<KeptAudit> {
 }
 
 /// The events of a kept audit and how many older ones its log had dropped.
-pub fn events(dir: &Path, id: &str, read: impl Fn(&Path) -> (Vec<NetEvent>, u64)) -> (Vec<NetEvent>, u64) {
+pub fn events(dir: &Path, id: &str) -> (Vec<NetEvent>, u64) {
     if !plain(id) {
         return (Vec::new(), 0);
     }
-    read(&dir.join(format!("{id}.jsonl")))
+    let a = super::read_audit_file(&dir.join(format!("{id}.jsonl")));
+    (a.events.into(), a.dropped)
 }
 
 /// Removes the audits removed more than `retention_secs` before `now` (Unix seconds), and
@@ -131,13 +132,19 @@ mod tests {
         }
     }
 
+    /// A sandbox's live log `<id>.jsonl` in `dir` with `text`.
+    fn live_log(dir: &Path, id: &str, text: &str) -> PathBuf {
+        let live = dir.join(format!("{id}.jsonl"));
+        std::fs::write(&live, text).unwrap();
+        live
+    }
+
     #[test]
     fn a_log_with_events_is_kept_and_found_by_id_or_latest_name() {
         let tmp = tempfile::tempdir().unwrap();
         let kept = dir(tmp.path());
         for (id, at) in [("a1", 100), ("b2", 200)] {
-            let live = tmp.path().join(format!("{id}.jsonl"));
-            std::fs::write(&live, "{}\n{}\n").unwrap();
+            let live = live_log(tmp.path(), id, "{}\n{}\n");
             assert!(keep(&kept, &live, meta(id, Some("agent"), at)).unwrap());
             assert!(!live.exists());
         }
@@ -151,8 +158,7 @@ mod tests {
     fn an_empty_or_missing_log_is_not_kept() {
         let tmp = tempfile::tempdir().unwrap();
         let kept = dir(tmp.path());
-        let live = tmp.path().join("e.jsonl");
-        std::fs::write(&live, "").unwrap();
+        let live = live_log(tmp.path(), "e", "");
         assert!(!keep(&kept, &live, meta("e", None, 5)).unwrap());
         assert!(!live.exists(), "the empty live log is removed");
         assert!(!keep(&kept, &live, meta("e", None, 5)).unwrap());
@@ -164,9 +170,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let kept = dir(tmp.path());
         for (id, at) in [("old", 100), ("new", 1000)] {
-            let live = tmp.path().join(format!("{id}.jsonl"));
-            std::fs::write(&live, "{}\n").unwrap();
-            keep(&kept, &live, meta(id, None, at)).unwrap();
+            keep(&kept, &live_log(tmp.path(), id, "{}\n"), meta(id, None, at)).unwrap();
         }
         std::fs::write(kept.join("stray.jsonl"), "{}\n").unwrap();
         assert_eq!(prune(&kept, 1100, 500), 1);

@@ -245,6 +245,12 @@ pub struct AuditOwner {
     pub tenant: Option<String>,
 }
 
+impl From<&crate::sandbox::Record> for AuditOwner {
+    fn from(r: &crate::sandbox::Record) -> Self {
+        AuditOwner { name: r.name.clone(), tenant: r.tenant.clone() }
+    }
+}
+
 impl Audit {
     /// Whether `flow` was not seen in the [`FLOW_MEMORY_MS`] before `now` (remembering it).
     fn new_flow(&mut self, flow: Flow, now: u64) -> bool {
@@ -941,10 +947,6 @@ impl Network {
     /// in the middle of its removal is found by id.
     pub fn kept_log(&self, key: &str) -> Option<(abx_api::KeptAudit, Vec<NetEvent>, u64)> {
         let dir = kept::dir(self.audit_dir.as_ref()?);
-        let read = |p: &std::path::Path| -> (Vec<NetEvent>, u64) {
-            let a = read_audit_file(p);
-            (a.events.into(), a.dropped)
-        };
         let going = self.removing.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
         if let Some(meta) = &going {
             // In memory until its slot is let go, then in its live file (unless it was
@@ -959,8 +961,19 @@ impl Network {
         let Some(meta) = kept::find(&dir, key) else {
             return going.map(|meta| (meta, Vec::new(), 0));
         };
-        let (events, dropped) = kept::events(&dir, &meta.id, read);
+        let (events, dropped) = kept::events(&dir, &meta.id);
         Some((meta, events, dropped))
+    }
+
+    /// What a removed sandbox was (by id, or the name it had), without its events: one
+    /// being removed now, or one whose audit is kept.
+    pub fn kept_sandbox(&self, key: &str) -> Option<abx_api::KeptAudit> {
+        let dir = kept::dir(self.audit_dir.as_ref()?);
+        if let Some(meta) = self.removing.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return Some(meta.clone());
+        }
+        let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
+        kept::find(&dir, key)
     }
 
     /// Every kept audit of a removed sandbox, oldest removal first.
@@ -1015,42 +1028,36 @@ impl Network {
     pub fn metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let c = &self.counters;
-        let _ = writeln!(out, "# HELP agentbox_dns_queries_total DNS queries from sandboxes, by verdict.");
-        let _ = writeln!(out, "# TYPE agentbox_dns_queries_total counter");
-        let _ =
-            writeln!(out, "agentbox_dns_queries_total{{verdict=\"allow\"}} {}", c.dns_allowed.load(Ordering::Relaxed));
-        let _ =
-            writeln!(out, "agentbox_dns_queries_total{{verdict=\"deny\"}} {}", c.dns_refused.load(Ordering::Relaxed));
-        let _ =
-            writeln!(out, "# HELP agentbox_connections_total New connections and flows from sandboxes, by verdict.");
-        let _ = writeln!(out, "# TYPE agentbox_connections_total counter");
-        let _ = writeln!(
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let by_verdict = |out: &mut String, name: &str, help: &str, allow: u64, deny: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name}{{verdict=\"allow\"}} {allow}");
+            let _ = writeln!(out, "{name}{{verdict=\"deny\"}} {deny}");
+        };
+        by_verdict(
             out,
-            "agentbox_connections_total{{verdict=\"allow\"}} {}",
-            c.connections_allowed.load(Ordering::Relaxed)
+            "agentbox_dns_queries_total",
+            "DNS queries from sandboxes, by verdict.",
+            load(&c.dns_allowed),
+            load(&c.dns_refused),
         );
-        let _ = writeln!(
+        by_verdict(
             out,
-            "agentbox_connections_total{{verdict=\"deny\"}} {}",
-            c.connections_denied.load(Ordering::Relaxed)
+            "agentbox_connections_total",
+            "New connections and flows from sandboxes, by verdict.",
+            load(&c.connections_allowed),
+            load(&c.connections_denied),
         );
         let _ = writeln!(out, "# HELP agentbox_network_policy_changes_total Runtime network policy changes.");
         let _ = writeln!(out, "# TYPE agentbox_network_policy_changes_total counter");
-        let _ = writeln!(out, "agentbox_network_policy_changes_total {}", c.policy_changes.load(Ordering::Relaxed));
-        let _ = writeln!(
+        let _ = writeln!(out, "agentbox_network_policy_changes_total {}", load(&c.policy_changes));
+        by_verdict(
             out,
-            "# HELP agentbox_ingress_connections_total Client connections to sandbox ports through the ingress proxy, by verdict."
-        );
-        let _ = writeln!(out, "# TYPE agentbox_ingress_connections_total counter");
-        let _ = writeln!(
-            out,
-            "agentbox_ingress_connections_total{{verdict=\"allow\"}} {}",
-            c.ingress_allowed.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "agentbox_ingress_connections_total{{verdict=\"deny\"}} {}",
-            c.ingress_denied.load(Ordering::Relaxed)
+            "agentbox_ingress_connections_total",
+            "Client connections to sandbox ports through the ingress proxy, by verdict.",
+            load(&c.ingress_allowed),
+            load(&c.ingress_denied),
         );
     }
 }
