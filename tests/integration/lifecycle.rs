@@ -1,7 +1,8 @@
 //! Lifecycle: timeouts, removal of everything a sandbox had, clear errors for bad input,
 //! and nothing half-made when setup fails.
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use abx_client::{CreateSandbox, ExecRequest, Limits};
 
@@ -210,6 +211,81 @@ async fn one_uid_slot_serves_many_sandboxes_in_a_row() {
         let sb = d.client.create_sandbox(&mini()).await.unwrap_or_else(|e| panic!("create #{i}: {e}"));
         assert_eq!(d.sh(&sb.id, "echo ok").await.0, "ok\n", "sandbox #{i}");
         d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    }
+}
+
+/// Whether slot `slot`'s freezer is set (cgroup2 `cgroup.freeze`, else the v1 freezer),
+/// and a setter for it, from the host.
+fn slot_freezer(d: &Daemon, slot: u32) -> (PathBuf, &'static str, &'static str) {
+    let name = format!("{}-u{slot}", d.prefix);
+    for base in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let f = Path::new(base).join(&d.prefix).join(&name).join("cgroup.freeze");
+        if f.exists() {
+            return (f, "1", "0");
+        }
+    }
+    (Path::new("/sys/fs/cgroup/freezer").join(&d.prefix).join(&name).join("freezer.state"), "FROZEN", "THAWED")
+}
+
+fn slot_frozen(d: &Daemon, slot: u32) -> bool {
+    let (file, frozen, _) = slot_freezer(d, slot);
+    std::fs::read_to_string(&file).unwrap().trim() == frozen
+}
+
+#[tokio::test]
+async fn a_freeze_left_in_a_slot_does_not_catch_its_next_sandbox() {
+    // A pause that landed while its sandbox was being removed or stopped left the slot's
+    // cgroup frozen after the processes were gone; the slot's next sandbox, born into that
+    // cgroup, hung for 10 s and failed ("sandbox namespaces not ready"). Here the freeze is
+    // set by hand at the worst moment: on a running sandbox that is then removed or
+    // stopped. One slot, so the next sandbox has to use the same cgroup.
+    let d = Daemon::start_with(&["--uid-slots", "1"]).await;
+    d.template("mini").await;
+    let freeze = |slot| {
+        let (file, frozen, _) = slot_freezer(&d, slot);
+        std::fs::write(file, frozen).unwrap();
+    };
+    let sb = d.client.create_sandbox(&mini()).await.unwrap();
+    let slot = d.slot_of(&sb);
+    freeze(slot);
+    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+    let t = Instant::now();
+    let sb = d.client.create_sandbox(&mini()).await.expect("a create in the slot after the removal");
+    assert!(t.elapsed() < Duration::from_secs(5), "the create waited {:?}", t.elapsed());
+    assert_eq!(d.sh(&sb.id, "echo ok").await.0, "ok\n");
+    // A stop, then a start in the same slot.
+    freeze(slot);
+    d.client.stop_with_grace(&sb.id, 0.0).await.unwrap();
+    assert!(!slot_frozen(&d, slot), "the stopped sandbox's slot is thawed");
+    d.client.start(&sb.id).await.expect("a start after the stop");
+    assert_eq!(d.sh(&sb.id, "echo again").await.0, "again\n");
+    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+}
+
+#[tokio::test]
+async fn pauses_racing_snapshots_and_stops_leave_a_true_state() {
+    // Pause and resume take the sandbox's operation lock, as snapshots, stops and removals
+    // do: a snapshot's thaw once undid a pause that came in during the snapshot (a sandbox
+    // shown paused that ran), and a pause during a stop outlived the stop.
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+    for round in 0..12 {
+        let (_, snap) = tokio::join!(d.client.pause(&id), d.client.snapshot(&id, None));
+        snap.unwrap();
+        let state = d.client.get_sandbox(&id).await.unwrap().state;
+        assert_eq!(state, abx_client::SandboxState::Paused, "round {round}");
+        assert!(slot_frozen(&d, slot), "round {round}: shown paused, and frozen");
+        d.client.resume(&id).await.unwrap();
+        assert!(!slot_frozen(&d, slot), "round {round}: resumed and thawed");
+    }
+    for round in 0..6 {
+        let slot = d.slot_of(&d.client.get_sandbox(&id).await.unwrap());
+        let (_, stop) = tokio::join!(d.client.pause(&id), d.client.stop_with_grace(&id, 0.0));
+        stop.unwrap();
+        assert!(!slot_frozen(&d, slot), "round {round}: a stopped sandbox's slot is not frozen");
+        d.client.start(&id).await.unwrap();
+        assert_eq!(d.sh(&id, "echo up").await.0, "up\n", "round {round}");
     }
 }
 

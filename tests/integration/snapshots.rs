@@ -727,6 +727,24 @@ async fn a_removal_racing_a_create_never_takes_what_the_create_uses() {
             (Err(a), Err(b)) => panic!("round {i}: both failed: {a} / {b}"),
         }
     }
+    // A snapshot removed while a fork copies it: the fork has it whole, or finds it gone
+    // (it failed with a copy error of half a directory, as a 500).
+    root(&d, &src, "echo forked > /etc/forkmark").await;
+    for i in 0..10 {
+        let snap = d.client.snapshot(&src, None).await.unwrap();
+        let fork = abx_client::ForkRequest { count: Some(2), ..Default::default() };
+        let (rm, made) = tokio::join!(d.client.delete_snapshot(&snap.id), d.client.fork_snapshot(&snap.id, &fork));
+        rm.unwrap_or_else(|e| panic!("round {i}: the removal failed: {e}"));
+        match made {
+            Ok(f) => {
+                for sb in &f.sandboxes {
+                    assert_eq!(try_root(&d, &sb.id, "cat /etc/forkmark").await, ("forked\n".into(), 0), "round {i}");
+                    d.client.delete_sandbox(&sb.id, true).await.unwrap();
+                }
+            }
+            Err(e) => assert_eq!(e.code(), Some("not_found"), "round {i}: {e}"),
+        }
+    }
 }
 
 /// Guards a failed start: it renewed the expiry of a sandbox whose timeout had passed

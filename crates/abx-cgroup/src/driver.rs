@@ -166,10 +166,10 @@ impl Driver {
     }
 
     /// SIGKILLs members (pinned by pidfd, see [`signal`]) until none is left, thawing a v1
-    /// freezer on the way so that frozen members can die.
+    /// freezer on the way so that frozen members can die; then leaves the cgroup thawed.
     fn kill_members(&self, name: &str) -> Result<()> {
         if self.v2_unpopulated(name)? {
-            return Ok(());
+            return self.unfreeze_empty(name);
         }
         let done = poll(Instant::now() + KILL_TIMEOUT, || {
             let pids = self.members(name)?;
@@ -181,7 +181,23 @@ impl Driver {
             Ok(None)
         })?;
         let path = self.dirs(name).swap_remove(0).join("cgroup.procs");
-        done.ok_or(Error::Timeout { path, expected: "no processes", waited: KILL_TIMEOUT })
+        done.ok_or(Error::Timeout { path, expected: "no processes", waited: KILL_TIMEOUT })?;
+        self.unfreeze_empty(name)
+    }
+
+    /// Clears the freeze of an emptied cgroup. A reused cgroup (agentbox's slots) must not
+    /// stay frozen: its next occupant, placed there at birth, would be frozen before it
+    /// ran an instruction. A freeze can outlive its sandbox when it lands while the
+    /// sandbox is being killed. One read when nothing is frozen; with no member left there
+    /// is nothing to wait for.
+    fn unfreeze_empty(&self, name: &str) -> Result<()> {
+        if let Some(dir) = self.v2_dir(name) {
+            let control = dir.join("cgroup.freeze");
+            if self.files.read_opt(&control)?.is_some_and(|t| t.trim() == "1") {
+                self.files.write(&control, "0")?;
+            }
+        }
+        self.thaw_v1_freezer(name)
     }
 
     /// The OOM-kill counter: v1 `memory.oom_control` (required where there is a memory

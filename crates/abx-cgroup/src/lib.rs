@@ -29,7 +29,9 @@
 //! - **freeze/thaw**: `cgroup.freeze` on cgroup2 (V2 and Hybrid), waiting for
 //!   `cgroup.events` to show `frozen 1`/`frozen 0`; `freezer.state` on V1.
 //! - **kill**: SIGKILL to every member (pinned by pidfd against pid reuse, a v1 freezer
-//!   thawed so frozen members can die) until every hierarchy is empty. `cgroup.kill` is not
+//!   thawed so frozen members can die) until every hierarchy is empty, then the freeze
+//!   cleared (slots reuse cgroups; a freeze that landed during the kill must not catch the
+//!   next sandbox at birth). `cgroup.kill` is not
 //!   used: once written, every later `clone3(CLONE_INTO_CGROUP)` into that cgroup gets its
 //!   child SIGKILLed (seen on Linux 6.18), and agentbox reuses cgroups that way.
 //!
@@ -133,7 +135,8 @@ pub trait CgroupDriver: Send + Sync + std::fmt::Debug {
     /// Thaws a frozen cgroup and waits until the kernel reports it thawed.
     fn thaw(&self, name: &str) -> Result<()>;
 
-    /// SIGKILLs every member (also frozen ones) and waits until the cgroups are empty. A
+    /// SIGKILLs every member (also frozen ones) and waits until the cgroups are empty, then
+    /// leaves them thawed (a reused cgroup's next member must not be frozen at birth). A
     /// cgroup that does not exist has nothing to kill.
     fn kill(&self, name: &str) -> Result<()>;
 

@@ -203,6 +203,23 @@ fn lifecycle(driver: Box<dyn CgroupDriver>, prefix: &str, kill_frozen: bool) {
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "{status:?}");
     assert_eq!(d.stats(name).unwrap().pids_current, 0);
+    // The cgroup is reused by the next sandbox, which must not be frozen at birth: a kill
+    // leaves it thawed, also one frozen with nobody in it (a freeze that landed while its
+    // sandbox was being killed).
+    let thawed = |what: &str| {
+        let state = frozen_state(d, name);
+        assert!(state == "frozen 0" || state == "THAWED", "{what}: {state}");
+    };
+    thawed("after killing its members");
+    d.freeze(name).unwrap();
+    d.kill(name).unwrap();
+    thawed("after a kill of an empty, frozen cgroup");
+    let next = children.spawn(&mut spinner());
+    d.add_process(name, next.id()).unwrap();
+    let used = cpu_used_during(d, name, Duration::from_millis(300));
+    assert!(used > 20_000, "the next member used only {used} µs");
+    d.kill(name).unwrap();
+    assert_eq!(next.wait().unwrap().signal(), Some(9));
 
     let made = dirs(d, name);
     let parents: Vec<PathBuf> = made.iter().map(|p| p.parent().unwrap().to_owned()).collect();

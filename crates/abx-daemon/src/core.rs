@@ -595,8 +595,13 @@ impl Core {
             }
             Command::Attach { id, pid } => {
                 let sb = self.running(&id).await?;
-                let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
-                let pid = started(&mut conn).await?;
+                let opened = async {
+                    let mut conn =
+                        AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
+                    let pid = started(&mut conn).await?;
+                    Ok((conn, pid))
+                };
+                let (conn, pid) = opened.await.map_err(|e| interrupted(&sb, e))?;
                 Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
             }
             Command::ReadFile { id, path, user } => {
@@ -781,14 +786,17 @@ impl Core {
 
     async fn call<T: serde::de::DeserializeOwned>(&self, key: &str, req: &Request) -> CoreResult<T> {
         let sb = self.running(key).await?;
-        Ok(agent::call(&sb.dirs.agent_socket(), req).await?)
+        agent::call(&sb.dirs.agent_socket(), req).await.map_err(|e| interrupted(&sb, e.into()))
     }
 
     async fn open_read(&self, key: &str, req: Request) -> CoreResult<(FileInfo, AgentConn)> {
         let sb = self.running(key).await?;
-        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
-        let info = conn.reply().await?;
-        Ok((info, conn))
+        let opened = async {
+            let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
+            let info = conn.reply().await?;
+            Ok((info, conn))
+        };
+        opened.await.map_err(|e| interrupted(&sb, e))
     }
 
     async fn upload<T: serde::de::DeserializeOwned>(
@@ -798,7 +806,7 @@ impl Core {
         mut body: ByteStream,
     ) -> CoreResult<T> {
         let sb = self.running(key).await?;
-        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await?;
+        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await.map_err(|e| interrupted(&sb, e.into()))?;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| CoreError::Invalid(format!("reading request body: {e}")))?;
             if conn.writer.send_chunked(Kind::Data, &chunk).await.is_err() {
@@ -807,7 +815,7 @@ impl Core {
             }
         }
         let _ = conn.send(Kind::Eof, b"").await;
-        Ok(conn.reply().await?)
+        conn.reply().await.map_err(|e| interrupted(&sb, e.into()))
     }
 
     async fn exec(&self, key: &str, req: ExecRequest) -> CoreResult<Outcome> {
@@ -822,8 +830,12 @@ impl Core {
             None => None,
         };
         let background = spec.background;
-        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Exec(spec)).await?;
-        let pid = started(&mut conn).await?;
+        let opened = async {
+            let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Exec(spec)).await?;
+            let pid = started(&mut conn).await?;
+            Ok((conn, pid))
+        };
+        let (mut conn, pid) = opened.await.map_err(|e| interrupted(&sb, e))?;
         if background {
             if let Some(data) = stdin {
                 let _ = self.call::<()>(key, &Request::Input { pid, data, close: !req.interactive }).await;
@@ -936,6 +948,24 @@ impl Core {
 }
 
 /// Reads the agent's answer to Exec/Attach: the Started event or an error reply.
+/// A request to a sandbox's agent that broke because the sandbox was stopped, restarted or
+/// removed meanwhile (a concurrent request; its state changes before its processes go):
+/// says so, as a conflict, instead of "broken exchange with the sandbox's agent".
+fn interrupted(sb: &Sandbox, e: CoreError) -> CoreError {
+    use abx_api::SandboxState as S;
+    if !matches!(e, CoreError::Agent(CallError::Unreachable(_) | CallError::Protocol(_))) {
+        return e;
+    }
+    let what = match sb.state() {
+        S::Running | S::Paused => return e,
+        S::Destroying => "removed",
+        S::Stopping | S::Stopped => "stopped",
+        S::Starting | S::Creating => "restarted (a rollback or start)",
+        S::Exited => "ended (its first process exited)",
+    };
+    CoreError::Conflict(format!("sandbox {} was {what} while the request ran", sb.id))
+}
+
 async fn started(conn: &mut AgentConn) -> CoreResult<u32> {
     let frame = conn.reader.expect().await.map_err(CallError::from)?;
     let value: serde_json::Value = frame.json().map_err(CallError::from)?;

@@ -269,20 +269,32 @@ impl Manager {
     /// sharing blocks on btrfs).
     pub async fn delete_snapshot(self: &Arc<Self>, key: &str) -> CoreResult<()> {
         let snap = self.find_snapshot(key)?;
-        self.store().delete_in(Table::Snapshots, &snap.id).map_err(|e| CoreError::internal("delete snapshot", e))?;
-        let dir = self.snapshot_dir(&snap.id);
-        tokio::task::spawn_blocking(move || crate::cow::remove(&dir))
-            .await
-            .map_err(join_err("snapshot removal"))?
-            .map_err(|e| CoreError::internal(format!("remove snapshot {}", snap.id), e))?;
+        let this = self.clone();
+        let id = snap.id.clone();
+        tokio::task::spawn_blocking(move || {
+            // Not while a fork, rollback or create copies it (`seed_slot`).
+            let _gate = this.snapshot_gate.write().unwrap_or_else(|e| e.into_inner());
+            this.store().delete_in(Table::Snapshots, &id).map_err(|e| CoreError::internal("delete snapshot", e))?;
+            crate::cow::remove(&this.snapshot_dir(&id))
+                .map_err(|e| CoreError::internal(format!("remove snapshot {id}"), e))
+        })
+        .await
+        .map_err(join_err("snapshot removal"))??;
         self.collect_layers_if_due();
         Ok(())
     }
 
-    /// Gives slot `slot` a writable copy of `snap` as its data tree (before a create).
-    pub(crate) fn seed_slot(&self, slot: u32, snap: &SnapRecord) -> Result<(), String> {
+    /// Gives slot `slot` a writable copy of `snap` as its data tree (before sandbox `id`
+    /// starts there). A snapshot removed since the caller found it is "not found".
+    pub(crate) fn seed_slot(&self, slot: u32, snap: &SnapRecord, id: &str) -> CoreResult<()> {
+        let _gate = self.snapshot_gate.read().unwrap_or_else(|e| e.into_inner());
+        let dir = self.snapshot_dir(&snap.id);
+        if !dir.exists() {
+            return Err(CoreError::not_found("snapshot", &snap.id));
+        }
         let data = self.slot_dirs(slot).data();
-        crate::cow::clone_into(&self.snapshot_dir(&snap.id), &data, self.storage.cow)
+        crate::cow::clone_into(&dir, &data, self.storage.cow)
+            .map_err(|message| CoreError::Setup { id: id.to_string(), message })
     }
 
     // ---- forks ----
@@ -465,7 +477,7 @@ impl Manager {
             let dirs = this.slot_dirs(rec.uid_slot);
             let setup_err = |message: String| CoreError::Setup { id: rec.id.clone(), message };
             if let Some(s) = &seed {
-                this.seed_slot(rec.uid_slot, s).map_err(setup_err)?;
+                this.seed_slot(rec.uid_slot, s, &rec.id)?;
             }
             dirs.reset_work().map_err(|e| setup_err(format!("reset {}: {e}", dirs.root.display())))?;
             this.start_existing(rec)

@@ -80,6 +80,10 @@ pub struct Manager {
     pub cleanups: tokio_util::task::TaskTracker,
     /// Destroyed sandboxes whose slot is not free yet, and the wake-up when one is.
     pending_frees: AtomicUsize,
+    /// Copies out of a snapshot (read) against its removal (write): a fork, rollback or
+    /// create from a snapshot that is being removed either copies it whole first or finds
+    /// it gone ("not found"), never half a directory.
+    pub(crate) snapshot_gate: RwLock<()>,
     uid_freed: tokio::sync::Notify,
     /// Slots whose namespaces the spawner holds ready (see [`Manager::refill`]).
     prepared: Mutex<Vec<u32>>,
@@ -164,6 +168,7 @@ impl Manager {
             uid_slots: Mutex::new(vec![false; slots]),
             cleanups: tokio_util::task::TaskTracker::new(),
             pending_frees: AtomicUsize::new(0),
+            snapshot_gate: RwLock::new(()),
             uid_freed: tokio::sync::Notify::new(),
             prepared: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
@@ -730,7 +735,7 @@ impl Manager {
             if let Some(s) = &snap {
                 this.ensure_slot(slot, rec.layers.len())
                     .map_err(|m| CoreError::Setup { id: rec.id.clone(), message: m })?;
-                this.seed_slot(slot, s).map_err(|m| CoreError::Setup { id: rec.id.clone(), message: m })?;
+                this.seed_slot(slot, s, &rec.id)?;
             }
             this.start_blocking(rec, &policy)
         })
@@ -1357,18 +1362,24 @@ impl Manager {
     }
 
     /// Freezes every process of a running sandbox (its memory stays); idempotent.
+    ///
+    /// Under the sandbox's operation lock, like a snapshot, stop, rollback or destroy: a
+    /// freeze that landed in the middle of one of those would be undone by a snapshot's
+    /// thaw (a "paused" sandbox that runs), or outlive the processes a stop or destroy
+    /// kills.
     pub async fn pause(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let sb = self.get(key)?;
-        match sb.state() {
-            SandboxState::Paused => return Ok(sb.record()),
-            SandboxState::Running => {}
-            s => {
-                return Err(CoreError::Conflict(format!(
-                    "sandbox {} is {}, not running",
-                    sb.id,
-                    crate::core::state_name(s)
-                )));
-            }
+        let check = |sb: &Sandbox| match sb.state() {
+            SandboxState::Paused => Ok(false),
+            SandboxState::Running => Ok(true),
+            s => Err(CoreError::Conflict(format!("sandbox {} is {}, not running", sb.id, crate::core::state_name(s)))),
+        };
+        // Fails at once in a state that cannot be paused, without waiting for the lock.
+        if !check(&*self.get(key)?)? {
+            return Ok(self.get(key)?.record());
+        }
+        let (sb, _ops) = self.lock_ops(key).await?;
+        if !check(&sb)? {
+            return Ok(sb.record());
         }
         let this = self.clone();
         let sb2 = sb.clone();
@@ -1385,19 +1396,20 @@ impl Manager {
         Ok(sb.record())
     }
 
-    /// Thaws a paused sandbox; idempotent for a running one.
+    /// Thaws a paused sandbox; idempotent for a running one. Under the operation lock, as
+    /// [`Self::pause`].
     pub async fn resume(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let sb = self.get(key)?;
-        match sb.state() {
-            SandboxState::Running => return Ok(sb.record()),
-            SandboxState::Paused => {}
-            s => {
-                return Err(CoreError::Conflict(format!(
-                    "sandbox {} is {}, not paused",
-                    sb.id,
-                    crate::core::state_name(s)
-                )));
-            }
+        let check = |sb: &Sandbox| match sb.state() {
+            SandboxState::Running => Ok(false),
+            SandboxState::Paused => Ok(true),
+            s => Err(CoreError::Conflict(format!("sandbox {} is {}, not paused", sb.id, crate::core::state_name(s)))),
+        };
+        if !check(&*self.get(key)?)? {
+            return Ok(self.get(key)?.record());
+        }
+        let (sb, _ops) = self.lock_ops(key).await?;
+        if !check(&sb)? {
+            return Ok(sb.record());
         }
         let this = self.clone();
         let sb2 = sb.clone();
