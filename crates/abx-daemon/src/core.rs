@@ -951,7 +951,7 @@ impl Core {
 /// A request to a sandbox's agent that broke because the sandbox was stopped, restarted or
 /// removed meanwhile (a concurrent request; its state changes before its processes go):
 /// says so, as a conflict, instead of "broken exchange with the sandbox's agent".
-fn interrupted(sb: &Sandbox, e: CoreError) -> CoreError {
+pub(crate) fn interrupted(sb: &Sandbox, e: CoreError) -> CoreError {
     use abx_api::SandboxState as S;
     if !matches!(e, CoreError::Agent(CallError::Unreachable(_) | CallError::Protocol(_))) {
         return e;

@@ -257,7 +257,9 @@ async fn agent_probes(sb: &Arc<Sandbox>, plans: &[Plan]) -> CoreResult<Vec<Probe
         return Ok(vec![]);
     }
     let probes = plans.iter().map(|p| p.probe.clone()).collect();
-    let results: Vec<ProbeResult> = crate::agent::call(&sb.dirs.agent_socket(), &Request::NetProbe { probes }).await?;
+    let results: Vec<ProbeResult> = crate::agent::call(&sb.dirs.agent_socket(), &Request::NetProbe { probes })
+        .await
+        .map_err(|e| crate::core::interrupted(sb, e.into()))?;
     if results.len() != plans.len() {
         return Err(CoreError::internal("network probes", "the agent answered a different number of probes"));
     }
