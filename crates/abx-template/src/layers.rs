@@ -41,6 +41,10 @@ pub enum Cached {
 #[derive(Debug, Clone, Default)]
 pub struct Hold(Arc<Mutex<HashSet<String>>>);
 
+/// How long a build cache entry being written (a hidden temp file) is left alone by
+/// [`Store::prune_build_cache`]; an older one is a leftover of a daemon that died.
+pub const IN_FLIGHT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 impl Hold {
     fn add(&self, digest: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string());
@@ -179,7 +183,8 @@ impl Store {
             .collect()
     }
 
-    /// Empties the build cache, or with `unused_for` removes only the entries no build
+    /// Empties the build cache (but for entries being written, see [`IN_FLIGHT`]), or with
+    /// `unused_for` removes only the entries no build
     /// made or used for that long, then collects garbage. Returns the removed layers.
     pub fn prune_build_cache(
         &self,
@@ -191,13 +196,27 @@ impl Store {
         if dir.exists() {
             for n in sorted_children(&dir)? {
                 let p = dir.join(&n);
-                if let Some(cutoff) = cutoff {
-                    let used = fs::metadata(&p).and_then(|m| m.modified()).at("read", &p)?;
-                    if used > cutoff {
+                let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+                // A hidden name is an entry being written (`write_atomic`'s temp file):
+                // removing it failed that build's rename. Only an old one is removed (left
+                // by a daemon that died while writing it).
+                if n.to_string_lossy().starts_with('.') {
+                    let age = fs::metadata(&p).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    if age.is_none_or(|a| a < IN_FLIGHT) {
                         continue;
                     }
+                } else if let Some(cutoff) = cutoff {
+                    match fs::metadata(&p).and_then(|m| m.modified()) {
+                        Ok(used) if used > cutoff => continue,
+                        Ok(_) => {}
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(e).at("read", &p),
+                    }
                 }
-                fs::remove_file(&p).at("remove", &p)?;
+                match fs::remove_file(&p) {
+                    Err(e) if !gone(&e) => return Err(e).at("remove", &p),
+                    _ => {}
+                }
             }
         }
         self.gc(layers_in_use)

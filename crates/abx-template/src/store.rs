@@ -96,7 +96,12 @@ impl Store {
         for name in sorted_children(&self.templates)? {
             let name = name.to_string_lossy();
             if !name.starts_with('.') && name.ends_with(".json") {
-                templates.push(Template::load(&self.templates.join(&*name))?);
+                match Template::load(&self.templates.join(&*name)) {
+                    Ok(t) => templates.push(t),
+                    // Removed since the directory was read (a `template rm` meanwhile).
+                    Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(templates)

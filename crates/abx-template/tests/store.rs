@@ -392,11 +392,20 @@ fn prune_by_age_keeps_what_builds_used_lately() {
     for (k, l) in [("hit", &hit), ("new", &new)] {
         assert_eq!(env.store.cache_get(k, &env.store.hold()), Some(abx_template::Cached::Layer(l.clone())), "{k}");
     }
+    // Entries being written (hidden temp files) are not pruned, unless left for long by a
+    // daemon that died: removing one failed a concurrent build ("could not rename into").
+    let cache = env.root.join("build-cache");
+    let (writing, stale) = (cache.join(".w.tmp-1-0"), cache.join(".s.tmp-1-1"));
+    fs::write(&writing, "-").unwrap();
+    fs::write(&stale, "-").unwrap();
+    fs::File::options().write(true).open(&stale).unwrap().set_modified(ten_days_ago).unwrap();
     let mut all = env.store.prune_build_cache(&none, None).unwrap();
     all.sort();
     let mut both = vec![hit, new];
     both.sort();
     assert_eq!(all, both, "without an age: everything");
+    assert!(writing.exists(), "an entry being written stays");
+    assert!(!stale.exists(), "a leftover of a dead daemon goes");
     env.store.finish_removals();
 }
 
@@ -509,4 +518,16 @@ fn check_base(layer: &Path, t: &Template) {
     assert!(out.status.success(), "{out:?}");
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("uid=1000(user) gid=1000(user)"), "{out}");
+}
+
+/// A template removed while the list is read (its name seen, its file gone by the time it
+/// is read) is left out of the list; `template ls` racing `template rm` failed with "could
+/// not read .../templates/NAME.json". A dangling link is such a name, held still.
+#[test]
+fn a_template_removed_during_a_listing_is_left_out() {
+    let env = env();
+    let templates = env.root.join("templates");
+    fs::create_dir_all(&templates).unwrap();
+    std::os::unix::fs::symlink(templates.join("gone-target.json.x"), templates.join("gone.json")).unwrap();
+    assert!(env.store.list().unwrap().iter().all(|t| t.name != "gone"));
 }
