@@ -714,6 +714,22 @@ impl Manager {
             return Err(CoreError::Conflict("the daemon is shutting down".into()));
         }
         let slot = self.acquire_slot().await?;
+        // Read again and pinned under the gate, as a create's (see `pins.rs`): the filler
+        // read the template earlier, and a rebuild and garbage collection since could
+        // delete the layers this boot is about to mount (it then failed, and the pool
+        // backed off).
+        let gate = self.pins.resolving();
+        let current = match self.template(&template.name) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(gate);
+                self.abandon_slot(slot).await;
+                return Err(e);
+            }
+        };
+        let template = &current;
+        let _pinned = self.pins.pin(template.layers.iter().map(|l| crate::pins::Pin::Layer(l.clone())));
+        drop(gate);
         let rec = Record { pooled: true, ..self.new_record(new_id(), template, slot, now()) };
         let this = self.clone();
         let started =
