@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Randomised concurrent operations against one agentbox daemon, through the CLI.
+
+Usage: soak.py AGENTBOX HOST SECONDS WORKLOAD [WORKLOAD...]   (run by scripts/soak)
+
+Workloads (all at once when several are given, 6 client threads in all):
+  lifecycle  create, exec, snapshot, fork, rollback, pause, resume, stop, start, diff,
+             cp, timeout, policy changes, pool size changes, removal
+  network    sandboxes serving HTTP on port 8000 reached through the ingress proxy,
+             DNS lookups through the proxy, policy changes, `net test`, removal
+  templates  Dockerfile builds, creates from them (content checked), template rm, tag,
+             prune, pools and volumes coming and going
+
+Every failure is grouped by its message. A failure that concurrent requests explain (the
+sandbox was removed, stopped or restarted meanwhile, a state conflict, something not
+found) is expected; anything else (an internal error, a timeout, wrong content, a broken
+exchange with an agent) is a finding, and makes the exit status 1.
+"""
+import collections
+import http.client
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+AGENTBOX, HOST, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
+WORKLOADS = sys.argv[4:] or ["lifecycle"]
+INGRESS_PORT = int(os.environ.get("SOAK_INGRESS_PORT", "0"))
+CLI = [AGENTBOX, "--host", HOST]
+
+# Messages a concurrent request explains.
+EXPECTED = re.compile(
+    "|".join(
+        [
+            r"not found",
+            r"is (stopped|paused|starting|stopping|being destroyed|running|exited)",
+            r"was (removed|stopped|restarted|ended) while the request ran",
+            r"went away before the process exited",
+            r"already exists",
+            r"is being (created|mounted)",
+            r"is used by sandbox",
+            r"has a warm pool",
+            r"takes no allow rules",
+            r"try again when it is not",
+            r"no processes to measure",
+            r"nothing listens on port",  # a server started a moment ago
+            r"no sandbox '",  # the ingress proxy: removed meanwhile
+            r"did not answer the request",  # the ingress proxy: removed during the request
+            r"write to '[0-9N.]+': Connection refused",  # no DNS proxy without an upstream (--dns-upstream none)
+            r"^<exit status",  # the command's own status (a probe that cannot resolve, a killed sleep)
+            r"nonexistent directory|can't open|No such file or directory\Z",  # the workload's own races
+        ]
+    )
+)
+
+lock = threading.Lock()
+failures = collections.Counter()
+examples = {}
+ops = collections.Counter()
+boxes, snaps = [], []
+
+
+def note(what, message, example):
+    key = (what, re.sub(r"\d+", "N", re.sub(r"[0-9a-f]{8,}", "<id>", message))[:160])
+    with lock:
+        failures[key] += 1
+        examples.setdefault(key, example[:300])
+
+
+def cli(*args, timeout=120):
+    sub = args[0] in ("net", "template", "pool", "volume") or (args[0] == "snapshot" and args[1] in ("rm", "ls"))
+    name = " ".join(args[:2]) if sub else args[0]
+    with lock:
+        ops[name] += 1
+    try:
+        p = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        note(name, "TIMEOUT after %ds" % timeout, " ".join(args))
+        return None
+    if p.returncode != 0:
+        lines = p.stderr.strip().splitlines()
+        msg = lines[-1] if lines else "<exit status %d>" % p.returncode
+        note(name, msg, " ".join(args) + " :: " + msg)
+        return None
+    return p.stdout
+
+
+def pick(items):
+    with lock:
+        return random.choice(items) if items else None
+
+
+def keep(items, item, limit):
+    with lock:
+        items.append(item)
+        old = items.pop(0) if len(items) > limit else None
+    if old:
+        cli("rm", "-f", old)
+
+
+def drop(items, item):
+    with lock:
+        if item in items:
+            items.remove(item)
+
+
+def lifecycle():
+    r, b = random.random(), pick(boxes)
+    if r < 0.12 or b is None:
+        args = ["create", "-T", "mini"]
+        if random.random() < 0.3:
+            args += ["--net", "allow", "--allow", "x.test", "--allow", "198.51.100.0/24:80"]
+        if random.random() < 0.2:
+            args += ["--memory", random.choice(["64M", "256M"])]
+        if random.random() < 0.1:
+            args += ["--persist"]
+        out = cli(*args)
+        if out:
+            keep(boxes, out.strip(), 25)
+    elif r < 0.22:
+        out = cli("exec", b, "--", "echo", "hi")
+        if out is not None and out != "hi\n":
+            note("exec", "wrong output %r" % out[:40], b)
+    elif r < 0.30:
+        cli("exec", b, "--", "sh", "-c", random.choice(["mkdir -p /tmp/w && for i in $(seq 200); do echo $i > /tmp/w/f$i; done", "rm -rf /tmp/w", "sleep 0.3"]))
+    elif r < 0.38:
+        out = cli("snapshot", b)
+        if out:
+            keep(snaps, out.strip(), 40)
+    elif r < 0.43:
+        s = pick(snaps)
+        out = s and cli("fork", s, "--count", str(random.choice([1, 2, 3])))
+        for i in (out or "").split():
+            keep(boxes, i, 25)
+    elif r < 0.46:
+        for i in (cli("fork", b) or "").split():
+            keep(boxes, i, 25)
+    elif r < 0.52:
+        s = pick(snaps)
+        if s:
+            cli("rollback", b, s)
+    elif r < 0.57:
+        cli("pause", b)
+    elif r < 0.62:
+        cli("resume", b)
+    elif r < 0.66:
+        cli("stop", b, "--time", "1")
+    elif r < 0.71:
+        cli("start", b)
+    elif r < 0.75:
+        mode = random.choice(["none", "public", "allow"])
+        cli("net", "set", b, "--net", mode, *([] if mode == "none" else ["--allow", "y.test"]))
+    elif r < 0.78:
+        cli("diff", b)
+    elif r < 0.80:
+        cli("cp", "/etc/hostname", b + ":/tmp/h")
+    elif r < 0.82:
+        cli("timeout", b, random.choice(["2s", "30m"]))
+    elif r < 0.86:
+        s = pick(snaps)
+        if s and cli("snapshot", "rm", s) is not None:
+            drop(snaps, s)
+    elif r < 0.88:
+        cli("pool", "set", "mini", "--min", str(random.choice([1, 2, 5])), "--max", "10")
+    elif r < 0.90:
+        cli("stats", b)
+    elif cli("rm", "-f", b) is not None:
+        drop(boxes, b)
+
+
+net_boxes = []
+
+
+def ingress(b):
+    with lock:
+        ops["ingress"] += 1
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", INGRESS_PORT, timeout=10)
+        c.request("GET", "/hostname", headers={"E2b-Sandbox-Id": b, "E2b-Sandbox-Port": "8000"})
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            note("ingress", body.decode(errors="replace"), b)
+        elif body.strip() != b"sandbox":
+            note("ingress", "wrong body %r" % body[:40], b)
+    except (OSError, http.client.HTTPException) as e:
+        note("ingress", "%s: %s (removed meanwhile?)" % (type(e).__name__, e), b)
+
+
+def network():
+    r, b = random.random(), pick(net_boxes)
+    if r < 0.15 or b is None:
+        mode = random.choice(["none", "public", "allow"])
+        out = cli("create", "-T", "mini", "--net", mode, *(["--allow", "x.test"] if mode == "allow" else []))
+        if out and cli("exec", "-d", out.strip(), "--", "httpd", "-f", "-p", "8000", "-h", "/etc") is not None:
+            keep(net_boxes, out.strip(), 20)
+    elif r < 0.45 and INGRESS_PORT:
+        ingress(b)
+    elif r < 0.55:
+        cli("exec", b, "--", "nslookup", random.choice(["x.test", "y.test", "example.com"]))
+    elif r < 0.65:
+        cli("net", "set", b, "--net", random.choice(["public", "allow"]), "--allow", "x.test")
+    elif r < 0.70:
+        cli("net", "set", b, "--net", "none")
+    elif r < 0.75:
+        cli("net", "log", b)
+    elif r < 0.80:
+        cli("pause", b)
+    elif r < 0.85:
+        cli("net", "test", b)
+    elif cli("rm", "-f", b) is not None:
+        drop(net_boxes, b)
+
+
+CONTEXT = tempfile.mkdtemp(prefix="abxsoak-ctx-")
+with open(os.path.join(CONTEXT, "file.txt"), "w") as f:
+    f.write("hello\n")
+with open(os.path.join(CONTEXT, "Dockerfile"), "w") as f:
+    f.write("FROM mini\nUSER root\nARG V=0\nRUN echo \"v$V\" > /version\nCOPY file.txt /etc/file.txt\nWORKDIR /work\nENV HELLO=world\n")
+TEMPLATES = ["soak1", "soak2", "soak3"]
+tmpl_boxes = []
+
+
+def templates():
+    r, t = random.random(), random.choice(TEMPLATES)
+    if r < 0.15:
+        cli("template", "build", "-f", os.path.join(CONTEXT, "Dockerfile"), "--build-arg", "V=%d" % random.randint(0, 3), CONTEXT, t)
+    elif r < 0.40:
+        args = ["create", "-T", t]
+        if random.random() < 0.3:
+            args += ["-v", random.choice(["soakv1", "soakv2"]) + ":/data"]
+        out = cli(*args)
+        if out:
+            i = out.strip()
+            o = cli("exec", i, "--", "sh", "-c", "cat /version /etc/file.txt; pwd; echo $HELLO")
+            if o is not None and not re.match(r"^v\d\nhello\n/work\nworld\n$", o):
+                note("content", "unexpected %r" % o[:60], i)
+            keep(tmpl_boxes, i, 15)
+    elif r < 0.48:
+        cli("template", "rm", t)
+    elif r < 0.55:
+        cli("pool", "set", t, "--min", str(random.choice([1, 2])), "--max", "4")
+    elif r < 0.60:
+        cli("pool", "rm", t)
+    elif r < 0.65:
+        cli("volume", "create", random.choice(["soakv1", "soakv2"]))
+    elif r < 0.70:
+        cli("volume", "rm", random.choice(["soakv1", "soakv2"]))
+    elif r < 0.74:
+        cli("template", "tag", t, t + ":x")
+    elif r < 0.78:
+        cli("template", "ls")
+    elif r < 0.80:
+        cli("template", "prune")
+    else:
+        b = pick(tmpl_boxes)
+        if b and cli("rm", "-f", b) is not None:
+            drop(tmpl_boxes, b)
+
+
+WORK = {"lifecycle": lifecycle, "network": network, "templates": templates}
+deadline = time.time() + SECONDS
+
+
+def worker(n):
+    work = WORK[WORKLOADS[n % len(WORKLOADS)]]
+    while time.time() < deadline:
+        work()
+
+
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+
+print("operations: " + ", ".join("%s %d" % kv for kv in sorted(ops.items())))
+findings = 0
+for (what, msg), n in failures.most_common():
+    expected = bool(EXPECTED.search(msg))
+    findings += 0 if expected else n
+    print("%s %6d  %s: %s" % ("  " if expected else "!!", n, what, msg))
+    if not expected:
+        print("           e.g. %s" % examples[(what, msg)])
+print("findings: %d (lines marked !!)" % findings)
+sys.exit(1 if findings else 0)
