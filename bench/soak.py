@@ -10,6 +10,8 @@ Workloads (all at once when several are given, 6 client threads in all):
              DNS lookups through the proxy, policy changes, `net test`, removal
   templates  Dockerfile builds, creates from them (content checked), template rm, tag,
              prune, pools and volumes coming and going
+  tenants    two tenants' keys over TCP creating, snapshotting, forking, listing and
+             removing, and trying the other's sandboxes (any success is a leak)
 
 Every failure is grouped by its message. A failure that concurrent requests explain (the
 sandbox was removed, stopped or restarted meanwhile, a state conflict, something not
@@ -262,7 +264,83 @@ def templates():
             drop(tmpl_boxes, b)
 
 
-WORK = {"lifecycle": lifecycle, "network": network, "templates": templates}
+# Two tenants through the TCP listener, each with its own key: neither may ever see, or
+# act on, the other's sandboxes and snapshots, whatever runs at the same time.
+TCP = os.environ.get("SOAK_TCP", "")
+tenant_keys = {}
+tenant_made = {"soakA": set(), "soakB": set()}
+
+
+def as_tenant(tenant, *args):
+    env = dict(os.environ, AGENTBOX_API_KEY=tenant_keys[tenant])
+    name = "%s (tenant)" % args[0]
+    with lock:
+        ops[name] += 1
+    try:
+        p = subprocess.run([AGENTBOX, "--host", TCP] + list(args), capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        note(name, "TIMEOUT", " ".join(args))
+        return None, ""
+    if p.returncode != 0:
+        lines = p.stderr.strip().splitlines()
+        return None, lines[-1] if lines else "<exit status %d>" % p.returncode
+    return p.stdout, ""
+
+
+def tenants():
+    me = random.choice(["soakA", "soakB"])
+    other = "soakB" if me == "soakA" else "soakA"
+    with lock:
+        mine = list(tenant_made[me])
+        theirs = list(tenant_made[other])
+    r = random.random()
+    if r < 0.25 or not mine:
+        out, err = as_tenant(me, "create", "-T", "mini")
+        if out:
+            with lock:
+                tenant_made[me].add(out.strip())
+        elif err:
+            note("create (tenant)", err, me)
+    elif r < 0.40:
+        snap, err = as_tenant(me, "snapshot", random.choice(mine))
+        if snap:
+            out, err = as_tenant(me, "fork", snap.strip(), "--count", "2")
+            with lock:
+                tenant_made[me].update((out or "").split())
+            as_tenant(me, "snapshot", "rm", snap.strip())
+    elif r < 0.60:
+        out, err = as_tenant(me, "ls", "-q")
+        if out is not None:
+            seen = set(out.split())
+            with lock:
+                leaked = seen & tenant_made[other]
+            if leaked:
+                note("ls (tenant)", "LEAK: %s lists %s's sandboxes" % (me, other), " ".join(sorted(leaked)))
+        out, err = as_tenant(me, "snapshot", "ls", "-q")
+    elif r < 0.75 and theirs:
+        victim = random.choice(theirs)
+        verb = random.choice([["exec", victim, "--", "echo", "pwned"], ["inspect", victim], ["rm", "-f", victim], ["snapshot", victim], ["fork", victim]])
+        out, err = as_tenant(me, *verb)
+        if out is not None:
+            note("%s (tenant)" % verb[0], "LEAK: %s reached %s's sandbox" % (me, other), victim)
+        elif "not found" not in err:
+            note("%s (tenant)" % verb[0], "another tenant's sandbox answered: " + err, victim)
+    else:
+        victim = random.choice(mine)
+        out, err = as_tenant(me, "rm", "-f", victim)
+        with lock:
+            tenant_made[me].discard(victim)
+
+
+WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants}
+if "tenants" in WORKLOADS:
+    if not TCP:
+        sys.exit("the tenants workload needs SOAK_TCP (a TCP listener of the daemon)")
+    for t in ("soakA", "soakB"):
+        out = cli("key", "create", "--tenant", t)
+        if not out:
+            sys.exit("cannot make a key for tenant %s" % t)
+        tenant_keys[t] = out.strip().split()[-1]
 deadline = time.time() + SECONDS
 
 

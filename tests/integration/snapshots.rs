@@ -635,6 +635,10 @@ async fn an_exec_during_a_rollback_waits_for_it() {
     let id = sb.id.clone();
     let start = tokio::spawn(async move { client.start(&id).await });
     wait_starting().await;
+    // A diff waits too (before: "is starting; try again when it is not").
+    let diff = d.client.diff(&sb.id).await.unwrap();
+    assert!(diff.added.iter().chain(&diff.changed).any(|e| e.path == "/home/f"), "{diff:?}");
+    assert_eq!(d.client.get_sandbox(&sb.id).await.unwrap().state, SandboxState::Running, "the diff waited");
     let changed = d.client.set_timeout(&sb.id, 3600).await.unwrap();
     assert_eq!(changed.state, SandboxState::Running, "the timeout change waited for the start");
     let (out, code) = try_root(&d, &sb.id, "cat /home/f; test -e /tmp/ready && echo ready").await;

@@ -1302,7 +1302,14 @@ impl Manager {
         archive: Option<bool>,
         since: Option<&str>,
     ) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
-        let sb = self.get(key)?;
+        let mut sb = self.get(key)?;
+        // A start, stop or rollback in progress holds the operation lock: wait for it, as
+        // an exec does (`Core::running`), rather than answer "try again".
+        if matches!(sb.state(), SandboxState::Creating | SandboxState::Starting | SandboxState::Stopping)
+            && let Ok(locked) = tokio::time::timeout(Duration::from_secs(60), self.lock_ops(key)).await
+        {
+            sb = locked?.0;
+        }
         let rec = sb.record();
         if matches!(
             rec.state,
