@@ -176,7 +176,13 @@ async fn allowlist_holds_against_literals_other_resolvers_quic_and_root() {
         assert_eq!(v[k], "EPERM", "{k}: {v}");
     }
     w.refused(&id, &format!("{WEB_B}:80")).await;
-    // The audit has the allowed answer and both verdicts.
+    // The audit has the allowed answer and both verdicts (the firewall's log messages reach
+    // it a moment after the connections).
+    w.d.wait_for("the refusal in the audit", std::time::Duration::from_secs(5), || async {
+        let events = w.d.client.network_log(&id).await.unwrap().events;
+        events.iter().any(|e| e.verdict == "deny" && e.destination == Some(WEB_B.to_string()))
+    })
+    .await;
     let log = w.d.client.network_log(&id).await.unwrap();
     let has = |f: &dyn Fn(&abx_client::NetEvent) -> bool| log.events.iter().any(f);
     assert!(has(&|e| e.kind == "dns" && e.verdict == "allow" && e.addresses == vec![WEB_A.to_string()]), "{log:?}");
@@ -256,9 +262,14 @@ async fn runtime_policy_changes_and_sandboxes_are_apart() {
     w.d.client.start(&a).await.unwrap();
     assert_eq!(w.d.client.get_sandbox(&a).await.unwrap().network.mode, NetMode::Public);
     assert!(w.reaches(&a, &format!("{WEB_B}:80")).await, "the policy set while stopped");
+    // The firewall's log message reaches the audit a moment after the connection.
+    w.d.wait_for("the allowed connection in the audit", std::time::Duration::from_secs(5), || async {
+        w.d.client.network_log(&a).await.unwrap().events.len() > before.len()
+    })
+    .await;
     let after = w.d.client.network_log(&a).await.unwrap().events;
     assert_eq!(after[..before.len()], before[..], "the audit goes on after the start");
-    assert!(after.len() > before.len() && after.last().unwrap().verdict == "allow", "{after:?}");
+    assert!(after.last().unwrap().verdict == "allow", "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
