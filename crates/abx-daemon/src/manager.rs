@@ -1279,6 +1279,8 @@ impl Manager {
                 for id in idle_ones {
                     match m.pause(&id).await {
                         Ok(_) => info!(sandbox = %id, idle = ?idle, "paused after being idle"),
+                        // Removed, stopped or restarted since it was found idle.
+                        Err(CoreError::NotFound { .. } | CoreError::Conflict(_)) => {}
                         Err(e) => warn!(sandbox = %id, error = %e.full_message(), "idle pause failed"),
                     }
                     // A request that arrived while this one froze it saw it still running:
