@@ -595,13 +595,7 @@ impl Core {
             }
             Command::Attach { id, pid } => {
                 let sb = self.running(&id).await?;
-                let opened = async {
-                    let mut conn =
-                        AgentConn::open(&sb.dirs.agent_socket(), &Request::Attach { pid, replay: true }).await?;
-                    let pid = started(&mut conn).await?;
-                    Ok((conn, pid))
-                };
-                let (conn, pid) = opened.await.map_err(|e| interrupted(&sb, e))?;
+                let (conn, pid) = start_process(&sb, &Request::Attach { pid, replay: true }).await?;
                 Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
             }
             Command::ReadFile { id, path, user } => {
@@ -753,19 +747,9 @@ impl Core {
     /// The sandbox, running: a paused one is resumed first (any request to a sandbox
     /// resumes it).
     pub(crate) async fn running(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
-        let mut sb = self.manager.get(key)?;
-        sb.touch();
-        if matches!(
-            sb.state(),
-            abx_api::SandboxState::Creating | abx_api::SandboxState::Starting | abx_api::SandboxState::Stopping
-        ) {
-            // A rollback, restart, stop or start holds the sandbox's lock while it runs:
-            // wait for it to finish rather than fail a request that came in between.
-            let wait = std::time::Duration::from_secs(60);
-            if let Ok(locked) = tokio::time::timeout(wait, self.manager.lock_ops(key)).await {
-                sb = locked?.0;
-            }
-        }
+        self.manager.get(key)?.touch();
+        // Rather than fail a request that came in during a rollback, restart, stop or start.
+        let sb = self.manager.settled(key).await?;
         match sb.state() {
             abx_api::SandboxState::Running => Ok(sb),
             abx_api::SandboxState::Paused => {
@@ -830,12 +814,7 @@ impl Core {
             None => None,
         };
         let background = spec.background;
-        let opened = async {
-            let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &Request::Exec(spec)).await?;
-            let pid = started(&mut conn).await?;
-            Ok((conn, pid))
-        };
-        let (mut conn, pid) = opened.await.map_err(|e| interrupted(&sb, e))?;
+        let (mut conn, pid) = start_process(&sb, &Request::Exec(spec)).await?;
         if background {
             if let Some(data) = stdin {
                 let _ = self.call::<()>(key, &Request::Input { pid, data, close: !req.interactive }).await;
@@ -964,6 +943,17 @@ pub(crate) fn interrupted(sb: &Sandbox, e: CoreError) -> CoreError {
         S::Exited => "ended (its first process exited)",
     };
     CoreError::Conflict(format!("sandbox {} was {what} while the request ran", sb.id))
+}
+
+/// Sends `req` (an exec or an attach) to the sandbox's agent and reads the process's
+/// `started` event: the connection that streams it and its pid.
+async fn start_process(sb: &Sandbox, req: &Request) -> CoreResult<(AgentConn, u32)> {
+    let opened = async {
+        let mut conn = AgentConn::open(&sb.dirs.agent_socket(), req).await?;
+        let pid = started(&mut conn).await?;
+        Ok((conn, pid))
+    };
+    opened.await.map_err(|e| interrupted(sb, e))
 }
 
 async fn started(conn: &mut AgentConn) -> CoreResult<u32> {

@@ -1112,6 +1112,19 @@ impl Manager {
         Ok((now, guard))
     }
 
+    /// Sandbox `key` once a rollback, restart, stop or start in progress (which holds its
+    /// operation lock while it runs) has finished, waiting up to 60 s for it; as it is
+    /// when none runs (or the wait ran out).
+    pub(crate) async fn settled(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
+        let sb = self.get(key)?;
+        if matches!(sb.state(), SandboxState::Creating | SandboxState::Starting | SandboxState::Stopping)
+            && let Ok(locked) = tokio::time::timeout(Duration::from_secs(60), self.lock_ops(key)).await
+        {
+            return Ok(locked?.0);
+        }
+        Ok(sb)
+    }
+
     pub(crate) fn register(self: &Arc<Self>, rec: Record, pidfd: Option<OwnedFd>) -> Arc<Sandbox> {
         let sb = self.live(rec, pidfd);
         self.publish(sb.clone());
@@ -1304,14 +1317,9 @@ impl Manager {
         archive: Option<bool>,
         since: Option<&str>,
     ) -> CoreResult<(crate::diff::Diff, Option<Vec<u8>>)> {
-        let mut sb = self.get(key)?;
-        // A start, stop or rollback in progress holds the operation lock: wait for it, as
-        // an exec does (`Core::running`), rather than answer "try again".
-        if matches!(sb.state(), SandboxState::Creating | SandboxState::Starting | SandboxState::Stopping)
-            && let Ok(locked) = tokio::time::timeout(Duration::from_secs(60), self.lock_ops(key)).await
-        {
-            sb = locked?.0;
-        }
+        // Waits for a start, stop or rollback in progress, as an exec does, rather than
+        // answer "try again".
+        let sb = self.settled(key).await?;
         let rec = sb.record();
         if matches!(
             rec.state,
@@ -1370,6 +1378,34 @@ impl Manager {
         .map_err(|e| CoreError::internal("diff task", e.to_string()))?
     }
 
+    /// For a pause (`from` running, `to` paused) or a resume (the other way): the sandbox
+    /// and its operation lock, its state checked again once the lock is held; no lock when
+    /// it is in `to` already; a conflict naming its state when it is in neither. The first
+    /// check fails at once, without waiting for the lock.
+    async fn lock_to_switch(
+        &self,
+        key: &str,
+        from: SandboxState,
+        to: SandboxState,
+    ) -> CoreResult<(Arc<Sandbox>, Option<tokio::sync::OwnedMutexGuard<()>>)> {
+        let check = |sb: &Sandbox| match sb.state() {
+            s if s == to => Ok(false),
+            s if s == from => Ok(true),
+            s => Err(CoreError::Conflict(format!(
+                "sandbox {} is {}, not {}",
+                sb.id,
+                crate::core::state_name(s),
+                crate::core::state_name(from)
+            ))),
+        };
+        let sb = self.get(key)?;
+        if !check(&sb)? {
+            return Ok((sb, None));
+        }
+        let (sb, ops) = self.lock_ops(key).await?;
+        Ok(if check(&sb)? { (sb, Some(ops)) } else { (sb, None) })
+    }
+
     /// Freezes every process of a running sandbox (its memory stays); idempotent.
     ///
     /// Under the sandbox's operation lock, like a snapshot, stop, rollback or destroy: a
@@ -1377,17 +1413,8 @@ impl Manager {
     /// thaw (a "paused" sandbox that runs), or outlive the processes a stop or destroy
     /// kills.
     pub async fn pause(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let check = |sb: &Sandbox| match sb.state() {
-            SandboxState::Paused => Ok(false),
-            SandboxState::Running => Ok(true),
-            s => Err(CoreError::Conflict(format!("sandbox {} is {}, not running", sb.id, crate::core::state_name(s)))),
-        };
-        // Fails at once in a state that cannot be paused, without waiting for the lock.
-        if !check(&*self.get(key)?)? {
-            return Ok(self.get(key)?.record());
-        }
-        let (sb, _ops) = self.lock_ops(key).await?;
-        if !check(&sb)? {
+        let (sb, ops) = self.lock_to_switch(key, SandboxState::Running, SandboxState::Paused).await?;
+        if ops.is_none() {
             return Ok(sb.record());
         }
         let this = self.clone();
@@ -1408,16 +1435,8 @@ impl Manager {
     /// Thaws a paused sandbox; idempotent for a running one. Under the operation lock, as
     /// [`Self::pause`].
     pub async fn resume(self: &Arc<Self>, key: &str) -> CoreResult<Record> {
-        let check = |sb: &Sandbox| match sb.state() {
-            SandboxState::Running => Ok(false),
-            SandboxState::Paused => Ok(true),
-            s => Err(CoreError::Conflict(format!("sandbox {} is {}, not paused", sb.id, crate::core::state_name(s)))),
-        };
-        if !check(&*self.get(key)?)? {
-            return Ok(self.get(key)?.record());
-        }
-        let (sb, _ops) = self.lock_ops(key).await?;
-        if !check(&sb)? {
+        let (sb, ops) = self.lock_to_switch(key, SandboxState::Paused, SandboxState::Running).await?;
+        if ops.is_none() {
             return Ok(sb.record());
         }
         let this = self.clone();

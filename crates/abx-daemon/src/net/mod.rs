@@ -1066,6 +1066,13 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Counts a decision in `allow` or `deny` and names its verdict.
+fn counted(allowed: bool, allow: &AtomicU64, deny: &AtomicU64) -> &'static str {
+    let (counter, verdict) = if allowed { (allow, "allow") } else { (deny, "deny") };
+    counter.fetch_add(1, Ordering::Relaxed);
+    verdict
+}
+
 fn dns_event(verdict: &str, name: &str, qtype: &str, addrs: &[(Ipv4Addr, u32)]) -> NetEvent {
     NetEvent {
         time_ms: now_ms(),
@@ -1195,13 +1202,7 @@ impl Network {
         if !self.new_flow(&id, (e.protocol, e.src_port, e.dst, e.dst_port, allowed)) {
             return;
         }
-        let verdict = if allowed {
-            self.counters.connections_allowed.fetch_add(1, Ordering::Relaxed);
-            "allow"
-        } else {
-            self.counters.connections_denied.fetch_add(1, Ordering::Relaxed);
-            "deny"
-        };
+        let verdict = counted(allowed, &self.counters.connections_allowed, &self.counters.connections_denied);
         let protocol = match e.protocol {
             1 => "icmp".to_string(),
             6 => "tcp".to_string(),
@@ -1237,13 +1238,7 @@ impl Network {
         if !self.new_flow(id, (0, Some(peer.port()), ip, Some(port), allowed)) {
             return;
         }
-        let verdict = if allowed {
-            self.counters.ingress_allowed.fetch_add(1, Ordering::Relaxed);
-            "allow"
-        } else {
-            self.counters.ingress_denied.fetch_add(1, Ordering::Relaxed);
-            "deny"
-        };
+        let verdict = counted(allowed, &self.counters.ingress_allowed, &self.counters.ingress_denied);
         self.record(
             id,
             NetEvent {
