@@ -1448,7 +1448,7 @@ impl Manager {
     }
 
     /// Thaws a paused sandbox's cgroup and records it running (blocking).
-    pub fn resume_blocking(&self, sb: &Arc<Sandbox>) -> CoreResult<()> {
+    fn resume_blocking(&self, sb: &Arc<Sandbox>) -> CoreResult<()> {
         self.cgroups
             .thaw(&sb.cgroup)
             .map_err(|e| CoreError::internal(format!("thaw sandbox {}", sb.id), cgroup_text(&e)))?;
@@ -1975,37 +1975,43 @@ use crate::net::ingress::Refusal;
 pub struct IngressRouter(pub std::sync::Weak<Manager>);
 
 impl crate::net::ingress::Router for IngressRouter {
-    fn lookup(
-        &self,
-        id: &str,
+    fn lookup<'a>(
+        &'a self,
+        id: &'a str,
         port: u16,
         peer: std::net::SocketAddr,
-        token: Option<&[u8]>,
-    ) -> Result<std::net::Ipv4Addr, Refusal> {
-        let m = self.0.upgrade().ok_or(Refusal::NotFound)?;
-        let net = m.net.as_ref().ok_or(Refusal::NotFound)?;
-        let sb = m.get_by_host_label(id).ok_or(Refusal::NotFound)?;
-        let (slot, hidden, want) = sb.read(|r| (r.uid_slot, r.pooled || r.build_step, r.ingress_token.clone()));
-        // A sandbox waiting in a warm pool belongs to nobody yet; a build's is the build's.
-        if hidden {
-            return Err(Refusal::NotFound);
-        }
-        if let Some(want) = want
-            && !token.is_some_and(|t| crate::auth::same_secret(t, want.as_bytes()))
-        {
-            net.record_ingress(&sb.id, port, peer, false);
-            return Err(Refusal::Unauthorized);
-        }
-        match sb.state() {
-            SandboxState::Running => {}
-            // A request through the ingress resumes a paused sandbox (a thaw is a few file
-            // writes, done here).
-            SandboxState::Paused => m.resume_blocking(&sb).map_err(|_| Refusal::NotFound)?,
-            _ => return Err(Refusal::NotFound),
-        }
-        net.record_ingress(&sb.id, port, peer, true);
-        sb.touch();
-        Ok(net.slot_addr(slot))
+        token: Option<&'a [u8]>,
+    ) -> crate::net::ingress::Lookup<'a> {
+        Box::pin(async move {
+            let m = self.0.upgrade().ok_or(Refusal::NotFound)?;
+            let net = m.net.clone().ok_or(Refusal::NotFound)?;
+            let sb = m.get_by_host_label(id).ok_or(Refusal::NotFound)?;
+            let (slot, hidden, want) = sb.read(|r| (r.uid_slot, r.pooled || r.build_step, r.ingress_token.clone()));
+            // A sandbox waiting in a warm pool belongs to nobody yet; a build's is the build's.
+            if hidden {
+                return Err(Refusal::NotFound);
+            }
+            if let Some(want) = want
+                && !token.is_some_and(|t| crate::auth::same_secret(t, want.as_bytes()))
+            {
+                net.record_ingress(&sb.id, port, peer, false);
+                return Err(Refusal::Unauthorized);
+            }
+            match sb.state() {
+                SandboxState::Running => {}
+                // A request through the ingress resumes a paused sandbox, as `resume` does:
+                // under its operation lock, so that it waits for a snapshot, stop or pause in
+                // progress instead of thawing in the middle of one. A sandbox stopped or
+                // removed meanwhile is not found.
+                SandboxState::Paused => {
+                    m.resume(&sb.id).await.map_err(|_| Refusal::NotFound)?;
+                }
+                _ => return Err(Refusal::NotFound),
+            }
+            net.record_ingress(&sb.id, port, peer, true);
+            sb.touch();
+            Ok(net.slot_addr(slot))
+        })
     }
 }
 

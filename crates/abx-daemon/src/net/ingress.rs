@@ -84,8 +84,13 @@ pub trait Router: Send + Sync + 'static {
     /// request from `peer` to its `port` that carried `token` (the value of
     /// `E2b-Traffic-Access-Token`). Nothing about the sandbox changes (a paused one is not
     /// resumed) unless the token fits; a sandbox found is told of the visit (its audit).
-    fn lookup(&self, id: &str, port: u16, peer: SocketAddr, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal>;
+    /// A paused one is resumed before the answer, as an API call would (under the
+    /// sandbox's operation lock), hence a future.
+    fn lookup<'a>(&'a self, id: &'a str, port: u16, peer: SocketAddr, token: Option<&'a [u8]>) -> Lookup<'a>;
 }
+
+/// What [`Router::lookup`] answers.
+pub type Lookup<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Ipv4Addr, Refusal>> + Send + 'a>>;
 
 /// A running ingress proxy. Dropping it stops it too, without waiting.
 pub struct Ingress {
@@ -297,12 +302,12 @@ impl Shared {
         if !req.headers().contains_key(ACCESS_TOKEN)
             && let Some((token, rest)) = query_token(req.uri())
         {
-            lookup(self.router.as_ref(), &id, (port, peer), Some(token.as_bytes())).map_err(refused)?;
+            lookup(self.router.as_ref(), &id, (port, peer), Some(token.as_bytes())).await.map_err(refused)?;
             return Ok(token_redirect(&token, &rest));
         }
         let cookie = if req.headers().contains_key(ACCESS_TOKEN) { None } else { cookie_token(req.headers()) };
         let token = req.headers().get(ACCESS_TOKEN).map(|v| v.as_bytes()).or(cookie.as_deref().map(str::as_bytes));
-        let ip = lookup(self.router.as_ref(), &id, (port, peer), token).map_err(refused)?;
+        let ip = lookup(self.router.as_ref(), &id, (port, peer), token).await.map_err(refused)?;
         let target = Target { id, port };
         let client_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let req = backend_request(req, peer, client_upgrade.is_some());
@@ -343,10 +348,15 @@ impl Shared {
 
 /// The address of sandbox `id` as the client wrote it, else in lower case (host names are
 /// case-insensitive; ids are lower case, names as their owner chose).
-fn lookup(router: &dyn Router, id: &str, to: (u16, SocketAddr), token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
-    match router.lookup(id, to.0, to.1, token) {
+async fn lookup(
+    router: &dyn Router,
+    id: &str,
+    to: (u16, SocketAddr),
+    token: Option<&[u8]>,
+) -> Result<Ipv4Addr, Refusal> {
+    match router.lookup(id, to.0, to.1, token).await {
         Err(Refusal::NotFound) if id.bytes().any(|b| b.is_ascii_uppercase()) => {
-            router.lookup(&id.to_ascii_lowercase(), to.0, to.1, token)
+            router.lookup(&id.to_ascii_lowercase(), to.0, to.1, token).await
         }
         found => found,
     }
@@ -597,12 +607,12 @@ mod tests {
     struct MapRouter(HashMap<String, Ipv4Addr>, HashMap<String, &'static str>);
 
     impl Router for MapRouter {
-        fn lookup(&self, id: &str, _: u16, _: SocketAddr, token: Option<&[u8]>) -> Result<Ipv4Addr, Refusal> {
-            let ip = self.0.get(id).copied().ok_or(Refusal::NotFound)?;
-            match self.1.get(id) {
+        fn lookup<'a>(&'a self, id: &'a str, _: u16, _: SocketAddr, token: Option<&'a [u8]>) -> Lookup<'a> {
+            let found = self.0.get(id).copied().ok_or(Refusal::NotFound).and_then(|ip| match self.1.get(id) {
                 Some(want) if token != Some(want.as_bytes()) => Err(Refusal::Unauthorized),
                 _ => Ok(ip),
-            }
+            });
+            Box::pin(std::future::ready(found))
         }
     }
 
@@ -745,15 +755,15 @@ mod tests {
     /// Guards that a sandbox named with capitals is reachable by host name: the id used
     /// to be lowercased before the (case-sensitive) lookup, so `8000-MyBox.<domain>` got
     /// 404 "no sandbox 'mybox'". Lower-case ids still work from a host name in capitals.
-    #[test]
-    fn names_with_capitals_are_found() {
+    #[tokio::test]
+    async fn names_with_capitals_are_found() {
         let router = MapRouter(HashMap::from([("MyBox".to_string(), A_IP), (A.to_string(), B_IP)]), HashMap::new());
         let to = (8000, SocketAddr::from(([127, 0, 0, 1], 40000)));
         let (_, id) = parse_host("8000-MyBox.agentbox.localhost", DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id, to, None), Ok(A_IP));
+        assert_eq!(lookup(&router, &id, to, None).await, Ok(A_IP));
         let (_, id) = parse_host(&format!("8000-{}.agentbox.localhost", A.to_ascii_uppercase()), DOMAIN).unwrap();
-        assert_eq!(lookup(&router, &id, to, None), Ok(B_IP));
-        assert_eq!(lookup(&router, "mybox", to, None), Err(Refusal::NotFound));
+        assert_eq!(lookup(&router, &id, to, None).await, Ok(B_IP));
+        assert_eq!(lookup(&router, "mybox", to, None).await, Err(Refusal::NotFound));
     }
 
     #[test]
