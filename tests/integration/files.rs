@@ -147,3 +147,43 @@ async fn an_unreadable_file_in_a_downloaded_directory_is_a_clear_error() {
     }
     assert_eq!(tar::Archive::new(tar.as_slice()).entries().unwrap().count(), 2);
 }
+
+/// Guards that an upload the daemon refuses before reading all of it gets the daemon's
+/// answer. Before, the daemon answered and closed the connection while the client was still
+/// sending, and the client saw "error writing a body to connection: Broken pipe" instead:
+/// for a path the user may not write, for an unknown sandbox and for one removed during
+/// the upload.
+#[tokio::test]
+async fn a_refused_upload_gets_its_answer_not_a_broken_pipe() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let big = vec![7u8; 32 << 20];
+    let e = d.client.write_file(&id, "/etc/new", big.clone(), None).await.unwrap_err();
+    assert_eq!(e.code(), Some("permission_denied"), "{e:?}");
+    let e = d.client.write_file("0123456789ab", "/tmp/x", big.clone(), None).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"), "{e:?}");
+    // Removed while the body streams in.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let (c, id2) = (d.client.clone(), id.clone());
+    let upload = tokio::spawn(async move { c.write_file_stream(&id2, "/tmp/big", body, None).await });
+    for _ in 0..4 {
+        tx.send(Ok(vec![1u8; 1 << 20])).await.unwrap();
+    }
+    // The file exists once the agent has begun writing it.
+    for _ in 0..200 {
+        if d.sh(&id, "test -e /tmp/big && echo yes").await.0.trim() == "yes" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    for _ in 0..32 {
+        if tx.send(Ok(vec![1u8; 1 << 20])).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let e = upload.await.unwrap().unwrap_err();
+    assert!(matches!(e.code(), Some("conflict" | "not_found")), "{e:?}");
+}
