@@ -12,6 +12,9 @@ Workloads (all at once when several are given, 6 client threads in all):
              prune, pools and volumes coming and going
   tenants    two tenants' keys over TCP creating, snapshotting, forking, listing and
              removing, and trying the other's sandboxes (any success is a leak)
+  processes  background processes, `ps`, `kill`, exec timeouts, stdin, large output,
+             files and directories copied in and out (content checked), while the same
+             sandboxes are stopped, started, paused, rolled back and removed
 
 Every failure is grouped by its message. A failure that concurrent requests explain (the
 sandbox was removed, stopped or restarted meanwhile, a state conflict, something not
@@ -53,7 +56,8 @@ EXPECTED = re.compile(
             r"no sandbox '",  # the ingress proxy: removed meanwhile
             r"did not answer the request",  # the ingress proxy: removed during the request
             r"write to '[0-9N.]+': Connection refused",  # no DNS proxy without an upstream (--dns-upstream none)
-            r"^<exit status",  # the command's own status (a probe that cannot resolve, a killed sleep)
+            r"^<exit status",
+            r"command killed after its timeout",  # the workload's own `exec --timeout`  # the command's own status (a probe that cannot resolve, a killed sleep)
             r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty",  # the workload's own races
         ]
     )
@@ -334,7 +338,109 @@ def tenants():
             tenant_made[me].discard(victim)
 
 
-WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants}
+proc_boxes, proc_snaps = [], []
+
+
+def cli_in(data, *args, timeout=120):
+    """Like cli, with `data` on the command's stdin."""
+    with lock:
+        ops[args[0] + " -i"] += 1
+    try:
+        p = subprocess.run(CLI + list(args), input=data, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        note(args[0] + " -i", "TIMEOUT after %ds" % timeout, " ".join(args))
+        return None
+    if p.returncode != 0:
+        lines = p.stderr.decode(errors="replace").strip().splitlines()
+        msg = lines[-1] if lines else "<exit status %d>" % p.returncode
+        note(args[0] + " -i", msg, " ".join(args) + " :: " + msg)
+        return None
+    return p.stdout
+
+
+def processes():
+    r, b = random.random(), pick(proc_boxes)
+    if r < 0.08 or b is None:
+        out = cli("create", "-T", "mini")
+        if out:
+            keep(proc_boxes, out.strip(), 10)
+    elif r < 0.20:
+        out = cli("exec", "-d", b, "--", "sleep", random.choice(["1", "30"]))
+        if out is not None and not re.match(r"^\d+$", out.strip()):
+            note("exec -d", "not a pid: %r" % out[:40], b)
+    elif r < 0.28:
+        out = cli("ps", b)
+        pids = re.findall(r"^\s*(\d+)\s", out or "", re.M)
+        if pids:
+            cli("kill", "-s", random.choice(["TERM", "KILL", "INT", "HUP"]), b, random.choice(pids))
+    elif r < 0.33:
+        # The command's own status (killed by the timeout) is expected; a hang is not.
+        cli("exec", "--timeout", "1s", b, "--", "sleep", "5", timeout=30)
+    elif r < 0.43:
+        data = os.urandom(random.choice([10, 70000, 3000000]))
+        out = cli_in(data, "exec", "-i", b, "--", "cat")
+        if out is not None and out != data:
+            note("exec -i", "stdin came back different (%d of %d bytes)" % (len(out), len(data)), b)
+    elif r < 0.50:
+        n = random.choice([1000, 5000000])
+        out = cli("exec", b, "--", "sh", "-c", "head -c %d /dev/zero | tr '\\0' a" % n)
+        if out is not None and out != "a" * n:
+            note("exec", "output of %d bytes came back as %d" % (n, len(out)), b)
+    elif r < 0.62:
+        d = tempfile.mkdtemp(prefix="abxsoak-cp-")
+        try:
+            data = os.urandom(random.choice([100, 2000000]))
+            with open(os.path.join(d, "in"), "wb") as f:
+                f.write(data)
+            if cli("cp", os.path.join(d, "in"), b + ":/tmp/cp-%d" % len(data)) is not None:
+                if cli("cp", b + ":/tmp/cp-%d" % len(data), os.path.join(d, "out")) is not None:
+                    with open(os.path.join(d, "out"), "rb") as f:
+                        back = f.read()
+                    # Another thread may have written the same path with other content only
+                    # if it had the same size and different bytes: sizes differ by name.
+                    if len(back) != len(data):
+                        note("cp", "copied back %d of %d bytes" % (len(back), len(data)), b)
+        finally:
+            subprocess.run(["rm", "-rf", d])
+    elif r < 0.68:
+        d = tempfile.mkdtemp(prefix="abxsoak-cp-")
+        try:
+            os.makedirs(os.path.join(d, "tree/a/b"))
+            for i in range(50):
+                with open(os.path.join(d, "tree/a/b/f%d" % i), "w") as f:
+                    f.write("%d\n" % i)
+            if cli("cp", os.path.join(d, "tree"), b + ":/tmp/") is not None:
+                out = cli("exec", b, "--", "sh", "-c", "cat /tmp/tree/a/b/f* | wc -l")
+                if out is not None and out.strip() != "50":
+                    note("cp", "a copied tree has %r lines, not 50" % out.strip(), b)
+        finally:
+            subprocess.run(["rm", "-rf", d])
+    elif r < 0.72:
+        cli("stop", b, "--time", "1")
+    elif r < 0.77:
+        cli("start", b)
+    elif r < 0.81:
+        cli("pause", b)
+    elif r < 0.85:
+        out = cli("snapshot", b)
+        if out:
+            keep_snap = out.strip()
+            with lock:
+                proc_snaps.append(keep_snap)
+                old = proc_snaps.pop(0) if len(proc_snaps) > 10 else None
+            if old:
+                cli("snapshot", "rm", old)
+    elif r < 0.89:
+        s = pick(proc_snaps)
+        if s:
+            cli("rollback", b, s)
+    elif r < 0.93:
+        cli("stats", b)
+    elif cli("rm", "-f", b) is not None:
+        drop(proc_boxes, b)
+
+
+WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes}
 if "tenants" in WORKLOADS:
     if not TCP:
         sys.exit("the tenants workload needs SOAK_TCP (a TCP listener of the daemon)")

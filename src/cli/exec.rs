@@ -320,14 +320,16 @@ impl Drop for RawMode {
 }
 
 async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool) -> anyhow::Result<i32> {
-    use tokio::io::AsyncReadExt;
     use tokio::signal::unix::{SignalKind, signal};
     let session = client.exec_interactive(id, &req).await?;
-    let (mut writer, mut reader) = session.split();
+    let (writer, mut reader) = session.split();
     let _raw = RawMode::enter(tty);
-    let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut stdin_open = true;
+    // Input goes out from a task of its own, so that the output is always read: a loop
+    // that waited for a send while the command's output filled every buffer on the way
+    // back (which a command that echoes its input does under a pause) never woke again.
+    let (resizes, resize_rx) = tokio::sync::mpsc::unbounded_channel();
+    let input = tokio::spawn(send_input(writer, resize_rx));
+    let _stop_input = AbortOnDrop(input);
     let mut winch = signal(SignalKind::window_change()).ok();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
@@ -339,9 +341,27 @@ async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool
                 Some(InteractiveEvent::Exit(st)) => return Ok(exit_code(&st)),
                 None => anyhow::bail!("the connection ended before the command exited"),
             },
-            // Like a local pipe: input the command can no longer take (it exited, or the
-            // connection is closing after its exit) is dropped, and the exit code still
-            // comes from the Exit event; a connection really lost shows up on the reader.
+            _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
+                if tty { let _ = resizes.send(terminal_size()); }
+            }
+        }
+    }
+}
+
+/// Sends this process's stdin, then its end, and terminal sizes as they come. Like a local
+/// pipe: input the command can no longer take (it exited, or the connection is closing
+/// after its exit) is dropped, and the exit code still comes from the Exit event; a
+/// connection really lost shows up on the reader.
+async fn send_input(
+    mut writer: abx_client::InteractiveWriter,
+    mut resizes: tokio::sync::mpsc::UnboundedReceiver<abx_client::TtySize>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
             n = stdin.read(&mut buf), if stdin_open => {
                 let sent = match n {
                     Ok(0) | Err(_) => { stdin_open = false; writer.close_stdin().await }
@@ -351,9 +371,19 @@ async fn interactive_exec(client: &Client, id: &str, req: ExecRequest, tty: bool
                     stdin_open = false;
                 }
             },
-            _ = async { match winch.as_mut() { Some(w) => { w.recv().await; } None => std::future::pending().await } } => {
-                if tty { let _ = writer.resize(terminal_size()).await; }
-            }
+            size = resizes.recv() => match size {
+                Some(size) => { let _ = writer.resize(size).await; }
+                None => return,
+            },
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -276,6 +276,49 @@ async fn exec_interactive_gives_the_exit_code_of_a_command_that_leaves_stdin_unr
     }
 }
 
+/// `agentbox exec -i ID -- cat < 64 MB`: input and output flow at once. The CLI used to
+/// wait for each send of input before reading output again; a command that echoes its
+/// input filled every buffer on the way back (agent, daemon, socket), nobody read, and the
+/// exchange stood still for good after a few MB (a pause in the middle did the same with
+/// less).
+#[tokio::test]
+async fn exec_interactive_moves_large_input_and_output_at_once() {
+    let d = Daemon::start().await;
+    let id = d.mini(abx_client::Limits::default()).await;
+    let input: Vec<u8> = (0..64_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &input).unwrap();
+    let child = d
+        .cli_command(&["exec", "-i", &id, "--", "cat"])
+        .stdin(std::fs::File::open(file.path()).unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !waiter.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if !waiter.is_finished() {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    let o = waiter.join().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stuck or failed: {} of {} bytes back; {:?}",
+        o.stdout.len(),
+        input.len(),
+        text(&o).1
+    );
+    assert!(o.stdout == input, "the output differs from the input ({} of {} bytes)", o.stdout.len(), input.len());
+}
+
 /// `agentbox cp` errors name what is wrong: a host destination directory that does not
 /// exist (not "Is a directory"), a sandbox path that is not absolute (not "one side must
 /// be in a sandbox"). A symlink given as the source in a sandbox is followed and copied

@@ -113,7 +113,7 @@ use serde::de::DeserializeOwned;
 
 pub use abx_api::*;
 pub use exec::{ExecStream, NdjsonStream, Output, OutputEvent};
-pub use interactive::{Interactive, InteractiveEvent};
+pub use interactive::{Interactive, InteractiveEvent, InteractiveReader, InteractiveWriter};
 
 /// The default daemon socket.
 pub const DEFAULT_SOCKET: &str = "/run/agentbox/agentbox.sock";
