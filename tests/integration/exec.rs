@@ -264,3 +264,34 @@ async fn terminal_input_closed_after_an_unfinished_line_ends() {
     assert_eq!(exit.code, Some(0), "{seen}");
     assert!(seen.contains("hello"), "{seen}");
 }
+
+/// An exec whose sandbox is removed while its output streams ends with a conflict that
+/// names the removal. Before, it ended with `agent_unavailable` ("the sandbox went away
+/// before the process exited", or "broken exchange with the sandbox's agent"), which reads
+/// like a fault of the daemon.
+#[tokio::test]
+async fn an_exec_cut_by_a_removal_says_so() {
+    let d = Daemon::start().await;
+    for round in 0..3 {
+        let id = d.mini(Limits::default()).await;
+        let mut s = d.client.exec(&id, &cmd(&["sh", "-c", "echo up; sleep 30"])).await.unwrap();
+        loop {
+            match s.next().await.unwrap() {
+                Some(abx_client::OutputEvent::Stdout(_)) => break,
+                Some(_) => continue,
+                None => panic!("round {round}: the stream ended before any output"),
+            }
+        }
+        d.client.delete_sandbox(&id, true).await.unwrap();
+        let e = loop {
+            match s.next().await {
+                Ok(Some(abx_client::OutputEvent::Exit(st))) => panic!("round {round}: an exit ({st:?}), not an error"),
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("round {round}: the stream ended without an error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.code(), Some("conflict"), "round {round}: {e:?}");
+        assert!(e.to_string().contains("was removed while the request ran"), "round {round}: {e}");
+    }
+}

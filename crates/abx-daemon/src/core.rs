@@ -340,6 +340,8 @@ pub struct ExecSession {
     pub conn: AgentConn,
     /// Keeps the sandbox from being paused for idleness while attached.
     pub attached: crate::sandbox::Attached,
+    /// For errors: a stream cut by a stop, rollback or removal says so.
+    pub sandbox: Arc<Sandbox>,
 }
 
 /// A one-shot run: the new sandbox, its process, and the guard that destroys it.
@@ -392,8 +394,25 @@ pub enum ExecOutput {
 }
 
 impl ExecSession {
-    /// The next piece of output, or the exit (then `None` forever).
+    /// The next piece of output, or the exit (then `None` forever). `None` before the
+    /// exit: the agent went away. A stream cut because the sandbox was stopped, restarted
+    /// or removed meanwhile is an error naming that (see [`interrupted`]).
     pub async fn next(&mut self) -> CoreResult<Option<ExecOutput>> {
+        let next = self.read().await;
+        match next {
+            Err(e) => Err(interrupted(&self.sandbox, e)),
+            Ok(None) => match interrupted(
+                &self.sandbox,
+                CallError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()).into(),
+            ) {
+                e @ CoreError::Conflict(_) => Err(e),
+                _ => Ok(None),
+            },
+            found => found,
+        }
+    }
+
+    async fn read(&mut self) -> CoreResult<Option<ExecOutput>> {
         loop {
             let Some(frame) = self.conn.next().await? else { return Ok(None) };
             match frame.kind {
@@ -599,7 +618,7 @@ impl Core {
             Command::Attach { id, pid } => {
                 let sb = self.running(&id).await?;
                 let (conn, pid) = start_process(&sb, &Request::Attach { pid, replay: true }).await?;
-                Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
+                Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach(), sandbox: sb.clone() }))
             }
             Command::ReadFile { id, path, user } => {
                 let user = self.user(&id, user)?;
@@ -763,6 +782,18 @@ impl Core {
         }
     }
 
+    /// An exchange with sandbox `key`'s agent that broke: if the sandbox was removed,
+    /// stopped or restarted meanwhile, a conflict naming that (see [`interrupted`]).
+    pub(crate) fn broken(&self, key: &str, e: CoreError) -> CoreError {
+        if !matches!(e, CoreError::Agent(CallError::Unreachable(_) | CallError::Protocol(_))) {
+            return e;
+        }
+        match self.manager.get(key) {
+            Ok(sb) => interrupted(&sb, e),
+            Err(_) => CoreError::Conflict(format!("sandbox {key} was removed while the request ran")),
+        }
+    }
+
     /// The effective user of a file operation: the caller's, else the sandbox default.
     fn user(&self, key: &str, user: Option<String>) -> CoreResult<Option<String>> {
         if let Some(u) = &user {
@@ -848,7 +879,7 @@ impl Core {
                 conn.send(Kind::Eof, b"").await?;
             }
         }
-        Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach() }))
+        Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach(), sandbox: sb.clone() }))
     }
 
     fn exec_spec(&self, sb: &Sandbox, req: &ExecRequest) -> CoreResult<ExecSpec> {

@@ -119,6 +119,16 @@ fn event_stream(session: ExecSession) -> impl futures_util::Stream<Item = ExecEv
     })
 }
 
+/// The end of an interactive session whose agent connection broke: a conflict naming a
+/// removal, stop or restart of the sandbox meanwhile, else [`lost_event`].
+fn cut_event(sb: &crate::sandbox::Sandbox) -> ExecEvent {
+    let broken = CoreError::Agent(crate::agent::CallError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()));
+    match crate::core::interrupted(sb, broken) {
+        CoreError::Conflict(message) => ExecEvent::Error { code: "conflict".into(), message },
+        _ => lost_event(),
+    }
+}
+
 fn lost_event() -> ExecEvent {
     ExecEvent::Error {
         code: "agent_unavailable".into(),
@@ -194,7 +204,7 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
 /// process can no longer take (it closed stdin or exited) is dropped: the exchange goes on
 /// until the exit is forwarded.
 async fn pump(mut socket: WebSocket, session: ExecSession) {
-    let ExecSession { pid, conn, attached: _attached } = session;
+    let ExecSession { pid, conn, attached: _attached, sandbox } = session;
     let crate::agent::AgentConn { mut reader, writer } = conn;
     if !send_event(&mut socket, &ExecEvent::Started { pid }).await {
         return;
@@ -222,7 +232,7 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
                         if !forward_frame(&mut socket, f).await { break; }
                     }
                     _ => {
-                        let _ = send_event(&mut socket, &lost_event()).await;
+                        let _ = send_event(&mut socket, &cut_event(&sandbox)).await;
                         break;
                     }
                 }

@@ -76,11 +76,6 @@ fn body_stream(req: Request) -> ByteStream {
     Box::pin(req.into_body().into_data_stream().map_err(std::io::Error::other))
 }
 
-/// Streams the `Data` frames of an agent connection as a response body.
-pub(crate) fn content_body(conn: AgentConn) -> Body {
-    Body::from_stream(content_stream(conn))
-}
-
 /// The `Data` frames of an agent connection, up to `Eof`; any other frame or a broken
 /// connection ends the stream with an error (the response is cut short).
 fn content_stream(conn: AgentConn) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
@@ -97,8 +92,14 @@ fn content_stream(conn: AgentConn) -> impl futures_util::Stream<Item = std::io::
 
 /// Waits for the first frame of a transfer before answering, so that an error the agent
 /// reports before any byte (an unreadable file in a directory, say) gets its own status:
-/// once a 200 went out, an error can only cut the response short.
-async fn first_then_rest(mut conn: AgentConn) -> Result<Body, ApiError> {
+/// once a 200 went out, an error can only cut the response short. So does a sandbox
+/// removed, stopped or restarted meanwhile ([`Core::broken`]; before, such a response was
+/// cut before its head, and the client saw the connection close).
+pub(crate) async fn first_then_rest(core: &Core, id: &str, conn: AgentConn) -> Result<Body, CoreError> {
+    first_frame(conn).await.map_err(|e| core.broken(id, e))
+}
+
+async fn first_frame(mut conn: AgentConn) -> Result<Body, CoreError> {
     let first = match conn.next().await.map_err(CoreError::from)? {
         Some(f) if f.kind == Kind::Data => bytes::Bytes::from(f.payload),
         Some(f) if f.kind == Kind::Eof => return Ok(Body::empty()),
@@ -108,9 +109,9 @@ async fn first_then_rest(mut conn: AgentConn) -> Result<Body, ApiError> {
                 Ok(Reply::Ok(_)) => CallError::Protocol(ProtoError::Unexpected("a second reply in a transfer".into())),
                 Err(e) => CallError::Protocol(e),
             };
-            return Err(CoreError::from(err).into());
+            return Err(CoreError::from(err));
         }
-        None => return Err(CoreError::from(CallError::Protocol(ProtoError::Closed)).into()),
+        None => return Err(CoreError::from(CallError::Protocol(ProtoError::Closed))),
     };
     let rest = content_stream(conn);
     Ok(Body::from_stream(futures_util::stream::once(async { Ok(first) }).chain(rest)))
@@ -137,8 +138,9 @@ async fn read(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let (info, conn) = core.execute(Command::ReadFile { id, path: q.path, user: q.user }).await?.content()?;
-    let mut resp = content_body(conn).into_response();
+    let (info, conn) =
+        core.execute(Command::ReadFile { id: id.clone(), path: q.path, user: q.user }).await?.content()?;
+    let mut resp = first_then_rest(&core, &id, conn).await?.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
@@ -244,8 +246,9 @@ async fn archive_read(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let (_, conn) = core.execute(Command::ArchiveRead { id, path: q.path, user: q.user }).await?.content()?;
-    let mut resp = first_then_rest(conn).await?.into_response();
+    let (_, conn) =
+        core.execute(Command::ArchiveRead { id: id.clone(), path: q.path, user: q.user }).await?.content()?;
+    let mut resp = first_then_rest(&core, &id, conn).await?.into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
     Ok(resp)
 }

@@ -6,7 +6,7 @@ mod exec;
 mod files;
 mod keys;
 
-pub(crate) use files::content_body;
+pub(crate) use files::first_then_rest;
 mod network;
 mod sandboxes;
 mod snapshots;

@@ -49,7 +49,8 @@ pub async fn read(State(core): State<Core>, env: Envd, uri: Uri) -> Result<Respo
         .await
         .and_then(|o| o.content())
         .map_err(file_error)?;
-    let mut resp = crate::api::content_body(conn).into_response();
+    let body = crate::api::first_then_rest(&core, &env.id, conn).await.map_err(file_error)?;
+    let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
