@@ -57,6 +57,7 @@ EXPECTED = re.compile(
             r"did not answer the request",  # the ingress proxy: removed during the request
             r"write to '[0-9N.]+': Connection refused",  # no DNS proxy without an upstream (--dns-upstream none)
             r"^<exit status",
+            r"sandbox uid ranges are in use",  # all workloads at once can take every slot
             r"command killed after its timeout",  # the workload's own `exec --timeout`
             r"broke off: sandbox \S+ (was removed meanwhile|is \w+ now|was restarted meanwhile)",  # a download cut by a removal, stop or restart
             r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/cp-",  # the workload's own races
