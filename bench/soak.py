@@ -12,6 +12,10 @@ Workloads (all at once when several are given, 6 client threads in all):
              prune, pools and volumes coming and going
   tenants    two tenants' keys over TCP creating, snapshotting, forking, listing and
              removing, and trying the other's sandboxes (any success is a leak)
+  e2b        the unmodified e2b Python SDK over TCP: create, commands (foreground,
+             background, stdin, kill), files (content checked), pause, connect, timeouts,
+             listing, kill, while the CLI stops, starts, rolls back and removes the same
+             sandboxes (needs the SDK: scripts/soak runs this file with its venv's python)
   processes  background processes, `ps`, `kill`, exec timeouts, stdin, large output,
              files and directories copied in and out (content checked), while the same
              sandboxes are stopped, started, paused, rolled back and removed
@@ -58,9 +62,12 @@ EXPECTED = re.compile(
             r"write to '[0-9N.]+': Connection refused",  # no DNS proxy without an upstream (--dns-upstream none)
             r"^<exit status",
             r"sandbox uid ranges are in use",  # all workloads at once can take every slot
-            r"command killed after its timeout",  # the workload's own `exec --timeout`
+            r"command killed after its timeout",
+            r"Command exited with code -N and error:\s*$",  # e2b: killed by a stop, rollback or removal
+            r"Error reading content: request or response body error",  # e2b: a download cut after its first bytes
+            r"process N has no stdin",  # e2b: the pid now names another process, after a restart  # the workload's own `exec --timeout`
             r"broke off: sandbox \S+ (was removed meanwhile|is \w+ now|was restarted meanwhile)",  # a download cut by a removal, stop or restart
-            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/cp-",  # the workload's own races
+            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb)-",  # the workload's own races
         ]
     )
 )
@@ -445,7 +452,96 @@ def processes():
         drop(proc_boxes, b)
 
 
-WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes}
+e2b_boxes, e2b_snaps = [], []
+E2B = None
+
+
+def e2b_call(what, fn):
+    """Runs fn (an SDK call); an exception is noted as a failure of `what`."""
+    with lock:
+        ops["e2b " + what] += 1
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        msg = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        note("e2b " + what, msg, msg)
+        return None
+
+
+def e2b():
+    r, b = random.random(), pick(e2b_boxes)
+    if r < 0.08 or b is None:
+        sb = e2b_call("create", lambda: E2B.Sandbox.create("mini", timeout=random.choice([5, 300])))
+        if sb:
+            with lock:
+                e2b_boxes.append(sb.sandbox_id)
+                old = e2b_boxes.pop(0) if len(e2b_boxes) > 10 else None
+            if old:
+                e2b_call("kill", lambda: E2B.Sandbox.kill(old))
+        return
+    sb = e2b_call("connect", lambda: E2B.Sandbox.connect(b, timeout=300))
+    if sb is None:
+        return
+    if r < 0.25:
+        res = e2b_call("commands.run", lambda: sb.commands.run("echo hi; echo ho >&2"))
+        if res is not None and (res.stdout, res.stderr) != ("hi\n", "ho\n"):
+            note("e2b commands.run", "wrong output %r %r" % (res.stdout[:30], res.stderr[:30]), b)
+    elif r < 0.33:
+        h = e2b_call("commands.run bg", lambda: sb.commands.run("sleep 30", background=True))
+        if h is not None:
+            e2b_call("commands.list", lambda: sb.commands.list())
+            e2b_call("commands.kill", lambda: h.kill())
+    elif r < 0.40:
+        h = e2b_call("commands.run stdin", lambda: sb.commands.run("cat", background=True, stdin=True))
+        if h is not None:
+            data = "x" * random.choice([10, 50000])
+            e2b_call("commands.send_stdin", lambda: sb.commands.send_stdin(h.pid, data))
+            e2b_call("commands.close_stdin", lambda: sb.commands.close_stdin(h.pid))
+            res = e2b_call("commands.wait", lambda: h.wait())
+            if res is not None and res.stdout != data:
+                note("e2b commands.wait", "stdin came back as %d of %d bytes" % (len(res.stdout), len(data)), b)
+    elif r < 0.55:
+        data = os.urandom(random.choice([100, 1 << 20]))
+        path = "/tmp/e2b-%d" % random.getrandbits(48)
+        if e2b_call("files.write", lambda: sb.files.write(path, data)) is not None:
+            back = e2b_call("files.read", lambda: sb.files.read(path, format="bytes"))
+            if back is not None and bytes(back) != data:
+                note("e2b files.read", "read %d bytes back, not the %d written" % (len(back), len(data)), b)
+    elif r < 0.60:
+        e2b_call("files.list", lambda: sb.files.list("/tmp"))
+    elif r < 0.66:
+        e2b_call("pause", lambda: sb.pause())
+    elif r < 0.70:
+        e2b_call("set_timeout", lambda: sb.set_timeout(random.choice([3, 300])))
+    elif r < 0.74:
+        e2b_call("get_info", lambda: sb.get_info())
+    elif r < 0.77:
+        e2b_call("list", lambda: E2B.Sandbox.list().next_items())
+    elif r < 0.81:
+        out = cli("snapshot", b)
+        if out:
+            with lock:
+                e2b_snaps.append(out.strip())
+                old = e2b_snaps.pop(0) if len(e2b_snaps) > 10 else None
+            if old:
+                cli("snapshot", "rm", old)
+    elif r < 0.85:
+        s = pick(e2b_snaps)
+        if s:
+            cli("rollback", b, s)
+    elif r < 0.89:
+        cli("stop", b, "--time", "1")
+    elif r < 0.92:
+        cli("start", b)
+    elif r < 0.96:
+        e2b_call("kill", lambda: sb.kill())
+        drop(e2b_boxes, b)
+    else:
+        if cli("rm", "-f", b) is not None:
+            drop(e2b_boxes, b)
+
+
+WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes, "e2b": e2b}
 if "tenants" in WORKLOADS:
     if not TCP:
         sys.exit("the tenants workload needs SOAK_TCP (a TCP listener of the daemon)")
@@ -454,6 +550,15 @@ if "tenants" in WORKLOADS:
         if not out:
             sys.exit("cannot make a key for tenant %s" % t)
         tenant_keys[t] = out.strip().split()[-1]
+if "e2b" in WORKLOADS:
+    if not TCP:
+        sys.exit("the e2b workload needs SOAK_TCP (a TCP listener of the daemon)")
+    out = cli("key", "create")
+    if not out:
+        sys.exit("cannot make an API key for the e2b SDK")
+    key = out.strip().splitlines()[0].split()[-1]
+    os.environ.update(E2B_API_URL=TCP, E2B_SANDBOX_URL=TCP, E2B_API_KEY=key, E2B_DOMAIN="agentbox.invalid")
+    import e2b as E2B  # noqa: E402  (the venv's SDK; only this workload needs it)
 deadline = time.time() + SECONDS
 
 

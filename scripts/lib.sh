@@ -78,3 +78,23 @@ wait_for_socket() {
   echo "error: the daemon did not answer on $sock" >&2
   return 1
 }
+
+# The e2b Python SDK, at the version the tests pin, in the venv the tests use
+# (/var/cache/agentbox/e2b-venv-VERSION, made under the same flock); sets E2B_VERSION
+# and E2B_VENV. Needs python3-venv and PyPI.
+e2b_venv() {
+  E2B_VERSION=$(sed -n 's/^const E2B_VERSION: &str = "\(.*\)";/\1/p' tests/integration/e2b.rs)
+  E2B_VENV=/var/cache/agentbox/e2b-venv-$E2B_VERSION
+  mkdir -p /var/cache/agentbox
+  (
+    flock 9
+    if [ ! -e "$E2B_VENV/.installed" ]; then
+      echo "==> e2b $E2B_VERSION into $E2B_VENV"
+      rm -rf "$E2B_VENV"
+      python3 -m venv "$E2B_VENV"
+      "$E2B_VENV/bin/pip" install -q --disable-pip-version-check "e2b==$E2B_VERSION"
+      touch "$E2B_VENV/.installed"
+    fi
+  ) 9>"/var/cache/agentbox/e2b-venv-$E2B_VERSION.lock"
+  export E2B_VERSION E2B_VENV
+}

@@ -24,9 +24,6 @@ use crate::sandbox::Sandbox;
 use crate::validate;
 
 /// A stream of bytes (request or response bodies).
-/// How long a failed upload goes on reading what its client still sends (see `Core::upload`).
-const UPLOAD_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
-
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
 /// Everything agentbox can be asked to do.
@@ -817,29 +814,13 @@ impl Core {
         opened.await.map_err(|e| interrupted(&sb, e))
     }
 
-    /// Streams `body` to the agent with `req` and returns its reply. When it fails before
-    /// the body was read to its end (the sandbox is gone, stopped or not found, the agent
-    /// refused the path), the rest of the body is read and dropped for up to
-    /// [`UPLOAD_DRAIN`] first: an HTTP client that is still sending would otherwise see
-    /// the connection close under its upload ("broken pipe") instead of this answer.
+    /// Streams `body` to the agent with `req` and returns its reply. (An error answered
+    /// before the body's end waits for the rest of it: `server::read_rest_after_error`.)
     async fn upload<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
         req: Request,
         mut body: ByteStream,
-    ) -> CoreResult<T> {
-        let res = self.upload_from(key, req, &mut body).await;
-        if res.is_err() {
-            let _ = tokio::time::timeout(UPLOAD_DRAIN, async { while let Some(Ok(_)) = body.next().await {} }).await;
-        }
-        res
-    }
-
-    async fn upload_from<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-        req: Request,
-        body: &mut ByteStream,
     ) -> CoreResult<T> {
         let sb = self.running(key).await?;
         let mut conn = AgentConn::open(&sb.dirs.agent_socket(), &req).await.map_err(|e| interrupted(&sb, e.into()))?;

@@ -51,11 +51,12 @@ pub async fn serve(
                 let listener = bind_unix(path)?;
                 info!(socket = %path.display(), "listening");
                 // Root on the host: acts for everyone.
-                let app = app.clone().layer(axum::middleware::from_fn(
-                    |req: axum::extract::Request, next: axum::middleware::Next| {
+                let app = app
+                    .clone()
+                    .layer(axum::middleware::from_fn(|req: axum::extract::Request, next: axum::middleware::Next| {
                         crate::auth::serve_as(crate::auth::Caller::Admin, req, next)
-                    },
-                ));
+                    }))
+                    .layer(axum::middleware::from_fn(read_rest_after_error));
                 let mut rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
                     let _ = axum::serve(listener, app)
@@ -73,7 +74,10 @@ pub async fn serve(
                     let _ = tcp.set_nodelay(true);
                 });
                 info!(address = %addr, "listening (API key required)");
-                let app = app.clone().layer(axum::middleware::from_fn_with_state(core.clone(), require_key));
+                let app = app
+                    .clone()
+                    .layer(axum::middleware::from_fn_with_state(core.clone(), require_key))
+                    .layer(axum::middleware::from_fn(read_rest_after_error));
                 let mut rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
                     let _ = axum::serve(listener, app)
@@ -96,6 +100,55 @@ pub async fn serve(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
     Ok(())
+}
+
+/// How long an error answer to a request with a body waits for the rest of that body.
+const READ_REST_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A request body the handler and [`read_rest_after_error`] share.
+struct SharedBody(std::sync::Arc<std::sync::Mutex<axum::body::Body>>);
+
+impl http_body::Body for SharedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        let mut body = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::pin::Pin::new(&mut *body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).size_hint()
+    }
+}
+
+/// An error answered before the request's body was read to its end (an upload to a
+/// sandbox that is gone, a path refused, a missing key, a multipart upload failing at its
+/// first part) waits until the client has sent the rest, for up to [`READ_REST_FOR`], which
+/// it reads and drops. Otherwise the connection closes under a client that is still
+/// sending, and it reports "broken pipe" instead of the answer.
+async fn read_rest_after_error(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use futures_util::StreamExt;
+    if matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(body));
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::new(SharedBody(shared.clone())));
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        let rest = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut rest = rest.into_data_stream();
+        let _ = tokio::time::timeout(READ_REST_FOR, async { while let Some(Ok(_)) = rest.next().await {} }).await;
+    }
+    resp
 }
 
 /// TCP requests need an API key (`Authorization: Bearer K` or `X-API-Key: K`); requests
