@@ -60,12 +60,11 @@ EXPECTED = re.compile(
             r"no sandbox '",  # the ingress proxy: removed meanwhile
             r"did not answer the request",  # the ingress proxy: removed during the request
             r"write to '[0-9N.]+': Connection refused",  # no DNS proxy without an upstream (--dns-upstream none)
-            r"^<exit status",
+            r"^<exit status",  # the command's own status (a probe that cannot resolve, a killed sleep)
             r"sandbox uid ranges are in use",  # all workloads at once can take every slot
-            r"command killed after its timeout",
+            r"command killed after its timeout",  # the workload's own `exec --timeout`
             r"Command exited with code -N and error:\s*$",  # e2b: killed by a stop, rollback or removal
             r"Error reading content: request or response body error",  # e2b: a download cut after its first bytes
-            r"process N has no stdin",  # e2b: the pid now names another process, after a restart  # the workload's own `exec --timeout`
             r"broke off: sandbox \S+ (was removed meanwhile|is \w+ now|was restarted meanwhile)",  # a download cut by a removal, stop or restart
             r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb)-",  # the workload's own races
         ]

@@ -532,3 +532,31 @@ async fn diff_lists_exactly_what_changed_since_the_template() {
     assert_eq!(out.stdout, bytes, "the same archive, on standard output");
     assert!(!std::path::Path::new("-").exists());
 }
+
+/// A pid a client holds from before a stop and start, or a rollback, never names a process
+/// of the new run: the new pid namespace continues above the highest pid the sandbox
+/// handed out. Before, every run numbered from 1 again, so the first background process
+/// of each run had the same pid, and a client's old handle signalled (or wrote to, or
+/// waited on) an unrelated process.
+#[tokio::test]
+async fn pids_from_before_a_restart_name_no_new_process() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let sleep = || ExecRequest { cmd: vec!["sleep".into(), "1000".into()], ..Default::default() };
+    let mut last = d.client.exec_background(&id, &sleep()).await.unwrap();
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    for round in 0..3 {
+        if round == 1 {
+            d.client.rollback(&id, &snap.id).await.unwrap();
+        } else {
+            d.client.stop(&id).await.unwrap();
+            d.client.start(&id).await.unwrap();
+        }
+        let pid = d.client.exec_background(&id, &sleep()).await.unwrap();
+        assert!(pid > last, "round {round}: pid {pid} after {last}");
+        let e = d.client.signal(&id, last, "KILL").await.unwrap_err();
+        assert_eq!(e.code(), Some("not_found"), "round {round}: {e}");
+        assert!(d.client.processes(&id).await.unwrap().iter().any(|p| p.pid == pid), "round {round}");
+        last = pid;
+    }
+}

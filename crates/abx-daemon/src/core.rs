@@ -986,7 +986,9 @@ async fn start_process(sb: &Sandbox, req: &Request) -> CoreResult<(AgentConn, u3
         let pid = started(&mut conn).await?;
         Ok((conn, pid))
     };
-    opened.await.map_err(|e| interrupted(sb, e))
+    let (conn, pid) = opened.await.map_err(|e| interrupted(sb, e))?;
+    sb.update(|r| r.last_pid = r.last_pid.max(pid));
+    Ok((conn, pid))
 }
 
 async fn started(conn: &mut AgentConn) -> CoreResult<u32> {

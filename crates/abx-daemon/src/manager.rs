@@ -728,6 +728,7 @@ impl Manager {
             ephemeral,
             build_step,
             ingress_token: self.new_ingress_token(req.ingress),
+            last_pid: 0,
             ..base
         };
         let this = self.clone();
@@ -862,6 +863,7 @@ impl Manager {
                 }
             }),
             ingress_token: None,
+            last_pid: 0,
         }
     }
 
@@ -1075,6 +1077,7 @@ impl Manager {
             volumes: self.volume_specs(&rec.volumes).map_err(|e| setup_err(e.to_string()))?,
             resolv_conf,
             net: self.net.as_ref().map(|n| n.slot_spec(rec.uid_slot)),
+            last_pid: rec.last_pid,
         };
         let t_pre = t0.elapsed();
         let spawned = self.spawner.spawn(&spec, listener.as_fd(), status_w.as_fd());

@@ -80,6 +80,10 @@ pub struct Record {
     /// ingress proxy must carry. None: its ports are public.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_token: Option<String>,
+    /// The highest pid of a process started through the API (`exec`, background
+    /// processes), over all runs: a restart continues above it (`SpawnSpec::last_pid`).
+    #[serde(default)]
+    pub last_pid: u32,
 }
 
 /// The context of a template's start command and readiness check (see `Record::start_as`).
@@ -164,6 +168,7 @@ impl Record {
             ready: None,
             start_as: None,
             ingress_token: None,
+            last_pid: 0,
         }
     }
 }

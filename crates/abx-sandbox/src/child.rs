@@ -232,6 +232,11 @@ fn run_step(step: &Step, trees: &[OwnedFd], resolv: Option<&OwnedFd>) -> std::io
         },
         Step::PivotRoot { root } => pivot(root),
         Step::SetHostname { name } => Ok(rustix::system::sethostname(name.as_bytes())?),
+        // EINVAL: beyond the host's pid_max; the numbering then starts low again.
+        Step::LastPid { path, pid } => match std::fs::write(path, pid.to_string()) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => Ok(()),
+            r => r,
+        },
         Step::ResolvConf { contents, .. } => {
             let target = Path::new("/etc/resolv.conf");
             match resolv {

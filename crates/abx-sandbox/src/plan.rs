@@ -96,6 +96,12 @@ pub enum Step {
     SetHostname {
         name: String,
     },
+    /// Continue the new pid namespace's numbering above `pid` (its `ns_last_pid`, through
+    /// the /proc mounted at `path`'s root); a pid beyond the host's `pid_max` is left out.
+    LastPid {
+        path: PathBuf,
+        pid: u32,
+    },
     /// Attach volume tree `index` (a received descriptor) at `target`, an absolute path
     /// resolved inside the sandbox's own root (so it runs after [`Step::PivotRoot`]):
     /// missing directories are created (mode 0755, owned by the sandbox's root); an
@@ -122,6 +128,7 @@ impl fmt::Display for Step {
             Step::Symlink { target, link } => write!(f, "symlink {} -> {target}", link.display()),
             Step::PivotRoot { root } => write!(f, "pivot_root into {}", root.display()),
             Step::SetHostname { name } => write!(f, "set hostname {name}"),
+            Step::LastPid { pid, .. } => write!(f, "continue pids above {pid}"),
             Step::ResolvConf { .. } => write!(f, "set /etc/resolv.conf"),
             Step::AttachVolume { index, target } => write!(f, "attach volume tree {index} at {target}"),
         }
@@ -216,6 +223,10 @@ pub fn build(spec: &SpawnSpec) -> Vec<Step> {
     for d in MASKED_DIRS {
         steps.push(Step::MaskDir { path: r(d), empty: dirs.mask() });
     }
+    // Before /proc/sys turns read-only.
+    if spec.last_pid > 0 {
+        steps.push(Step::LastPid { path: r("proc/sys/kernel/ns_last_pid"), pid: spec.last_pid });
+    }
     for p in READ_ONLY {
         steps.push(Step::ReadOnly { path: r(p) });
     }
@@ -259,6 +270,7 @@ mod tests {
             resolv_conf: None,
             net: None,
             volumes: vec![],
+            last_pid: 0,
         }
     }
 
@@ -381,5 +393,19 @@ mod tests {
         json.as_object_mut().unwrap().remove("volumes");
         let parsed: SpawnSpec = serde_json::from_value(json).unwrap();
         assert!(parsed.volumes.is_empty());
+    }
+
+    /// A restarted sandbox's pid floor is set through its own /proc while /proc/sys is
+    /// still writable; a first run sets none.
+    #[test]
+    fn a_restart_continues_pids_before_proc_sys_is_read_only() {
+        assert!(!build(&spec()).iter().any(|s| matches!(s, Step::LastPid { .. })));
+        let steps = build(&SpawnSpec { last_pid: 41, ..spec() });
+        let at = |f: &dyn Fn(&Step) -> bool| steps.iter().position(f).unwrap();
+        let last = at(&|s| matches!(s, Step::LastPid { pid: 41, .. }));
+        let Step::LastPid { path, .. } = &steps[last] else { unreachable!() };
+        assert_eq!(path, &PathBuf::from("./rootfs/proc/sys/kernel/ns_last_pid"));
+        assert!(last > at(&|s| matches!(s, Step::Mount { fstype: "proc", .. })));
+        assert!(last < at(&|s| matches!(s, Step::ReadOnly { path } if path.ends_with("proc/sys"))));
     }
 }

@@ -43,6 +43,11 @@ pub struct SpawnSpec {
     /// (shallowest first; see [`crate::plan::build`]).
     #[serde(default)]
     pub volumes: Vec<VolumeSpec>,
+    /// The highest pid an earlier run of this sandbox handed out to a client (0: none).
+    /// The new pid namespace continues above it (`ns_last_pid`), so a client's pid of a
+    /// process from before a stop, start or rollback never names a new process.
+    #[serde(default)]
+    pub last_pid: u32,
 }
 
 /// A host directory mounted into a sandbox ("volume"). The spawner clones it as a
