@@ -57,9 +57,9 @@ pub struct ExecArgs {
     /// User (name, uid or uid:gid).
     #[arg(long, short = 'u')]
     user: Option<String>,
-    /// Kill the command after this long (e.g. 30s).
-    #[arg(long, value_parser = parse::duration)]
-    timeout: Option<u64>,
+    /// Kill the command after this long (e.g. 30s, 300ms, 1.5s, 10m).
+    #[arg(long, value_parser = parse::exec_timeout)]
+    timeout: Option<f64>,
     /// Start in the background and print the pid.
     #[arg(short = 'd', long)]
     detach: bool,
@@ -197,7 +197,7 @@ pub async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<i32> {
         env: a.env.into_iter().collect(),
         cwd: a.workdir,
         user: a.user,
-        timeout_secs: a.timeout.map(|t| t as f64),
+        timeout_secs: a.timeout,
         ..Default::default()
     };
     if a.detach {

@@ -63,6 +63,25 @@ pub fn duration(s: &str) -> Result<u64, String> {
     Ok(total)
 }
 
+/// A command's timeout in seconds: `300ms`, `1.5s`, `2.5` (seconds), or a duration as
+/// [`duration`] takes it (`30s`, `10m`, `1h30m`); more than zero.
+pub fn exec_timeout(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let secs = if let Some(ms) = t.strip_suffix("ms") {
+        ms.parse::<f64>()
+            .map(|v| v / 1000.0)
+            .map_err(|_| format!("invalid timeout '{s}': use e.g. 300ms, 1.5s, 10m"))?
+    } else if let Ok(v) = t.strip_suffix('s').unwrap_or(t).parse::<f64>() {
+        v
+    } else {
+        duration(t)? as f64
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("invalid timeout '{s}': it must be more than zero"));
+    }
+    Ok(secs)
+}
+
 /// `KEY=VALUE`.
 /// A stop's grace time: a finite number of seconds from 0 to 3600 (`nan` and `inf`,
 /// which Rust parses as numbers, would reach the daemon as null: its default).
@@ -134,6 +153,21 @@ mod tests {
         assert!(duration("1h1h").unwrap_err().contains("each once"));
         assert!(duration("30m1h").is_err());
         assert_eq!(duration("1d2h3m4s").unwrap(), 93784);
+    }
+
+    #[test]
+    fn exec_timeouts() {
+        assert_eq!(exec_timeout("300ms").unwrap(), 0.3);
+        assert_eq!(exec_timeout("1.5s").unwrap(), 1.5);
+        assert_eq!(exec_timeout("2.5").unwrap(), 2.5);
+        assert_eq!(exec_timeout("30s").unwrap(), 30.0);
+        assert_eq!(exec_timeout("1h30m").unwrap(), 5400.0);
+        assert!(exec_timeout("0").unwrap_err().contains("more than zero"));
+        assert!(exec_timeout("0ms").is_err());
+        assert!(exec_timeout("inf").is_err());
+        assert!(exec_timeout("-1s").is_err());
+        assert!(exec_timeout("5x").is_err());
+        assert!(exec_timeout("xms").unwrap_err().contains("300ms"));
     }
 
     #[test]

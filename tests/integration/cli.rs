@@ -44,6 +44,11 @@ async fn create_exec_ls_inspect_rm() {
     assert_eq!(id.len(), 12);
     let o = d.cli(&["exec", "worker-1", "-u", "root", "--", "sh", "-c", "echo $A $(id -u)"]);
     assert_eq!(text(&o).0, "1 0\n");
+    // A command's timeout below a second (whole seconds only, before).
+    let o = d.cli(&["exec", "--timeout", "300ms", "worker-1", "--", "sleep", "30"]);
+    assert!(text(&o).1.contains("killed after its timeout"), "{:?}", text(&o));
+    let o = d.cli(&["exec", "--timeout", "0ms", "worker-1", "--", "true"]);
+    assert!(text(&o).1.contains("more than zero"), "{:?}", text(&o));
     assert_eq!(text(&d.cli(&["ls", "-q"])).0.trim(), id);
     assert!(text(&d.cli(&["ls"])).0.contains("worker-1"));
     let inspected: serde_json::Value = serde_json::from_str(&text(&d.cli(&["inspect", &id])).0).unwrap();
