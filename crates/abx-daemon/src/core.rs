@@ -395,16 +395,9 @@ impl ExecSession {
     /// exit: the agent went away. A stream cut because the sandbox was stopped, restarted
     /// or removed meanwhile is an error naming that (see [`interrupted`]).
     pub async fn next(&mut self) -> CoreResult<Option<ExecOutput>> {
-        let next = self.read().await;
-        match next {
+        match self.read().await {
             Err(e) => Err(interrupted(&self.sandbox, e)),
-            Ok(None) => match interrupted(
-                &self.sandbox,
-                CallError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()).into(),
-            ) {
-                e @ CoreError::Conflict(_) => Err(e),
-                _ => Ok(None),
-            },
+            Ok(None) => cut_short(&self.sandbox).map_or(Ok(None), Err),
             found => found,
         }
     }
@@ -959,23 +952,29 @@ impl Core {
     }
 }
 
-/// Reads the agent's answer to Exec/Attach: the Started event or an error reply.
 /// A request to a sandbox's agent that broke because the sandbox was stopped, restarted or
 /// removed meanwhile (a concurrent request; its state changes before its processes go):
 /// says so, as a conflict, instead of "broken exchange with the sandbox's agent".
 pub(crate) fn interrupted(sb: &Sandbox, e: CoreError) -> CoreError {
-    use abx_api::SandboxState as S;
     if !matches!(e, CoreError::Agent(CallError::Unreachable(_) | CallError::Protocol(_))) {
         return e;
     }
+    cut_short(sb).unwrap_or(e)
+}
+
+/// The conflict for a request whose exchange with sandbox `sb`'s agent ended early: what
+/// happened to the sandbox meanwhile (removed, stopped, restarted, ended); `None` while it
+/// runs or is paused (then the agent itself went away).
+pub(crate) fn cut_short(sb: &Sandbox) -> Option<CoreError> {
+    use abx_api::SandboxState as S;
     let what = match sb.state() {
-        S::Running | S::Paused => return e,
+        S::Running | S::Paused => return None,
         S::Destroying => "removed",
         S::Stopping | S::Stopped => "stopped",
         S::Starting | S::Creating => "restarted (a rollback or start)",
         S::Exited => "ended (its first process exited)",
     };
-    CoreError::Conflict(format!("sandbox {} was {what} while the request ran", sb.id))
+    Some(CoreError::Conflict(format!("sandbox {} was {what} while the request ran", sb.id)))
 }
 
 /// Sends `req` (an exec or an attach) to the sandbox's agent and reads the process's
@@ -991,6 +990,7 @@ async fn start_process(sb: &Sandbox, req: &Request) -> CoreResult<(AgentConn, u3
     Ok((conn, pid))
 }
 
+/// Reads the agent's answer to Exec/Attach: the Started event or an error reply.
 async fn started(conn: &mut AgentConn) -> CoreResult<u32> {
     let frame = conn.reader.expect().await.map_err(CallError::from)?;
     let value: serde_json::Value = frame.json().map_err(CallError::from)?;

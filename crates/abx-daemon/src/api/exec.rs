@@ -122,10 +122,9 @@ fn event_stream(session: ExecSession) -> impl futures_util::Stream<Item = ExecEv
 /// The end of an interactive session whose agent connection broke: a conflict naming a
 /// removal, stop or restart of the sandbox meanwhile, else [`lost_event`].
 fn cut_event(sb: &crate::sandbox::Sandbox) -> ExecEvent {
-    let broken = CoreError::Agent(crate::agent::CallError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()));
-    match crate::core::interrupted(sb, broken) {
-        CoreError::Conflict(message) => ExecEvent::Error { code: "conflict".into(), message },
-        _ => lost_event(),
+    match crate::core::cut_short(sb) {
+        Some(e) => ExecEvent::Error { code: e.code().0.into(), message: e.full_message() },
+        None => lost_event(),
     }
 }
 
