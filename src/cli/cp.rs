@@ -310,8 +310,7 @@ async fn broke_off(client: &Client, id: &str, src: &str, pid: Option<i32>, e: ab
     let why = match client.get_sandbox(id).await {
         Err(found) if found.code() == Some("not_found") => format!("sandbox {id} was removed meanwhile"),
         Ok(sb) if sb.state != abx_client::SandboxState::Running => {
-            let state = serde_json::to_value(sb.state).ok().and_then(|v| v.as_str().map(String::from));
-            format!("sandbox {id} is {} now", state.unwrap_or_default())
+            format!("sandbox {id} is {} now", sb.state.as_str())
         }
         Ok(sb) if pid.is_some_and(|p| p != sb.pid) => {
             format!("sandbox {id} was restarted meanwhile (a rollback, or a stop and start)")

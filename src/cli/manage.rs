@@ -69,7 +69,7 @@ pub async fn ls(client: &Client, a: LsArgs) -> anyhow::Result<i32> {
     } else {
         println!("{:<14} {:<20} {:<12} {:<10} {:<10} EXPIRES", "ID", "NAME", "TEMPLATE", "STATE", "CREATED");
         for sb in list {
-            let state = serde_json::to_value(sb.state)?.as_str().unwrap_or("?").to_string();
+            let state = sb.state.as_str();
             println!(
                 "{:<14} {:<20} {:<12} {:<10} {:<10} {}",
                 sb.id,
@@ -148,7 +148,7 @@ pub async fn system(client: &Client) -> anyhow::Result<i32> {
 /// `pause` and `resume`: print the sandbox's new state.
 pub async fn pause(client: &Client, a: IdArg, pause: bool) -> anyhow::Result<i32> {
     let sb = if pause { client.pause(&a.id).await? } else { client.resume(&a.id).await? };
-    println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?"));
+    println!("{} {}", sb.id, sb.state.as_str());
     Ok(0)
 }
 

@@ -82,7 +82,6 @@ pub fn exec_timeout(s: &str) -> Result<f64, String> {
     Ok(secs)
 }
 
-/// `KEY=VALUE`.
 /// A stop's grace time: a finite number of seconds from 0 to 3600 (`nan` and `inf`,
 /// which Rust parses as numbers, would reach the daemon as null: its default).
 pub fn grace_secs(s: &str) -> Result<f64, String> {
@@ -92,6 +91,7 @@ pub fn grace_secs(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `KEY=VALUE`.
 pub fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),

@@ -133,7 +133,7 @@ pub struct RollbackArgs {
 
 pub async fn rollback(client: &Client, a: RollbackArgs) -> anyhow::Result<i32> {
     let sb = client.rollback(&a.id, &a.snapshot).await?;
-    println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?"));
+    println!("{} {}", sb.id, sb.state.as_str());
     Ok(0)
 }
 
@@ -177,7 +177,7 @@ async fn each_state(
     let mut code = 0;
     for id in ids {
         match op(&id).await {
-            Ok(sb) => println!("{} {}", sb.id, serde_json::to_value(sb.state)?.as_str().unwrap_or("?")),
+            Ok(sb) => println!("{} {}", sb.id, sb.state.as_str()),
             Err(e) => {
                 eprintln!("agentbox: {e}");
                 code = super::EXIT_ERROR;

@@ -524,6 +524,22 @@ pub enum SandboxState {
     Starting,
 }
 
+impl SandboxState {
+    /// The name in the API (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Exited => "exited",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Destroying => "destroying",
+            SandboxState::Stopping => "stopping",
+            SandboxState::Starting => "starting",
+        }
+    }
+}
+
 /// A sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {
@@ -925,6 +941,15 @@ pub struct DataInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `as_str` is the serialized name (the CLI prints it where it printed the JSON).
+    #[test]
+    fn sandbox_state_names_are_the_serialized_ones() {
+        use SandboxState as S;
+        for s in [S::Creating, S::Running, S::Paused, S::Exited, S::Stopped, S::Destroying, S::Stopping, S::Starting] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 
     #[test]
     fn a_network_policy_without_a_mode_is_none_or_allow_by_its_rules() {
