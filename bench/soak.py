@@ -108,12 +108,17 @@ def pick(items):
         return random.choice(items) if items else None
 
 
-def keep(items, item, limit):
+def keep(items, item, limit, evict=lambda old: cli("rm", "-f", old)):
+    """Adds item to items; the oldest beyond limit goes (by default: a sandbox, removed)."""
     with lock:
         items.append(item)
         old = items.pop(0) if len(items) > limit else None
     if old:
-        cli("rm", "-f", old)
+        evict(old)
+
+
+def keep_snapshot(items, item, limit):
+    keep(items, item, limit, lambda old: cli("snapshot", "rm", old))
 
 
 def drop(items, item):
@@ -144,7 +149,7 @@ def lifecycle():
     elif r < 0.38:
         out = cli("snapshot", b)
         if out:
-            keep(snaps, out.strip(), 40)
+            keep_snapshot(snaps, out.strip(), 40)
     elif r < 0.43:
         s = pick(snaps)
         out = s and cli("fork", s, "--count", str(random.choice([1, 2, 3])))
@@ -435,12 +440,7 @@ def processes():
     elif r < 0.85:
         out = cli("snapshot", b)
         if out:
-            keep_snap = out.strip()
-            with lock:
-                proc_snaps.append(keep_snap)
-                old = proc_snaps.pop(0) if len(proc_snaps) > 10 else None
-            if old:
-                cli("snapshot", "rm", old)
+            keep_snapshot(proc_snaps, out.strip(), 10)
     elif r < 0.89:
         s = pick(proc_snaps)
         if s:
@@ -472,11 +472,7 @@ def e2b():
     if r < 0.08 or b is None:
         sb = e2b_call("create", lambda: E2B.Sandbox.create("mini", timeout=random.choice([5, 300])))
         if sb:
-            with lock:
-                e2b_boxes.append(sb.sandbox_id)
-                old = e2b_boxes.pop(0) if len(e2b_boxes) > 10 else None
-            if old:
-                e2b_call("kill", lambda: E2B.Sandbox.kill(old))
+            keep(e2b_boxes, sb.sandbox_id, 10, lambda old: e2b_call("kill", lambda: E2B.Sandbox.kill(old)))
         return
     sb = e2b_call("connect", lambda: E2B.Sandbox.connect(b, timeout=300))
     if sb is None:
@@ -519,11 +515,7 @@ def e2b():
     elif r < 0.81:
         out = cli("snapshot", b)
         if out:
-            with lock:
-                e2b_snaps.append(out.strip())
-                old = e2b_snaps.pop(0) if len(e2b_snaps) > 10 else None
-            if old:
-                cli("snapshot", "rm", old)
+            keep_snapshot(e2b_snaps, out.strip(), 10)
     elif r < 0.85:
         s = pick(e2b_snaps)
         if s:
