@@ -30,6 +30,30 @@ async fn output_exit_codes_env_cwd_and_users() {
     assert_eq!(d.exec(&id, req).await.0, "hello");
 }
 
+/// Input given up front that the process does not read (it exits first) is dropped, as a
+/// shell drops what it pipes into `true`; the result is the process's own. Before, the
+/// agent's end of the exchange broke the daemon's write of the rest: 502
+/// `agent_unavailable`, "broken exchange with the sandbox's agent: ... Broken pipe".
+#[tokio::test]
+async fn input_a_process_leaves_unread_is_dropped_not_an_error() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    // 1 MiB of "xxx" in base64.
+    let stdin = "eHh4".repeat((1 << 20) / 3 + 1);
+    for round in 0..5 {
+        for (args, want) in
+            [(&["true"][..], ("", 0)), (&["sh", "-c", "exit 4"][..], ("", 4)), (&["head", "-c", "3"][..], ("xxx", 0))]
+        {
+            let mut req = cmd(args);
+            req.stdin = Some(stdin.clone());
+            let out = d.client.exec(&id, &req).await.unwrap().collect().await;
+            let out = out.unwrap_or_else(|e| panic!("round {round}, {args:?}: {e}"));
+            let got = (String::from_utf8_lossy(&out.stdout).into_owned(), out.status.shell_code());
+            assert_eq!((got.0.as_str(), got.1), want, "round {round}, {args:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn sandbox_defaults_apply_to_every_process() {
     let d = Daemon::start().await;

@@ -847,11 +847,16 @@ impl Core {
             }
             return Ok(Outcome::Started(pid));
         }
-        if let Some(data) = stdin {
-            conn.writer.send_chunked(Kind::Stdin, &data).await.map_err(CallError::from)?;
-            if !req.interactive {
-                conn.send(Kind::Eof, b"").await?;
-            }
+        // A process that exits without reading all of its input (`true`, `head -c 1`) has
+        // the agent finish the exchange and close its side: the write fails, and, as with
+        // a pipe in a shell, the rest of the input is dropped. The exit is already on its
+        // way; a stop or removal that broke the write shows when the stream is read
+        // (`ExecSession::next`).
+        if let Some(data) = stdin
+            && conn.writer.send_chunked(Kind::Stdin, &data).await.is_ok()
+            && !req.interactive
+        {
+            let _ = conn.send(Kind::Eof, b"").await;
         }
         Ok(Outcome::Exec(ExecSession { pid, conn, attached: sb.attach(), sandbox: sb.clone() }))
     }
