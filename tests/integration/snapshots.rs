@@ -778,3 +778,45 @@ async fn a_start_that_fails_leaves_the_sandbox_as_it_was() {
     let after = d.client.get_sandbox(&id).await.unwrap();
     assert_eq!((after.state, after.expires_at), (SandboxState::Stopped, before.expires_at));
 }
+
+/// A diff reads the sandbox's files on the host without holding it: a removal, stop or
+/// rollback meanwhile can take them away under the walk. That is said as such (409 "was
+/// removed while the request ran", or not found), never as a 500 `internal` ("read the
+/// changes of sandbox ...: No such file or directory"), which the MCP soak found.
+#[tokio::test]
+async fn a_diff_racing_a_removal_stop_or_rollback_says_what_happened() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let mut outcomes = BTreeMap::<String, u32>::new();
+    for round in 0..24u64 {
+        let id = d.client.create_sandbox(&mini()).await.unwrap().id;
+        root(&d, &id, "for d in $(seq 100); do mkdir -p /w/$d; for f in $(seq 100); do echo $f > /w/$d/$f; done; done")
+            .await;
+        let snap = d.client.snapshot(&id, None).await.unwrap();
+        let diff = {
+            let (c, id) = (d.client.clone(), id.clone());
+            tokio::spawn(async move { c.diff(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(round % 8 * 3)).await;
+        match round % 3 {
+            0 => d.client.delete_sandbox(&id, true).await.unwrap(),
+            1 => drop(d.client.stop_with_grace(&id, 0.0).await.unwrap()),
+            _ => drop(d.client.rollback(&id, &snap.id).await.unwrap()),
+        }
+        let outcome = match diff.await.unwrap() {
+            Ok(_) => "ok".to_string(),
+            Err(e) => {
+                let code = e.code().unwrap_or("none").to_string();
+                assert!(
+                    matches!(code.as_str(), "conflict" | "not_found"),
+                    "round {round}: a diff cut by a removal, stop or rollback: {e}"
+                );
+                code
+            }
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+        let _ = d.client.delete_sandbox(&id, true).await;
+        let _ = d.client.delete_snapshot(&snap.id).await;
+    }
+    eprintln!("outcomes: {outcomes:?}");
+}

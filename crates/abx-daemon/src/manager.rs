@@ -1350,12 +1350,26 @@ impl Manager {
         let layers: Vec<std::path::PathBuf> = rec.layers.iter().rev().map(|d| self.templates.layer_path(d)).collect();
         let upper = self.data_of(&rec).join("upper");
         let id = sb.id.clone();
+        // The sandbox's files read on the host can go under the walk: a removal, a stop or a
+        // rollback meanwhile (which this does not wait for). That is said as such, not as
+        // an internal error.
+        let moved = move |what: &str, e: std::io::Error| {
+            if sb.read(|r| (r.state, r.pid)) == (rec.state, rec.pid) {
+                return CoreError::internal(format!("{what} the changes of sandbox {}", sb.id), e);
+            }
+            crate::core::cut_short(&sb).unwrap_or_else(|| {
+                CoreError::Conflict(format!(
+                    "sandbox {} was restarted (a rollback or start) while the request ran",
+                    sb.id
+                ))
+            })
+        };
         tokio::task::spawn_blocking(move || {
             let d = match &since {
                 Some(snap) => crate::diff::diff_since(&upper, snap, &layers),
                 None => crate::diff::diff(&upper, &layers),
             };
-            let mut d = d.map_err(|e| CoreError::internal(format!("read the changes of sandbox {id}"), e))?;
+            let mut d = d.map_err(|e| moved("read", e))?;
             // agentbox writes this one itself at setup (the sandbox's resolver).
             for v in [&mut d.added, &mut d.changed] {
                 v.retain(|e| e.path != "/etc/resolv.conf");
@@ -1369,8 +1383,7 @@ impl Manager {
                     )));
                 }
                 let mut buf = Vec::new();
-                crate::diff::archive(&upper, &layers, &d, whiteouts, &mut buf)
-                    .map_err(|e| CoreError::internal(format!("archive the changes of sandbox {id}"), e))?;
+                crate::diff::archive(&upper, &layers, &d, whiteouts, &mut buf).map_err(|e| moved("archive", e))?;
                 Some(buf)
             } else {
                 None
