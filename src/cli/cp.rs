@@ -250,7 +250,7 @@ async fn download_file(
         .with_context(|| format!("create a file in {}", parent.display()))?;
     let (file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(file);
-    let pid = first_pid(client, id).await;
+    let pid = client.first_pid(id).await;
     let mut body = client.read_file_stream(id, src).await?;
     while let Some(chunk) = body.next().await {
         let chunk = match chunk {
@@ -273,7 +273,7 @@ async fn download_dir(client: &Client, id: &str, src: &str, parent: &Path, name:
         bail!("{} already exists", final_path.display());
     }
     let top = base_name(src)?;
-    let pid = first_pid(client, id).await;
+    let pid = client.first_pid(id).await;
     let mut body = client.download_archive(id, src).await?;
     let (tx, rx) = mpsc::channel(QUEUE);
     let parent = parent.to_path_buf();
@@ -298,26 +298,12 @@ async fn download_dir(client: &Client, id: &str, src: &str, parent: &Path, name:
 }
 
 /// The host pid of the sandbox's first process (it changes when the sandbox restarts).
-async fn first_pid(client: &Client, id: &str) -> Option<i32> {
-    client.get_sandbox(id).await.ok().map(|sb| sb.pid)
-}
-
-/// A download cut off half-way: most likely the sandbox was removed, stopped or
-/// restarted meanwhile, which the error of the connection does not tell ("end of file
-/// before message length reached"); its state, and its first process (`pid` before the
-/// download), do.
+/// A download cut off half-way names its cause when it is known ([`Client::why_cut`]).
 async fn broke_off(client: &Client, id: &str, src: &str, pid: Option<i32>, e: abx_client::Error) -> anyhow::Error {
-    let why = match client.get_sandbox(id).await {
-        Err(found) if found.code() == Some("not_found") => format!("sandbox {id} was removed meanwhile"),
-        Ok(sb) if sb.state != abx_client::SandboxState::Running => {
-            format!("sandbox {id} is {} now", sb.state.as_str())
-        }
-        Ok(sb) if pid.is_some_and(|p| p != sb.pid) => {
-            format!("sandbox {id} was restarted meanwhile (a rollback, or a stop and start)")
-        }
-        _ => return anyhow::Error::new(e).context(format!("the download of {id}:{src} broke off")),
-    };
-    anyhow::anyhow!("the download of {id}:{src} broke off: {why}")
+    match client.why_cut(id, pid).await {
+        Some(why) => anyhow::anyhow!("the download of {id}:{src} broke off: {why}"),
+        None => anyhow::Error::new(e).context(format!("the download of {id}:{src} broke off")),
+    }
 }
 
 fn unpack_safely(tar: impl Read, parent: &Path, top: &str, final_path: &Path) -> anyhow::Result<()> {

@@ -293,6 +293,27 @@ impl Client {
         self.json(self.request(Method::GET, &Self::path(paths::SANDBOX, &[("id", id)]))).await
     }
 
+    /// The pid (on the host) of a sandbox's first process, or `None` if it cannot be
+    /// asked: taken before a long read, for [`Client::why_cut`].
+    pub async fn first_pid(&self, id: &str) -> Option<i32> {
+        self.get_sandbox(id).await.ok().map(|sb| sb.pid)
+    }
+
+    /// Why a response from sandbox `id` that had begun broke off (a download cut short
+    /// says only "end of file before message length reached"): the sandbox was removed,
+    /// is no longer running, or was restarted (its first process is not `pid_before`,
+    /// from [`Client::first_pid`] before the read). `None` when none of these happened.
+    pub async fn why_cut(&self, id: &str, pid_before: Option<i32>) -> Option<String> {
+        match self.get_sandbox(id).await {
+            Err(e) if e.code() == Some("not_found") => Some(format!("sandbox {id} was removed meanwhile")),
+            Ok(sb) if sb.state != SandboxState::Running => Some(format!("sandbox {id} is {} now", sb.state.as_str())),
+            Ok(sb) if pid_before.is_some_and(|p| p != sb.pid) => {
+                Some(format!("sandbox {id} was restarted meanwhile (a rollback, or a stop and start)"))
+            }
+            _ => None,
+        }
+    }
+
     /// Destroys a sandbox; a running one needs `force`.
     pub async fn delete_sandbox(&self, id: &str, force: bool) -> Result<()> {
         let rb = self.request(Method::DELETE, &Self::path(paths::SANDBOX, &[("id", id)])).query(&[("force", force)]);

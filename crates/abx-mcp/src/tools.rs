@@ -409,11 +409,19 @@ binary content as base64 (encoding \"base64\"). At most 1 MiB is returned (trunc
     async fn read_file(&self, Parameters(p): Parameters<ReadParams>) -> CallToolResult {
         let max = limit(p.max_bytes);
         let client = self.files_as(&p.user);
+        let pid = client.first_pid(&p.sandbox).await;
         let mut stream = std::pin::pin!(tri!(client.read_file_stream(&p.sandbox, &p.path).await));
         let mut data = Vec::new();
         let mut truncated = false;
         while let Some(chunk) = stream.next().await {
-            let chunk = tri!(chunk);
+            let chunk = match chunk {
+                Ok(c) => c,
+                // Cut off after it began: say why, if the sandbox's state tells.
+                Err(e) => match client.why_cut(&p.sandbox, pid).await {
+                    Some(why) => return fail(format!("the read of {} broke off: {why}", p.path)),
+                    None => return api_fail(e),
+                },
+            };
             let room = max - data.len();
             if chunk.len() > room {
                 data.extend_from_slice(&chunk[..room]);
