@@ -3,7 +3,7 @@
 
 Usage: soak.py AGENTBOX HOST SECONDS WORKLOAD [WORKLOAD...]   (run by scripts/soak)
 
-Workloads (all at once when several are given, 6 client threads in all):
+Workloads (all at once when several are given; at least 6 client threads, one per workload or more):
   lifecycle  create, exec, snapshot, fork, rollback, pause, resume, stop, start, diff,
              cp, timeout, policy changes, pool size changes, removal
   network    sandboxes serving HTTP on port 8000 reached through the ingress proxy,
@@ -20,6 +20,11 @@ Workloads (all at once when several are given, 6 client threads in all):
              files and directories copied in and out (content checked), while the same
              sandboxes are stopped, started, paused, rolled back and removed
 
+  mcp        the daemon's MCP endpoint over TCP (JSON-RPC `tools/call`): create, run
+             commands (output checked), write and read files (content checked), list,
+             snapshot, fork, rollback, diff, destroy, while the CLI stops, starts, pauses
+             and removes the same sandboxes
+
 Every failure is grouped by its message. A failure that concurrent requests explain (the
 sandbox was removed, stopped or restarted meanwhile, a state conflict, something not
 found) is expected; anything else (an internal error, a timeout, wrong content, a broken
@@ -27,6 +32,7 @@ exchange with an agent) is a finding, and makes the exit status 1.
 """
 import collections
 import http.client
+import json
 import os
 import random
 import re
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 AGENTBOX, HOST, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
 WORKLOADS = sys.argv[4:] or ["lifecycle"]
@@ -66,7 +73,7 @@ EXPECTED = re.compile(
             r"Command exited with code -N and error:\s*$",  # e2b: killed by a stop, rollback or removal
             r"Error reading content: request or response body error",  # e2b: a download cut after its first bytes
             r"broke off: sandbox \S+ (was removed meanwhile|is \w+ now|was restarted meanwhile)",  # a download cut by a removal, stop or restart
-            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb)-",  # the workload's own races
+            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb|mcp)-",  # the workload's own races
         ]
     )
 )
@@ -532,7 +539,106 @@ def e2b():
             drop(e2b_boxes, b)
 
 
-WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes, "e2b": e2b}
+mcp_boxes, mcp_snaps = [], []
+mcp_key = None
+
+
+def mcp_call(tool, **args):
+    """Calls an MCP tool through the daemon's /mcp endpoint; returns the structured
+    result, or None after noting the failure (a tool error or a broken exchange)."""
+    name = "mcp " + tool
+    with lock:
+        ops[name] += 1
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}})
+    u = urllib.parse.urlsplit(TCP)
+    try:
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        c.request("POST", "/mcp", body, {"Authorization": "Bearer " + mcp_key, "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
+        r = c.getresponse()
+        raw = r.read()
+        c.close()
+    except (OSError, http.client.HTTPException) as e:
+        note(name, "%s: %s" % (type(e).__name__, e), tool)
+        return None
+    if r.status != 200:
+        note(name, "HTTP %d: %s" % (r.status, raw[:200].decode(errors="replace")), tool)
+        return None
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        note(name, "not JSON: %r" % raw[:80], tool)
+        return None
+    if "error" in msg:
+        note(name, "JSON-RPC error: %s" % msg["error"].get("message", msg["error"]), tool)
+        return None
+    res = msg.get("result", {})
+    if res.get("isError"):
+        text = " ".join(c.get("text", "") for c in res.get("content", []))
+        msg = text.strip().splitlines()[-1] if text.strip() else "<tool error>"
+        note(name, msg, msg[-150:] + " :: " + tool + " " + json.dumps(args)[:120])
+        return None
+    return res.get("structuredContent", {})
+
+
+def mcp():
+    r, b = random.random(), pick(mcp_boxes)
+    if r < 0.10 or b is None:
+        out = mcp_call("create_sandbox", template="mini", timeout_secs=random.choice([0, 600]))
+        if out:
+            keep(mcp_boxes, out["id"], 10, lambda old: mcp_call("destroy_sandbox", sandbox=old))
+    elif r < 0.30:
+        word = "w%d" % random.getrandbits(32)
+        out = mcp_call("run_command", sandbox=b, command="echo %s; echo err >&2" % word)
+        # (Killed by a stop, rollback or removal: the result says so with its signal.)
+        if out is not None and out.get("signal") is None and (out.get("stdout"), out.get("stderr"), out.get("exit_code")) != (word + "\n", "err\n", 0):
+            note("mcp run_command", "wrong result %r" % json.dumps(out)[:80], b)
+    elif r < 0.35:
+        out = mcp_call("run_command", sandbox=b, argv=["cat"], stdin="x" * 70000)
+        if out is not None and out.get("signal") is None and out.get("stdout") != "x" * 70000:
+            note("mcp run_command", "stdin came back as %d bytes" % len(out.get("stdout") or ""), b + " " + json.dumps(out)[-100:])
+    elif r < 0.50:
+        text = "t%d\n" % random.getrandbits(64) * random.choice([1, 20000])
+        path = "/tmp/mcp-%d/f" % random.getrandbits(32)
+        if mcp_call("write_file", sandbox=b, path=path, content=text) is not None:
+            out = mcp_call("read_file", sandbox=b, path=path)
+            # (A rollback or a stop and start in between takes the file away: not found.)
+            if out is not None and out.get("content") != text:
+                note("mcp read_file", "read %d bytes back, not the %d written" % (out.get("bytes", -1), len(text)), b)
+    elif r < 0.55:
+        mcp_call("list_files", sandbox=b, path="/tmp", depth=2)
+    elif r < 0.62:
+        out = mcp_call("snapshot", sandbox=b)
+        if out:
+            keep_snapshot(mcp_snaps, out["id"], 10)
+    elif r < 0.66:
+        s = pick(mcp_snaps)
+        out = s and mcp_call("fork", snapshot=s, count=random.choice([1, 2]))
+        for sb in (out or {}).get("sandboxes", []):
+            keep(mcp_boxes, sb["id"], 10, lambda old: mcp_call("destroy_sandbox", sandbox=old))
+    elif r < 0.70:
+        s = pick(mcp_snaps)
+        if s:
+            mcp_call("rollback", sandbox=b, snapshot=s)
+    elif r < 0.74:
+        mcp_call("diff", sandbox=b)
+    elif r < 0.77:
+        mcp_call("list_sandboxes")
+    elif r < 0.80:
+        mcp_call("list_snapshots", sandbox=b)
+    elif r < 0.84:
+        cli("stop", b, "--time", "1")
+    elif r < 0.88:
+        cli("start", b)
+    elif r < 0.92:
+        cli("pause", b)
+    elif r < 0.96:
+        if cli("rm", "-f", b) is not None:
+            drop(mcp_boxes, b)
+    elif mcp_call("destroy_sandbox", sandbox=b) is not None:
+        drop(mcp_boxes, b)
+
+
+WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes, "e2b": e2b, "mcp": mcp}
 if "tenants" in WORKLOADS:
     if not TCP:
         sys.exit("the tenants workload needs SOAK_TCP (a TCP listener of the daemon)")
@@ -541,6 +647,13 @@ if "tenants" in WORKLOADS:
         if not out:
             sys.exit("cannot make a key for tenant %s" % t)
         tenant_keys[t] = out.strip().split()[-1]
+if "mcp" in WORKLOADS:
+    if not TCP:
+        sys.exit("the mcp workload needs SOAK_TCP (a TCP listener of the daemon)")
+    out = cli("key", "create")
+    if not out:
+        sys.exit("cannot make an API key for the MCP endpoint")
+    mcp_key = out.strip().splitlines()[0].split()[-1]
 if "e2b" in WORKLOADS:
     if not TCP:
         sys.exit("the e2b workload needs SOAK_TCP (a TCP listener of the daemon)")
@@ -559,7 +672,7 @@ def worker(n):
         work()
 
 
-threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(max(6, len(WORKLOADS)))]
 for t in threads:
     t.start()
 for t in threads:
