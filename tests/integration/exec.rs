@@ -93,6 +93,13 @@ async fn bad_commands_are_clear_errors() {
         assert_eq!(e.code(), Some("invalid_argument"), "{e}");
         assert!(e.to_string().contains(&format!("{what} does not exist in this sandbox")), "{e}");
     }
+    // Input past what a JSON request may carry names the limit and the way around it (it
+    // was "invalid request body: Failed to buffer the request body: length limit exceeded").
+    let mut req = cmd(&["cat"]);
+    req.stdin = Some("eHh4".repeat(600_000));
+    let e = d.client.exec(&id, &req).await.unwrap_err();
+    assert_eq!(e.code(), Some("payload_too_large"), "{e}");
+    assert!(e.to_string().contains("2 MiB") && e.to_string().contains("/exec/ws"), "{e}");
 }
 
 #[tokio::test]

@@ -159,10 +159,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "the request body is larger than the {} MiB a JSON request may be; \
+                     give a process large input over the exec WebSocket (/exec/ws) or in a file",
+                    JSON_BODY_LIMIT >> 20
+                ),
+            )),
             Err(rej) => Err(ApiError::bad_request(format!("invalid request body: {}", rej.body_text()))),
         }
     }
 }
+
+/// The most a JSON request body may be: axum's default limit, which the routes keep.
+const JSON_BODY_LIMIT: usize = 2 << 20;
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
