@@ -79,7 +79,7 @@ fn body_stream(req: Request) -> ByteStream {
 /// The `Data` frames of an agent connection, up to `Eof`; any other frame or a broken
 /// connection ends the stream with an error (the response is cut short).
 fn content_stream(conn: AgentConn) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> {
-    futures_util::stream::unfold(Some(conn), |conn| async move {
+    flush_before_error(futures_util::stream::unfold(Some(conn), |conn| async move {
         let mut conn = conn?;
         match conn.next().await {
             Ok(Some(f)) if f.kind == Kind::Data => Some((Ok(bytes::Bytes::from(f.payload)), Some(conn))),
@@ -87,6 +87,25 @@ fn content_stream(conn: AgentConn) -> impl futures_util::Stream<Item = std::io::
             Ok(_) => Some((Err(std::io::Error::other("the sandbox's agent ended the transfer early")), None)),
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
+    }))
+}
+
+/// Passes a response body's stream through, but before its error, lets the server send
+/// what it holds. hyper buffers the head and the first chunks while the body has more at
+/// once; an error it gets then (the sandbox removed or stopped just after the first frame)
+/// closes the connection with nothing sent, and the client saw "connection closed before
+/// message completed" (the e2b SDK: "Server disconnected without sending a response"), as
+/// if the daemon had failed. Yielding once first makes hyper flush: the client gets the
+/// status and the bytes so far, and then a body cut short, which is what happened.
+fn flush_before_error<S, T, E>(stream: S) -> impl futures_util::Stream<Item = Result<T, E>>
+where
+    S: futures_util::Stream<Item = Result<T, E>>,
+{
+    stream.then(|item| async move {
+        if item.is_err() {
+            tokio::task::yield_now().await;
+        }
+        item
     })
 }
 
@@ -266,4 +285,47 @@ async fn archive_write(
 ) -> Result<StatusCode, ApiError> {
     core.execute(Command::ArchiveWrite { id, path: q.path, user: q.user, body: body_stream(req) }).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves one response whose body is `first`, then an error at once, with the
+    /// Content-Length of a longer file; returns what a client read.
+    async fn served() -> Vec<u8> {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || async move {
+                let items = vec![Ok(bytes::Bytes::from(vec![b'x'; 1000])), Err(std::io::Error::other("cut"))];
+                let stream = futures_util::stream::iter(items);
+                let mut resp = Body::from_stream(flush_before_error(stream)).into_response();
+                resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(5000u64));
+                resp
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: agentbox\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+        server.abort();
+        got
+    }
+
+    /// A download cut right after its first frame (the sandbox removed or stopped) gets
+    /// its status and first bytes to the client, then ends short; without the yield, hyper
+    /// (1.12) closed the connection with nothing sent (the client read "").
+    #[tokio::test]
+    async fn a_body_cut_after_its_first_chunk_still_sends_the_head_and_the_chunk() {
+        let got = served().await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert!(text.contains("content-length: 5000\r\n"), "{text:?}");
+        assert!(text.ends_with(&"x".repeat(1000)), "{text:?}");
+    }
 }
