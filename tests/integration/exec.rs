@@ -228,6 +228,31 @@ async fn terminal_sessions_have_a_size_and_can_be_resized() {
     assert!(seen.contains("40 120"), "{seen}");
 }
 
+/// A background terminal whose shell exited says so to a resize ("process N has exited",
+/// not found), not "has no terminal" as if it never had one (the e2b soak's `pty.resize`
+/// after the shell's `exit`).
+#[tokio::test]
+async fn a_resize_after_the_terminal_exited_says_it_exited() {
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let mut req = cmd(&["sh"]);
+    req.tty = Some(TtySize { rows: 24, cols: 80 });
+    let pid = d.client.exec_background(&id, &req).await.unwrap();
+    d.client.resize(&id, pid, TtySize { rows: 30, cols: 100 }).await.unwrap();
+    d.client.write_stdin(&id, pid, b"exit 0\n", false).await.unwrap();
+    d.wait_for("the shell's exit", Duration::from_secs(10), || async {
+        d.client.processes(&id).await.unwrap().iter().any(|p| p.pid == pid && p.exit.is_some())
+    })
+    .await;
+    let e = d.client.resize(&id, pid, TtySize { rows: 40, cols: 120 }).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"), "{e}");
+    assert!(e.to_string().contains(&format!("process {pid} has exited")), "{e}");
+    // A process that never had a terminal still says that.
+    let pid = d.client.exec_background(&id, &cmd(&["sleep", "30"])).await.unwrap();
+    let e = d.client.resize(&id, pid, TtySize { rows: 40, cols: 120 }).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("process {pid} has no terminal")), "{e}");
+}
+
 #[tokio::test]
 async fn interactive_stdin_streams_and_closes() {
     let d = Daemon::start().await;

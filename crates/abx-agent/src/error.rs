@@ -49,6 +49,9 @@ pub enum Error {
     NoStdin(u32),
     #[error("process {0} has no terminal")]
     NoTty(u32),
+    /// A process that had a terminal, or input, and has exited since.
+    #[error("process {0} has exited")]
+    Exited(u32),
     #[error("cannot signal process {pid}: {}", describe(.source))]
     Signal { pid: i32, source: io::Error },
     #[error("invalid signal number {0}")]
@@ -81,9 +84,11 @@ impl Error {
             | Error::Spawn { source, .. }
             | Error::Workdir { source, .. }
             | Error::Signal { source, .. } => code_of(source),
-            Error::UnknownUser(_) | Error::UnknownGroup(_) | Error::NoWorkdir(_) | Error::NoProcess(_) => {
-                ErrorCode::NotFound
-            }
+            Error::UnknownUser(_)
+            | Error::UnknownGroup(_)
+            | Error::NoWorkdir(_)
+            | Error::NoProcess(_)
+            | Error::Exited(_) => ErrorCode::NotFound,
             Error::CommandNotFound(_) => ErrorCode::CommandNotFound,
             Error::CommandDenied(_) => ErrorCode::PermissionDenied,
             Error::ProcessLimit | Error::FdLimit | Error::TooManyEntries(_) | Error::ThreadLimit => {

@@ -262,7 +262,15 @@ impl Proc {
 
     /// Changes the terminal size.
     pub fn resize(&self, size: TtySize) -> Result<(), Error> {
-        let pty = lock(&self.pty).clone().ok_or(Error::NoTty(self.pid))?;
+        // A terminal's process that exited has no terminal any more: say that it exited
+        // (it read "has no terminal", as if it never had one).
+        // (Two statements: `finish` takes the state's lock, then the terminal's.)
+        let pty = lock(&self.pty).clone();
+        let pty = match pty {
+            Some(p) => p,
+            None if lock(&self.state).exit.is_some() => return Err(Error::Exited(self.pid)),
+            None => return Err(Error::NoTty(self.pid)),
+        };
         pty.resize(size).map_err(|source| Error::Pty { source })
     }
 
