@@ -13,8 +13,9 @@ Workloads (all at once when several are given; at least 6 client threads, one pe
   tenants    two tenants' keys over TCP creating, snapshotting, forking, listing and
              removing, and trying the other's sandboxes (any success is a leak)
   e2b        the unmodified e2b Python SDK over TCP: create, commands (foreground,
-             background, stdin, kill), files (content checked), pause, connect, timeouts,
-             listing, kill, while the CLI stops, starts, rolls back and removes the same
+             background, stdin, kill), files (content checked; directories, several files
+             at once, rename, remove, watch), terminals, fork, metrics, pause, connect,
+             timeouts, listing, kill, while the CLI stops, starts, rolls back and removes the same
              sandboxes (needs the SDK: scripts/soak runs this file with its venv's python)
   processes  background processes, `ps`, `kill`, exec timeouts, stdin, large output,
              files and directories copied in and out (content checked), while the same
@@ -73,7 +74,9 @@ EXPECTED = re.compile(
             r"Command exited with code -N and error:\s*$",  # e2b: killed by a stop, rollback or removal
             r"Error reading content: request or response body error",  # e2b: a download cut after its first bytes
             r"broke off: sandbox \S+ (was removed meanwhile|is \w+ now|was restarted meanwhile)",  # a download cut by a removal, stop or restart
-            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb|mcp)-",  # the workload's own races
+            r"nonexistent directory|can't open|No such file or directory\Z|Directory not empty|no such file or directory: /tmp/(cp|eNb|eNbd|mcp)-",  # the workload's own races
+            r"\(a rollback meanwhile\?\)$",  # a rollback of the same sandbox by another thread between two calls
+            r"doesn't exist or you don't have access to it",  # e2b: a fork of a sandbox removed meanwhile
         ]
     )
 )
@@ -474,6 +477,52 @@ def e2b_call(what, fn):
         return None
 
 
+def e2b_files_ops(sb, b):
+    """make_dir, write_files, exists, get_info, watch_dir, rename and remove on a tree of
+    its own; content and names checked (a rollback or restart in between explains a
+    not-found)."""
+    d = "/tmp/e2bd-%d" % random.getrandbits(48)
+    if not e2b_call("files.make_dir", lambda: sb.files.make_dir(d)):
+        return
+    w = e2b_call("files.watch_dir", lambda: sb.files.watch_dir(d))
+    files = [{"path": "%s/f%d" % (d, i), "data": "n%d" % i} for i in range(3)]
+    if e2b_call("files.write_files", lambda: sb.files.write_files(files)) is None:
+        return
+    if e2b_call("files.exists", lambda: sb.files.exists(d + "/f1")) is False:
+        note("e2b files.exists", "a file just written does not exist (a rollback meanwhile?)", b)
+    info = e2b_call("files.get_info", lambda: sb.files.get_info(d + "/f2"))
+    if info is not None and (info.size, info.name) != (2, "f2"):
+        note("e2b files.get_info", "wrong info %r" % ((info.size, info.name),), b)
+    if e2b_call("files.rename", lambda: sb.files.rename(d + "/f0", d + "/g0")) is not None:
+        back = e2b_call("files.read", lambda: sb.files.read(d + "/g0"))
+        if back is not None and back != "n0":
+            note("e2b files.read", "a renamed file reads %r" % back[:20], b)
+    if w is not None:
+        events = e2b_call("watch.get_new_events", lambda: w.get_new_events())
+        e2b_call("watch.stop", lambda: w.stop())
+        if events is not None and not events:
+            # (A pause, stop or rollback meanwhile ends the watch with nothing: rare.)
+            note("e2b watch_dir", "no events for three writes and a rename", b)
+    e2b_call("files.remove", lambda: sb.files.remove(d))
+    if e2b_call("files.exists", lambda: sb.files.exists(d)):
+        note("e2b files.remove", "a removed directory still exists (a rollback meanwhile?)", b)
+
+
+def e2b_pty(sb, b):
+    """A terminal: create, input, resize, output checked, kill."""
+    from e2b.sandbox.commands.command_handle import PtySize
+
+    out = []
+    h = e2b_call("pty.create", lambda: sb.pty.create(PtySize(rows=24, cols=80), timeout=20))
+    if h is None:
+        return
+    e2b_call("pty.resize", lambda: sb.pty.resize(h.pid, PtySize(rows=30, cols=100)))
+    e2b_call("pty.send_stdin", lambda: sb.pty.send_stdin(h.pid, b"echo pty-$((6*7))\nexit\n"))
+    res = e2b_call("pty.wait", lambda: h.wait(on_pty=lambda data: out.append(bytes(data))))
+    if res is not None and b"pty-42" not in b"".join(out):
+        note("e2b pty", "the terminal's output lacks pty-42: %r" % b"".join(out)[-60:], b)
+
+
 def e2b():
     r, b = random.random(), pick(e2b_boxes)
     if r < 0.08 or b is None:
@@ -509,8 +558,21 @@ def e2b():
             back = e2b_call("files.read", lambda: sb.files.read(path, format="bytes"))
             if back is not None and bytes(back) != data:
                 note("e2b files.read", "read %d bytes back, not the %d written" % (len(back), len(data)), b)
-    elif r < 0.60:
+    elif r < 0.58:
         e2b_call("files.list", lambda: sb.files.list("/tmp"))
+    elif r < 0.61:
+        e2b_files_ops(sb, b)
+    elif r < 0.63:
+        e2b_pty(sb, b)
+    elif r < 0.64:
+        for f in e2b_call("fork", lambda: sb.fork(count=random.choice([1, 2]))) or []:
+            if isinstance(f, Exception):
+                note("e2b fork", "%s: %s" % (type(f).__name__, str(f).strip().splitlines()[-1] if str(f).strip() else ""), b)
+            else:
+                keep(e2b_boxes, f.sandbox_id, 10, lambda old: e2b_call("kill", lambda: E2B.Sandbox.kill(old)))
+    elif r < 0.65:
+        e2b_call("get_metrics", lambda: sb.get_metrics())
+        e2b_call("is_running", lambda: sb.is_running())
     elif r < 0.66:
         e2b_call("pause", lambda: sb.pause())
     elif r < 0.70:
