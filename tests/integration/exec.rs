@@ -253,6 +253,41 @@ async fn a_resize_after_the_terminal_exited_says_it_exited() {
     assert!(e.to_string().contains(&format!("process {pid} has no terminal")), "{e}");
 }
 
+/// A WebSocket client that stops reading holds its exec session only while the sandbox
+/// runs (the process then waits on its output, as on a pipe). After a removal the daemon
+/// lets it go within seconds and closes the connection; before, its send waited for good,
+/// holding the connection and the session.
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_let_go_after_a_removal() {
+    use futures_util::SinkExt;
+    use std::os::fd::AsFd;
+    let d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let url = format!("ws://localhost/v1/sandboxes/{id}/exec/ws");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let req = serde_json::json!({"cmd": ["sh", "-c", "while :; do echo 0123456789abcdef0123456789abcdef; done"]});
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(req.to_string().into())).await.unwrap();
+    // Never read: the buffers between the process and this client fill up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    // The daemon's end closes: a hang-up here, whatever is still unread.
+    let fd = ws.get_ref().as_fd().try_clone_to_owned().unwrap();
+    let revents = tokio::task::spawn_blocking(move || {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+        let _ = rustix::event::poll(&mut fds, Some(&Timespec { tv_sec: 30, tv_nsec: 0 }));
+        fds[0].revents()
+    })
+    .await
+    .unwrap();
+    assert!(
+        revents.intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::RDHUP),
+        "still connected 30 s after the removal: {revents:?}"
+    );
+    drop(ws);
+}
+
 #[tokio::test]
 async fn interactive_stdin_streams_and_closes() {
     let d = Daemon::start().await;

@@ -220,6 +220,12 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
     });
     let (input_tx, input_rx) = mpsc::channel::<Message>(16);
     let writer_task = tokio::spawn(agent_input(writer, input_rx));
+    // A client that stops reading holds up a send for as long as it likes while the
+    // sandbox runs (its process waits on its output, as on a pipe); once the sandbox's
+    // first process has gone (a removal, a stop, its end), it gets GIVE_UP more and then
+    // the connection is closed instead of being held for good.
+    let gone = sandbox_gone(sandbox.exited.clone());
+    tokio::pin!(gone);
     // Room in `input_tx` for the next client message: the socket is read only when there
     // is (backpressure on a client sending faster than the process reads).
     let mut room = None;
@@ -228,10 +234,18 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
             frame = rx.recv() => {
                 match frame {
                     Some(Ok(Some(f))) => {
-                        if !forward_frame(&mut socket, f).await { break; }
+                        let sent = tokio::select! {
+                            sent = forward_frame(&mut socket, f) => sent,
+                            () = &mut gone => false,
+                        };
+                        if !sent { break; }
                     }
                     _ => {
-                        let _ = send_event(&mut socket, &cut_event(&sandbox)).await;
+                        let cut = cut_event(&sandbox);
+                        tokio::select! {
+                            _ = send_event(&mut socket, &cut) => {}
+                            () = &mut gone => {}
+                        }
                         break;
                     }
                 }
@@ -253,7 +267,18 @@ async fn pump(mut socket: WebSocket, session: ExecSession) {
     // does not read is cancelled with it.
     writer_task.abort();
     reader_task.abort();
-    let _ = socket.send(Message::Close(None)).await;
+    let _ = tokio::time::timeout(GIVE_UP, socket.send(Message::Close(None))).await;
+}
+
+/// How long a WebSocket client that does not read is waited for once the sandbox's first
+/// process has gone, or for the closing message.
+const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves [`GIVE_UP`] after the sandbox's first process exited (its watch says so, or
+/// its sender is gone, which happens only after that).
+async fn sandbox_gone(mut exited: tokio::sync::watch::Receiver<bool>) {
+    let _ = exited.wait_for(|e| *e).await;
+    tokio::time::sleep(GIVE_UP).await;
 }
 
 /// Sends one agent frame to the client; false when the exchange is over.
