@@ -316,8 +316,16 @@ async fn the_start_command_runs_alike_cold_and_claimed() {
         d.wait_for("a ready pool again", Duration::from_secs(30), pool_ready).await;
     }
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), before, "nothing left");
+    // No refill in flight either (one that a refused claim started can end with one more
+    // than the pool's max, which the filler then trims).
+    let settled = || async {
+        let p = d.client.pool("senv").await.unwrap();
+        p.ready == 1 && p.filling == 0
+    };
+    d.wait_for("a ready pool with no refill in flight", Duration::from_secs(30), settled).await;
     let warm = d.client.create_sandbox(&asks).await.unwrap();
-    assert_eq!(d.client.pool("senv").await.unwrap().hits, 1);
+    let pool = d.client.pool("senv").await.unwrap();
+    assert_eq!(pool.hits, 1, "{pool:?}\n{}", d.log());
     assert_eq!(d.sh(&warm.id, look).await.0, format!("{expected}{caller}"), "claimed");
     d.client.delete_sandbox(&warm.id, true).await.unwrap();
     d.client.delete_pool("senv").await.unwrap();
