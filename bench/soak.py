@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -740,6 +741,7 @@ for t in threads:
 for t in threads:
     t.join()
 
+shutil.rmtree(CONTEXT, ignore_errors=True)
 print("operations: " + ", ".join("%s %d" % kv for kv in sorted(ops.items())))
 findings = 0
 for (what, msg), n in failures.most_common():
