@@ -297,7 +297,6 @@ async fn download_dir(client: &Client, id: &str, src: &str, parent: &Path, name:
     }
 }
 
-/// The host pid of the sandbox's first process (it changes when the sandbox restarts).
 /// A download cut off half-way names its cause when it is known ([`Client::why_cut`]).
 async fn broke_off(client: &Client, id: &str, src: &str, pid: Option<i32>, e: abx_client::Error) -> anyhow::Error {
     match client.why_cut(id, pid).await {
