@@ -85,6 +85,9 @@ pub struct Manager {
     /// it gone ("not found"), never half a directory.
     pub(crate) snapshot_gate: RwLock<()>,
     uid_freed: tokio::sync::Notify,
+    /// Counts the times a slot became available (freed, or prepared), so that a create
+    /// that found none can tell whether one came up while it looked.
+    slot_events: std::sync::atomic::AtomicU64,
     /// Slots whose namespaces the spawner holds ready (see [`Manager::refill`]).
     prepared: Mutex<Vec<u32>>,
     refilling: std::sync::atomic::AtomicBool,
@@ -170,6 +173,7 @@ impl Manager {
             pending_frees: AtomicUsize::new(0),
             snapshot_gate: RwLock::new(()),
             uid_freed: tokio::sync::Notify::new(),
+            slot_events: std::sync::atomic::AtomicU64::new(0),
             prepared: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             preparing: AtomicUsize::new(0),
@@ -358,6 +362,12 @@ impl Manager {
         if let Some(s) = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner()).get_mut(slot as usize) {
             *s = false;
         }
+        self.slot_available();
+    }
+
+    /// Tells creates waiting for a slot that one came up; called after it did.
+    fn slot_available(&self) {
+        self.slot_events.fetch_add(1, Ordering::SeqCst);
         self.uid_freed.notify_waiters();
     }
 
@@ -373,6 +383,7 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let freed = self.uid_freed.notified();
+            let events = self.slot_events.load(Ordering::SeqCst);
             if let Some(s) = self.take_prepared() {
                 return Ok(s);
             }
@@ -381,7 +392,12 @@ impl Manager {
                 Err(e)
                     if self.pending_frees.load(Ordering::SeqCst) == 0 && self.preparing.load(Ordering::SeqCst) == 0 =>
                 {
-                    return Err(e);
+                    // A refill may have taken the last free slot after the look at the
+                    // prepared ones and finished preparing it before the counters were
+                    // read: look again then.
+                    if self.slot_events.load(Ordering::SeqCst) == events || tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
                 }
                 Err(e) => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -420,12 +436,16 @@ impl Manager {
                         let _ = this.release_slot(slot, None);
                         this.free_uid_slot(slot);
                         this.preparing.fetch_sub(1, Ordering::SeqCst);
+                        this.uid_freed.notify_waiters();
                         this.refilling.store(false, Ordering::SeqCst);
                         return;
                     }
                     this.prepared.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+                    // Counted before `preparing` drops (a create that saw neither looks
+                    // again), and waiters woken after it (one that finds the slot taken
+                    // by another sees `preparing` as it is).
+                    this.slot_events.fetch_add(1, Ordering::SeqCst);
                     this.preparing.fetch_sub(1, Ordering::SeqCst);
-                    // Wake creates waiting for a slot.
                     this.uid_freed.notify_waiters();
                 }
                 this.refilling.store(false, Ordering::SeqCst);
@@ -1651,6 +1671,9 @@ impl Manager {
             }
             this.free_uid_slot(slot);
             this.pending_frees.fetch_sub(1, Ordering::SeqCst);
+            // Again once no longer pending: a waiter that found the slot taken by another
+            // then sees that nothing more is coming.
+            this.uid_freed.notify_waiters();
             this.refill();
             this.collect_layers_if_due();
         });
