@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use abx_client::{ExecRequest, Limits};
+use abx_client::{CreateSandbox, ExecRequest, Limits};
 
 use crate::harness::Daemon;
 
@@ -370,5 +370,53 @@ async fn ends_abandoned(s: &mut abx_client::NdjsonStream<abx_client::BuildEvent>
             assert!(message.contains("shutting down") && message.contains("nothing published"), "{message}")
         }
         other => panic!("the stream ended with {other:?}"),
+    }
+}
+
+/// Timeouts that expired while no daemon ran fire while the next daemon is still finding
+/// its sandboxes again; the slots they free must not be refilled before every live
+/// sandbox has claimed its own (a refill then prepared a live sandbox's slot for the next
+/// create, whose failed mount and cleanup killed the live sandbox).
+#[tokio::test]
+async fn timeouts_that_expired_meanwhile_free_no_slot_a_live_sandbox_holds() {
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let (mut live, mut expiring) = (Vec::new(), Vec::new());
+    for i in 0..24 {
+        let timeout_secs = (i % 2 == 1).then_some(1);
+        let req = CreateSandbox { template: Some("mini".into()), timeout_secs, ..Default::default() };
+        let id = d.client.create_sandbox(&req).await.unwrap().id;
+        if timeout_secs.is_some() {
+            expiring.push(id);
+        } else {
+            assert_eq!(d.sh(&id, &format!("echo {id} > /tmp/own")).await.2, 0);
+            live.push(id);
+        }
+    }
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.spawn(&[]).await;
+    // Creates take the prepared slots.
+    let mut made = Vec::new();
+    for _ in 0..4 {
+        made.push(d.mini(Limits::default()).await);
+    }
+    let mut slots = std::collections::HashMap::new();
+    for id in live.iter().chain(&made) {
+        let sb = d.client.get_sandbox(id).await.unwrap();
+        assert_eq!(sb.state, abx_client::SandboxState::Running, "{id}");
+        if let Some(other) = slots.insert(d.slot_of(&sb), id.clone()) {
+            panic!("{id} and {other} are on the same slot");
+        }
+    }
+    for id in &live {
+        let (out, err, code) = d.sh(id, "cat /tmp/own").await;
+        assert_eq!((out.trim(), code), (id.as_str(), 0), "{err}");
+    }
+    for id in &expiring {
+        d.wait_for("the expired sandbox removed", Duration::from_secs(10), || async {
+            d.client.get_sandbox(id).await.is_err()
+        })
+        .await;
     }
 }

@@ -91,6 +91,10 @@ pub struct Manager {
     /// Slots whose namespaces the spawner holds ready (see [`Manager::refill`]).
     prepared: Mutex<Vec<u32>>,
     refilling: std::sync::atomic::AtomicBool,
+    /// Set while [`Manager::reconcile`] finds the stored sandboxes again: a slot not yet
+    /// claimed then may still be a live sandbox's, so nothing takes one meanwhile (a
+    /// timeout that expired while no daemon ran destroys its sandbox during it).
+    reconciling: std::sync::atomic::AtomicBool,
     /// Slots taken by a refill and not yet prepared (or given back).
     preparing: AtomicUsize,
     /// What is known about each slot's host objects, to skip redundant work on create.
@@ -176,6 +180,7 @@ impl Manager {
             slot_events: std::sync::atomic::AtomicU64::new(0),
             prepared: Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            reconciling: std::sync::atomic::AtomicBool::new(false),
             preparing: AtomicUsize::new(0),
             slot_cache: Mutex::new(HashMap::new()),
             resolv_files: Mutex::new(HashMap::new()),
@@ -347,6 +352,11 @@ impl Manager {
     }
 
     fn alloc_uid_slot(&self) -> CoreResult<u32> {
+        if self.reconciling.load(Ordering::SeqCst) {
+            return Err(CoreError::Exhausted(
+                "the daemon is still finding its sandboxes again after its start; try again in a moment".into(),
+            ));
+        }
         let mut slots = self.uid_slots.lock().unwrap_or_else(|e| e.into_inner());
         let free = slots.iter().position(|used| !used).ok_or_else(|| {
             CoreError::Exhausted(format!(
@@ -413,7 +423,11 @@ impl Manager {
     /// prepared shells), so that a create only does the sandbox-specific part. Runs in the
     /// background; called at start, after each create and after each slot is freed.
     pub fn refill(self: &Arc<Self>) {
-        if self.cfg.prewarm == 0 || self.closing.load(Ordering::SeqCst) || self.refilling.swap(true, Ordering::SeqCst) {
+        if self.cfg.prewarm == 0
+            || self.closing.load(Ordering::SeqCst)
+            || self.reconciling.load(Ordering::SeqCst)
+            || self.refilling.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let this = self.clone();
@@ -1689,6 +1703,13 @@ impl Manager {
     /// After a start: adopt live sandboxes from the store, clean up everything else that
     /// carries this instance's prefix (dead sandboxes, half-made ones, orphan cgroups).
     pub fn reconcile(self: &Arc<Self>) -> Result<(), String> {
+        self.reconciling.store(true, Ordering::SeqCst);
+        let res = self.reconcile_records();
+        self.reconciling.store(false, Ordering::SeqCst);
+        res
+    }
+
+    fn reconcile_records(self: &Arc<Self>) -> Result<(), String> {
         let records = self.store.all().map_err(|e| e.to_string())?;
         let mut known = std::collections::HashSet::new();
         for rec in records {
