@@ -88,6 +88,11 @@ pub struct DaemonArgs {
     /// recorded network activity leave one.
     #[arg(long, default_value = "7d", value_parser = parse::duration)]
     audit_retention: u64,
+    /// The most disk the kept audits of removed sandboxes may take, e.g. 10G; past it the
+    /// oldest removals' audits go before their retention ends (checked every minute).
+    /// 0: no limit but the retention.
+    #[arg(long, default_value = "1G", value_parser = parse::size)]
+    audit_max_size: u64,
     /// Also append every sandbox's egress audit events to this file, one JSON object per
     /// line with `sandbox` (id), `sandbox_name` and `tenant`, for a log shipper (reopened
     /// every 200 ms, so rotation by renaming works).
@@ -134,6 +139,7 @@ fn config(a: DaemonArgs) -> anyhow::Result<Config> {
     if let Some(n) = cfg.network.as_mut() {
         n.ingress_access = a.ingress_access;
         n.audit_retention = std::time::Duration::from_secs(a.audit_retention);
+        n.audit_max_size = a.audit_max_size;
         n.audit_log = match a.audit_log {
             Some(p) => Some(std::path::absolute(&p).with_context(|| format!("--audit-log {}", p.display()))?),
             None => None,

@@ -498,6 +498,30 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     assert_eq!(kept.events, gone_log.events);
     w.refused(&id, &format!("{WEB_B}:80")).await;
     w.unresolved(&id, "other.test").await;
+
+    // Past `--audit-max-size` the kept audits go, oldest first, before their retention
+    // ends (at start, then every minute); a live sandbox's audit is not theirs to cap.
+    w.d.kill9();
+    w.d.spawn(&[
+        "--uplink",
+        "up0",
+        "--dns-upstream",
+        &w.net.dns_upstream(),
+        "--ingress",
+        "tcp:127.0.0.1:0",
+        "--domain",
+        "sandbox.test",
+        "--audit-max-size",
+        "1",
+    ])
+    .await;
+    w.d.adopt_spawner().await;
+    w.d.wait_for("the kept audit removed past --audit-max-size", std::time::Duration::from_secs(10), || async {
+        w.d.client.kept_audits().await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(w.d.client.network_log(&gone).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(w.d.client.network_log(&id).await.unwrap().events[..audit.len()], audit[..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

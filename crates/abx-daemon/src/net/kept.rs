@@ -116,6 +116,33 @@ pub fn prune(dir: &Path, now: u64, retention_secs: u64) -> usize {
     gone
 }
 
+/// Removes kept audits, oldest removal first, until those left take at most `max_bytes`
+/// (their description and events). Returns how many went.
+pub fn cap(dir: &Path, max_bytes: u64) -> usize {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut all: Vec<(KeptAudit, u64)> = list(dir)
+        .into_iter()
+        .map(|m| {
+            let bytes = size(&dir.join(format!("{}.json", m.id))) + size(&dir.join(format!("{}.jsonl", m.id)));
+            (m, bytes)
+        })
+        .collect();
+    let mut total: u64 = all.iter().map(|(_, b)| b).sum();
+    let mut gone = 0;
+    // `list` gives the oldest first.
+    all.reverse();
+    while total > max_bytes {
+        let Some((m, bytes)) = all.pop() else { break };
+        // The description goes first: events without one are strays, which `prune` removes.
+        if std::fs::remove_file(dir.join(format!("{}.json", m.id))).is_ok() {
+            gone += 1;
+        }
+        let _ = std::fs::remove_file(dir.join(format!("{}.jsonl", m.id)));
+        total = total.saturating_sub(bytes);
+    }
+    gone
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +208,26 @@ mod tests {
             v
         };
         assert_eq!(left, ["new.json", "new.jsonl"]);
+    }
+
+    #[test]
+    fn cap_removes_the_oldest_until_the_rest_fits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kept = dir(tmp.path());
+        // The same size each, removed at 1300, 1100 and 1200.
+        let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(100));
+        for (id, at) in [("c", 1300), ("a", 1100), ("b", 1200)] {
+            keep(&kept, &live_log(tmp.path(), id, &line.repeat(10)), meta(id, None, at)).unwrap();
+        }
+        let size = |f: &str| std::fs::metadata(kept.join(f)).unwrap().len();
+        let each = size("a.json") + size("a.jsonl");
+        assert_eq!(each, size("c.json") + size("c.jsonl"));
+        assert_eq!(cap(&kept, 3 * each), 0, "all three fit");
+        assert_eq!(cap(&kept, 2 * each + 1), 1);
+        let ids: Vec<String> = list(&kept).into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, ["b", "c"], "the oldest removal went first");
+        assert!(!kept.join("a.jsonl").exists());
+        assert_eq!(cap(&kept, 0), 2);
+        assert!(std::fs::read_dir(&kept).unwrap().next().is_none(), "nothing is left");
     }
 }

@@ -46,6 +46,9 @@ pub struct NetConfig {
     pub ingress_access: abx_api::IngressAccess,
     /// How long the egress audit of a removed sandbox is kept (zero: removed with it).
     pub audit_retention: Duration,
+    /// The most disk the kept audits of removed sandboxes may take; the oldest removals go
+    /// first (zero: no limit but the retention).
+    pub audit_max_size: u64,
     /// A file every sandbox's audit events are also appended to, as JSON lines naming
     /// their sandbox (for log shippers).
     pub audit_log: Option<std::path::PathBuf>,
@@ -64,6 +67,7 @@ impl NetConfig {
             domain: "agentbox.localhost".into(),
             ingress_access: abx_api::IngressAccess::Public,
             audit_retention: DEFAULT_AUDIT_RETENTION,
+            audit_max_size: DEFAULT_AUDIT_MAX_SIZE,
             audit_log: None,
         }
     }
@@ -140,6 +144,9 @@ pub fn system_resolver() -> Option<SocketAddr> {
 
 /// How long the audit of a removed sandbox is kept unless `--audit-retention` says.
 pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(7 * 86400);
+
+/// How much disk the kept audits may take unless `--audit-max-size` says: 1 GiB.
+pub const DEFAULT_AUDIT_MAX_SIZE: u64 = 1 << 30;
 
 /// How often the audit thread removes kept audits past their retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -983,13 +990,24 @@ impl Network {
         kept::list(&kept::dir(dir))
     }
 
-    /// Removes the kept audits older than `--audit-retention`.
+    /// Removes the kept audits older than `--audit-retention`, then the oldest of the rest
+    /// while they take more than `--audit-max-size`.
     pub fn prune_kept_audits(&self) {
         let Some(dir) = &self.audit_dir else { return };
         let _io = self.audit_io.lock().unwrap_or_else(|e| e.into_inner());
         let gone = kept::prune(&kept::dir(dir), crate::sandbox::now(), self.cfg.audit_retention.as_secs());
         if gone > 0 {
             info!(audits = gone, "removed the egress audits of sandboxes removed longer ago than --audit-retention");
+        }
+        if self.cfg.audit_max_size > 0 {
+            let gone = kept::cap(&kept::dir(dir), self.cfg.audit_max_size);
+            if gone > 0 {
+                warn!(
+                    audits = gone,
+                    max_size = self.cfg.audit_max_size,
+                    "removed the oldest kept egress audits early: together they took more than --audit-max-size"
+                );
+            }
         }
     }
 
