@@ -25,6 +25,12 @@ Workloads (all at once when several are given; at least 6 client threads, one pe
              commands (output checked), write and read files (content checked), list,
              snapshot, fork, rollback, diff, destroy, while the CLI stops, starts, pauses
              and removes the same sandboxes
+  restart    (alongside others) every 8-20 s kills the daemon (SIGKILL, or SIGTERM one time
+             in four) in the middle of the other workloads' requests and starts it again
+             (SOAK_DAEMON_ARGV, SOAK_DAEMON_PID, SOAK_DAEMON_PIDFILE, SOAK_DAEMON_LOG from
+             scripts/soak); then every sandbox it lists as running must run a command.
+             Failures from the kill until 2 s after the daemon answers again are shown
+             apart and are expected; content checks and the checks after a restart are not
 
 Every failure is grouped by its message. A failure that concurrent requests explain (the
 sandbox was removed, stopped or restarted meanwhile, a state conflict, something not
@@ -85,13 +91,33 @@ EXPECTED = re.compile(
 lock = threading.Lock()
 failures = collections.Counter()
 examples = {}
+expected_keys = set()
 ops = collections.Counter()
 boxes, snaps = [], []
 
 
-def note(what, message, example):
-    key = (what, re.sub(r"\d+", "N", re.sub(r"[0-9a-f]{8,}", "<id>", message))[:160])
+# (killed at, answering again at) for each restart of the daemon by the restart workload.
+restarts = []
+RESTART_GRACE = 2.0
+# Checks of content and of the state after a restart: findings whenever they fail.
+ALWAYS_FINDINGS = re.compile(r"^(wrong |read \d+ bytes back|stdin came back|after a restart)")
+
+
+def during_restart(t):
     with lock:
+        return any(k <= t and (b is None or t <= b + RESTART_GRACE) for k, b in restarts)
+
+
+def note(what, message, example):
+    if during_restart(time.time()) and not ALWAYS_FINDINGS.search(message):
+        what += " [during a daemon restart]"
+    normal = re.sub(r"\d+", "N", re.sub(r"[0-9a-f]{8,}", "<id>", message))
+    key = (what, normal[:160])
+    # Judged on the whole message (the key is cut short).
+    expected = bool(EXPECTED.search(normal) or EXPECTED.search(message)) or what.endswith("[during a daemon restart]")
+    with lock:
+        if expected:
+            expected_keys.add(key)
         failures[key] += 1
         examples.setdefault(key, example[:300])
 
@@ -701,6 +727,66 @@ def mcp():
         drop(mcp_boxes, b)
 
 
+DAEMON_ARGV = json.loads(os.environ.get("SOAK_DAEMON_ARGV", "null"))
+daemon_pid = int(os.environ.get("SOAK_DAEMON_PID", "0"))
+
+
+def gone(pid):
+    """Whether process pid has exited (a zombie counts: its parent reaps it later)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def restart():
+    """Kills the daemon, starts it again, and checks that what it lists as running runs."""
+    global daemon_pid
+    time.sleep(random.uniform(8, 20))
+    if time.time() > deadline - 5:
+        return
+    sig = random.choice([9, 9, 9, 15])
+    with lock:
+        restarts.append((time.time(), None))
+        ops["daemon %s" % ("SIGKILL" if sig == 9 else "SIGTERM")] += 1
+    os.kill(daemon_pid, sig)
+    t0 = time.time()
+    while not gone(daemon_pid):
+        if time.time() - t0 > 60:
+            note("restart", "the daemon did not exit within 60 s of signal %d" % sig, str(daemon_pid))
+            os.kill(daemon_pid, 9)
+            t0 = time.time()
+        time.sleep(0.05)
+    with open(os.environ["SOAK_DAEMON_LOG"], "ab") as log:
+        proc = subprocess.Popen(DAEMON_ARGV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    daemon_pid = proc.pid
+    with open(os.environ["SOAK_DAEMON_PIDFILE"], "w") as f:
+        f.write("%d\n" % proc.pid)
+    threading.Thread(target=proc.wait, daemon=True).start()
+    t0 = time.time()
+    while subprocess.run(CLI + ["ls", "-q"], capture_output=True).returncode != 0:
+        if proc.poll() is not None or time.time() - t0 > 60:
+            note("restart", "after a restart the daemon did not answer (exit status %r)" % proc.poll(), " ".join(DAEMON_ARGV))
+            raise SystemExit
+        time.sleep(0.05)
+    with lock:
+        restarts[-1] = (restarts[-1][0], time.time())
+        ops["daemon back"] += 1
+    # Every sandbox listed as running runs a command, unless another workload stopped,
+    # paused or removed it meanwhile.
+    out = subprocess.run(CLI + ["ls", "--json"], capture_output=True, text=True).stdout
+    for sb in json.loads(out or "[]"):
+        if sb.get("state") != "running":
+            continue
+        p = subprocess.run(CLI + ["exec", sb["id"], "--", "true"], capture_output=True, text=True, timeout=60)
+        with lock:
+            ops["exec after a restart"] += 1
+        msg = (p.stderr.strip().splitlines() or ["<exit status %d>" % p.returncode])[-1]
+        if p.returncode != 0 and not EXPECTED.search(msg):
+            note("restart", "after a restart: " + msg, sb["id"])
+
+
 WORK = {"lifecycle": lifecycle, "network": network, "templates": templates, "tenants": tenants, "processes": processes, "e2b": e2b, "mcp": mcp}
 if "tenants" in WORKLOADS:
     if not TCP:
@@ -729,13 +815,22 @@ if "e2b" in WORKLOADS:
 deadline = time.time() + SECONDS
 
 
+CLIENTS = [w for w in WORKLOADS if w != "restart"]
+if not CLIENTS:
+    sys.exit("the restart workload runs alongside others")
+if "restart" in WORKLOADS and not (DAEMON_ARGV and daemon_pid):
+    sys.exit("the restart workload needs SOAK_DAEMON_ARGV and SOAK_DAEMON_PID (scripts/soak sets them)")
+
+
 def worker(n):
-    work = WORK[WORKLOADS[n % len(WORKLOADS)]]
+    work = WORK[CLIENTS[n % len(CLIENTS)]] if n >= 0 else restart
     while time.time() < deadline:
         work()
 
 
-threads = [threading.Thread(target=worker, args=(n,)) for n in range(max(6, len(WORKLOADS)))]
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(max(6, len(CLIENTS)))]
+if "restart" in WORKLOADS:
+    threads.append(threading.Thread(target=worker, args=(-1,)))
 for t in threads:
     t.start()
 for t in threads:
@@ -745,10 +840,14 @@ shutil.rmtree(CONTEXT, ignore_errors=True)
 print("operations: " + ", ".join("%s %d" % kv for kv in sorted(ops.items())))
 findings = 0
 for (what, msg), n in failures.most_common():
-    expected = bool(EXPECTED.search(msg))
+    expected = (what, msg) in expected_keys
     findings += 0 if expected else n
     print("%s %6d  %s: %s" % ("  " if expected else "!!", n, what, msg))
     if not expected:
         print("           e.g. %s" % examples[(what, msg)])
+if restarts:
+    down = sorted(b - k for k, b in restarts if b is not None)
+    if down:
+        print("daemon restarts: %d, down for %.2f s median, %.2f s at most (signal to answering `ls`)" % (len(down), down[len(down) // 2], down[-1]))
 print("findings: %d (lines marked !!)" % findings)
 sys.exit(1 if findings else 0)
