@@ -532,6 +532,15 @@ async fn a_subnet_in_use_is_refused() {
     b.stop();
     let err = b.try_spawn(&["--subnet", &a.subnet]).await.unwrap_err();
     assert!(err.contains("already routed"), "{err}");
+    // The refused start leaves no data image mounted (`--data auto` mounts one when the
+    // state root is not btrfs).
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounted = |d: &Daemon| {
+        let image = d.root.join(format!("{}-data", d.prefix));
+        mounts.lines().any(|l| l.split(' ').nth(4) == Some(image.to_str().unwrap()))
+    };
+    assert!(mounted(&a), "the running daemon's data image is mounted:\n{mounts}");
+    assert!(!mounted(&b), "the refused daemon's data image is still mounted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,7 +140,22 @@ impl Drop for Reserved {
 impl Manager {
     /// Opens the state under `cfg.root` and reconnects to (or starts) the spawner.
     pub fn open(cfg: Config) -> Result<Arc<Manager>, String> {
+        let mounted_before = crate::storage::image_mounted(&cfg.root, &cfg.prefix);
         let storage = crate::storage::Storage::open(&cfg.root, &cfg.prefix, cfg.data, cfg.data_size)?;
+        match Self::open_on(cfg, storage.clone()) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // A start refused (a subnet in use, a bad seccomp policy, ...) leaves no
+                // data image mounted that it mounted itself.
+                if !mounted_before {
+                    storage.close();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open_on(cfg: Config, storage: crate::storage::Storage) -> Result<Arc<Manager>, String> {
         for d in [storage.slots.clone(), cfg.root.join("tmp")] {
             std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
