@@ -26,7 +26,8 @@ Workloads (all at once when several are given; at least 6 client threads, one pe
              snapshot, fork, rollback, diff, destroy, while the CLI stops, starts, pauses
              and removes the same sandboxes
   restart    (alongside others) every 8-20 s kills the daemon (SIGKILL, or SIGTERM one time
-             in four) in the middle of the other workloads' requests and starts it again
+             in four; or, one time in five, SIGKILLs its spawner instead, which the daemon
+             must replace) in the middle of the other workloads' requests and starts it again
              (SOAK_DAEMON_ARGV, SOAK_DAEMON_PID, SOAK_DAEMON_PIDFILE, SOAK_DAEMON_LOG from
              scripts/soak); then every sandbox it lists as running must run a command.
              Failures from the kill until 2 s after the daemon answers again are shown
@@ -754,6 +755,8 @@ def restart():
     time.sleep(random.uniform(8, 20))
     if time.time() > deadline - 5:
         return
+    if random.random() < 0.2:
+        return kill_spawner()
     sig = random.choice([9, 9, 9, 15])
     with lock:
         restarts.append((time.time(), None))
@@ -786,6 +789,37 @@ def restart():
         evict_later.clear()
     for evict, old in later:
         evict(old)
+    check_running()
+
+
+def kill_spawner():
+    """SIGKILLs the daemon's spawner (the process that makes sandboxes): the daemon must
+    start another, and the sandboxes must not notice."""
+    out = subprocess.run(CLI + ["system"], capture_output=True, text=True).stdout
+    old = json.loads(out or "{}").get("spawner_pid")
+    if not old:
+        return
+    with lock:
+        restarts.append((time.time(), None))
+        restart_signals.append("spawner")
+        ops["spawner SIGKILL"] += 1
+    os.kill(old, 9)
+    t0 = time.time()
+    while True:
+        out = subprocess.run(CLI + ["system"], capture_output=True, text=True).stdout
+        new = json.loads(out or "{}").get("spawner_pid")
+        if new and new != old:
+            break
+        if time.time() - t0 > 30:
+            note("restart", "after a restart: no new spawner 30 s after the old one was killed", str(old))
+            break
+        time.sleep(0.05)
+    with lock:
+        restarts[-1] = (restarts[-1][0], time.time())
+    check_running()
+
+
+def check_running():
     # Every sandbox listed as running runs a command, unless another workload stopped,
     # paused or removed it meanwhile.
     out = subprocess.run(CLI + ["ls", "--json"], capture_output=True, text=True).stdout
