@@ -21,9 +21,16 @@ pub fn host_side(net: &SlotNetSpec, netns: BorrowedFd<'_>) -> Result<(), String>
     let rtnl = Rtnl::open().map_err(|e| format!("open rtnetlink: {e}"))?;
     let host_if = net.host_if.as_str();
     match rtnl.create_veth(host_if, INSIDE_IF, netns) {
-        // Left over from an earlier spawner of this state root: replace it.
+        // Left over from an earlier spawner of this state root: replace it. (Or going by
+        // itself: the namespace of its peer, a killed spawner's prepared shell, is being
+        // torn down; then it may be gone before the delete, ENODEV.)
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            rtnl.delete_link(host_if).map_err(|e| format!("remove stale interface {host_if}: {e}"))?;
+            match rtnl.delete_link(host_if) {
+                Err(e) if e.raw_os_error() != Some(libc::ENODEV) => {
+                    return Err(format!("remove stale interface {host_if}: {e}"));
+                }
+                _ => {}
+            }
             rtnl.create_veth(host_if, INSIDE_IF, netns)
         }
         r => r,
