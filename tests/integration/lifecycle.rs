@@ -560,3 +560,31 @@ async fn pids_from_before_a_restart_name_no_new_process() {
         last = pid;
     }
 }
+
+/// A request still being served is activity however long it takes: an upload that a slow
+/// client sends for longer than the idle time is not frozen half-way (the agent then never
+/// answered and the request hung for good).
+#[tokio::test]
+async fn a_slow_request_is_not_paused_under_it() {
+    let d = Daemon::start_with(&["--idle-pause", "1"]).await;
+    let id = d.mini(Limits::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow");
+    let data: Vec<u8> = (0..240_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    // 80 KB/s: three seconds.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "20", "--limit-rate", "80K", "-T"])
+        .arg(&file)
+        .arg("--unix-socket")
+        .arg(&d.socket)
+        .arg(format!("http://agentbox/v1/sandboxes/{id}/files?path=/tmp/slow"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (sum, _, code) = d.sh(&id, "md5sum < /tmp/slow").await;
+    assert_eq!(code, 0);
+    let want = String::from_utf8(std::process::Command::new("md5sum").arg(&file).output().unwrap().stdout).unwrap();
+    assert_eq!(sum.split_whitespace().next(), want.split_whitespace().next());
+}

@@ -483,11 +483,16 @@ impl Core {
             None => return Err(CoreError::Forbidden("a request that acts for nobody (an internal error)".into())),
         };
         // A build's step sandboxes are the build's alone: not found by anyone.
-        if let Some(key) = addressed_sandbox(&cmd)
-            && self.manager.get(key).is_ok_and(|sb| sb.read(|r| r.build_step))
+        let addressed = addressed_sandbox(&cmd).and_then(|key| self.manager.get(key).ok());
+        if let Some(sb) = &addressed
+            && sb.read(|r| r.build_step)
         {
-            return Err(CoreError::not_found("sandbox", key));
+            return Err(CoreError::not_found("sandbox", addressed_sandbox(&cmd).unwrap_or_default()));
         }
+        // A request being served is activity until it is answered, however long it takes
+        // (a slow upload, an agent slow to start a process): idle auto-pause froze the
+        // sandbox under it, and the agent then never answered.
+        let _busy = addressed.map(|sb| sb.attach());
         let Some(tenant) = tenant else { return self.dispatch(cmd).await };
         self.authorize(&tenant, &cmd)?;
         let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());
