@@ -588,3 +588,30 @@ async fn a_slow_request_is_not_paused_under_it() {
     let want = String::from_utf8(std::process::Command::new("md5sum").arg(&file).output().unwrap().stdout).unwrap();
     assert_eq!(sum.split_whitespace().next(), want.split_whitespace().next());
 }
+
+/// A daemon killed between a freeze and its thaw (in a snapshot, or a resume) leaves the
+/// processes frozen under a record that says running (or running under one that says
+/// paused): the next daemon sets the freezer to what the record says when it finds the
+/// sandbox again. (Before, every request to the "running" sandbox hung.)
+#[tokio::test]
+async fn a_freeze_left_by_a_killed_daemon_follows_the_record_after_a_restart() {
+    let mut d = Daemon::start().await;
+    let running = d.mini(Limits::default()).await;
+    let paused = d.mini(Limits::default()).await;
+    d.client.pause(&paused).await.unwrap();
+    let a = d.slot_of(&d.client.get_sandbox(&running).await.unwrap());
+    let b = d.slot_of(&d.client.get_sandbox(&paused).await.unwrap());
+    d.kill9();
+    let (file, frozen, thawed) = slot_freezer(&d, a);
+    std::fs::write(file, frozen).unwrap();
+    let (file, _, _) = slot_freezer(&d, b);
+    std::fs::write(file, thawed).unwrap();
+    d.spawn(&[]).await;
+    let (out, _, code) = tokio::time::timeout(Duration::from_secs(10), d.sh(&running, "echo ok"))
+        .await
+        .expect("an exec in the sandbox recorded as running hung: still frozen");
+    assert_eq!((out.as_str(), code), ("ok\n", 0));
+    assert_eq!(d.client.get_sandbox(&paused).await.unwrap().state, abx_client::SandboxState::Paused);
+    assert!(slot_frozen(&d, b), "the sandbox recorded as paused is frozen again");
+    assert_eq!(d.sh(&paused, "echo resumed").await.0, "resumed\n");
+}

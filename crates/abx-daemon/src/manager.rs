@@ -1822,6 +1822,15 @@ impl Manager {
                 }
                 info!(sandbox = %rec.id, pid = rec.pid, "re-adopted running sandbox");
                 self.claim_uid_slot(rec.uid_slot);
+                // A daemon that died between a freeze and its thaw (a snapshot, a resume)
+                // left the processes frozen under a record that says running, or running
+                // under one that says paused: the freezer follows the record.
+                let cg = self.slot_name(rec.uid_slot);
+                let set =
+                    if rec.state == SandboxState::Paused { self.cgroups.freeze(&cg) } else { self.cgroups.thaw(&cg) };
+                if let Err(e) = set {
+                    warn!(sandbox = %rec.id, error = %cgroup_text(&e), "setting the freezer to the recorded state");
+                }
                 if let Some(net) = &self.net {
                     let policy = crate::net::policy::Policy::parse(&rec.network)
                         .unwrap_or_else(|_| crate::net::policy::Policy::none());
