@@ -482,17 +482,19 @@ impl Core {
             // nobody rather than for everyone.
             None => return Err(CoreError::Forbidden("a request that acts for nobody (an internal error)".into())),
         };
-        // A build's step sandboxes are the build's alone: not found by anyone.
-        let addressed = addressed_sandbox(&cmd).and_then(|key| self.manager.get(key).ok());
-        if let Some(sb) = &addressed
-            && sb.read(|r| r.build_step)
-        {
-            return Err(CoreError::not_found("sandbox", addressed_sandbox(&cmd).unwrap_or_default()));
-        }
         // A request being served is activity until it is answered, however long it takes
         // (a slow upload, an agent slow to start a process): idle auto-pause froze the
         // sandbox under it, and the agent then never answered.
-        let _busy = addressed.map(|sb| sb.attach());
+        let mut _busy = None;
+        if let Some(key) = addressed_sandbox(&cmd)
+            && let Ok(sb) = self.manager.get(key)
+        {
+            // A build's step sandboxes are the build's alone: not found by anyone.
+            if sb.read(|r| r.build_step) {
+                return Err(CoreError::not_found("sandbox", key));
+            }
+            _busy = Some(sb.attach());
+        }
         let Some(tenant) = tenant else { return self.dispatch(cmd).await };
         self.authorize(&tenant, &cmd)?;
         let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());

@@ -328,13 +328,13 @@ pub fn journal_less_ext4(path: &Path) -> Option<String> {
     (task.trim() == "<none>").then_some(name)
 }
 
-/// Whether `path` is the root of a mount (listed in this process's mount table).
 /// Whether the data image of `prefix` under `root` is mounted (by an earlier daemon whose
 /// sandboxes may still use it).
 pub fn image_mounted(root: &Path, prefix: &str) -> bool {
     is_mountpoint(&root.join(format!("{prefix}-data")))
 }
 
+/// Whether `path` is the root of a mount (listed in this process's mount table).
 fn is_mountpoint(path: &Path) -> bool {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
