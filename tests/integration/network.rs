@@ -18,6 +18,14 @@ struct World {
     net: FakeNet,
 }
 
+/// The daemon options of a world whose fake internet resolves at `dns`, then `extra`.
+fn daemon_args<'a>(dns: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args =
+        vec!["--uplink", "up0", "--dns-upstream", dns, "--ingress", "tcp:127.0.0.1:0", "--domain", "sandbox.test"];
+    args.extend_from_slice(extra);
+    args
+}
+
 impl World {
     async fn new() -> World {
         Self::with(&[]).await
@@ -28,12 +36,16 @@ impl World {
         let prefix = format!("abxt{}", random_hex(6));
         let net = FakeNet::new(&prefix).await;
         let dns = net.dns_upstream();
-        let mut args =
-            vec!["--uplink", "up0", "--dns-upstream", &dns, "--ingress", "tcp:127.0.0.1:0", "--domain", "sandbox.test"];
-        args.extend_from_slice(extra);
-        let d = Daemon::start_in(Some(&net.daemon_ns.clone()), &args).await;
+        let d = Daemon::start_in(Some(&net.daemon_ns.clone()), &daemon_args(&dns, extra)).await;
         d.template("mini").await;
         World { d, net }
+    }
+
+    /// Starts the daemon again (after `kill9`) with the world's options and `extra`.
+    async fn respawn(&mut self, extra: &[&str]) {
+        let dns = self.net.dns_upstream();
+        self.d.spawn(&daemon_args(&dns, extra)).await;
+        self.d.adopt_spawner().await;
     }
 
     async fn sandbox(&self, mode: NetMode, allow: &[&str]) -> String {
@@ -477,18 +489,7 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
         .output()
         .unwrap();
     assert!(out.status.success(), "the table must survive the daemon");
-    w.d.spawn(&[
-        "--uplink",
-        "up0",
-        "--dns-upstream",
-        &w.net.dns_upstream(),
-        "--ingress",
-        "tcp:127.0.0.1:0",
-        "--domain",
-        "sandbox.test",
-    ])
-    .await;
-    w.d.adopt_spawner().await;
+    w.respawn(&[]).await;
     assert_eq!(w.d.client.get_sandbox(&id2).await.unwrap().network.allow, vec!["allowed.test".to_string()]);
     assert!(w.reaches(&id, "allowed.test:80").await, "allowed again after the restart");
     let after = w.d.client.network_log(&id).await.unwrap().events;
@@ -502,20 +503,7 @@ async fn policies_hold_while_the_daemon_is_away_and_after_it_returns() {
     // Past `--audit-max-size` the kept audits go, oldest first, before their retention
     // ends (at start, then every minute); a live sandbox's audit is not theirs to cap.
     w.d.kill9();
-    w.d.spawn(&[
-        "--uplink",
-        "up0",
-        "--dns-upstream",
-        &w.net.dns_upstream(),
-        "--ingress",
-        "tcp:127.0.0.1:0",
-        "--domain",
-        "sandbox.test",
-        "--audit-max-size",
-        "1",
-    ])
-    .await;
-    w.d.adopt_spawner().await;
+    w.respawn(&["--audit-max-size", "1"]).await;
     w.d.wait_for("the kept audit removed past --audit-max-size", std::time::Duration::from_secs(10), || async {
         w.d.client.kept_audits().await.unwrap().is_empty()
     })
