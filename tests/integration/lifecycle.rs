@@ -589,6 +589,32 @@ async fn a_slow_request_is_not_paused_under_it() {
     assert_eq!(sum.split_whitespace().next(), want.split_whitespace().next());
 }
 
+/// A download the client reads slowly goes on after the request was answered: the
+/// sandbox stays busy until it ends. (Before, idle auto-pause froze the agent in the
+/// middle of the transfer, and the download hung for good.)
+#[tokio::test]
+async fn a_slow_download_is_not_paused_under_it() {
+    let d = Daemon::start_with(&["--idle-pause", "1"]).await;
+    let id = d.mini(Limits::default()).await;
+    let (sum, _, code) = d.sh(&id, "head -c 2400000 /dev/urandom > /tmp/big && md5sum < /tmp/big").await;
+    assert_eq!(code, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big");
+    // 400 KB/s: six seconds, far more than the socket buffers hold.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "25", "--limit-rate", "400K", "-o"])
+        .arg(&file)
+        .arg("--unix-socket")
+        .arg(&d.socket)
+        .arg(format!("http://agentbox/v1/sandboxes/{id}/files?path=/tmp/big"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = String::from_utf8(std::process::Command::new("md5sum").arg(&file).output().unwrap().stdout).unwrap();
+    assert_eq!(sum.split_whitespace().next(), got.split_whitespace().next());
+}
+
 /// A daemon killed between a freeze and its thaw (in a snapshot, or a resume) leaves the
 /// processes frozen under a record that says running (or running under one that says
 /// paused): the next daemon sets the freezer to what the record says when it finds the

@@ -32,6 +32,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct AgentConn {
     pub reader: FrameReader<OwnedReadHalf>,
     pub writer: FrameWriter<OwnedWriteHalf>,
+    /// Holds the sandbox busy (no idle auto-pause) while a transfer streams on this
+    /// connection after the request was answered: a download the client reads slowly.
+    pub busy: Option<crate::sandbox::Attached>,
 }
 
 impl AgentConn {
@@ -39,7 +42,7 @@ impl AgentConn {
     pub async fn open(socket: &Path, req: &Request) -> Result<AgentConn, CallError> {
         let stream = UnixStream::connect(socket).await.map_err(CallError::Unreachable)?;
         let (r, w) = stream.into_split();
-        let mut conn = AgentConn { reader: FrameReader::new(r), writer: FrameWriter::new(w) };
+        let mut conn = AgentConn { reader: FrameReader::new(r), writer: FrameWriter::new(w), busy: None };
         conn.writer.json(req).await?;
         Ok(conn)
     }

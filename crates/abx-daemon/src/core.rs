@@ -485,7 +485,7 @@ impl Core {
         // A request being served is activity until it is answered, however long it takes
         // (a slow upload, an agent slow to start a process): idle auto-pause froze the
         // sandbox under it, and the agent then never answered.
-        let mut _busy = None;
+        let mut busy = None;
         if let Some(key) = addressed_sandbox(&cmd)
             && let Ok(sb) = self.manager.get(key)
         {
@@ -493,16 +493,29 @@ impl Core {
             if sb.read(|r| r.build_step) {
                 return Err(CoreError::not_found("sandbox", key));
             }
-            _busy = Some(sb.attach());
+            busy = Some(sb.attach());
         }
-        let Some(tenant) = tenant else { return self.dispatch(cmd).await };
-        self.authorize(&tenant, &cmd)?;
-        let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());
-        Ok(match self.dispatch(cmd).await? {
-            Outcome::Sandboxes(v) => Outcome::Sandboxes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
-            Outcome::Snapshots(v) => Outcome::Snapshots(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
-            Outcome::Volumes(v) => Outcome::Volumes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
-            Outcome::KeptAudits(v) => Outcome::KeptAudits(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+        let out = match tenant {
+            None => self.dispatch(cmd).await?,
+            Some(tenant) => {
+                self.authorize(&tenant, &cmd)?;
+                let mine = |t: &Option<String>| t.as_deref() == Some(tenant.as_str());
+                match self.dispatch(cmd).await? {
+                    Outcome::Sandboxes(v) => Outcome::Sandboxes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+                    Outcome::Snapshots(v) => Outcome::Snapshots(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+                    Outcome::Volumes(v) => Outcome::Volumes(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+                    Outcome::KeptAudits(v) => Outcome::KeptAudits(v.into_iter().filter(|s| mine(&s.tenant)).collect()),
+                    o => o,
+                }
+            }
+        };
+        // A download goes on after the answer, as fast as the client reads it: the
+        // sandbox stays busy until it ends (frozen under it, the transfer hung for good).
+        Ok(match out {
+            Outcome::Content(info, mut conn) => {
+                conn.busy = busy.take();
+                Outcome::Content(info, conn)
+            }
             o => o,
         })
     }

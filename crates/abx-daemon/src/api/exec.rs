@@ -204,7 +204,7 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
 /// until the exit is forwarded.
 async fn pump(mut socket: WebSocket, session: ExecSession) {
     let ExecSession { pid, conn, attached: _attached, sandbox } = session;
-    let crate::agent::AgentConn { mut reader, writer } = conn;
+    let crate::agent::AgentConn { mut reader, writer, .. } = conn;
     if !send_event(&mut socket, &ExecEvent::Started { pid }).await {
         return;
     }
