@@ -36,6 +36,12 @@ pub struct CreateOnlyArgs {
     /// Name the sandbox.
     #[arg(long)]
     name: Option<String>,
+    /// Make the create safe to repeat: while the sandbox a create with this key made
+    /// exists, the same create answers it instead of making another. Without it, a
+    /// random key is used, so that a create retried after the daemon went away mid-way
+    /// (a restart) never makes two.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -93,16 +99,22 @@ fn create_request(a: &CreateArgs, name: Option<String>) -> CreateSandbox {
         on_timeout: a.on_timeout,
         volumes: a.volumes.clone(),
         ingress: a.ingress,
+        idempotency_key: None,
     }
 }
 
 /// Creates a sandbox; an embedded template that is not built yet is built first, with
 /// progress shown.
+///
+/// Sent again while the daemon restarts ([`Client::create_sandbox_retried`]).
 async fn create_sandbox(client: &Client, req: &CreateSandbox) -> anyhow::Result<abx_client::Sandbox> {
-    match client.create_sandbox(req).await {
+    let told = |e: &abx_client::Error| {
+        eprintln!("the daemon did not answer the create ({e}); sending it again with the same idempotency key")
+    };
+    match client.create_sandbox_retried(req, told).await {
         Err(e) if is_missing_template(&e) => {
             build_missing_template(client, req).await?;
-            Ok(client.create_sandbox(req).await?)
+            Ok(client.create_sandbox_retried(req, told).await?)
         }
         r => Ok(r?),
     }
@@ -123,7 +135,8 @@ async fn net_test_or_destroy(client: &Client, id: &str, keep: bool) -> anyhow::R
 }
 
 pub async fn create(client: &Client, a: CreateOnlyArgs) -> anyhow::Result<i32> {
-    let sb = create_sandbox(client, &create_request(&a.create, a.name)).await?;
+    let req = CreateSandbox { idempotency_key: a.idempotency_key, ..create_request(&a.create, a.name) };
+    let sb = create_sandbox(client, &req).await?;
     if a.create.net_test && !net_test_or_destroy(client, &sb.id, false).await? {
         eprintln!("sandbox {} destroyed", sb.id);
         return Ok(super::EXIT_ERROR);

@@ -163,6 +163,17 @@ async fn tenants_reach_only_their_own_sandboxes_snapshots_and_volumes() {
     assert_eq!(admin.list_sandboxes().await.unwrap().len(), 2, "a key without a tenant sees all");
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 2, "so does the unix socket");
 
+    // An idempotency key is its caller's own: b's create with a's key makes b's sandbox.
+    let keyed = || CreateSandbox { idempotency_key: Some("same-key".into()), ..mini() };
+    let ka = a.create_sandbox(&keyed()).await.unwrap();
+    let kb = b.create_sandbox(&keyed()).await.unwrap();
+    assert_ne!(ka.id, kb.id);
+    assert_eq!(kb.tenant.as_deref(), Some("team-b"));
+    assert_eq!(a.create_sandbox(&keyed()).await.unwrap().id, ka.id, "a's retry answers a's");
+    assert_eq!(b.create_sandbox(&keyed()).await.unwrap().id, kb.id, "b's retry answers b's");
+    a.delete_sandbox(&ka.id, true).await.unwrap();
+    b.delete_sandbox(&kb.id, true).await.unwrap();
+
     // Another tenant's sandbox does not exist for b, by id or by name, whatever the request.
     for key in [sa.id.as_str(), "alpha"] {
         not_found(b.get_sandbox(key).await.unwrap_err());

@@ -615,6 +615,81 @@ async fn a_slow_download_is_not_paused_under_it() {
     assert_eq!(sum.split_whitespace().next(), got.split_whitespace().next());
 }
 
+/// `POST /v1/sandboxes` through curl: the status and the JSON answer.
+async fn post_create(d: &Daemon, body: &str, header: Option<&str>) -> (u16, serde_json::Value) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "60", "-w", "\n%{http_code}", "-H", "content-type: application/json", "-d", body]);
+    if let Some(h) = header {
+        cmd.args(["-H", &format!("Idempotency-Key: {h}")]);
+    }
+    let out = cmd.arg("--unix-socket").arg(&d.socket).arg("http://agentbox/v1/sandboxes").output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("no status: {text}"));
+    (code.parse().unwrap(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}")))
+}
+
+/// A create with an idempotency key is made once: the same create again (a retry after a
+/// lost answer) answers the same sandbox with 200, also when sent at once from several
+/// clients; another request with the key is refused; the key is free again once its
+/// sandbox is removed. Bad keys, and keys on a run, are refused by name.
+#[tokio::test]
+async fn a_create_with_an_idempotency_key_is_made_once() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let body = r#"{"template":"mini","idempotency_key":"task-7","metadata":{"k":"v"}}"#;
+    let (code, first) = post_create(&d, body, None).await;
+    assert_eq!(code, 201, "{first}");
+    let id = first["id"].as_str().unwrap().to_string();
+    let (code, again) = post_create(&d, body, None).await;
+    assert_eq!((code, again["id"].as_str()), (200, Some(id.as_str())), "{again}");
+    // The header form; the same request (the key not counted in it).
+    let (code, again) = post_create(&d, r#"{"template":"mini","metadata":{"k":"v"}}"#, Some("task-7")).await;
+    assert_eq!((code, again["id"].as_str()), (200, Some(id.as_str())), "{again}");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 1);
+    // Another request with the key.
+    let (code, e) = post_create(&d, r#"{"template":"mini","idempotency_key":"task-7"}"#, None).await;
+    assert_eq!(code, 409, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("task-7") && msg.contains(&id), "{msg}");
+    // Header and body disagreeing.
+    let (code, e) = post_create(&d, body, Some("task-8")).await;
+    assert_eq!(code, 400, "{e}");
+
+    // Sent at once by four clients: one sandbox, made by one of them.
+    let body = r#"{"template":"mini","idempotency_key":"burst"}"#;
+    let answers = futures_util::future::join_all((0..4).map(|_| post_create(&d, body, None))).await;
+    let made: Vec<u16> = answers.iter().map(|(c, _)| *c).filter(|c| *c == 201).collect();
+    assert_eq!(made, [201], "{answers:?}");
+    let burst = answers[0].1["id"].as_str().unwrap();
+    assert!(answers.iter().all(|(c, a)| matches!(c, 200 | 201) && a["id"] == burst), "{answers:?}");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 2);
+
+    // Removed: the key makes a new one.
+    d.client.delete_sandbox(&id, true).await.unwrap();
+    let (code, next) =
+        post_create(&d, r#"{"template":"mini","idempotency_key":"task-7","metadata":{"k":"v"}}"#, None).await;
+    assert_eq!(code, 201, "{next}");
+    assert_ne!(next["id"].as_str(), Some(id.as_str()));
+
+    for bad in ["", "has space", &"x".repeat(129)] {
+        let body = serde_json::json!({"template": "mini", "idempotency_key": bad}).to_string();
+        let (code, e) = post_create(&d, &body, None).await;
+        assert_eq!(code, 400, "{bad:?}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("idempotency key"), "{e}");
+    }
+    let run = abx_client::RunRequest {
+        sandbox: CreateSandbox {
+            template: Some("mini".into()),
+            idempotency_key: Some("r".into()),
+            ..Default::default()
+        },
+        exec: ExecRequest { cmd: vec!["true".into()], ..Default::default() },
+    };
+    let Err(e) = d.client.run_once(&run).await else { panic!("a run with an idempotency key was accepted") };
+    assert!(e.to_string().contains("idempotency key"), "{e}");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 2);
+}
+
 /// A daemon killed between a freeze and its thaw (in a snapshot, or a resume) leaves the
 /// processes frozen under a record that says running (or running under one that says
 /// paused): the next daemon sets the freezer to what the record says when it finds the

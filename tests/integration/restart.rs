@@ -420,3 +420,40 @@ async fn timeouts_that_expired_meanwhile_free_no_slot_a_live_sandbox_holds() {
         .await;
     }
 }
+
+/// A create whose answer was lost when the daemon died is made once: sent again with the
+/// same idempotency key, it answers the sandbox the first try made, after a restart too,
+/// and the CLI sends it again by itself while the daemon is away.
+#[tokio::test]
+async fn a_create_retried_across_a_daemon_restart_makes_one_sandbox() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let mut d = Daemon::start().await;
+    d.template("mini").await;
+    let args = ["create", "--template", "mini", "--idempotency-key", "job-1"];
+    let o = d.cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    d.kill9();
+    d.spawn(&[]).await;
+    let o = d.cli(&args);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), id, "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The daemon stopped (SIGSTOP: it takes the connection but never answers), then
+    // killed with the create unanswered, and started again: the CLI's own retry gets
+    // the sandbox of the first create.
+    let pid = Pid::from_raw(d.pid().unwrap() as i32).unwrap();
+    kill_process(pid, Signal::STOP).unwrap();
+    let cli =
+        d.cli_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.spawn(&[]).await;
+    let o = tokio::task::spawn_blocking(move || cli.wait_with_output()).await.unwrap().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), id, "{err}");
+    assert!(err.contains("sending it again with the same idempotency key"), "{err}");
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 1);
+    assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
+}

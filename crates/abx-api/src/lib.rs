@@ -93,6 +93,13 @@ pub struct CreateSandbox {
     /// `--ingress-access`; a fork or a create from a snapshot: its source's).
     #[serde(default)]
     pub ingress: Option<IngressAccess>,
+    /// Makes the create safe to retry (a lost answer, a daemon restart): while a sandbox
+    /// made by the same caller with this key exists, a create with the same key and the
+    /// same request answers that sandbox (200) instead of making another; with a
+    /// different request, 409. A create with the key still running is waited for. Also
+    /// taken from the `Idempotency-Key` header. 1–128 printable ASCII characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Who may reach a sandbox's ports through the ingress proxy.

@@ -154,6 +154,14 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// 128 random bits in hex (an idempotency key).
+fn random_key() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Where the daemon is.
 #[derive(Debug, Clone)]
 pub enum Host {
@@ -282,6 +290,44 @@ impl Client {
 
     pub async fn create_sandbox(&self, req: &CreateSandbox) -> Result<Sandbox> {
         self.json(self.request(Method::POST, paths::SANDBOXES).json(req)).await
+    }
+
+    /// [`Client::create_sandbox`] that is safe to send again, and is, for up to a minute,
+    /// while the daemon is away after it was reached (a broken exchange, then refused
+    /// connections during its restart) or is still finding its sandboxes after its start.
+    /// The request carries an idempotency key (its own, else a random one), so a retry
+    /// answers the sandbox an earlier try made instead of making a second. `on_retry` is
+    /// called once, with the error, before the first retry.
+    pub async fn create_sandbox_retried(&self, req: &CreateSandbox, on_retry: impl FnOnce(&Error)) -> Result<Sandbox> {
+        let mut req = req.clone();
+        if req.idempotency_key.is_none() {
+            req.idempotency_key = Some(random_key()?);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut reached = false;
+        let mut on_retry = Some(on_retry);
+        loop {
+            let e = match self.create_sandbox(&req).await {
+                Ok(sb) => return Ok(sb),
+                Err(e) => e,
+            };
+            let again = match &e {
+                Error::Transport(_) => {
+                    reached = true;
+                    true
+                }
+                Error::Connect { .. } => reached,
+                Error::Api { status: 503, message, .. } => message.contains("after its start"),
+                _ => false,
+            };
+            if !again || std::time::Instant::now() >= deadline {
+                return Err(e);
+            }
+            if let Some(f) = on_retry.take() {
+                f(&e);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {

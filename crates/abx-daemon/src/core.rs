@@ -240,6 +240,8 @@ pub enum Command {
 pub enum Outcome {
     Done,
     Sandbox(abx_api::Sandbox),
+    /// The sandbox an earlier create with the same idempotency key made.
+    Existing(abx_api::Sandbox),
     Sandboxes(Vec<abx_api::Sandbox>),
     Stats(SandboxStats),
     /// A process attached to the caller.
@@ -286,7 +288,20 @@ macro_rules! accessor {
 }
 
 impl Outcome {
-    accessor!(sandbox, Sandbox, abx_api::Sandbox);
+    /// A sandbox, made now or (`Existing`) by an earlier create with the same key.
+    pub fn sandbox(self) -> CoreResult<abx_api::Sandbox> {
+        self.created().map(|(sb, _)| sb)
+    }
+
+    /// A created sandbox and whether this request made it (not an earlier one with the
+    /// same idempotency key).
+    pub fn created(self) -> CoreResult<(abx_api::Sandbox, bool)> {
+        match self {
+            Outcome::Sandbox(sb) => Ok((sb, true)),
+            Outcome::Existing(sb) => Ok((sb, false)),
+            _ => Err(CoreError::internal("unexpected outcome", "Sandbox")),
+        }
+    }
     accessor!(sandboxes, Sandboxes, Vec<abx_api::Sandbox>);
     accessor!(stats, Stats, SandboxStats);
     accessor!(exec, Exec, ExecSession);
@@ -596,11 +611,12 @@ impl Core {
         let m = &self.manager;
         match cmd {
             Command::CreateSandbox(req) => {
-                let sb = m.create_for_request(req, false).await?;
-                Ok(Outcome::Sandbox(m.api(&sb.record())))
+                let (sb, made) = m.create_for_request(req, false).await?;
+                let api = m.api(&sb.record());
+                Ok(if made { Outcome::Sandbox(api) } else { Outcome::Existing(api) })
             }
             Command::Run(req) => {
-                let sb = m.create_for_request(req.sandbox, true).await?;
+                let (sb, _) = m.create_for_request(req.sandbox, true).await?;
                 let guard = DestroyGuard::new(m.clone(), sb.id.clone());
                 let session = self.exec(&sb.id, req.exec).await?.exec()?;
                 Ok(Outcome::Run(RunSession { sandbox: m.api(&sb.record()), session, guard }))

@@ -315,7 +315,75 @@ impl Manager {
     /// [`Manager::create_on`] for a request (without a seed): up to twice more after freeing
     /// emptied btrfs chunks if it failed with ENOSPC, and a read-only data filesystem
     /// named as the cause of a failure.
-    pub async fn create_for_request(self: &Arc<Self>, req: CreateSandbox, ephemeral: bool) -> CoreResult<Arc<Sandbox>> {
+    ///
+    /// With an idempotency key (a retried create), the caller's sandbox made with that key
+    /// if there is one (and `false`: not made now), after any create with the key still
+    /// running has finished.
+    pub async fn create_for_request(
+        self: &Arc<Self>,
+        req: CreateSandbox,
+        ephemeral: bool,
+    ) -> CoreResult<(Arc<Sandbox>, bool)> {
+        let _held = match &req.idempotency_key {
+            None => None,
+            Some(key) => {
+                validate::idempotency_key(key)?;
+                if ephemeral {
+                    return Err(CoreError::Invalid(
+                        "an idempotency key is for creates: a run's sandbox lasts only as long as its request".into(),
+                    ));
+                }
+                let tenant = crate::auth::tenant();
+                let held = self.hold_idempotency_key(tenant.as_deref(), key).await?;
+                if let Some(sb) = self.made_with_key(tenant.as_deref(), key) {
+                    let asked = crate::sandbox::Idempotency::of(&req);
+                    if sb.read(|r| r.idempotency != asked) {
+                        return Err(CoreError::Conflict(format!(
+                            "idempotency key '{key}' was used for another request (sandbox {}); a new request needs a new key",
+                            sb.id
+                        )));
+                    }
+                    return Ok((sb, false));
+                }
+                Some(held)
+            }
+        };
+        self.create_tries(req, ephemeral).await.map(|sb| (sb, true))
+    }
+
+    /// Waits until no other create with this key (of this tenant) runs, and holds the key
+    /// until the returned guard drops: creates that share a key run one after another.
+    async fn hold_idempotency_key(&self, tenant: Option<&str>, key: &str) -> CoreResult<Reserved> {
+        let scoped = format!("{}/{key}", tenant.unwrap_or(""));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match self.reserve_name("idempotency", &scoped) {
+                Ok(r) => return Ok(r),
+                Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => {
+                    return Err(CoreError::Conflict(format!(
+                        "a create with idempotency key '{key}' is still running after 2 minutes; try again later"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The sandbox this tenant's create with `key` made, while it exists.
+    fn made_with_key(&self, tenant: Option<&str>, key: &str) -> Option<Arc<Sandbox>> {
+        let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .find(|sb| {
+                sb.read(|r| {
+                    r.tenant.as_deref() == tenant
+                        && r.idempotency.as_ref().is_some_and(|i| i.key == key)
+                        && !r.build_step
+                })
+            })
+            .cloned()
+    }
+
+    async fn create_tries(self: &Arc<Self>, req: CreateSandbox, ephemeral: bool) -> CoreResult<Arc<Sandbox>> {
         // Up to three tries: the space freed chunks give back can be taken by btrfs's own
         // metadata before the retry gets to it (seen in CI).
         let mut tries = 0;
@@ -618,6 +686,8 @@ impl Manager {
     ) -> CoreResult<Arc<Sandbox>> {
         // Only a template build gives its own layers: its step sandboxes are its own.
         let build_step = given.is_some();
+        // Of the request as the caller sent it, before the snapshot's settings fill it in.
+        let idempotency = crate::sandbox::Idempotency::of(&req);
         // What the caller gave (a snapshot's are known to work): checked once booted.
         let (asked_user, asked_workdir) = (req.user.clone(), req.workdir.clone());
         let snap = match &req.snapshot {
@@ -744,6 +814,7 @@ impl Manager {
                 on_timeout: req.on_timeout.unwrap_or_default(),
                 ingress_token: self.new_ingress_token(req.ingress),
                 ephemeral,
+                idempotency: idempotency.clone(),
             };
             if let Some(sb) = self.claim(&template, claim).await? {
                 return Ok(sb);
@@ -778,6 +849,7 @@ impl Manager {
             build_step,
             ingress_token: self.new_ingress_token(req.ingress),
             last_pid: 0,
+            idempotency,
             ..base
         };
         let this = self.clone();
@@ -913,6 +985,7 @@ impl Manager {
             }),
             ingress_token: None,
             last_pid: 0,
+            idempotency: None,
         }
     }
 

@@ -450,6 +450,8 @@ pub struct Claim {
     pub ingress_token: Option<String>,
     /// Lives for one request (see `Record::ephemeral`).
     pub ephemeral: bool,
+    /// See `Record::idempotency`.
+    pub idempotency: Option<crate::sandbox::Idempotency>,
 }
 
 /// Work the filler decided on.
@@ -844,6 +846,7 @@ impl Manager {
             r.ingress_token = c.ingress_token.clone();
             r.pooled = false;
             r.ephemeral = c.ephemeral;
+            r.idempotency = c.idempotency.clone();
             r.clone()
         });
         self.store().put(&rec).map_err(|e| format!("record sandbox: {e}"))

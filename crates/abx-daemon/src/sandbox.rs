@@ -84,6 +84,30 @@ pub struct Record {
     /// processes), over all runs: a restart continues above it (`SpawnSpec::last_pid`).
     #[serde(default)]
     pub last_pid: u32,
+    /// The idempotency key its create carried, and a digest of that request: a create
+    /// with the same key answers this sandbox (`Manager::create_for_request`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// See `Record::idempotency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: String,
+    /// SHA-256 (hex) of the request's JSON without the key.
+    pub digest: String,
+}
+
+impl Idempotency {
+    /// The key and digest of a create request, if it has a key.
+    pub fn of(req: &abx_api::CreateSandbox) -> Option<Idempotency> {
+        use sha2::Digest;
+        let key = req.idempotency_key.clone()?;
+        let bare = abx_api::CreateSandbox { idempotency_key: None, ..req.clone() };
+        let json = serde_json::to_vec(&bare).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
+        Some(Idempotency { key, digest })
+    }
 }
 
 /// The context of a template's start command and readiness check (see `Record::start_as`).
@@ -169,6 +193,7 @@ impl Record {
             start_as: None,
             ingress_token: None,
             last_pid: 0,
+            idempotency: None,
         }
     }
 }
@@ -274,6 +299,24 @@ pub fn now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_idempotency_digest_ignores_the_key_and_sees_the_rest() {
+        use super::Idempotency;
+        let req = |key: Option<&str>, name: Option<&str>| abx_api::CreateSandbox {
+            template: Some("mini".into()),
+            name: name.map(String::from),
+            idempotency_key: key.map(String::from),
+            ..Default::default()
+        };
+        assert_eq!(Idempotency::of(&req(None, None)), None);
+        let a = Idempotency::of(&req(Some("k1"), None)).unwrap();
+        let b = Idempotency::of(&req(Some("k2"), None)).unwrap();
+        let c = Idempotency::of(&req(Some("k1"), Some("n"))).unwrap();
+        assert_eq!((a.key.as_str(), a.digest.len()), ("k1", 64));
+        assert_eq!(a.digest, b.digest);
+        assert_ne!(a.digest, c.digest);
+    }
     #[test]
     fn start_time_of_self_is_stable() {
         let me = std::process::id() as i32;

@@ -75,6 +75,17 @@ pub fn create(req: &CreateSandbox) -> CoreResult<()> {
 /// The longest timeout: 100 years.
 pub const MAX_TIMEOUT_SECS: u64 = 100 * 365 * 86_400;
 
+/// A create's idempotency key: 1–128 printable ASCII characters.
+pub fn idempotency_key(key: &str) -> CoreResult<()> {
+    if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "idempotency key '{}' must be 1-128 printable ASCII characters without spaces",
+            key.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
 /// A timeout in seconds (0: none).
 pub fn timeout(secs: u64) -> CoreResult<()> {
     if secs > MAX_TIMEOUT_SECS {

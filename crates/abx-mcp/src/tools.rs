@@ -341,7 +341,7 @@ options it has no network access.",
             network,
             ..Default::default()
         };
-        let sb = tri!(self.client.create_sandbox(&req).await);
+        let sb = tri!(self.client.create_sandbox_retried(&req, |_| ()).await);
         ok(summary(&sb))
     }
 

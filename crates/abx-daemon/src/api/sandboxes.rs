@@ -83,14 +83,30 @@ async fn resume(State(core): State<Core>, Path(id): Path<String>) -> Result<Json
 
 /// Create and start a sandbox.
 #[utoipa::path(post, path = abx_api::paths::SANDBOXES, tag = "sandboxes", request_body = CreateSandbox,
-    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, description = "unknown template", body = ErrorBody),
+    params(("Idempotency-Key" = Option<String>, Header, description = "see `idempotency_key` in the body")),
+    responses((status = 201, body = Sandbox), (status = 200, description = "made earlier by a create with the same idempotency key", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 404, description = "unknown template", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create(
     State(core): State<Core>,
-    Json(req): Json<CreateSandbox>,
+    headers: axum::http::HeaderMap,
+    Json(mut req): Json<CreateSandbox>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    let sb = core.execute(Command::CreateSandbox(req)).await?.sandbox()?;
-    Ok((StatusCode::CREATED, Json(sb)))
+    if let Some(h) = headers.get("idempotency-key") {
+        let key = h
+            .to_str()
+            .map_err(|_| ApiError::bad_request("the Idempotency-Key header must be printable ASCII".to_string()))?;
+        match &req.idempotency_key {
+            Some(k) if k != key => {
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key header '{key}' and the body's idempotency_key '{k}' differ"
+                )));
+            }
+            _ => req.idempotency_key = Some(key.to_string()),
+        }
+    }
+    let (sb, made) = core.execute(Command::CreateSandbox(req)).await?.created()?;
+    Ok((if made { StatusCode::CREATED } else { StatusCode::OK }, Json(sb)))
 }
 
 /// List sandboxes, oldest first.
