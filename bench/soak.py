@@ -902,5 +902,19 @@ if restarts:
     if down:
         print("daemon restarts: %d, down for %.2f s median, %.2f s at most (signal to answering `ls`): %s" % (
             len(down), down[len(down) // 2], down[-1], ", ".join("%s %.2f" % (restart_signals[i], b - k) for i, (k, b) in enumerate(restarts) if b is not None)))
+# What is left: sandboxes a workload keeps (its own bookkeeping) and sandboxes none
+# knows of (lost answers: a fork or an e2b create cut by a restart; or a leak).
+try:
+    left = json.loads(subprocess.run(CLI + ["ls", "--json"], capture_output=True, text=True, timeout=60).stdout or "[]")
+except Exception as e:  # the daemon gone at the end: scripts/soak's cleanup says so
+    left = []
+with lock:
+    known = set(boxes + net_boxes + tmpl_boxes + proc_boxes + e2b_boxes + mcp_boxes) | tenant_made["soakA"] | tenant_made["soakB"]
+unknown = [sb for sb in left if sb["id"] not in known]
+by = collections.Counter("%s/%s%s" % (sb.get("template"), sb.get("state"), "/" + sb["tenant"] if sb.get("tenant") else "") for sb in unknown)
+near = sum(1 for sb in unknown if any(k - 5 <= sb.get("created_at", 0) <= (b or k) + RESTART_GRACE for k, b in restarts))
+print("sandboxes left: %d, of them %d kept by a workload, %d by none%s%s" % (
+    len(left), len(left) - len(unknown), len(unknown), (" (%s)" % ", ".join("%s %d" % kv for kv in by.most_common())) if unknown else "",
+    ("; %d of these made within 5 s before a daemon restart" % near) if restarts and unknown else ""))
 print("findings: %d (lines marked !!)" % findings)
 sys.exit(1 if findings else 0)

@@ -174,6 +174,35 @@ async fn tenants_reach_only_their_own_sandboxes_snapshots_and_volumes() {
     a.delete_sandbox(&ka.id, true).await.unwrap();
     b.delete_sandbox(&kb.id, true).await.unwrap();
 
+    // Names are a tenant's own: b may use a name a has, and each finds its own by it;
+    // the socket, which sees both, is told to give the id, until an untenanted sandbox
+    // has the name (the socket's own, found first).
+    let named = |n: &str| CreateSandbox { name: Some(n.into()), ..mini() };
+    let na = a.create_sandbox(&named("shared")).await.unwrap();
+    let nb = b.create_sandbox(&named("shared")).await.unwrap();
+    assert_eq!(a.get_sandbox("shared").await.unwrap().id, na.id);
+    assert_eq!(b.get_sandbox("shared").await.unwrap().id, nb.id);
+    let e = b.create_sandbox(&named("shared")).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    let e = d.client.get_sandbox("shared").await.unwrap_err();
+    assert!(e.to_string().contains("give its id") && e.to_string().contains(&na.id), "{e}");
+    let own = d.client.create_sandbox(&named("shared")).await.unwrap();
+    assert_eq!(own.tenant, None);
+    assert_eq!(d.client.get_sandbox("shared").await.unwrap().id, own.id);
+    // Snapshot names alike, and across sandbox names: b's snapshot may not take the
+    // name of b's sandbox, but may take one of a's.
+    let sa_snap = a.snapshot(&na.id, Some("snapname")).await.unwrap();
+    let sb_snap = b.snapshot(&nb.id, Some("snapname")).await.unwrap();
+    assert_eq!(a.get_snapshot("snapname").await.unwrap().id, sa_snap.id);
+    assert_eq!(b.get_snapshot("snapname").await.unwrap().id, sb_snap.id);
+    let e = b.snapshot(&nb.id, Some("shared")).await.unwrap_err();
+    assert!(e.to_string().contains("already names a sandbox"), "{e}");
+    for (c, snap, sbx) in [(&a, &sa_snap, &na), (&b, &sb_snap, &nb)] {
+        c.delete_snapshot(&snap.id).await.unwrap();
+        c.delete_sandbox(&sbx.id, true).await.unwrap();
+    }
+    d.client.delete_sandbox(&own.id, true).await.unwrap();
+
     // Another tenant's sandbox does not exist for b, by id or by name, whatever the request.
     for key in [sa.id.as_str(), "alpha"] {
         not_found(b.get_sandbox(key).await.unwrap_err());

@@ -151,9 +151,15 @@ impl Manager {
     pub fn find_snapshot(&self, key: &str) -> CoreResult<SnapRecord> {
         let all: Vec<SnapRecord> =
             self.store().all_in(Table::Snapshots).map_err(|e| CoreError::internal("read snapshots", e))?;
-        all.into_iter()
-            .find(|s| s.id == key || s.name.as_deref() == Some(key))
-            .ok_or_else(|| CoreError::not_found("snapshot", key))
+        if let Some(i) = all.iter().position(|s| s.id == key) {
+            return Ok(all.into_iter().nth(i).expect("found"));
+        }
+        let named = all
+            .into_iter()
+            .filter(|s| s.name.as_deref() == Some(key))
+            .map(|s| (s.tenant.clone(), s.id.clone(), s))
+            .collect();
+        crate::manager::pick_named("snapshot", key, named)?.ok_or_else(|| CoreError::not_found("snapshot", key))
     }
 
     /// Snapshots a sandbox's files. A running sandbox is frozen while the snapshot is
@@ -169,21 +175,23 @@ impl Manager {
         name: Option<String>,
         transient: bool,
     ) -> CoreResult<SnapRecord> {
-        self.get(key)?;
+        // The snapshot is its sandbox's tenant's, and so is its name.
+        let owner = self.get(key)?.read(|r| r.tenant.clone());
         // Held until the snapshot is recorded (this function's end).
         let _name = name
             .as_deref()
-            .map(|n| check_name("snapshot", n).and_then(|_| self.reserve_name("name", n)))
+            .map(|n| check_name("snapshot", n).and_then(|_| self.reserve_name("name", owner.as_deref(), n)))
             .transpose()?;
         if let Some(n) = &name {
-            if self.find_snapshot(n).is_ok() {
-                return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists")));
-            }
-            // `fork` and `rollback` take either: one name must not mean both.
-            if self.get(n).is_ok() {
-                return Err(CoreError::Conflict(format!(
-                    "'{n}' already names a sandbox; give the snapshot another name"
-                )));
+            match self.name_taken(owner.as_deref(), n)? {
+                Some("snapshot") => return Err(CoreError::Conflict(format!("a snapshot named '{n}' already exists"))),
+                // `fork` and `rollback` take either: one name must not mean both.
+                Some(_) => {
+                    return Err(CoreError::Conflict(format!(
+                        "'{n}' already names a sandbox; give the snapshot another name"
+                    )));
+                }
+                None => {}
             }
         }
         let (sb, _ops) = self.lock_ops(key).await?;
@@ -803,7 +811,7 @@ impl Manager {
     pub async fn create_volume(self: &Arc<Self>, name: &str) -> CoreResult<abx_api::Volume> {
         check_name("volume", name)?;
         // Held until the volume is recorded (this function's end).
-        let _name = self.reserve_name("volume", name)?;
+        let _name = self.reserve_name("volume", None, name)?;
         if self.volume_records()?.iter().any(|v| v.name == name) {
             return Err(CoreError::Conflict(format!("a volume named '{name}' already exists")));
         }

@@ -217,8 +217,11 @@ impl Manager {
     /// succeed; the second is refused as if the first had finished. The caller checks the
     /// existing objects after reserving, and keeps the reservation until the object is
     /// visible (registered or recorded).
-    pub(crate) fn reserve_name(&self, kind: &str, name: &str) -> CoreResult<Reserved> {
-        let key = format!("{kind}:{name}");
+    ///
+    /// Sandbox and snapshot names are their tenant's own (`owner`; see [`pick_named`]):
+    /// two tenants may both use a name at once. Volumes have one name space.
+    pub(crate) fn reserve_name(&self, kind: &str, owner: Option<&str>, name: &str) -> CoreResult<Reserved> {
+        let key = format!("{kind}:{}/{name}", owner.unwrap_or(""));
         let mut set = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         if !set.insert(key.clone()) {
             let what = if kind == "volume" { "volume" } else { "sandbox or snapshot" };
@@ -280,16 +283,41 @@ impl Manager {
         SandboxDirs::new(self.storage.slots.join(self.slot_name(uid_slot)))
     }
 
-    /// Looks a sandbox up by id or name.
+    /// Looks a sandbox up by id, or by name as the current caller means it ([`pick_named`]).
     pub fn get(&self, key: &str) -> CoreResult<Arc<Sandbox>> {
         let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
         if let Some(sb) = map.get(key) {
             return Ok(sb.clone());
         }
-        map.values()
-            .find(|sb| sb.record.lock().unwrap_or_else(|e| e.into_inner()).name.as_deref() == Some(key))
-            .cloned()
-            .ok_or_else(|| CoreError::not_found("sandbox", key))
+        let named = map
+            .values()
+            .filter_map(|sb| {
+                sb.read(|r| (r.name.as_deref() == Some(key)).then(|| (r.tenant.clone(), r.id.clone())))
+                    .map(|(t, id)| (t, id, sb.clone()))
+            })
+            .collect();
+        pick_named("sandbox", key, named)?.ok_or_else(|| CoreError::not_found("sandbox", key))
+    }
+
+    /// Whether `owner` (a tenant, or None for untenanted sandboxes) has a sandbox or a
+    /// snapshot named `name` (names are unique within their tenant), or `name` is the id
+    /// of one (ids are unique everywhere, and a lookup takes the id first).
+    pub(crate) fn name_taken(&self, owner: Option<&str>, name: &str) -> CoreResult<Option<&'static str>> {
+        let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(name)
+            || map.values().any(|sb| sb.read(|r| r.tenant.as_deref() == owner && r.name.as_deref() == Some(name)))
+        {
+            return Ok(Some("sandbox"));
+        }
+        drop(map);
+        let snaps: Vec<crate::lifecycle::SnapRecord> = self
+            .store()
+            .all_in(crate::store::Table::Snapshots)
+            .map_err(|e| CoreError::internal("read snapshots", e))?;
+        Ok(snaps
+            .iter()
+            .any(|s| s.id == name || (s.tenant.as_deref() == owner && s.name.as_deref() == Some(name)))
+            .then_some("snapshot"))
     }
 
     /// The sandbox a host-name label names: as [`Manager::get`], else the one sandbox whose
@@ -354,10 +382,9 @@ impl Manager {
     /// Waits until no other create with this key (of this tenant) runs, and holds the key
     /// until the returned guard drops: creates that share a key run one after another.
     async fn hold_idempotency_key(&self, tenant: Option<&str>, key: &str) -> CoreResult<Reserved> {
-        let scoped = format!("{}/{key}", tenant.unwrap_or(""));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            match self.reserve_name("idempotency", &scoped) {
+            match self.reserve_name("idempotency", tenant, key) {
                 Ok(r) => return Ok(r),
                 Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
                 Err(_) => {
@@ -767,18 +794,18 @@ impl Manager {
         );
         drop(gate);
         // Held until the sandbox is registered under the name (this function's end).
-        let _name = req.name.as_deref().map(|n| self.reserve_name("name", n)).transpose()?;
-        if let Some(name) = &req.name
-            && self.get(name).is_ok()
-        {
-            return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists")));
-        }
-        if let Some(name) = &req.name
-            && self.find_snapshot(name).is_ok()
-        {
-            return Err(CoreError::Conflict(format!(
-                "'{name}' already names a snapshot (fork takes either); give the sandbox another name"
-            )));
+        let owner = crate::auth::tenant();
+        let _name = req.name.as_deref().map(|n| self.reserve_name("name", owner.as_deref(), n)).transpose()?;
+        if let Some(name) = &req.name {
+            match self.name_taken(owner.as_deref(), name)? {
+                Some("sandbox") => return Err(CoreError::Conflict(format!("a sandbox named '{name}' already exists"))),
+                Some(_) => {
+                    return Err(CoreError::Conflict(format!(
+                        "'{name}' already names a snapshot (fork takes either); give the sandbox another name"
+                    )));
+                }
+                None => {}
+            }
         }
         let limits = merge_limits(&req.limits, &self.cfg.default_limits);
         validate::limits(&limits)?;
@@ -2170,6 +2197,35 @@ impl crate::net::ingress::Router for IngressRouter {
             Ok(net.slot_addr(slot))
         })
     }
+}
+
+/// Of the objects named `key` (each with its tenant and id), the one the current caller
+/// means. Sandbox and snapshot names are unique within a tenant, not across tenants: a
+/// tenant's key sees only its own; the unix socket and untenanted keys see every one,
+/// take an untenanted one first, and are told to use the id when only other tenants'
+/// share the name. `Ok(None)`: no such name for this caller.
+pub(crate) fn pick_named<T>(what: &str, key: &str, found: Vec<(Option<String>, String, T)>) -> CoreResult<Option<T>> {
+    let mut found: Vec<_> = match crate::auth::caller() {
+        Some(crate::auth::Caller::Tenant(t)) => {
+            found.into_iter().filter(|(owner, _, _)| owner.as_ref() == Some(&t)).collect()
+        }
+        _ => {
+            if found.iter().any(|(owner, _, _)| owner.is_none()) {
+                found.into_iter().filter(|(owner, _, _)| owner.is_none()).collect()
+            } else {
+                found
+            }
+        }
+    };
+    if found.len() > 1 {
+        let ids: Vec<String> =
+            found.iter().map(|(owner, id, _)| format!("{id} ({})", owner.as_deref().unwrap_or("-"))).collect();
+        return Err(CoreError::Conflict(format!(
+            "several tenants have a {what} named '{key}': {}; give its id",
+            ids.join(", ")
+        )));
+    }
+    Ok(found.pop().map(|(_, _, t)| t))
 }
 
 /// Whether `s` has the form of an id made by [`new_id`].
