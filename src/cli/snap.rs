@@ -105,14 +105,27 @@ pub struct ForkArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Make the fork safe to repeat: while the sandboxes a fork with this key made exist,
+    /// the same fork answers them instead of making more (default: a random key, so that
+    /// a fork retried after the daemon went away mid-way never makes two sets).
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
 }
 
 /// `fork`: prints the new ids, one per line.
 pub async fn fork(client: &Client, a: ForkArgs) -> anyhow::Result<i32> {
-    let req = ForkRequest { count: Some(a.count), timeout_secs: a.timeout, ..Default::default() };
+    let req = ForkRequest {
+        count: Some(a.count),
+        timeout_secs: a.timeout,
+        idempotency_key: a.idempotency_key,
+        ..Default::default()
+    };
     // The daemon looks for a sandbox first, then a snapshot of that name, and names both
     // when neither exists.
-    let r = client.fork_sandbox(&a.source, &req).await?;
+    let told = |e: &abx_client::Error| {
+        eprintln!("the daemon did not answer the fork ({e}); sending it again with the same idempotency key")
+    };
+    let r = client.fork_retried(&a.source, &req, told).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

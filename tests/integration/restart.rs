@@ -456,4 +456,15 @@ async fn a_create_retried_across_a_daemon_restart_makes_one_sandbox() {
     assert!(err.contains("sending it again with the same idempotency key"), "{err}");
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 1);
     assert_eq!(d.sh(&id, "echo ok").await.0, "ok\n");
+
+    // A fork likewise: its sandboxes carry the key, recorded with them at once.
+    let fork = ["fork", id.as_str(), "--count", "2", "--idempotency-key", "job-2"];
+    let o = d.cli(&fork);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let forks = String::from_utf8_lossy(&o.stdout).to_string();
+    d.kill9();
+    d.spawn(&[]).await;
+    let o = d.cli(&fork);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), forks, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 3);
 }

@@ -820,3 +820,44 @@ async fn a_diff_racing_a_removal_stop_or_rollback_says_what_happened() {
     }
     eprintln!("outcomes: {outcomes:?}");
 }
+
+/// A fork with an idempotency key is made once: the same fork again answers the same
+/// sandboxes, from a snapshot or a sandbox, through the API or the CLI; the key with
+/// another request (another fork, a create) is refused.
+#[tokio::test]
+async fn a_fork_with_an_idempotency_key_is_made_once() {
+    let d = Daemon::start().await;
+    d.template("mini").await;
+    let id = d.client.create_sandbox(&mini()).await.unwrap().id;
+    let snap = d.client.snapshot(&id, None).await.unwrap();
+    let keyed = |key: &str, count: u32| ForkRequest {
+        count: Some(count),
+        idempotency_key: Some(key.into()),
+        ..Default::default()
+    };
+    let ids =
+        |r: abx_client::ForkResult| r.sandboxes.into_iter().map(|s| s.id).collect::<std::collections::BTreeSet<_>>();
+    let first = ids(d.client.fork_snapshot(&snap.id, &keyed("f1", 3)).await.unwrap());
+    assert_eq!(first.len(), 3);
+    let again = d.client.fork_snapshot(&snap.id, &keyed("f1", 3)).await.unwrap();
+    assert_eq!(again.snapshot.as_deref(), Some(snap.id.as_str()));
+    assert_eq!(ids(again), first);
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 4);
+    let e = d.client.fork_snapshot(&snap.id, &keyed("f1", 2)).await.unwrap_err();
+    assert!(e.code() == Some("conflict") && e.to_string().contains("'f1'"), "{e}");
+    let e = d.client.create_sandbox(&CreateSandbox { idempotency_key: Some("f1".into()), ..mini() }).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+
+    // The CLI, forking the sandbox itself.
+    let args = ["fork", id.as_str(), "--count", "2", "--idempotency-key", "f2"];
+    let o = d.cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(made.len(), 2);
+    let o = d.cli(&args);
+    let again: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(again, made, "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 6);
+}

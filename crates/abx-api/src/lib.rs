@@ -281,6 +281,11 @@ pub struct ForkRequest {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Makes the fork safe to retry, as `CreateSandbox::idempotency_key`: while the
+    /// sandboxes a fork with this key made exist, the same fork answers them (200)
+    /// instead of making more. Also taken from the `Idempotency-Key` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The sandboxes a fork made.

@@ -154,6 +154,41 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Runs `send` (a request with an idempotency key) again, for up to a minute, while the
+/// daemon is away after it was reached once (a broken exchange, then refused connections
+/// during its restart) or still finds its sandboxes after its start.
+async fn retried<T, F, Fut>(send: F, on_retry: impl FnOnce(&Error)) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut reached = false;
+    let mut on_retry = Some(on_retry);
+    loop {
+        let e = match send().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let again = match &e {
+            Error::Transport(_) => {
+                reached = true;
+                true
+            }
+            Error::Connect { .. } => reached,
+            Error::Api { status: 503, message, .. } => message.contains("after its start"),
+            _ => false,
+        };
+        if !again || std::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        if let Some(f) = on_retry.take() {
+            f(&e);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// 128 random bits in hex (an idempotency key).
 fn random_key() -> Result<String> {
     use std::io::Read;
@@ -303,31 +338,7 @@ impl Client {
         if req.idempotency_key.is_none() {
             req.idempotency_key = Some(random_key()?);
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let mut reached = false;
-        let mut on_retry = Some(on_retry);
-        loop {
-            let e = match self.create_sandbox(&req).await {
-                Ok(sb) => return Ok(sb),
-                Err(e) => e,
-            };
-            let again = match &e {
-                Error::Transport(_) => {
-                    reached = true;
-                    true
-                }
-                Error::Connect { .. } => reached,
-                Error::Api { status: 503, message, .. } => message.contains("after its start"),
-                _ => false,
-            };
-            if !again || std::time::Instant::now() >= deadline {
-                return Err(e);
-            }
-            if let Some(f) = on_retry.take() {
-                f(&e);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
+        retried(|| self.create_sandbox(&req), on_retry).await
     }
 
     pub async fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
@@ -461,6 +472,37 @@ impl Client {
     /// New sandboxes from a running sandbox.
     pub async fn fork_sandbox(&self, id: &str, req: &ForkRequest) -> Result<ForkResult> {
         self.json(self.request(Method::POST, &Self::path(paths::SANDBOX_FORK, &[("id", id)])).json(req)).await
+    }
+
+    /// [`Client::fork_sandbox`] (a sandbox, else a snapshot of that name), safe to send
+    /// again and sent again as [`Client::create_sandbox_retried`] is: a retry answers the
+    /// sandboxes an earlier try made.
+    pub async fn fork_retried(
+        &self,
+        source: &str,
+        req: &ForkRequest,
+        on_retry: impl FnOnce(&Error),
+    ) -> Result<ForkResult> {
+        let mut req = req.clone();
+        if req.idempotency_key.is_none() {
+            req.idempotency_key = Some(random_key()?);
+        }
+        retried(|| self.fork_sandbox(source, &req), on_retry).await
+    }
+
+    /// [`Client::fork_snapshot`], safe to send again and sent again as
+    /// [`Client::fork_retried`] is.
+    pub async fn fork_snapshot_retried(
+        &self,
+        snapshot: &str,
+        req: &ForkRequest,
+        on_retry: impl FnOnce(&Error),
+    ) -> Result<ForkResult> {
+        let mut req = req.clone();
+        if req.idempotency_key.is_none() {
+            req.idempotency_key = Some(random_key()?);
+        }
+        retried(|| self.fork_snapshot(snapshot, &req), on_retry).await
     }
 
     /// New sandboxes from a snapshot.

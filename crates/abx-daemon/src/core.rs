@@ -266,7 +266,8 @@ pub enum Outcome {
     Diff(abx_api::Diff, Option<Vec<u8>>),
     Snapshot(abx_api::Snapshot),
     Snapshots(Vec<abx_api::Snapshot>),
-    Fork(abx_api::ForkResult),
+    /// And whether this request made them (not an earlier one with the same key).
+    Fork(abx_api::ForkResult, bool),
     Volume(abx_api::Volume),
     Volumes(Vec<abx_api::Volume>),
     Pool(abx_api::Pool),
@@ -321,7 +322,17 @@ impl Outcome {
     accessor!(text, Text, String);
     accessor!(snapshot, Snapshot, abx_api::Snapshot);
     accessor!(snapshots, Snapshots, Vec<abx_api::Snapshot>);
-    accessor!(fork, Fork, abx_api::ForkResult);
+    pub fn fork(self) -> CoreResult<abx_api::ForkResult> {
+        self.forked().map(|(r, _)| r)
+    }
+
+    /// A fork's sandboxes and whether this request made them.
+    pub fn forked(self) -> CoreResult<(abx_api::ForkResult, bool)> {
+        match self {
+            Outcome::Fork(r, made) => Ok((r, made)),
+            _ => Err(CoreError::internal("unexpected outcome", "Fork")),
+        }
+    }
     accessor!(volume, Volume, abx_api::Volume);
     accessor!(volumes, Volumes, Vec<abx_api::Volume>);
     accessor!(pool, Pool, abx_api::Pool);
@@ -708,7 +719,7 @@ impl Core {
             }
             Command::GetSnapshot { id } => Ok(Outcome::Snapshot(m.find_snapshot(&id)?.to_api())),
             Command::DeleteSnapshot { id } => m.delete_snapshot(&id).await.map(|_| Outcome::Done),
-            Command::Fork { source, req } => m.fork(&source, req).await.map(Outcome::Fork),
+            Command::Fork { source, req } => m.fork(&source, req).await.map(|(r, made)| Outcome::Fork(r, made)),
             Command::Rollback { id, snapshot } => Ok(Outcome::Sandbox(m.api(&m.rollback(&id, &snapshot).await?))),
             Command::CreateVolume(req) => m.create_volume(&req.name).await.map(Outcome::Volume),
             Command::ListVolumes => m.volumes().await.map(Outcome::Volumes),

@@ -311,11 +311,36 @@ impl Manager {
     /// now and removed afterwards). All or nothing: if one cannot be made, the others are
     /// destroyed, and until all are made they are ephemeral (a daemon that dies in the
     /// middle leaves none behind for the next one to adopt).
-    pub async fn fork(self: &Arc<Self>, source: &str, req: ForkRequest) -> CoreResult<ForkResult> {
+    ///
+    /// With an idempotency key: the sandboxes an earlier fork with the key made, if they
+    /// exist (and `false`: not made now), as for a create.
+    pub async fn fork(self: &Arc<Self>, source: &str, req: ForkRequest) -> CoreResult<(ForkResult, bool)> {
         let count = req.count.unwrap_or(1);
         if count == 0 || count > MAX_FORK {
             return Err(CoreError::Invalid(format!("fork count must be 1 to {MAX_FORK}, got {count}")));
         }
+        let idempotency = crate::sandbox::Idempotency::of_fork(source, &req);
+        let _held = match &idempotency {
+            None => None,
+            Some(i) => {
+                crate::validate::idempotency_key(&i.key)?;
+                let tenant = crate::auth::tenant();
+                let held = self.hold_idempotency_key(tenant.as_deref(), &i.key).await?;
+                let made = self.all_made_with_key(tenant.as_deref(), &i.key);
+                if let Some(first) = made.first() {
+                    if first.read(|r| r.idempotency.as_ref() != Some(i)) {
+                        return Err(CoreError::Conflict(format!(
+                            "idempotency key '{}' was used for another request (sandbox {}); a new request needs a new key",
+                            i.key, first.id
+                        )));
+                    }
+                    let snapshot = first.read(|r| r.snapshot.clone());
+                    let sandboxes = made.iter().map(|sb| self.api(&sb.record())).collect();
+                    return Ok((ForkResult { snapshot, sandboxes }, false));
+                }
+                Some(held)
+            }
+        };
         let (snap, transient) = match self.get(source) {
             Ok(sb) => (self.snapshot_inner(&sb.id, None, true).await?, true),
             Err(_) => {
@@ -349,6 +374,8 @@ impl Manager {
         if first_err.is_none() {
             let keep = |r: &mut crate::sandbox::Record| {
                 r.ephemeral = false;
+                // Recorded with the rest in one transaction: a retry finds all or none.
+                r.idempotency = idempotency.clone();
                 // The forks do not name a snapshot that is gone.
                 if transient {
                     r.snapshot = None;
@@ -381,10 +408,15 @@ impl Manager {
                 e => e,
             });
         }
-        Ok(ForkResult {
-            snapshot: (!transient).then(|| snap.id.clone()),
-            sandboxes: made.iter().map(|sb| self.api(&sb.record())).collect(),
-        })
+        // By id, as a retry with the key answers.
+        made.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok((
+            ForkResult {
+                snapshot: (!transient).then(|| snap.id.clone()),
+                sandboxes: made.iter().map(|sb| self.api(&sb.record())).collect(),
+            },
+            true,
+        ))
     }
 
     // ---- rollback, stop, start ----

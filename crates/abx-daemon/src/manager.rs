@@ -381,7 +381,7 @@ impl Manager {
 
     /// Waits until no other create with this key (of this tenant) runs, and holds the key
     /// until the returned guard drops: creates that share a key run one after another.
-    async fn hold_idempotency_key(&self, tenant: Option<&str>, key: &str) -> CoreResult<Reserved> {
+    pub(crate) async fn hold_idempotency_key(&self, tenant: Option<&str>, key: &str) -> CoreResult<Reserved> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             match self.reserve_name("idempotency", tenant, key) {
@@ -398,9 +398,16 @@ impl Manager {
 
     /// The sandbox this tenant's create with `key` made, while it exists.
     fn made_with_key(&self, tenant: Option<&str>, key: &str) -> Option<Arc<Sandbox>> {
+        self.all_made_with_key(tenant, key).into_iter().next()
+    }
+
+    /// The sandboxes this tenant's create or fork with `key` made that still exist, by id
+    /// (the order a fork answers in).
+    pub(crate) fn all_made_with_key(&self, tenant: Option<&str>, key: &str) -> Vec<Arc<Sandbox>> {
         let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
-        map.values()
-            .find(|sb| {
+        let mut v: Vec<_> = map
+            .values()
+            .filter(|sb| {
                 sb.read(|r| {
                     r.tenant.as_deref() == tenant
                         && r.idempotency.as_ref().is_some_and(|i| i.key == key)
@@ -408,6 +415,9 @@ impl Manager {
                 })
             })
             .cloned()
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
     }
 
     async fn create_tries(self: &Arc<Self>, req: CreateSandbox, ephemeral: bool) -> CoreResult<Arc<Sandbox>> {

@@ -101,12 +101,21 @@ pub struct Idempotency {
 impl Idempotency {
     /// The key and digest of a create request, if it has a key.
     pub fn of(req: &abx_api::CreateSandbox) -> Option<Idempotency> {
-        use sha2::Digest;
         let key = req.idempotency_key.clone()?;
-        let bare = abx_api::CreateSandbox { idempotency_key: None, ..req.clone() };
-        let json = serde_json::to_vec(&bare).unwrap_or_default();
+        Some(Self::digest(key, &abx_api::CreateSandbox { idempotency_key: None, ..req.clone() }))
+    }
+
+    /// The key and digest of a fork of `source` (as the caller named it), if it has a key.
+    pub fn of_fork(source: &str, req: &abx_api::ForkRequest) -> Option<Idempotency> {
+        let key = req.idempotency_key.clone()?;
+        Some(Self::digest(key, &("fork", source, abx_api::ForkRequest { idempotency_key: None, ..req.clone() })))
+    }
+
+    fn digest(key: String, bare: &impl Serialize) -> Idempotency {
+        use sha2::Digest;
+        let json = serde_json::to_vec(bare).unwrap_or_default();
         let digest = sha2::Sha256::digest(&json).iter().map(|b| format!("{b:02x}")).collect();
-        Some(Idempotency { key, digest })
+        Idempotency { key, digest }
     }
 }
 

@@ -506,8 +506,8 @@ current files or of a snapshot, e.g. to try several approaches in parallel. Retu
     async fn fork(&self, Parameters(p): Parameters<ForkParams>) -> CallToolResult {
         let req = ForkRequest { count: p.count, timeout_secs: p.timeout_secs, ..Default::default() };
         let res = match (p.sandbox, p.snapshot) {
-            (Some(sb), None) => tri!(self.client.fork_sandbox(&sb, &req).await),
-            (None, Some(snap)) => tri!(self.client.fork_snapshot(&snap, &req).await),
+            (Some(sb), None) => tri!(self.client.fork_retried(&sb, &req, |_| ()).await),
+            (None, Some(snap)) => tri!(self.client.fork_snapshot_retried(&snap, &req, |_| ()).await),
             _ => return fail("give either sandbox or snapshot"),
         };
         let ids: Vec<&str> = res.sandboxes.iter().map(|s| s.id.as_str()).collect();

@@ -92,19 +92,7 @@ async fn create(
     headers: axum::http::HeaderMap,
     Json(mut req): Json<CreateSandbox>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    if let Some(h) = headers.get("idempotency-key") {
-        let key = h
-            .to_str()
-            .map_err(|_| ApiError::bad_request("the Idempotency-Key header must be printable ASCII".to_string()))?;
-        match &req.idempotency_key {
-            Some(k) if k != key => {
-                return Err(ApiError::bad_request(format!(
-                    "the Idempotency-Key header '{key}' and the body's idempotency_key '{k}' differ"
-                )));
-            }
-            _ => req.idempotency_key = Some(key.to_string()),
-        }
-    }
+    req.idempotency_key = idempotency_key(&headers, req.idempotency_key.take())?;
     let (sb, made) = core.execute(Command::CreateSandbox(req)).await?.created()?;
     Ok((if made { StatusCode::CREATED } else { StatusCode::OK }, Json(sb)))
 }
@@ -162,4 +150,22 @@ async fn set_timeout(
     responses((status = 200, body = SandboxStats), (status = 404, body = ErrorBody)))]
 async fn stats(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<SandboxStats>, ApiError> {
     Ok(Json(core.execute(Command::SandboxStats { id }).await?.stats()?))
+}
+
+/// A request's idempotency key: the body's, or the `Idempotency-Key` header's; both must
+/// agree.
+pub(crate) fn idempotency_key(
+    headers: &axum::http::HeaderMap,
+    body: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let Some(h) = headers.get("idempotency-key") else { return Ok(body) };
+    let key = h
+        .to_str()
+        .map_err(|_| ApiError::bad_request("the Idempotency-Key header must be printable ASCII".to_string()))?;
+    match body {
+        Some(k) if k != key => Err(ApiError::bad_request(format!(
+            "the Idempotency-Key header '{key}' and the body's idempotency_key '{k}' differ"
+        ))),
+        _ => Ok(Some(key.to_string())),
+    }
 }

@@ -32,6 +32,18 @@ pub fn routes() -> OpenApiRouter<Core> {
 }
 
 /// A JSON body that may be empty (then the defaults).
+/// A fork request's body, with the `Idempotency-Key` header as its key.
+fn fork_request(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<ForkRequest, ApiError> {
+    let mut req: ForkRequest = optional_json(body)?;
+    req.idempotency_key = super::sandboxes::idempotency_key(headers, req.idempotency_key.take())?;
+    Ok(req)
+}
+
+/// 201 for sandboxes made now, 200 for those an earlier request with the same key made.
+fn made_status(made: bool) -> StatusCode {
+    if made { StatusCode::CREATED } else { StatusCode::OK }
+}
+
 fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
@@ -92,15 +104,18 @@ async fn sandbox_snapshots(State(core): State<Core>, Path(id): Path<String>) -> 
 /// afterwards), each independent. All or nothing.
 #[utoipa::path(post, path = abx_api::paths::SANDBOX_FORK, tag = "snapshots", request_body = ForkRequest,
     params(("id" = String, Path, description = "sandbox id or name")),
-    responses((status = 201, body = ForkResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 201, body = ForkResult), (status = 200, description = "made earlier by a fork with the same idempotency key", body = ForkResult),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn fork_sandbox(
     State(core): State<Core>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<ForkResult>), ApiError> {
-    let req = optional_json(&body)?;
-    Ok((StatusCode::CREATED, Json(core.execute(Command::Fork { source: id, req }).await?.fork()?)))
+    let req = fork_request(&headers, &body)?;
+    let (r, made) = core.execute(Command::Fork { source: id, req }).await?.forked()?;
+    Ok((made_status(made), Json(r)))
 }
 
 /// Return the sandbox's files to a snapshot; its processes are restarted, its id kept.
@@ -153,17 +168,20 @@ async fn delete_snapshot(State(core): State<Core>, Path(id): Path<String>) -> Re
 /// New sandboxes from a snapshot, each independent. All or nothing.
 #[utoipa::path(post, path = abx_api::paths::SNAPSHOT_FORK, tag = "snapshots", request_body = ForkRequest,
     params(("id" = String, Path, description = "snapshot id or name")),
-    responses((status = 201, body = ForkResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 201, body = ForkResult), (status = 200, description = "made earlier by a fork with the same idempotency key", body = ForkResult),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn fork_snapshot(
     State(core): State<Core>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<ForkResult>), ApiError> {
-    let req = optional_json(&body)?;
+    let req = fork_request(&headers, &body)?;
     // A snapshot, even if a sandbox has the same name.
     let snap = core.execute(Command::GetSnapshot { id }).await?.snapshot()?;
-    Ok((StatusCode::CREATED, Json(core.execute(Command::Fork { source: snap.id, req }).await?.fork()?)))
+    let (r, made) = core.execute(Command::Fork { source: snap.id, req }).await?.forked()?;
+    Ok((made_status(made), Json(r)))
 }
 
 /// Create a named volume (an empty directory that outlives sandboxes).

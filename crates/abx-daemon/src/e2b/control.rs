@@ -652,6 +652,7 @@ pub async fn fork(State(core): State<Core>, _k: ApiKey, Path(id): Path<String>, 
         count: Some(b.count.unwrap_or(1)),
         timeout_secs: Some(b.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS).max(1)),
         metadata: BTreeMap::new(),
+        idempotency_key: None,
     };
     let r = core.execute(Command::Fork { source: sb.id, req }).await?.fork()?;
     let out: Vec<Value> = r.sandboxes.iter().map(|s| json!({ "sandbox": created(&core, s) })).collect();
