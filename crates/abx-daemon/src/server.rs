@@ -96,9 +96,9 @@ pub async fn serve(
     // tells their clients they were abandoned).
     core.manager.templates.close();
     let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
-    }
+    // Requests still being answered get 5 s in all (not 5 s per listener) to finish;
+    // longer ones (an exec stream, a WebSocket session) are cut.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), futures_util::future::join_all(tasks)).await;
     Ok(())
 }
 
