@@ -189,6 +189,14 @@ where
     }
 }
 
+/// Gives a request without an idempotency key a random one.
+fn with_key(key: &mut Option<String>) -> Result<()> {
+    if key.is_none() {
+        *key = Some(random_key()?);
+    }
+    Ok(())
+}
+
 /// 128 random bits in hex (an idempotency key).
 fn random_key() -> Result<String> {
     use std::io::Read;
@@ -335,9 +343,7 @@ impl Client {
     /// called once, with the error, before the first retry.
     pub async fn create_sandbox_retried(&self, req: &CreateSandbox, on_retry: impl FnOnce(&Error)) -> Result<Sandbox> {
         let mut req = req.clone();
-        if req.idempotency_key.is_none() {
-            req.idempotency_key = Some(random_key()?);
-        }
+        with_key(&mut req.idempotency_key)?;
         retried(|| self.create_sandbox(&req), on_retry).await
     }
 
@@ -484,9 +490,7 @@ impl Client {
         on_retry: impl FnOnce(&Error),
     ) -> Result<ForkResult> {
         let mut req = req.clone();
-        if req.idempotency_key.is_none() {
-            req.idempotency_key = Some(random_key()?);
-        }
+        with_key(&mut req.idempotency_key)?;
         retried(|| self.fork_sandbox(source, &req), on_retry).await
     }
 
@@ -499,9 +503,7 @@ impl Client {
         on_retry: impl FnOnce(&Error),
     ) -> Result<ForkResult> {
         let mut req = req.clone();
-        if req.idempotency_key.is_none() {
-            req.idempotency_key = Some(random_key()?);
-        }
+        with_key(&mut req.idempotency_key)?;
         retried(|| self.fork_snapshot(snapshot, &req), on_retry).await
     }
 
