@@ -501,7 +501,9 @@ async fn a_timeout_can_snapshot_before_destroying() {
     assert_eq!(root(&d, &f.id, "cat /tmp/log").await, "latest\n");
 
     // Stop on timeout keeps the sandbox; a start gives it its timeout again, from then.
-    let req = CreateSandbox { timeout_secs: Some(2), on_timeout: Some(TimeoutAction::Stop), ..mini() };
+    // (4 s: expiry times are whole seconds, and the renewed one is set before the start
+    // boots, so a shorter one can run out under a second after a slow start answers.)
+    let req = CreateSandbox { timeout_secs: Some(4), on_timeout: Some(TimeoutAction::Stop), ..mini() };
     let s = d.client.create_sandbox(&req).await.unwrap();
     let stopped = || async { d.client.get_sandbox(&s.id).await.unwrap().state == SandboxState::Stopped };
     d.wait_for("the timeout to stop it", Duration::from_secs(15), stopped).await;
