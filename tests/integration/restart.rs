@@ -468,3 +468,27 @@ async fn a_create_retried_across_a_daemon_restart_makes_one_sandbox() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), forks, "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(d.client.list_sandboxes().await.unwrap().len(), 3);
 }
+
+/// Pids handed out before the daemon was killed are not handed out again when the
+/// sandbox is stopped and started under the next daemon: a client's pid from before must
+/// not name a new process. (They were noted in memory only, and the next run continued
+/// above the last recorded one.)
+#[tokio::test]
+async fn pids_from_before_a_daemon_kill_are_not_reused_by_the_next_run() {
+    let mut d = Daemon::start().await;
+    let id = d.mini(Limits::default()).await;
+    let sleep = ExecRequest { cmd: vec!["sleep".into(), "1000".into()], ..Default::default() };
+    let mut before = Vec::new();
+    for _ in 0..5 {
+        before.push(d.client.exec_background(&id, &sleep).await.unwrap());
+    }
+    // Processes the API did not start take pids too.
+    assert_eq!(d.sh(&id, "for i in 1 2 3 4 5 6 7 8; do true; done; sleep 0 & wait").await.2, 0);
+    d.kill9();
+    d.spawn(&[]).await;
+    d.client.stop(&id).await.unwrap();
+    d.client.start(&id).await.unwrap();
+    let next = d.client.exec_background(&id, &sleep).await.unwrap();
+    let highest = *before.iter().max().unwrap();
+    assert!(next > highest, "pid {next} of the new run; {before:?} were handed out before");
+}

@@ -51,6 +51,11 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: rustix::process::getpid().as_raw_nonzero().get() as u32,
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            // Of the reader's pid namespace: the sandbox's, for its PID 1.
+            last_pid: std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
         }
     }
 }

@@ -447,6 +447,7 @@ impl Manager {
                 was_paused = !matches!(thawed, Ok(Ok(())));
             }
             if !was_paused {
+                self.note_last_pid(sb).await;
                 self.terminate(sb, grace).await;
             }
         }
@@ -468,6 +469,19 @@ impl Manager {
         let this = self.clone();
         let cg = sb.cgroup.clone();
         let _ = tokio::task::spawn_blocking(move || this.cgroups.kill(&cg)).await;
+    }
+
+    /// Records the last pid handed out in a running sandbox (its agent reads its pid
+    /// namespace's `ns_last_pid`) before its processes end: the next run continues above
+    /// it. The pids of processes started through the API are noted as they start, but
+    /// only in memory until the record is next written, and a daemon killed meanwhile
+    /// lost them; pids of processes those started count too.
+    async fn note_last_pid(&self, sb: &Sandbox) {
+        let socket = sb.dirs.agent_socket();
+        let ping = crate::agent::call::<abx_proto::AgentInfo>(&socket, &abx_proto::Request::Ping);
+        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+            sb.update(|r| r.last_pid = r.last_pid.max(info.last_pid));
+        }
     }
 
     /// Sends SIGTERM to every process of a running sandbox but its agent and waits until

@@ -297,6 +297,10 @@ pub struct AgentInfo {
     pub version: String,
     pub pid: u32,
     pub uptime_ms: u64,
+    /// The last pid the kernel handed out in the sandbox's pid namespace
+    /// (`ns_last_pid`; 0: unknown): a restart of the sandbox continues above it.
+    #[serde(default)]
+    pub last_pid: u32,
 }
 
 /// A process known to the agent.
