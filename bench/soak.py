@@ -637,8 +637,9 @@ def e2b():
     elif r < 0.92:
         cli("start", b)
     elif r < 0.96:
-        e2b_call("kill", lambda: sb.kill())
-        drop(e2b_boxes, b)
+        # Kept when the kill failed (the daemon away for a restart): tried again later.
+        if e2b_call("kill", lambda: sb.kill()) is not None:
+            drop(e2b_boxes, b)
     else:
         if cli("rm", "-f", b) is not None:
             drop(e2b_boxes, b)
