@@ -151,8 +151,8 @@ impl Manager {
     pub fn find_snapshot(&self, key: &str) -> CoreResult<SnapRecord> {
         let all: Vec<SnapRecord> =
             self.store().all_in(Table::Snapshots).map_err(|e| CoreError::internal("read snapshots", e))?;
-        if let Some(i) = all.iter().position(|s| s.id == key) {
-            return Ok(all.into_iter().nth(i).expect("found"));
+        if let Some(s) = all.iter().find(|s| s.id == key) {
+            return Ok(s.clone());
         }
         let named = all
             .into_iter()
@@ -324,16 +324,8 @@ impl Manager {
             None => None,
             Some(i) => {
                 crate::validate::idempotency_key(&i.key)?;
-                let tenant = crate::auth::tenant();
-                let held = self.hold_idempotency_key(tenant.as_deref(), &i.key).await?;
-                let made = self.all_made_with_key(tenant.as_deref(), &i.key);
+                let (held, made) = self.hold_idempotency(i).await?;
                 if let Some(first) = made.first() {
-                    if first.read(|r| r.idempotency.as_ref() != Some(i)) {
-                        return Err(CoreError::Conflict(format!(
-                            "idempotency key '{}' was used for another request (sandbox {}); a new request needs a new key",
-                            i.key, first.id
-                        )));
-                    }
                     let snapshot = first.read(|r| r.snapshot.clone());
                     let sandboxes = made.iter().map(|sb| self.api(&sb.record())).collect();
                     return Ok((ForkResult { snapshot, sandboxes }, false));

@@ -352,25 +352,17 @@ impl Manager {
         req: CreateSandbox,
         ephemeral: bool,
     ) -> CoreResult<(Arc<Sandbox>, bool)> {
-        let _held = match &req.idempotency_key {
+        let _held = match crate::sandbox::Idempotency::of(&req) {
             None => None,
-            Some(key) => {
-                validate::idempotency_key(key)?;
+            Some(asked) => {
+                validate::idempotency_key(&asked.key)?;
                 if ephemeral {
                     return Err(CoreError::Invalid(
                         "an idempotency key is for creates: a run's sandbox lasts only as long as its request".into(),
                     ));
                 }
-                let tenant = crate::auth::tenant();
-                let held = self.hold_idempotency_key(tenant.as_deref(), key).await?;
-                if let Some(sb) = self.made_with_key(tenant.as_deref(), key) {
-                    let asked = crate::sandbox::Idempotency::of(&req);
-                    if sb.read(|r| r.idempotency != asked) {
-                        return Err(CoreError::Conflict(format!(
-                            "idempotency key '{key}' was used for another request (sandbox {}); a new request needs a new key",
-                            sb.id
-                        )));
-                    }
+                let (held, made) = self.hold_idempotency(&asked).await?;
+                if let Some(sb) = made.into_iter().next() {
                     return Ok((sb, false));
                 }
                 Some(held)
@@ -379,45 +371,50 @@ impl Manager {
         self.create_tries(req, ephemeral).await.map(|sb| (sb, true))
     }
 
-    /// Waits until no other create with this key (of this tenant) runs, and holds the key
-    /// until the returned guard drops: creates that share a key run one after another.
-    pub(crate) async fn hold_idempotency_key(&self, tenant: Option<&str>, key: &str) -> CoreResult<Reserved> {
+    /// For a create or fork with an idempotency key: waits until no other request with
+    /// the key (of this tenant) runs, and holds the key until the returned guard drops, so
+    /// that requests sharing a key run one after another. Also returns the sandboxes an
+    /// earlier request with the key made that still exist (by id, the order a fork
+    /// answers in); 409 if that request was another one.
+    pub(crate) async fn hold_idempotency(
+        &self,
+        asked: &crate::sandbox::Idempotency,
+    ) -> CoreResult<(Reserved, Vec<Arc<Sandbox>>)> {
+        let tenant = crate::auth::tenant();
+        let key = &asked.key;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            match self.reserve_name("idempotency", tenant, key) {
-                Ok(r) => return Ok(r),
+        let held = loop {
+            match self.reserve_name("idempotency", tenant.as_deref(), key) {
+                Ok(r) => break r,
                 Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
                 Err(_) => {
                     return Err(CoreError::Conflict(format!(
-                        "a create with idempotency key '{key}' is still running after 2 minutes; try again later"
+                        "a request with idempotency key '{key}' is still running after 2 minutes; try again later"
                     )));
                 }
             }
-        }
-    }
-
-    /// The sandbox this tenant's create with `key` made, while it exists.
-    fn made_with_key(&self, tenant: Option<&str>, key: &str) -> Option<Arc<Sandbox>> {
-        self.all_made_with_key(tenant, key).into_iter().next()
-    }
-
-    /// The sandboxes this tenant's create or fork with `key` made that still exist, by id
-    /// (the order a fork answers in).
-    pub(crate) fn all_made_with_key(&self, tenant: Option<&str>, key: &str) -> Vec<Arc<Sandbox>> {
+        };
         let map = self.sandboxes.read().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = map
+        let mut made: Vec<_> = map
             .values()
             .filter(|sb| {
                 sb.read(|r| {
-                    r.tenant.as_deref() == tenant
-                        && r.idempotency.as_ref().is_some_and(|i| i.key == key)
-                        && !r.build_step
+                    r.tenant == tenant && r.idempotency.as_ref().is_some_and(|i| &i.key == key) && !r.build_step
                 })
             })
             .cloned()
             .collect();
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
+        drop(map);
+        made.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(first) = made.first()
+            && first.read(|r| r.idempotency.as_ref() != Some(asked))
+        {
+            return Err(CoreError::Conflict(format!(
+                "idempotency key '{key}' was used for another request (sandbox {}); a new request needs a new key",
+                first.id
+            )));
+        }
+        Ok((held, made))
     }
 
     async fn create_tries(self: &Arc<Self>, req: CreateSandbox, ephemeral: bool) -> CoreResult<Arc<Sandbox>> {

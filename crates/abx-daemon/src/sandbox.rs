@@ -85,7 +85,8 @@ pub struct Record {
     #[serde(default)]
     pub last_pid: u32,
     /// The idempotency key its create carried, and a digest of that request: a create
-    /// with the same key answers this sandbox (`Manager::create_for_request`).
+    /// with the same key answers this sandbox (`Manager::hold_idempotency`); a fork's
+    /// sandboxes all carry its key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
 }
@@ -308,7 +309,6 @@ pub fn now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-
     #[test]
     fn an_idempotency_digest_ignores_the_key_and_sees_the_rest() {
         use super::Idempotency;
@@ -326,6 +326,7 @@ mod tests {
         assert_eq!(a.digest, b.digest);
         assert_ne!(a.digest, c.digest);
     }
+
     #[test]
     fn start_time_of_self_is_stable() {
         let me = std::process::id() as i32;

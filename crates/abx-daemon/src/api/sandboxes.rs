@@ -94,7 +94,7 @@ async fn create(
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
     req.idempotency_key = idempotency_key(&headers, req.idempotency_key.take())?;
     let (sb, made) = core.execute(Command::CreateSandbox(req)).await?.created()?;
-    Ok((if made { StatusCode::CREATED } else { StatusCode::OK }, Json(sb)))
+    Ok((made_status(made), Json(sb)))
 }
 
 /// List sandboxes, oldest first.
@@ -168,4 +168,10 @@ pub(crate) fn idempotency_key(
         ))),
         _ => Ok(Some(key.to_string())),
     }
+}
+
+/// 201 for what a request made now, 200 for what an earlier one with the same idempotency
+/// key made.
+pub(crate) fn made_status(made: bool) -> StatusCode {
+    if made { StatusCode::CREATED } else { StatusCode::OK }
 }

@@ -31,7 +31,6 @@ pub fn routes() -> OpenApiRouter<Core> {
         .routes(routes!(set_pool, get_pool, delete_pool))
 }
 
-/// A JSON body that may be empty (then the defaults).
 /// A fork request's body, with the `Idempotency-Key` header as its key.
 fn fork_request(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<ForkRequest, ApiError> {
     let mut req: ForkRequest = optional_json(body)?;
@@ -39,11 +38,7 @@ fn fork_request(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<ForkRequ
     Ok(req)
 }
 
-/// 201 for sandboxes made now, 200 for those an earlier request with the same key made.
-fn made_status(made: bool) -> StatusCode {
-    if made { StatusCode::CREATED } else { StatusCode::OK }
-}
-
+/// A JSON body that may be empty (then the defaults).
 fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
@@ -115,7 +110,7 @@ async fn fork_sandbox(
 ) -> Result<(StatusCode, Json<ForkResult>), ApiError> {
     let req = fork_request(&headers, &body)?;
     let (r, made) = core.execute(Command::Fork { source: id, req }).await?.forked()?;
-    Ok((made_status(made), Json(r)))
+    Ok((super::sandboxes::made_status(made), Json(r)))
 }
 
 /// Return the sandbox's files to a snapshot; its processes are restarted, its id kept.
@@ -181,7 +176,7 @@ async fn fork_snapshot(
     // A snapshot, even if a sandbox has the same name.
     let snap = core.execute(Command::GetSnapshot { id }).await?.snapshot()?;
     let (r, made) = core.execute(Command::Fork { source: snap.id, req }).await?.forked()?;
-    Ok((made_status(made), Json(r)))
+    Ok((super::sandboxes::made_status(made), Json(r)))
 }
 
 /// Create a named volume (an empty directory that outlives sandboxes).
